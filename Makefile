@@ -1,0 +1,49 @@
+# Quickstart targets; each creates .venv idempotently and installs what it needs.
+#   make bench   set up, build, run `llmembed-fast bench`
+#   make test    set up, build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
+
+.PHONY: venv deps build test test-cpp test-py bench bench-pytest clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and on its own: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
+$(VENV)/.deps-stamp: $(PY) requirements/test.txt pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements/test.txt
+	touch $@
+
+deps: $(VENV)/.deps-stamp
+
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.build-stamp
+
+test-cpp: deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cmake --build build/cmake -j 2 >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ctest --test-dir build/cmake --output-on-failure
+
+test-py: build
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+test: test-cpp test-py
+
+bench: build
+	$(VENV)/bin/llmembed-fast bench $(BENCH_ARGS)
+
+bench-pytest: build
+	$(VENV)/bin/pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp

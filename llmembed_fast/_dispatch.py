@@ -1,0 +1,64 @@
+"""Backend choice per call: Triton kernels or the plain-torch reference implementation.
+
+Rules (DESIGN.md): Triton when a tensor is on CUDA, or when ``TRITON_INTERPRET=1`` is set (the Triton
+interpreter runs kernels on CPU tensors, for tests); the torch reference otherwise.
+``LLMEMBED_FAST_BACKEND=torch|triton`` forces one. The environment is read on every call, so tests and
+users may change it at run time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton")
+ENV_BACKEND = "LLMEMBED_FAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works (the kernels themselves compile lazily)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when the Triton interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``LLMEMBED_FAST_BACKEND``, or None."""
+    value = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def select_backend(*tensors: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op over ``tensors``.
+
+    Raises RuntimeError when Triton is forced but cannot run on these tensors.
+    """
+    on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    forced = forced_backend()
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_BACKEND}=triton but triton is not installed (pip install triton)")
+        if not on_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                f"{ENV_BACKEND}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"
+            )
+        return "triton"
+    if triton_available() and (on_cuda or interpreter_enabled()):
+        return "triton"
+    return "torch"

@@ -1,0 +1,51 @@
+"""The one door to the C++ extension ``llmembed_fast._C``.
+
+``import llmembed_fast`` never needs a compiler: the extension is loaded lazily, and ops that need it
+raise a RuntimeError naming the build command when it is missing.
+"""
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ModuleType | None, str | None]:
+    try:
+        import torch  # noqa: F401  (the extension links against libtorch)
+
+        from llmembed_fast import _C  # registers torch.ops.llmembed_fast.*
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"{type(exc).__name__}: {exc}"
+    return _C, None
+
+
+def extension() -> ModuleType | None:
+    """The loaded ``llmembed_fast._C`` module, or None when it is not available."""
+    return _load()[0]
+
+
+def load_error() -> str | None:
+    """Why the extension could not be loaded (None when it loaded)."""
+    return _load()[1]
+
+
+def require(what: str) -> ModuleType:
+    """Return the extension or raise RuntimeError saying ``what`` needs it and how to build it."""
+    mod, err = _load()
+    if mod is None:
+        raise RuntimeError(
+            f"{what} needs the C++ extension llmembed_fast._C, which could not be loaded ({err}). "
+            f"Build it from the repository root with: {BUILD_COMMAND}"
+        )
+    return mod
+
+
+def ops():
+    """``torch.ops.llmembed_fast`` after making sure the extension is loaded."""
+    import torch
+
+    require("torch.ops.llmembed_fast")
+    return torch.ops.llmembed_fast

@@ -1,0 +1,85 @@
+"""``llmembed-fast``: info | bench (later: encode, search)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    from llmembed_fast import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"llmembed_fast {data['llmembed_fast']}  (python {data['python']}, {data['platform']})")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
+    b = data["backends"]
+    print(f"backends: triton {'yes' if b['triton_available'] else 'no'}"
+          f" (interpreter {'on' if b['triton_interpreter'] else 'off'}), cuda {'yes' if b['cuda_available'] else 'no'}"
+          f", CPU tensors use {b['default_for_cpu_tensors']}" + (f", forced {b['forced']}" if b["forced"] else ""))
+    if data["gpu"]:
+        print(f"gpu: {data['gpu']} (torch cuda {data['torch_cuda']})")
+    cpu = data["cpu"]
+    print(f"cpu: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '-'};"
+          f" torch threads {data['torch_threads']}")
+    ext = data["extension"]
+    if ext["built"]:
+        print("extension: " + ", ".join(f"{k} {v}" for k, v in ext.items() if k != "built"))
+    else:
+        print(f"extension: not built ({ext['error']}); build with: {ext['build_command']}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from llmembed_fast.bench.core import BenchContext, collect_cases, print_table, run_cases
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = BenchContext(device=device, full=args.full, budget_s=args.budget_s, only=tuple(args.only or ()))
+    cases, notes = collect_cases(ctx)
+    print(f"llmembed-fast bench on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})")
+    for n in notes:
+        print("note:", n)
+    records = run_cases(ctx, cases)
+    print_table(records)
+    if args.json:
+        from llmembed_fast import info
+
+        with open(args.json, "w") as f:
+            json.dump({"info": info(), "records": records, "notes": notes}, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from llmembed_fast.bench.plot import plot_records
+
+        msg = plot_records(records, args.plot)
+        print(msg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmembed-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, backends, CPU features, extension build")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("bench", help="time the fast paths against their baselines")
+    p.add_argument("--full", action="store_true", help="run the large configurations too")
+    p.add_argument("--budget-s", type=float, default=120.0, help="wall-clock budget for timing (default 120)")
+    p.add_argument("--only", nargs="*", help="groups to run (pooling, contrastive, quant, ...)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of speedups (needs matplotlib)")
+    p.set_defaults(func=_cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The embedding head: masked pooling -> Matryoshka slicing -> L2 normalization, forward and backward.
+
+Public functions check their arguments, pick a backend (``llmembed_fast._dispatch``) and run an
+autograd Function whose forward and backward call the backend's launchers: the Triton kernels in
+``llmembed_fast.triton_kernels.pooling`` or their plain-torch counterparts in
+``llmembed_fast.reference.pooling_chunked``. Hidden states are read once; only the first ``max(dims)``
+columns and only the pooled tokens are read.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from llmembed_fast import _dispatch
+
+POOLING_MODES = ("mean", "weighted_mean", "max", "first", "last", "mean_sqrt_len")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------------
+
+def _check_tensor(x, name: str, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def _check_mode(mode) -> str:
+    if mode not in POOLING_MODES:
+        raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
+    return mode
+
+
+def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...], bool]:
+    """Return (dims as a tuple, whether the caller asked for a sequence). ``None`` means the full width."""
+    if dims is None:
+        return (width,), False
+    if isinstance(dims, bool) or not isinstance(dims, (int, Sequence, torch.Tensor)) or isinstance(dims, str):
+        raise TypeError(f"{name} must be None, an int or a sequence of ints, got {type(dims).__name__}")
+    as_seq = not isinstance(dims, int)
+    values = list(dims.tolist() if isinstance(dims, torch.Tensor) else dims) if as_seq else [dims]
+    if as_seq and not values:
+        raise ValueError(f"{name} must not be empty")
+    for d in values:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"{name} must hold ints, got {d!r}")
+        if d < 1 or d > width:
+            raise ValueError(f"{name} values must be in [1, {width}] (the hidden size), got {d}")
+    return tuple(values), as_seq
+
+
+def _check_mask(mask, hidden: torch.Tensor) -> torch.Tensor:
+    B, L = hidden.shape[:2]
+    if mask is None:
+        return torch.ones(B, L, dtype=torch.bool, device=hidden.device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, L):
+        raise ValueError(f"mask must have shape [B, L] = {[B, L]} to match hidden, got {list(mask.shape)}")
+    if mask.device != hidden.device:
+        raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    if mask.is_floating_point():
+        # A soft mask would be silently treated as binary; refuse it (one host sync, float masks only).
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must hold only 0 and 1 (a float mask with other values is not a pooling mask)")
+    return mask
+
+
+def _check_out_dtype(out_dtype) -> torch.dtype:
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype!r}")
+    return out_dtype
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    return float(eps)
+
+
+def _backend(*tensors: torch.Tensor) -> ModuleType:
+    # float64 always takes the torch path: the kernels accumulate in float32.
+    if any(t.dtype == torch.float64 for t in tensors) or _dispatch.select_backend(*tensors) == "torch":
+        from llmembed_fast.reference import pooling_chunked
+
+        return pooling_chunked
+    from llmembed_fast.triton_kernels import pooling as triton_pooling
+
+    return triton_pooling
+
+
+# ---------------------------------------------------------------------------------------------------
+# finalize: Matryoshka prefixes, each normalized, from a pooled [B, D] matrix (shared by all ops)
+# ---------------------------------------------------------------------------------------------------
+
+def _finalize_forward(be, pooled, dims, normalize, eps, out_dtype):
+    """pooled [N, >=max(dims)] (unit column stride) -> (outputs, norms [K, N] or None)."""
+    if not normalize:
+        outs = [pooled if (d == pooled.shape[1] and pooled.dtype == out_dtype) else
+                pooled[:, :d].to(out_dtype, copy=True) for d in dims]
+        return outs, None
+    outs, norms = [], []
+    for d in dims:
+        y, n = be.l2_prefix_forward(pooled, d, out_dtype, eps)
+        outs.append(y)
+        norms.append(n)
+    return outs, torch.stack(norms)
+
+
+def _finalize_backward(be, grads, pooled, norms, dims, normalize, eps):
+    """Gradient w.r.t. pooled (float32, float64 for float64) from the outputs' gradients (None = zero)."""
+    acc = torch.float64 if pooled.dtype == torch.float64 else torch.float32
+    gp = torch.zeros(pooled.shape, dtype=acc, device=pooled.device)
+    for k, (g, d) in enumerate(zip(grads, dims)):
+        if g is None:
+            continue
+        if normalize:
+            be.l2_prefix_backward(pooled, g.contiguous(), norms[k], d, gp, eps, accumulate=True)
+        else:
+            gp[:, :d] += g
+    return gp
+
+
+class _PoolFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, mask, mode, dims, normalize, eps, out_dtype, be):
+        D = max(dims)
+        pooled, info, argmax = be.pool_forward(hidden, mask, mode, D)
+        outs, norms = _finalize_forward(be, pooled, dims, normalize, eps, out_dtype)
+        ctx.save_for_backward(mask, info, argmax, pooled, norms)
+        ctx.cfg = (mode, dims, normalize, eps, be, tuple(hidden.shape), hidden.dtype)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None,) * 8
+        mask, info, argmax, pooled, norms = ctx.saved_tensors
+        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps)
+        gh = be.pool_backward(gp, mask, info, argmax, mode, shape, dtype)
+        return (gh,) + (None,) * 7
+
+
+class _PoolSegmentsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, starts, ends, overlapping, mode, dims, normalize, eps, out_dtype, be):
+        pooled, argmax = be.segments_forward(hidden2d, starts, ends, mode, max(dims))
+        outs, norms = _finalize_forward(be, pooled, dims, normalize, eps, out_dtype)
+        ctx.save_for_backward(starts, ends, argmax, pooled, norms)
+        ctx.cfg = (overlapping, mode, dims, normalize, eps, be, tuple(hidden2d.shape), hidden2d.dtype)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        overlapping, mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None,) * 10
+        starts, ends, argmax, pooled, norms = ctx.saved_tensors
+        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps)
+        gh = be.segments_backward(gp, starts, ends, argmax, mode, shape, dtype, overlapping)
+        return (gh,) + (None,) * 9
+
+
+class _PrefixNormalizeFunction(torch.autograd.Function):
+    """x [N, D] -> one normalized prefix x[:, :d] / ||x[:, :d]|| per d in dims."""
+
+    @staticmethod
+    def forward(ctx, x, dims, eps, out_dtype, be):
+        outs, norms = _finalize_forward(be, x, dims, True, eps, out_dtype)
+        ctx.save_for_backward(x, norms)
+        ctx.cfg = (dims, eps, be)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dims, eps, be = ctx.cfg
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None,) * 5
+        x, norms = ctx.saved_tensors
+        gx = _finalize_backward(be, grads, x, norms, dims, True, eps)
+        return (gx.to(x.dtype),) + (None,) * 4
+
+
+def _as_result(outs: tuple, as_seq: bool):
+    return tuple(outs) if as_seq else outs[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "mean", *, dims=None,
+         normalize: bool = False, out_dtype: torch.dtype = torch.float32, eps: float = 1e-12):
+    """Masked pooling of token states, then Matryoshka slicing and L2 normalization, fused.
+
+    Args:
+        hidden: [B, L, H] float32/float16/bfloat16 (float64 runs on the torch path); any strides.
+        mask: [B, L] bool/int/float (0/1): the tokens to pool. Left or right padding and holes (e.g. an
+            excluded instruction prefix) all work. None pools every token.
+        mode: "mean", "weighted_mean" (weights 1, 2, 3, ... by rank among the row's pooled tokens),
+            "max", "first", "last" (first/last pooled token), "mean_sqrt_len" (sum / sqrt(count)).
+        dims: None (all H), an int, or a sequence of ints (Matryoshka: one output per dim).
+        normalize: L2-normalize each output (x / max(||x||, eps)).
+        out_dtype: dtype of the outputs (float32 by default; accumulation is always float32).
+
+    Returns:
+        [B, d] tensor, or a tuple of them when ``dims`` is a sequence. A row with no pooled token is zeros.
+    """
+    _check_tensor(hidden, "hidden", 3)
+    mode = _check_mode(mode)
+    dims_t, as_seq = normalize_dims(dims, hidden.shape[2])
+    mask = _check_mask(mask, hidden)
+    out_dtype = _check_out_dtype(out_dtype)
+    eps = _check_eps(eps)
+    be = _backend(hidden, mask)
+    outs = _PoolFunction.apply(hidden, mask, mode, dims_t, bool(normalize), eps, out_dtype, be)
+    return _as_result(outs, as_seq)
+
+
+def _segment_bounds(starts, ends, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def as_index(v, name):
+        if isinstance(v, torch.Tensor):
+            if v.dtype.is_floating_point or v.dtype == torch.bool or v.is_complex():
+                raise TypeError(f"{name} must hold integers, got {v.dtype}")
+            t = v
+        else:
+            try:
+                t = torch.as_tensor(list(v), dtype=torch.int64)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name} must be a sequence or tensor of ints") from exc
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        return t.to(device=device, dtype=torch.int64).contiguous()
+
+    s, e = as_index(starts, "starts"), as_index(ends, "ends")
+    if s.shape != e.shape:
+        raise ValueError(f"starts and ends must have the same length, got {s.shape[0]} and {e.shape[0]}")
+    if s.numel() == 0:
+        return s, e, False
+    order = torch.argsort(s)
+    prev_end = torch.cummax(e[order], 0).values
+    flags = torch.stack([((s < 0) | (e < s) | (e > T)).any(),
+                         (s[order][1:] < prev_end[:-1]).any() if s.numel() > 1 else torch.zeros((), dtype=bool,
+                                                                                                device=device)])
+    bad, overlapping = flags.tolist()  # one host sync: bounds must be known valid before any kernel runs
+    if bad:
+        raise ValueError(f"segments must satisfy 0 <= starts[i] <= ends[i] <= T = {T}")
+    return s, e, bool(overlapping)
+
+
+def pool_segments(hidden2d: torch.Tensor, starts, ends, mode: str = "mean", *, dims=None, normalize: bool = False,
+                  out_dtype: torch.dtype = torch.float32, eps: float = 1e-12):
+    """Pool segments of a packed token matrix: one output row per segment [starts[i], ends[i]).
+
+    For packed/varlen batches (``starts = cu_seqlens[:-1]``, ``ends = cu_seqlens[1:]``) and late chunking
+    (segments may overlap). ``hidden2d`` is [T, H]; starts/ends are int sequences or tensors of length S.
+    Modes, dims, normalize and out_dtype as in :func:`pool`. Returns [S, d] (or a tuple over dims); an
+    empty segment gives zeros. Checks the bounds on the host (one sync when they live on a GPU).
+    """
+    _check_tensor(hidden2d, "hidden2d", 2)
+    mode = _check_mode(mode)
+    dims_t, as_seq = normalize_dims(dims, hidden2d.shape[1])
+    out_dtype = _check_out_dtype(out_dtype)
+    eps = _check_eps(eps)
+    s, e, overlapping = _segment_bounds(starts, ends, hidden2d.shape[0], hidden2d.device)
+    be = _backend(hidden2d)
+    outs = _PoolSegmentsFunction.apply(hidden2d, s, e, overlapping, mode, dims_t, bool(normalize), eps, out_dtype, be)
+    return _as_result(outs, as_seq)
+
+
+def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """x / max(||x||, eps) over the last dim (same as ``F.normalize(x, dim=-1)``), same shape and dtype.
+
+    Computed in float32 (float64 for float64). Zero vectors map to zeros."""
+    eps = _check_eps(eps)
+    x2 = _as_rows(x, "x")
+    (y,) = _PrefixNormalizeFunction.apply(x2, (x2.shape[1],), eps, x.dtype, _backend(x2))
+    return y.reshape(x.shape)
+
+
+def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12):
+    """Matryoshka prefixes of embeddings x [..., D]: x[..., :d] for each d, re-normalized when ``normalize``.
+
+    ``dims`` is an int (returns one tensor) or a sequence (returns a tuple), each in [1, D]."""
+    eps = _check_eps(eps)
+    x2 = _as_rows(x, "x")
+    if dims is None:
+        raise TypeError("dims must be an int or a sequence of ints, got None")
+    dims_t, as_seq = normalize_dims(dims, x2.shape[1])
+    lead = tuple(x.shape[:-1])
+    if not normalize:
+        outs = tuple(x[..., :d] for d in dims_t)
+    else:
+        outs = _PrefixNormalizeFunction.apply(x2, dims_t, eps, x.dtype, _backend(x2))
+        outs = tuple(y.reshape(*lead, d) for y, d in zip(outs, dims_t))
+    return _as_result(outs, as_seq)

@@ -1,0 +1,27 @@
+"""Test configuration. The Triton interpreter must be on before any @triton.jit function runs, so the
+Triton kernels run on CPU tensors here (tests force each backend explicitly where it matters)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llmembed_fast import _dispatch  # noqa: E402
+
+BACKENDS = ["torch"] + (["triton"] if _dispatch.triton_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run a test once per backend, forcing it through LLMEMBED_FAST_BACKEND."""
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
