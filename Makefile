@@ -16,9 +16,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and on its own: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
-$(VENV)/.deps-stamp: $(PY) requirements/test.txt pyproject.toml
+$(VENV)/.deps-stamp: $(PY) requirements/test.txt requirements/test-nodeps.txt pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements/test.txt
+	$(PY) -m pip install -q --no-deps -r requirements/test-nodeps.txt
 	touch $@
 
 deps: $(VENV)/.deps-stamp

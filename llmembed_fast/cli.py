@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of speedups (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)
+    # Further subcommands live in their own modules (cli_<name>.py, each with register(subparsers)).
+    for name in ("encode", "search"):
+        try:
+            mod = importlib.import_module(f"llmembed_fast.cli_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"llmembed_fast.cli_{name}":
+                raise
+            continue
+        mod.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
