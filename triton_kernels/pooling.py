@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmembed_fast._poison import empty
+
 MODE_CODES = {"mean": 0, "weighted_mean": 1, "max": 2, "first": 3, "last": 4, "mean_sqrt_len": 5}
 _MEAN, _WMEAN, _MAX, _FIRST, _LAST, _SQRT = 0, 1, 2, 3, 4, 5
 
@@ -294,9 +296,9 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
     info rows are (count, first, last) pooled positions (first = L, last = -1 when empty)."""
     B, L, _ = hidden.shape
     dev = hidden.device
-    out = torch.empty(B, D, device=dev, dtype=torch.float32)
-    info = torch.empty(B, 3, device=dev, dtype=torch.int32)
-    argmax = torch.empty(B, D, device=dev, dtype=torch.int32) if mode == "max" else None
+    out = empty(B, D, device=dev, dtype=torch.float32)
+    info = empty(B, 3, device=dev, dtype=torch.int32)
+    argmax = empty(B, D, device=dev, dtype=torch.int32) if mode == "max" else None
     if B == 0:
         return out, info, argmax
     BL, BH, nw = _blocks(D)
@@ -314,7 +316,7 @@ def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Ten
     """grad_pooled f32 [B, D] (contiguous) -> grad_hidden [B, L, H] of ``dtype``, every element written."""
     B, L, H = shape
     D = grad_pooled.shape[1]
-    gh = torch.empty(B, L, H, device=grad_pooled.device, dtype=dtype)
+    gh = empty(B, L, H, device=grad_pooled.device, dtype=dtype)
     if gh.numel() == 0:
         return gh
     BL, BH, nw = _blocks(H)
@@ -331,8 +333,8 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
     """hidden2d [T, H], starts/ends int64 [S] -> (pooled f32 [S, D], argmax i32 [S, D] (absolute token) | None)."""
     S = starts.shape[0]
     dev = hidden2d.device
-    out = torch.empty(S, D, device=dev, dtype=torch.float32)
-    argmax = torch.empty(S, D, device=dev, dtype=torch.int32) if mode == "max" else None
+    out = empty(S, D, device=dev, dtype=torch.float32)
+    argmax = empty(S, D, device=dev, dtype=torch.int32) if mode == "max" else None
     if S == 0:
         return out, argmax
     BL, BH, nw = _blocks(D)
@@ -367,8 +369,8 @@ def _dblock(d: int) -> int:
 def l2_prefix_forward(x: torch.Tensor, d: int, out_dtype: torch.dtype, eps: float):
     """x [N, >=d] (unit column stride) -> (x[:, :d] / ||x[:, :d]|| as ``out_dtype`` [N, d], norms f32 [N])."""
     N = x.shape[0]
-    y = torch.empty(N, d, device=x.device, dtype=out_dtype)
-    norms = torch.empty(N, device=x.device, dtype=torch.float32)
+    y = empty(N, d, device=x.device, dtype=out_dtype)
+    norms = empty(N, device=x.device, dtype=torch.float32)
     if N:
         _l2_prefix_fwd_kernel[(N,)](x, y, norms, d, x.stride(0), y.stride(0), eps, BLOCK_D=_dblock(d),
                                     num_warps=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from llmembed_fast._poison import empty
 from llmembed_fast.reference.pooling import pooling_weights
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 per temporary chunk
@@ -79,7 +80,7 @@ def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Ten
     """Same contract as ``triton_kernels.pooling.pool_backward``."""
     B, L, H = shape
     D = grad_pooled.shape[1]
-    gh = torch.empty(B, L, H, dtype=dtype, device=grad_pooled.device)
+    gh = empty(B, L, H, dtype=dtype, device=grad_pooled.device)
     if H > D:
         gh[..., D:] = 0
     if mode == "max":
