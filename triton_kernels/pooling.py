@@ -159,9 +159,9 @@ def _pool_bwd_kernel(
             val = tl.where(offs[:, None] == am[None, :], g[None, :], 0.0)
         else:
             if MODE == 3:
-                w = tl.where(offs == first, 1.0, 0.0)
+                w = tl.where((offs == first) & l_in, 1.0, 0.0)
             elif MODE == 4:
-                w = tl.where(offs == last, 1.0, 0.0)
+                w = tl.where((offs == last) & l_in, 1.0, 0.0)
             else:
                 m = (tl.load(mask_ptr + row * stride_mb + offs.to(tl.int64) * stride_ml, mask=l_in, other=0)
                      != 0).to(tl.int32)
@@ -198,7 +198,8 @@ def _segments_bwd_kernel(
         else:
             pos = tl.zeros([BLOCK_H], tl.int64) + hi - 1
         ok = col_ok & (pos >= 0) & (count > 0)
-        ptrs = gh_ptr + pos * H + cols
+        g = tl.where(ok, g, 0.0)
+        ptrs = gh_ptr + tl.maximum(pos, 0) * H + cols
         if ATOMIC:
             tl.atomic_add(ptrs, g, mask=ok)
         else:

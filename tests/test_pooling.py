@@ -1,0 +1,354 @@
+"""The fused embedding head (pool -> Matryoshka slice -> L2 normalize) against the float64 reference,
+on both backends (Triton through the interpreter), forward and backward."""
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmembed_fast as lf
+from llmembed_fast import reference as R
+
+MODES = lf.POOLING_MODES
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Gradients w.r.t. hidden come back in hidden's dtype: their rounding bounds the achievable error.
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+OUT_TOL = 2e-5  # outputs are float32 accumulations of exactly the same inputs as the reference
+DIMS_CASES = [(None, False), (64, True), ((17, 64, 123), True), ((5, 40), False)]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_mask(B: int, L: int, padding: str, gen: torch.Generator) -> torch.Tensor:
+    """[B, L] bool: lengths drawn in [1, L] (row 0 always full, one row empty when B > 2), laid out as
+    right padding, left padding, or with holes (an excluded prefix plus random gaps)."""
+    lengths = torch.randint(1, L + 1, (B,), generator=gen)
+    lengths[0] = L
+    if B > 2:
+        lengths[B - 1] = 0
+    pos = torch.arange(L)
+    if padding == "right":
+        return pos[None, :] < lengths[:, None]
+    if padding == "left":
+        return pos[None, :] >= (L - lengths)[:, None]
+    mask = (pos[None, :] < lengths[:, None]) & (torch.rand(B, L, generator=gen) > 0.3)
+    mask[:, :3] = False  # an instruction prefix that must not be pooled
+    return mask
+
+
+def _ref_grad(hidden, mask, mode, dims, normalize, grads):
+    h64 = hidden.detach().double().requires_grad_(True)
+    outs = R.pool(h64, mask, mode, dims=dims, normalize=normalize)
+    torch.autograd.backward(outs, [g.double() for g in grads])
+    return [o.detach() for o in outs], h64.grad
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, tuple) else [x]
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, floor: float = 1e-30):
+    """Max abs error relative to the reference's max magnitude, or ``floor`` if larger (NaN fails)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got = got.double()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
+    scale = want.abs().max().clamp_min(floor)
+    err = ((got - want).abs().max() / scale).item()
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_matches_reference(backend, mode, dtype):
+    B, L, H = 3, 37, 123
+    for padding, (dims, normalize) in itertools.product(("right", "left", "holes"), DIMS_CASES):
+        gen = torch.Generator().manual_seed(_seed(backend, mode, dtype, padding, dims, normalize))
+        hidden = torch.randn(B, L, H, generator=gen).to(dtype).requires_grad_(True)
+        mask = make_mask(B, L, padding, gen)
+        outs = _as_list(lf.pool(hidden, mask, mode, dims=dims, normalize=normalize))
+        grads = [torch.randn(o.shape, generator=gen) for o in outs]
+        torch.autograd.backward(outs, grads)
+        ref_outs, ref_grad = _ref_grad(hidden, mask, mode, dims, normalize, grads)
+        ctx = f"{mode} {padding} dims={dims} normalize={normalize}"
+        assert len(outs) == len(ref_outs)
+        for o, r in zip(outs, ref_outs):
+            assert o.dtype == torch.float32
+            assert_close_rel(o, r, OUT_TOL, f"output {ctx}")
+        assert hidden.grad.dtype == dtype
+        assert_close_rel(hidden.grad, ref_grad, GRAD_RTOL[dtype], f"grad {ctx}")
+        # the empty last row pools to zeros, also after normalization, and gets no gradient
+        for o in outs:
+            assert (o[B - 1] == 0).all()
+        assert (hidden.grad[B - 1] == 0).all()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 8), (4, 130, 300), (5, 64, 2049)])
+def test_pool_odd_shapes_and_seeds(backend, seed, shape):
+    B, L, H = shape
+    gen = torch.Generator().manual_seed(seed * 1000 + H)
+    hidden = torch.randn(B, L, H, generator=gen, requires_grad=True)
+    mask = torch.rand(B, L, generator=gen) > 0.5
+    mask[0, 0] = True
+    mode = MODES[seed % len(MODES)] if H < 2000 else "mean"
+    dims = sorted({max(1, H // 3), H})
+    outs = lf.pool(hidden, mask, mode, dims=dims, normalize=True)
+    grads = [torch.randn(o.shape, generator=gen) for o in outs]
+    torch.autograd.backward(outs, grads)
+    ref_outs, ref_grad = _ref_grad(hidden, mask, mode, dims, True, grads)
+    for o, r in zip(outs, ref_outs):
+        assert_close_rel(o, r, OUT_TOL, f"{mode} {shape}")
+    # floor: with H = 1 a normalized output is sign(x) and its exact gradient is 0 (rounding noise remains)
+    assert_close_rel(hidden.grad, ref_grad, GRAD_RTOL[torch.float32], f"grad {mode} {shape}", floor=1e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_left_and_right_padding_agree(backend, mode):
+    """The same tokens laid out with left or right padding pool to the same vector (weighted_mean too)."""
+    gen = torch.Generator().manual_seed(7)
+    B, L, H = 4, 19, 33
+    lengths = torch.tensor([19, 7, 1, 12])
+    pos = torch.arange(L)
+    right = pos[None] < lengths[:, None]
+    left = pos[None] >= (L - lengths)[:, None]
+    hidden_r = torch.randn(B, L, H, generator=gen)
+    hidden_l = torch.zeros_like(hidden_r)
+    for b in range(B):
+        n = int(lengths[b])
+        hidden_l[b, L - n:] = hidden_r[b, :n]
+    out_r = lf.pool(hidden_r, right, mode, normalize=True)
+    out_l = lf.pool(hidden_l, left, mode, normalize=True)
+    torch.testing.assert_close(out_r, out_l, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.float32, torch.bfloat16])
+def test_mask_dtypes_and_noncontiguous_inputs(backend, mask_dtype):
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(3, 150, 29, generator=gen)  # [B, H', L]: transposed to get a non-contiguous hidden
+    hidden = base.transpose(1, 2)[:, :, :100]  # [3, 29, 100], strides (150*29, 1, 29)
+    assert not hidden.is_contiguous()
+    mask_full = torch.rand(29, 3, generator=gen) > 0.4
+    mask = mask_full.t().to(mask_dtype)  # non-contiguous mask
+    assert not mask.is_contiguous()
+    h = hidden.clone().requires_grad_(True)
+    hidden_nc = h.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    for mode in ("mean", "max", "last"):
+        got = lf.pool(hidden_nc, mask, mode, dims=(50, 100), normalize=True)
+        ref = R.pool(hidden.double(), mask_full.t(), mode, dims=(50, 100), normalize=True)
+        for g, r in zip(got, ref):
+            assert_close_rel(g, r, OUT_TOL, f"{mode} {mask_dtype}")
+        sum(o.sum() for o in got).backward()
+        assert hidden_nc.grad.shape == hidden.shape and torch.isfinite(hidden_nc.grad).all()
+        hidden_nc.grad = None
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_out_dtype(backend, out_dtype):
+    hidden = torch.randn(2, 9, 40)
+    out = lf.pool(hidden, None, "mean", dims=(8, 40), normalize=True, out_dtype=out_dtype)
+    ref = R.pool(hidden.double(), None, "mean", dims=(8, 40), normalize=True)
+    for o, r in zip(out, ref):
+        assert o.dtype == out_dtype
+        torch.testing.assert_close(o.double(), r, rtol=1e-2, atol=1e-2)
+
+
+def test_zero_length_and_empty_batch(backend):
+    out = lf.pool(torch.randn(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool), "mean", normalize=True)
+    assert out.shape == (2, 8) and (out == 0).all()
+    out = lf.pool(torch.randn(0, 5, 8), torch.ones(0, 5, dtype=torch.bool), "max", dims=[4, 8])
+    assert [o.shape for o in out] == [(0, 4), (0, 8)]
+
+
+def test_all_masked_rows_are_zero_and_finite(backend):
+    hidden = torch.randn(3, 6, 10, requires_grad=True)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for mode in MODES:
+        out = lf.pool(hidden, mask, mode, dims=[3, 10], normalize=True)
+        assert all((o == 0).all() for o in out)
+        sum(o.sum() for o in out).backward()
+        assert (hidden.grad == 0).all()
+        hidden.grad = None
+
+
+def test_gradcheck_reference_float64():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    for mode in MODES:
+        assert torch.autograd.gradcheck(lambda h: tuple(R.pool(h, mask, mode, dims=(3, 6), normalize=True)),
+                                        (hidden,))
+
+
+def test_gradcheck_fused_float64():
+    """float64 runs the chunked torch path with its own backward: gradcheck it directly."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    for mode in MODES:
+        for normalize in (False, True):
+            assert torch.autograd.gradcheck(
+                lambda h: lf.pool(h, mask, mode, dims=(2, 6), normalize=normalize, out_dtype=torch.float64),
+                (hidden,))
+
+
+# ------------------------------------------------------------------------------------------------
+# pool_segments
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_segments_matches_reference(backend, mode, dtype):
+    T, H = 53, 45
+    for overlap in (False, True):
+        gen = torch.Generator().manual_seed(_seed("seg", backend, mode, dtype, overlap))
+        hidden = torch.randn(T, H, generator=gen).to(dtype).requires_grad_(True)
+        if overlap:  # late-chunking style spans, overlapping, plus an empty one
+            starts, ends = [0, 5, 20, 20, 40], [12, 30, 20, 45, 53]
+        else:  # packed batch: cu_seqlens with a gap and an empty segment
+            starts, ends = [0, 9, 9, 30, 41], [9, 9, 25, 41, 53]
+        dims = (16, 45)
+        outs = lf.pool_segments(hidden, starts, ends, mode, dims=dims, normalize=True)
+        grads = [torch.randn(o.shape, generator=gen) for o in outs]
+        torch.autograd.backward(outs, grads)
+        h64 = hidden.detach().double().requires_grad_(True)
+        ref = R.pool_segments(h64, starts, ends, mode, dims=dims, normalize=True)
+        torch.autograd.backward(ref, [g.double() for g in grads])
+        for o, r in zip(outs, ref):
+            assert_close_rel(o, r.detach(), OUT_TOL, f"segments {mode} overlap={overlap}")
+        assert_close_rel(hidden.grad, h64.grad, GRAD_RTOL[dtype], f"segments grad {mode} overlap={overlap}")
+
+
+def test_pool_segments_equals_padded_pool(backend):
+    """A packed batch pooled by segments equals the same batch padded and pooled with a mask."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [7, 1, 12]
+    H = 20
+    rows = [torch.randn(n, H, generator=gen) for n in lengths]
+    packed = torch.cat(rows)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)))
+    padded = torch.zeros(3, max(lengths), H)
+    mask = torch.zeros(3, max(lengths), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    for mode in MODES:
+        a = lf.pool_segments(packed, cu[:-1], cu[1:], mode, normalize=True)
+        b = lf.pool(padded, mask, mode, normalize=True)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# l2_normalize, matryoshka, EmbeddingHead
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_l2_normalize(backend, dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 77, generator=gen).to(dtype)
+    x[0, 1] = 0  # zero vector -> zeros
+    x.requires_grad_(True)
+    y = lf.l2_normalize(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    x64 = x.detach().double().requires_grad_(True)
+    ref = F.normalize(x64, dim=-1)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert_close_rel(y, ref.detach(), tol, "l2_normalize")
+    assert (y[0, 1] == 0).all()
+    g = torch.randn(y.shape, generator=gen)
+    g[0, 1] = 0  # the zero vector's gradient is g / eps: keep it out of the comparison
+    y.backward(g.to(dtype))
+    ref.backward(g.double())
+    assert_close_rel(x.grad, x64.grad, GRAD_RTOL[dtype] * 2, "l2_normalize grad")
+
+
+def test_matryoshka(backend):
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 100, generator=gen, requires_grad=True)
+    outs = lf.matryoshka(x, (100, 64, 8))
+    ref = R.matryoshka(x.detach().double().requires_grad_(True), (100, 64, 8))
+    for o, r in zip(outs, ref):
+        assert_close_rel(o, r.detach(), 1e-6, "matryoshka")
+    single = lf.matryoshka(x, 32)
+    assert isinstance(single, torch.Tensor) and single.shape == (6, 32)
+    raw = lf.matryoshka(x, [10, 20], normalize=False)
+    assert torch.equal(raw[1], x[:, :20])
+    g = [torch.randn(o.shape, generator=gen) for o in outs]
+    torch.autograd.backward(outs, g)
+    x64 = x.detach().double().requires_grad_(True)
+    torch.autograd.backward(R.matryoshka(x64, (100, 64, 8)), [t.double() for t in g])
+    assert_close_rel(x.grad, x64.grad, 1e-5, "matryoshka grad")
+
+
+def test_embedding_head_module(backend):
+    head = lf.EmbeddingHead("last", dims=[8, 16], normalize=True)
+    hidden = torch.randn(2, 5, 16)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    a, b = head(hidden, mask)
+    torch.testing.assert_close(b, F.normalize(hidden[[0, 1], [4, 2]], dim=-1))
+    torch.testing.assert_close(a, F.normalize(hidden[[0, 1], [4, 2]][:, :8], dim=-1))
+    assert "last" in repr(head)
+
+
+# ------------------------------------------------------------------------------------------------
+# sentence-transformers parity
+# ------------------------------------------------------------------------------------------------
+
+ST_MODES = {"cls": "first", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+            "weightedmean": "weighted_mean", "lasttoken": "last"}
+
+
+@pytest.mark.parametrize("st_mode", list(ST_MODES))
+def test_sentence_transformers_pooling_parity(backend, st_mode):
+    st_models = pytest.importorskip("sentence_transformers.models")
+    gen = torch.Generator().manual_seed(12)
+    B, L, H = 4, 23, 48
+    hidden = torch.randn(B, L, H, generator=gen)
+    lengths = torch.tensor([23, 5, 17, 1])
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()  # right padding, as ST tokenizers produce
+    pooling = st_models.Pooling(H, pooling_mode=st_mode)
+    want = pooling({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+    got = lf.pool(hidden, mask, ST_MODES[st_mode])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_arguments_raise_clear_errors():
+    hidden = torch.randn(2, 4, 8)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    cases = [
+        (lambda: lf.pool(hidden, mask, "median"), ValueError, "mode"),
+        (lambda: lf.pool(hidden, mask, dims=9), ValueError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims=0), ValueError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims=[]), ValueError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims=[4, 2.5]), TypeError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims=True), TypeError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims="8"), TypeError, "dims"),
+        (lambda: lf.pool(hidden, torch.ones(2, 5)), ValueError, "mask"),
+        (lambda: lf.pool(hidden, torch.full((2, 4), 0.5)), ValueError, "mask"),
+        (lambda: lf.pool(hidden, torch.ones(2, 4, device="meta")), ValueError, "mask"),
+        (lambda: lf.pool(hidden, [[1, 1, 1, 1]] * 2), TypeError, "mask"),
+        (lambda: lf.pool(hidden[0], mask), ValueError, "hidden"),
+        (lambda: lf.pool(hidden.long(), mask), TypeError, "hidden"),
+        (lambda: lf.pool(hidden.numpy(), mask), TypeError, "hidden"),
+        (lambda: lf.pool(hidden, mask, out_dtype=torch.int8), TypeError, "out_dtype"),
+        (lambda: lf.pool(hidden, mask, eps=0), ValueError, "eps"),
+        (lambda: lf.pool_segments(hidden[0], [0], [5]), ValueError, "segments"),
+        (lambda: lf.pool_segments(hidden[0], [2], [1]), ValueError, "segments"),
+        (lambda: lf.pool_segments(hidden[0], [0, 1], [1]), ValueError, "starts and ends"),
+        (lambda: lf.pool_segments(hidden[0], torch.tensor([0.0]), [1]), TypeError, "starts"),
+        (lambda: lf.pool_segments(hidden[0], [[0]], [[1]]), ValueError, "starts"),
+        (lambda: lf.l2_normalize(torch.zeros(3, 0)), ValueError, "x"),
+        (lambda: lf.l2_normalize(torch.ones(3, dtype=torch.int64)), TypeError, "x"),
+        (lambda: lf.matryoshka(torch.randn(3, 8), [16]), ValueError, "dims"),
+        (lambda: lf.matryoshka(torch.randn(3, 8), None), TypeError, "dims"),
+        (lambda: lf.EmbeddingHead("sum"), ValueError, "mode"),
+    ]
+    for fn, exc, word in cases:
+        with pytest.raises(exc, match=word):
+            fn()
