@@ -41,7 +41,8 @@ def _cmd_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    ctx = BenchContext(device=device, full=args.full, budget_s=args.budget_s, only=tuple(args.only or ()))
+    ctx = BenchContext(device=device, full=args.full, smoke=args.smoke, budget_s=args.budget_s,
+                       only=tuple(args.only or ()))
     cases, notes = collect_cases(ctx)
     print(f"llmembed-fast bench on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("bench", help="time the fast paths against their baselines")
     p.add_argument("--full", action="store_true", help="run the large configurations too")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes only (checks that every case runs)")
     p.add_argument("--budget-s", type=float, default=120.0, help="wall-clock budget for timing (default 120)")
     p.add_argument("--only", nargs="*", help="groups to run (pooling, contrastive, quant, ...)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

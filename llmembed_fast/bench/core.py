@@ -14,10 +14,12 @@ from llmembed_fast.bench.timing import measure
 
 @dataclass
 class BenchContext:
-    """What a case provider may use: the device, whether to run the large configurations, a time budget."""
+    """What a case provider may use: the device, whether to run the large configurations (``full``) or only
+    tiny ones that check the plumbing (``smoke``), and a time budget."""
 
     device: torch.device
     full: bool = False
+    smoke: bool = False
     budget_s: float = 120.0
     only: tuple[str, ...] = ()
 
@@ -65,7 +67,8 @@ def run_cases(ctx: BenchContext, cases: list[Case], log=print) -> list[dict]:
     records: list[dict] = []
     deadline = time.perf_counter() + ctx.budget_s
     per_case = max(0.05, min(0.5, ctx.budget_s / max(1, 4 * len(cases))))
-    for case in cases:
+    for i, case in enumerate(cases):
+        log(f"[{i + 1}/{len(cases)}] {case.group}: {case.name}")
         if time.perf_counter() > deadline:
             records.append({"group": case.group, "case": case.name, "skipped": "time budget spent"})
             continue
@@ -86,7 +89,6 @@ def run_cases(ctx: BenchContext, cases: list[Case], log=print) -> list[dict]:
             except Exception as exc:
                 rec["baselines"][bname] = {"error": f"{type(exc).__name__}: {exc}"}
         records.append(rec)
-        log(format_record(rec))
     return records
 
 

@@ -1,0 +1,141 @@
+"""GPU section: the fused embedding head (pool -> Matryoshka slice -> L2 normalize)."""
+from __future__ import annotations
+
+import torch
+
+import llmembed_fast as lf
+from llmembed_fast import reference as R
+from llmembed_fast.bench.cases_pooling import make_inputs, st_head
+from llmembed_fast.reference import pooling_chunked
+
+MODES = lf.POOLING_MODES
+TOL_OUT = 2e-5
+TOL_GRAD = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _rel(got, want) -> float:
+    got = got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _mask(B, L, padding, gen):
+    n = torch.randint(1, L + 1, (B,), generator=gen)
+    n[-1] = 0
+    pos = torch.arange(L)
+    if padding == "right":
+        m = pos[None] < n[:, None]
+    elif padding == "left":
+        m = pos[None] >= (L - n)[:, None]
+    else:
+        m = (pos[None] < n[:, None]) & (torch.rand(B, L, generator=gen) > 0.3)
+        m[:, :5] = False
+    return m
+
+
+def correctness(ctx) -> list[dict]:
+    out = []
+    dev = ctx.device
+    B, L, H, dims = (3, 37, 123, (16, 123)) if ctx.smoke else (5, 301, 1000, (256, 1000))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for mode in MODES:
+            worst_o = worst_g = 0.0
+            for seed, padding in enumerate(("right", "left", "holes")):
+                gen = torch.Generator().manual_seed(1000 * seed + MODES.index(mode))
+                hidden = torch.randn(B, L, H, generator=gen).to(dev, dtype).requires_grad_(True)
+                mask = _mask(B, L, padding, gen).to(dev)
+                outs = lf.pool(hidden, mask, mode, dims=dims, normalize=True)
+                grads = [torch.randn(o.shape, generator=gen).to(dev) for o in outs]
+                torch.autograd.backward(outs, grads)
+                h64 = hidden.detach().double().requires_grad_(True)
+                ref = R.pool(h64, mask, mode, dims=dims, normalize=True)
+                torch.autograd.backward(ref, [g.double() for g in grads])
+                worst_o = max([worst_o] + [_rel(o, r.detach()) for o, r in zip(outs, ref)])
+                worst_g = max(worst_g, _rel(hidden.grad, h64.grad))
+            name = f"pool {mode} {str(dtype)[6:]} B{B} L{L} H{H} dims{dims}"
+            out.append({"name": name + " out", "ok": worst_o <= TOL_OUT, "err": worst_o, "tol": TOL_OUT, "detail": ""})
+            out.append({"name": name + " grad", "ok": worst_g <= TOL_GRAD[dtype], "err": worst_g,
+                        "tol": TOL_GRAD[dtype], "detail": ""})
+    # segments (packed batch and overlapping late-chunking spans)
+    for mode in MODES:
+        gen = torch.Generator().manual_seed(77)
+        hidden = torch.randn(900, 384, generator=gen).to(dev, torch.bfloat16).requires_grad_(True)
+        starts, ends = [0, 100, 100, 350, 400], [100, 100, 380, 700, 900]
+        outs = lf.pool_segments(hidden, starts, ends, mode, dims=(64, 384), normalize=True)
+        grads = [torch.randn(o.shape, generator=gen).to(dev) for o in outs]
+        torch.autograd.backward(outs, grads)
+        h64 = hidden.detach().double().requires_grad_(True)
+        ref = R.pool_segments(h64, starts, ends, mode, dims=(64, 384), normalize=True)
+        torch.autograd.backward(ref, [g.double() for g in grads])
+        eo = max(_rel(o, r.detach()) for o, r in zip(outs, ref))
+        eg = _rel(hidden.grad, h64.grad)
+        out.append({"name": f"pool_segments {mode} bf16 overlapping", "ok": eo <= TOL_OUT and eg <= TOL_GRAD[torch.bfloat16],
+                    "err": max(eo, eg / TOL_GRAD[torch.bfloat16] * TOL_OUT), "tol": TOL_OUT, "detail": f"out {eo:.2e} grad {eg:.2e}"})
+    # 64-bit offsets: B*L*H > 2^31 elements
+    if ctx.time_left() > 60 and not ctx.smoke:
+        B, L, H = 2, 300_000, 4096
+        hidden = torch.empty(B, L, H, device="cuda", dtype=torch.bfloat16).normal_()
+        mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+        mask[1, 200_000:] = False
+        for mode in ("mean", "last", "max"):
+            got = lf.pool(hidden, mask, mode, dims=512)
+            want, _, _ = pooling_chunked.pool_forward(hidden, mask, mode, 512)
+            e = _rel(got, want.double())
+            out.append({"name": f"pool {mode} bf16 B{B} L{L} H{H} (int64 offsets)", "ok": e <= 1e-4, "err": e,
+                        "tol": 1e-4, "detail": ""})
+        del hidden
+        torch.cuda.empty_cache()
+    return out
+
+
+def timings(ctx) -> list[dict]:
+    B, L, H, dim, dtype = (2, 16, 64, 32, torch.bfloat16) if ctx.smoke else (64, 1024, 4096, 1024, torch.bfloat16)
+    recs = []
+    for lengths in ("full", "uniform"):
+        if ctx.time_left() < 20:
+            break
+        hidden, mask, tokens = make_inputs(B, L, H, dtype, ctx.device, lengths, seed=1)
+        fwd_floor = tokens * H * 2 / ctx.bandwidth_Bps * 1e3  # bandwidth counts bytes read + written
+        used_floor = tokens * dim * 2 / ctx.bandwidth_Bps * 1e3
+        bwd_floor = B * L * H * 2 / ctx.bandwidth_Bps * 1e3  # grad_hidden written once
+        st = st_head("mean", H, dim)
+        ours = lambda: lf.pool(hidden, mask, "mean", dims=dim, normalize=True)
+        base = {}
+        if callable(st):
+            base["st_eager"] = ctx.bench(lambda: st(hidden, mask))
+            if not ctx.smoke:
+                comp = torch.compile(st, dynamic=False)
+                base["torch.compile"] = ctx.bench(lambda: comp(hidden, mask))
+        t_ours = ctx.bench(ours)
+        peak = ctx.peak_extra_bytes(ours)
+        recs.append({"name": f"fwd mean {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t_ours, "baselines": base,
+                     "floor_ms": fwd_floor,
+                     "extra": {"floor_used_cols_ms": round(used_floor, 4), "peak_extra_MB": round(peak / 2**20, 2),
+                               "output_MB": round(B * dim * 4 / 2**20, 2)}})
+        # forward + backward
+        h = hidden.detach().requires_grad_(True)
+        g = torch.randn(B, dim, device=ctx.device)
+
+        ours_fb = lambda: (setattr(h, "grad", None), lf.pool(h, mask, "mean", dims=dim, normalize=True).backward(g))
+        base_fb = {}
+        if callable(st):
+            base_fb["st_eager"] = ctx.bench(lambda: (setattr(h, "grad", None), st(h, mask).backward(g.to(dtype))))
+            if not ctx.smoke:
+                comp = torch.compile(st, dynamic=False)
+                base_fb["torch.compile"] = ctx.bench(lambda: (setattr(h, "grad", None), comp(h, mask).backward(g.to(dtype))))
+        t_fb = ctx.bench(ours_fb)
+        recs.append({"name": f"fwd+bwd mean {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t_fb,
+                     "baselines": base_fb, "floor_ms": fwd_floor + bwd_floor,
+                     "extra": {"bwd_ms(derived)": round(t_fb - t_ours, 4), "bwd_floor_ms": round(bwd_floor, 4)}})
+        for mode in ("weighted_mean", "max", "last"):
+            if ctx.time_left() < 15:
+                break
+            st_m = st_head(mode, H, dim)
+            base = {"st_eager": ctx.bench(lambda: st_m(hidden, mask))} if callable(st_m) else {}
+            t = ctx.bench(lambda: lf.pool(hidden, mask, mode, dims=dim, normalize=True))
+            rd = (B if mode == "last" else tokens) * dim * 2 / ctx.bandwidth_Bps * 1e3
+            recs.append({"name": f"fwd {mode} {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t, "baselines": base,
+                         "floor_ms": rd, "extra": {"floor": "used columns"}})
+        del hidden, h
+    return recs

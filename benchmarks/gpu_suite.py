@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""One-call GPU suite: correctness of every Triton/CUDA path against its reference, then timings side by
+side, under a wall-clock budget; a compact table last, full figures as JSON.
+
+    python benchmarks/gpu_suite.py --budget-s 420 --json $OUT/gpu_suite.json [--only pooling contrastive]
+
+Needs only torch, triton and this repository (a quick `LLMEMBED_FAST_NO_EXT=1 pip install --no-deps
+--no-build-isolation -e .`, or nothing: the script makes the checkout importable itself). Sections live in
+benchmarks/gpu_sections/<name>.py and define ``correctness(ctx)`` and ``timings(ctx)`` (see README there).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION_ORDER = ("pooling", "contrastive", "quant", "grad_cache", "embedder")
+
+
+def _make_checkout_importable() -> None:
+    """Import llmembed_fast from this checkout, mapping triton_kernels/ to llmembed_fast.triton_kernels as
+    the installed package does (setup.py's package_dir)."""
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import llmembed_fast
+
+    try:
+        importlib.import_module("llmembed_fast.triton_kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "llmembed_fast.triton_kernels", os.path.join(ROOT, "triton_kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "triton_kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["llmembed_fast.triton_kernels"] = mod
+        spec.loader.exec_module(mod)
+        llmembed_fast.triton_kernels = mod
+
+
+def _bench_ms(torch, fn, warmup: int = 3, reps: int = 20, min_s: float = 0.2) -> float:
+    """Median of CUDA-event-timed runs after warm-up (adds runs until min_s has passed, at most 200)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - t_start < min_s and len(times) < 200):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _peak_extra_bytes(torch, fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _measure_ceilings(torch, bench) -> tuple[float, float]:
+    """Device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
+    n = 1 << 30  # 1 GiB per buffer
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    bw = 2 * n / (ms / 1e3)
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    flops = 2 * m ** 3 / (ms / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw, flops
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole suite")
+    ap.add_argument("--json", default=None, help="write all records here")
+    ap.add_argument("--only", nargs="*", default=None, help="sections to run")
+    ap.add_argument("--skip-timings", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes; without a GPU, run the sections on CPU through the Triton interpreter "
+                         "(checks the suite's plumbing, times nothing meaningful)")
+    args = ap.parse_args()
+
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    os.environ.setdefault("LLMEMBED_FAST_POISON", "1")  # kernels' outputs start as NaN during checks
+    _make_checkout_importable()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("gpu_suite: no CUDA device (use --smoke to exercise the suite on CPU)")
+        return 2
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    import triton
+
+    env = {"gpu": torch.cuda.get_device_name(0) if cuda else "none (CPU smoke run)", "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke}
+    print("gpu_suite:", json.dumps(env))
+    if cuda:
+        bench = lambda fn, **kw: _bench_ms(torch, fn, **kw)  # noqa: E731
+        bw, flops = _measure_ceilings(torch, bench)
+        peak = lambda fn: _peak_extra_bytes(torch, fn)  # noqa: E731
+    else:
+        def bench(fn, **kw):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        bw, flops, peak = 1e10, 1e11, (lambda fn: (fn(), 0)[1])
+    env["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
+    env["bf16_matmul_TFLOPs"] = round(flops / 1e12, 1)
+    print(f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s"
+          + ("" if cuda else " (placeholders: no GPU)"))
+
+    ctx = SimpleNamespace(device=torch.device("cuda" if cuda else "cpu"), time_left=lambda: deadline - time.monotonic(),
+                          bandwidth_Bps=bw, matmul_flops=flops, bench=bench, peak_extra_bytes=peak, smoke=args.smoke)
+    names = [n for n in SECTION_ORDER if (args.only is None or n in args.only)
+             and os.path.exists(os.path.join(ROOT, "benchmarks", "gpu_sections", f"{n}.py"))]
+    sections = {}
+    for name in names:
+        try:
+            sections[name] = importlib.import_module(f"gpu_sections.{name}")
+        except Exception as exc:
+            print(f"[{name}] import failed: {type(exc).__name__}: {exc}")
+    checks, timings, errors = [], [], []
+    for name, mod in sections.items():
+        t = time.monotonic()
+        try:
+            for rec in mod.correctness(ctx):
+                checks.append({"section": name, **rec})
+        except Exception as exc:
+            errors.append(f"{name}.correctness: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        print(f"[{name}] correctness done in {time.monotonic() - t:.1f} s")
+    if not args.skip_timings:
+        for name, mod in sections.items():
+            if ctx.time_left() < 5:
+                errors.append(f"{name}.timings: skipped, budget spent")
+                continue
+            t = time.monotonic()
+            try:
+                for rec in mod.timings(ctx):
+                    timings.append({"section": name, **rec})
+                    torch.cuda.empty_cache()
+            except Exception as exc:
+                errors.append(f"{name}.timings: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+            print(f"[{name}] timings done in {time.monotonic() - t:.1f} s")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "checks": checks, "timings": timings, "errors": errors}, f, indent=1)
+    print("\n== correctness (error vs float64 reference) ==")
+    for c in checks:
+        print(f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} err {c['err']:.2e} tol {c['tol']:.0e}"
+              + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else ""))
+    print("\n== timings (ms; speedup = baseline / ours; floor = bytes or FLOPs over the measured ceiling) ==")
+    for r in timings:
+        base = " ".join(f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)" for k, v in r.get("baselines", {}).items()
+                        if isinstance(v, (int, float)))
+        floor = r.get("floor_ms")
+        fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
+        extra = r.get("extra") or {}
+        ex = (" " + " ".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
+        print(f"{r['section']:<11} {r['name']:<50} ours {r['ours_ms']:.3f}{fl} | {base}{ex}")
+    for e in errors:
+        print("ERROR", e)
+    bad = sum(not c["ok"] for c in checks)
+    print(f"\n{len(checks) - bad} checks passed, {bad} failed; {len(timings)} timings; {len(errors)} errors;"
+          f" {time.monotonic() - t0:.0f} s")
+    return 1 if bad or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Backend dispatch, lf.info(), the extension door and the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmembed_fast as lf
+from llmembed_fast import _dispatch, _ext, cli
+
+
+def test_dispatch_rules(monkeypatch):
+    cpu = torch.empty(2)
+    monkeypatch.delenv("LLMEMBED_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _dispatch.select_backend(cpu) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.select_backend(cpu) == ("triton" if _dispatch.triton_available() else "torch")
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    assert _dispatch.select_backend(cpu) == "torch"
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "TRITON")
+    if _dispatch.triton_available():
+        assert _dispatch.select_backend(cpu) == "triton"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            _dispatch.select_backend(cpu)
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LLMEMBED_FAST_BACKEND"):
+        _dispatch.select_backend(cpu)
+
+
+def test_backends_agree_on_the_same_call(monkeypatch):
+    hidden = torch.randn(3, 11, 20)
+    mask = torch.rand(3, 11) > 0.2
+    results = {}
+    for be in ("torch", "triton") if _dispatch.triton_available() else ("torch",):
+        monkeypatch.setenv("LLMEMBED_FAST_BACKEND", be)
+        results[be] = lf.pool(hidden, mask, "weighted_mean", dims=[5, 20], normalize=True)
+    if "triton" in results:
+        for a, b in zip(results["torch"], results["triton"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_info_reports_versions_backends_and_extension():
+    data = lf.info()
+    assert data["llmembed_fast"] == lf.__version__
+    assert data["versions"]["torch"] == torch.__version__
+    assert set(data["backends"]) >= {"triton_available", "triton_interpreter", "cuda_available"}
+    assert "flags" in data["cpu"]
+    assert data["extension"]["built"] == (_ext.extension() is not None)
+    json.dumps(data)  # serializable
+
+
+def test_extension_door_names_the_build_command(monkeypatch):
+    if _ext.extension() is not None:
+        assert _ext.ops().pack_bits is not None
+    monkeypatch.setattr(_ext, "_load", lambda: (None, "ImportError: not built"))
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        _ext.require("quantize")
+
+
+def test_cli_info_and_help(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "llmembed_fast" in out and "backends" in out
+    assert cli.main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["llmembed_fast"] == lf.__version__
+    proc = subprocess.run([sys.executable, "-m", "llmembed_fast.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "bench" in proc.stdout
+
+
+def test_cli_bench_runs_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    """The bench command collects the pooling cases and writes JSON (timing itself is not asserted)."""
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--only", "pooling", "--budget-s", "1", "--smoke", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["records"], "no bench records"
+    assert all(r["group"] == "pooling" for r in data["records"])
