@@ -31,8 +31,8 @@ def _pool_fwd_kernel(
     out_ptr, info_ptr, argmax_ptr,
     L, D,
     stride_hb, stride_hl, stride_hh,
-    stride_mb, stride_ml,
-    MODE: tl.constexpr, SEGMENTS: tl.constexpr,
+    stride_mb, stride_ml, L_BUCKET,
+    MODE: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_SCAN: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program: one row (or segment) x BLOCK_H columns. Loads are predicated on the mask, so
@@ -55,8 +55,8 @@ def _pool_fwd_kernel(
         count = tl.full([], 0, tl.int32)
         first = tl.full([], 0, tl.int64) + L
         last = tl.full([], -1, tl.int64)
-        for l0 in range(0, L, BLOCK_L):
-            offs = l0 + tl.arange(0, BLOCK_L)
+        for l0 in range(0, L, BLOCK_SCAN):  # usually one step: BLOCK_SCAN >= L up to 4096
+            offs = l0 + tl.arange(0, BLOCK_SCAN)
             m = tl.load(m_base + offs.to(tl.int64) * stride_ml, mask=offs < L, other=0) != 0
             count += tl.sum(m.to(tl.int32), axis=0)
             first = tl.minimum(first, tl.min(tl.where(m, offs, L), axis=0).to(tl.int64))
@@ -126,7 +126,7 @@ def _pool_fwd_kernel(
 def _pool_bwd_kernel(
     gp_ptr, mask_ptr, info_ptr, argmax_ptr, gh_ptr,
     L, H, D,
-    stride_mb, stride_ml,
+    stride_mb, stride_ml, L_BUCKET,
     MODE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Writes every element of grad_hidden [B, L, H] (contiguous) for one row x BLOCK_H columns:
@@ -285,10 +285,33 @@ def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_H, num_warps) for the token loops."""
+    """(BLOCK_L, BLOCK_H, num_warps) for the token loops (segments backward; all kernels when interpreting)."""
     if _interpreting():  # few, large tiles: the interpreter's cost is per tile
         return 64, max(16, min(256, triton.next_power_of_2(D))), 1
     return 32, max(16, min(128, triton.next_power_of_2(D))), 4
+
+
+# On a GPU the token-loop kernels are autotuned per (columns, length bucket, mode); the interpreter takes
+# one config (it cannot run several). Every config overwrites all outputs, so tuning runs are harmless.
+_TOKEN_CONFIGS = [
+    triton.Config({"BLOCK_L": bl, "BLOCK_H": bh}, num_warps=w)
+    for bl, bh, w in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64, 4), (128, 64, 8))
+]
+_fwd_tuned = triton.autotune(_TOKEN_CONFIGS, key=["D", "L_BUCKET", "MODE", "SEGMENTS"])(_pool_fwd_kernel)
+_bwd_tuned = triton.autotune(_TOKEN_CONFIGS, key=["H", "D", "L_BUCKET", "MODE"])(_pool_bwd_kernel)
+
+
+def _launch_tokens(tuned, plain, grid_rows: int, cols: int, *args, **kw):
+    """Launch a token-loop kernel: autotuned on a GPU, one fixed config when interpreting."""
+    if _interpreting():
+        BL, BH, nw = _blocks(cols)
+        plain[(grid_rows, triton.cdiv(cols, BH))](*args, **kw, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw)
+    else:
+        tuned[lambda meta: (grid_rows, triton.cdiv(cols, meta["BLOCK_H"]))](*args, **kw)
+
+
+def _scan_block(L: int) -> int:
+    return max(16, min(4096, triton.next_power_of_2(max(L, 1))))
 
 
 def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
@@ -302,12 +325,13 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
     argmax = empty(B, D, device=dev, dtype=torch.int32) if mode == "max" else None
     if B == 0:
         return out, info, argmax
-    BL, BH, nw = _blocks(D)
     m = _mask_arg(mask)
-    _pool_fwd_kernel[(B, triton.cdiv(D, BH))](
+    _launch_tokens(
+        _fwd_tuned, _pool_fwd_kernel, B, D,
         hidden, m, info, info, out, info, argmax if argmax is not None else info,
         L, D, hidden.stride(0), hidden.stride(1), hidden.stride(2), m.stride(0), m.stride(1),
-        MODE=MODE_CODES[mode], SEGMENTS=False, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw,
+        triton.next_power_of_2(max(L, 1)),
+        MODE=MODE_CODES[mode], SEGMENTS=False, BLOCK_SCAN=_scan_block(L),
     )
     return out, info, argmax
 
@@ -320,12 +344,12 @@ def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Ten
     gh = empty(B, L, H, device=grad_pooled.device, dtype=dtype)
     if gh.numel() == 0:
         return gh
-    BL, BH, nw = _blocks(H)
     m = _mask_arg(mask)
-    _pool_bwd_kernel[(B, triton.cdiv(H, BH))](
+    _launch_tokens(
+        _bwd_tuned, _pool_bwd_kernel, B, H,
         grad_pooled, m, info, argmax if argmax is not None else info, gh,
-        L, H, D, m.stride(0), m.stride(1),
-        MODE=MODE_CODES[mode], BLOCK_L=BL, BLOCK_H=BH, num_warps=nw,
+        L, H, D, m.stride(0), m.stride(1), triton.next_power_of_2(max(L, 1)),
+        MODE=MODE_CODES[mode],
     )
     return gh
 
@@ -338,11 +362,11 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
     argmax = empty(S, D, device=dev, dtype=torch.int32) if mode == "max" else None
     if S == 0:
         return out, argmax
-    BL, BH, nw = _blocks(D)
-    _pool_fwd_kernel[(S, triton.cdiv(D, BH))](
+    _launch_tokens(
+        _fwd_tuned, _pool_fwd_kernel, S, D,
         hidden2d, starts, starts, ends, out, starts, argmax if argmax is not None else starts,
-        0, D, 0, hidden2d.stride(0), hidden2d.stride(1), 0, 0,
-        MODE=MODE_CODES[mode], SEGMENTS=True, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw,
+        0, D, 0, hidden2d.stride(0), hidden2d.stride(1), 0, 0, 0,
+        MODE=MODE_CODES[mode], SEGMENTS=True, BLOCK_SCAN=16,
     )
     return out, argmax
 
