@@ -86,7 +86,7 @@ def test_pool_matches_reference(backend, mode, dtype):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 8), (4, 130, 300), (5, 64, 2049)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 8), (4, 130, 300), (5, 64, 2049), (2, 4100, 24)])
 def test_pool_odd_shapes_and_seeds(backend, seed, shape):
     B, L, H = shape
     gen = torch.Generator().manual_seed(seed * 1000 + H)
