@@ -1,0 +1,75 @@
+"""Token-budget batches sorted by length, and their padded (or packed) tensors.
+
+Sorting by length puts sequences of similar length together, so padding wastes little; a batch holds as
+many sequences as fit ``max_tokens`` padded tokens (and at most ``batch_size`` sequences). The caller
+scatters each batch's outputs back to the input positions it is given, so the input order is restored.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def plan_batches(lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
+                 pad_to_multiple_of: int = 1) -> list[np.ndarray]:
+    """Split sequence indices into batches, longest first.
+
+    Each batch's cost is ``count * padded_max_len`` tokens and stays within ``max_tokens`` (a single sequence
+    longer than that is a batch of its own); ``batch_size`` caps the count. Returns arrays of input indices.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return []
+    order = np.argsort(-lengths, kind="stable")
+    m = max(1, int(pad_to_multiple_of))
+    cap = int(batch_size) if batch_size else len(order)
+    budget = int(max_tokens) if max_tokens else None
+    batches, i = [], 0
+    while i < len(order):
+        width = max(1, -(-int(lengths[order[i]]) // m) * m)  # longest of the batch (sorted), padded
+        n = cap if budget is None else max(1, min(cap, budget // width))
+        batches.append(order[i:i + n])
+        i += n
+    return batches
+
+
+def pad_batch(seqs: list[list[int]], pool_starts: list[int], *, pad_id: int, padding_side: str = "right",
+              pad_to_multiple_of: int = 1, device=None) -> dict[str, torch.Tensor]:
+    """Padded tensors for one batch: input_ids, attention_mask, position_ids (0.. per sequence, so left and
+    right padding give the same positions) and pool_mask (1 on the pooled region ``[pool_start, len)``)."""
+    B = len(seqs)
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=B)
+    m = max(1, int(pad_to_multiple_of))
+    L = max(1, -(-int(lens.max(initial=1)) // m) * m)
+    ids = np.full((B, L), pad_id, dtype=np.int64)
+    pos = np.arange(L, dtype=np.int64)[None, :].repeat(B, 0)
+    left = padding_side == "left"
+    offset = (L - lens) if left else np.zeros(B, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        if len(s):
+            ids[b, offset[b]:offset[b] + len(s)] = s
+    rel = pos - offset[:, None]  # position inside the sequence (negative on left padding)
+    attn = (rel >= 0) & (rel < lens[:, None])
+    pool = attn & (rel >= np.asarray(pool_starts, dtype=np.int64)[:, None])
+    position_ids = np.where(attn, rel, 0)
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn.astype(np.int64)),
+           "position_ids": torch.from_numpy(position_ids), "pool_mask": torch.from_numpy(pool)}
+    if device is not None:
+        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return out
+
+
+def pack_batch(seqs: list[list[int]], pool_starts: list[int], *, device=None) -> dict[str, torch.Tensor]:
+    """One packed row for a batch: input_ids [1, T], position_ids [1, T] restarting at 0 per sequence,
+    cu_seqlens [S + 1] (int64), and the pooled segments' starts/ends [S] in the packed row."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(cu[-1]))
+    pos = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1], lens)
+    out = {"input_ids": torch.from_numpy(ids)[None], "position_ids": torch.from_numpy(pos)[None],
+           "cu_seqlens": torch.from_numpy(cu), "starts": torch.from_numpy(cu[:-1] + np.asarray(pool_starts)),
+           "ends": torch.from_numpy(cu[1:].copy())}
+    if device is not None:
+        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return out

@@ -1,0 +1,480 @@
+"""LLMEmbedder: a Hugging Face model (decoder or encoder) + tokenizer -> text embeddings, on the fused head."""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmembed_fast.embedder import batching, packed as packed_mod
+from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
+from llmembed_fast.embedder.st_folder import ST_POOLING, read_st_folder
+from llmembed_fast.embedder.tokenize import Tokenized, probe_tokenizer, tokenize_texts
+from llmembed_fast.ops.pooling import POOLING_MODES, pool, pool_segments
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+QUANTIZED = ("int8", "uint8", "binary", "ubinary")
+OUTPUTS = ("numpy", "torch")
+_POOLING_ALIASES = {**ST_POOLING, "cls_token": "first", "last_token": "last", "eos": "last",
+                    "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+                    "weightedmean_tokens": "weighted_mean"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DOC_PROMPT_NAMES = ("document", "passage", "corpus")
+
+
+def resolve_pooling(pooling) -> str:
+    """Our pooling name from ours or a sentence-transformers alias; ValueError naming ``pooling`` otherwise."""
+    if not isinstance(pooling, str):
+        raise TypeError(f"pooling must be a string, got {type(pooling).__name__}")
+    name = _POOLING_ALIASES.get(pooling, pooling)
+    if name not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES} (or a sentence-transformers name such as "
+                         f"'lasttoken', 'cls', 'weightedmean'), got {pooling!r}")
+    return name
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def _check_texts(texts) -> tuple[list[str], bool]:
+    if isinstance(texts, str):
+        return [texts], True
+    if isinstance(texts, np.ndarray):
+        texts = texts.tolist()
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts must not be empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+    return texts, False
+
+
+def _check_positive(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def is_decoder_model(config) -> bool:
+    """True for causal LMs (Llama, Mistral, Qwen2, GPT-2, ...), False for encoders (BERT, ...)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    from transformers.models.auto import modeling_auto as ma
+
+    mt = getattr(config, "model_type", None)
+    return mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _last_hidden(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    h = getattr(out, "last_hidden_state", None)
+    return h if h is not None else out[0]
+
+
+class LLMEmbedder(nn.Module):
+    """Text embeddings from a Hugging Face model with the right prompt, truncation, EOS and pooling.
+
+    ``encode`` (no grad, token-budget batches sorted by length, input order restored) returns [N, D]
+    embeddings (numpy or torch, float32 unless ``precision`` says otherwise); ``forward(batch)`` runs with
+    gradients on a batch from :meth:`tokenize` and is usable as a training / GradCache encoder.
+
+    Args:
+        model: a ``transformers`` model (``AutoModel``; a ``*ForCausalLM`` is reduced to its base model).
+        tokenizer: its tokenizer (a fast one gives offset mappings; a slow one is checked token by token).
+        pooling: "last", "mean", "weighted_mean", "max", "first", "mean_sqrt_len" or a sentence-transformers
+            name; None picks the prompt style's, else "last" for decoders and "mean" for encoders.
+        normalize: L2-normalize the embeddings. dims: Matryoshka width (the first ``dims`` columns).
+        max_length: tokens per sequence, template and special tokens included (truncation cuts text only).
+        padding_side: "left" or "right" (both give the same embeddings; default: the tokenizer's).
+        add_eos: append EOS when the tokenizer does not (None: for decoders with last-token pooling, unless
+            the prompt style or a sentence-transformers folder says otherwise).
+        prompt_style: a name from :data:`PROMPT_STYLES` ("none", "instruct", "qwen3", "prompteol", "pcot",
+            "ke", "echo"), a template with ``{text}``, or a :class:`PromptStyle`.
+        instruction_template: how ``instruction=`` is applied (``"Instruct: {instruction}\\nQuery: {text}"``).
+        include_prompt: pool the prompt/instruction tokens too (None: the style's or folder's choice, else no).
+        prompts: named prompt prefixes (sentence-transformers' ``prompts``), e.g. {"query": "query: "}.
+        packed: True, False or "auto" (packed only where the attention reads packed sequences natively).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, pooling: str | None = None, normalize: bool | None = True,
+                 dims: int | None = None, max_length: int | None = None, padding_side: str | None = None,
+                 add_eos: bool | None = None, instruction_template: str | None = None, prompt_style=None,
+                 include_prompt: bool | None = None, prompts: dict[str, str] | None = None,
+                 default_prompt_name: str | None = None, packed="auto", device=None, dtype=None,
+                 lowercase: bool = False, _st_folder: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError("tokenizer must be a transformers tokenizer")
+        base = getattr(model, "base_model", model)
+        self.model = base if isinstance(base, nn.Module) else model
+        self.tokenizer = tokenizer
+        self.config = getattr(self.model, "config", None)
+        self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
+        self.style: PromptStyle = get_style(prompt_style)
+        if instruction_template is not None:
+            check_template(instruction_template, "instruction_template", instruction=True)
+        self.instruction_template = instruction_template or self.style.instruction_template
+        if pooling is not None:
+            self.pooling = resolve_pooling(pooling)
+        elif self.style.pooling is not None:
+            self.pooling = self.style.pooling
+        else:
+            self.pooling = "last" if self.is_decoder else "mean"
+        self.normalize = True if normalize is None else bool(normalize)
+        self.dims = _check_positive(dims, "dims")
+        hidden = getattr(self.config, "hidden_size", None) if self.config is not None else None
+        if self.dims is not None and hidden is not None and self.dims > hidden:
+            raise ValueError(f"dims must be at most the hidden size {hidden}, got {dims}")
+        self.embedding_dim = self.dims or hidden
+        if padding_side is None:
+            padding_side = getattr(tokenizer, "padding_side", None) or "right"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        self.info = probe_tokenizer(tokenizer)
+        if add_eos is None:
+            add_eos = self.style.add_eos
+        if add_eos is None:
+            add_eos = (not _st_folder) and self.is_decoder and self.pooling == "last"
+        self.add_eos = bool(add_eos)
+        if self.add_eos and self.info.eos_id is None and not self.info.adds_eos:
+            raise ValueError("add_eos=True but the tokenizer has no eos_token")
+        if include_prompt is None:
+            include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
+        self.include_prompt = bool(include_prompt)
+        self.max_length = _check_positive(max_length, "max_length") or self._default_max_length()
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        if packed not in (True, False, "auto"):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
+        self.packed = packed
+        self.lowercase = bool(lowercase)
+        dtype = _resolve_dtype(dtype)
+        if device is not None or dtype is not None:
+            self.model.to(device=device, dtype=dtype)
+        self.model.eval()
+        params = inspect.signature(self.model.forward).parameters
+        takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self._takes_position_ids = "position_ids" in params
+        self._takes_use_cache = "use_cache" in params or (takes_kwargs and self.is_decoder)
+
+    # ------------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, pooling: str | None = None, normalize: bool | None = None,
+                        dims: int | None = None, dtype=None, device=None, max_length: int | None = None,
+                        padding_side: str | None = None, add_eos: bool | None = None,
+                        instruction_template: str | None = None, prompt_style=None,
+                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        include_prompt: bool | None = None, packed="auto", **model_kwargs) -> LLMEmbedder:
+        """Load ``AutoModel`` + tokenizer from a folder or Hub id; a sentence-transformers folder's Pooling,
+        Normalize, max length and prompts are read so that known models need no flags.
+
+        ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU; ``device`` to CUDA when available.
+        Extra keyword arguments (e.g. ``gguf_file=``) go to ``from_pretrained`` of the model and tokenizer.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        if not isinstance(path_or_id, (str, os.PathLike)):
+            raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
+        path_or_id = os.fspath(path_or_id)
+        is_dir = os.path.isdir(path_or_id)
+        if not is_dir and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+                           or os.path.exists(path_or_id) or not path_or_id.strip()):
+            raise FileNotFoundError(f"path_or_id: no model folder at {path_or_id!r}")
+        st = read_st_folder(path_or_id) if is_dir else None
+        model_path = st.transformer_path if st else path_or_id
+        device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _resolve_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tok_kwargs = {k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "token", "cache_dir")}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, **tok_kwargs)
+        except OSError as exc:
+            if is_dir:
+                raise
+            raise FileNotFoundError(f"path_or_id: {path_or_id!r} is not a folder, and loading it as a Hub id "
+                                    f"failed: {exc}") from exc
+        load_kwargs = dict(model_kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModel.from_pretrained(model_path, **load_kwargs)
+        kw = dict(pooling=pooling, normalize=normalize, dims=dims, max_length=max_length, padding_side=padding_side,
+                  add_eos=add_eos, instruction_template=instruction_template, prompt_style=prompt_style,
+                  include_prompt=include_prompt, packed=packed, device=device)
+        if st is not None:
+            style = get_style(prompt_style)
+            if pooling is None and style.pooling is None:
+                kw["pooling"] = st.pooling
+            if normalize is None:
+                kw["normalize"] = st.normalize
+            if max_length is None:
+                kw["max_length"] = st.max_seq_length
+            if include_prompt is None and style.include_prompt is None:
+                kw["include_prompt"] = st.include_prompt
+            kw.update(prompts=st.prompts, default_prompt_name=st.default_prompt_name, lowercase=st.do_lower_case,
+                      _st_folder=True)
+        return cls(model, tokenizer, **kw)
+
+    def _default_max_length(self) -> int | None:
+        n = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(n, int) and 0 < n < 1_000_000:
+            return n
+        n = getattr(self.config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _pad_multiple(self) -> int:
+        return 8 if self.device.type == "cuda" else 1
+
+    def _default_max_tokens(self) -> int:
+        return 16384 if self.device.type == "cuda" else 8192
+
+    # ------------------------------------------------------------------------------------------------
+    # tokenization
+    # ------------------------------------------------------------------------------------------------
+
+    def template_for(self, instruction: str | None = None, prompt: str | None = None) -> str:
+        """The full template (with ``{text}`` slots) for an optional instruction and prompt prefix."""
+        template = self.style.template
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+            if TEXT in prompt:
+                raise ValueError("prompt is a prefix and must not contain '{text}' (use prompt_style for templates)")
+            template = prompt + template
+        return compose(template, instruction, self.instruction_template)
+
+    def _tokenize(self, texts: list[str], instruction=None, prompt=None, *, return_text_spans=False) -> Tokenized:
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        template = self.template_for(instruction, prompt)
+        return tokenize_texts(self.tokenizer, self.info, texts, template, pool_copy=self.style.pool_copy,
+                              include_prompt=self.include_prompt, max_length=self.max_length,
+                              add_eos=self.add_eos, return_text_spans=return_text_spans)
+
+    def tokenize(self, texts, *, instruction: str | None = None, prompt: str | None = None,
+                 device=None) -> dict[str, torch.Tensor]:
+        """One padded batch for :meth:`forward`: input_ids, attention_mask, position_ids, pool_mask [B, L]."""
+        texts, _ = _check_texts(texts)
+        tok = self._tokenize(texts, instruction, prompt)
+        return batching.pad_batch(tok.ids, tok.pool_starts, pad_id=self.info.pad_id, padding_side=self.padding_side,
+                                  device=device or self.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # forward passes
+    # ------------------------------------------------------------------------------------------------
+
+    def _run(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_position_ids:
+            kw["position_ids"] = position_ids
+        if self._takes_use_cache:
+            kw["use_cache"] = False
+        return _last_hidden(self.model(**kw))
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states [B, L, H] of a padded batch."""
+        return self._run(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+
+    def forward(self, batch, *, normalize: bool | None = None, dims=None) -> torch.Tensor:
+        """Embeddings [B, D] float32 of a padded batch (from :meth:`tokenize`, or texts), with gradients."""
+        if isinstance(batch, (str, list, tuple)):
+            batch = self.tokenize(batch)
+        if not isinstance(batch, dict) or "input_ids" not in batch or "pool_mask" not in batch:
+            raise TypeError("batch must be a dict from LLMEmbedder.tokenize (input_ids, attention_mask, "
+                            "position_ids, pool_mask) or a list of strings")
+        hidden = self.hidden_states(batch)
+        return pool(hidden, batch["pool_mask"], self.pooling, dims=dims if dims is not None else self.dims,
+                    normalize=self.normalize if normalize is None else bool(normalize))
+
+    def _use_packed(self, packed) -> bool:
+        packed = self.packed if packed is None else packed
+        if packed not in (True, False, "auto"):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
+        if packed == "auto":
+            return packed_mod.uses_varlen_flash(self.model)
+        return bool(packed)
+
+    def _embed_batch(self, seqs, starts, *, packed: bool, normalize: bool, dims) -> torch.Tensor:
+        dev = self.device
+        if not packed:
+            b = batching.pad_batch(seqs, starts, pad_id=self.info.pad_id, padding_side=self.padding_side,
+                                   pad_to_multiple_of=self._pad_multiple(), device=dev)
+            hidden = self.hidden_states(b)
+            return pool(hidden, b["pool_mask"], self.pooling, dims=dims, normalize=normalize)
+        p = batching.pack_batch(seqs, starts, device=dev)
+        if packed_mod.uses_varlen_flash(self.model):
+            mask = None  # flash-attention varlen reads sequence boundaries from position_ids
+        else:
+            mask = packed_mod.block_diagonal_mask(p["cu_seqlens"], causal=self.is_decoder,
+                                                  dtype=next(self.model.parameters()).dtype, device=dev)
+        hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]
+        return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
+
+    # ------------------------------------------------------------------------------------------------
+    # encode
+    # ------------------------------------------------------------------------------------------------
+
+    def encode_float(self, texts: list[str], *, instruction=None, prompt=None, batch_size=None,
+                     max_tokens_per_batch=None, normalize=None, dims=None, packed=None,
+                     show_progress_bar: bool = False) -> torch.Tensor:
+        """Embeddings [N, D] float32 on the model's device, in input order (no argument checks on texts)."""
+        normalize = self.normalize if normalize is None else bool(normalize)
+        dims = self.dims if dims is None else _check_positive(dims, "dims")
+        use_packed = self._use_packed(packed)
+        tok = self._tokenize(texts, instruction, prompt)
+        lengths = tok.lengths()
+        plan = batching.plan_batches(lengths, max_tokens=max_tokens_per_batch or self._default_max_tokens(),
+                                     batch_size=batch_size, pad_to_multiple_of=1 if use_packed else self._pad_multiple())
+        dev = self.device
+        width = dims or self.embedding_dim
+        out = torch.empty(len(texts), width or 0, dtype=torch.float32, device=dev) if width else None
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=int(sum(lengths)), unit="tok", desc="encode")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for idx in plan:
+                    emb = self._embed_batch([tok.ids[i] for i in idx], [tok.pool_starts[i] for i in idx],
+                                            packed=use_packed, normalize=normalize, dims=dims)
+                    if out is None:
+                        out = torch.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
+                    out[torch.from_numpy(idx).to(dev)] = emb
+                    if bar is not None:
+                        bar.update(int(sum(lengths[i] for i in idx)))
+        finally:
+            if bar is not None:
+                bar.close()
+            self.model.train(was_training)
+        return out
+
+    def encode(self, texts, *, instruction: str | None = None, prompt: str | None = None,
+               prompt_name: str | None = None, batch_size: int | None = None,
+               max_tokens_per_batch: int | None = None, precision: str = "float32", output: str = "numpy",
+               show_progress_bar: bool | None = None, normalize: bool | None = None, dims: int | None = None,
+               packed=None, distributed: bool = False, ranges=None, calibration_embeddings=None):
+        """Embed ``texts`` (a string or a list of strings).
+
+        Args:
+            instruction: task instruction, applied with the instruction template and excluded from pooling
+                unless ``include_prompt``.
+            prompt / prompt_name: a prompt prefix, or the name of one in ``self.prompts``.
+            batch_size: most sequences per batch (None: no cap). max_tokens_per_batch: padded tokens per batch
+                (default 16384 on CUDA, 8192 on CPU). Batches are sorted by length; the input order is restored.
+            precision: "float32", "float16", or quantized "int8", "uint8", "binary", "ubinary"
+                (via :func:`llmembed_fast.quant.quantize`; ``ranges``/``calibration_embeddings`` go to it).
+            output: "numpy" or "torch" (a tensor on the model's device).
+            distributed: under ``torch.distributed``, each rank encodes a shard and rank 0 gets all
+                embeddings in input order (other ranks get None).
+
+        Returns:
+            [N, D] (or [D] for a single string) float32 / float16 / int8 / uint8 array or tensor.
+        """
+        texts, single = _check_texts(texts)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        batch_size = _check_positive(batch_size, "batch_size")
+        max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+        if prompt is None and prompt_name is None and instruction is None:
+            prompt_name = self.default_prompt_name
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}")
+            prompt = self.prompts[prompt_name]
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
+        kw = dict(instruction=instruction, prompt=prompt, batch_size=batch_size,
+                  max_tokens_per_batch=max_tokens_per_batch, normalize=normalize, dims=dims, packed=packed,
+                  show_progress_bar=show_progress_bar)
+        if distributed:
+            from llmembed_fast.embedder.distributed import encode_sharded
+
+            emb = encode_sharded(self, texts, **kw)
+            if emb is None:
+                return None
+        else:
+            emb = self.encode_float(texts, **kw)
+        return self._finish(emb, precision, output, single, ranges, calibration_embeddings)
+
+    @staticmethod
+    def _finish(emb: torch.Tensor, precision: str, output: str, single: bool, ranges, calibration_embeddings):
+        if precision == "float16":
+            emb = emb.half()
+        elif precision in QUANTIZED:
+            from llmembed_fast.quant import quantize
+
+            emb = quantize(emb, precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
+        if output == "numpy":
+            emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+        elif not isinstance(emb, torch.Tensor):
+            emb = torch.from_numpy(np.asarray(emb))
+        return emb[0] if single else emb
+
+    def _named_prompt(self, names) -> str | None:
+        for n in names:
+            if n in self.prompts:
+                return self.prompts[n]
+        return None
+
+    def encode_queries(self, texts, *, instruction: str | None = None, **kwargs):
+        """:meth:`encode` for queries: the instruction if given, else the model's "query" prompt."""
+        if instruction is None and "prompt" not in kwargs and "prompt_name" not in kwargs:
+            kwargs["prompt"] = self._named_prompt(("query",))
+            if kwargs["prompt"] is None:
+                kwargs.pop("prompt")
+        return self.encode(texts, instruction=instruction, **kwargs)
+
+    def encode_documents(self, texts, **kwargs):
+        """:meth:`encode` for documents: no instruction; the model's "document"/"passage" prompt if it has one."""
+        if "prompt" not in kwargs and "prompt_name" not in kwargs:
+            kwargs["prompt"] = self._named_prompt(_DOC_PROMPT_NAMES)
+            if kwargs["prompt"] is None:
+                kwargs.pop("prompt")
+        return self.encode(texts, **kwargs)
+
+    def encode_late_chunks(self, text: str, chunks, **kwargs):
+        """One forward over ``text``, one embedding per chunk; see :func:`~.late_chunking.encode_late_chunks`."""
+        from llmembed_fast.embedder.late_chunking import encode_late_chunks
+
+        return encode_late_chunks(self, text, chunks, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"pooling={self.pooling!r}, normalize={self.normalize}, dims={self.dims}, "
+                f"max_length={self.max_length}, style={self.style.name!r}, add_eos={self.add_eos}, "
+                f"padding_side={self.padding_side!r}, include_prompt={self.include_prompt}")
+
+
+ChunkSpec = Sequence[tuple[int, int]] | Sequence[str] | Callable[[str], Sequence]

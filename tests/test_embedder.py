@@ -1,0 +1,199 @@
+"""LLMEmbedder on tiny random Qwen2 / Llama / Mistral / GPT-2 / BERT models against independent references:
+sentence-transformers on the same weights, and hand-built token sequences run through the bare model."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmembed_fast as lf
+from tiny_models import build_tiny_model, cached_tiny_model_dir, make_st_model
+
+TEXTS = ["hello world", "the cat sat on the river bank with a dog", "", "a", "Money, finance: 42.",
+         "search " * 40, "The essence of a sentence", "water tree house city music paper model"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_head(monkeypatch):
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")  # the Triton head is covered by test_triton_head
+
+
+def _cos(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return F.cosine_similarity(a, b, dim=-1)
+
+
+def _ref_last_hidden(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+
+@pytest.mark.parametrize("arch,add_eos", [("qwen2", False), ("llama", False), ("mistral", True)])
+def test_last_token_matches_sentence_transformers(tmp_path, arch, add_eos):
+    d = cached_tiny_model_dir(arch, add_eos=add_eos)
+    st = make_st_model(d, "lasttoken", normalize=True, save_to=str(tmp_path / "st"))
+    ref = st.encode(TEXTS, convert_to_tensor=True, batch_size=3)
+    emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"))
+    assert emb.pooling == "last" and emb.normalize and not emb.add_eos  # read from the ST folder
+    out = emb.encode(TEXTS, output="torch", max_tokens_per_batch=64)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2", "bert"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_side_batch_size_and_packing_agree(arch, pooling):
+    model, tok = build_tiny_model(arch)
+    common = dict(pooling=pooling, prompt_style="none")
+    base = lf.LLMEmbedder(model, tok, padding_side="right", **common).encode(TEXTS, output="torch", batch_size=1)
+    assert torch.isfinite(base).all()
+    nonempty = torch.tensor([bool(t) for t in TEXTS])  # '' has no token at all for Qwen2/GPT-2 without EOS
+    torch.testing.assert_close(base.norm(dim=1)[nonempty], torch.ones(int(nonempty.sum())), atol=1e-5, rtol=0)
+    for kw in (dict(padding_side="left", batch_size=16), dict(padding_side="right", batch_size=16),
+               dict(padding_side="left", batch_size=3, packed=True), dict(padding_side="right", packed=True)):
+        bs, packed = kw.pop("batch_size", None), kw.pop("packed", False)
+        out = lf.LLMEmbedder(model, tok, packed=packed, **kw, **common).encode(TEXTS, output="torch", batch_size=bs)
+        torch.testing.assert_close(out, base, atol=3e-6, rtol=0)
+
+
+def test_input_order_restored_and_single_string():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    one_by_one = np.stack([emb.encode(t) for t in TEXTS])
+    all_at_once = emb.encode(TEXTS, max_tokens_per_batch=50)
+    assert all_at_once.shape == (len(TEXTS), 64) and one_by_one.shape == all_at_once.shape
+    np.testing.assert_allclose(all_at_once, one_by_one, atol=3e-6, rtol=0)
+
+
+def test_instruction_excluded_from_mean_pooling_exactly():
+    model, tok = build_tiny_model("llama")
+    emb = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, prompt_style="instruct")
+    assert not emb.include_prompt and not emb.add_eos
+    instr = "retrieve relevant passage"
+    texts = ["the river bank", "money and finance for the city"]
+    out = emb.encode(texts, instruction=instr, output="torch")
+    for i, text in enumerate(texts):
+        full = tok(f"Instruct: {instr}\nQuery: {text}")["input_ids"]
+        prefix = tok(f"Instruct: {instr}\nQuery:")["input_ids"]  # the ' ' merges into the text's first token
+        assert full[:len(prefix)] == prefix  # the boundary is clean here, so counting prefix tokens is exact
+        h = _ref_last_hidden(model, full)
+        torch.testing.assert_close(out[i], h[len(prefix):].mean(0), atol=2e-6, rtol=0)
+        assert not torch.allclose(out[i], h.mean(0), atol=1e-3)  # pooling the instruction would differ
+    both = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, include_prompt=True)
+    h = _ref_last_hidden(model, tok(f"Instruct: {instr}\nQuery: {texts[0]}")["input_ids"])
+    torch.testing.assert_close(both.encode(texts[:1], instruction=instr, output="torch")[0], h.mean(0), atol=2e-6,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_truncation_keeps_eos_and_template_suffix(arch):
+    model, tok = build_tiny_model(arch)
+    eos = tok.eos_token_id
+    text = " ".join(["model embedding vector search"] * 20)
+    # plain last-token embedder: EOS appended after truncation
+    emb = lf.LLMEmbedder(model, tok, max_length=9, normalize=False)
+    assert emb.pooling == "last" and emb.add_eos
+    body = tok(text)["input_ids"]
+    ids = body[:8] + [eos] if not tok.bos_token_id else body[:8] + [eos]
+    torch.testing.assert_close(emb.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6,
+                               rtol=0)
+    # PromptEOL: no EOS, the template's closing tokens survive truncation
+    peol = lf.LLMEmbedder(model, tok, prompt_style="prompteol", max_length=24, normalize=False)
+    assert not peol.add_eos and peol.pooling == "last"
+    full = tok(f'This sentence : "{text}" means in one word:"')["input_ids"]
+    tail = tok('" means in one word:"', add_special_tokens=False)["input_ids"]
+    assert full[-len(tail):] == tail
+    head = tok('This sentence : "', add_special_tokens=True)["input_ids"]
+    assert full[:len(head)] == head
+    ids = full[:24 - len(tail)] + tail
+    torch.testing.assert_close(peol.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6,
+                               rtol=0)
+
+
+def test_echo_pools_second_copy_only():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok, prompt_style="echo", normalize=False)
+    assert emb.pooling == "mean" and not emb.include_prompt
+    text = "the cat sat on the river bank"
+    first = tok("Rewrite the sentence: " + text + "\nRewritten sentence:")["input_ids"]
+    full = tok("Rewrite the sentence: " + text + "\nRewritten sentence: " + text)["input_ids"]
+    assert full[:len(first)] == first
+    h = _ref_last_hidden(model, full)
+    torch.testing.assert_close(emb.encode(text, output="torch"), h[len(first):].mean(0), atol=2e-6, rtol=0)
+
+
+def test_forward_has_gradients_and_matches_encode():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok, pooling="mean", dims=32)
+    batch = emb.tokenize(TEXTS[:4], instruction="retrieve relevant passage")
+    out = emb(batch)
+    assert out.shape == (4, 32) and out.requires_grad
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    enc = emb.encode(TEXTS[:4], instruction="retrieve relevant passage", output="torch")
+    torch.testing.assert_close(out.detach(), enc, atol=3e-6, rtol=0)
+
+
+def test_dims_precision_and_output():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok, dims=16)
+    full = lf.LLMEmbedder(model, tok, normalize=False).encode(TEXTS, output="torch")
+    out = emb.encode(TEXTS, output="torch")
+    assert out.shape == (len(TEXTS), 16)
+    torch.testing.assert_close(out, F.normalize(full[:, :16], dim=-1), atol=2e-6, rtol=0)
+    half = emb.encode(TEXTS, precision="float16")
+    assert half.dtype == np.float16 and half.shape == (len(TEXTS), 16)
+    np.testing.assert_allclose(half.astype(np.float32), out.numpy(), atol=1e-3)
+
+
+def test_quantized_precision():
+    quant = pytest.importorskip("llmembed_fast.quant")
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    f32 = emb.encode(TEXTS, output="torch")
+    for precision in ("int8", "uint8", "binary", "ubinary"):
+        got = emb.encode(TEXTS, precision=precision, output="torch")
+        want = quant.quantize(f32, precision)
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want)), precision
+
+
+def test_triton_head(monkeypatch):
+    """The head through the Triton kernels (interpreter on CPU) gives the torch path's embeddings."""
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok, pooling="mean")
+    ref = emb.encode(TEXTS[:4], output="torch", instruction="find")
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    torch.testing.assert_close(emb.encode(TEXTS[:4], output="torch", instruction="find"), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(emb.encode(TEXTS[:4], output="torch", instruction="find", packed=True), ref,
+                               atol=3e-6, rtol=0)
+
+
+def test_bad_inputs(tmp_path):
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    with pytest.raises(ValueError, match="texts"):
+        emb.encode([])
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        emb.encode(["ok", 3])
+    with pytest.raises(TypeError, match="texts"):
+        emb.encode(None)
+    with pytest.raises(ValueError, match="precision"):
+        emb.encode(["x"], precision="int4")
+    with pytest.raises(ValueError, match="output"):
+        emb.encode(["x"], output="list")
+    with pytest.raises(ValueError, match="batch_size"):
+        emb.encode(["x"], batch_size=0)
+    with pytest.raises(ValueError, match="pooling"):
+        lf.LLMEmbedder(model, tok, pooling="median")
+    with pytest.raises(ValueError, match="prompt_name"):
+        emb.encode(["x"], prompt_name="query")
+    with pytest.raises(ValueError, match="padding_side"):
+        lf.LLMEmbedder(model, tok, padding_side="middle")
+    with pytest.raises(ValueError, match="dims"):
+        lf.LLMEmbedder(model, tok, dims=1000)
+    with pytest.raises(FileNotFoundError, match="path_or_id"):
+        lf.LLMEmbedder.from_pretrained(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="path_or_id"):
+        lf.LLMEmbedder.from_pretrained("no-such-org/no-such-model-llmembed")
+    out = emb.encode(["", "", "x"])  # empty strings encode (EOS only)
+    assert out.shape == (3, 64) and np.isfinite(out).all()
