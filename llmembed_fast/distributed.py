@@ -1,0 +1,117 @@
+"""Cross-device negatives: gather embeddings with gradients, and the rank bookkeeping the losses need.
+
+``all_gather_with_grad(x)`` concatenates every rank's ``x`` along dim 0 (ranks may hold different numbers
+of rows); its backward sums the gradient of the gathered tensor over ranks and hands each rank the rows
+it owns, so a loss computed on gathered tensors gives each rank the gradient of the sum of all ranks'
+losses w.r.t. its own inputs. Works with any backend (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+def _check_group(group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialized (call torch.distributed.init_process_group first)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+
+
+def _collective_device(x_device: torch.device, group) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cpu") if backend == "gloo" and x_device.type != "cpu" else x_device
+
+
+def gather_sizes(n: int, group=None, device=None) -> list[int]:
+    """Every rank's ``n`` (e.g. its row count), in rank order."""
+    _check_group(group)
+    dev = _collective_device(torch.device(device) if device is not None else torch.device("cpu"), group)
+    world = dist.get_world_size(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=dev)
+    bufs = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(bufs, mine, group=group)
+    return [int(t.item()) for t in bufs]
+
+
+class BatchLayout(NamedTuple):
+    """Where this rank's queries and candidates sit in the global (rank-ordered) batch."""
+
+    world: int
+    rank: int
+    q_sizes: list[int]
+    d_sizes: list[int]
+    q_offset: int
+    d_offset: int
+    q_total: int
+    d_total: int
+
+
+def batch_layout(b: int, n: int, group=None, device=None) -> BatchLayout:
+    """Gathers (b, n) = (local queries, local candidates) from every rank in one collective."""
+    _check_group(group)
+    dev = _collective_device(torch.device(device) if device is not None else torch.device("cpu"), group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([b, n], dtype=torch.int64, device=dev)
+    bufs = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(bufs, mine, group=group)
+    sizes = torch.stack(bufs).cpu().tolist()
+    q_sizes, d_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
+    return BatchLayout(world, rank, q_sizes, d_sizes, sum(q_sizes[:rank]), sum(d_sizes[:rank]), sum(q_sizes),
+                       sum(d_sizes))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        rank = dist.get_rank(group)
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+        dev = _collective_device(x.device, group)
+        top = max(sizes)
+        padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=dev)
+        padded[: x.shape[0]] = x
+        bufs = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(bufs, padded, group=group)
+        return torch.cat([buf[:s] for buf, s in zip(bufs, sizes)]).to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
+        dev = _collective_device(grad.device, group)
+        if dist.get_backend(group) == "nccl" and len(set(sizes)) == 1:
+            out = torch.empty((sizes[rank], *grad.shape[1:]), dtype=grad.dtype, device=dev)
+            dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+            return out.to(grad.device), None, None
+        total = grad.to(dev, copy=True).contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        start = sum(sizes[:rank])
+        return total[start:start + sizes[rank]].to(grad.device), None, None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` [n_r, ...] along dim 0 -> [sum n_r, ...], differentiable.
+
+    ``sizes`` (every rank's n_r) saves one collective when known. The backward sums the incoming
+    gradient over ranks (reduce-scatter, or all-reduce + slice) and returns this rank's rows."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the rows to gather)")
+    _check_group(group)
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], group=group, device=x.device)
+    return _AllGatherWithGrad.apply(x.contiguous(), group, list(sizes))
+
+
+def global_value(partial: torch.Tensor, group=None) -> torch.Tensor:
+    """``partial`` with its value replaced by the sum over ranks; the gradient still flows to this rank's
+    ``partial`` only (so gradients w.r.t. gathered inputs are not counted once per rank)."""
+    _check_group(group)
+    dev = _collective_device(partial.device, group)
+    total = partial.detach().to(dev, copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return partial + (total.to(partial.device) - partial.detach())

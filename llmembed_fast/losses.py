@@ -1,0 +1,58 @@
+"""``nn.Module`` losses over precomputed embeddings."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmembed_fast.ops.contrastive import contrastive_loss
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE over in-batch and hard negatives (``llmembed_fast.contrastive_loss``) as a module.
+
+    Args:
+        temperature: initial temperature (``scale = 1 / temperature``; sentence-transformers' 20 is 0.05).
+        learn_temperature: learn it, CLIP-style, as ``log_scale = log(1 / temperature)`` (a parameter),
+            clamped to ``max_scale`` in the forward.
+        max_scale: upper bound of 1 / temperature when learned (CLIP uses 100).
+        The other keywords are those of :func:`llmembed_fast.contrastive_loss`.
+
+    ``forward(q [B, D], d [N, D], labels=None)`` returns the loss.
+    """
+
+    def __init__(self, temperature: float = 0.05, *, learn_temperature: bool = False, max_scale: float = 100.0,
+                 normalize: bool = True, symmetric: bool = False, same_tower: bool = False,
+                 false_negative_margin: float | None = None, matryoshka_dims=None, matryoshka_weights=None,
+                 reduction: str = "mean", group=None, allow_tf32: bool = True):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+                or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if not max_scale > 0:
+            raise ValueError(f"max_scale must be positive, got {max_scale!r}")
+        self.learn_temperature = bool(learn_temperature)
+        self.max_scale = float(max_scale)
+        self.fixed_temperature = max(float(temperature), 1.0 / self.max_scale)
+        if self.learn_temperature:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.kwargs = dict(normalize=normalize, symmetric=symmetric, same_tower=same_tower,
+                           false_negative_margin=false_negative_margin, matryoshka_dims=matryoshka_dims,
+                           matryoshka_weights=matryoshka_weights, reduction=reduction, group=group,
+                           allow_tf32=allow_tf32)
+
+    @property
+    def temperature(self) -> torch.Tensor | float:
+        """The temperature: 1 / min(exp(log_scale), max_scale) when learned (a tensor), else a float."""
+        if not self.learn_temperature:
+            return self.fixed_temperature
+        return 1.0 / self.log_scale.exp().clamp(max=self.max_scale)
+
+    def forward(self, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.temperature
+        return contrastive_loss(q, d, labels=labels, temperature=t, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v not in (None, False) and k != "group")
+        return f"learn_temperature={self.learn_temperature}, {opts}"

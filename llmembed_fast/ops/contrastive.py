@@ -1,0 +1,479 @@
+"""Fused contrastive (InfoNCE) loss with the options embedding models train with; O((B+N)*D) memory.
+
+``contrastive_loss`` checks its arguments, picks a backend (Triton kernels on CUDA, the chunked torch
+backend ``llmembed_fast.reference.contrastive_chunked`` on CPU) and runs ``_ContrastiveFunction``.
+
+How it is computed. The loss is a sum of *terms*, each rows x columns of similarities:
+
+    A  q  x d   positive = labels[i]        (always)
+    B  q  x q   row i itself left out       (same_tower)
+    C  d[labels] x d   the positive left out (same_tower)
+    D  d[labels] x q   positive = i          (symmetric: the document->query direction)
+
+A, B and C share one partition function per query; D has its own. Forward: per term, a flash-style pass
+(``row_lse``) keeps an online max / log-sum-exp per row and Matryoshka dim and stores only that, never a
+similarity matrix. Normalization and 1/temperature are per-row and per-column scales applied to the
+float32 dot products, so no normalized copies are made. Backward: per term and per block of rows, the
+tiles are recomputed and turned into the gradient of the logits (``grad_tiles``, one buffer bounded by
+the backend's chunk size), then two GEMMs give the rows' and the columns' gradients; the gradient is
+chained through the normalization with per-row/column sums, and summed over terms by autograd.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from llmembed_fast import _dispatch
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MM_PIECE_ELEMENTS = 1 << 24  # bound on the float32 temporaries of the accumulating GEMMs
+
+
+class _Cfg(NamedTuple):
+    bounds: tuple[int, ...]          # (0, d1, ..., dK)
+    weights: tuple[float, ...]       # one per dim
+    normalize: bool
+    symmetric: bool
+    same_tower: bool
+    margin: float | None
+    allow_tf32: bool
+    eps: float
+
+
+class _Term(NamedTuple):
+    x: str              # row source: "q" or "d" (local inputs)
+    gather: bool        # rows are d[labels]
+    y: str              # column source: "qc" or "dc" (global candidates / queries)
+    exclude: bool       # special column is left out (True) or is the positive (False)
+    special: str        # "labels" (global positive column) or "self" (global index of the query)
+    group: int          # 0: query->document partition function, 1: document->query
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------------
+
+def _check_embeddings(q, d) -> None:
+    for name, x in (("q", q), ("d", d)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if q.dtype != d.dtype:
+        raise TypeError(f"q and d must have the same dtype, got {q.dtype} and {d.dtype}")
+    if q.device != d.device:
+        raise ValueError(f"q is on {q.device} but d is on {d.device}")
+    if q.shape[1] != d.shape[1]:
+        raise ValueError(f"q and d must have the same embedding size D, got {q.shape[1]} and {d.shape[1]}")
+    if q.shape[1] == 0:
+        raise ValueError("q and d must have D >= 1 columns")
+    if q.shape[0] == 0:
+        raise ValueError("q must have at least one row (B >= 1)")
+    if d.shape[0] < q.shape[0]:
+        raise ValueError(f"d must have at least as many rows as q (N >= B), got N={d.shape[0]} < B={q.shape[0]}")
+
+
+def _check_labels(labels, B: int, device) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of ints or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must hold integers, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != B:
+        raise ValueError(f"labels must have shape [B] = [{B}], got {list(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but q is on {device}")
+    return labels.long()
+
+
+def _check_temperature(temperature, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (0-dim tensor on ``device``, the caller's tensor to check for > 0 or None)."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
+        return temperature.reshape(()).to(device=device, dtype=dtype), temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return torch.tensor(float(temperature), device=device, dtype=dtype), None
+
+
+def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        return (D,), (1.0,)
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    if not isinstance(dims, (Sequence, torch.Tensor)) or isinstance(dims, str):
+        raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
+    dims = tuple(dims.tolist() if isinstance(dims, torch.Tensor) else dims)
+    if not dims:
+        raise ValueError("matryoshka_dims must not be empty")
+    for v in dims:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"matryoshka_dims must hold ints, got {v!r}")
+        if v < 1 or v > D:
+            raise ValueError(f"matryoshka_dims values must be in [1, D={D}], got {v}")
+    if any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
+    if weights is None:
+        return dims, (1.0,) * len(dims)
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    if not isinstance(weights, Sequence) or isinstance(weights, str):
+        raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {type(weights).__name__}")
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), got {len(weights)}")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"matryoshka_weights must hold finite numbers, got {w!r}")
+    return dims, tuple(float(w) for w in weights)
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _backend(q: torch.Tensor):
+    if q.dtype == torch.float64 or _dispatch.select_backend(q) == "torch":
+        from llmembed_fast.reference import contrastive_chunked
+
+        return contrastive_chunked
+    from llmembed_fast.triton_kernels import contrastive as triton_contrastive
+
+    return triton_contrastive
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers shared by forward and backward
+# ---------------------------------------------------------------------------------------------------
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inv_norms(x: torch.Tensor, bounds, normalize: bool, eps: float):
+    """(1 / max(||x[:, :dk]||, eps) [K, n], ||x[:, :dk]|| > eps [K, n]); ones when not normalizing."""
+    K, acc = len(bounds) - 1, _acc(x.dtype)
+    if not normalize:
+        ones = torch.ones(K, x.shape[0], dtype=acc, device=x.device)
+        return ones, None
+    sq = torch.stack([torch.linalg.vector_norm(x[:, lo:hi], dim=1, dtype=acc) ** 2
+                      for lo, hi in zip(bounds[:-1], bounds[1:])])
+    n = sq.cumsum(0).sqrt()
+    return 1.0 / n.clamp_min(eps), n > eps
+
+
+def _suffix_sum(c: torch.Tensor) -> torch.Tensor:
+    """[K, n] -> out[r] = sum_{k >= r} c[k] (range r of the columns collects every dim k >= r)."""
+    return c.flip(0).cumsum(0).flip(0)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    if not torch.cuda.is_available():
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with an ``out_dtype`` result (fp32 accumulation of bf16 operands, rounded once)."""
+    key = a.device.type
+    if _MM_OUT_DTYPE_OK.get(key, True) and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[key] = False
+    return torch.mm(a, b).to(out_dtype)
+
+
+def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, with ``out`` in the accumulation dtype (a view is fine)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    piece = max(1, _MM_PIECE_ELEMENTS // max(1, out.shape[1]))
+    for j0 in range(0, out.shape[0], piece):
+        out[j0:j0 + piece] += _mm_f32(a[j0:j0 + piece], b, out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the autograd Function
+# ---------------------------------------------------------------------------------------------------
+
+def _terms(cfg: _Cfg) -> list[_Term]:
+    terms = [_Term("q", False, "dc", False, "labels", 0)]
+    if cfg.same_tower:
+        terms.append(_Term("q", False, "qc", True, "self", 0))
+        terms.append(_Term("d", True, "dc", True, "labels", 0))
+    if cfg.symmetric:
+        terms.append(_Term("d", True, "qc", False, "self", 1))
+    return terms
+
+
+class _ContrastiveFunction(torch.autograd.Function):
+    """(q [b, D], d [n, D], qc [Bg, D] | None, dc [Ng, D], tau 0-dim) -> per-query loss [b] (float32/64).
+
+    qc/dc are the columns: all ranks' queries/candidates (the same tensors as q/d in one process)."""
+
+    @staticmethod
+    def forward(ctx, q, d, qc, dc, tau, labels, labels_g, q_off, cfg, be):
+        acc = _acc(q.dtype)
+        b = q.shape[0]
+        bounds = cfg.bounds
+        inv_t = 1.0 / tau.detach().to(acc)
+        alpha_q, act_q = _inv_norms(q, bounds, cfg.normalize, cfg.eps)
+        alpha_d, act_d = _inv_norms(d, bounds, cfg.normalize, cfg.eps)
+        beta_dc, act_dc = (alpha_d, act_d) if dc is d else _inv_norms(dc, bounds, cfg.normalize, cfg.eps)
+        if qc is None:
+            beta_qc, act_qc = None, None
+        else:
+            beta_qc, act_qc = (alpha_q, act_q) if qc is q else _inv_norms(qc, bounds, cfg.normalize, cfg.eps)
+        alpha_dp = alpha_d[:, labels]
+        dots = torch.stack([(q[:, lo:hi].to(acc) * d[labels, lo:hi].to(acc)).sum(1)
+                            for lo, hi in zip(bounds[:-1], bounds[1:])]).cumsum(0)
+        pos = dots * alpha_q * alpha_dp * inv_t                      # [K, b] natural logits of the positives
+        thr2 = None if cfg.margin is None else (pos + cfg.margin * inv_t) * LOG2E
+        scales = {"q": alpha_q * (inv_t * LOG2E), "d": alpha_dp * (inv_t * LOG2E)}
+        cols = {"qc": beta_qc, "dc": beta_dc}
+        special = {"labels": labels_g, "self": q_off + torch.arange(b, device=q.device)}
+        src = {"q": q, "d": d, "qc": qc, "dc": dc}
+
+        group_lse: list[torch.Tensor | None] = [None, None]
+        for t in _terms(cfg):
+            lse2 = be.row_lse(src[t.x], src[t.y], labels if t.gather else None, scales[t.x], cols[t.y],
+                              special[t.special], t.exclude, thr2, bounds, allow_tf32=cfg.allow_tf32)
+            prev = group_lse[t.group]
+            group_lse[t.group] = lse2 if prev is None else torch.logaddexp2(prev, lse2)
+        w = torch.tensor(cfg.weights, dtype=acc, device=q.device)[:, None]
+        f = 0.5 if cfg.symmetric else 1.0
+        per_dim = group_lse[0] * LN2 - pos
+        if cfg.symmetric:
+            per_dim = per_dim + (group_lse[1] * LN2 - pos)
+        loss = (f * w * per_dim).sum(0)
+
+        ctx.save_for_backward(q, d, qc, dc, tau, labels, labels_g)
+        ctx.stash = dict(alpha={"q": alpha_q, "d": alpha_dp}, act={"q": act_q, "d": None if act_d is None else
+                                                                     act_d[:, labels]},
+                         beta=cols, act_cols={"qc": act_qc, "dc": act_dc}, scales=scales, thr2=thr2,
+                         group_lse=group_lse, inv_t=inv_t, q_off=q_off)
+        ctx.cfg, ctx.be = cfg, be
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        nones = (None,) * 10
+        if g_loss is None:
+            return nones
+        q, d, qc, dc, tau, labels, labels_g = ctx.saved_tensors
+        cfg, be, st = ctx.cfg, ctx.be, ctx.stash
+        need = dict(zip(("q", "d", "qc", "dc", "tau"), ctx.needs_input_grad[:5]))
+        acc = _acc(q.dtype)
+        bounds = cfg.bounds
+        K = len(bounds) - 1
+        b = q.shape[0]
+        src = {"q": q, "d": d, "qc": qc, "dc": dc}
+        special = {"labels": labels_g, "self": st["q_off"] + torch.arange(b, device=q.device)}
+        w = torch.tensor(cfg.weights, dtype=acc, device=q.device)[:, None]
+        wrow = (0.5 if cfg.symmetric else 1.0) * w * g_loss.to(acc)[None, :]           # [K, b]
+        grads = {k: torch.zeros(src[k].shape, dtype=acc, device=q.device) if need[k] else None
+                 for k in ("q", "d", "qc", "dc")}
+        colsum = {"qc": None, "dc": None}
+        tau_acc = torch.zeros((), dtype=acc, device=q.device)
+        gemm_ops: dict[str, torch.Tensor] = {}
+
+        def gemm_operand(name: str, hdt: torch.dtype) -> torch.Tensor:
+            key = f"{name}:{hdt}"
+            if key not in gemm_ops:
+                gemm_ops[key] = src[name] if src[name].dtype == hdt else src[name].to(hdt)
+            return gemm_ops[key]
+
+        with _tf32(cfg.allow_tf32):
+            for t in _terms(cfg):
+                need_rows, need_cols = need[t.x], need[t.y]
+                if not (need_rows or need_cols or need["tau"]):
+                    continue
+                x, y = src[t.x], src[t.y]
+                x_index = labels if t.gather else None
+                hdt = be.grad_dtype(x.dtype)
+                Y = gemm_operand(t.y, hdt)
+                M, NC = b, y.shape[0]
+                alpha, act = st["alpha"][t.x], st["act"][t.x]
+                step = be.chunk_rows(M, NC, K, torch.finfo(hdt).bits // 8)
+                for r0 in range(0, M, step):
+                    r1 = min(M, r0 + step)
+                    H, rs, cs = be.grad_tiles(x, y, x_index, st["scales"][t.x], st["beta"][t.y], special[t.special],
+                                              t.exclude, st["thr2"], bounds, st["group_lse"][t.group], wrow, r0, r1,
+                                              hdt, allow_tf32=cfg.allow_tf32)
+                    rows = labels[r0:r1] if t.gather else slice(r0, r1)
+                    Xc = x[rows]
+                    if need_rows:
+                        dX = torch.zeros(r1 - r0, x.shape[1], dtype=acc, device=q.device)
+                        for r in range(K):
+                            lo, hi = bounds[r], bounds[r + 1]
+                            _mm_acc(dX[:, lo:hi], H[r], Y[:, lo:hi])
+                        if cfg.normalize:
+                            coef = alpha[:, r0:r1] ** 2 * rs
+                            if act is not None:
+                                coef = coef * act[:, r0:r1]
+                            coef = _suffix_sum(coef)
+                            for r in range(K):
+                                lo, hi = bounds[r], bounds[r + 1]
+                                dX[:, lo:hi] -= coef[r, :, None] * Xc[:, lo:hi].to(acc)
+                        if t.gather:
+                            grads[t.x].index_add_(0, labels[r0:r1], dX)
+                        else:
+                            grads[t.x][r0:r1] += dX
+                    if need_cols:
+                        Xg = Xc if Xc.dtype == hdt else Xc.to(hdt)
+                        for r in range(K):
+                            lo, hi = bounds[r], bounds[r + 1]
+                            _mm_acc(grads[t.y][:, lo:hi], H[r].T, Xg[:, lo:hi])
+                        colsum[t.y] = cs if colsum[t.y] is None else colsum[t.y] + cs
+                    tau_acc = tau_acc + rs.sum()
+                    del H
+        if cfg.normalize:
+            for name in ("qc", "dc"):
+                if grads[name] is None or colsum[name] is None:
+                    continue
+                coef = st["beta"][name] ** 2 * colsum[name]
+                if st["act_cols"][name] is not None:
+                    coef = coef * st["act_cols"][name]
+                coef = _suffix_sum(coef)
+                for r in range(K):
+                    lo, hi = bounds[r], bounds[r + 1]
+                    grads[name][:, lo:hi] -= coef[r, :, None] * src[name][:, lo:hi].to(acc)
+        out = [grads[k].to(src[k].dtype) if grads[k] is not None else None for k in ("q", "d", "qc", "dc")]
+        g_tau = (-st["inv_t"] * tau_acc).to(tau.dtype) if need["tau"] else None
+        return (*out, g_tau) + (None,) * 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------
+
+def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor | None = None, temperature=0.05,
+                     normalize: bool = True, symmetric: bool = False, same_tower: bool = False,
+                     false_negative_margin: float | None = None, matryoshka_dims=None, matryoshka_weights=None,
+                     reduction: str = "mean", group=None, allow_tf32: bool = True, eps: float = 1e-12):
+    """InfoNCE over in-batch (and hard) negatives, fused: memory O((B + N) * D), never O(B * N).
+
+    Args:
+        q: [B, D] queries (float32/float16/bfloat16; float64 runs on the torch backend).
+        d: [N, D] candidates, N >= B, same dtype and device: the positives and every negative, e.g. the B
+            positives followed by hard negatives (as sentence-transformers' MultipleNegativesRankingLoss).
+        labels: [B] ints, the row of ``d`` holding query i's positive (default ``arange(B)``).
+        temperature: float or tensor (gets a gradient when it requires one). ``scale=20`` == 0.05.
+        normalize: cosine similarity (normalization fused, gradient included); else dot products.
+        symmetric: average with the document->query term of each positive (over the queries), as
+            MultipleNegativesSymmetricRankingLoss / CLIP.
+        same_tower: add exp(s(q_i, q_j)/t) for j != i and exp(s(d_p, d_j)/t) for j != p to query i's
+            partition function (GTE / Qwen3-Embedding).
+        false_negative_margin: leave out every negative term (q-d, and q-q, d-d with ``same_tower``; q-d
+            of the symmetric term) whose similarity exceeds the positive's s(q_i, d_p) by more than this.
+        matryoshka_dims: increasing ints <= D: the loss is the weighted sum over these prefixes (each
+            re-normalized), computed in one pass. ``matryoshka_weights`` default to 1.
+        reduction: "mean" (over queries), "sum", or "none" (per-query losses [B]).
+        group: a torch.distributed process group: every rank passes its own q, d; the candidates (and, for
+            symmetric/same_tower, the queries) of all ranks take part, ``labels`` index the local d.
+            The returned loss (mean/sum) is the global one on every rank; gradients w.r.t. each rank's q
+            and d equal the global loss's. The temperature's gradient is this rank's share (they sum to
+            the global one). DDP averages gradients over ranks, so multiply the loss by the world size to
+            get the single-process gradients there.
+        allow_tf32: float32 inputs use TF32 tensor cores on GPU (about 1e-3 relative error in the
+            similarities); False computes in full float32. bf16/fp16 always use tensor cores with float32
+            accumulation.
+        eps: the normalization's clamp, x / max(||x||, eps) as ``F.normalize``.
+
+    Returns:
+        A scalar (float32; float64 for float64 inputs), or [B] for ``reduction="none"``.
+    """
+    _check_embeddings(q, d)
+    B, D = q.shape
+    labels_t = _check_labels(labels, B, q.device)
+    acc = _acc(q.dtype)
+    tau, tau_user = _check_temperature(temperature, q.device, acc)
+    dims, weights = _check_dims(matryoshka_dims, matryoshka_weights, D)
+    normalize = _check_flag(normalize, "normalize")
+    symmetric = _check_flag(symmetric, "symmetric")
+    same_tower = _check_flag(same_tower, "same_tower")
+    allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
+    if false_negative_margin is not None:
+        if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
+                or not math.isfinite(false_negative_margin):
+            raise ValueError(f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}")
+        false_negative_margin = float(false_negative_margin)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+    # one host sync for the value checks
+    flags = [torch.zeros((), dtype=torch.bool, device=q.device)] * 2
+    if labels_t is not None:
+        flags[0] = ((labels_t < 0) | (labels_t >= d.shape[0])).any()
+    if tau_user is not None:
+        flags[1] = ~(torch.isfinite(tau_user.detach()) & (tau_user.detach() > 0)).all().to(q.device)
+    bad_labels, bad_tau = torch.stack(flags).tolist()
+    if bad_labels:
+        raise ValueError(f"labels must be in [0, N) = [0, {d.shape[0]})")
+    if bad_tau:
+        raise ValueError("temperature must be positive and finite")
+    if labels_t is None:
+        labels_t = torch.arange(B, device=q.device)
+
+    cfg = _Cfg(bounds=(0, *dims), weights=weights, normalize=normalize, symmetric=symmetric, same_tower=same_tower,
+               margin=false_negative_margin, allow_tf32=allow_tf32, eps=float(eps))
+    be = _backend(q)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    d = d if d.stride(-1) == 1 else d.contiguous()
+    need_qc = symmetric or same_tower
+
+    if group is None:
+        rows_loss = _ContrastiveFunction.apply(q, d, q if need_qc else None, d, tau, labels_t, labels_t, 0, cfg, be)
+        total_rows = B
+    else:
+        from llmembed_fast import distributed as lfd
+
+        layout = lfd.batch_layout(B, d.shape[0], group=group, device=q.device)
+        dc = lfd.all_gather_with_grad(d, group=group, sizes=layout.d_sizes)
+        qc = lfd.all_gather_with_grad(q, group=group, sizes=layout.q_sizes) if need_qc else None
+        rows_loss = _ContrastiveFunction.apply(q, d, qc, dc, tau, labels_t, labels_t + layout.d_offset,
+                                               layout.q_offset, cfg, be)
+        total_rows = layout.q_total
+    if reduction == "none":
+        return rows_loss
+    loss = rows_loss.sum()
+    if reduction == "mean":
+        loss = loss / total_rows
+    if group is not None:
+        from llmembed_fast import distributed as lfd
+
+        loss = lfd.global_value(loss, group=group)
+    return loss

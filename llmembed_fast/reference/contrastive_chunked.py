@@ -1,0 +1,115 @@
+"""CPU backend of the contrastive loss: the launcher interface of ``triton_kernels.contrastive`` in torch.
+
+Memory-bounded: similarities are built ``CHUNK_ELEMENTS`` at a time (a block of rows against all
+columns), never the whole matrix; the backward recomputes each block. Computes in float32 (float64 for
+float64 inputs); lower-precision inputs are upcast once, O((M + N) * D).
+
+Terms. Both launchers work on one "term" of the loss: rows ``x`` (optionally gathered through
+``x_index``) against columns ``y``, with per-row and per-column scales folded in:
+
+    z2[k, i, j] = (x_i[:dk] . y_j[:dk]) * a2[k, i] * b[k, j]        (base-2 logits of Matryoshka dim k)
+
+``special[i]`` is one column per row: the positive (kept even when it would be masked) or, with
+``exclude``, a column left out (the row itself, for same-tower terms). With ``thr2`` ([K, M]) every
+other column with z2 > thr2[k, i] is left out (false-negative masking). ``bounds`` = (0, d1, ..., dK).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 21  # similarities per block (8 MiB of float32 per temporary)
+LN2 = math.log(2.0)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
+    """Rows per backward block: K gradient tiles of [rows, NC] stay within CHUNK_ELEMENTS each."""
+    return max(1, min(M, CHUNK_ELEMENTS // max(1, NC * K)))
+
+
+def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient tiles ``grad_tiles`` writes and the GEMMs that consume them."""
+    return acc_dtype(x_dtype)
+
+
+def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+    """Yields (k, z2) for each Matryoshka dim in order: the base-2 logits [r1-r0, NC] of rows [r0, r1),
+    -inf where an entry is left out. The caller may modify z2 in place."""
+    dt = y_acc.dtype
+    idx = x_index[r0:r1] if x_index is not None else slice(r0, r1)
+    xr = x[idx].to(dt)
+    ar = torch.arange(r1 - r0, device=x.device)
+    spec = special[r0:r1]
+    K = len(bounds) - 1
+    acc = None
+    for k in range(K):
+        lo, hi = bounds[k], bounds[k + 1]
+        part = xr[:, lo:hi] @ y_acc[:, lo:hi].T
+        acc = part if acc is None else acc.add_(part)
+        z2 = acc if k == K - 1 else acc.clone()
+        z2.mul_(a2[k, r0:r1, None].to(dt)).mul_(b[k, None, :].to(dt))
+        if thr2 is not None:
+            keep = z2[ar, spec].clone()
+            z2.masked_fill_(z2 > thr2[k, r0:r1, None].to(dt), float("-inf"))
+            z2[ar, spec] = keep  # the positive always stays
+        if exclude:
+            z2[ar, spec] = float("-inf")
+        yield k, z2
+
+
+def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True) -> torch.Tensor:
+    """Base-2 log-sum-exp of each row's kept logits, per dim: [K, M] (-inf for a row with none kept)."""
+    M = a2.shape[1]
+    dt = acc_dtype(x.dtype)
+    y_acc = y.to(dt)
+    K = len(bounds) - 1
+    out = torch.empty(K, M, dtype=dt, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
+    for r0 in range(0, M, step):
+        r1 = min(M, r0 + step)
+        for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+            m = z2.amax(dim=1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            out[k, r0:r1] = m.squeeze(1) + torch.log2(z2.sub_(m).exp2_().sum(dim=1))
+    return out
+
+
+def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
+               h_dtype: torch.dtype, allow_tf32: bool = True):
+    """Gradient tiles of rows [r0, r1) against every column.
+
+    With g[k, i, j] = wrow[k, i] * (p - [j == special_i and not exclude]) the gradient of the loss w.r.t.
+    the natural logit z = z2 * ln2, where p = exp2(z2 - lse2[k, i]) on kept entries (0 elsewhere):
+      H[r]  = sum_{k >= r} g[k] * a2[k, i] * b[k, j] * ln2      [K, r1-r0, NC] of ``h_dtype``
+      rs[k] = sum_j g[k] * z                                      [K, r1-r0]
+      cs[k] = sum_i g[k] * z                                      [K, NC]
+    (rs and cs in float32, float64 for float64 inputs). H[r] multiplies the column range r of y (for the
+    rows' gradient) and of x (for the columns'); rs/cs chain the gradient through the normalization.
+    """
+    dt = acc_dtype(x.dtype)
+    y_acc = y.to(dt)
+    K = len(bounds) - 1
+    NC = y.shape[0]
+    H = torch.empty(K, r1 - r0, NC, dtype=h_dtype, device=x.device)
+    rs = torch.empty(K, r1 - r0, dtype=dt, device=x.device)
+    cs = torch.empty(K, NC, dtype=dt, device=x.device)
+    ar = torch.arange(r1 - r0, device=x.device)
+    spec = special[r0:r1]
+    for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+        w = wrow[k, r0:r1].to(dt)
+        g = torch.exp2(z2 - lse2[k, r0:r1, None].to(dt)).mul_(w[:, None])   # 0 where left out
+        if not exclude:
+            g[ar, spec] -= w
+        gz = z2.clamp_(min=-1e30).mul_(g).mul_(LN2)  # left-out entries: g = 0
+        rs[k] = gz.sum(dim=1)
+        cs[k] = gz.sum(dim=0)
+        torch.mul(g, (a2[k, r0:r1, None].to(dt) * LN2), out=H[k])
+        H[k].mul_(b[k, None, :].to(dt))
+    for r in range(K - 2, -1, -1):  # suffix sums: range r gets every dim k >= r
+        H[r] += H[r + 1]
+    return H, rs, cs

@@ -1,0 +1,248 @@
+"""contrastive_loss on both backends (torch chunked; Triton through the interpreter) against the float64
+materialized reference: loss and gradients w.r.t. q, d and the temperature, every option and their
+combinations, odd shapes, each dtype, several seeds; chunking paths; module; bad input."""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import llmembed_fast as lf
+from llmembed_fast.reference import contrastive_chunked
+from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
+
+# (loss atol, gradient tolerance relative to the gradient's max-abs) per dtype. bf16 gradients go through
+# bf16 gradient tiles / GEMMs; inputs are rounded to the dtype before the float64 reference sees them.
+TOL = {torch.float32: (2e-5, 2e-4), torch.float16: (2e-4, 2e-3), torch.bfloat16: (2e-3, 2e-2)}
+
+
+def _inputs(B, N, D, dtype, seed, labels="perm"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g).to(dtype)
+    d = torch.randn(N, D, generator=g).to(dtype)
+    if labels == "perm":
+        lab = torch.randperm(N, generator=g)[:B]
+    elif labels == "arange":
+        lab = None
+    else:  # duplicates allowed: several queries share a positive
+        lab = torch.randint(0, N, (B,), generator=g)
+    # make some negatives near-duplicates of positives so false-negative masking has work to do
+    if N > B and B > 1:
+        pos = torch.arange(B) if lab is None else lab
+        d[(pos[0] + 1) % N] = (d[pos[0]].float() + 0.05 * torch.randn(D, generator=g)).to(dtype)
+    return q, d, lab
+
+
+def _check(q, d, labels, tol, temperature=0.05, grad_tau=True, **kw):
+    t_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    t = torch.tensor(temperature, dtype=t_dtype, requires_grad=True) if grad_tau else temperature
+    qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+    loss = lf.contrastive_loss(qa, da, labels=labels, temperature=t, **kw)
+    wrt = [qa, da] + ([t] if grad_tau else [])
+    grads = torch.autograd.grad(loss.sum(), wrt)
+    q64, d64 = q.double().requires_grad_(), d.double().requires_grad_()
+    t64 = torch.tensor(float(temperature), dtype=torch.float64, requires_grad=True) if grad_tau else temperature
+    ref = ref_loss(q64, d64, labels=labels, temperature=t64, **kw)
+    refs = torch.autograd.grad(ref.sum(), [q64, d64] + ([t64] if grad_tau else []))
+    atol, gtol = tol
+    assert loss.shape == ref.shape
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=0)
+    for name, g, r in zip(("q", "d", "temperature"), grads, refs):
+        assert g.shape == r.shape, name
+        assert torch.isfinite(g).all(), name
+        scale = max(r.abs().max().item(), 1e-6)
+        err = (g.double() - r).abs().max().item() / scale
+        assert err <= gtol, f"grad {name}: relative error {err:.2e} > {gtol:.0e}"
+
+
+OPTION_GRID = list(itertools.product([False, True], [False, True], [None, 0.1], [None, (8, 20, 37)], [True, False]))
+
+
+@pytest.mark.parametrize("symmetric,same_tower,margin,mdims,normalize", OPTION_GRID)
+def test_every_option_combination(backend, symmetric, same_tower, margin, mdims, normalize):
+    q, d, lab = _inputs(7, 11, 37, torch.float32, seed=hash((symmetric, same_tower, margin, mdims)) % 1000)
+    weights = None if mdims is None else (1.0, 0.5, 0.25)
+    _check(q, d, lab, TOL[torch.float32], temperature=0.05 if normalize else 4.0, symmetric=symmetric,
+           same_tower=same_tower, false_negative_margin=margin, matryoshka_dims=mdims, matryoshka_weights=weights,
+           normalize=normalize)
+
+
+SHAPES = [  # B, N, D, temperature, dtype, seed
+    (1, 1, 8, 0.05, torch.float32, 0),
+    (1, 6, 37, 0.01, torch.bfloat16, 1),
+    (7, 7, 384, 0.05, torch.bfloat16, 2),
+    (7, 19, 8, 0.01, torch.float16, 3),
+    (7, 19, 37, 0.05, torch.float32, 4),
+    (64, 64, 37, 0.05, torch.float16, 5),
+    (64, 96, 8, 0.01, torch.float32, 6),
+    (64, 80, 384, 0.01, torch.bfloat16, 7),
+]
+
+
+@pytest.mark.parametrize("B,N,D,tau,dtype,seed", SHAPES)
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_shapes_dtypes(backend, B, N, D, tau, dtype, seed, options):
+    if backend == "triton" and options == "all" and B * N * D > 64 * 64 * 64:
+        pytest.skip("interpreter time: the largest shapes run with the plain options only")
+    q, d, lab = _inputs(B, N, D, dtype, seed)
+    kw = {}
+    if options == "all":
+        dims = tuple(sorted({max(1, D // 4), max(1, D // 2), D}))
+        kw = dict(symmetric=True, same_tower=True, false_negative_margin=0.1, matryoshka_dims=dims)
+    _check(q, d, lab, TOL[dtype], temperature=tau, **kw)
+
+
+@pytest.mark.parametrize("labels", ["arange", "dup"])
+def test_labels_default_and_duplicates(backend, labels):
+    q, d, lab = _inputs(6, 9, 16, torch.float32, seed=11, labels=labels)
+    _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.05)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_float_temperature(backend, reduction):
+    q, d, lab = _inputs(5, 8, 24, torch.float32, seed=3)
+    _check(q, d, lab, TOL[torch.float32], grad_tau=False, reduction=reduction, symmetric=True)
+
+
+def test_zero_row_and_partial_grads(backend):
+    """A zero query (norm below eps) and gradients requested for d only / for nothing."""
+    q, d, lab = _inputs(4, 6, 16, torch.float32, seed=5)
+    q[1] = 0
+    _check(q, d, lab, TOL[torch.float32], same_tower=True)
+    da = d.clone().requires_grad_()
+    loss = lf.contrastive_loss(q, da, labels=lab)
+    (gd,) = torch.autograd.grad(loss, [da])
+    q64, d64 = q.double(), d.double().requires_grad_()
+    (rd,) = torch.autograd.grad(ref_loss(q64, d64, labels=lab), [d64])
+    torch.testing.assert_close(gd.double(), rd, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        v = lf.contrastive_loss(q, d, labels=lab)
+    torch.testing.assert_close(v.double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5, rtol=0)
+
+
+def test_chunked_blocks(backend, monkeypatch):
+    """Several row blocks in forward and backward, and (Triton) a split column range in the forward."""
+    monkeypatch.setattr(contrastive_chunked, "CHUNK_ELEMENTS", 40)
+    if backend == "triton":
+        from llmembed_fast.triton_kernels import contrastive as tk
+
+        monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 8 * 100 * 4)  # 8 rows per block at N=100, K=3
+        monkeypatch.setattr(tk, "LSE_SPLITS", 3)
+    q, d, lab = _inputs(20, 100, 24, torch.float32, seed=9)
+    _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.1,
+           matryoshka_dims=(6, 12, 24))
+
+
+def test_float64_matches_reference_tightly():
+    q, d, lab = _inputs(9, 13, 21, torch.float64, seed=1)
+    _check(q, d, lab, (1e-12, 1e-10), symmetric=True, same_tower=True, false_negative_margin=0.2,
+           matryoshka_dims=(5, 21), matryoshka_weights=(0.3, 1.0))
+
+
+def test_poisoned_buffers_are_fully_written(backend):
+    """Launch-level: the kernels' outputs start as NaN (LLMEMBED_FAST_POISON=1); none may survive."""
+    assert os.environ.get("LLMEMBED_FAST_POISON") == "1"
+    q, d, lab = _inputs(33, 70, 40, torch.float32, seed=2)
+    from llmembed_fast.ops.contrastive import _backend
+
+    be = _backend(q)
+    K, b = 2, q.shape[0]
+    a2 = torch.rand(K, b) + 0.5
+    bb = torch.rand(K, d.shape[0]) + 0.5
+    lse = be.row_lse(q, d, None, a2, bb, lab, False, None, (0, 17, 40))
+    assert lse.shape == (K, b) and torch.isfinite(lse).all()
+    H, rs, cs = be.grad_tiles(q, d, None, a2, bb, lab, False, None, (0, 17, 40), lse, torch.ones(K, b), 3, 30,
+                              be.grad_dtype(q.dtype))
+    assert H.shape == (K, 27, 70) and not H.isnan().any() and not rs.isnan().any() and not cs.isnan().any()
+
+
+def test_module_learnable_temperature(backend):
+    q, d, lab = _inputs(6, 10, 16, torch.float32, seed=4)
+    mod = lf.ContrastiveLoss(temperature=0.07, learn_temperature=True, symmetric=True)
+    qa = q.clone().requires_grad_()
+    loss = mod(qa, d, lab)
+    loss.backward()
+    assert mod.log_scale.grad is not None and torch.isfinite(mod.log_scale.grad)
+    t = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    ref = ref_loss(q.double(), d.double(), labels=lab, temperature=t, symmetric=True)
+    (gt,) = torch.autograd.grad(ref, [t])
+    # d loss / d log_scale = d loss / d t * d t / d log_scale = gt * (-t)
+    torch.testing.assert_close(mod.log_scale.grad.double(), -gt * 0.07, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    fixed = lf.ContrastiveLoss(temperature=0.05)
+    assert list(fixed.parameters()) == []
+    torch.testing.assert_close(fixed(q, d, lab).double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5,
+                               rtol=0)
+    assert "learn_temperature=False" in repr(fixed)
+
+
+BAD = [
+    (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(q=torch.randn(4)), ValueError, "q must be 2-D"),
+    (dict(q=torch.randn(4, 8, dtype=torch.float64)), TypeError, "same dtype"),
+    (dict(q=torch.randint(0, 3, (4, 8))), TypeError, "q must be float32"),
+    (dict(d=torch.randn(6, 9)), ValueError, "same embedding size"),
+    (dict(d=torch.randn(3, 8)), ValueError, "N >= B"),
+    (dict(q=torch.randn(0, 8)), ValueError, "at least one row"),
+    (dict(labels=torch.tensor([0, 1, 2, 6])), ValueError, "labels must be in"),
+    (dict(labels=torch.tensor([0, 1, -1, 2])), ValueError, "labels must be in"),
+    (dict(labels=torch.tensor([0, 1, 2])), ValueError, "labels must have shape"),
+    (dict(labels=torch.tensor([0.0, 1, 2, 3])), TypeError, "labels must hold integers"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-0.1), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(-0.5)), ValueError, "temperature"),
+    (dict(temperature=torch.tensor([0.1, 0.2])), ValueError, "temperature"),
+    (dict(temperature="0.05"), TypeError, "temperature"),
+    (dict(matryoshka_dims=(4, 16)), ValueError, "matryoshka_dims values"),
+    (dict(matryoshka_dims=(4, 4)), ValueError, "strictly increasing"),
+    (dict(matryoshka_dims=(6, 4)), ValueError, "strictly increasing"),
+    (dict(matryoshka_dims=()), ValueError, "must not be empty"),
+    (dict(matryoshka_dims=(2, 4), matryoshka_weights=(1.0,)), ValueError, "one weight per dim"),
+    (dict(matryoshka_weights=(1.0,)), ValueError, "needs matryoshka_dims"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(false_negative_margin=float("nan")), ValueError, "false_negative_margin"),
+    (dict(symmetric=1), TypeError, "symmetric"),
+]
+
+
+@pytest.mark.parametrize("override,exc,msg", BAD)
+def test_bad_input(override, exc, msg):
+    args = dict(q=torch.randn(4, 8), d=torch.randn(6, 8))
+    args.update({k: v for k, v in override.items() if k in ("q", "d")})
+    kw = {k: v for k, v in override.items() if k not in ("q", "d")}
+    with pytest.raises(exc, match=msg):
+        lf.contrastive_loss(args["q"], args["d"], **kw)
+
+
+def test_bad_group():
+    with pytest.raises((RuntimeError, TypeError), match="distributed|group"):
+        lf.contrastive_loss(torch.randn(2, 4), torch.randn(2, 4), group=object())
+
+
+def test_cpu_memory_is_bounded(tmp_path):
+    """B = N = 8192, D = 64 float32 forward + backward on the CPU backend: the similarity matrix alone would be
+    256 MiB; the loss must stay far below (peak RSS growth, in a fresh process)."""
+    code = textwrap.dedent("""
+        import os, resource, torch
+        os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
+        import llmembed_fast as lf
+        torch.set_num_threads(2)
+        B = N = 8192; D = 64
+        q = torch.randn(B, D, requires_grad=True); d = torch.randn(N, D, requires_grad=True)
+        lf.contrastive_loss(q[:16], d[:16]).backward()        # warm up allocator / kernels
+        q.grad = d.grad = None
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss = lf.contrastive_loss(q, d, symmetric=True)
+        loss.backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - base) / 1024)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0", LLMEMBED_FAST_BACKEND="torch", LLMEMBED_FAST_POISON="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mib < 96, f"peak extra memory {extra_mib:.0f} MiB"

@@ -1,0 +1,294 @@
+"""Triton kernels of the contrastive loss: flash-style row log-sum-exp (forward) and gradient tiles (backward).
+
+Kernels and launchers only (``llmembed_fast.ops.contrastive`` checks inputs, builds the terms and runs
+the GEMMs). Same launcher interface as ``llmembed_fast.reference.contrastive_chunked`` (see its docstring
+for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
+
+* ``_row_lse_kernel``: one program = BLOCK_M rows x a contiguous range of columns. For each column tile it
+  accumulates the dot products range by range of the Matryoshka ``bounds`` with ``tl.dot`` (bf16/fp16 on
+  tensor cores, fp32 as TF32 or IEEE, float32 accumulation), turns the running prefix into the base-2
+  logits of each dim with the row/column scales (normalization and 1/temperature), masks, and updates an
+  online max / sum-of-exp2 per row and dim. Only [splits, K, M] partial LSEs reach memory; the column
+  range is split across programs when there are few row blocks, and the partials are merged on the host.
+* ``_grad_tile_kernel``: one program = one BLOCK_M x BLOCK_N tile of a block of rows. Recomputes the
+  logits, forms g = w * (p - positive) and writes H[r] = sum_{k>=r} g_k * scale (K suffix sums, so the
+  GEMMs over each column range see every dim that contains it; for K > 1 a second, shorter pass over the
+  first K-1 ranges recomputes g_k and peels it off the total), plus per-tile row and column sums of g * z
+  for the normalization and temperature gradients. No atomics; every output element is written once.
+
+Offsets are 64-bit. Any D, M, N (every load and store is masked).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmembed_fast._poison import empty
+
+LN2 = math.log(2.0)
+H_BUDGET_BYTES = 256 << 20  # gradient tiles per backward block (all Matryoshka slots together)
+LSE_SPLITS: int | None = None  # force the forward's column split count (tests); None = fill the GPU
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc += X[rows, lo:hi] @ Y[cols, lo:hi]^T (x_base [BM, 1] and y_base [1, BN] row pointers)."""
+    for d0 in range(lo, hi, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dm = dd < hi
+        xt = tl.load(x_base + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
+        yt = tl.load(y_base + dd[:, None], mask=dm[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            yt = yt.to(tl.float32)
+        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
+             EXCLUDE: tl.constexpr, MARGIN: tl.constexpr):
+    """Base-2 logits of dim k for the tile and the mask of the kept entries."""
+    a = tl.load(a_ptr + k * M + rows, mask=rmask, other=0.0)
+    b = tl.load(b_ptr + k * NC + cols, mask=cmask, other=0.0)
+    z2 = acc * a[:, None] * b[None, :]
+    valid = rmask[:, None] & cmask[None, :]
+    if EXCLUDE:
+        valid = valid & (is_spec == 0)
+    if MARGIN:
+        thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
+        valid = valid & ((z2 <= thr[:, None]) | (is_spec != 0))
+    return z2, valid, a, b
+
+
+@triton.jit
+def _row_lse_kernel(
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, out_ptr,
+    M, NC, cols_per_split, stride_x, stride_y,
+    K: tl.constexpr, KP: tl.constexpr, GATHER: tl.constexpr, EXCLUDE: tl.constexpr, MARGIN: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < M
+    if GATHER:
+        xrow = tl.load(xidx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        xrow = rows
+    x_base = x_ptr + xrow[:, None] * stride_x
+    spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    kk = tl.arange(0, KP)
+    m_st = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
+    l_st = tl.zeros([BLOCK_M, KP], tl.float32)
+    c_lo = pid_s * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, NC)
+    for n0 in range(c_lo, c_hi, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cmask = cols < c_hi
+        y_base = y_ptr + cols[None, :] * stride_y
+        is_spec = (cols[None, :] == spec[:, None]).to(tl.int32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k in tl.static_range(K):
+            lo = tl.load(bnd_ptr + k)
+            hi = tl.load(bnd_ptr + k + 1)
+            acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+            z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
+                                       EXCLUDE, MARGIN)
+            z2 = tl.where(valid, z2, float("-inf"))
+            sel = kk[None, :] == k
+            m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
+            l_old = tl.sum(tl.where(sel, l_st, 0.0), axis=1)
+            m_new = tl.maximum(m_old, tl.max(z2, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_new = l_old * tl.exp2(m_old - m_use) + tl.sum(tl.exp2(z2 - m_use[:, None]), axis=1)
+            m_st = tl.where(sel, m_new[:, None], m_st)
+            l_st = tl.where(sel, l_new[:, None], l_st)
+    lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
+    ptrs = out_ptr + pid_s * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
+    tl.store(ptrs, lse, mask=rmask[:, None] & (kk[None, :] < K))
+
+
+@triton.jit
+def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE: tl.constexpr):
+    """g = w * (exp2(z2 - lse) on kept entries - [positive]): the gradient w.r.t. the natural logit."""
+    lse = tl.load(lse_ptr + k * M + rows, mask=rmask, other=0.0)
+    w = tl.load(w_ptr + k * M + rows, mask=rmask, other=0.0)
+    p = tl.where(valid, tl.exp2(z2 - lse[:, None]), 0.0)
+    g = w[:, None] * p
+    if not EXCLUDE:
+        g = g - tl.where(is_spec != 0, w[:, None], 0.0)
+    return g
+
+
+@triton.jit
+def _grad_tile_kernel(
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, lse_ptr, w_ptr,
+    h_ptr, rs_ptr, cs_ptr,
+    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm,
+    K: tl.constexpr, GATHER: tl.constexpr, EXCLUDE: tl.constexpr, MARGIN: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = r0 + local
+    rmask = (local < Mc) & (rows < M)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cmask = cols < NC
+    if GATHER:
+        xrow = tl.load(xidx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        xrow = rows
+    x_base = x_ptr + xrow[:, None] * stride_x
+    y_base = y_ptr + cols[None, :] * stride_y
+    spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    is_spec = (cols[None, :] == spec[:, None]).to(tl.int32)
+    h_tile = h_ptr + local[:, None] * stride_hm + cols[None, :]
+    tile_mask = rmask[:, None] & cmask[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in tl.static_range(K):
+        lo = tl.load(bnd_ptr + k)
+        hi = tl.load(bnd_ptr + k + 1)
+        acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+        z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
+                                   EXCLUDE, MARGIN)
+        g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE)
+        g = tl.where(tile_mask, g, 0.0)
+        gz = g * z2 * 0.6931471805599453
+        tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
+        tl.store(cs_ptr + (pid_m * K + k).to(tl.int64) * NC + cols, tl.sum(gz, axis=0), mask=cmask)
+        total += g * (a[:, None] * 0.6931471805599453) * b[None, :]
+    tl.store(h_tile, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    if K > 1:
+        # H[r] = total - sum_{k < r} h_k: recompute the first K-1 dims and peel them off.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k in tl.static_range(K - 1):
+            lo = tl.load(bnd_ptr + k)
+            hi = tl.load(bnd_ptr + k + 1)
+            acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+            z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
+                                       EXCLUDE, MARGIN)
+            g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE)
+            g = tl.where(tile_mask, g, 0.0)
+            total -= g * (a[:, None] * 0.6931471805599453) * b[None, :]
+            tl.store(h_tile + (k + 1) * stride_hk, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers. Inputs are already checked by llmembed_fast.ops.contrastive.
+# ----------------------------------------------------------------------------------------------------
+
+def _config(dtype: torch.dtype, D: int, K: int) -> dict:
+    """Tile sizes and launch options. The interpreter wants few, large tiles; a GPU 128x128 (64 for fp32)."""
+    if _interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(128, triton.next_power_of_2(D))), num_warps=1,
+                    num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
+    bm = 128 if K <= 2 else 64
+    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+
+
+def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
+    return "tf32" if (x.dtype == torch.float32 and allow_tf32 and not _interpreting()) else "ieee"
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    # the interpreter's bf16/fp16 dot is unreliable: compute it in float32 there
+    return _interpreting() and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _bounds_tensor(bounds, device) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """bf16 gradient tiles for bf16 inputs (bf16 GEMMs, float32 accumulation); float32 otherwise (fp16 tiles
+    could underflow once scaled by 1/norms)."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 else torch.float32
+
+
+def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
+    """Rows per backward block: all K gradient tiles within H_BUDGET_BYTES, a multiple of 128 rows."""
+    rows = H_BUDGET_BYTES // max(1, NC * K * h_itemsize)
+    rows = rows // 128 * 128 if rows >= 128 else max(1, rows)
+    return min(M, rows)
+
+
+def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True) -> torch.Tensor:
+    """Base-2 log-sum-exp per (dim, row) of a term: float32 [K, M] (-inf where no entry is kept)."""
+    K = len(bounds) - 1
+    M, NC = a2.shape[1], y.shape[0]
+    cfg = _config(x.dtype, x.shape[1], K)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_rb = triton.cdiv(M, BM)
+    n_cb = triton.cdiv(NC, BN)
+    if LSE_SPLITS is not None:
+        splits = max(1, min(n_cb, LSE_SPLITS))
+    elif _interpreting():
+        splits = 1
+    else:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(n_cb, triton.cdiv(2 * sms, n_rb)))
+    cols_per_split = triton.cdiv(n_cb, splits) * BN
+    splits = triton.cdiv(NC, cols_per_split)
+    part = empty(splits, K, M, dtype=torch.float32, device=x.device)
+    bnd = _bounds_tensor(bounds, x.device)
+    a2 = a2.to(torch.float32).contiguous()
+    b = b.to(torch.float32).contiguous()
+    thr = thr2.to(torch.float32).contiguous() if thr2 is not None else a2
+    _row_lse_kernel[(n_rb, splits)](
+        x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd, part,
+        M, NC, cols_per_split, x.stride(0), y.stride(0),
+        K=K, KP=triton.next_power_of_2(K), GATHER=x_index is not None, EXCLUDE=bool(exclude),
+        MARGIN=thr2 is not None, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits == 1:
+        return part[0]
+    m = part.amax(0)
+    m_use = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
+
+
+def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
+               h_dtype: torch.dtype, allow_tf32: bool = True):
+    """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC] of ``h_dtype``, row sums [K, r1-r0], column sums
+    [K, NC], float32). Same contract as ``reference.contrastive_chunked.grad_tiles``."""
+    K = len(bounds) - 1
+    M, NC = a2.shape[1], y.shape[0]
+    Mc = r1 - r0
+    cfg = _config(x.dtype, x.shape[1], K)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC, BN)
+    H = empty(K, Mc, NC, dtype=h_dtype, device=x.device)
+    rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
+    cs_part = empty(n_rb, K, NC, dtype=torch.float32, device=x.device)
+    bnd = _bounds_tensor(bounds, x.device)
+    a2 = a2.to(torch.float32).contiguous()
+    b = b.to(torch.float32).contiguous()
+    thr = thr2.to(torch.float32).contiguous() if thr2 is not None else a2
+    _grad_tile_kernel[(n_rb, n_cb)](
+        x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd,
+        lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(),
+        H, rs_part, cs_part,
+        M, NC, r0, Mc, x.stride(0), y.stride(0), H.stride(0), H.stride(1),
+        K=K, GATHER=x_index is not None, EXCLUDE=bool(exclude), MARGIN=thr2 is not None,
+        UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return H, rs_part.sum(0), cs_part.sum(0)
