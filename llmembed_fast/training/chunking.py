@@ -1,0 +1,69 @@
+"""Splitting a batch (a tensor, or a dict of tensors such as a tokenizer's output) along dim 0.
+
+Every tensor of a dict with at least one dimension is a per-example field and must share dim 0 (the
+batch size); other values (ints, strings, 0-d tensors) are passed to every chunk unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+Batch = torch.Tensor | Mapping
+
+
+def batch_size(batch, name: str = "batch") -> int:
+    """The number of examples in ``batch``; raises TypeError/ValueError naming ``name`` when malformed."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() < 1:
+            raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor")
+        return batch.shape[0]
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{name} must be a torch.Tensor or a dict of tensors, got {type(batch).__name__}")
+    sizes = {k: v.shape[0] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+    if not sizes:
+        raise ValueError(f"{name} holds no tensor with a batch dimension (keys: {list(batch)})")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name}'s tensors disagree on the batch size (dim 0): {sizes}")
+    return next(iter(sizes.values()))
+
+
+def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(0, c), (c, 2c), ..., (k*c, n)]: the last chunk holds the remainder."""
+    return [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
+
+
+def _trimmed_width(batch: Mapping, lo: int, hi: int) -> int | None:
+    """The sequence width once the chunk's all-padding trailing columns are dropped (None: keep all)."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    used = mask[lo:hi].ne(0).any(dim=0)
+    # one host sync per chunk; cheap next to a forward pass
+    nz = used.nonzero()
+    if nz.numel() == 0:
+        return None
+    width = int(nz.max()) + 1
+    return width if width < mask.shape[1] else None
+
+
+def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False):
+    """Rows ``lo:hi`` of ``batch`` (views, no copy).
+
+    With ``trim_padding``, a dict batch with a 2-D ``attention_mask`` [B, L] also drops the trailing
+    columns that are padding in every row of the chunk, from every tensor whose dim 1 has length L (right
+    padding; a left-padded chunk keeps all columns, so token positions never shift). Models that attend
+    only to unmasked tokens (HF models with an attention mask) give the same outputs for the kept tokens.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi]
+    width = _trimmed_width(batch, lo, hi) if trim_padding else None
+    L = batch["attention_mask"].shape[1] if width is not None else None
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            v = v[lo:hi]
+            if width is not None and v.dim() >= 2 and v.shape[1] == L:
+                v = v[:, :width]
+        out[k] = v
+    return out

@@ -1,0 +1,278 @@
+"""Gradient caching (GradCache, Gao et al. 2021): contrastive batches far larger than fit in memory.
+
+One step, for a query batch of B rows and a document batch of N rows, split into chunks of ``chunk_size``:
+
+1. embed every chunk without a graph (``torch.no_grad``), recording the RNG state before each chunk;
+2. run ``loss_fn`` once on the detached embeddings [B, D], [N, D] and take the gradient of the loss with
+   respect to them (the fused ``lf.contrastive_loss`` does this in O((B+N)*D) memory, every Matryoshka
+   dim in the same pass);
+3. re-run each chunk with a graph under its recorded RNG state (same dropout masks) and back-propagate
+   that chunk's rows of the cached gradient into the parameters; then free the chunk's activations.
+
+Peak memory is one chunk's activations plus the O((B+N)*D) embeddings, their gradients and the loss's
+own buffers. The parameter gradients equal those of one forward/backward over the whole batch (with the
+same random numbers). Each chunk is embedded twice: about one extra forward pass of compute in total.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from llmembed_fast.training.chunking import batch_size, chunk_ranges, slice_batch
+from llmembed_fast.training.rng import RngState, cuda_devices_of, preserved_rng
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+class _Tower(NamedTuple):
+    """One side of the batch after the first pass: what the replay needs."""
+
+    name: str
+    encoder: Callable
+    batch: object
+    ranges: list[tuple[int, int]]
+    states: list[RngState] | None
+    devices: list[int]
+
+
+def _check_chunk_size(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int (rows per chunk), got {value}")
+    return value
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """(device_type, dtype) of every autocast context active in this thread."""
+    out = []
+    for dev in _AUTOCAST_DEVICES:
+        if torch.is_autocast_enabled(dev):
+            out.append((dev, torch.get_autocast_dtype(dev)))
+    return out
+
+
+@contextlib.contextmanager
+def _autocast(state: list[tuple[str, torch.dtype]]):
+    with contextlib.ExitStack() as stack:
+        for dev, dtype in state:
+            stack.enter_context(torch.autocast(device_type=dev, dtype=dtype))
+        yield
+
+
+def _no_sync_context(encoder):
+    """``encoder.no_sync`` for DistributedDataParallel / FSDP encoders, else None."""
+    fn = getattr(encoder, "no_sync", None)
+    return fn if callable(fn) else None
+
+
+class GradCache:
+    """Gradient-cached contrastive training step for any encoder and any embedding loss.
+
+    Args:
+        encoder: callable mapping a chunk of the query batch (a tensor, or a dict of tensors sliced along
+            dim 0) to embeddings [b, D] (float). A ``DistributedDataParallel`` module is synchronized once per
+            step: every chunk's backward but its last runs under ``no_sync()``.
+        loss_fn: ``loss_fn(q [B, D], d [N, D], **loss_kwargs) -> scalar tensor``, e.g.
+            ``lf.contrastive_loss`` (with ``group=`` for cross-device negatives).
+        chunk_size: rows per chunk (the memory knob); the last chunk holds the remainder.
+        doc_encoder: a separate encoder for the documents (default: ``encoder``, one shared tower).
+        scaler: a ``torch.amp.GradScaler``: :meth:`step` scales the loss before taking the embeddings'
+            gradients, so the parameter gradients come out scaled as ``scaler.step`` expects.
+        doc_chunk_size: rows per document chunk (default ``chunk_size``).
+        trim_padding: drop each chunk's all-padding trailing columns (dict batches with an
+            ``attention_mask``), so short chunks of a long-padded batch run at their own width.
+        grad_multiplier: multiplies the embeddings' gradients (not the returned loss). With DDP and a loss
+            that is already the global one (``contrastive_loss(group=...)``), DDP's averaging over ranks
+            divides the gradient by the world size; ``grad_multiplier=world_size`` undoes it.
+        replay_rng: restore the RNG state of each chunk's first pass before its re-run (default True).
+
+    Use :meth:`step` in a plain loop (backward done, returns the detached loss), or :meth:`forward` when a
+    framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
+    """
+
+    def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *, doc_encoder: Callable | None = None,
+                 scaler=None, doc_chunk_size: int | None = None, trim_padding: bool = True,
+                 grad_multiplier: float = 1.0, replay_rng: bool = True):
+        if not callable(encoder):
+            raise TypeError(f"encoder must be callable (chunk -> [b, D] embeddings), got {type(encoder).__name__}")
+        if doc_encoder is not None and not callable(doc_encoder):
+            raise TypeError(f"doc_encoder must be callable or None, got {type(doc_encoder).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (q, d, **kwargs) -> scalar, got {type(loss_fn).__name__}")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
+            raise TypeError(f"grad_multiplier must be a number, got {type(grad_multiplier).__name__}")
+        self.encoder = encoder
+        self.doc_encoder = doc_encoder
+        self.loss_fn = loss_fn
+        self.chunk_size = _check_chunk_size(chunk_size, "chunk_size")
+        self.doc_chunk_size = self.chunk_size if doc_chunk_size is None else _check_chunk_size(doc_chunk_size,
+                                                                                               "doc_chunk_size")
+        self.scaler = scaler
+        self.trim_padding = bool(trim_padding)
+        self.grad_multiplier = float(grad_multiplier)
+        self.replay_rng = bool(replay_rng)
+
+    # ------------------------------------------------------------------------------------------------
+    # pass 1: embeddings without a graph
+    # ------------------------------------------------------------------------------------------------
+
+    def _embed_no_grad(self, encoder, batch, chunk: int, name: str, capture: bool) -> tuple[torch.Tensor, _Tower]:
+        n = batch_size(batch, name)
+        ranges = chunk_ranges(n, chunk)
+        states: list[RngState] | None = [] if capture else None
+        devices: list[int] = []
+        out = None
+        with torch.no_grad():
+            for i, (lo, hi) in enumerate(ranges):
+                part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding)
+                if i == 0:
+                    devices = cuda_devices_of(part)
+                if capture:
+                    states.append(RngState(devices))
+                emb = self._check_embeddings(encoder(part), hi - lo, name)
+                if out is None:
+                    out = torch.empty((n, emb.shape[1]), dtype=emb.dtype, device=emb.device)
+                elif emb.shape[1] != out.shape[1] or emb.dtype != out.dtype:
+                    raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} for a chunk of "
+                                     f"{name} but [.., {out.shape[1]}] {out.dtype} for the previous ones")
+                out[lo:hi] = emb
+        return out, _Tower(name, encoder, batch, ranges, states, devices)
+
+    @staticmethod
+    def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
+        if not isinstance(emb, torch.Tensor):
+            raise TypeError(f"the encoder must return a tensor of embeddings [b, D] for a chunk of {name}, "
+                            f"got {type(emb).__name__}")
+        if emb.dim() != 2 or emb.shape[0] != rows:
+            raise ValueError(f"the encoder must return embeddings of shape [b, D] = [{rows}, D] for a chunk of "
+                             f"{rows} rows of {name}, got shape {tuple(emb.shape)}")
+        if not emb.is_floating_point():
+            raise TypeError(f"the encoder must return floating-point embeddings, got {emb.dtype}")
+        return emb
+
+    def _first_pass(self, query_batch, doc_batch, capture: bool):
+        nq, nd = batch_size(query_batch, "query_batch"), batch_size(doc_batch, "doc_batch")
+        if nd < nq:
+            raise ValueError(f"doc_batch has {nd} rows but query_batch has {nq}: the documents must hold every "
+                             "query's positive (N >= B)")
+        q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
+        d, td = self._embed_no_grad(self.doc_encoder or self.encoder, doc_batch, self.doc_chunk_size, "doc_batch",
+                                    capture)
+        return q, d, (tq, td)
+
+    def _call_loss(self, q, d, loss_kwargs) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = self.loss_fn(q, d, **loss_kwargs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor, got "
+                             + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__))
+        if not loss.requires_grad:
+            raise ValueError("loss_fn's result does not depend on the embeddings (no gradient flows to q or d)")
+        return loss.reshape(())
+
+    # ------------------------------------------------------------------------------------------------
+    # pass 2: re-run each chunk with a graph and back-propagate its cached gradient
+    # ------------------------------------------------------------------------------------------------
+
+    def _replay(self, towers, grads) -> None:
+        jobs = [(t, i, g) for t, g in zip(towers, grads) if g is not None for i in range(len(t.ranges))]
+        last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
+        for j, (t, _, _) in enumerate(jobs):
+            last_of[id(t.encoder)] = j
+        devices = sorted({d for t in towers for d in t.devices})
+        with preserved_rng(devices), torch.enable_grad():
+            for j, (t, i, g) in enumerate(jobs):
+                lo, hi = t.ranges[i]
+                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding)
+                no_sync = _no_sync_context(t.encoder)
+                ctx = no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j) else contextlib.nullcontext()
+                with ctx:
+                    if t.states is not None:
+                        t.states[i].restore()
+                    emb = self._check_embeddings(t.encoder(part), hi - lo, t.name)
+                    if emb.requires_grad:  # a frozen tower has nothing to back-propagate into
+                        torch.autograd.backward(emb, g[lo:hi].to(emb.dtype))
+                    del emb
+
+    # ------------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------------
+
+    def step(self, query_batch, doc_batch, **loss_kwargs) -> torch.Tensor:
+        """One gradient-cached forward/backward; gradients are accumulated into the parameters' ``.grad``.
+
+        Args:
+            query_batch: a tensor or dict of tensors with B rows along dim 0.
+            doc_batch: the same with N >= B rows (positives, then any hard negatives, as ``loss_fn`` expects).
+            **loss_kwargs: passed to ``loss_fn`` (e.g. ``labels=``, ``temperature=``, ``group=``).
+
+        Returns:
+            The loss, a detached 0-d tensor (unscaled). The caller steps the optimizer (or the scaler).
+        """
+        q, d, towers = self._first_pass(query_batch, doc_batch, capture=self.replay_rng)
+        q.requires_grad_(True)
+        d.requires_grad_(True)
+        loss = self._call_loss(q, d, loss_kwargs)
+        target = loss * self.grad_multiplier if self.grad_multiplier != 1.0 else loss
+        if self.scaler is not None:
+            target = self.scaler.scale(target)
+        gq, gd = torch.autograd.grad(target, (q, d), allow_unused=True)
+        del q, d, target
+        self._replay(towers, (gq, gd))
+        return loss.detach()
+
+    def forward(self, query_batch, doc_batch, **loss_kwargs) -> torch.Tensor:
+        """The loss as a tensor whose ``backward()`` runs pass 2 (re-embedding) inside the backward.
+
+        For frameworks that call ``loss.backward()`` / ``scaler.scale(loss).backward()`` /
+        ``accelerator.backward(loss)`` themselves: whatever gradient reaches the loss (GradScaler's scale,
+        1 / gradient-accumulation steps) scales the parameter gradients. The autocast state active here is
+        re-entered for the re-run. Without grad mode (evaluation) it only computes the loss.
+        """
+        capture = torch.is_grad_enabled()
+        q, d, towers = self._first_pass(query_batch, doc_batch, capture=capture and self.replay_rng)
+        if not capture:
+            return self.loss_fn(q, d, **loss_kwargs)
+        anchor = torch.empty(0, device=q.device, requires_grad=True)
+        qg, dg = _ReplayBridge.apply(anchor, q, d, (self, towers, _autocast_state()))
+        return self._call_loss(qg, dg, loss_kwargs)
+
+    __call__ = forward
+
+    def embed(self, batch, *, doc: bool = False) -> torch.Tensor:
+        """Embeddings [n, D] of ``batch`` in chunks, without a graph (evaluation)."""
+        encoder = (self.doc_encoder or self.encoder) if doc else self.encoder
+        emb, _ = self._embed_no_grad(encoder, batch, self.doc_chunk_size if doc else self.chunk_size,
+                                     "doc_batch" if doc else "batch", capture=False)
+        return emb
+
+
+class _ReplayBridge(torch.autograd.Function):
+    """Identity on the detached embeddings q, d, whose backward receives their gradients from the loss
+    and re-runs the chunks with those gradients (pass 2). ``anchor`` (an empty tensor requiring grad) puts
+    the function in the graph; it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, q, d, payload):
+        ctx.payload = payload
+        ctx.set_materialize_grads(False)
+        return q.view_as(q), d.view_as(d)
+
+    @staticmethod
+    def backward(ctx, gq, gd):
+        if ctx.payload is None:
+            raise RuntimeError("GradCache.forward's loss was back-propagated twice; its chunks are re-run only once")
+        gc, towers, autocast_state = ctx.payload
+        ctx.payload = None
+        if gc.grad_multiplier != 1.0:
+            gq = None if gq is None else gq * gc.grad_multiplier
+            gd = None if gd is None else gd * gc.grad_multiplier
+        with _autocast(autocast_state):
+            gc._replay(towers, (gq, gd))
+        return None, None, None, None

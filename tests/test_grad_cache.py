@@ -1,0 +1,304 @@
+"""GradCache: parameter gradients equal one uncached forward/backward over the whole batch.
+
+Tiny random Qwen2 / Llama / BERT models (fp32). Without dropout the reference is one forward over the whole
+batch; with dropout on, the reference embeds the same chunks in the same order from the same RNG state
+with a graph (the only way two runs can draw the same dropout masks), so it checks the RNG replay; a
+control shows the gradients differ without the replay.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llmembed_fast as lf
+from llmembed_fast.training import GradCache
+
+B, N, L, VOCAB = 10, 13, 12, 100
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_one_thread(monkeypatch):
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")  # the ops' CPU path; kernels are tested elsewhere
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: intra-op threads only contend on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def info_nce(q, d, labels=None, temperature=0.05):
+    """Plain InfoNCE with cosine similarity: d holds the B positives (rows 0..B-1) then hard negatives."""
+    labels = torch.arange(q.shape[0], device=q.device) if labels is None else labels
+    s = F.normalize(q.float(), dim=-1) @ F.normalize(d.float(), dim=-1).T / temperature
+    return F.cross_entropy(s, labels)
+
+
+def make_model(arch: str, dropout: float):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64)
+    if arch == "qwen2":
+        cfg = tf.Qwen2Config(num_key_value_heads=2, attention_dropout=dropout, **common)
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(num_key_value_heads=2, attention_dropout=dropout, **common)
+    else:
+        cfg = tf.BertConfig(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **common)
+    cfg.pad_token_id = 0
+    torch.manual_seed(1)
+    return tf.AutoModel.from_config(cfg, attn_implementation="eager")
+
+
+class Encoder(nn.Module):
+    """HF model -> masked mean pooling -> dropout (so dropout is on even where the model has none)."""
+
+    def __init__(self, model, dropout: float):
+        super().__init__()
+        self.model, self.drop = model, nn.Dropout(dropout)
+
+    def forward(self, batch):
+        h = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.drop(lf.pool(h, batch["attention_mask"], "mean"))
+
+
+def make_batch(n: int, seed: int, full: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, L), generator=g)
+    lengths = torch.full((n,), L) if full else torch.randint(2, L + 1, (n,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def grads_of(module) -> dict[str, torch.Tensor]:
+    out = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5):
+    assert got.keys() == want.keys() and len(want) > 0
+    scale = max(w.abs().max().item() for w in want.values())  # some grads are exactly 0 (BERT key bias)
+    for k in want:
+        g, w = got[k], want[k]
+        assert torch.isfinite(g).all(), k
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale + 1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def reference_chunked(enc, qb, db, chunk, loss_fn, seed, **kw):
+    """Forward with a graph over the same chunks in the same order (same RNG draws), one backward."""
+    torch.manual_seed(seed)
+    q = torch.cat([enc({k: v[i:i + chunk] for k, v in qb.items()}) for i in range(0, B, chunk)])
+    d = torch.cat([enc({k: v[i:i + chunk] for k, v in db.items()}) for i in range(0, N, chunk)])
+    loss = loss_fn(q, d, **kw)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "bert"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+def test_matches_whole_batch(arch, chunk):
+    enc = Encoder(make_model(arch, 0.0), 0.0).train()
+    qb, db = make_batch(B, 1), make_batch(N, 2)
+    loss_ref = info_nce(enc(qb), enc(db))
+    loss_ref.backward()
+    want = grads_of(enc)
+    loss = GradCache(enc, info_nce, chunk).step(qb, db)
+    assert loss.shape == () and not loss.requires_grad
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "bert"])
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_dropout_rng_replay(arch, chunk):
+    enc = Encoder(make_model(arch, 0.1), 0.1).train()
+    qb, db = make_batch(B, 3), make_batch(N, 4)
+    loss_ref = reference_chunked(enc, qb, db, chunk, info_nce, seed=7)
+    after_ref = torch.rand(4)
+    want = grads_of(enc)
+    torch.manual_seed(7)
+    loss = GradCache(enc, info_nce, chunk, trim_padding=False).step(qb, db)
+    # the generators are left as after the first pass (as after one forward)
+    torch.testing.assert_close(torch.rand(4), after_ref, rtol=0, atol=0)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+    # control: without the replay the re-run draws other dropout masks and the gradients differ
+    torch.manual_seed(7)
+    GradCache(enc, info_nce, chunk, trim_padding=False, replay_rng=False).step(qb, db)
+    bad = grads_of(enc)
+    worst = max(((bad[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+    assert worst > 1e-2
+
+
+def test_gradient_checkpointing_with_dropout():
+    model = make_model("llama", 0.1)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enc = Encoder(model, 0.1).train()
+    qb, db = make_batch(B, 5), make_batch(N, 6)
+    loss_ref = reference_chunked(enc, qb, db, 4, info_nce, seed=11)
+    want = grads_of(enc)
+    torch.manual_seed(11)
+    loss = GradCache(enc, info_nce, 4, trim_padding=False).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+
+
+def test_separate_doc_encoder_and_hard_negative_labels():
+    qenc = Encoder(make_model("qwen2", 0.0), 0.0)
+    denc = Encoder(make_model("bert", 0.0), 0.0)
+    qb, db = make_batch(B, 8), make_batch(N, 9)
+    labels = torch.randperm(N)[:B]
+    info_nce(qenc(qb), denc(db), labels=labels, temperature=0.1).backward()
+    want_q, want_d = grads_of(qenc), grads_of(denc)
+    GradCache(qenc, info_nce, 3, doc_encoder=denc, doc_chunk_size=5).step(qb, db, labels=labels, temperature=0.1)
+    assert_grads_close(grads_of(qenc), want_q)
+    assert_grads_close(grads_of(denc), want_d)
+
+
+def test_tensor_batches_and_fused_loss():
+    """Plain tensor batches and lf.contrastive_loss (Matryoshka dims, symmetric) as loss_fn."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Dropout(0.2), nn.Linear(48, 32)).train()
+    xq, xd = torch.randn(B, 24), torch.randn(N, 24)
+    kw = dict(matryoshka_dims=(8, 32), symmetric=True, temperature=0.07)
+    torch.manual_seed(3)
+    ref = lf.contrastive_loss(torch.cat([enc(xq[i:i + 4]) for i in range(0, B, 4)]),
+                              torch.cat([enc(xd[i:i + 4]) for i in range(0, N, 4)]), **kw)
+    ref.backward()
+    want = grads_of(enc)
+    torch.manual_seed(3)
+    loss = GradCache(enc, lf.contrastive_loss, 4).step(xq, xd, **kw)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+
+
+def test_forward_mode_backward_scales():
+    """forward(): the framework calls backward; the gradient reaching the loss scales the parameters'."""
+    enc = Encoder(make_model("qwen2", 0.1), 0.1).train()
+    qb, db = make_batch(B, 12), make_batch(N, 13)
+    gc = GradCache(enc, info_nce, 4)
+    torch.manual_seed(5)
+    gc.step(qb, db)
+    want = grads_of(enc)
+    torch.manual_seed(5)
+    loss = gc(qb, db)
+    assert loss.requires_grad
+    (loss * 3.0).backward()
+    assert_grads_close({k: v / 3.0 for k, v in grads_of(enc).items()}, want)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss2 = gc(qb, db)
+        loss2.backward(retain_graph=True)
+        loss2.backward()
+    enc.zero_grad()
+    with torch.no_grad():  # evaluation: just the loss
+        assert not gc(qb, db).requires_grad
+
+
+def test_autocast_bf16():
+    enc = Encoder(make_model("qwen2", 0.1), 0.1).train()
+    qb, db = make_batch(B, 14), make_batch(N, 15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ref = reference_chunked(enc, qb, db, 4, info_nce, 21)
+        want = grads_of(enc)
+        torch.manual_seed(21)
+        loss = GradCache(enc, info_nce, 4, trim_padding=False).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    got = grads_of(enc)
+    for k in want:  # the reference sums chunks' weight grads in bf16 (autocast's cast cache), we in fp32
+        assert ((got[k] - want[k]).norm() / want[k].norm()).item() < 2e-2, k
+    # forward mode: the re-run inside backward (outside the autocast block) re-enters autocast
+    torch.manual_seed(21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss2 = GradCache(enc, info_nce, 4, trim_padding=False)(qb, db)
+    loss2.backward()
+    got2 = grads_of(enc)
+    for k in want:
+        assert ((got2[k] - got[k]).norm() / got[k].norm()).item() < 1e-5, k
+
+
+def test_grad_scaler_fp16():
+    enc = Encoder(make_model("bert", 0.1), 0.1).train()
+    qb, db = make_batch(B, 16), make_batch(N, 17)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    with torch.autocast("cpu", dtype=torch.float16):
+        torch.manual_seed(2)
+        q = torch.cat([enc({k: v[i:i + 5] for k, v in qb.items()}) for i in range(0, B, 5)])
+        d = torch.cat([enc({k: v[i:i + 5] for k, v in db.items()}) for i in range(0, N, 5)])
+        scaler.scale(info_nce(q, d)).backward()
+        want = grads_of(enc)
+        torch.manual_seed(2)
+        GradCache(enc, info_nce, 5, scaler=scaler, trim_padding=False).step(qb, db)
+    got = grads_of(enc)
+    scale = scaler.get_scale()
+    assert scale == 2.0 ** 12
+    ratio = [((got[k] - want[k]).norm() / want[k].norm()).item() for k in want]
+    assert max(ratio) < 2e-2
+    assert sum(g.norm().item() for g in got.values()) > 100.0  # scaled: unscaled grads are O(1)
+
+
+def test_peak_activations_do_not_grow_with_batch():
+    """Saved activations alive at once are one chunk's, whatever the batch size."""
+    enc = Encoder(make_model("qwen2", 0.0), 0.0)
+    live, peak = [0], [0]
+
+    class Held:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+
+    def counted(batch):
+        with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+            return enc(batch)
+
+    peaks = []
+    for n in (8, 48):
+        peak[0] = 0
+        GradCache(counted, info_nce, 4).step(make_batch(n, 1, full=True), make_batch(n, 2, full=True))
+        peaks.append(peak[0])
+    assert peaks[0] > 0 and peaks[0] == peaks[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------
+
+def test_bad_input():
+    enc = nn.Linear(6, 4)
+    x = torch.randn(5, 6)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="chunk_size"):
+            GradCache(enc, info_nce, bad)
+    for bad in (2.5, True, None):
+        with pytest.raises(TypeError, match="chunk_size"):
+            GradCache(enc, info_nce, bad)
+    with pytest.raises(ValueError, match="doc_chunk_size"):
+        GradCache(enc, info_nce, 2, doc_chunk_size=0)
+    with pytest.raises(TypeError, match="encoder"):
+        GradCache("model", info_nce, 2)
+    with pytest.raises(TypeError, match="loss_fn"):
+        GradCache(enc, None, 2)
+    gc = GradCache(enc, info_nce, 2)
+    with pytest.raises(ValueError, match="doc_batch has 3 rows but query_batch has 5"):
+        gc.step(x, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        gc.step({"a": x, "b": torch.randn(4, 6)}, x)
+    with pytest.raises(TypeError, match="query_batch"):
+        gc.step([1, 2, 3], x)
+    with pytest.raises(ValueError, match=r"\[2, D\]"):
+        GradCache(lambda c: enc(c)[:1], info_nce, 2).step(x, x)
+    with pytest.raises(ValueError, match=r"\[b, D\]"):
+        GradCache(lambda c: enc(c).sum(-1), info_nce, 2).step(x, x)
+    with pytest.raises(TypeError, match="tensor of embeddings"):
+        GradCache(lambda c: {"emb": enc(c)}, info_nce, 2).step(x, x)
+    with pytest.raises(ValueError, match="scalar"):
+        GradCache(enc, lambda q, d: (q * d).sum(-1), 2).step(x, x)
+    with pytest.raises(ValueError, match="does not depend"):
+        GradCache(enc, lambda q, d: torch.tensor(1.0), 2).step(x, x)
