@@ -1,0 +1,76 @@
+"""Late chunking: one forward over the text, chunk embeddings = pooled token states of each chunk."""
+import numpy as np
+import pytest
+import torch
+
+import llmembed_fast as lf
+from llmembed_fast.embedder.late_chunking import chunk_spans
+from tiny_models import build_tiny_model
+
+TEXT = "the cat sat on the river bank\nmoney and finance for the city\nwater tree house\nsearch model embedding"
+LINES = TEXT.split("\n")
+
+
+@pytest.fixture(autouse=True)
+def _torch_head(monkeypatch):
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+
+
+def _line_token_bounds(tok, text, lines):
+    """Token [start, end) of each line by counting prefix tokens (exact here: lines end at '\\n')."""
+    full = tok(text)["input_ids"]
+    bounds, pos = [], 0
+    for line in lines:
+        a = text.index(line, pos)
+        b = a + len(line)
+        pos = b
+        na, nb = (len(tok(text[:c])["input_ids"]) for c in (a, b))
+        assert full[:nb] == tok(text[:b])["input_ids"]
+        bounds.append((na, nb))
+    return full, bounds
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_late_chunks_match_pooled_full_forward(arch):
+    model, tok = build_tiny_model(arch)
+    emb = lf.LLMEmbedder(model, tok, pooling="last", normalize=False, add_eos=False)
+    full, bounds = _line_token_bounds(tok, TEXT, LINES)
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor([full])).last_hidden_state[0]
+    want = torch.stack([h[a:b].mean(0) for a, b in bounds])
+    for chunks in (LINES, [(TEXT.index(x), TEXT.index(x) + len(x)) for x in LINES], lambda t: t.split("\n")):
+        got = emb.encode_late_chunks(TEXT, chunks, output="torch")
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    normed = lf.LLMEmbedder(model, tok, add_eos=False).encode_late_chunks(TEXT, LINES, output="torch", dims=16)
+    torch.testing.assert_close(normed, torch.nn.functional.normalize(want[:, :16], dim=-1), atol=2e-6, rtol=0)
+    # context matters: the second line embedded alone differs from its late-chunked embedding
+    alone = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, add_eos=False).encode(LINES[1], output="torch")
+    assert not torch.allclose(alone, want[1], atol=1e-3)
+
+
+def test_late_chunks_windows_when_text_exceeds_max_length():
+    model, tok = build_tiny_model("qwen2")
+    W = 7
+    emb = lf.LLMEmbedder(model, tok, normalize=False, add_eos=False, max_length=W)
+    full, bounds = _line_token_bounds(tok, TEXT, LINES)
+    assert len(full) > 2 * W
+    with torch.no_grad():
+        h = torch.cat([model(input_ids=torch.tensor([full[i:i + W]])).last_hidden_state[0]
+                       for i in range(0, len(full), W)])
+    want = torch.stack([h[a:b].mean(0) for a, b in bounds])
+    torch.testing.assert_close(emb.encode_late_chunks(TEXT, LINES, output="torch"), want, atol=2e-6, rtol=0)
+
+
+def test_chunk_spans_errors():
+    assert chunk_spans("a b a", ["a", "a"]) == [(0, 1), (4, 5)]
+    with pytest.raises(ValueError, match="not found"):
+        chunk_spans("abc", ["x"])
+    with pytest.raises(ValueError, match="chunks\\[0\\]"):
+        chunk_spans("abc", [(2, 9)])
+    with pytest.raises(TypeError, match="chunks"):
+        chunk_spans("abc", [])
+    with pytest.raises(TypeError, match="chunks"):
+        chunk_spans("abc", "abc")
+    model, tok = build_tiny_model("qwen2")
+    out = lf.LLMEmbedder(model, tok).encode_late_chunks("abc def", [(0, 3), (3, 3)])
+    assert out.shape == (2, 64) and np.isfinite(out).all()
