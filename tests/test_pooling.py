@@ -302,13 +302,17 @@ ST_MODES = {"cls": "first", "mean": "mean", "max": "max", "mean_sqrt_len_tokens"
 
 @pytest.mark.parametrize("st_mode", list(ST_MODES))
 def test_sentence_transformers_pooling_parity(backend, st_mode):
-    st_models = pytest.importorskip("sentence_transformers.models")
+    pytest.importorskip("sentence_transformers")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling  # sentence-transformers >= 6
+    except ImportError:
+        from sentence_transformers.models import Pooling
     gen = torch.Generator().manual_seed(12)
     B, L, H = 4, 23, 48
     hidden = torch.randn(B, L, H, generator=gen)
     lengths = torch.tensor([23, 5, 17, 1])
     mask = (torch.arange(L)[None] < lengths[:, None]).long()  # right padding, as ST tokenizers produce
-    pooling = st_models.Pooling(H, pooling_mode=st_mode)
+    pooling = Pooling(H, pooling_mode=st_mode)
     want = pooling({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
     got = lf.pool(hidden, mask, ST_MODES[st_mode])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

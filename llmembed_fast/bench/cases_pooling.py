@@ -28,9 +28,12 @@ def st_head(mode: str, H: int, dim: int):
     """The pipeline a sentence-transformers user runs: Pooling, then truncate_dim, then Normalize.
     Returns a callable (hidden, mask) -> [B, dim], or a string saying why it is unavailable."""
     try:
-        from sentence_transformers.models import Pooling
-    except Exception:
-        return "skipped: sentence-transformers not installed (pip install sentence-transformers)"
+        from sentence_transformers.sentence_transformer.modules import Pooling  # sentence-transformers >= 6
+    except ImportError:
+        try:
+            from sentence_transformers.models import Pooling
+        except ImportError:
+            return "skipped: sentence-transformers not installed (pip install sentence-transformers)"
     pooling = Pooling(H, pooling_mode=ST_MODE[mode])
 
     def run(hidden, mask):
