@@ -1,0 +1,91 @@
+"""``llmembed-fast encode``: embed a text file with a Hugging Face / sentence-transformers model into .npy."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def read_texts(path: str, field: str = "text") -> list[str]:
+    """Texts from ``.txt`` (one per line, empty lines kept as empty texts) or ``.jsonl`` (one JSON object per
+    line with ``field``, or a JSON string)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input: no file at {path!r}")
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".jsonl", ".ndjson")):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    if field not in obj:
+                        raise ValueError(f"--input line {n}: no field {field!r} (use --field)")
+                    obj = obj[field]
+                if not isinstance(obj, str):
+                    raise ValueError(f"--input line {n}: expected a string, got {type(obj).__name__}")
+                texts.append(obj)
+        else:
+            texts = [line.rstrip("\r\n") for line in f]
+    if not texts:
+        raise ValueError(f"--input {path!r} holds no texts")
+    return texts
+
+
+def _cmd_encode(args) -> int:
+    import numpy as np
+
+    from llmembed_fast.embedder import LLMEmbedder
+
+    try:
+        texts = read_texts(args.input, args.field)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    emb = LLMEmbedder.from_pretrained(
+        args.model, pooling=args.pooling, normalize=False if args.no_normalize else None, dims=args.dims,
+        dtype=args.dtype, device=args.device, max_length=args.max_length, prompt_style=args.prompt_style,
+        attn_implementation=args.attn_implementation, packed={"auto": "auto", "on": True, "off": False}[args.packed],
+        **extra)
+    t1 = time.perf_counter()
+    fn = {"query": emb.encode_queries, "document": emb.encode_documents}.get(args.role, emb.encode)
+    kw = dict(batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, precision=args.precision,
+              show_progress_bar=not args.no_progress)
+    if args.instruction is not None:
+        kw["instruction"] = args.instruction
+    out = fn(texts, **kw)
+    t2 = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    np.save(args.output, out)
+    print(f"encoded {len(texts)} texts -> {args.output} {tuple(out.shape)} {out.dtype} "
+          f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("encode", help="embed texts (.txt / .jsonl) with a model into a .npy file")
+    p.add_argument("--model", required=True, help="model folder (HF or sentence-transformers) or Hub id")
+    p.add_argument("--input", required=True, help="texts.txt (one per line) or texts.jsonl")
+    p.add_argument("--output", required=True, help="embeddings .npy")
+    p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary",
+                                                              "ubinary"])
+    p.add_argument("--role", choices=["query", "document"], help="use the model's query/document prompt")
+    p.add_argument("--instruction", help="task instruction (queries of instruction-tuned embedders)")
+    p.add_argument("--prompt-style", help="none, instruct, qwen3, prompteol, pcot, ke, echo or a {text} template")
+    p.add_argument("--pooling", help="last, mean, weighted_mean, max, first, mean_sqrt_len")
+    p.add_argument("--dims", type=int, help="Matryoshka width")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize")
+    p.add_argument("--max-length", type=int, help="tokens per text (template and specials included)")
+    p.add_argument("--batch-size", type=int, help="most texts per batch")
+    p.add_argument("--max-tokens-per-batch", type=int, help="padded tokens per batch")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--attn-implementation", help="sdpa, eager, flash_attention_2 ...")
+    p.add_argument("--packed", default="auto", choices=["auto", "on", "off"], help="padding-free batches")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_encode)
