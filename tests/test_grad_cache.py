@@ -302,3 +302,15 @@ def test_bad_input():
         GradCache(enc, lambda q, d: (q * d).sum(-1), 2).step(x, x)
     with pytest.raises(ValueError, match="does not depend"):
         GradCache(enc, lambda q, d: torch.tensor(1.0), 2).step(x, x)
+
+
+def test_doc_batch_as_list_of_columns():
+    """Positives and hard negatives as separately padded batches, concatenated in order."""
+    enc = Encoder(make_model("llama", 0.0), 0.0)
+    qb, pos, neg = make_batch(B, 30), make_batch(B, 31), make_batch(4, 32)
+    info_nce(enc(qb), torch.cat([enc(pos), enc(neg)])).backward()
+    want = grads_of(enc)
+    GradCache(enc, info_nce, 3).step(qb, [pos, neg])
+    assert_grads_close(grads_of(enc), want)
+    with pytest.raises(ValueError, match="empty"):
+        GradCache(enc, info_nce, 3).step(qb, [])

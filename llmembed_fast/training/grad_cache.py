@@ -36,6 +36,8 @@ class _Tower(NamedTuple):
     ranges: list[tuple[int, int]]
     states: list[RngState] | None
     devices: list[int]
+    side: int = 0       # 0: rows of q, 1: rows of d
+    offset: int = 0     # first row in q or d
 
 
 def _check_chunk_size(value, name: str) -> int:
@@ -122,7 +124,8 @@ class GradCache:
     # pass 1: embeddings without a graph
     # ------------------------------------------------------------------------------------------------
 
-    def _embed_no_grad(self, encoder, batch, chunk: int, name: str, capture: bool) -> tuple[torch.Tensor, _Tower]:
+    def _embed_no_grad(self, encoder, batch, chunk: int, name: str, capture: bool, side: int = 0,
+                       offset: int = 0) -> tuple[torch.Tensor, _Tower]:
         n = batch_size(batch, name)
         ranges = chunk_ranges(n, chunk)
         states: list[RngState] | None = [] if capture else None
@@ -142,7 +145,7 @@ class GradCache:
                     raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} for a chunk of "
                                      f"{name} but [.., {out.shape[1]}] {out.dtype} for the previous ones")
                 out[lo:hi] = emb
-        return out, _Tower(name, encoder, batch, ranges, states, devices)
+        return out, _Tower(name, encoder, batch, ranges, states, devices, side, offset)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -157,14 +160,28 @@ class GradCache:
         return emb
 
     def _first_pass(self, query_batch, doc_batch, capture: bool):
-        nq, nd = batch_size(query_batch, "query_batch"), batch_size(doc_batch, "doc_batch")
-        if nd < nq:
-            raise ValueError(f"doc_batch has {nd} rows but query_batch has {nq}: the documents must hold every "
-                             "query's positive (N >= B)")
+        columns = list(doc_batch) if isinstance(doc_batch, (list, tuple)) else [doc_batch]
+        if not columns:
+            raise ValueError("doc_batch must not be an empty list")
+        names = ["doc_batch"] if len(columns) == 1 else [f"doc_batch[{i}]" for i in range(len(columns))]
+        nq = batch_size(query_batch, "query_batch")
+        sizes = [batch_size(c, n) for c, n in zip(columns, names)]
+        if sum(sizes) < nq:
+            raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: the documents must hold "
+                             "every query's positive (N >= B)")
         q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
-        d, td = self._embed_no_grad(self.doc_encoder or self.encoder, doc_batch, self.doc_chunk_size, "doc_batch",
-                                    capture)
-        return q, d, (tq, td)
+        towers, parts, offset = [tq], [], 0
+        for col, name in zip(columns, names):
+            d, td = self._embed_no_grad(self.doc_encoder or self.encoder, col, self.doc_chunk_size, name, capture,
+                                        side=1, offset=offset)
+            offset += d.shape[0]
+            parts.append(d)
+            towers.append(td)
+        if len({(p.shape[1], p.dtype) for p in parts + [q]}) != 1:
+            raise ValueError("the query and document embeddings differ in width or dtype: "
+                             + ", ".join(f"{t.name} {tuple(p.shape)} {p.dtype}" for t, p in zip(towers, [q] + parts)))
+        d = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return q, d, towers
 
     def _call_loss(self, q, d, loss_kwargs) -> torch.Tensor:
         with torch.enable_grad():
@@ -181,7 +198,7 @@ class GradCache:
     # ------------------------------------------------------------------------------------------------
 
     def _replay(self, towers, grads) -> None:
-        jobs = [(t, i, g) for t, g in zip(towers, grads) if g is not None for i in range(len(t.ranges))]
+        jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None for i in range(len(t.ranges))]
         last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
         for j, (t, _, _) in enumerate(jobs):
             last_of[id(t.encoder)] = j
@@ -197,7 +214,7 @@ class GradCache:
                         t.states[i].restore()
                     emb = self._check_embeddings(t.encoder(part), hi - lo, t.name)
                     if emb.requires_grad:  # a frozen tower has nothing to back-propagate into
-                        torch.autograd.backward(emb, g[lo:hi].to(emb.dtype))
+                        torch.autograd.backward(emb, g[t.offset + lo:t.offset + hi].to(emb.dtype))
                     del emb
 
     # ------------------------------------------------------------------------------------------------
@@ -209,7 +226,9 @@ class GradCache:
 
         Args:
             query_batch: a tensor or dict of tensors with B rows along dim 0.
-            doc_batch: the same with N >= B rows (positives, then any hard negatives, as ``loss_fn`` expects).
+            doc_batch: the same with N >= B rows (positives, then any hard negatives, as ``loss_fn`` expects),
+                or a list of such batches (e.g. a positives column and hard-negative columns, each padded to
+                its own length), embedded separately and concatenated along dim 0.
             **loss_kwargs: passed to ``loss_fn`` (e.g. ``labels=``, ``temperature=``, ``group=``).
 
         Returns:
