@@ -115,7 +115,7 @@ def _row_lse_kernel(
             m_st = tl.where(sel, m_new[:, None], m_st)
             l_st = tl.where(sel, l_new[:, None], l_st)
     lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
-    ptrs = out_ptr + pid_s * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
+    ptrs = out_ptr + pid_s.to(tl.int64) * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
     tl.store(ptrs, lse, mask=rmask[:, None] & (kk[None, :] < K))
 
 
@@ -204,7 +204,10 @@ def _config(dtype: torch.dtype, D: int, K: int) -> dict:
 
 
 def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
-    return "tf32" if (x.dtype == torch.float32 and allow_tf32 and not _interpreting()) else "ieee"
+    """tl.dot input precision: only float32 operands read it (TF32 tensor cores, or full-precision FMA)."""
+    if _interpreting():
+        return "ieee"
+    return "ieee" if (x.dtype == torch.float32 and not allow_tf32) else "tf32"
 
 
 def _upcast(x: torch.Tensor) -> bool:

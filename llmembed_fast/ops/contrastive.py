@@ -283,6 +283,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                          beta=cols, act_cols={"qc": act_qc, "dc": act_dc}, scales=scales, thr2=thr2,
                          group_lse=group_lse, inv_t=inv_t, q_off=q_off)
         ctx.cfg, ctx.be = cfg, be
+        ctx.aliased = {"qc": qc is q, "dc": dc is d}  # one process: columns are the inputs themselves
         ctx.set_materialize_grads(False)
         return loss
 
@@ -302,8 +303,12 @@ class _ContrastiveFunction(torch.autograd.Function):
         special = {"labels": labels_g, "self": st["q_off"] + torch.arange(b, device=q.device)}
         w = torch.tensor(cfg.weights, dtype=acc, device=q.device)[:, None]
         wrow = (0.5 if cfg.symmetric else 1.0) * w * g_loss.to(acc)[None, :]           # [K, b]
-        grads = {k: torch.zeros(src[k].shape, dtype=acc, device=q.device) if need[k] else None
-                 for k in ("q", "d", "qc", "dc")}
+        grads = {k: torch.zeros(src[k].shape, dtype=acc, device=q.device) if need[k] else None for k in ("q", "d")}
+        for col, row in (("qc", "q"), ("dc", "d")):
+            if ctx.aliased[col]:  # accumulate rows' and columns' gradients in one buffer
+                grads[col] = grads[row]
+            else:
+                grads[col] = torch.zeros(src[col].shape, dtype=acc, device=q.device) if need[col] else None
         colsum = {"qc": None, "dc": None}
         tau_acc = torch.zeros((), dtype=acc, device=q.device)
         gemm_ops: dict[str, torch.Tensor] = {}
@@ -370,6 +375,9 @@ class _ContrastiveFunction(torch.autograd.Function):
                     lo, hi = bounds[r], bounds[r + 1]
                     grads[name][:, lo:hi] -= coef[r, :, None] * src[name][:, lo:hi].to(acc)
         out = [grads[k].to(src[k].dtype) if grads[k] is not None else None for k in ("q", "d", "qc", "dc")]
+        for i, col in ((2, "qc"), (3, "dc")):
+            if ctx.aliased[col]:
+                out[i] = None  # already summed into the input's gradient
         g_tau = (-st["inv_t"] * tau_acc).to(tau.dtype) if need["tau"] else None
         return (*out, g_tau) + (None,) * 5
 
