@@ -1,0 +1,132 @@
+"""CachedFusedMNRLoss against sentence-transformers' CachedMultipleNegativesRankingLoss: same model (tiny
+random BERT / Qwen2 with dropout on, train mode), same batch and seed -> same loss and parameter gradients."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_models import cached_tiny_model_dir, corpus, make_st_model  # noqa: E402
+
+from llmembed_fast.integrations.st_losses import CachedFusedMNRLoss  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_one_thread(monkeypatch):
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def st_cached_mnrl(model, **kw):
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    return CachedMultipleNegativesRankingLoss(model, **kw)
+
+
+def features(model, columns):
+    return [dict(model.tokenize(col)) for col in columns]
+
+
+def run(loss_obj, model, feats, seed):
+    torch.manual_seed(seed)
+    loss = loss_obj([{k: v for k, v in f.items()} for f in feats], None)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same(a, b, rtol=1e-5):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=0)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    scale = max(g.abs().max().item() for g in gb.values())
+    for k in gb:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def bert_st():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_st_model(cached_tiny_model_dir("bert"), "mean", normalize=False)
+    model.train()
+    return model
+
+
+TEXTS = corpus(40, seed=3)
+
+
+@pytest.mark.parametrize("mini_batch_size", [3, 7])
+def test_pairs(bert_st, mini_batch_size):
+    feats = features(bert_st, [TEXTS[:7], TEXTS[7:14]])
+    want = run(st_cached_mnrl(bert_st, scale=20.0, mini_batch_size=mini_batch_size), bert_st, feats, 5)
+    got = run(CachedFusedMNRLoss(bert_st, scale=20.0, mini_batch_size=mini_batch_size), bert_st, feats, 5)
+    assert_same(got, want)
+
+
+def test_hard_negatives_symmetric(bert_st):
+    feats = features(bert_st, [TEXTS[:6], TEXTS[6:12], TEXTS[12:18], TEXTS[18:24]])
+    want = run(st_cached_mnrl(bert_st, scale=10.0, mini_batch_size=4), bert_st, feats, 6)
+    got = run(CachedFusedMNRLoss(bert_st, scale=10.0, mini_batch_size=4), bert_st, feats, 6)
+    assert_same(got, want)
+    sym = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+    want = run(st_cached_mnrl(bert_st, scale=10.0, mini_batch_size=4, **sym), bert_st, feats, 7)
+    got = run(CachedFusedMNRLoss(bert_st, scale=10.0, mini_batch_size=4, symmetric=True), bert_st, feats, 7)
+    assert_same(got, want)
+
+
+def test_same_tower_pairs(bert_st):
+    """GTE-style: query-query and document-document terms in one partition function (pairs only: with hard
+    negatives sentence-transformers also leaves out the anchor's own negatives in doc_to_doc)."""
+    feats = features(bert_st, [TEXTS[:6], TEXTS[6:12]])
+    st = st_cached_mnrl(bert_st, mini_batch_size=4, directions=("query_to_doc", "query_to_query", "doc_to_doc"))
+    want = run(st, bert_st, feats, 8)
+    got = run(CachedFusedMNRLoss(bert_st, mini_batch_size=4, same_tower=True), bert_st, feats, 8)
+    assert_same(got, want)
+
+
+def test_matryoshka_one_pass(bert_st):
+    """MatryoshkaLoss(CachedMNRL) reruns the loss per dim; ours sums the dims in one pass."""
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    feats = features(bert_st, [TEXTS[:5], TEXTS[5:10], TEXTS[10:15]])
+    dims, weights = [64, 32, 8], [1.0, 0.5, 0.25]
+    st = MatryoshkaLoss(bert_st, st_cached_mnrl(bert_st, mini_batch_size=2), dims, matryoshka_weights=weights)
+    want = run(st, bert_st, feats, 9)
+    got = run(CachedFusedMNRLoss(bert_st, mini_batch_size=2, matryoshka_dims=dims, matryoshka_weights=weights),
+              bert_st, feats, 9)
+    assert_same(got, want)
+
+
+def test_decoder_last_token():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_st_model(cached_tiny_model_dir("qwen2"), "lasttoken", normalize=True)
+    model.train()
+    feats = features(model, [TEXTS[20:25], TEXTS[25:30]])
+    want = run(st_cached_mnrl(model, mini_batch_size=2), model, feats, 10)
+    got = run(CachedFusedMNRLoss(model, mini_batch_size=2), model, feats, 10)
+    assert_same(got, want)
+
+
+def test_bad_arguments(bert_st):
+    with pytest.raises(ValueError, match="similarity_fct"):
+        CachedFusedMNRLoss(bert_st, similarity_fct=lambda a, b: a @ b.T)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedFusedMNRLoss(bert_st, mini_batch_size=0)
+    with pytest.raises(ValueError, match="scale"):
+        CachedFusedMNRLoss(bert_st, scale=-1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        CachedFusedMNRLoss(bert_st)(features(bert_st, [TEXTS[:3]]), None)
+    from sentence_transformers import util
+
+    assert CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()["similarity_fct"] == "cos_sim"
