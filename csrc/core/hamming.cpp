@@ -1,0 +1,241 @@
+#include "hamming.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+#include "topk.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LF_X86 1
+#endif
+
+namespace lf {
+namespace {
+
+// ---------------------------------------------------------------- scalar (portable) kernel
+inline uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+inline int32_t hamming_scalar(const uint8_t* a, const uint8_t* b, int64_t nbytes) {
+  int64_t s = 0, i = 0;
+  for (; i + 8 <= nbytes; i += 8) s += __builtin_popcountll(load64(a + i) ^ load64(b + i));
+  for (; i < nbytes; ++i) s += __builtin_popcount(static_cast<unsigned>(a[i] ^ b[i]));
+  return static_cast<int32_t>(s);
+}
+
+void row_scalar(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nbytes, int32_t* out) {
+  for (int64_t j = 0; j < nd; ++j) out[j] = hamming_scalar(q, d + j * nbytes, nbytes);
+}
+
+#ifdef LF_X86
+// ---------------------------------------------------------------- AVX2: nibble-LUT popcount (pshufb)
+#define LF_AVX2 __attribute__((target("avx2,popcnt")))
+
+LF_AVX2 inline __m256i popcount_bytes(__m256i x) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(x, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+LF_AVX2 inline int32_t tail_popcnt(const uint8_t* a, const uint8_t* b, int64_t from, int64_t nbytes) {
+  int64_t s = 0, i = from;
+  for (; i + 8 <= nbytes; i += 8) s += _mm_popcnt_u64(load64(a + i) ^ load64(b + i));
+  for (; i < nbytes; ++i) s += _mm_popcnt_u32(static_cast<unsigned>(a[i] ^ b[i]));
+  return static_cast<int32_t>(s);
+}
+
+// Codes of exactly NC 32-byte chunks: the query lives in registers, four documents per step, their four
+// byte-count vectors are summed per 64-bit lane (sad) and packed 16 bits apart so one horizontal sum
+// yields four distances.
+template <int NC>
+LF_AVX2 void row_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t nd, int32_t* out) {
+  constexpr int64_t NB = NC * 32;
+  __m256i qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+  const __m256i zero = _mm256_setzero_si256();
+  auto lane_counts = [&](const uint8_t* p) LF_AVX2 {
+    __m256i acc = popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), qv[0]));
+    for (int c = 1; c < NC; ++c)
+      acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)), qv[c])));
+    return _mm256_sad_epu8(acc, zero);  // per 64-bit lane: <= 64 * NC
+  };
+  int64_t j = 0;
+  for (; j + 4 <= nd; j += 4) {
+    const uint8_t* p = d + j * NB;
+    const __m256i s0 = lane_counts(p), s1 = lane_counts(p + NB), s2 = lane_counts(p + 2 * NB),
+                  s3 = lane_counts(p + 3 * NB);
+    const __m256i packed = _mm256_or_si256(_mm256_or_si256(s0, _mm256_slli_epi64(s1, 16)),
+                                           _mm256_or_si256(_mm256_slli_epi64(s2, 32), _mm256_slli_epi64(s3, 48)));
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(packed), _mm256_extracti128_si256(packed, 1));
+    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+    const uint64_t v = static_cast<uint64_t>(_mm_cvtsi128_si64(t));  // 4 x 16-bit sums (each <= 256 * NC)
+    out[j] = static_cast<int32_t>(v & 0xffff);
+    out[j + 1] = static_cast<int32_t>((v >> 16) & 0xffff);
+    out[j + 2] = static_cast<int32_t>((v >> 32) & 0xffff);
+    out[j + 3] = static_cast<int32_t>(v >> 48);
+  }
+  for (; j < nd; ++j) {
+    const __m256i s = lane_counts(d + j * NB);
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+    out[j] = static_cast<int32_t>(_mm_cvtsi128_si64(t));
+  }
+}
+
+// Any length: 32-byte chunks through the LUT (byte counters flushed every 31 chunks), the rest by popcnt.
+LF_AVX2 void row_avx2_generic(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nbytes, int32_t* out) {
+  const int64_t nc = nbytes / 32;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t j = 0; j < nd; ++j) {
+    const uint8_t* p = d + j * nbytes;
+    __m256i total = zero;
+    for (int64_t c0 = 0; c0 < nc; c0 += 31) {
+      const int64_t c1 = std::min(nc, c0 + 31);
+      __m256i acc = zero;
+      for (int64_t c = c0; c < c1; ++c)
+        acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c)))));
+      total = _mm256_add_epi64(total, _mm256_sad_epu8(acc, zero));
+    }
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+    out[j] = static_cast<int32_t>(_mm_cvtsi128_si64(t)) + tail_popcnt(q, p, nc * 32, nbytes);
+  }
+}
+
+LF_AVX2 void row_avx2(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nbytes, int32_t* out) {
+  switch (nbytes) {
+    case 32: return row_avx2_fixed<1>(q, d, nd, out);
+    case 64: return row_avx2_fixed<2>(q, d, nd, out);
+    case 96: return row_avx2_fixed<3>(q, d, nd, out);
+    case 128: return row_avx2_fixed<4>(q, d, nd, out);
+    case 192: return row_avx2_fixed<6>(q, d, nd, out);
+    case 256: return row_avx2_fixed<8>(q, d, nd, out);
+    default: return row_avx2_generic(q, d, nd, nbytes, out);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VPOPCNTDQ
+#define LF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+
+LF_AVX512 void row_avx512(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nbytes, int32_t* out) {
+  const int64_t nfull = nbytes / 64;
+  const int64_t rem = nbytes - nfull * 64;
+  const __mmask64 tail = rem ? (~0ULL >> (64 - rem)) : 0;
+  for (int64_t j = 0; j < nd; ++j) {
+    const uint8_t* p = d + j * nbytes;
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t c = 0; c < nfull; ++c)
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(p + 64 * c),
+                                                                         _mm512_loadu_si512(q + 64 * c))));
+    if (rem)
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(
+                                      _mm512_maskz_loadu_epi8(tail, p + 64 * nfull),
+                                      _mm512_maskz_loadu_epi8(tail, q + 64 * nfull))));
+    alignas(64) int64_t lanes[8];
+    _mm512_store_si512(lanes, acc);
+    out[j] = static_cast<int32_t>(lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7]);
+  }
+}
+#endif  // LF_X86
+
+using RowFn = void (*)(const uint8_t*, const uint8_t*, int64_t, int64_t, int32_t*);
+
+RowFn pick_row() {
+#ifdef LF_X86
+  switch (simd_active()) {
+    case Simd::AVX512: return row_avx512;
+    case Simd::AVX2: return row_avx2;
+    default: break;
+  }
+#endif
+  return row_scalar;
+}
+
+// Document tile streamed against a chunk of queries: 16 KiB of 128-byte codes stays in L1.
+int64_t doc_tile(int64_t nbytes) { return std::max<int64_t>(16, 16384 / std::max<int64_t>(nbytes, 1)); }
+constexpr int64_t kQueryChunk = 1024;   // queries whose selections are live at once
+constexpr int64_t kMinDocsPerThread = 4096;
+
+// Scan docs [lo, hi) for queries [q0, q0 + qn), feeding selections sel[qi].
+void scan(RowFn row, const uint8_t* queries, int64_t q0, int64_t qn, const uint8_t* docs, int64_t lo, int64_t hi,
+          int64_t nbytes, TopK<int32_t>* sel) {
+  const int64_t tile = doc_tile(nbytes);
+  std::vector<int32_t> buf(static_cast<size_t>(tile));
+  for (int64_t j0 = lo; j0 < hi; j0 += tile) {
+    const int64_t jn = std::min(tile, hi - j0);
+    for (int64_t qi = 0; qi < qn; ++qi) {
+      row(queries + (q0 + qi) * nbytes, docs + j0 * nbytes, jn, nbytes, buf.data());
+      TopK<int32_t>& h = sel[qi];
+      int32_t thr = h.threshold();
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        if (buf[jj] < thr) {
+          h.push_scan(buf[jj], j0 + jj);
+          thr = h.threshold();
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void hamming_row(const uint8_t* query, const uint8_t* docs, int64_t nd, int64_t nbytes, int32_t* out) {
+  pick_row()(query, docs, nd, nbytes, out);
+}
+
+void hamming_topk(const uint8_t* queries, int64_t nq, const uint8_t* docs, int64_t nd, int64_t nbytes,
+                  int64_t k, int32_t* out_dist, int64_t* out_idx, int num_threads) {
+  if (nq <= 0 || k <= 0) return;
+  const RowFn row = pick_row();
+  const int threads = std::max(1, num_threads);
+  const int64_t doc_parts = std::max<int64_t>(1, std::min<int64_t>(threads, nd / kMinDocsPerThread));
+
+  if (doc_parts == 1) {
+    // Small corpus: parallel over queries, each thread scans every document.
+    parallel_for(0, nq, 1, threads, [&](int64_t a, int64_t b) {
+      for (int64_t q0 = a; q0 < b; q0 += kQueryChunk) {
+        const int64_t qn = std::min(kQueryChunk, b - q0);
+        std::vector<TopK<int32_t>> sel(static_cast<size_t>(qn), TopK<int32_t>(k));
+        scan(row, queries, q0, qn, docs, 0, nd, nbytes, sel.data());
+        for (int64_t qi = 0; qi < qn; ++qi)
+          merge_topk<int32_t, int32_t>({&sel[qi]}, k, out_dist + (q0 + qi) * k, out_idx + (q0 + qi) * k);
+      }
+    });
+    return;
+  }
+
+  // Large corpus: every thread scans its own slice of the documents for a chunk of queries, then the
+  // per-slice selections are merged per query.
+  for (int64_t q0 = 0; q0 < nq; q0 += kQueryChunk) {
+    const int64_t qn = std::min(kQueryChunk, nq - q0);
+    std::vector<TopK<int32_t>> sel(static_cast<size_t>(qn * doc_parts), TopK<int32_t>(k));
+    parallel_for(0, doc_parts, 1, threads, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) {
+        const int64_t lo = nd * t / doc_parts, hi = nd * (t + 1) / doc_parts;
+        scan(row, queries, q0, qn, docs, lo, hi, nbytes, sel.data() + t * qn);
+      }
+    });
+    parallel_for(0, qn, 64, threads, [&](int64_t a, int64_t b) {
+      std::vector<const TopK<int32_t>*> parts(static_cast<size_t>(doc_parts));
+      for (int64_t qi = a; qi < b; ++qi) {
+        for (int64_t t = 0; t < doc_parts; ++t) parts[t] = &sel[t * qn + qi];
+        merge_topk<int32_t, int32_t>(parts, k, out_dist + (q0 + qi) * k, out_idx + (q0 + qi) * k);
+      }
+    });
+  }
+}
+
+}  // namespace lf

@@ -1,0 +1,355 @@
+#include "int8_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+#include "topk.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LF_X86 1
+#endif
+
+namespace lf {
+namespace {
+
+// Integer dots of one quantized query a [d] (int8, |a| <= the kernel's bound) with n rows of u:
+// out[r] = sum_j a[j] * u[r][j], u = byte ^ flip.
+using DotFn = void (*)(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out);
+
+void dots_scalar(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* u = rows + r * d;
+    int32_t s = 0;
+    for (int64_t j = 0; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
+    out[r] = s;
+  }
+}
+
+#ifdef LF_X86
+#define LF_AVX2 __attribute__((target("avx2,fma")))
+
+LF_AVX2 inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// vpmaddubsw (u8 x s8 -> pairs summed to s16): with |a| <= 32 two such results fit one s16 without
+// saturation (2 * 2 * 255 * 32 = 32640), then vpmaddwd widens to int32. Four rows share each query load.
+LF_AVX2 void dots_avx2(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i fl = _mm256_set1_epi8(static_cast<char>(flip));
+  const int64_t d64 = d & ~int64_t(63);
+  auto ld = [&](const uint8_t* p) LF_AVX2 {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), fl);
+  };
+  auto tail = [&](const uint8_t* u) {
+    int32_t s = 0;
+    for (int64_t j = d64; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
+    return s;
+  };
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const uint8_t* u0 = rows + r * d;
+    const uint8_t* u1 = u0 + d;
+    const uint8_t* u2 = u1 + d;
+    const uint8_t* u3 = u2 + d;
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t j = 0; j < d64; j += 64) {
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j + 32));
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u0 + j), q0),
+                                                                   _mm256_maddubs_epi16(ld(u0 + j + 32), q1)), ones));
+      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u1 + j), q0),
+                                                                   _mm256_maddubs_epi16(ld(u1 + j + 32), q1)), ones));
+      c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u2 + j), q0),
+                                                                   _mm256_maddubs_epi16(ld(u2 + j + 32), q1)), ones));
+      c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u3 + j), q0),
+                                                                   _mm256_maddubs_epi16(ld(u3 + j + 32), q1)), ones));
+    }
+    out[r] = hsum_epi32(c0) + tail(u0);
+    out[r + 1] = hsum_epi32(c1) + tail(u1);
+    out[r + 2] = hsum_epi32(c2) + tail(u2);
+    out[r + 3] = hsum_epi32(c3) + tail(u3);
+  }
+  for (; r < n; ++r) {
+    const uint8_t* u = rows + r * d;
+    __m256i c = _mm256_setzero_si256();
+    for (int64_t j = 0; j < d64; j += 64) {
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j + 32));
+      c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u + j), q0),
+                                                                 _mm256_maddubs_epi16(ld(u + j + 32), q1)), ones));
+    }
+    out[r] = hsum_epi32(c) + tail(u);
+  }
+}
+
+// AVX-512 VNNI: vpdpbusd accumulates u8 x s8 products in int32 without saturation; masked tail loads.
+#define LF_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+LF_VNNI void dots_vnni(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+  const __m512i fl = _mm512_set1_epi8(static_cast<char>(flip));
+  const int64_t nfull = d / 64, rem = d - nfull * 64;
+  const __mmask64 tail = rem ? (~0ULL >> (64 - rem)) : 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* u = rows + r * d;
+    __m512i c = _mm512_setzero_si512();
+    for (int64_t j = 0; j < nfull; ++j)
+      c = _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_loadu_si512(u + 64 * j), fl), _mm512_loadu_si512(a + 64 * j));
+    if (rem)  // masked-off lanes load 0 for a, so their products vanish whatever u is
+      c = _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, u + 64 * nfull), fl),
+                              _mm512_maskz_loadu_epi8(tail, a + 64 * nfull));
+    alignas(64) int32_t lanes[16];
+    _mm512_store_si512(lanes, c);
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += lanes[i];
+    out[r] = s;
+  }
+}
+#endif  // LF_X86
+
+// ---------------------------------------------------------------- exact float64 rescoring
+// The defined score: four lanes (j mod 4) of separately rounded products and sums, lanes combined as
+// (l0 + l1) + (l2 + l3), then the d % 4 tail in order. Scalar and AVX2 give bit-identical results.
+double exact_score_scalar(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
+  double l0 = 0.0, l1 = 0.0, l2 = 0.0, l3 = 0.0;
+  const int64_t d4 = d & ~int64_t(3);
+  for (int64_t j = 0; j < d4; j += 4) {
+    l0 += w[j] * static_cast<double>(u[j] ^ flip);
+    l1 += w[j + 1] * static_cast<double>(u[j + 1] ^ flip);
+    l2 += w[j + 2] * static_cast<double>(u[j + 2] ^ flip);
+    l3 += w[j + 3] * static_cast<double>(u[j + 3] ^ flip);
+  }
+  double s = (l0 + l1) + (l2 + l3);
+  for (int64_t j = d4; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
+  return s;
+}
+
+#ifdef LF_X86
+__attribute__((target("avx2"))) double exact_score_avx2(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
+  __m256d acc = _mm256_setzero_pd();
+  const int64_t d4 = d & ~int64_t(3);
+  const __m128i fl = _mm_set1_epi32(flip);
+  for (int64_t j = 0; j < d4; j += 4) {
+    int32_t four;
+    std::memcpy(&four, u + j, 4);
+    const __m128i b = _mm_xor_si128(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(four)), fl);
+    acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_loadu_pd(w + j), _mm256_cvtepi32_pd(b)));
+  }
+  alignas(32) double l[4];
+  _mm256_store_pd(l, acc);
+  double s = (l[0] + l[1]) + (l[2] + l[3]);
+  for (int64_t j = d4; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
+  return s;
+}
+
+// sum_j (u_j - 128)^2 for n rows.
+__attribute__((target("avx2"))) void sqnorms_avx2(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
+                                                  int64_t* out) {
+  const __m256i sflip = _mm256_set1_epi8(static_cast<char>(flip ^ 0x80));  // byte ^ sflip = u - 128 as int8
+  const int64_t d32 = d & ~int64_t(31);
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* u = rows + r * d;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t j = 0; j < d32; j += 32) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + j)), sflip);
+      const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+      const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+      acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, lo), _mm256_madd_epi16(hi, hi)));
+    }
+    int64_t s = hsum_epi32(acc);  // <= 32 * 16384 per lane per 32 bytes: int32 lanes hold d <= 65536
+    for (int64_t j = d32; j < d; ++j) {
+      const int32_t v = static_cast<int32_t>(u[j] ^ flip) - 128;
+      s += v * v;
+    }
+    out[r] = s;
+  }
+}
+#endif
+
+void sqnorms_scalar(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* u = rows + r * d;
+    int64_t s = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const int32_t v = static_cast<int32_t>(u[j] ^ flip) - 128;
+      s += v * v;
+    }
+    out[r] = s;
+  }
+}
+
+double exact_score(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
+#ifdef LF_X86
+  if (simd_active() >= Simd::AVX2) return exact_score_avx2(w, u, d, flip);
+#endif
+  return exact_score_scalar(w, u, d, flip);
+}
+
+void sqnorms(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out) {
+#ifdef LF_X86
+  if (simd_active() >= Simd::AVX2) return sqnorms_avx2(rows, n, d, flip, out);
+#endif
+  sqnorms_scalar(rows, n, d, flip, out);
+}
+
+struct Kernel {
+  DotFn dots;
+  int qmax;  // largest |a| the kernel accepts
+};
+
+Kernel pick_kernel() {
+#ifdef LF_X86
+  if (simd_active() == Simd::AVX512 && cpu_has_avx512_vnni()) return {dots_vnni, 127};
+  if (simd_active() >= Simd::AVX2) return {dots_avx2, 32};
+#endif
+  return {dots_scalar, 127};
+}
+
+// Per query: the integer query, its scale and error terms.
+struct QueryPlan {
+  std::vector<int8_t> a;
+  double scale = 1.0, err_sum = 0.0, err_norm = 0.0, slack = 0.0;
+};
+
+void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
+  double amax = 0.0, asum = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    amax = std::max(amax, std::fabs(w[j]));
+    asum += std::fabs(w[j]);
+  }
+  p->a.assign(static_cast<size_t>(d), 0);
+  p->scale = amax > 0.0 ? amax / qmax : 1.0;
+  double es = 0.0, e2 = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    double q = std::nearbyint(w[j] / p->scale);
+    q = std::min<double>(qmax, std::max<double>(-qmax, q));
+    p->a[j] = static_cast<int8_t>(q);
+    const double e = w[j] - p->scale * q;
+    es += e;
+    e2 += e * e;
+  }
+  p->err_sum = es;
+  p->err_norm = std::sqrt(e2) * (1.0 + 1e-9);
+  // Room for float64 rounding in the bounds and in the exact rescoring (|score| <= 255 * sum|w|).
+  p->slack = 1e-9 * (255.0 * asum) + 1e-300;
+}
+
+// State of one query over one slice of rows.
+struct Selection {
+  TopK<double> lower;   // k largest lower bounds (key = -bound)
+  TopK<double> exact;   // k best exactly rescored rows (key = -score)
+  std::vector<std::pair<double, int64_t>> cand;  // (upper bound, row) awaiting rescoring
+  double cut() const {  // rows whose upper bound is below this cannot reach the top k
+    const double l = -lower.threshold();
+    const double e = -exact.threshold();
+    return std::max(l, e);
+  }
+};
+
+constexpr int64_t kQueryChunk = 64;
+constexpr int64_t kMinRowsPerThread = 2048;
+
+void flush(Selection& s, const double* w, const uint8_t* codes, int64_t d, bool signed_codes, double slack) {
+  const double c = s.cut();
+  for (const auto& [upper, row] : s.cand)
+    if (upper >= c) s.exact.push(-exact_score(w, codes + row * d, d, signed_codes ? 0x80 : 0x00), row);
+  s.cand.clear();
+  // Exact scores bound the k-th best from below too: tighten the cut for the rest of the scan.
+  if (s.exact.full()) s.lower.push(s.exact.threshold() + slack, -1);
+}
+
+void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& plans, int64_t q0, int64_t qn,
+          const uint8_t* codes, int64_t lo, int64_t hi, int64_t d, bool signed_codes, int64_t k, Selection* sel) {
+  const uint8_t flip = signed_codes ? 0x80 : 0x00;
+  const int64_t tile = std::max<int64_t>(8, 24576 / std::max<int64_t>(d, 1));
+  const size_t cap = static_cast<size_t>(std::max<int64_t>(256, 4 * k));
+  std::vector<int32_t> dots(static_cast<size_t>(tile));
+  std::vector<double> norms(static_cast<size_t>(tile));
+  std::vector<int64_t> sq(static_cast<size_t>(tile));
+  for (int64_t r0 = lo; r0 < hi; r0 += tile) {
+    const int64_t rn = std::min(tile, hi - r0);
+    sqnorms(codes + r0 * d, rn, d, flip, sq.data());  // ||u - 128|| of each row of the tile
+    for (int64_t r = 0; r < rn; ++r) norms[r] = std::sqrt(static_cast<double>(sq[r]));
+    for (int64_t qi = 0; qi < qn; ++qi) {
+      const QueryPlan& p = plans[q0 + qi];
+      const double* wq = w + (q0 + qi) * d;
+      kern.dots(p.a.data(), codes + r0 * d, rn, d, flip, dots.data());
+      Selection& s = sel[qi];
+      const double base = 128.0 * p.err_sum;
+      double cut = s.cut();
+      for (int64_t r = 0; r < rn; ++r) {
+        const double approx = p.scale * dots[r] + base;
+        const double radius = p.err_norm * norms[r] + p.slack;
+        if (approx + radius < cut) continue;
+        s.cand.emplace_back(approx + radius, r0 + r);
+        if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut();
+        if (s.cand.size() >= cap) {
+          flush(s, wq, codes, d, signed_codes, p.slack);
+          cut = s.cut();
+        }
+      }
+    }
+  }
+  for (int64_t qi = 0; qi < qn; ++qi)
+    flush(sel[qi], w + (q0 + qi) * d, codes, d, signed_codes, plans[q0 + qi].slack);
+}
+
+}  // namespace
+
+double int8_exact_score(const double* w, const uint8_t* row, int64_t d, bool signed_codes) {
+  return exact_score(w, row, d, signed_codes ? 0x80 : 0x00);
+}
+
+void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, int64_t d, bool signed_codes,
+               int64_t k, double* out_score, int64_t* out_idx, int num_threads) {
+  if (nq <= 0 || k <= 0) return;
+  const Kernel kern = pick_kernel();
+  const int threads = std::max(1, num_threads);
+  std::vector<QueryPlan> plans(static_cast<size_t>(nq));
+  parallel_for(0, nq, 16, threads, [&](int64_t a, int64_t b) {
+    for (int64_t q = a; q < b; ++q) plan_query(w + q * d, d, kern.qmax, &plans[q]);
+  });
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, nd / kMinRowsPerThread));
+  auto finish = [&](int64_t q, const std::vector<const TopK<double>*>& sels) {
+    std::vector<double> neg(static_cast<size_t>(k));
+    merge_topk<double, double>(sels, k, neg.data(), out_idx + q * k);
+    for (int64_t i = 0; i < k; ++i) out_score[q * k + i] = -neg[i];
+  };
+  if (parts == 1) {  // small corpus: parallel over queries
+    parallel_for(0, nq, 1, threads, [&](int64_t a, int64_t b) {
+      for (int64_t q0 = a; q0 < b; q0 += kQueryChunk) {
+        const int64_t qn = std::min(kQueryChunk, b - q0);
+        std::vector<Selection> sel(static_cast<size_t>(qn));
+        for (auto& s : sel) s.lower.reset(k), s.exact.reset(k);
+        scan(kern, w, plans, q0, qn, codes, 0, nd, d, signed_codes, k, sel.data());
+        for (int64_t qi = 0; qi < qn; ++qi) finish(q0 + qi, {&sel[qi].exact});
+      }
+    });
+    return;
+  }
+  for (int64_t q0 = 0; q0 < nq; q0 += kQueryChunk) {
+    const int64_t qn = std::min(kQueryChunk, nq - q0);
+    std::vector<Selection> sel(static_cast<size_t>(qn * parts));
+    for (auto& s : sel) s.lower.reset(k), s.exact.reset(k);
+    parallel_for(0, parts, 1, threads, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t)
+        scan(kern, w, plans, q0, qn, codes, nd * t / parts, nd * (t + 1) / parts, d, signed_codes, k,
+             sel.data() + t * qn);
+    });
+    for (int64_t qi = 0; qi < qn; ++qi) {
+      std::vector<const TopK<double>*> ps;
+      for (int64_t t = 0; t < parts; ++t) ps.push_back(&sel[t * qn + qi].exact);
+      finish(q0 + qi, ps);
+    }
+  }
+}
+
+}  // namespace lf

@@ -1,0 +1,68 @@
+"""Argument handling shared by the quantization API: numpy/torch in, the same kind out."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CODE_DTYPES = (torch.uint8, torch.int8)
+
+
+def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
+    """``x`` as a torch tensor (numpy arrays are shared, not copied) and whether it came from numpy."""
+    if isinstance(x, torch.Tensor):
+        return x, False
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x)  # a view when already contiguous (memmaps stay memmaps)
+        with warnings.catch_warnings():  # read-only arrays (np.load(mmap_mode="r")): never written here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x), True
+    if isinstance(x, (list, tuple)):
+        return torch.from_numpy(np.asarray(x)), True
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def to_output(t: torch.Tensor, numpy: bool):
+    return t.numpy() if numpy else t
+
+
+def check_2d(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_codes(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in CODE_DTYPES:
+        raise TypeError(f"{name} must hold uint8 or int8 codes, got {t.dtype}")
+
+
+def check_k(k, n: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = int(k)
+    if n == 0:
+        raise ValueError("the corpus is empty: there is nothing to search")
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must be in [1, {n}] (the corpus size), got {k}")
+    return k
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch.ops.llmembed_fast.<op> has a kernel for ``device`` (CUDA kernels exist only in CUDA builds)."""
+    from llmembed_fast import _ext
+
+    if _ext.extension() is None:
+        return False
+    if device.type == "cpu":
+        return True
+    key = {"cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"llmembed_fast::{op}", key)

@@ -1,0 +1,177 @@
+"""Embedding quantization: calibrate, quantize (bit-exact with sentence-transformers'
+``quantize_embeddings``), dequantize and unpack_bits.
+
+Inputs may be torch tensors (CPU or CUDA) or numpy arrays; outputs are of the same kind.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmembed_fast import _ext
+from llmembed_fast.quant._args import as_tensor, check_2d, check_codes, check_float, has_kernel, to_output
+
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+
+
+def calibrate(embeddings):
+    """Per-dimension ``[min, max]`` of ``embeddings [N, D]`` -> ranges ``[2, D]``.
+
+    float32 for float16/bfloat16/float32 input (exact), float64 for float64 input (so that quantizing with
+    these ranges matches sentence-transformers on float64 data). NaN propagates, as in numpy.
+    """
+    x, was_np = as_tensor(embeddings, "embeddings")
+    check_2d(x, "embeddings")
+    check_float(x, "embeddings")
+    if x.shape[0] == 0:
+        raise ValueError("embeddings is empty: calibration needs at least one row")
+    lo, hi = torch.aminmax(x, dim=0)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return to_output(torch.stack([lo, hi]).to(dt), was_np)
+
+
+def _numpy_dtype(t: torch.Tensor) -> np.dtype:
+    # numpy has no bfloat16: bfloat16 data is quantized in float32 arithmetic (exact widening).
+    return np.dtype(np.float32) if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
+
+
+def _ranges_numpy(ranges, d: int) -> np.ndarray:
+    if isinstance(ranges, torch.Tensor):
+        r = ranges.detach().cpu()
+        r = (r.float() if r.dtype == torch.bfloat16 else r).numpy()
+    elif isinstance(ranges, np.ndarray):
+        r = ranges
+    else:
+        raise TypeError(f"ranges must be a torch.Tensor or numpy.ndarray, got {type(ranges).__name__}")
+    if r.dtype.kind != "f":
+        raise TypeError(f"ranges must be floating point, got {r.dtype}")
+    if r.shape != (2, d):
+        raise ValueError(f"ranges must have shape (2, {d}) = [min, max] per dimension, got {tuple(r.shape)}")
+    return r
+
+
+def scalar_params(ranges: np.ndarray, x_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, steps) in the precision numpy would compute in, exactly as sentence-transformers does:
+    steps = (max - min) / 255 in the ranges' dtype, a zero step counts as 1, then promotion with x."""
+    starts = ranges[0, :]
+    steps = (ranges[1, :] - ranges[0, :]) / 255
+    steps = np.where(steps == 0, 1, steps)
+    ct = np.result_type(x_dtype, ranges.dtype)
+    return starts.astype(ct), steps.astype(ct)
+
+
+def _quantize_scalar_torch(x: torch.Tensor, starts: torch.Tensor, steps: torch.Tensor, signed: bool):
+    """Plain-torch path (devices without the compiled op): same arithmetic, one op at a time."""
+    ct = starts.dtype
+    v = ((x.to(ct) - starts) / steps).floor().clamp(0, 255)
+    v = torch.nan_to_num(v, nan=0.0)
+    code = v.to(torch.uint8)
+    return (code ^ 0x80).view(torch.int8) if signed else code
+
+
+def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=None):
+    """Quantize ``embeddings [N, D]`` to ``precision``: "int8" | "uint8" [N, D], "binary" (int8) |
+    "ubinary" (uint8) [N, ceil(D / 8)], or "float32".
+
+    int8/uint8 use per-dimension ranges: ``ranges [2, D]`` if given, else min/max of
+    ``calibration_embeddings``, else of ``embeddings`` itself. Bit-exact with
+    ``sentence_transformers.util.quantization.quantize_embeddings`` (bfloat16 input is computed as float32).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    x, was_np = as_tensor(embeddings, "embeddings")
+    check_2d(x, "embeddings")
+    check_float(x, "embeddings")
+    if precision == "float32":
+        return to_output(x.float(), was_np)
+    if precision.endswith("binary"):
+        if x.device.type == "cpu" or has_kernel("pack_bits", x.device):
+            packed = _ext.ops().pack_bits(x)
+        else:  # other devices: plain torch
+            packed = _pack_bits_torch(x)
+        out = (packed ^ 0x80).view(torch.int8) if precision == "binary" else packed
+        return to_output(out, was_np)
+
+    # int8 / uint8
+    d = x.shape[1]
+    if ranges is None:
+        if calibration_embeddings is not None:
+            c, _ = as_tensor(calibration_embeddings, "calibration_embeddings")
+            check_2d(c, "calibration_embeddings")
+            check_float(c, "calibration_embeddings")
+            if c.shape[1] != d:
+                raise ValueError(f"calibration_embeddings has {c.shape[1]} dimensions, embeddings {d}")
+            if c.shape[0] == 0:
+                raise ValueError("calibration_embeddings is empty")
+            src = c
+        else:
+            if x.shape[0] == 0:
+                return to_output(torch.empty(0, d, dtype=torch.int8 if precision == "int8" else torch.uint8,
+                                             device=x.device), was_np)
+            src = x
+        lo, hi = torch.aminmax(src, dim=0)
+        r = torch.stack([lo, hi])
+        r = (r.float() if r.dtype == torch.bfloat16 else r).cpu().numpy()
+    else:
+        r = _ranges_numpy(ranges, d)
+    starts, steps = scalar_params(r, _numpy_dtype(x))
+    st = torch.from_numpy(starts).to(x.device)
+    sp = torch.from_numpy(steps).to(x.device)
+    xin = x.float() if (x.dtype == torch.bfloat16 and x.device.type != "cpu") else x
+    signed = precision == "int8"
+    if x.device.type == "cpu" or has_kernel("quantize_scalar", x.device):
+        out = _ext.ops().quantize_scalar(xin, st, sp, signed)
+    else:
+        out = _quantize_scalar_torch(xin, st, sp, signed)
+    return to_output(out, was_np)
+
+
+def _pack_bits_torch(x: torch.Tensor) -> torch.Tensor:
+    n, d = x.shape
+    bits = (x > 0).to(torch.uint8)
+    pad = (-d) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=x.device)
+    return (bits.view(n, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def dequant_params(ranges) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset, step) in float64 such that value = offset + u * step for uint8 code u (int8: u = code + 128).
+
+    Reconstructs the middle of each quantization bucket; a dimension with max == min returns min."""
+    r = ranges if isinstance(ranges, torch.Tensor) else torch.from_numpy(np.asarray(ranges))
+    r = r.detach().to(torch.float64)
+    step = (r[1] - r[0]) / 255
+    return r[0] + 0.5 * step, step
+
+
+def dequantize(codes, ranges):
+    """int8/uint8 ``codes [N, D]`` + ``ranges [2, D]`` -> float32 ``[N, D]``, the middle of each code's
+    bucket: min + (u + 0.5) * (max - min) / 255 with u the uint8 code (int8 code + 128)."""
+    c, was_np = as_tensor(codes, "codes")
+    check_2d(c, "codes")
+    check_codes(c, "codes")
+    r, _ = as_tensor(ranges, "ranges")
+    if tuple(r.shape) != (2, c.shape[1]):
+        raise ValueError(f"ranges must have shape (2, {c.shape[1]}), got {tuple(r.shape)}")
+    offset, step = dequant_params(r.to(c.device))
+    u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
+    return to_output((offset + u.to(torch.float64) * step).to(torch.float32), was_np)
+
+
+def unpack_bits(codes, dim: int | None = None):
+    """Binary ``codes [N, B]`` (ubinary uint8 or binary int8) -> uint8 bits ``[N, dim]`` (0/1), first
+    dimension from the most significant bit, as ``numpy.unpackbits(codes, axis=-1, count=dim)``."""
+    c, was_np = as_tensor(codes, "codes")
+    check_2d(c, "codes")
+    check_codes(c, "codes")
+    nb = c.shape[1]
+    if dim is None:
+        dim = nb * 8
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not (nb * 8 - 7 <= dim <= nb * 8):
+        raise ValueError(f"dim must be an int in [{nb * 8 - 7}, {nb * 8}] for {nb}-byte codes, got {dim!r}")
+    u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=c.device)
+    bits = (u.unsqueeze(-1) >> shifts) & 1
+    return to_output(bits.reshape(c.shape[0], nb * 8)[:, :dim].contiguous(), was_np)

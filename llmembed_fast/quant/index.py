@@ -1,0 +1,190 @@
+"""``Index``: binary (or int8) codes searched exactly, then the top candidates rescored with the float query."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from llmembed_fast.quant._args import as_tensor, check_2d, check_float, check_k, to_output
+from llmembed_fast.quant.codes import calibrate, dequant_params, quantize
+from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
+from llmembed_fast.quant.search import hamming_topk, int8_topk
+
+PRECISIONS = ("binary", "int8")
+RESCORES = (None, "int8", "float")
+
+__all__ = ["Index", "IndexFileError"]
+
+
+class Index:
+    """A flat index over quantized embeddings (CPU), searched exactly.
+
+    precision="binary": packed sign bits (D/8 bytes per vector) searched by Hamming distance;
+    precision="int8": int8 codes (D bytes) searched by inner product with the float query.
+    rescore=None | "int8" | "float": keep int8 codes (D bytes) or float32 vectors (4D bytes) as well, and
+    rescore the ``k * rescore_multiplier`` first-stage candidates with the float query.
+    ranges: int8 ranges [2, D]; None calibrates them on the first ``add``.
+
+    Scores (higher is better): binary without rescoring, D - 2 * hamming (the dot product of +-1 vectors);
+    otherwise the float inner product of the query with the dequantized codes / the stored vectors.
+    """
+
+    def __init__(self, dim: int, precision: str = "binary", rescore: str | None = None, ranges=None):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if rescore not in RESCORES:
+            raise ValueError(f"rescore must be one of {RESCORES}, got {rescore!r}")
+        if precision == "int8" and rescore == "int8":
+            raise ValueError('rescore="int8" needs precision="binary" (int8 search is already exact on int8 codes)')
+        self.dim, self.precision, self.rescore = int(dim), precision, rescore
+        self.ranges: torch.Tensor | None = None
+        if ranges is not None:
+            r, _ = as_tensor(ranges, "ranges")
+            if tuple(r.shape) != (2, self.dim) or r.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"ranges must be float32/float64 of shape (2, {self.dim}), got {r.dtype} {tuple(r.shape)}")
+            self.ranges = r.detach().cpu().clone()
+        self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
+        self._count = 0
+
+    # ------------------------------------------------------------------ storage
+    def _stored(self) -> list[str]:
+        names = ["bits"] if self.precision == "binary" else ["int8"]
+        if self.rescore == "int8":
+            names.append("int8")
+        elif self.rescore == "float":
+            names.append("float")
+        return names
+
+    def _needs_ranges(self) -> bool:
+        return "int8" in self._stored()
+
+    def _data(self, name: str) -> torch.Tensor:
+        parts = self._parts[name]
+        if len(parts) != 1:
+            width = (self.dim + 7) // 8 if name == "bits" else self.dim
+            dtype = {"bits": torch.uint8, "int8": torch.int8, "float": torch.float32}[name]
+            merged = torch.cat(parts) if parts else torch.empty(0, width, dtype=dtype)
+            self._parts[name] = [merged]
+        return self._parts[name][0]
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def ntotal(self) -> int:
+        return self._count
+
+    def nbytes(self) -> int:
+        """Bytes of codes and vectors held."""
+        return sum(t.numel() * t.element_size() for parts in self._parts.values() for t in parts)
+
+    def __repr__(self) -> str:
+        return (f"Index(dim={self.dim}, precision={self.precision!r}, rescore={self.rescore!r}, "
+                f"count={self._count})")
+
+    # ------------------------------------------------------------------ add / search
+    def _check_embeddings(self, x, name: str) -> tuple[torch.Tensor, bool]:
+        t, was_np = as_tensor(x, name)
+        check_2d(t, name)
+        check_float(t, name)
+        if t.shape[1] != self.dim:
+            raise ValueError(f"{name} have {t.shape[1]} dimensions, the index {self.dim}: dimension mismatch")
+        return t.detach().cpu(), was_np
+
+    def add(self, embeddings) -> "Index":
+        """Append ``embeddings [N, dim]`` (float); their ids continue from ``len(self)``. Returns self."""
+        x, _ = self._check_embeddings(embeddings, "embeddings")
+        if x.shape[0] == 0:
+            return self
+        if self._needs_ranges() and self.ranges is None:
+            self.ranges = calibrate(x)
+        for name in self._stored():
+            if name == "bits":
+                self._parts[name].append(quantize(x, "ubinary"))
+            elif name == "int8":
+                self._parts[name].append(quantize(x, "int8", ranges=self.ranges))
+            else:
+                self._parts[name].append(x.to(torch.float32).contiguous())
+        self._count += x.shape[0]
+        return self
+
+    def search(self, query_embeddings, k: int, rescore_multiplier: int = 4):
+        """The k best vectors for each query: ``(scores float32 [Q, k], ids int64 [Q, k])``, best first,
+        equal scores by lower id. With rescoring, the first stage keeps ``k * rescore_multiplier``
+        candidates (at most len(self))."""
+        q, was_np = self._check_embeddings(query_embeddings, "query_embeddings")
+        k = check_k(k, self._count)
+        if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, (int, np.integer)) \
+                or rescore_multiplier < 1:
+            raise ValueError(f"rescore_multiplier must be an int >= 1, got {rescore_multiplier!r}")
+        kc = k if self.rescore is None else min(self._count, k * int(rescore_multiplier))
+        if self.precision == "binary":
+            dist, cand = hamming_topk(quantize(q, "ubinary"), self._data("bits"), kc)
+            if self.rescore is None:
+                return to_output((self.dim - 2 * dist).to(torch.float32), was_np), to_output(cand, was_np)
+        else:
+            s, cand = int8_topk(q, self._data("int8"), self.ranges, kc)
+            if self.rescore is None:
+                return to_output(s, was_np), to_output(cand, was_np)
+        scores, ids = self._rescore(q, cand, k)
+        return to_output(scores, was_np), to_output(ids, was_np)
+
+    def _rescore(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float64 scores of the candidates, best k by (score desc, id asc)."""
+        if self.rescore == "int8":
+            codes = self._data("int8")[cand]                               # [Q, C, D]
+            offset, step = dequant_params(self.ranges)
+            vecs = offset + (codes.view(torch.uint8) ^ 0x80).to(torch.float64) * step
+        else:
+            vecs = self._data("float")[cand].to(torch.float64)
+        scores = torch.einsum("qd,qcd->qc", q.to(torch.float64), vecs)
+        by_id = torch.sort(cand, dim=1, stable=True)
+        scores, cand = scores.gather(1, by_id.indices), by_id.values
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return scores.gather(1, order).to(torch.float32), cand.gather(1, order)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to ``path`` atomically (see llmembed_fast.quant.io for the format)."""
+        sections = {name: self._data(name).numpy() for name in self._stored()}
+        if self.ranges is not None:
+            sections["ranges"] = self.ranges.numpy()
+        meta = {"dim": self.dim, "count": self._count, "precision": self.precision, "rescore": self.rescore}
+        write_index_file(path, meta, sections)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "Index":
+        """Read an index written by ``save``. ``mmap`` maps the codes instead of reading them; ``verify``
+        checks the file's CRC32 (reads it once). Raises IndexFileError for invalid files."""
+        meta, arrays = read_index_file(path, mmap=mmap, verify=verify)
+        path = os.fspath(path)
+        dim, count = meta.get("dim"), meta.get("count")
+        precision, rescore = meta.get("precision"), meta.get("rescore")
+        if (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or not isinstance(count, int)
+                or isinstance(count, bool) or count < 0 or precision not in PRECISIONS or rescore not in RESCORES
+                or (precision == "int8" and rescore == "int8")):
+            raise IndexFileError(f"{path}: invalid index header {meta!r}")
+        index = cls(dim, precision, rescore)
+        expect = {"bits": ("uint8", [count, (dim + 7) // 8]), "int8": ("int8", [count, dim]),
+                  "float": ("float32", [count, dim])}
+        for name in index._stored():
+            a = arrays.get(name)
+            dt, shape = expect[name]
+            if a is None or a.dtype.name != dt or list(a.shape) != shape:
+                raise IndexFileError(f"{path}: section {name!r} missing or not {dt} {shape}")
+            index._parts[name] = [torch.from_numpy(a)]
+        r = arrays.get("ranges")
+        if r is not None:
+            if r.dtype.name not in ("float32", "float64") or list(r.shape) != [2, dim]:
+                raise IndexFileError(f"{path}: section 'ranges' is not float32/float64 [2, {dim}]")
+            index.ranges = torch.from_numpy(np.array(r))
+        elif index._needs_ranges() and count > 0:
+            raise IndexFileError(f"{path}: int8 codes without their ranges")
+        extra = set(arrays) - set(index._stored()) - {"ranges"}
+        if extra:
+            raise IndexFileError(f"{path}: unexpected sections {sorted(extra)}")
+        index._count = count
+        return index

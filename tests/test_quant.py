@@ -1,0 +1,167 @@
+"""llmembed_fast.quant codes: bit-exact parity with sentence-transformers' quantize_embeddings, calibrate,
+dequantize, unpack_bits, every SIMD level of the C++ kernels, clear errors on bad input."""
+import numpy as np
+import pytest
+import torch
+
+from llmembed_fast import _ext
+
+pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
+from sentence_transformers.util.quantization import quantize_embeddings  # noqa: E402
+
+from llmembed_fast import quant  # noqa: E402
+
+PRECISIONS = ["int8", "uint8", "binary", "ubinary"]
+
+
+def simd_levels():
+    detected = _ext.extension().build_info()["simd_detected"]
+    return ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(detected) + 1]
+
+
+@pytest.fixture(params=simd_levels())
+def simd(request):
+    C = _ext.extension()
+    old = C.build_info()["simd"]
+    C.set_simd(request.param)
+    yield request.param
+    C.set_simd("avx512")  # cap back to what the CPU has
+    assert C.build_info()["simd"] == old
+
+
+def _data(n, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.1, 3.0, d) + rng.uniform(-1, 1, d)).astype(dtype)
+    x[0, : min(d, 3)] = 0  # exact zeros: not positive for binary, bucket edges for int8
+    if d > 3:
+        x[1, 3] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("d", [8, 13, 384, 1024])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_parity_with_sentence_transformers(d, precision, simd):
+    for seed in range(2):
+        x = _data(37, d, np.float32, seed)
+        calib = _data(200, d, np.float32, seed + 10)
+        want = quantize_embeddings(x, precision)
+        got = quant.quantize(x, precision)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        want = quantize_embeddings(x, precision, calibration_embeddings=calib)
+        np.testing.assert_array_equal(quant.quantize(x, precision, calibration_embeddings=calib), want)
+        ranges = np.vstack([calib.min(0), calib.max(0)])
+        np.testing.assert_array_equal(quant.quantize(x, precision, ranges=ranges), want)
+        # torch in, torch out, same codes
+        t = quant.quantize(torch.from_numpy(x), precision, ranges=torch.from_numpy(ranges))
+        assert isinstance(t, torch.Tensor)
+        np.testing.assert_array_equal(t.numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("precision", ["int8", "uint8"])
+def test_parity_other_float_dtypes(dtype, precision):
+    """numpy's arithmetic precision is followed: float64 throughout, or float16 rounding at every step."""
+    for seed in range(3):
+        x = _data(61, 45, dtype, seed)
+        calib = _data(150, 45, dtype, seed + 5)
+        np.testing.assert_array_equal(quant.quantize(x, precision), quantize_embeddings(x, precision))
+        np.testing.assert_array_equal(quant.quantize(x, precision, calibration_embeddings=calib),
+                                      quantize_embeddings(x, precision, calibration_embeddings=calib))
+        # mixed: float32 ranges with this dtype's embeddings -> numpy's promotion
+        r32 = np.vstack([calib.min(0), calib.max(0)]).astype(np.float32)
+        np.testing.assert_array_equal(quant.quantize(x, precision, ranges=r32),
+                                      quantize_embeddings(x, precision, ranges=r32))
+
+
+def test_zero_width_ranges_and_out_of_range_values():
+    x = _data(20, 16, np.float32, 1)
+    ranges = np.vstack([x.min(0), x.max(0)])
+    ranges[:, 2] = 0.5  # zero step counts as 1
+    y = x.copy()
+    y[0] = 100.0   # above every max -> 255
+    y[1] = -100.0  # below every min -> 0
+    for p in ("int8", "uint8"):
+        np.testing.assert_array_equal(quant.quantize(y, p, ranges=ranges), quantize_embeddings(y, p, ranges=ranges))
+
+
+def test_bfloat16_quantizes_as_float32():
+    x = torch.from_numpy(_data(30, 24, np.float32, 2)).bfloat16()
+    want = quantize_embeddings(x.float().numpy(), "int8")
+    np.testing.assert_array_equal(quant.quantize(x, "int8").numpy(), want)
+    np.testing.assert_array_equal(quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.float().numpy(), "ubinary"))
+
+
+def test_strided_rows_and_float32_passthrough():
+    base = torch.from_numpy(_data(40, 50, np.float32, 3))
+    x = base[::2, 5:37]  # strided rows, offset columns
+    np.testing.assert_array_equal(quant.quantize(x, "ubinary").numpy(),
+                                  quantize_embeddings(x.contiguous().numpy(), "ubinary"))
+    np.testing.assert_array_equal(quant.quantize(x, "int8").numpy(), quantize_embeddings(x.contiguous().numpy(), "int8"))
+    assert quant.quantize(x.double(), "float32").dtype == torch.float32
+
+
+def test_calibrate():
+    x = _data(33, 9, np.float32, 4)
+    r = quant.calibrate(x)
+    assert r.dtype == np.float32 and r.shape == (2, 9)
+    np.testing.assert_array_equal(r, np.vstack([x.min(0), x.max(0)]))
+    assert quant.calibrate(torch.from_numpy(x).double()).dtype == torch.float64
+    np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=r), quantize_embeddings(x, "int8"))
+
+
+def test_dequantize_reconstructs_bucket_middles():
+    x = _data(300, 20, np.float64, 5)
+    r = quant.calibrate(x)
+    for p in ("int8", "uint8"):
+        codes = quant.quantize(x, p, ranges=r)
+        back = quant.dequantize(codes, r)
+        step = (r[1] - r[0]) / 255
+        assert back.dtype == np.float32
+        assert np.all(np.abs(back - x) <= step * 0.5 + 1e-5 + step * (x >= r[1]))  # max falls in the last bucket
+        u = codes.astype(np.int64) + (128 if p == "int8" else 0)
+        np.testing.assert_allclose(back, (r[0] + (u + 0.5) * step).astype(np.float32), rtol=1e-6)
+    flat = np.vstack([np.full(3, 2.0), np.full(3, 2.0)])
+    np.testing.assert_array_equal(quant.dequantize(np.zeros((2, 3), np.int8), flat), np.full((2, 3), 2.0, np.float32))
+
+
+@pytest.mark.parametrize("d", [1, 8, 13, 100])
+def test_unpack_bits_inverts_packing(d):
+    x = _data(7, d, np.float32, d)
+    for p in ("ubinary", "binary"):
+        bits = quant.unpack_bits(quant.quantize(x, p), d)
+        np.testing.assert_array_equal(bits, (x > 0).astype(np.uint8))
+        np.testing.assert_array_equal(bits, np.unpackbits(quantize_embeddings(x, "ubinary"), axis=-1, count=d))
+
+
+def test_bad_input_errors():
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="precision"):
+        quant.quantize(x, "int4")
+    with pytest.raises(TypeError, match="embeddings"):
+        quant.quantize(np.ones((3, 4), np.int8), "int8")
+    with pytest.raises(ValueError, match="embeddings must be 2-D"):
+        quant.quantize(np.ones(4, np.float32), "ubinary")
+    with pytest.raises(ValueError, match="ranges"):
+        quant.quantize(x, "int8", ranges=np.ones((2, 5), np.float32))
+    with pytest.raises(TypeError, match="ranges"):
+        quant.quantize(x, "int8", ranges=np.ones((2, 4), np.int64))
+    with pytest.raises(ValueError, match="calibration_embeddings"):
+        quant.quantize(x, "int8", calibration_embeddings=np.ones((3, 5), np.float32))
+    with pytest.raises(TypeError, match="embeddings"):
+        quant.quantize("not an array", "int8")
+    with pytest.raises(TypeError, match="codes"):
+        quant.dequantize(x, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="dim"):
+        quant.unpack_bits(np.zeros((2, 2), np.uint8), 20)
+    with pytest.raises(ValueError, match="empty"):
+        quant.calibrate(np.ones((0, 4), np.float32))
+    assert quant.quantize(np.ones((0, 4), np.float32), "int8").shape == (0, 4)
+    assert quant.quantize(np.ones((0, 12), np.float32), "binary").shape == (0, 2)
+
+
+def test_info_names_kernels():
+    from llmembed_fast import info
+
+    kernels = info()["extension"]["kernels"]
+    assert set(kernels) >= {"hamming", "int8_dot", "pack_bits", "quantize"}

@@ -1,0 +1,165 @@
+"""Exact top-k search over codes: hamming_topk and int8_topk against numpy brute force (and faiss),
+at every SIMD level, on both parallel strategies, with ties; clear errors on bad input."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
+from llmembed_fast import _ext, quant  # noqa: E402
+
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+LEVELS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(params=LEVELS[: LEVELS.index(_ext.extension().build_info()["simd_detected"]) + 1])
+def simd(request):
+    _ext.extension().set_simd(request.param)
+    yield request.param
+    _ext.extension().set_simd("avx512")
+
+
+def hamming_reference(q, d, k):
+    dist = POPCOUNT[np.bitwise_xor(q.view(np.uint8)[:, None, :], d.view(np.uint8)[None, :, :])].sum(-1)
+    order = np.stack([np.lexsort((np.arange(d.shape[0]), row)) for row in dist])[:, :k]
+    return np.take_along_axis(dist, order, 1), order
+
+
+def codes(rng, n, nb, ties=False):
+    c = rng.integers(0, 256, (n, nb), dtype=np.uint8)
+    return c & 0x11 if ties else c
+
+
+@pytest.mark.parametrize("nb", [1, 2, 13, 32, 48, 128, 130])
+def test_hamming_matches_brute_force(nb, simd):
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        ties = seed == 2
+        q, d = codes(rng, 4, nb, ties), codes(rng, 301, nb, ties)
+        for k in (1, 7, 301):
+            dist, idx = quant.hamming_topk(q, d, k)
+            want_d, want_i = hamming_reference(q, d, k)
+            assert dist.dtype == np.int32 and idx.dtype == np.int64
+            np.testing.assert_array_equal(dist, want_d)
+            np.testing.assert_array_equal(idx, want_i)
+
+
+def test_hamming_large_corpus_split_over_threads(simd):
+    """Enough documents that every thread scans its own slice; per-slice results are merged."""
+    rng = np.random.default_rng(5)
+    torch.set_num_threads(2)
+    for ties in (False, True):
+        q, d = codes(rng, 3, 128, ties), codes(rng, 20000, 128, ties)
+        dist, idx = quant.hamming_topk(torch.from_numpy(q), torch.from_numpy(d), 10)
+        want_d, want_i = hamming_reference(q, d, 10)
+        np.testing.assert_array_equal(dist.numpy(), want_d)
+        np.testing.assert_array_equal(idx.numpy(), want_i)
+
+
+def test_hamming_signed_binary_equals_unsigned():
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((5, 100)).astype(np.float32), rng.standard_normal((200, 100)).astype(np.float32)
+    a = quant.hamming_topk(quant.quantize(x, "binary"), quant.quantize(y, "binary"), 5)
+    b = quant.hamming_topk(quant.quantize(x, "ubinary"), quant.quantize(y, "ubinary"), 5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_hamming_matches_faiss():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(2)
+    q, d = codes(rng, 20, 128), codes(rng, 5000, 128)
+    index = faiss.IndexBinaryFlat(1024)
+    index.add(d)
+    fd, fi = index.search(q, 10)
+    dist, idx = quant.hamming_topk(q, d, 10)
+    np.testing.assert_array_equal(dist, fd)
+    # faiss orders equal distances arbitrarily: compare ids below the k-th distance as sets
+    for r in range(len(q)):
+        below = dist[r] < dist[r, -1]
+        assert set(idx[r][below]) == set(fi[r][fd[r] < fd[r, -1]])
+
+
+def int8_reference(q, c, ranges, k):
+    step = (ranges[1].astype(np.float64) - ranges[0]) / 255
+    u = c.astype(np.int64) + (128 if c.dtype == np.int8 else 0)
+    deq = ranges[0].astype(np.float64) + (u + 0.5) * step
+    s = q.astype(np.float64) @ deq.T
+    order = np.stack([np.lexsort((np.arange(c.shape[0]), -row)) for row in s])[:, :k]
+    return np.take_along_axis(s, order, 1), order, s
+
+
+@pytest.mark.parametrize("d", [5, 64, 100, 384])
+@pytest.mark.parametrize("precision", ["int8", "uint8"])
+def test_int8_topk_matches_brute_force(d, precision, simd):
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        docs = rng.standard_normal((400, d)).astype(np.float32)
+        queries = rng.standard_normal((5, d)).astype(np.float32)
+        ranges = quant.calibrate(docs)
+        c = quant.quantize(docs, precision, ranges=ranges)
+        if seed == 2:
+            c[100:200] = c[0]  # exact duplicates: ties must go to the lower index
+        for k in (1, 10, 400):
+            s, idx = quant.int8_topk(queries, c, ranges, k)
+            want_s, want_i, full = int8_reference(queries, c, ranges, k)
+            assert s.dtype == np.float32 and idx.dtype == np.int64
+            np.testing.assert_allclose(s, want_s.astype(np.float32), rtol=1e-6, atol=1e-5)
+            # ids equal except where float64 summation order could swap two scores closer than 1e-9
+            np.testing.assert_allclose(np.take_along_axis(full, idx, 1), want_s, rtol=0, atol=1e-9)
+            mismatch = idx != want_i
+            if mismatch.any():
+                gaps = np.abs(np.take_along_axis(full, idx, 1) - want_s)[mismatch]
+                assert gaps.max() < 1e-9
+
+
+def test_int8_topk_large_corpus_and_float64_queries(simd):
+    rng = np.random.default_rng(9)
+    torch.set_num_threads(2)
+    docs = rng.standard_normal((9000, 96)).astype(np.float32)
+    ranges = quant.calibrate(docs)
+    c = quant.quantize(docs, "int8", ranges=ranges)
+    q = rng.standard_normal((3, 96))
+    s, idx = quant.int8_topk(torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(ranges), 10)
+    want_s, want_i, _ = int8_reference(q, c, ranges, 10)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(s.numpy(), want_s, rtol=1e-6)
+
+
+def test_search_errors():
+    rng = np.random.default_rng(0)
+    q, d = codes(rng, 2, 16), codes(rng, 10, 16)
+    with pytest.raises(ValueError, match="k must be in"):
+        quant.hamming_topk(q, d, 11)
+    with pytest.raises(ValueError, match="k must be in"):
+        quant.hamming_topk(q, d, 0)
+    with pytest.raises(ValueError, match="empty"):
+        quant.hamming_topk(q, d[:0], 1)
+    with pytest.raises(ValueError, match="mismatch"):
+        quant.hamming_topk(q[:, :8], d, 1)
+    with pytest.raises(TypeError, match="query_codes"):
+        quant.hamming_topk(q.astype(np.float32), d, 1)
+    with pytest.raises(TypeError, match="same precision"):
+        quant.hamming_topk(q.view(np.int8), d, 1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        quant.hamming_topk(q, d, 2.0)
+    x = rng.standard_normal((10, 8)).astype(np.float32)
+    r = quant.calibrate(x)
+    c = quant.quantize(x, "int8", ranges=r)
+    with pytest.raises(ValueError, match="mismatch"):
+        quant.int8_topk(x[:, :4], c, r, 1)
+    with pytest.raises(TypeError, match="doc_codes"):
+        quant.int8_topk(x, x, r, 1)
+    with pytest.raises(TypeError, match="queries"):
+        quant.int8_topk(c, c, r, 1)
+    with pytest.raises(ValueError, match="ranges"):
+        quant.int8_topk(x, c, r[:, :4], 1)
+    with pytest.raises(ValueError, match="k must be in"):
+        quant.int8_topk(x, c, r, 11)
+
+
+def test_meta_shapes():
+    ops = _ext.ops()
+    q = torch.empty(3, 16, dtype=torch.uint8, device="meta")
+    d = torch.empty(100, 16, dtype=torch.uint8, device="meta")
+    dist, idx = ops.hamming_topk(q, d, 5)
+    assert dist.shape == (3, 5) and dist.dtype == torch.int32 and idx.dtype == torch.int64
