@@ -1,0 +1,172 @@
+"""quant.Index: search equals the numpy pipeline (exact first stage + float64 rescoring), save/load
+round-trips (mmap and not), the loader rejects truncated / bit-flipped / foreign files with a clear error."""
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
+from llmembed_fast import quant  # noqa: E402
+from llmembed_fast.quant import IndexFileError  # noqa: E402
+
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+CONFIGS = [("binary", None), ("binary", "int8"), ("binary", "float"), ("int8", None), ("int8", "float")]
+
+
+def numpy_pipeline(docs, queries, precision, rescore, ranges, k, mult):
+    """Reference: brute-force first stage with ties by lower id, rescoring in float64, (score desc, id asc)."""
+    n, dim = docs.shape
+    step = (ranges[1].astype(np.float64) - ranges[0]) / 255 if ranges is not None else None
+    deq = None
+    if ranges is not None:
+        c8 = quant.quantize(docs, "int8", ranges=ranges).astype(np.int64) + 128
+        deq = ranges[0].astype(np.float64) + (c8 + 0.5) * step
+    kc = k if rescore is None else min(n, k * mult)
+    if precision == "binary":
+        qb, db = np.packbits(queries > 0, axis=-1), np.packbits(docs > 0, axis=-1)
+        dist = POPCOUNT[qb[:, None, :] ^ db[None, :, :]].sum(-1)
+        key = -(dim - 2 * dist).astype(np.float64)
+    else:
+        key = -(queries.astype(np.float64) @ deq.T)
+    ids = np.arange(n)
+    cand = np.stack([np.lexsort((ids, row)) for row in key])[:, :kc]
+    if rescore is None:
+        return -np.take_along_axis(key, cand, 1), cand
+    vec = deq if rescore == "int8" else docs.astype(np.float64)
+    s = np.einsum("qd,qcd->qc", queries.astype(np.float64), vec[cand])
+    order = np.stack([np.lexsort((c, -row)) for row, c in zip(s, cand)])[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(cand, order, 1)
+
+
+def make(n=300, dim=45, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, dim)).astype(np.float32), rng.standard_normal((6, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision,rescore", CONFIGS)
+def test_search_equals_numpy_pipeline(precision, rescore):
+    for seed in range(2):
+        docs, queries = make(seed=seed)
+        index = quant.Index(45, precision, rescore)
+        index.add(docs[:100]).add(docs[100:])  # ranges calibrated on the first add, kept after
+        ranges = index.ranges.numpy() if index.ranges is not None else None
+        if ranges is not None:
+            np.testing.assert_array_equal(ranges, quant.calibrate(docs[:100]))
+        for k, mult in ((1, 4), (10, 3), (300, 1)):
+            s, ids = index.search(queries, k, rescore_multiplier=mult)
+            want_s, want_i = numpy_pipeline(docs, queries, precision, rescore, ranges, k, mult)
+            assert s.dtype == np.float32 and ids.dtype == np.int64 and s.shape == (6, k)
+            np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-4)
+            if precision == "binary" and rescore is None:
+                np.testing.assert_array_equal(ids, want_i)
+            else:  # ids equal up to float64 summation-order near-ties
+                diff = ids != want_i
+                assert not diff.any() or np.allclose(s[diff], want_s[diff], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,rescore", CONFIGS)
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip(tmp_path, precision, rescore, mmap):
+    docs, queries = make(n=120, dim=30)
+    index = quant.Index(30, precision, rescore).add(torch.from_numpy(docs))
+    path = tmp_path / "a.lfidx"
+    index.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.lfidx"]  # the temporary file was renamed
+    back = quant.Index.load(path, mmap=mmap)
+    assert (back.dim, back.precision, back.rescore, len(back)) == (30, precision, rescore, 120)
+    for a, b in zip(index.search(queries, 5), back.search(queries, 5)):
+        np.testing.assert_array_equal(a, b)
+    back.add(docs[:7])  # a loaded index keeps growing, with the saved ranges
+    assert len(back) == 127
+    if index.ranges is not None:
+        assert torch.equal(back.ranges, index.ranges)
+    index.save(path)  # overwriting an existing file is atomic too
+    assert len(quant.Index.load(path)) == 120
+
+
+def test_empty_index_round_trip(tmp_path):
+    index = quant.Index(16, "binary", "int8")
+    index.save(tmp_path / "e")
+    back = quant.Index.load(tmp_path / "e")
+    assert len(back) == 0 and back.ranges is None
+    with pytest.raises(ValueError, match="empty"):
+        back.search(np.ones((1, 16), np.float32), 1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    docs, _ = make(n=50, dim=20)
+    path = tmp_path_factory.mktemp("idx") / "good.lfidx"
+    quant.Index(20, "binary", "int8").add(docs).save(path)
+    return path.read_bytes()
+
+
+def _load_bytes(tmp_path, data, **kw):
+    p = tmp_path / "fuzz.lfidx"
+    p.write_bytes(data)
+    return quant.Index.load(p, **kw)
+
+
+def test_loader_rejects_truncated_files(tmp_path, saved):
+    for cut in sorted({0, 1, 7, 8, 19, 20, 64, len(saved) // 2, len(saved) - 17, len(saved) - 1}):
+        with pytest.raises(IndexFileError):
+            _load_bytes(tmp_path, saved[:cut])
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_loader_rejects_bit_flips(tmp_path, saved, verify):
+    """With verify every flip anywhere is caught (CRC32); without, flips in the prefix and header still are."""
+    rng = np.random.default_rng(0)
+    header_end = 20 + struct.unpack_from("<I", saved, 12)[0]
+    positions = rng.integers(0, len(saved), 80) if verify else rng.integers(0, header_end, 40)
+    for pos in positions:
+        data = bytearray(saved)
+        data[pos] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(IndexFileError):
+            _load_bytes(tmp_path, bytes(data), verify=verify)
+
+
+def test_loader_rejects_foreign_and_wrong_version(tmp_path, saved):
+    with pytest.raises(IndexFileError, match="magic"):
+        _load_bytes(tmp_path, b"PK\x03\x04" + saved[4:])
+    np.save(tmp_path / "x.npy", np.zeros((100, 100), np.float32))
+    with pytest.raises(IndexFileError):
+        quant.Index.load(tmp_path / "x.npy")
+    data = bytearray(saved)
+    data[8:12] = struct.pack("<I", 99)
+    with pytest.raises(IndexFileError, match="version"):
+        _load_bytes(tmp_path, bytes(data))
+    with pytest.raises(IndexFileError):
+        _load_bytes(tmp_path, b"")
+    with pytest.raises(FileNotFoundError):
+        quant.Index.load(tmp_path / "missing.lfidx")
+
+
+def test_index_errors():
+    docs, queries = make(n=20, dim=12)
+    with pytest.raises(ValueError, match="precision"):
+        quant.Index(12, "int4")
+    with pytest.raises(ValueError, match="rescore"):
+        quant.Index(12, "binary", "fp16")
+    with pytest.raises(ValueError, match="rescore"):
+        quant.Index(12, "int8", "int8")
+    with pytest.raises(ValueError, match="dim"):
+        quant.Index(0)
+    with pytest.raises(ValueError, match="ranges"):
+        quant.Index(12, "int8", ranges=np.zeros((2, 5), np.float32))
+    index = quant.Index(12, "binary", "float")
+    with pytest.raises(ValueError, match="empty"):
+        index.search(queries, 1)
+    index.add(docs)
+    with pytest.raises(ValueError, match="mismatch"):
+        index.add(docs[:, :5])
+    with pytest.raises(ValueError, match="mismatch"):
+        index.search(queries[:, :5], 1)
+    with pytest.raises(TypeError, match="query_embeddings"):
+        index.search(queries.astype(np.int32), 1)
+    with pytest.raises(ValueError, match="k must be in"):
+        index.search(queries, 21)
+    with pytest.raises(ValueError, match="rescore_multiplier"):
+        index.search(queries, 2, rescore_multiplier=0)
