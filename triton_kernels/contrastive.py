@@ -55,37 +55,29 @@ def _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi,
 
 
 @triton.jit
-def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-             EXCLUDE: tl.constexpr, MARGIN: tl.constexpr):
-    """Base-2 logits of dim k for the tile and the mask of the kept entries."""
+def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude):
+    """Base-2 logits of dim k for the tile and the mask of the kept entries (thr = +inf: no margin)."""
     a = tl.load(a_ptr + k * M + rows, mask=rmask, other=0.0)
     b = tl.load(b_ptr + k * NC + cols, mask=cmask, other=0.0)
+    thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
     z2 = acc * a[:, None] * b[None, :]
-    valid = rmask[:, None] & cmask[None, :]
-    if EXCLUDE:
-        valid = valid & (is_spec == 0)
-    if MARGIN:
-        thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
-        valid = valid & ((z2 <= thr[:, None]) | (is_spec != 0))
+    valid = rmask[:, None] & cmask[None, :] & ((z2 <= thr[:, None]) | is_spec)
+    valid = valid & ~(is_spec & (exclude != 0))
     return z2, valid, a, b
 
 
 @triton.jit
 def _row_lse_kernel(
     x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, out_ptr,
-    M, NC, cols_per_split, stride_x, stride_y,
-    K: tl.constexpr, KP: tl.constexpr, GATHER: tl.constexpr, EXCLUDE: tl.constexpr, MARGIN: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    M, NC, cols_per_split, stride_x, stride_y, gather, exclude,
+    K: tl.constexpr, KP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < M
-    if GATHER:
-        xrow = tl.load(xidx_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        xrow = rows
+    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows)
     x_base = x_ptr + xrow[:, None] * stride_x
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     kk = tl.arange(0, KP)
@@ -97,14 +89,14 @@ def _row_lse_kernel(
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         cmask = cols < c_hi
         y_base = y_ptr + cols[None, :] * stride_y
-        is_spec = (cols[None, :] == spec[:, None]).to(tl.int32)
+        is_spec = cols[None, :] == spec[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in tl.static_range(K):
             lo = tl.load(bnd_ptr + k)
             hi = tl.load(bnd_ptr + k + 1)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                       EXCLUDE, MARGIN)
+                                       exclude)
             z2 = tl.where(valid, z2, float("-inf"))
             sel = kk[None, :] == k
             m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
@@ -120,24 +112,20 @@ def _row_lse_kernel(
 
 
 @triton.jit
-def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE: tl.constexpr):
+def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude):
     """g = w * (exp2(z2 - lse) on kept entries - [positive]): the gradient w.r.t. the natural logit."""
     lse = tl.load(lse_ptr + k * M + rows, mask=rmask, other=0.0)
     w = tl.load(w_ptr + k * M + rows, mask=rmask, other=0.0)
     p = tl.where(valid, tl.exp2(z2 - lse[:, None]), 0.0)
-    g = w[:, None] * p
-    if not EXCLUDE:
-        g = g - tl.where(is_spec != 0, w[:, None], 0.0)
-    return g
+    return w[:, None] * (p - tl.where(is_spec & (exclude == 0), 1.0, 0.0))
 
 
 @triton.jit
 def _grad_tile_kernel(
     x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, lse_ptr, w_ptr,
     h_ptr, rs_ptr, cs_ptr,
-    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm,
-    K: tl.constexpr, GATHER: tl.constexpr, EXCLUDE: tl.constexpr, MARGIN: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude,
+    K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -147,14 +135,11 @@ def _grad_tile_kernel(
     rmask = (local < Mc) & (rows < M)
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cmask = cols < NC
-    if GATHER:
-        xrow = tl.load(xidx_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        xrow = rows
+    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows)
     x_base = x_ptr + xrow[:, None] * stride_x
     y_base = y_ptr + cols[None, :] * stride_y
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    is_spec = (cols[None, :] == spec[:, None]).to(tl.int32)
+    is_spec = cols[None, :] == spec[:, None]
     h_tile = h_ptr + local[:, None] * stride_hm + cols[None, :]
     tile_mask = rmask[:, None] & cmask[None, :]
 
@@ -165,8 +150,8 @@ def _grad_tile_kernel(
         hi = tl.load(bnd_ptr + k + 1)
         acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
         z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                   EXCLUDE, MARGIN)
-        g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE)
+                                   exclude)
+        g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
         g = tl.where(tile_mask, g, 0.0)
         gz = g * z2 * 0.6931471805599453
         tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
@@ -181,8 +166,8 @@ def _grad_tile_kernel(
             hi = tl.load(bnd_ptr + k + 1)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                       EXCLUDE, MARGIN)
-            g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCLUDE)
+                                       exclude)
+            g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
             g = tl.where(tile_mask, g, 0.0)
             total -= g * (a[:, None] * 0.6931471805599453) * b[None, :]
             tl.store(h_tile + (k + 1) * stride_hk, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
@@ -219,6 +204,14 @@ def _bounds_tensor(bounds, device) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
+def _thresholds(thr2, K: int, M: int, device) -> torch.Tensor:
+    """False-negative thresholds [K, M] float32; +inf (nothing masked) without a margin. Gather, exclusion
+    and margin are runtime arguments, so one compiled kernel per (dtype, K) serves every term."""
+    if thr2 is None:
+        return torch.full((K, M), float("inf"), dtype=torch.float32, device=device)
+    return thr2.to(torch.float32).contiguous()
+
+
 def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """bf16 gradient tiles for bf16 inputs (bf16 GEMMs, float32 accumulation); float32 otherwise (fp16 tiles
     could underflow once scaled by 1/norms)."""
@@ -253,12 +246,11 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     bnd = _bounds_tensor(bounds, x.device)
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
-    thr = thr2.to(torch.float32).contiguous() if thr2 is not None else a2
+    thr = _thresholds(thr2, K, M, x.device)
     _row_lse_kernel[(n_rb, splits)](
         x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd, part,
-        M, NC, cols_per_split, x.stride(0), y.stride(0),
-        K=K, KP=triton.next_power_of_2(K), GATHER=x_index is not None, EXCLUDE=bool(exclude),
-        MARGIN=thr2 is not None, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        M, NC, cols_per_split, x.stride(0), y.stride(0), int(x_index is not None), int(bool(exclude)),
+        K=K, KP=triton.next_power_of_2(K), UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits == 1:
@@ -284,14 +276,14 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     bnd = _bounds_tensor(bounds, x.device)
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
-    thr = thr2.to(torch.float32).contiguous() if thr2 is not None else a2
+    thr = _thresholds(thr2, K, M, x.device)
     _grad_tile_kernel[(n_rb, n_cb)](
         x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd,
         lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(),
         H, rs_part, cs_part,
         M, NC, r0, Mc, x.stride(0), y.stride(0), H.stride(0), H.stride(1),
-        K=K, GATHER=x_index is not None, EXCLUDE=bool(exclude), MARGIN=thr2 is not None,
-        UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        int(x_index is not None), int(bool(exclude)),
+        K=K, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return H, rs_part.sum(0), cs_part.sum(0)

@@ -1,0 +1,178 @@
+"""GPU section: the fused contrastive loss (Triton LSE + gradient-tile kernels, cuBLAS gradient GEMMs).
+
+correctness: loss and gradients (q, d, temperature) against the float64 materialized reference for every
+dtype (fp32 with TF32 and with IEEE dots), odd shapes with hard negatives, plain and every option at once;
+a forward with more than 2^31 candidate elements (64-bit offsets) against the torch backend.
+timings: forward + backward and peak extra memory against naive (matmul + F.cross_entropy) and Inf-CL
+(when importable) at the issue's sizes, option costs relative to plain InfoNCE, and B = N = 262,144.
+Sized to stay within ~90 s on an H100; big cases run only while ctx.time_left() allows.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import llmembed_fast as lf
+from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batch, naive_loss, option_kwargs
+from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
+
+# relative error (max-abs over max-abs of the reference) allowed per dtype / precision
+TOL = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 3e-2}
+
+
+def _rel(got, want) -> float:
+    got = got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _check(name, B, N, D, dtype, allow_tf32, kw, dev, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q0 = torch.randn(B, D, generator=gen).to(dtype)
+    d0 = torch.randn(N, D, generator=gen).to(dtype)
+    labels = torch.randperm(N, generator=gen)[:B]
+    q = q0.to(dev, copy=True).requires_grad_(True)
+    d = d0.to(dev, copy=True).requires_grad_(True)
+    tau = torch.tensor(0.05, device=dev, requires_grad=True)
+    loss = lf.contrastive_loss(q, d, labels=labels.to(dev), temperature=tau, allow_tf32=allow_tf32, **kw)
+    loss.backward()
+    q64, d64 = q0.double().requires_grad_(True), d0.double().requires_grad_(True)
+    t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    ref = ref_loss(q64, d64, labels=labels, temperature=t64, **kw)
+    ref.backward()
+    errs = {"loss": _rel(loss.detach().cpu(), ref.detach()), "dq": _rel(q.grad.cpu(), q64.grad),
+            "dd": _rel(d.grad.cpu(), d64.grad), "dtau": _rel(tau.grad.cpu(), t64.grad)}
+    key = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else \
+        ("fp32-tf32" if allow_tf32 else "fp32-ieee")
+    tol = TOL[key]
+    err = max(errs.values())
+    return {"name": f"{name} {key}", "ok": err <= tol, "err": err, "tol": tol,
+            "detail": " ".join(f"{k} {v:.1e}" for k, v in errs.items())}
+
+
+def correctness(ctx) -> list[dict]:
+    dev = ctx.device
+    out = []
+    B, N, D = (7, 19, 37) if ctx.smoke else (300, 1100, 1000)
+    all_opts = dict(symmetric=True, same_tower=True, false_negative_margin=0.1,
+                    matryoshka_dims=(D // 8, D // 2, D), matryoshka_weights=(0.25, 0.5, 1.0))
+    dtypes = [(torch.float32, False), (torch.float32, True), (torch.float16, True), (torch.bfloat16, True)]
+    for i, (dtype, tf32) in enumerate(dtypes):
+        for opt_name, kw in (("plain", {}), ("all options", all_opts)):
+            if ctx.time_left() < 30:
+                break
+            if opt_name != "plain" and dtype == torch.float16:
+                continue  # fp16 shares the fp32 gradient path; keeps compile time down
+            out.append(_check(f"contrastive {opt_name} B{B} N{N} D{D}", B, N, D, dtype, tf32, kw, dev, seed=i))
+    if not ctx.smoke:  # small B, large-N split forward, odd everything
+        out.append(_check("contrastive plain B1 N4099 D8", 1, 4099, 8, torch.bfloat16, True, {}, dev, seed=9))
+        out.append(_check("contrastive symmetric B65 N65 D384", 65, 65, 384, torch.bfloat16, True,
+                          dict(symmetric=True), dev, seed=10))
+    # 64-bit offsets: N * D > 2^31 elements in the candidates
+    if not ctx.smoke and ctx.time_left() > 90:
+        B, N, D = 64, (1 << 21) + 3, 1024
+        gen = torch.Generator(device=dev).manual_seed(5)
+        q = torch.randn(B, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        d = torch.randn(N, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        labels = torch.randint(0, N, (B,), device=dev, generator=gen)
+        with torch.no_grad():
+            got = lf.contrastive_loss(q, d, labels=labels)
+            prev = os.environ.get("LLMEMBED_FAST_BACKEND")
+            os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
+            try:
+                want = lf.contrastive_loss(q, d, labels=labels)
+            finally:
+                if prev is None:
+                    os.environ.pop("LLMEMBED_FAST_BACKEND")
+                else:
+                    os.environ["LLMEMBED_FAST_BACKEND"] = prev
+        e = abs(got.item() - want.item()) / abs(want.item())
+        out.append({"name": f"contrastive fwd B{B} N{N} D{D} bf16 (int64 offsets)", "ok": e <= 1e-3, "err": e,
+                    "tol": 1e-3, "detail": f"ours {got.item():.6f} torch backend {want.item():.6f}"})
+        del q, d
+        torch.cuda.empty_cache()
+    return out
+
+
+def _time_once_ms(fn) -> float:
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def timings(ctx) -> list[dict]:
+    dev = ctx.device
+    recs = []
+    if ctx.smoke:
+        sizes = [(64, 64, 32)]
+    else:
+        sizes = [(65536, 65536, 1024), (32768, 32768, 4096)]
+    infcl = infcl_loss() if dev.type == "cuda" else "skipped: no CUDA"
+    quick = dict(warmup=1, reps=3, min_s=0.0) if not ctx.smoke else {}
+    for B, N, D in sizes:
+        if ctx.time_left() < 25:
+            break
+        q, d = make_batch(B, N, D, torch.bfloat16, dev)
+        ours = fwd_bwd(lf.contrastive_loss, q, d)
+        t_ours = ctx.bench(ours, **quick)
+        extra = {"peak_extra_MB": round(ctx.peak_extra_bytes(ours) / 2**20, 1)}
+        base = {}
+        naive = fwd_bwd(naive_loss, q, d)
+        try:
+            base["naive matmul+CE"] = ctx.bench(naive, **quick)
+            extra["naive_peak_extra_MB"] = round(ctx.peak_extra_bytes(naive) / 2**20, 1)
+        except torch.OutOfMemoryError:
+            extra["naive"] = "out of memory"
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+        if callable(infcl) and ctx.time_left() > 40:
+            f = fwd_bwd(infcl, q, d)
+            try:
+                base["inf-cl"] = ctx.bench(f, warmup=1, reps=2, min_s=0.0) if not ctx.smoke else ctx.bench(f)
+                extra["infcl_peak_extra_MB"] = round(ctx.peak_extra_bytes(f) / 2**20, 1)
+            except Exception as exc:  # an API or build mismatch is reported, not fatal
+                extra["inf-cl"] = f"{type(exc).__name__}: {exc}"[:120]
+        elif not callable(infcl):
+            extra["inf-cl"] = infcl
+        floor = 6 * B * N * D / ctx.matmul_flops * 1e3
+        recs.append({"name": f"fwd+bwd plain B=N={B} D{D} bf16", "ours_ms": t_ours, "baselines": base,
+                     "floor_ms": floor, "extra": extra})
+        # option costs relative to plain (at the first size only)
+        if (B, N, D) == sizes[0]:
+            for opt in ("symmetric", "same_tower", "matryoshka5", "fn_margin"):
+                if ctx.time_left() < 20:
+                    break
+                kw = option_kwargs(opt, D)
+                t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
+                recs.append({"name": f"fwd+bwd {opt} B=N={B} D{D} bf16", "ours_ms": t,
+                             "baselines": {"ours plain": t_ours}, "floor_ms": None,
+                             "extra": {"cost_vs_plain": round(t / t_ours, 3), "options": str(kw)}})
+            # forward alone (no grad): the flash-style LSE pass
+            with torch.no_grad():
+                t_f = ctx.bench(lambda: lf.contrastive_loss(q, d), **quick)
+                t_nf = ctx.bench(lambda: naive_loss(q, d), **quick)
+            recs.append({"name": f"fwd only B=N={B} D{D} bf16", "ours_ms": t_f, "baselines": {"naive": t_nf},
+                         "floor_ms": 2 * B * N * D / ctx.matmul_flops * 1e3, "extra": {}})
+        del q, d, ours, naive
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    # the largest batch: one run, time and memory
+    if not ctx.smoke and dev.type == "cuda" and ctx.time_left() > 30:
+        B = N = 262144
+        D = 1024
+        q, d = make_batch(B, N, D, torch.bfloat16, dev)
+        fn = fwd_bwd(lf.contrastive_loss, q, d)
+        fn()  # warm-up (compiles nothing new, sizes the allocator)
+        t = _time_once_ms(fn)
+        peak = ctx.peak_extra_bytes(fn)
+        recs.append({"name": f"fwd+bwd plain B=N={B} D{D} bf16 (one run)", "ours_ms": t, "baselines": {},
+                     "floor_ms": 6 * B * N * D / ctx.matmul_flops * 1e3,
+                     "extra": {"peak_extra_MB": round(peak / 2**20, 1)}})
+        del q, d
+        torch.cuda.empty_cache()
+    return recs
