@@ -1,0 +1,73 @@
+"""Hugging Face ``Trainer`` with gradient caching: contrastive batches larger than fit in memory.
+
+``GradCacheTrainer`` overrides ``compute_loss``: the batch (``{"query": {...}, "doc": {...}}``, dicts of
+tensors, ``doc`` possibly a list of columns) is embedded in chunks by :class:`llmembed_fast.GradCache`, the
+loss (default ``lf.contrastive_loss``) is computed once on the cached embeddings, and the chunks are re-run
+inside the ``backward`` the Trainer calls, so mixed precision, gradient accumulation and the optimizer
+work as usual. ``PairCollator`` turns ``{"query": str, "doc": str}`` rows into that batch with the
+encoder's tokenizer (e.g. :meth:`llmembed_fast.LLMEmbedder.tokenize`).
+
+Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach the collator.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import Trainer
+
+from llmembed_fast.training.grad_cache import GradCache
+
+
+class PairCollator:
+    """Rows ``{"query": str, "doc": str, ...}`` -> ``{"query": tokenized, "doc": tokenized}``.
+
+    ``tokenize(texts, **kwargs)`` returns a dict of tensors (``LLMEmbedder.tokenize`` or a wrapper around a
+    tokenizer); ``query_kwargs`` / ``doc_kwargs`` are passed to it (e.g. ``instruction=`` for queries).
+    Extra text columns listed in ``negative_keys`` become further document columns (hard negatives)."""
+
+    def __init__(self, tokenize: Callable, *, query_key: str = "query", doc_key: str = "doc",
+                 negative_keys: tuple[str, ...] = (), query_kwargs: dict | None = None,
+                 doc_kwargs: dict | None = None):
+        if not callable(tokenize):
+            raise TypeError(f"tokenize must be callable (texts -> dict of tensors), got {type(tokenize).__name__}")
+        self.tokenize, self.query_key, self.doc_key = tokenize, query_key, doc_key
+        self.negative_keys = tuple(negative_keys)
+        self.query_kwargs, self.doc_kwargs = dict(query_kwargs or {}), dict(doc_kwargs or {})
+
+    def __call__(self, rows: list[dict]) -> dict:
+        for key in (self.query_key, self.doc_key, *self.negative_keys):
+            if any(key not in r for r in rows):
+                raise ValueError(f"every row needs a {key!r} text (set remove_unused_columns=False)")
+        q = dict(self.tokenize([r[self.query_key] for r in rows], **self.query_kwargs))
+        docs = [dict(self.tokenize([r[k] for r in rows], **self.doc_kwargs))
+                for k in (self.doc_key, *self.negative_keys)]
+        return {"query": q, "doc": docs[0] if len(docs) == 1 else docs}
+
+
+class GradCacheTrainer(Trainer):
+    """``Trainer`` whose loss is computed with gradient caching.
+
+    Args (besides ``Trainer``'s):
+        loss_fn: ``loss_fn(q, d, **loss_kwargs) -> scalar`` (default ``lf.contrastive_loss``).
+        chunk_size: rows embedded at once (``per_device_train_batch_size`` is the contrastive batch).
+        loss_kwargs: keyword arguments for ``loss_fn`` (e.g. ``temperature``, ``matryoshka_dims``).
+        encode: ``encode(model, chunk) -> [b, D]`` (default ``model(chunk)``, e.g. an ``LLMEmbedder``).
+    """
+
+    def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32, loss_kwargs: dict | None = None,
+                 encode: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss_fn is None:
+            from llmembed_fast.ops.contrastive import contrastive_loss as loss_fn
+        self.gc_loss_fn, self.gc_chunk_size = loss_fn, chunk_size
+        self.gc_loss_kwargs = dict(loss_kwargs or {})
+        self.gc_encode = encode
+        GradCache(lambda x: x, loss_fn, chunk_size)  # validates chunk_size and loss_fn now, not mid-training
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not isinstance(inputs, dict) or "query" not in inputs or "doc" not in inputs:
+            raise ValueError("GradCacheTrainer expects batches {'query': ..., 'doc': ...} (see PairCollator)")
+        encoder = model if self.gc_encode is None else (lambda chunk: self.gc_encode(model, chunk))
+        gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size)
+        loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)
+        return (loss, {}) if return_outputs else loss
