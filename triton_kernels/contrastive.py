@@ -55,6 +55,31 @@ def _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi,
 
 
 @triton.jit
+def _bound(k: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8):
+    """bounds[k], picked at compile time. Bounds are integer arguments (not loaded from memory) so Triton
+    knows their divisibility by 16 and keeps the masked loads along D vectorized."""
+    if k == 0:
+        r = b0
+    elif k == 1:
+        r = b1
+    elif k == 2:
+        r = b2
+    elif k == 3:
+        r = b3
+    elif k == 4:
+        r = b4
+    elif k == 5:
+        r = b5
+    elif k == 6:
+        r = b6
+    elif k == 7:
+        r = b7
+    else:
+        r = b8
+    return r
+
+
+@triton.jit
 def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude):
     """Base-2 logits of dim k for the tile and the mask of the kept entries (thr = +inf: no margin)."""
     a = tl.load(a_ptr + k * M + rows, mask=rmask, other=0.0)
@@ -68,8 +93,8 @@ def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_
 
 @triton.jit
 def _row_lse_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, out_ptr,
-    M, NC, cols_per_split, stride_x, stride_y, gather, exclude,
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, out_ptr,
+    M, NC, cols_per_split, stride_x, stride_y, gather, exclude, b0, b1, b2, b3, b4, b5, b6, b7, b8,
     K: tl.constexpr, KP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -92,8 +117,8 @@ def _row_lse_kernel(
         is_spec = cols[None, :] == spec[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in tl.static_range(K):
-            lo = tl.load(bnd_ptr + k)
-            hi = tl.load(bnd_ptr + k + 1)
+            lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+            hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                        exclude)
@@ -122,9 +147,9 @@ def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude):
 
 @triton.jit
 def _grad_tile_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, bnd_ptr, lse_ptr, w_ptr,
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, lse_ptr, w_ptr,
     h_ptr, rs_ptr, cs_ptr,
-    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude,
+    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude, b0, b1, b2, b3, b4, b5, b6, b7, b8,
     K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -146,8 +171,8 @@ def _grad_tile_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in tl.static_range(K):
-        lo = tl.load(bnd_ptr + k)
-        hi = tl.load(bnd_ptr + k + 1)
+        lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+        hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
         acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
         z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                    exclude)
@@ -162,8 +187,8 @@ def _grad_tile_kernel(
         # H[r] = total - sum_{k < r} h_k: recompute the first K-1 dims and peel them off.
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in tl.static_range(K - 1):
-            lo = tl.load(bnd_ptr + k)
-            hi = tl.load(bnd_ptr + k + 1)
+            lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+            hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                        exclude)
@@ -200,8 +225,13 @@ def _upcast(x: torch.Tensor) -> bool:
     return _interpreting() and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _bounds_tensor(bounds, device) -> torch.Tensor:
-    return torch.tensor(bounds, dtype=torch.int32, device=device)
+MAX_DIMS = 8  # Matryoshka dims a kernel takes (bounds are 9 integer arguments)
+
+
+def _bound_args(bounds) -> list[int]:
+    if len(bounds) - 1 > MAX_DIMS:
+        raise ValueError(f"the Triton kernels take at most {MAX_DIMS} Matryoshka dims, got {len(bounds) - 1}")
+    return list(bounds) + [bounds[-1]] * (MAX_DIMS + 1 - len(bounds))
 
 
 def _thresholds(thr2, K: int, M: int, device) -> torch.Tensor:
@@ -243,13 +273,13 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     cols_per_split = triton.cdiv(n_cb, splits) * BN
     splits = triton.cdiv(NC, cols_per_split)
     part = empty(splits, K, M, dtype=torch.float32, device=x.device)
-    bnd = _bounds_tensor(bounds, x.device)
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
     _row_lse_kernel[(n_rb, splits)](
-        x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd, part,
+        x, y, x_index if x_index is not None else special, a2, b, special, thr, part,
         M, NC, cols_per_split, x.stride(0), y.stride(0), int(x_index is not None), int(bool(exclude)),
+        *_bound_args(bounds),
         K=K, KP=triton.next_power_of_2(K), UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -273,16 +303,15 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     H = empty(K, Mc, NC, dtype=h_dtype, device=x.device)
     rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
     cs_part = empty(n_rb, K, NC, dtype=torch.float32, device=x.device)
-    bnd = _bounds_tensor(bounds, x.device)
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
     _grad_tile_kernel[(n_rb, n_cb)](
-        x, y, x_index if x_index is not None else special, a2, b, special, thr, bnd,
+        x, y, x_index if x_index is not None else special, a2, b, special, thr,
         lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(),
         H, rs_part, cs_part,
         M, NC, r0, Mc, x.stride(0), y.stride(0), H.stride(0), H.stride(1),
-        int(x_index is not None), int(bool(exclude)),
+        int(x_index is not None), int(bool(exclude)), *_bound_args(bounds),
         K=K, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

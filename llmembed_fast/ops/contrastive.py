@@ -150,8 +150,9 @@ def _check_flag(value, name: str) -> bool:
     return value
 
 
-def _backend(q: torch.Tensor):
-    if q.dtype == torch.float64 or _dispatch.select_backend(q) == "torch":
+def _backend(q: torch.Tensor, n_dims: int = 1):
+    """The chunked torch backend for float64, on CPU, or beyond the kernels' Matryoshka-dim limit (8)."""
+    if q.dtype == torch.float64 or n_dims > 8 or _dispatch.select_backend(q) == "torch":
         from llmembed_fast.reference import contrastive_chunked
 
         return contrastive_chunked
@@ -458,7 +459,7 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor |
 
     cfg = _Cfg(bounds=(0, *dims), weights=weights, normalize=normalize, symmetric=symmetric, same_tower=same_tower,
                margin=false_negative_margin, allow_tf32=allow_tf32, eps=float(eps))
-    be = _backend(q)
+    be = _backend(q, len(dims))
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     need_qc = symmetric or same_tower
