@@ -37,9 +37,10 @@ def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return acc_dtype(x_dtype)
 
 
-def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled=None):
     """Yields (k, z2) for each Matryoshka dim in order: the base-2 logits [r1-r0, NC] of rows [r0, r1),
-    -inf where an entry is left out. The caller may modify z2 in place."""
+    -inf where an entry is left out. The caller may modify z2 in place. ``y_scaled`` = y[:, :d1] * b[0] (one
+    dim only) saves two passes over the block."""
     dt = y_acc.dtype
     idx = x_index[r0:r1] if x_index is not None else slice(r0, r1)
     xr = x[idx].to(dt)
@@ -49,10 +50,13 @@ def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, 
     acc = None
     for k in range(K):
         lo, hi = bounds[k], bounds[k + 1]
-        part = xr[:, lo:hi] @ y_acc[:, lo:hi].T
-        acc = part if acc is None else acc.add_(part)
-        z2 = acc if k == K - 1 else acc.clone()
-        z2.mul_(a2[k, r0:r1, None].to(dt)).mul_(b[k, None, :].to(dt))
+        if K == 1 and y_scaled is not None:  # one dim: the scales are folded into the GEMM's operands
+            z2 = (xr[:, lo:hi] * a2[0, r0:r1, None].to(dt)) @ y_scaled.T
+        else:
+            part = xr[:, lo:hi] @ y_acc[:, lo:hi].T
+            acc = part if acc is None else acc.add_(part)
+            z2 = acc if k == K - 1 else acc.clone()
+            z2.mul_(a2[k, r0:r1, None].to(dt)).mul_(b[k, None, :].to(dt))
         if thr2 is not None:
             keep = z2[ar, spec].clone()
             z2.masked_fill_(z2 > thr2[k, r0:r1, None].to(dt), float("-inf"))
@@ -62,6 +66,13 @@ def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, 
         yield k, z2
 
 
+def _fold_columns(y_acc, b, bounds):
+    """y[:, :d1] * b[0][:, None] when there is one dim (a copy, O(N * D)); None otherwise."""
+    if len(bounds) != 2:
+        return None
+    return y_acc[:, : bounds[1]] * b[0, :, None].to(y_acc.dtype)
+
+
 def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True) -> torch.Tensor:
     """Base-2 log-sum-exp of each row's kept logits, per dim: [K, M] (-inf for a row with none kept)."""
     M = a2.shape[1]
@@ -69,10 +80,11 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     y_acc = y.to(dt)
     K = len(bounds) - 1
     out = torch.empty(K, M, dtype=dt, device=x.device)
+    y_scaled = _fold_columns(y_acc, b, bounds)
     step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+        for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled):
             m = z2.amax(dim=1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             out[k, r0:r1] = m.squeeze(1) + torch.log2(z2.sub_(m).exp2_().sum(dim=1))
@@ -100,14 +112,18 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     cs = torch.empty(K, NC, dtype=dt, device=x.device)
     ar = torch.arange(r1 - r0, device=x.device)
     spec = special[r0:r1]
-    for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1):
+    masked = exclude or thr2 is not None
+    y_scaled = _fold_columns(y_acc, b, bounds)
+    for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled):
         w = wrow[k, r0:r1].to(dt)
-        g = torch.exp2(z2 - lse2[k, r0:r1, None].to(dt)).mul_(w[:, None])   # 0 where left out
+        g = torch.sub(z2, lse2[k, r0:r1, None].to(dt)).exp2_().mul_(w[:, None])   # 0 where left out
         if not exclude:
             g[ar, spec] -= w
-        gz = z2.clamp_(min=-1e30).mul_(g).mul_(LN2)  # left-out entries: g = 0
-        rs[k] = gz.sum(dim=1)
-        cs[k] = gz.sum(dim=0)
+        if masked:
+            z2.clamp_(min=-1e30)  # left-out entries have g = 0; keep g * z finite there
+        gz = z2.mul_(g)
+        rs[k] = gz.sum(dim=1).mul_(LN2)
+        cs[k] = gz.sum(dim=0).mul_(LN2)
         torch.mul(g, (a2[k, r0:r1, None].to(dt) * LN2), out=H[k])
         H[k].mul_(b[k, None, :].to(dt))
     for r in range(K - 2, -1, -1):  # suffix sums: range r gets every dim k >= r
