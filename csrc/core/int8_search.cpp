@@ -17,11 +17,22 @@
 namespace lf {
 namespace {
 
-// Integer dots of one quantized query a [d] (int8, |a| <= the kernel's bound) with n rows of u:
-// out[r] = sum_j a[j] * u[r][j], u = byte ^ flip.
-using DotFn = void (*)(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out);
+// The integer query: a [d] (|a| <= the kernel's bound), a + 64 as uint8, and sum of a over the first
+// d & ~31 dimensions.
+struct IntQuery {
+  const int8_t* a;
+  const uint8_t* a_off;
+  int32_t head_sum;
+};
 
-void dots_scalar(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+// Integer dots of one query with n rows of u: out[r] = sum_j a[j] * u[r][j], u = byte ^ flip.
+// head_sums[r] = sum over the first d & ~31 bytes of row r read as int8 (used by the signed AVX2 path).
+using DotFn = void (*)(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
+                       const int32_t* head_sums, int32_t* out);
+
+void dots_scalar(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, const int32_t*,
+                 int32_t* out) {
+  const int8_t* a = q.a;
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* u = rows + r * d;
     int32_t s = 0;
@@ -40,19 +51,34 @@ LF_AVX2 inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// vpmaddubsw (u8 x s8 -> pairs summed to s16): with |a| <= 32 two such results fit one s16 without
-// saturation (2 * 2 * 255 * 32 = 32640), then vpmaddwd widens to int32. Four rows share each query load.
-LF_AVX2 void dots_avx2(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+// vpmaddubsw (u8 x s8 -> adjacent pairs summed to s16): with |a| <= 64 a pair sum stays below
+// 2 * 255 * 64 = 32640, so nothing saturates; vpmaddwd then widens to int32. Four rows share each query load.
+LF_AVX2 inline __m256i dot32(__m256i u, __m256i a, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones);
+}
+
+// uint8 codes: u is the unsigned operand, a (|a| <= 64) the signed one.
+// int8 codes c = u - 128: the signed operand is c itself and the unsigned one a + 64 (<= 128), pair sums in
+// [-32768, 32512]; sum a u = sum (a + 64) c - 64 sum c + 128 sum a. No per-byte xor either way.
+LF_AVX2 inline __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <bool SIGNED>
+LF_AVX2 inline __m256i dot_rows(__m256i row, __m256i qv, __m256i ones) {
+  return SIGNED ? dot32(qv, row, ones) : dot32(row, qv, ones);
+}
+
+template <bool SIGNED>
+LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
+                         const int32_t* head_sums, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i fl = _mm256_set1_epi8(static_cast<char>(flip));
-  const int64_t d64 = d & ~int64_t(63);
-  auto ld = [&](const uint8_t* p) LF_AVX2 {
-    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), fl);
-  };
-  auto tail = [&](const uint8_t* u) {
-    int32_t s = 0;
-    for (int64_t j = d64; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
-    return s;
+  const int64_t d32 = d & ~int64_t(31);
+  const int8_t* a = q.a;
+  const uint8_t* qop = SIGNED ? q.a_off : reinterpret_cast<const uint8_t*>(q.a);
+  auto finish = [&](int64_t r, const uint8_t* u, __m256i acc) LF_AVX2 {
+    int32_t s = hsum_epi32(acc);
+    if (SIGNED) s += 128 * q.head_sum - 64 * head_sums[r];
+    for (int64_t j = d32; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
+    out[r] = s;
   };
   int64_t r = 0;
   for (; r + 4 <= n; r += 4) {
@@ -61,40 +87,38 @@ LF_AVX2 void dots_avx2(const int8_t* a, const uint8_t* rows, int64_t n, int64_t 
     const uint8_t* u2 = u1 + d;
     const uint8_t* u3 = u2 + d;
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
-    for (int64_t j = 0; j < d64; j += 64) {
-      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
-      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j + 32));
-      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u0 + j), q0),
-                                                                   _mm256_maddubs_epi16(ld(u0 + j + 32), q1)), ones));
-      c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u1 + j), q0),
-                                                                   _mm256_maddubs_epi16(ld(u1 + j + 32), q1)), ones));
-      c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u2 + j), q0),
-                                                                   _mm256_maddubs_epi16(ld(u2 + j + 32), q1)), ones));
-      c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u3 + j), q0),
-                                                                   _mm256_maddubs_epi16(ld(u3 + j + 32), q1)), ones));
+    for (int64_t j = 0; j < d32; j += 32) {
+      const __m256i qv = ld(qop + j);
+      c0 = _mm256_add_epi32(c0, dot_rows<SIGNED>(ld(u0 + j), qv, ones));
+      c1 = _mm256_add_epi32(c1, dot_rows<SIGNED>(ld(u1 + j), qv, ones));
+      c2 = _mm256_add_epi32(c2, dot_rows<SIGNED>(ld(u2 + j), qv, ones));
+      c3 = _mm256_add_epi32(c3, dot_rows<SIGNED>(ld(u3 + j), qv, ones));
     }
-    out[r] = hsum_epi32(c0) + tail(u0);
-    out[r + 1] = hsum_epi32(c1) + tail(u1);
-    out[r + 2] = hsum_epi32(c2) + tail(u2);
-    out[r + 3] = hsum_epi32(c3) + tail(u3);
+    finish(r, u0, c0);
+    finish(r + 1, u1, c1);
+    finish(r + 2, u2, c2);
+    finish(r + 3, u3, c3);
   }
   for (; r < n; ++r) {
     const uint8_t* u = rows + r * d;
     __m256i c = _mm256_setzero_si256();
-    for (int64_t j = 0; j < d64; j += 64) {
-      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
-      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j + 32));
-      c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ld(u + j), q0),
-                                                                 _mm256_maddubs_epi16(ld(u + j + 32), q1)), ones));
-    }
-    out[r] = hsum_epi32(c) + tail(u);
+    for (int64_t j = 0; j < d32; j += 32) c = _mm256_add_epi32(c, dot_rows<SIGNED>(ld(u + j), ld(qop + j), ones));
+    finish(r, u, c);
   }
+}
+
+LF_AVX2 void dots_avx2(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
+                       const int32_t* head_sums, int32_t* out) {
+  if (flip) dots_avx2_t<true>(q, rows, n, d, flip, head_sums, out);
+  else dots_avx2_t<false>(q, rows, n, d, flip, head_sums, out);
 }
 
 // AVX-512 VNNI: vpdpbusd accumulates u8 x s8 products in int32 without saturation; masked tail loads.
 #define LF_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-LF_VNNI void dots_vnni(const int8_t* a, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int32_t* out) {
+LF_VNNI void dots_vnni(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, const int32_t*,
+                       int32_t* out) {
+  const int8_t* a = q.a;
   const __m512i fl = _mm512_set1_epi8(static_cast<char>(flip));
   const int64_t nfull = d / 64, rem = d - nfull * 64;
   const __mmask64 tail = rem ? (~0ULL >> (64 - rem)) : 0;
@@ -116,54 +140,67 @@ LF_VNNI void dots_vnni(const int8_t* a, const uint8_t* rows, int64_t n, int64_t 
 #endif  // LF_X86
 
 // ---------------------------------------------------------------- exact float64 rescoring
-// The defined score: four lanes (j mod 4) of separately rounded products and sums, lanes combined as
-// (l0 + l1) + (l2 + l3), then the d % 4 tail in order. Scalar and AVX2 give bit-identical results.
+// The defined score: 16 lanes (j mod 16) of separately rounded products and sums, combined as a fixed
+// pairwise tree, then the d % 16 tail in order. Scalar and AVX2 give bit-identical results; 16 lanes keep
+// four independent vector add chains in flight.
+inline double combine16(const double* l) {
+  double t[8];
+  for (int i = 0; i < 8; ++i) t[i] = l[i] + l[i + 8];
+  for (int i = 0; i < 4; ++i) t[i] = t[i] + t[i + 4];
+  return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
 double exact_score_scalar(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
-  double l0 = 0.0, l1 = 0.0, l2 = 0.0, l3 = 0.0;
-  const int64_t d4 = d & ~int64_t(3);
-  for (int64_t j = 0; j < d4; j += 4) {
-    l0 += w[j] * static_cast<double>(u[j] ^ flip);
-    l1 += w[j + 1] * static_cast<double>(u[j + 1] ^ flip);
-    l2 += w[j + 2] * static_cast<double>(u[j + 2] ^ flip);
-    l3 += w[j + 3] * static_cast<double>(u[j + 3] ^ flip);
-  }
-  double s = (l0 + l1) + (l2 + l3);
-  for (int64_t j = d4; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
+  double l[16] = {0};
+  const int64_t d16 = d & ~int64_t(15);
+  for (int64_t j = 0; j < d16; j += 16)
+    for (int i = 0; i < 16; ++i) l[i] += w[j + i] * static_cast<double>(u[j + i] ^ flip);
+  double s = combine16(l);
+  for (int64_t j = d16; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
   return s;
 }
 
 #ifdef LF_X86
 __attribute__((target("avx2"))) double exact_score_avx2(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
-  __m256d acc = _mm256_setzero_pd();
-  const int64_t d4 = d & ~int64_t(3);
-  const __m128i fl = _mm_set1_epi32(flip);
-  for (int64_t j = 0; j < d4; j += 4) {
-    int32_t four;
-    std::memcpy(&four, u + j, 4);
-    const __m128i b = _mm_xor_si128(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(four)), fl);
-    acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_loadu_pd(w + j), _mm256_cvtepi32_pd(b)));
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  const int64_t d16 = d & ~int64_t(15);
+  const __m256i fl = _mm256_set1_epi32(flip);
+  for (int64_t j = 0; j < d16; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + j));
+    const __m256i lo = _mm256_xor_si256(_mm256_cvtepu8_epi32(b), fl);
+    const __m256i hi = _mm256_xor_si256(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), fl);
+    acc[0] = _mm256_add_pd(acc[0], _mm256_mul_pd(_mm256_loadu_pd(w + j), _mm256_cvtepi32_pd(_mm256_castsi256_si128(lo))));
+    acc[1] = _mm256_add_pd(acc[1], _mm256_mul_pd(_mm256_loadu_pd(w + j + 4), _mm256_cvtepi32_pd(_mm256_extracti128_si256(lo, 1))));
+    acc[2] = _mm256_add_pd(acc[2], _mm256_mul_pd(_mm256_loadu_pd(w + j + 8), _mm256_cvtepi32_pd(_mm256_castsi256_si128(hi))));
+    acc[3] = _mm256_add_pd(acc[3], _mm256_mul_pd(_mm256_loadu_pd(w + j + 12), _mm256_cvtepi32_pd(_mm256_extracti128_si256(hi, 1))));
   }
-  alignas(32) double l[4];
-  _mm256_store_pd(l, acc);
-  double s = (l[0] + l[1]) + (l[2] + l[3]);
-  for (int64_t j = d4; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
+  alignas(32) double l[16];
+  for (int i = 0; i < 4; ++i) _mm256_store_pd(l + 4 * i, acc[i]);
+  double s = combine16(l);
+  for (int64_t j = d16; j < d; ++j) s += w[j] * static_cast<double>(u[j] ^ flip);
   return s;
 }
+#endif
 
+#ifdef LF_X86
 // sum_j (u_j - 128)^2 for n rows.
 __attribute__((target("avx2"))) void sqnorms_avx2(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
-                                                  int64_t* out) {
+                                                  int64_t* out, int32_t* head_sums) {
+  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i sflip = _mm256_set1_epi8(static_cast<char>(flip ^ 0x80));  // byte ^ sflip = u - 128 as int8
   const int64_t d32 = d & ~int64_t(31);
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* u = rows + r * d;
-    __m256i acc = _mm256_setzero_si256();
+    __m256i acc = _mm256_setzero_si256(), sum = acc;
     for (int64_t j = 0; j < d32; j += 32) {
       const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + j)), sflip);
       const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
       const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
       acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, lo), _mm256_madd_epi16(hi, hi)));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
     }
+    // v = u - 128 = the int8 code: its head sum is what the signed dot kernel needs
+    head_sums[r] = hsum_epi32(sum);
     int64_t s = hsum_epi32(acc);  // <= 32 * 16384 per lane per 32 bytes: int32 lanes hold d <= 65536
     for (int64_t j = d32; j < d; ++j) {
       const int32_t v = static_cast<int32_t>(u[j] ^ flip) - 128;
@@ -174,9 +211,13 @@ __attribute__((target("avx2"))) void sqnorms_avx2(const uint8_t* rows, int64_t n
 }
 #endif
 
-void sqnorms_scalar(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out) {
+void sqnorms_scalar(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out, int32_t* head_sums) {
+  const int64_t d32 = d & ~int64_t(31);
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* u = rows + r * d;
+    int32_t hs = 0;
+    for (int64_t j = 0; j < d32; ++j) hs += static_cast<int32_t>(u[j] ^ flip) - 128;
+    head_sums[r] = hs;
     int64_t s = 0;
     for (int64_t j = 0; j < d; ++j) {
       const int32_t v = static_cast<int32_t>(u[j] ^ flip) - 128;
@@ -193,11 +234,11 @@ double exact_score(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
   return exact_score_scalar(w, u, d, flip);
 }
 
-void sqnorms(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out) {
+void sqnorms(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out, int32_t* head_sums) {
 #ifdef LF_X86
-  if (simd_active() >= Simd::AVX2) return sqnorms_avx2(rows, n, d, flip, out);
+  if (simd_active() >= Simd::AVX2) return sqnorms_avx2(rows, n, d, flip, out, head_sums);
 #endif
-  sqnorms_scalar(rows, n, d, flip, out);
+  sqnorms_scalar(rows, n, d, flip, out, head_sums);
 }
 
 struct Kernel {
@@ -208,7 +249,7 @@ struct Kernel {
 Kernel pick_kernel() {
 #ifdef LF_X86
   if (simd_active() == Simd::AVX512 && cpu_has_avx512_vnni()) return {dots_vnni, 127};
-  if (simd_active() >= Simd::AVX2) return {dots_avx2, 32};
+  if (simd_active() >= Simd::AVX2) return {dots_avx2, 64};
 #endif
   return {dots_scalar, 127};
 }
@@ -216,6 +257,8 @@ Kernel pick_kernel() {
 // Per query: the integer query, its scale and error terms.
 struct QueryPlan {
   std::vector<int8_t> a;
+  std::vector<uint8_t> a_off;  // a + 64
+  int32_t head_sum = 0;        // sum of a over the first d & ~31 dimensions
   double scale = 1.0, err_sum = 0.0, err_norm = 0.0, slack = 0.0;
 };
 
@@ -237,6 +280,12 @@ void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
     e2 += e * e;
   }
   p->err_sum = es;
+  p->a_off.resize(static_cast<size_t>(d));
+  p->head_sum = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    p->a_off[j] = static_cast<uint8_t>(p->a[j] + 64);
+    if (j < (d & ~int64_t(31))) p->head_sum += p->a[j];
+  }
   p->err_norm = std::sqrt(e2) * (1.0 + 1e-9);
   // Room for float64 rounding in the bounds and in the exact rescoring (|score| <= 255 * sum|w|).
   p->slack = 1e-9 * (255.0 * asum) + 1e-300;
@@ -274,26 +323,33 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
   std::vector<int32_t> dots(static_cast<size_t>(tile));
   std::vector<double> norms(static_cast<size_t>(tile));
   std::vector<int64_t> sq(static_cast<size_t>(tile));
+  std::vector<int32_t> head_sums(static_cast<size_t>(tile));
   for (int64_t r0 = lo; r0 < hi; r0 += tile) {
     const int64_t rn = std::min(tile, hi - r0);
-    sqnorms(codes + r0 * d, rn, d, flip, sq.data());  // ||u - 128|| of each row of the tile
-    for (int64_t r = 0; r < rn; ++r) norms[r] = std::sqrt(static_cast<double>(sq[r]));
+    sqnorms(codes + r0 * d, rn, d, flip, sq.data(), head_sums.data());  // ||u - 128|| of each row of the tile
+    double max_norm = 0.0;
+    for (int64_t r = 0; r < rn; ++r) max_norm = std::max(max_norm, norms[r] = std::sqrt(static_cast<double>(sq[r])));
     for (int64_t qi = 0; qi < qn; ++qi) {
       const QueryPlan& p = plans[q0 + qi];
       const double* wq = w + (q0 + qi) * d;
-      kern.dots(p.a.data(), codes + r0 * d, rn, d, flip, dots.data());
+      const IntQuery iq{p.a.data(), p.a_off.data(), p.head_sum};
+      kern.dots(iq, codes + r0 * d, rn, d, flip, head_sums.data(), dots.data());
       Selection& s = sel[qi];
       const double base = 128.0 * p.err_sum;
       double cut = s.cut();
+      // Rows with dot < dot_cut fail even with the tile's largest error radius: one compare each.
+      auto dot_cut = [&] { return (cut - base - p.err_norm * max_norm - 2.0 * p.slack) / p.scale; };
+      double dcut = dot_cut();
       for (int64_t r = 0; r < rn; ++r) {
+        if (static_cast<double>(dots[r]) < dcut) continue;
         const double approx = p.scale * dots[r] + base;
         const double radius = p.err_norm * norms[r] + p.slack;
         if (approx + radius < cut) continue;
         s.cand.emplace_back(approx + radius, r0 + r);
-        if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut();
+        if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut(), dcut = dot_cut();
         if (s.cand.size() >= cap) {
           flush(s, wq, codes, d, signed_codes, p.slack);
-          cut = s.cut();
+          cut = s.cut(), dcut = dot_cut();
         }
       }
     }
