@@ -22,7 +22,12 @@ def backend(request, monkeypatch):
     return request.param
 
 
+# Test tensors are small: one intra-op thread avoids OpenMP spin-waits, which cost 100x on a loaded 2-core
+# machine (and when spawned ranks share the cores), and keeps runs reproducible.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
