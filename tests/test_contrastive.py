@@ -108,6 +108,35 @@ def test_labels_default_and_duplicates(backend, labels):
     _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.05)
 
 
+FUSED_GRID = [  # symmetric with default labels: the document->query term rides on the query->document tiles
+    dict(), dict(false_negative_margin=0.05), dict(same_tower=True, matryoshka_dims=(5, 16, 24)),
+    dict(false_negative_margin=0.1, matryoshka_dims=(8, 24), normalize=False, temperature=3.0),
+    dict(same_tower=True, false_negative_margin=0.1, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("kw", FUSED_GRID, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize("n_extra", [0, 5])
+def test_symmetric_default_labels(backend, kw, n_extra):
+    kw = dict(kw)
+    t = kw.pop("temperature", 0.05)
+    q, d, _ = _inputs(9, 9 + n_extra, 24, torch.float32, seed=n_extra + len(kw), labels="arange")
+    d[3] = q[3] * 1.5 + 0.01 * d[3]  # a false negative in the document->query direction too
+    _check(q, d, None, TOL[torch.float32], temperature=t, symmetric=True, **kw)
+
+
+def test_symmetric_fused_equals_explicit_labels(backend):
+    """labels=None takes the fused path, labels=arange(B) the separate document->query term: same results."""
+    q, d, _ = _inputs(6, 10, 16, torch.float32, seed=8, labels="arange")
+    outs = []
+    for labels in (None, torch.arange(6)):
+        qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+        loss = lf.contrastive_loss(qa, da, labels=labels, symmetric=True, false_negative_margin=0.1)
+        outs.append((loss, *torch.autograd.grad(loss, [qa, da])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_float_temperature(backend, reduction):
     q, d, lab = _inputs(5, 8, 24, torch.float32, seed=3)
@@ -141,6 +170,7 @@ def test_chunked_blocks(backend, monkeypatch):
     q, d, lab = _inputs(20, 100, 24, torch.float32, seed=9)
     _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.1,
            matryoshka_dims=(6, 12, 24))
+    _check(q, d, None, TOL[torch.float32], symmetric=True, false_negative_margin=0.1, matryoshka_dims=(6, 24))
 
 
 def test_float64_matches_reference_tightly():
@@ -159,10 +189,12 @@ def test_poisoned_buffers_are_fully_written(backend):
     K, b = 2, q.shape[0]
     a2 = torch.rand(K, b) + 0.5
     bb = torch.rand(K, d.shape[0]) + 0.5
-    lse = be.row_lse(q, d, None, a2, bb, lab, False, None, (0, 17, 40))
+    diag = torch.arange(b)
+    lse, col = be.row_lse(q, d, None, a2, bb, diag, False, None, (0, 17, 40), col_terms=b)
     assert lse.shape == (K, b) and torch.isfinite(lse).all()
-    H, rs, cs = be.grad_tiles(q, d, None, a2, bb, lab, False, None, (0, 17, 40), lse, torch.ones(K, b), 3, 30,
-                              be.grad_dtype(q.dtype))
+    assert col.shape == (K, b) and torch.isfinite(col).all()
+    H, rs, cs = be.grad_tiles(q, d, None, a2, bb, diag, False, None, (0, 17, 40), lse, torch.ones(K, b), 3, 30,
+                              be.grad_dtype(q.dtype), col_lse2=col)
     assert H.shape == (K, 27, 70) and not H.isnan().any() and not rs.isnan().any() and not cs.isnan().any()
 
 

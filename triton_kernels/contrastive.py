@@ -92,10 +92,19 @@ def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_
 
 
 @triton.jit
+def _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec):
+    """Kept entries of the column (document->query) term: column i < ncol belongs to query i, its positive
+    is the diagonal and its false-negative threshold is query i's."""
+    ccol = cols < ncol
+    thr_c = tl.load(thr_ptr + k * M + cols, mask=ccol, other=0.0)
+    return rmask[:, None] & ccol[None, :] & ((z2 <= thr_c[None, :]) | is_spec)
+
+
+@triton.jit
 def _row_lse_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, out_ptr,
-    M, NC, cols_per_split, stride_x, stride_y, gather, exclude, b0, b1, b2, b3, b4, b5, b6, b7, b8,
-    K: tl.constexpr, KP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, out_ptr, colpart_ptr,
+    M, NC, cols_per_split, stride_x, stride_y, gather, exclude, ncol, b0, b1, b2, b3, b4, b5, b6, b7, b8,
+    K: tl.constexpr, KP: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -122,6 +131,14 @@ def _row_lse_kernel(
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                        exclude)
+            if COLS:  # symmetric term: this tile's log-sum-exp down each of the first ncol columns
+                valid_c = _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec)
+                zc = tl.where(valid_c, z2, float("-inf"))
+                mc = tl.max(zc, axis=0)
+                mc_use = tl.where(mc == float("-inf"), 0.0, mc)
+                lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
+                lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
+                tl.store(colpart_ptr + (pid_m * K + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask)
             z2 = tl.where(valid, z2, float("-inf"))
             sel = kk[None, :] == k
             m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
@@ -146,11 +163,23 @@ def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude):
 
 
 @triton.jit
+def _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr):
+    """Adds the column term's gradient: w_i * (exp2(z2 - clse_i) on kept entries - [diagonal]) in column i."""
+    ccol = cols < ncol
+    lse_c = tl.load(clse_ptr + k * ncol + cols, mask=ccol, other=0.0)
+    w_c = tl.load(w_ptr + k * M + cols, mask=ccol, other=0.0)
+    valid_c = _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec)
+    pc = tl.where(valid_c, tl.exp2(z2 - lse_c[None, :]), 0.0)
+    return g + w_c[None, :] * (pc - tl.where(is_spec, 1.0, 0.0))
+
+
+@triton.jit
 def _grad_tile_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, lse_ptr, w_ptr,
+    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr,
     h_ptr, rs_ptr, cs_ptr,
-    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude, b0, b1, b2, b3, b4, b5, b6, b7, b8,
-    K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude, ncol,
+    b0, b1, b2, b3, b4, b5, b6, b7, b8,
+    K: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -178,6 +207,8 @@ def _grad_tile_kernel(
         z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                    exclude)
         g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
+        if COLS:
+            g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
         g = tl.where(tile_mask, g, 0.0)
         gz = g * z2 * 0.6931471805599453
         tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
@@ -198,6 +229,8 @@ def _grad_tile_kernel(
             z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
                                        exclude)
             g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
+            if COLS:
+                g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
             g = tl.where(tile_mask, g, 0.0)
             total -= g * (a[:, None] * 0.6931471805599453) * b[None, :]
             tl.store(h_tile + (k + 1) * stride_hk, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
@@ -260,8 +293,20 @@ def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
     return min(M, rows)
 
 
-def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True) -> torch.Tensor:
-    """Base-2 log-sum-exp per (dim, row) of a term: float32 [K, M] (-inf where no entry is kept)."""
+def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
+    """log2(sum(exp2(part))) over dim 0, -inf where every part is -inf."""
+    if part.shape[0] == 1:
+        return part[0]
+    m = part.amax(0)
+    m_use = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
+
+
+def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True,
+            col_terms: int = 0):
+    """Base-2 log-sum-exp per (dim, row) of a term: (float32 [K, M] (-inf where no entry is kept), column
+    LSE [K, col_terms] or None). ``col_terms`` = n > 0 also reduces the first n columns down the rows (the
+    symmetric term when column i is query i's positive and ``special`` is the diagonal)."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     cfg = _config(x.dtype, x.shape[1], K)
@@ -278,25 +323,22 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     cols_per_split = triton.cdiv(n_cb, splits) * BN
     splits = triton.cdiv(NC, cols_per_split)
     part = empty(splits, K, M, dtype=torch.float32, device=x.device)
+    colpart = empty(n_rb, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
     _row_lse_kernel[(n_rb, splits)](
-        x, y, x_index if x_index is not None else special, a2, b, special, thr, part,
-        M, NC, cols_per_split, x.stride(0), y.stride(0), int(x_index is not None), int(bool(exclude)),
+        x, y, x_index if x_index is not None else special, a2, b, special, thr, part, colpart,
+        M, NC, cols_per_split, x.stride(0), y.stride(0), int(x_index is not None), int(bool(exclude)), col_terms,
         *_bound_args(bounds),
-        K=K, KP=triton.next_power_of_2(K), UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        K=K, KP=triton.next_power_of_2(K), COLS=col_terms > 0, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits == 1:
-        return part[0]
-    m = part.amax(0)
-    m_use = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
+    return _lse2_merge(part), (_lse2_merge(colpart) if col_terms else None)
 
 
 def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
-               h_dtype: torch.dtype, allow_tf32: bool = True):
+               h_dtype: torch.dtype, allow_tf32: bool = True, col_lse2=None):
     """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC] of ``h_dtype``, row sums [K, r1-r0], column sums
     [K, NC], float32). Same contract as ``reference.contrastive_chunked.grad_tiles``."""
     K = len(bounds) - 1
@@ -311,13 +353,15 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
+    ncol = 0 if col_lse2 is None else col_lse2.shape[1]
+    clse = col_lse2.to(torch.float32).contiguous() if col_lse2 is not None else a2
     _grad_tile_kernel[(n_rb, n_cb)](
         x, y, x_index if x_index is not None else special, a2, b, special, thr,
-        lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(),
+        lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(), clse,
         H, rs_part, cs_part,
         M, NC, r0, Mc, x.stride(0), y.stride(0), H.stride(0), H.stride(1),
-        int(x_index is not None), int(bool(exclude)), *_bound_args(bounds),
-        K=K, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
+        int(x_index is not None), int(bool(exclude)), ncol, *_bound_args(bounds),
+        K=K, COLS=ncol > 0, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return H, rs_part.sum(0), cs_part.sum(0)

@@ -45,6 +45,7 @@ class _Cfg(NamedTuple):
     margin: float | None
     allow_tf32: bool
     eps: float
+    fused_symmetric: bool = False    # labels = arange(B), one process: the symmetric term rides on term A
 
 
 class _Term(NamedTuple):
@@ -232,7 +233,7 @@ def _terms(cfg: _Cfg) -> list[_Term]:
     if cfg.same_tower:
         terms.append(_Term("q", False, "qc", True, "self", 0))
         terms.append(_Term("d", True, "dc", True, "labels", 0))
-    if cfg.symmetric:
+    if cfg.symmetric and not cfg.fused_symmetric:
         terms.append(_Term("d", True, "qc", False, "self", 1))
     return terms
 
@@ -266,9 +267,13 @@ class _ContrastiveFunction(torch.autograd.Function):
         src = {"q": q, "d": d, "qc": qc, "dc": dc}
 
         group_lse: list[torch.Tensor | None] = [None, None]
-        for t in _terms(cfg):
-            lse2 = be.row_lse(src[t.x], src[t.y], labels if t.gather else None, scales[t.x], cols[t.y],
-                              special[t.special], t.exclude, thr2, bounds, allow_tf32=cfg.allow_tf32)
+        for i, t in enumerate(_terms(cfg)):
+            fused = cfg.fused_symmetric and i == 0  # column i of q x d is the positive of query i
+            lse2, col_lse2 = be.row_lse(src[t.x], src[t.y], labels if t.gather else None, scales[t.x], cols[t.y],
+                                        special[t.special], t.exclude, thr2, bounds, allow_tf32=cfg.allow_tf32,
+                                        col_terms=b if fused else 0)
+            if fused:
+                group_lse[1] = col_lse2
             prev = group_lse[t.group]
             group_lse[t.group] = lse2 if prev is None else torch.logaddexp2(prev, lse2)
         w = torch.tensor(cfg.weights, dtype=acc, device=q.device)[:, None]
@@ -321,7 +326,8 @@ class _ContrastiveFunction(torch.autograd.Function):
             return gemm_ops[key]
 
         with _tf32(cfg.allow_tf32):
-            for t in _terms(cfg):
+            for i, t in enumerate(_terms(cfg)):
+                col_lse2 = st["group_lse"][1] if (cfg.fused_symmetric and i == 0) else None
                 need_rows, need_cols = need[t.x], need[t.y]
                 if not (need_rows or need_cols or need["tau"]):
                     continue
@@ -336,7 +342,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                     r1 = min(M, r0 + step)
                     H, rs, cs = be.grad_tiles(x, y, x_index, st["scales"][t.x], st["beta"][t.y], special[t.special],
                                               t.exclude, st["thr2"], bounds, st["group_lse"][t.group], wrow, r0, r1,
-                                              hdt, allow_tf32=cfg.allow_tf32)
+                                              hdt, allow_tf32=cfg.allow_tf32, col_lse2=col_lse2)
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
                     Xc = x[rows]
                     if need_rows:
@@ -458,7 +464,8 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor |
         labels_t = torch.arange(B, device=q.device)
 
     cfg = _Cfg(bounds=(0, *dims), weights=weights, normalize=normalize, symmetric=symmetric, same_tower=same_tower,
-               margin=false_negative_margin, allow_tf32=allow_tf32, eps=float(eps))
+               margin=false_negative_margin, allow_tf32=allow_tf32, eps=float(eps),
+               fused_symmetric=symmetric and labels is None and group is None)
     be = _backend(q, len(dims))
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()

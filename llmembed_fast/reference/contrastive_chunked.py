@@ -37,10 +37,11 @@ def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return acc_dtype(x_dtype)
 
 
-def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled=None):
-    """Yields (k, z2) for each Matryoshka dim in order: the base-2 logits [r1-r0, NC] of rows [r0, r1),
-    -inf where an entry is left out. The caller may modify z2 in place. ``y_scaled`` = y[:, :d1] * b[0] (one
-    dim only) saves two passes over the block."""
+def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled=None, n_cols=0):
+    """Yields (k, z2, zc, raw) for each Matryoshka dim in order: z2 = the base-2 logits [r1-r0, NC] of rows
+    [r0, r1), -inf where an entry is left out; zc, raw = None, or with ``n_cols`` > 0 the first n_cols columns
+    masked for the column (symmetric) term instead, and the unmasked logits. The caller may modify both in place. ``y_scaled`` =
+    y[:, :d1] * b[0] (one dim only) saves two passes over the block."""
     dt = y_acc.dtype
     idx = x_index[r0:r1] if x_index is not None else slice(r0, r1)
     xr = x[idx].to(dt)
@@ -57,13 +58,34 @@ def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, 
             acc = part if acc is None else acc.add_(part)
             z2 = acc if k == K - 1 else acc.clone()
             z2.mul_(a2[k, r0:r1, None].to(dt)).mul_(b[k, None, :].to(dt))
+        zc = _column_view(z2, thr2, k, r0, r1, n_cols) if n_cols else None
+        raw = z2.clone() if n_cols else None
         if thr2 is not None:
             keep = z2[ar, spec].clone()
             z2.masked_fill_(z2 > thr2[k, r0:r1, None].to(dt), float("-inf"))
             z2[ar, spec] = keep  # the positive always stays
         if exclude:
             z2[ar, spec] = float("-inf")
-        yield k, z2
+        yield k, z2, zc, raw
+
+
+def _column_view(z2, thr2, k, r0, r1, n_cols):
+    """The column term's logits of rows [r0, r1): column i < n_cols belongs to query i (its positive is the
+    diagonal, its false-negative threshold query i's). A masked copy [r1-r0, n_cols]."""
+    zc = z2[:, :n_cols].clone()
+    if thr2 is not None:
+        diag = torch.arange(r0, min(r1, n_cols), device=z2.device)
+        keep = zc[diag - r0, diag].clone()
+        zc.masked_fill_(zc > thr2[k, None, :n_cols].to(zc.dtype), float("-inf"))
+        zc[diag - r0, diag] = keep
+    return zc
+
+
+def _lse2_rows(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """log2(sum(exp2(z))) along ``dim`` (-inf where all are -inf); consumes z."""
+    m = z.amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.squeeze(dim) + torch.log2(z.sub_(m).exp2_().sum(dim=dim))
 
 
 def _fold_columns(y_acc, b, bounds):
@@ -73,26 +95,33 @@ def _fold_columns(y_acc, b, bounds):
     return y_acc[:, : bounds[1]] * b[0, :, None].to(y_acc.dtype)
 
 
-def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True) -> torch.Tensor:
-    """Base-2 log-sum-exp of each row's kept logits, per dim: [K, M] (-inf for a row with none kept)."""
+def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True,
+            col_terms: int = 0):
+    """(Base-2 log-sum-exp of each row's kept logits per dim [K, M] (-inf for a row with none kept), the
+    column term's log-sum-exp down the first ``col_terms`` columns [K, col_terms] or None).
+
+    The column term is the symmetric (document->query) direction when labels = arange(M) in one process:
+    column i's entries are s(q_j, d_i) over the queries j, i.e. the rows of this term."""
     M = a2.shape[1]
     dt = acc_dtype(x.dtype)
     y_acc = y.to(dt)
     K = len(bounds) - 1
     out = torch.empty(K, M, dtype=dt, device=x.device)
+    cols = torch.full((K, col_terms), float("-inf"), dtype=dt, device=x.device) if col_terms else None
     y_scaled = _fold_columns(y_acc, b, bounds)
     step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled):
-            m = z2.amax(dim=1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            out[k, r0:r1] = m.squeeze(1) + torch.log2(z2.sub_(m).exp2_().sum(dim=1))
-    return out
+        for k, z2, zc, _ in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1,
+                                          y_scaled, col_terms):
+            out[k, r0:r1] = _lse2_rows(z2, 1)
+            if zc is not None:
+                cols[k] = torch.logaddexp2(cols[k], _lse2_rows(zc, 0))
+    return out, cols
 
 
 def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
-               h_dtype: torch.dtype, allow_tf32: bool = True):
+               h_dtype: torch.dtype, allow_tf32: bool = True, col_lse2=None):
     """Gradient tiles of rows [r0, r1) against every column.
 
     With g[k, i, j] = wrow[k, i] * (p - [j == special_i and not exclude]) the gradient of the loss w.r.t.
@@ -102,6 +131,8 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
       cs[k] = sum_i g[k] * z                                      [K, NC]
     (rs and cs in float32, float64 for float64 inputs). H[r] multiplies the column range r of y (for the
     rows' gradient) and of x (for the columns'); rs/cs chain the gradient through the normalization.
+    With ``col_lse2`` [K, n] the column term of ``row_lse(col_terms=n)`` is added to g: in column i < n,
+    wrow[k, i] * (exp2(z2 - col_lse2[k, i]) on its kept entries - [row == i]).
     """
     dt = acc_dtype(x.dtype)
     y_acc = y.to(dt)
@@ -112,14 +143,22 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     cs = torch.empty(K, NC, dtype=dt, device=x.device)
     ar = torch.arange(r1 - r0, device=x.device)
     spec = special[r0:r1]
-    masked = exclude or thr2 is not None
+    n = 0 if col_lse2 is None else col_lse2.shape[1]
     y_scaled = _fold_columns(y_acc, b, bounds)
-    for k, z2 in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled):
+    for k, z2, zc, raw in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled,
+                                        n):
         w = wrow[k, r0:r1].to(dt)
         g = torch.sub(z2, lse2[k, r0:r1, None].to(dt)).exp2_().mul_(w[:, None])   # 0 where left out
         if not exclude:
             g[ar, spec] -= w
-        if masked:
+        if n:
+            wc = wrow[k, :n].to(dt)
+            gc = zc.sub_(col_lse2[k, None, :].to(dt)).exp2_().mul_(wc[None, :])
+            diag = torch.arange(r0, min(r1, n), device=x.device)
+            gc[diag - r0, diag] -= wc[diag]
+            g[:, :n] += gc
+            z2 = raw  # the column term keeps entries the rows' masks dropped
+        elif exclude or thr2 is not None:
             z2.clamp_(min=-1e30)  # left-out entries have g = 0; keep g * z finite there
         gz = z2.mul_(g)
         rs[k] = gz.sum(dim=1).mul_(LN2)
