@@ -140,6 +140,13 @@ def test_plan_batches_budget_and_cover():
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 200
     assert [lengths[i] for i in plan[0]] == [300]
+    # a few long sequences do not pad many short ones once a batch is big enough
+    skewed = [118, 109, 64] + [30] * 40
+    plan = plan_batches(skewed, max_tokens=8192, min_tokens=256)
+    assert sorted(i for b in plan for i in b) == list(range(len(skewed)))
+    padded = sum(len(b) * max(skewed[i] for i in b) for b in plan)
+    assert padded <= 1.1 * sum(skewed)
+    assert len(plan_batches(skewed, max_tokens=8192, max_waste=None)) == 1
 
 
 def test_pad_and_pack_masks():

@@ -11,25 +11,37 @@ import torch
 
 
 def plan_batches(lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
-                 pad_to_multiple_of: int = 1) -> list[np.ndarray]:
+                 pad_to_multiple_of: int = 1, min_tokens: int = 0, max_waste: float = 0.15) -> list[np.ndarray]:
     """Split sequence indices into batches, longest first.
 
-    Each batch's cost is ``count * padded_max_len`` tokens and stays within ``max_tokens`` (a single sequence
-    longer than that is a batch of its own); ``batch_size`` caps the count. Returns arrays of input indices.
+    A batch's cost is ``count * width`` padded tokens (width = its longest sequence, rounded up to
+    ``pad_to_multiple_of``) and stays within ``max_tokens`` (a longer single sequence is a batch of its own);
+    ``batch_size`` caps the count. Once a batch holds ``min_tokens`` padded tokens it is also closed before
+    a sequence shorter than ``(1 - max_waste) * width``, so that a few long sequences do not pad many short
+    ones. Returns arrays of input indices.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         return []
     order = np.argsort(-lengths, kind="stable")
     m = max(1, int(pad_to_multiple_of))
+    padded = np.maximum(1, -(-lengths[order] // m) * m)
     cap = int(batch_size) if batch_size else len(order)
     budget = int(max_tokens) if max_tokens else None
-    batches, i = [], 0
-    while i < len(order):
-        width = max(1, -(-int(lengths[order[i]]) // m) * m)  # longest of the batch (sorted), padded
-        n = cap if budget is None else max(1, min(cap, budget // width))
-        batches.append(order[i:i + n])
-        i += n
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        width = int(padded[start])
+        limit = cap if budget is None else max(1, min(cap, budget // width))
+        end = min(n, start + limit)
+        if max_waste is not None and end - start > 1:
+            # first position past the batch's minimum size whose length falls below the waste threshold
+            need = start + max(1, -(-int(min_tokens) // width))
+            short = np.flatnonzero(padded[start:end] < (1.0 - max_waste) * width)
+            short = short[start + short >= need]
+            if short.size:
+                end = start + int(short[0])
+        batches.append(order[start:end])
+        start = end
     return batches
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmembed_fast import _poison
+
 
 def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = False, **kwargs):
     """Float32 embeddings [N, D] on rank 0 (on the model's device), None on other ranks."""
@@ -33,7 +35,7 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
     dist.gather(buf, gathered, dst=0)
     if rank != 0:
         return None
-    out = torch.empty(len(texts), width, dtype=torch.float32, device=embedder.device)
+    out = _poison.empty(len(texts), width, dtype=torch.float32, device=embedder.device)
     for r in range(world):
         idx = order[r::world]
         out[torch.from_numpy(idx).to(out.device)] = gathered[r][:len(idx)].to(out.device)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmembed_fast import _poison
 from llmembed_fast.embedder import batching, packed as packed_mod
 from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
 from llmembed_fast.embedder.st_folder import ST_POOLING, read_st_folder
@@ -256,6 +257,10 @@ class LLMEmbedder(nn.Module):
     def _default_max_tokens(self) -> int:
         return 16384 if self.device.type == "cuda" else 8192
 
+    def _min_batch_tokens(self, budget: int) -> int:
+        # below this many padded tokens a batch underuses the device, so padding is cheaper than splitting
+        return budget // 4 if self.device.type == "cuda" else min(256, budget)
+
     # ------------------------------------------------------------------------------------------------
     # tokenization
     # ------------------------------------------------------------------------------------------------
@@ -351,11 +356,13 @@ class LLMEmbedder(nn.Module):
         use_packed = self._use_packed(packed)
         tok = self._tokenize(texts, instruction, prompt)
         lengths = tok.lengths()
-        plan = batching.plan_batches(lengths, max_tokens=max_tokens_per_batch or self._default_max_tokens(),
-                                     batch_size=batch_size, pad_to_multiple_of=1 if use_packed else self._pad_multiple())
+        budget = max_tokens_per_batch or self._default_max_tokens()
+        plan = batching.plan_batches(lengths, max_tokens=budget, batch_size=batch_size,
+                                     pad_to_multiple_of=1 if use_packed else self._pad_multiple(),
+                                     min_tokens=self._min_batch_tokens(budget), max_waste=None if use_packed else 0.15)
         dev = self.device
         width = dims or self.embedding_dim
-        out = torch.empty(len(texts), width or 0, dtype=torch.float32, device=dev) if width else None
+        out = _poison.empty(len(texts), width, dtype=torch.float32, device=dev) if width else None
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -369,7 +376,7 @@ class LLMEmbedder(nn.Module):
                     emb = self._embed_batch([tok.ids[i] for i in idx], [tok.pool_starts[i] for i in idx],
                                             packed=use_packed, normalize=normalize, dims=dims)
                     if out is None:
-                        out = torch.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
+                        out = _poison.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
                     out[torch.from_numpy(idx).to(dev)] = emb
                     if bar is not None:
                         bar.update(int(sum(lengths[i] for i in idx)))

@@ -1,0 +1,200 @@
+"""GPU section: LLMEmbedder (issue 6).
+
+correctness: a tiny random Qwen2 on the device, fp32 weights, against a float64
+    reference computed by running the same model in float64 one text at a time (no padding) and pooling by
+    hand: last-token and instruction-excluded mean pooling, padded and packed (block-diagonal mask) paths,
+    left vs right padding in bf16, and ``accelerate`` on a sentence-transformers model.
+timings: a random-init Qwen2-0.5B-shaped model in bf16 (sdpa) on 2,000 skewed-length texts (log-normal,
+    median 100 words, <= 2048 tokens; 20,000 with ``ctx.full``): sentence-transformers ``encode`` vs
+    ``LLMEmbedder.encode`` on the same module object, tokens/s and the FLOP floor.
+Uses only torch, transformers, sentence-transformers (when installed) and this repo; nothing downloads.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from llmembed_fast.bench.cases_embedder import decoder_flops, qwen2_config, skewed_texts, word_tokenizer
+
+
+def _tiny_model(device, dtype=torch.float32, seed=0):
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    cfg = qwen2_config("tiny", vocab_size=len(tok))
+    model = AutoModel.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+    return model, tok
+
+
+def _ref_embeddings(model, emb, texts, *, instruction=None, mode="last"):
+    """float64 reference: the model in float64, one unpadded sequence at a time, pooled by hand."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    tok = emb._tokenize(texts, instruction)
+    rows = []
+    with torch.no_grad():
+        for ids, start in zip(tok.ids, tok.pool_starts):
+            if start >= len(ids):  # nothing to pool (an empty text without EOS): the head gives zeros
+                rows.append(torch.zeros(model.config.hidden_size, dtype=torch.float64, device=emb.device))
+                continue
+            h = m64(input_ids=torch.tensor([ids], device=next(m64.parameters()).device)).last_hidden_state[0]
+            v = h[-1] if mode == "last" else h[start:].mean(0)
+            rows.append(v / v.norm().clamp_min(1e-12))
+    return torch.stack(rows)
+
+
+def _row(name, err, tol, detail=""):
+    ok = bool(math.isfinite(err) and err <= tol)
+    return {"name": name, "ok": ok, "err": float(err), "tol": float(tol), "detail": detail}
+
+
+def correctness(ctx) -> list[dict]:
+    from llmembed_fast.embedder import LLMEmbedder
+
+    dev = ctx.device
+    out = []
+    texts = skewed_texts(37, median_words=12, max_words=200, seed=3) + ["", "x"]
+    model, tok = _tiny_model(dev)
+    for mode, packed, side, instr in (("last", False, "right", None), ("last", False, "left", None),
+                                      ("mean", False, "right", "find the passage"),
+                                      ("mean", True, "right", "find the passage"), ("last", True, "left", None)):
+        if ctx.time_left() < 20:
+            break
+        emb = LLMEmbedder(model, tok, pooling=mode, padding_side=side, packed=packed)
+        got = emb.encode(texts, instruction=instr, output="torch", max_tokens_per_batch=512)
+        want = _ref_embeddings(model, emb, texts, instruction=instr, mode=mode).to(got.device)
+        err = float((got.double() - want).abs().max())
+        out.append(_row(f"embedder/{mode} {'packed' if packed else 'padded'} {side} fp32 vs fp64", err, 2e-5,
+                        f"{len(texts)} texts, pooled head on {dev}"))
+    if ctx.time_left() > 20:
+        bf_model, _ = _tiny_model(dev, torch.bfloat16)
+        r = LLMEmbedder(bf_model, tok, padding_side="right").encode(texts, output="torch")
+        left = LLMEmbedder(bf_model, tok, padding_side="left").encode(texts, output="torch")
+        one = LLMEmbedder(bf_model, tok).encode(texts, output="torch", batch_size=1)
+        cos = torch.minimum(torch.nn.functional.cosine_similarity(r, left, dim=-1),
+                            torch.nn.functional.cosine_similarity(r, one, dim=-1))
+        out.append(_row("embedder/bf16 left vs right padding vs batch 1 (1 - min cos)", float(1 - cos.min()), 2e-3))
+    if ctx.time_left() > 20:
+        out.append(_accelerate_check(model, tok, texts))
+    return out
+
+
+def _st_model(model, tok, mode="lasttoken", normalize=True, max_seq_length=2048):
+    """A sentence-transformers model around an in-memory ``model`` (Transformer built from a config-only
+    folder, its ``model`` replaced by ours, so both sides run the very same module)."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+    from transformers import AutoModel
+
+    d = tempfile.mkdtemp(prefix="llmembed-st-")
+    AutoModel.from_config(qwen2_config("tiny", vocab_size=len(tok))).save_pretrained(d)  # replaced below
+    tok.save_pretrained(d)
+    tr = Transformer(d, max_seq_length=max_seq_length)
+    tr.model = model
+    mods = [tr, Pooling(model.config.hidden_size, pooling_mode=mode)] + ([Normalize()] if normalize else [])
+    return SentenceTransformer(modules=mods, device=str(next(model.parameters()).device))
+
+
+def _accelerate_check(model, tok, texts):
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        return {"name": "embedder/accelerate(ST)", "ok": True, "err": 0.0, "tol": 0.0,
+                "detail": "skipped: sentence-transformers not installed"}
+    from llmembed_fast.integrations.sentence_transformers import accelerate
+
+    st = _st_model(model, tok, max_seq_length=512)
+    ref = st.encode(texts, convert_to_tensor=True)
+    accelerate(st)
+    got = st.encode(texts, convert_to_tensor=True)
+    return _row("embedder/accelerate(ST) vs ST lasttoken+Normalize fp32", float((got - ref).abs().max()), 1e-5)
+
+
+def timings(ctx) -> list[dict]:
+    from transformers import AutoModel
+
+    from llmembed_fast.embedder import LLMEmbedder
+
+    dev = ctx.device
+    full = bool(getattr(ctx, "full", False))
+    on_gpu = dev.type == "cuda"  # off a GPU (a dry run of this file) the model and corpus are tiny
+    n = (20000 if full else 2000) if on_gpu else 48
+    tok = word_tokenizer()
+    texts = skewed_texts(n, median_words=100 if on_gpu else 20, max_words=2047, seed=0)
+    cfg = qwen2_config("0.5b" if on_gpu else "tiny", vocab_size=151936 if on_gpu else len(tok))
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModel.from_config(cfg, attn_implementation="sdpa",
+                                      dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
+    ours = LLMEmbedder(model, tok, pooling="last", add_eos=False, max_length=2048)
+    lengths = ours._tokenize(texts).lengths()
+    tokens = int(sum(lengths))
+    nonembed = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    flops = decoder_flops(nonembed, cfg.hidden_size, cfg.num_hidden_layers, lengths)
+    floor_ms = flops / ctx.matmul_flops * 1e3 if getattr(ctx, "matmul_flops", None) else None
+    rows = []
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def once(fn):  # these runs take seconds: time one run after a short warm-up, not a median of many
+        fn(texts[:64])
+        sync()
+        t = time.perf_counter()
+        fn(texts)
+        sync()
+        return (time.perf_counter() - t) * 1e3
+
+    ours_ms = once(lambda x: ours.encode(x, output="torch"))
+    baselines, extra = {}, {"texts": n, "tokens": tokens, "ours_tok_per_s": tokens / ours_ms * 1e3,
+                            "flops": flops, "model": "Qwen2-0.5B shape, random init, bf16, sdpa"}
+    if ctx.time_left() > 3 * ours_ms / 1e3 + 30:
+        try:
+            st = _st_model(model, tok)
+            st_ms = once(lambda x: st.encode(x, batch_size=32, convert_to_tensor=True))
+            baselines["sentence-transformers encode (bs 32)"] = st_ms
+            extra["st_tok_per_s"] = tokens / st_ms * 1e3
+            extra["speedup_vs_st"] = st_ms / ours_ms
+        except ImportError:
+            extra["st"] = "skipped: sentence-transformers not installed"
+    else:
+        extra["st"] = "skipped: time budget"
+    if ctx.time_left() > 2 * ours_ms / 1e3 + 20:
+        # a plain length-bucketed loop (sorted, fixed 32 per batch, HF forward, torch pooling): what a careful
+        # user writes by hand
+        baselines["length-bucketed loop (bs 32)"] = once(lambda x: _bucketed_loop(model, ours, x))
+    if floor_ms is not None:
+        extra["fraction_of_flop_floor"] = floor_ms / ours_ms
+    rows.append({"name": f"embedder/encode {n} skewed texts ({tokens} tokens)", "ours_ms": ours_ms,
+                 "baselines": baselines, "floor_ms": floor_ms, "extra": extra})
+    return rows
+
+
+def _bucketed_loop(model, ours, texts, bs=32):
+    tok = ours._tokenize(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(tok.ids[i]))
+    out = torch.empty(len(texts), model.config.hidden_size, device=ours.device)
+    from llmembed_fast.embedder.batching import pad_batch
+
+    with torch.inference_mode():
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
+            b = pad_batch([tok.ids[j] for j in idx], [0] * len(idx), pad_id=0, device=ours.device)
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            last = b["attention_mask"].sum(1) - 1
+            v = h[torch.arange(len(idx), device=h.device), last].float()
+            out[torch.tensor(idx, device=h.device)] = torch.nn.functional.normalize(v, dim=-1)
+    return out
