@@ -197,3 +197,19 @@ def test_bad_inputs(tmp_path):
         lf.LLMEmbedder.from_pretrained("no-such-org/no-such-model-llmembed")
     out = emb.encode(["", "", "x"])  # empty strings encode (EOS only)
     assert out.shape == (3, 64) and np.isfinite(out).all()
+
+
+def test_gradcache_encoder_gives_uncached_gradients():
+    """LLMEmbedder is a GradCache encoder: batches from tokenize() slice by rows; gradients match."""
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok, pooling="mean")
+    q = emb.tokenize(TEXTS[:4], instruction="retrieve relevant passage")
+    d = emb.tokenize(TEXTS[4:])
+    loss = lf.contrastive_loss(emb(q), emb(d), temperature=0.1)
+    loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    cached = lf.GradCache(emb, lambda a, b: lf.contrastive_loss(a, b, temperature=0.1), chunk_size=3).step(q, d)
+    torch.testing.assert_close(cached, loss.detach(), atol=1e-6, rtol=0)
+    for g, w in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
