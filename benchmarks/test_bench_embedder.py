@@ -1,6 +1,7 @@
 """pytest-benchmark: LLMEmbedder.encode vs sentence-transformers encode (all-MiniLM-L6-v2, CPU, fp32).
 
 Run: ``pytest benchmarks/test_bench_embedder.py --benchmark-only`` (not part of CI)."""
+
 import pytest
 
 from llmembed_fast.bench.cases_embedder import minilm_dir, skewed_texts

@@ -1,4 +1,5 @@
 """``llmembed-fast encode``: embed a text file with a Hugging Face / sentence-transformers model into .npy."""
+
 from __future__ import annotations
 
 import json
@@ -46,22 +47,36 @@ def _cmd_encode(args) -> int:
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(
-        args.model, pooling=args.pooling, normalize=False if args.no_normalize else None, dims=args.dims,
-        dtype=args.dtype, device=args.device, max_length=args.max_length, prompt_style=args.prompt_style,
-        attn_implementation=args.attn_implementation, packed={"auto": "auto", "on": True, "off": False}[args.packed],
-        **extra)
+        args.model,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        dims=args.dims,
+        dtype=args.dtype,
+        device=args.device,
+        max_length=args.max_length,
+        prompt_style=args.prompt_style,
+        attn_implementation=args.attn_implementation,
+        packed={"auto": "auto", "on": True, "off": False}[args.packed],
+        **extra,
+    )
     t1 = time.perf_counter()
     fn = {"query": emb.encode_queries, "document": emb.encode_documents}.get(args.role, emb.encode)
-    kw = dict(batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, precision=args.precision,
-              show_progress_bar=not args.no_progress)
+    kw = dict(
+        batch_size=args.batch_size,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        precision=args.precision,
+        show_progress_bar=not args.no_progress,
+    )
     if args.instruction is not None:
         kw["instruction"] = args.instruction
     out = fn(texts, **kw)
     t2 = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     np.save(args.output, out)
-    print(f"encoded {len(texts)} texts -> {args.output} {tuple(out.shape)} {out.dtype} "
-          f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)")
+    print(
+        f"encoded {len(texts)} texts -> {args.output} {tuple(out.shape)} {out.dtype} "
+        f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)"
+    )
     return 0
 
 
@@ -71,11 +86,14 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, help="texts.txt (one per line) or texts.jsonl")
     p.add_argument("--output", required=True, help="embeddings .npy")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary",
-                                                              "ubinary"])
+    p.add_argument(
+        "--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+    )
     p.add_argument("--role", choices=["query", "document"], help="use the model's query/document prompt")
     p.add_argument("--instruction", help="task instruction (queries of instruction-tuned embedders)")
-    p.add_argument("--prompt-style", help="none, instruct, qwen3, prompteol, pcot, ke, echo or a {text} template")
+    p.add_argument(
+        "--prompt-style", help="none, instruct, qwen3, prompteol, pcot, ke, echo or a {text} template"
+    )
     p.add_argument("--pooling", help="last, mean, weighted_mean, max, first, mean_sqrt_len")
     p.add_argument("--dims", type=int, help="Matryoshka width")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize")

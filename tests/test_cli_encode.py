@@ -1,12 +1,13 @@
 """``llmembed-fast encode`` end to end on a tiny model (txt and jsonl inputs, quantized output, errors)."""
+
 import json
 
 import numpy as np
 import pytest
+from tiny_models import cached_tiny_model_dir
 
 import llmembed_fast as lf
 from llmembed_fast.cli import main
-from tiny_models import cached_tiny_model_dir
 
 TEXTS = ["hello world", "", "the cat sat on the river bank", "money"]
 
@@ -22,11 +23,45 @@ def test_cli_encode_txt_and_jsonl(tmp_path, capsys):
     txt.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": t}) for t in TEXTS) + "\n", encoding="utf-8")
-    assert main(["encode", "--model", model, "--input", str(txt), "--output", str(tmp_path / "a.npy"),
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                model,
+                "--input",
+                str(txt),
+                "--output",
+                str(tmp_path / "a.npy"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "encoded 4 texts" in capsys.readouterr().out
-    assert main(["encode", "--model", model, "--input", str(jsonl), "--field", "body", "--output",
-                 str(tmp_path / "b.npy"), "--device", "cpu", "--precision", "ubinary", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                model,
+                "--input",
+                str(jsonl),
+                "--field",
+                "body",
+                "--output",
+                str(tmp_path / "b.npy"),
+                "--device",
+                "cpu",
+                "--precision",
+                "ubinary",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     want = lf.LLMEmbedder.from_pretrained(model, device="cpu").encode(TEXTS)
     np.testing.assert_allclose(a, want, atol=2e-6, rtol=0)
@@ -35,8 +70,20 @@ def test_cli_encode_txt_and_jsonl(tmp_path, capsys):
 
 
 def test_cli_encode_errors(tmp_path, capsys):
-    assert main(["encode", "--model", "x", "--input", str(tmp_path / "missing.txt"), "--output",
-                 str(tmp_path / "o.npy")]) == 2
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "x",
+                "--input",
+                str(tmp_path / "missing.txt"),
+                "--output",
+                str(tmp_path / "o.npy"),
+            ]
+        )
+        == 2
+    )
     assert "--input" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"other": "x"}\n', encoding="utf-8")

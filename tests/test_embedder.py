@@ -1,15 +1,24 @@
 """LLMEmbedder on tiny random Qwen2 / Llama / Mistral / GPT-2 / BERT models against independent references:
 sentence-transformers on the same weights, and hand-built token sequences run through the bare model."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import llmembed_fast as lf
 from tiny_models import build_tiny_model, cached_tiny_model_dir, make_st_model
 
-TEXTS = ["hello world", "the cat sat on the river bank with a dog", "", "a", "Money, finance: 42.",
-         "search " * 40, "The essence of a sentence", "water tree house city music paper model"]
+import llmembed_fast as lf
+
+TEXTS = [
+    "hello world",
+    "the cat sat on the river bank with a dog",
+    "",
+    "a",
+    "Money, finance: 42.",
+    "search " * 40,
+    "The essence of a sentence",
+    "water tree house city music paper model",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,14 +53,22 @@ def test_last_token_matches_sentence_transformers(tmp_path, arch, add_eos):
 def test_padding_side_batch_size_and_packing_agree(arch, pooling):
     model, tok = build_tiny_model(arch)
     common = dict(pooling=pooling, prompt_style="none")
-    base = lf.LLMEmbedder(model, tok, padding_side="right", **common).encode(TEXTS, output="torch", batch_size=1)
+    base = lf.LLMEmbedder(model, tok, padding_side="right", **common).encode(
+        TEXTS, output="torch", batch_size=1
+    )
     assert torch.isfinite(base).all()
     nonempty = torch.tensor([bool(t) for t in TEXTS])  # '' has no token at all for Qwen2/GPT-2 without EOS
     torch.testing.assert_close(base.norm(dim=1)[nonempty], torch.ones(int(nonempty.sum())), atol=1e-5, rtol=0)
-    for kw in (dict(padding_side="left", batch_size=16), dict(padding_side="right", batch_size=16),
-               dict(padding_side="left", batch_size=3, packed=True), dict(padding_side="right", packed=True)):
+    for kw in (
+        dict(padding_side="left", batch_size=16),
+        dict(padding_side="right", batch_size=16),
+        dict(padding_side="left", batch_size=3, packed=True),
+        dict(padding_side="right", packed=True),
+    ):
         bs, packed = kw.pop("batch_size", None), kw.pop("packed", False)
-        out = lf.LLMEmbedder(model, tok, packed=packed, **kw, **common).encode(TEXTS, output="torch", batch_size=bs)
+        out = lf.LLMEmbedder(model, tok, packed=packed, **kw, **common).encode(
+            TEXTS, output="torch", batch_size=bs
+        )
         torch.testing.assert_close(out, base, atol=3e-6, rtol=0)
 
 
@@ -74,14 +91,15 @@ def test_instruction_excluded_from_mean_pooling_exactly():
     for i, text in enumerate(texts):
         full = tok(f"Instruct: {instr}\nQuery: {text}")["input_ids"]
         prefix = tok(f"Instruct: {instr}\nQuery:")["input_ids"]  # the ' ' merges into the text's first token
-        assert full[:len(prefix)] == prefix  # the boundary is clean here, so counting prefix tokens is exact
+        assert full[: len(prefix)] == prefix  # the boundary is clean here, so counting prefix tokens is exact
         h = _ref_last_hidden(model, full)
-        torch.testing.assert_close(out[i], h[len(prefix):].mean(0), atol=2e-6, rtol=0)
+        torch.testing.assert_close(out[i], h[len(prefix) :].mean(0), atol=2e-6, rtol=0)
         assert not torch.allclose(out[i], h.mean(0), atol=1e-3)  # pooling the instruction would differ
     both = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, include_prompt=True)
     h = _ref_last_hidden(model, tok(f"Instruct: {instr}\nQuery: {texts[0]}")["input_ids"])
-    torch.testing.assert_close(both.encode(texts[:1], instruction=instr, output="torch")[0], h.mean(0), atol=2e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        both.encode(texts[:1], instruction=instr, output="torch")[0], h.mean(0), atol=2e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -93,20 +111,22 @@ def test_truncation_keeps_eos_and_template_suffix(arch):
     emb = lf.LLMEmbedder(model, tok, max_length=9, normalize=False)
     assert emb.pooling == "last" and emb.add_eos
     body = tok(text)["input_ids"]
-    ids = body[:8] + [eos] if not tok.bos_token_id else body[:8] + [eos]
-    torch.testing.assert_close(emb.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6,
-                               rtol=0)
+    ids = body[:8] + [eos]  # BOS (when the tokenizer adds one) and text tokens, then EOS
+    torch.testing.assert_close(
+        emb.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6, rtol=0
+    )
     # PromptEOL: no EOS, the template's closing tokens survive truncation
     peol = lf.LLMEmbedder(model, tok, prompt_style="prompteol", max_length=24, normalize=False)
     assert not peol.add_eos and peol.pooling == "last"
     full = tok(f'This sentence : "{text}" means in one word:"')["input_ids"]
     tail = tok('" means in one word:"', add_special_tokens=False)["input_ids"]
-    assert full[-len(tail):] == tail
+    assert full[-len(tail) :] == tail
     head = tok('This sentence : "', add_special_tokens=True)["input_ids"]
-    assert full[:len(head)] == head
-    ids = full[:24 - len(tail)] + tail
-    torch.testing.assert_close(peol.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6,
-                               rtol=0)
+    assert full[: len(head)] == head
+    ids = full[: 24 - len(tail)] + tail
+    torch.testing.assert_close(
+        peol.encode(text, output="torch"), _ref_last_hidden(model, ids)[-1], atol=2e-6, rtol=0
+    )
 
 
 def test_echo_pools_second_copy_only():
@@ -116,9 +136,9 @@ def test_echo_pools_second_copy_only():
     text = "the cat sat on the river bank"
     first = tok("Rewrite the sentence: " + text + "\nRewritten sentence:")["input_ids"]
     full = tok("Rewrite the sentence: " + text + "\nRewritten sentence: " + text)["input_ids"]
-    assert full[:len(first)] == first
+    assert full[: len(first)] == first
     h = _ref_last_hidden(model, full)
-    torch.testing.assert_close(emb.encode(text, output="torch"), h[len(first):].mean(0), atol=2e-6, rtol=0)
+    torch.testing.assert_close(emb.encode(text, output="torch"), h[len(first) :].mean(0), atol=2e-6, rtol=0)
 
 
 def test_forward_has_gradients_and_matches_encode():
@@ -163,9 +183,12 @@ def test_triton_head(monkeypatch):
     emb = lf.LLMEmbedder(model, tok, pooling="mean")
     ref = emb.encode(TEXTS[:4], output="torch", instruction="find")
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
-    torch.testing.assert_close(emb.encode(TEXTS[:4], output="torch", instruction="find"), ref, atol=2e-6, rtol=0)
-    torch.testing.assert_close(emb.encode(TEXTS[:4], output="torch", instruction="find", packed=True), ref,
-                               atol=3e-6, rtol=0)
+    torch.testing.assert_close(
+        emb.encode(TEXTS[:4], output="torch", instruction="find"), ref, atol=2e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        emb.encode(TEXTS[:4], output="torch", instruction="find", packed=True), ref, atol=3e-6, rtol=0
+    )
 
 
 def test_bad_inputs(tmp_path):
@@ -209,7 +232,9 @@ def test_gradcache_encoder_gives_uncached_gradients():
     loss.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    cached = lf.GradCache(emb, lambda a, b: lf.contrastive_loss(a, b, temperature=0.1), chunk_size=3).step(q, d)
+    cached = lf.GradCache(emb, lambda a, b: lf.contrastive_loss(a, b, temperature=0.1), chunk_size=3).step(
+        q, d
+    )
     torch.testing.assert_close(cached, loss.detach(), atol=1e-6, rtol=0)
-    for g, w in zip((p.grad for p in model.parameters()), want):
+    for g, w in zip((p.grad for p in model.parameters()), want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)

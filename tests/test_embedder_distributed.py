@@ -1,4 +1,5 @@
 """Distributed encode: 2 gloo processes on CPU give rank 0 the 1-process embeddings, in input order."""
+
 import os
 import socket
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_models import cached_tiny_model_dir
 
 import llmembed_fast as lf
-from tiny_models import cached_tiny_model_dir
 
 TEXTS = [("the cat sat on the river bank " * (i % 7)) + f"item {i}" for i in range(23)] + ["", "x"]
 
@@ -41,7 +42,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, monkeypatch):
     model_dir = cached_tiny_model_dir("qwen2")
     mp.spawn(_worker, args=(2, _free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
     got = np.load(tmp_path / "rank0.npy")
-    want = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean").encode(TEXTS, instruction="find")
+    want = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean").encode(
+        TEXTS, instruction="find"
+    )
     assert got.shape == want.shape == (len(TEXTS), 64)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 

@@ -1,13 +1,16 @@
 """Late chunking: one forward over the text, chunk embeddings = pooled token states of each chunk."""
+
 import numpy as np
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 import llmembed_fast as lf
 from llmembed_fast.embedder.late_chunking import chunk_spans
-from tiny_models import build_tiny_model
 
-TEXT = "the cat sat on the river bank\nmoney and finance for the city\nwater tree house\nsearch model embedding"
+TEXT = (
+    "the cat sat on the river bank\nmoney and finance for the city\nwater tree house\nsearch model embedding"
+)
 LINES = TEXT.split("\n")
 
 
@@ -41,10 +44,14 @@ def test_late_chunks_match_pooled_full_forward(arch):
     for chunks in (LINES, [(TEXT.index(x), TEXT.index(x) + len(x)) for x in LINES], lambda t: t.split("\n")):
         got = emb.encode_late_chunks(TEXT, chunks, output="torch")
         torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
-    normed = lf.LLMEmbedder(model, tok, add_eos=False).encode_late_chunks(TEXT, LINES, output="torch", dims=16)
+    normed = lf.LLMEmbedder(model, tok, add_eos=False).encode_late_chunks(
+        TEXT, LINES, output="torch", dims=16
+    )
     torch.testing.assert_close(normed, torch.nn.functional.normalize(want[:, :16], dim=-1), atol=2e-6, rtol=0)
     # context matters: the second line embedded alone differs from its late-chunked embedding
-    alone = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, add_eos=False).encode(LINES[1], output="torch")
+    alone = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, add_eos=False).encode(
+        LINES[1], output="torch"
+    )
     assert not torch.allclose(alone, want[1], atol=1e-3)
 
 
@@ -55,8 +62,12 @@ def test_late_chunks_windows_when_text_exceeds_max_length():
     full, bounds = _line_token_bounds(tok, TEXT, LINES)
     assert len(full) > 2 * W
     with torch.no_grad():
-        h = torch.cat([model(input_ids=torch.tensor([full[i:i + W]])).last_hidden_state[0]
-                       for i in range(0, len(full), W)])
+        h = torch.cat(
+            [
+                model(input_ids=torch.tensor([full[i : i + W]])).last_hidden_state[0]
+                for i in range(0, len(full), W)
+            ]
+        )
     want = torch.stack([h[a:b].mean(0) for a, b in bounds])
     torch.testing.assert_close(emb.encode_late_chunks(TEXT, LINES, output="torch"), want, atol=2e-6, rtol=0)
 

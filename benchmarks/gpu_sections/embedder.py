@@ -9,6 +9,7 @@ timings: a random-init Qwen2-0.5B-shaped model in bf16 (sdpa) on 2,000 skewed-le
     ``LLMEmbedder.encode`` on the same module object, tokens/s and the FLOP floor.
 Uses only torch, transformers, sentence-transformers (when installed) and this repo; nothing downloads.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def _ref_embeddings(model, emb, texts, *, instruction=None, mode="last"):
     tok = emb._tokenize(texts, instruction)
     rows = []
     with torch.no_grad():
-        for ids, start in zip(tok.ids, tok.pool_starts):
+        for ids, start in zip(tok.ids, tok.pool_starts, strict=True):
             if start >= len(ids):  # nothing to pool (an empty text without EOS): the head gives zeros
                 rows.append(torch.zeros(model.config.hidden_size, dtype=torch.float64, device=emb.device))
                 continue
@@ -63,25 +64,39 @@ def correctness(ctx) -> list[dict]:
     out = []
     texts = skewed_texts(37, median_words=12, max_words=200, seed=3) + ["", "x"]
     model, tok = _tiny_model(dev)
-    for mode, packed, side, instr in (("last", False, "right", None), ("last", False, "left", None),
-                                      ("mean", False, "right", "find the passage"),
-                                      ("mean", True, "right", "find the passage"), ("last", True, "left", None)):
+    for mode, packed, side, instr in (
+        ("last", False, "right", None),
+        ("last", False, "left", None),
+        ("mean", False, "right", "find the passage"),
+        ("mean", True, "right", "find the passage"),
+        ("last", True, "left", None),
+    ):
         if ctx.time_left() < 20:
             break
         emb = LLMEmbedder(model, tok, pooling=mode, padding_side=side, packed=packed)
         got = emb.encode(texts, instruction=instr, output="torch", max_tokens_per_batch=512)
         want = _ref_embeddings(model, emb, texts, instruction=instr, mode=mode).to(got.device)
         err = float((got.double() - want).abs().max())
-        out.append(_row(f"embedder/{mode} {'packed' if packed else 'padded'} {side} fp32 vs fp64", err, 2e-5,
-                        f"{len(texts)} texts, pooled head on {dev}"))
+        out.append(
+            _row(
+                f"embedder/{mode} {'packed' if packed else 'padded'} {side} fp32 vs fp64",
+                err,
+                2e-5,
+                f"{len(texts)} texts, pooled head on {dev}",
+            )
+        )
     if ctx.time_left() > 20:
         bf_model, _ = _tiny_model(dev, torch.bfloat16)
         r = LLMEmbedder(bf_model, tok, padding_side="right").encode(texts, output="torch")
         left = LLMEmbedder(bf_model, tok, padding_side="left").encode(texts, output="torch")
         one = LLMEmbedder(bf_model, tok).encode(texts, output="torch", batch_size=1)
-        cos = torch.minimum(torch.nn.functional.cosine_similarity(r, left, dim=-1),
-                            torch.nn.functional.cosine_similarity(r, one, dim=-1))
-        out.append(_row("embedder/bf16 left vs right padding vs batch 1 (1 - min cos)", float(1 - cos.min()), 2e-3))
+        cos = torch.minimum(
+            torch.nn.functional.cosine_similarity(r, left, dim=-1),
+            torch.nn.functional.cosine_similarity(r, one, dim=-1),
+        )
+        out.append(
+            _row("embedder/bf16 left vs right padding vs batch 1 (1 - min cos)", float(1 - cos.min()), 2e-3)
+        )
     if ctx.time_left() > 20:
         out.append(_accelerate_check(model, tok, texts))
     return out
@@ -111,15 +126,22 @@ def _accelerate_check(model, tok, texts):
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
-        return {"name": "embedder/accelerate(ST)", "ok": True, "err": 0.0, "tol": 0.0,
-                "detail": "skipped: sentence-transformers not installed"}
+        return {
+            "name": "embedder/accelerate(ST)",
+            "ok": True,
+            "err": 0.0,
+            "tol": 0.0,
+            "detail": "skipped: sentence-transformers not installed",
+        }
     from llmembed_fast.integrations.sentence_transformers import accelerate
 
     st = _st_model(model, tok, max_seq_length=512)
     ref = st.encode(texts, convert_to_tensor=True)
     accelerate(st)
     got = st.encode(texts, convert_to_tensor=True)
-    return _row("embedder/accelerate(ST) vs ST lasttoken+Normalize fp32", float((got - ref).abs().max()), 1e-5)
+    return _row(
+        "embedder/accelerate(ST) vs ST lasttoken+Normalize fp32", float((got - ref).abs().max()), 1e-5
+    )
 
 
 def timings(ctx) -> list[dict]:
@@ -136,8 +158,9 @@ def timings(ctx) -> list[dict]:
     cfg = qwen2_config("0.5b" if on_gpu else "tiny", vocab_size=151936 if on_gpu else len(tok))
     torch.manual_seed(0)
     with torch.device(dev):
-        model = AutoModel.from_config(cfg, attn_implementation="sdpa",
-                                      dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
+        model = AutoModel.from_config(
+            cfg, attn_implementation="sdpa", dtype=torch.bfloat16 if on_gpu else torch.float32
+        ).eval()
     ours = LLMEmbedder(model, tok, pooling="last", add_eos=False, max_length=2048)
     lengths = ours._tokenize(texts).lengths()
     tokens = int(sum(lengths))
@@ -159,8 +182,16 @@ def timings(ctx) -> list[dict]:
         return (time.perf_counter() - t) * 1e3
 
     ours_ms = once(lambda x: ours.encode(x, output="torch"))
-    baselines, extra = {}, {"texts": n, "tokens": tokens, "ours_tok_per_s": tokens / ours_ms * 1e3,
-                            "flops": flops, "model": "Qwen2-0.5B shape, random init, bf16, sdpa"}
+    baselines, extra = (
+        {},
+        {
+            "texts": n,
+            "tokens": tokens,
+            "ours_tok_per_s": tokens / ours_ms * 1e3,
+            "flops": flops,
+            "model": "Qwen2-0.5B shape, random init, bf16, sdpa",
+        },
+    )
     if ctx.time_left() > 3 * ours_ms / 1e3 + 30:
         try:
             st = _st_model(model, tok)
@@ -178,8 +209,15 @@ def timings(ctx) -> list[dict]:
         baselines["length-bucketed loop (bs 32)"] = once(lambda x: _bucketed_loop(model, ours, x))
     if floor_ms is not None:
         extra["fraction_of_flop_floor"] = floor_ms / ours_ms
-    rows.append({"name": f"embedder/encode {n} skewed texts ({tokens} tokens)", "ours_ms": ours_ms,
-                 "baselines": baselines, "floor_ms": floor_ms, "extra": extra})
+    rows.append(
+        {
+            "name": f"embedder/encode {n} skewed texts ({tokens} tokens)",
+            "ours_ms": ours_ms,
+            "baselines": baselines,
+            "floor_ms": floor_ms,
+            "extra": extra,
+        }
+    )
     return rows
 
 
@@ -191,7 +229,7 @@ def _bucketed_loop(model, ours, texts, bs=32):
 
     with torch.inference_mode():
         for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
+            idx = order[i : i + bs]
             b = pad_batch([tok.ids[j] for j in idx], [0] * len(idx), pad_id=0, device=ours.device)
             h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
             last = b["attention_mask"].sum(1) - 1

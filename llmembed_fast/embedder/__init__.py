@@ -2,6 +2,7 @@
 
 ``LLMEmbedder.from_pretrained(path)`` / ``LLMEmbedder(model, tokenizer)``; see :mod:`.model`.
 """
+
 from llmembed_fast.embedder.model import PRECISIONS, LLMEmbedder, resolve_pooling
 from llmembed_fast.embedder.prompts import PROMPT_STYLES, PromptStyle
 

@@ -4,14 +4,22 @@ Sorting by length puts sequences of similar length together, so padding wastes l
 many sequences as fit ``max_tokens`` padded tokens (and at most ``batch_size`` sequences). The caller
 scatters each batch's outputs back to the input positions it is given, so the input order is restored.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 
-def plan_batches(lengths, *, max_tokens: int | None = None, batch_size: int | None = None,
-                 pad_to_multiple_of: int = 1, min_tokens: int = 0, max_waste: float = 0.15) -> list[np.ndarray]:
+def plan_batches(
+    lengths,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    pad_to_multiple_of: int = 1,
+    min_tokens: int = 0,
+    max_waste: float = 0.15,
+) -> list[np.ndarray]:
     """Split sequence indices into batches, longest first.
 
     A batch's cost is ``count * width`` padded tokens (width = its longest sequence, rounded up to
@@ -45,8 +53,15 @@ def plan_batches(lengths, *, max_tokens: int | None = None, batch_size: int | No
     return batches
 
 
-def pad_batch(seqs: list[list[int]], pool_starts: list[int], *, pad_id: int, padding_side: str = "right",
-              pad_to_multiple_of: int = 1, device=None) -> dict[str, torch.Tensor]:
+def pad_batch(
+    seqs: list[list[int]],
+    pool_starts: list[int],
+    *,
+    pad_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int = 1,
+    device=None,
+) -> dict[str, torch.Tensor]:
     """Padded tensors for one batch: input_ids, attention_mask, position_ids (0.. per sequence, so left and
     right padding give the same positions) and pool_mask (1 on the pooled region ``[pool_start, len)``)."""
     B = len(seqs)
@@ -59,13 +74,17 @@ def pad_batch(seqs: list[list[int]], pool_starts: list[int], *, pad_id: int, pad
     offset = (L - lens) if left else np.zeros(B, dtype=np.int64)
     for b, s in enumerate(seqs):
         if len(s):
-            ids[b, offset[b]:offset[b] + len(s)] = s
+            ids[b, offset[b] : offset[b] + len(s)] = s
     rel = pos - offset[:, None]  # position inside the sequence (negative on left padding)
     attn = (rel >= 0) & (rel < lens[:, None])
     pool = attn & (rel >= np.asarray(pool_starts, dtype=np.int64)[:, None])
     position_ids = np.where(attn, rel, 0)
-    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn.astype(np.int64)),
-           "position_ids": torch.from_numpy(position_ids), "pool_mask": torch.from_numpy(pool)}
+    out = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(attn.astype(np.int64)),
+        "position_ids": torch.from_numpy(position_ids),
+        "pool_mask": torch.from_numpy(pool),
+    }
     if device is not None:
         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out
@@ -79,9 +98,13 @@ def pack_batch(seqs: list[list[int]], pool_starts: list[int], *, device=None) ->
     np.cumsum(lens, out=cu[1:])
     ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(cu[-1]))
     pos = np.arange(int(cu[-1]), dtype=np.int64) - np.repeat(cu[:-1], lens)
-    out = {"input_ids": torch.from_numpy(ids)[None], "position_ids": torch.from_numpy(pos)[None],
-           "cu_seqlens": torch.from_numpy(cu), "starts": torch.from_numpy(cu[:-1] + np.asarray(pool_starts)),
-           "ends": torch.from_numpy(cu[1:].copy())}
+    out = {
+        "input_ids": torch.from_numpy(ids)[None],
+        "position_ids": torch.from_numpy(pos)[None],
+        "cu_seqlens": torch.from_numpy(cu),
+        "starts": torch.from_numpy(cu[:-1] + np.asarray(pool_starts)),
+        "ends": torch.from_numpy(cu[1:].copy()),
+    }
     if device is not None:
         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out

@@ -4,6 +4,7 @@ Texts are dealt to ranks round-robin in order of decreasing length, so the shard
 number of tokens. Works with any ``torch.distributed`` backend (CPU buffers for gloo, the model's CUDA
 device for NCCL); every rank must call it with the same texts.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("distributed=True needs an initialized torch.distributed process group "
-                           "(run under torchrun and call torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "distributed=True needs an initialized torch.distributed process group "
+            "(run under torchrun and call torch.distributed.init_process_group)"
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
     order = np.argsort(-np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     mine = order[rank::world]
@@ -28,9 +31,10 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
     n_max = -(-len(texts) // world)
     buf = torch.zeros(n_max, width, dtype=torch.float32, device=dev)
     if len(mine):
-        local = embedder.encode_float([texts[i] for i in mine], show_progress_bar=show_progress_bar and rank == 0,
-                                      **kwargs)
-        buf[:len(mine)] = local.to(dev)
+        local = embedder.encode_float(
+            [texts[i] for i in mine], show_progress_bar=show_progress_bar and rank == 0, **kwargs
+        )
+        buf[: len(mine)] = local.to(dev)
     gathered = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, gathered, dst=0)
     if rank != 0:
@@ -38,5 +42,5 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
     out = _poison.empty(len(texts), width, dtype=torch.float32, device=embedder.device)
     for r in range(world):
         idx = order[r::world]
-        out[torch.from_numpy(idx).to(out.device)] = gathered[r][:len(idx)].to(out.device)
+        out[torch.from_numpy(idx).to(out.device)] = gathered[r][: len(idx)].to(out.device)
     return out

@@ -6,6 +6,7 @@ embeddings carry document context. Chunks are character spans of the text; the t
 ``max_length`` tokens is run as consecutive windows of ``max_length`` tokens (context does not cross
 windows; a chunk across a window boundary still pools all its tokens).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llmembed_fast.embedder import batching
-from llmembed_fast.embedder.model import PRECISIONS, OUTPUTS, resolve_pooling
+from llmembed_fast.embedder.model import OUTPUTS, PRECISIONS, resolve_pooling
 from llmembed_fast.embedder.prompts import render
 from llmembed_fast.embedder.tokenize import _text_token_ranges
 from llmembed_fast.ops.pooling import pool_segments
@@ -25,8 +26,10 @@ def chunk_spans(text: str, chunks) -> list[tuple[int, int]]:
     if callable(chunks):
         chunks = chunks(text)
     if isinstance(chunks, str) or not isinstance(chunks, Sequence) or not len(chunks):
-        raise TypeError("chunks must be a non-empty list of (start, end) spans or of substrings, or a callable "
-                        "returning one")
+        raise TypeError(
+            "chunks must be a non-empty list of (start, end) spans or of substrings, or a callable "
+            "returning one"
+        )
     spans, pos = [], 0
     for i, c in enumerate(chunks):
         if isinstance(c, str):
@@ -41,15 +44,27 @@ def chunk_spans(text: str, chunks) -> list[tuple[int, int]]:
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"chunks[{i}] must be a (start, end) pair or a string, got {c!r}") from exc
             if not 0 <= a <= b <= len(text):
-                raise ValueError(f"chunks[{i}] = {(a, b)} must satisfy 0 <= start <= end <= len(text) = {len(text)}")
+                raise ValueError(
+                    f"chunks[{i}] = {(a, b)} must satisfy 0 <= start <= end <= len(text) = {len(text)}"
+                )
             spans.append((a, b))
     return spans
 
 
-def encode_late_chunks(embedder, text: str, chunks: Sequence | Callable, *, instruction: str | None = None,
-                       prompt: str | None = None, pooling: str = "mean", normalize: bool | None = None,
-                       dims: int | None = None, precision: str = "float32", output: str = "numpy",
-                       max_tokens_per_batch: int | None = None):
+def encode_late_chunks(
+    embedder,
+    text: str,
+    chunks: Sequence | Callable,
+    *,
+    instruction: str | None = None,
+    prompt: str | None = None,
+    pooling: str = "mean",
+    normalize: bool | None = None,
+    dims: int | None = None,
+    precision: str = "float32",
+    output: str = "numpy",
+    max_tokens_per_batch: int | None = None,
+):
     """Embeddings [S, D] of the S chunks of ``text`` after one forward over all of it (see module doc).
 
     ``pooling`` defaults to "mean" over each chunk's tokens; ``normalize``/``dims`` default to the embedder's.
@@ -67,17 +82,24 @@ def encode_late_chunks(embedder, text: str, chunks: Sequence | Callable, *, inst
     src = text.lower() if embedder.lowercase else text
     rendered, copies = render(embedder.template_for(instruction, prompt), src)
     base = copies[embedder.style.pool_copy][0]
-    enc = embedder.tokenizer(rendered, add_special_tokens=True, return_offsets_mapping=True,
-                             return_special_tokens_mask=True, verbose=False)
+    enc = embedder.tokenizer(
+        rendered,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        verbose=False,
+    )
     ids = list(enc["input_ids"])
-    ranges = _text_token_ranges(enc["offset_mapping"], enc["special_tokens_mask"],
-                                [(base + a, base + b) for a, b in spans])
+    ranges = _text_token_ranges(
+        enc["offset_mapping"], enc["special_tokens_mask"], [(base + a, base + b) for a, b in spans]
+    )
     if embedder.add_eos and not embedder.info.adds_eos and embedder.info.eos_id is not None:
         ids.append(embedder.info.eos_id)
     W = embedder.max_length or len(ids)
-    windows = [ids[i:i + W] for i in range(0, max(len(ids), 1), W)]
-    plan = batching.plan_batches([len(w) for w in windows],
-                                 max_tokens=max_tokens_per_batch or embedder._default_max_tokens())
+    windows = [ids[i : i + W] for i in range(0, max(len(ids), 1), W)]
+    plan = batching.plan_batches(
+        [len(w) for w in windows], max_tokens=max_tokens_per_batch or embedder._default_max_tokens()
+    )
     dev = embedder.device
     parts: list[torch.Tensor | None] = [None] * len(windows)
     was_training = embedder.model.training
@@ -85,17 +107,27 @@ def encode_late_chunks(embedder, text: str, chunks: Sequence | Callable, *, inst
     try:
         with torch.inference_mode():
             for idx in plan:
-                b = batching.pad_batch([windows[i] for i in idx], [0] * len(idx), pad_id=embedder.info.pad_id,
-                                       padding_side="right", device=dev)
+                b = batching.pad_batch(
+                    [windows[i] for i in idx],
+                    [0] * len(idx),
+                    pad_id=embedder.info.pad_id,
+                    padding_side="right",
+                    device=dev,
+                )
                 h = embedder.hidden_states(b)
                 for j, i in enumerate(idx):
-                    parts[i] = h[j, :len(windows[i])]
+                    parts[i] = h[j, : len(windows[i])]
             hidden = torch.cat(parts, 0)
             starts = torch.tensor([a for a, _ in ranges], dtype=torch.int64)
             ends = torch.tensor([b for _, b in ranges], dtype=torch.int64)
-            emb = pool_segments(hidden, starts.to(dev), ends.to(dev), mode,
-                                dims=embedder.dims if dims is None else dims,
-                                normalize=embedder.normalize if normalize is None else bool(normalize))
+            emb = pool_segments(
+                hidden,
+                starts.to(dev),
+                ends.to(dev),
+                mode,
+                dims=embedder.dims if dims is None else dims,
+                normalize=embedder.normalize if normalize is None else bool(normalize),
+            )
     finally:
         embedder.model.train(was_training)
     return embedder._finish(emb, precision, output, False, None, None)

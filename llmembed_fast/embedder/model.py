@@ -1,4 +1,5 @@
-"""LLMEmbedder: a Hugging Face model (decoder or encoder) + tokenizer -> text embeddings, on the fused head."""
+"""LLMEmbedder: a Hugging Face model (decoder or encoder) + tokenizer -> text embeddings (fused head)."""
+
 from __future__ import annotations
 
 import inspect
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from llmembed_fast import _poison
-from llmembed_fast.embedder import batching, packed as packed_mod
+from llmembed_fast.embedder import batching
+from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
 from llmembed_fast.embedder.st_folder import ST_POOLING, read_st_folder
 from llmembed_fast.embedder.tokenize import Tokenized, probe_tokenizer, tokenize_texts
@@ -22,22 +24,38 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 QUANTIZED = ("int8", "uint8", "binary", "ubinary")
 OUTPUTS = ("numpy", "torch")
-_POOLING_ALIASES = {**ST_POOLING, "cls_token": "first", "last_token": "last", "eos": "last",
-                    "mean_tokens": "mean", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-                    "weightedmean_tokens": "weighted_mean"}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_POOLING_ALIASES = {
+    **ST_POOLING,
+    "cls_token": "first",
+    "last_token": "last",
+    "eos": "last",
+    "mean_tokens": "mean",
+    "max_tokens": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean_tokens": "weighted_mean",
+}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 _DOC_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
 def resolve_pooling(pooling) -> str:
-    """Our pooling name from ours or a sentence-transformers alias; ValueError naming ``pooling`` otherwise."""
+    """Our pooling name from ours or a sentence-transformers alias (ValueError naming ``pooling``)."""
     if not isinstance(pooling, str):
         raise TypeError(f"pooling must be a string, got {type(pooling).__name__}")
     name = _POOLING_ALIASES.get(pooling, pooling)
     if name not in POOLING_MODES:
-        raise ValueError(f"pooling must be one of {POOLING_MODES} (or a sentence-transformers name such as "
-                         f"'lasttoken', 'cls', 'weightedmean'), got {pooling!r}")
+        raise ValueError(
+            f"pooling must be one of {POOLING_MODES} (or a sentence-transformers name such as "
+            f"'lasttoken', 'cls', 'weightedmean'), got {pooling!r}"
+        )
     return name
 
 
@@ -110,20 +128,38 @@ class LLMEmbedder(nn.Module):
         prompt_style: a name from :data:`PROMPT_STYLES` ("none", "instruct", "qwen3", "prompteol", "pcot",
             "ke", "echo"), a template with ``{text}``, or a :class:`PromptStyle`.
         instruction_template: how ``instruction=`` is applied (``"Instruct: {instruction}\\nQuery: {text}"``).
-        include_prompt: pool the prompt/instruction tokens too (None: the style's or folder's choice, else no).
+        include_prompt: pool the prompt/instruction tokens too (None: the style's or folder's, else no).
         prompts: named prompt prefixes (sentence-transformers' ``prompts``), e.g. {"query": "query: "}.
         packed: True, False or "auto" (packed only where the attention reads packed sequences natively).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, pooling: str | None = None, normalize: bool | None = True,
-                 dims: int | None = None, max_length: int | None = None, padding_side: str | None = None,
-                 add_eos: bool | None = None, instruction_template: str | None = None, prompt_style=None,
-                 include_prompt: bool | None = None, prompts: dict[str, str] | None = None,
-                 default_prompt_name: str | None = None, packed="auto", device=None, dtype=None,
-                 lowercase: bool = False, _st_folder: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = True,
+        dims: int | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        add_eos: bool | None = None,
+        instruction_template: str | None = None,
+        prompt_style=None,
+        include_prompt: bool | None = None,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        packed="auto",
+        device=None,
+        dtype=None,
+        lowercase: bool = False,
+        _st_folder: bool = False,
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}"
+            )
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer must be a transformers tokenizer")
         base = getattr(model, "base_model", model)
@@ -184,12 +220,26 @@ class LLMEmbedder(nn.Module):
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, *, pooling: str | None = None, normalize: bool | None = None,
-                        dims: int | None = None, dtype=None, device=None, max_length: int | None = None,
-                        padding_side: str | None = None, add_eos: bool | None = None,
-                        instruction_template: str | None = None, prompt_style=None,
-                        attn_implementation: str | None = None, trust_remote_code: bool = False,
-                        include_prompt: bool | None = None, packed="auto", **model_kwargs) -> LLMEmbedder:
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        dims: int | None = None,
+        dtype=None,
+        device=None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        add_eos: bool | None = None,
+        instruction_template: str | None = None,
+        prompt_style=None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        include_prompt: bool | None = None,
+        packed="auto",
+        **model_kwargs,
+    ) -> LLMEmbedder:
         """Load ``AutoModel`` + tokenizer from a folder or Hub id; a sentence-transformers folder's Pooling,
         Normalize, max length and prompts are read so that known models need no flags.
 
@@ -202,29 +252,51 @@ class LLMEmbedder(nn.Module):
             raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
         path_or_id = os.fspath(path_or_id)
         is_dir = os.path.isdir(path_or_id)
-        if not is_dir and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
-                           or os.path.exists(path_or_id) or not path_or_id.strip()):
+        if not is_dir and (
+            path_or_id.startswith((".", "/", "~"))
+            or path_or_id.count("/") > 1
+            or os.path.exists(path_or_id)
+            or not path_or_id.strip()
+        ):
             raise FileNotFoundError(f"path_or_id: no model folder at {path_or_id!r}")
         st = read_st_folder(path_or_id) if is_dir else None
         model_path = st.transformer_path if st else path_or_id
-        device = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         dtype = _resolve_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        tok_kwargs = {k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "token", "cache_dir")}
+        tok_kwargs = {
+            k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "token", "cache_dir")
+        }
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, **tok_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, trust_remote_code=trust_remote_code, **tok_kwargs
+            )
         except OSError as exc:
             if is_dir:
                 raise
-            raise FileNotFoundError(f"path_or_id: {path_or_id!r} is not a folder, and loading it as a Hub id "
-                                    f"failed: {exc}") from exc
+            raise FileNotFoundError(
+                f"path_or_id: {path_or_id!r} is not a folder, and loading it as a Hub id failed: {exc}"
+            ) from exc
         load_kwargs = dict(model_kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
         model = AutoModel.from_pretrained(model_path, **load_kwargs)
-        kw = dict(pooling=pooling, normalize=normalize, dims=dims, max_length=max_length, padding_side=padding_side,
-                  add_eos=add_eos, instruction_template=instruction_template, prompt_style=prompt_style,
-                  include_prompt=include_prompt, packed=packed, device=device)
+        kw = dict(
+            pooling=pooling,
+            normalize=normalize,
+            dims=dims,
+            max_length=max_length,
+            padding_side=padding_side,
+            add_eos=add_eos,
+            instruction_template=instruction_template,
+            prompt_style=prompt_style,
+            include_prompt=include_prompt,
+            packed=packed,
+            device=device,
+        )
         if st is not None:
             style = get_style(prompt_style)
             if pooling is None and style.pooling is None:
@@ -235,8 +307,12 @@ class LLMEmbedder(nn.Module):
                 kw["max_length"] = st.max_seq_length
             if include_prompt is None and style.include_prompt is None:
                 kw["include_prompt"] = st.include_prompt
-            kw.update(prompts=st.prompts, default_prompt_name=st.default_prompt_name, lowercase=st.do_lower_case,
-                      _st_folder=True)
+            kw.update(
+                prompts=st.prompts,
+                default_prompt_name=st.default_prompt_name,
+                lowercase=st.do_lower_case,
+                _st_folder=True,
+            )
         return cls(model, tokenizer, **kw)
 
     def _default_max_length(self) -> int | None:
@@ -272,25 +348,43 @@ class LLMEmbedder(nn.Module):
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
             if TEXT in prompt:
-                raise ValueError("prompt is a prefix and must not contain '{text}' (use prompt_style for templates)")
+                raise ValueError(
+                    "prompt is a prefix and must not contain '{text}' (use prompt_style for templates)"
+                )
             template = prompt + template
         return compose(template, instruction, self.instruction_template)
 
-    def _tokenize(self, texts: list[str], instruction=None, prompt=None, *, return_text_spans=False) -> Tokenized:
+    def _tokenize(
+        self, texts: list[str], instruction=None, prompt=None, *, return_text_spans=False
+    ) -> Tokenized:
         if self.lowercase:
             texts = [t.lower() for t in texts]
         template = self.template_for(instruction, prompt)
-        return tokenize_texts(self.tokenizer, self.info, texts, template, pool_copy=self.style.pool_copy,
-                              include_prompt=self.include_prompt, max_length=self.max_length,
-                              add_eos=self.add_eos, return_text_spans=return_text_spans)
+        return tokenize_texts(
+            self.tokenizer,
+            self.info,
+            texts,
+            template,
+            pool_copy=self.style.pool_copy,
+            include_prompt=self.include_prompt,
+            max_length=self.max_length,
+            add_eos=self.add_eos,
+            return_text_spans=return_text_spans,
+        )
 
-    def tokenize(self, texts, *, instruction: str | None = None, prompt: str | None = None,
-                 device=None) -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, texts, *, instruction: str | None = None, prompt: str | None = None, device=None
+    ) -> dict[str, torch.Tensor]:
         """One padded batch for :meth:`forward`: input_ids, attention_mask, position_ids, pool_mask [B, L]."""
         texts, _ = _check_texts(texts)
         tok = self._tokenize(texts, instruction, prompt)
-        return batching.pad_batch(tok.ids, tok.pool_starts, pad_id=self.info.pad_id, padding_side=self.padding_side,
-                                  device=device or self.device)
+        return batching.pad_batch(
+            tok.ids,
+            tok.pool_starts,
+            pad_id=self.info.pad_id,
+            padding_side=self.padding_side,
+            device=device or self.device,
+        )
 
     # ------------------------------------------------------------------------------------------------
     # forward passes
@@ -313,11 +407,18 @@ class LLMEmbedder(nn.Module):
         if isinstance(batch, (str, list, tuple)):
             batch = self.tokenize(batch)
         if not isinstance(batch, dict) or "input_ids" not in batch or "pool_mask" not in batch:
-            raise TypeError("batch must be a dict from LLMEmbedder.tokenize (input_ids, attention_mask, "
-                            "position_ids, pool_mask) or a list of strings")
+            raise TypeError(
+                "batch must be a dict from LLMEmbedder.tokenize (input_ids, attention_mask, "
+                "position_ids, pool_mask) or a list of strings"
+            )
         hidden = self.hidden_states(batch)
-        return pool(hidden, batch["pool_mask"], self.pooling, dims=dims if dims is not None else self.dims,
-                    normalize=self.normalize if normalize is None else bool(normalize))
+        return pool(
+            hidden,
+            batch["pool_mask"],
+            self.pooling,
+            dims=dims if dims is not None else self.dims,
+            normalize=self.normalize if normalize is None else bool(normalize),
+        )
 
     def _use_packed(self, packed) -> bool:
         packed = self.packed if packed is None else packed
@@ -330,16 +431,23 @@ class LLMEmbedder(nn.Module):
     def _embed_batch(self, seqs, starts, *, packed: bool, normalize: bool, dims) -> torch.Tensor:
         dev = self.device
         if not packed:
-            b = batching.pad_batch(seqs, starts, pad_id=self.info.pad_id, padding_side=self.padding_side,
-                                   pad_to_multiple_of=self._pad_multiple(), device=dev)
+            b = batching.pad_batch(
+                seqs,
+                starts,
+                pad_id=self.info.pad_id,
+                padding_side=self.padding_side,
+                pad_to_multiple_of=self._pad_multiple(),
+                device=dev,
+            )
             hidden = self.hidden_states(b)
             return pool(hidden, b["pool_mask"], self.pooling, dims=dims, normalize=normalize)
         p = batching.pack_batch(seqs, starts, device=dev)
         if packed_mod.uses_varlen_flash(self.model):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
         else:
-            mask = packed_mod.block_diagonal_mask(p["cu_seqlens"], causal=self.is_decoder,
-                                                  dtype=next(self.model.parameters()).dtype, device=dev)
+            mask = packed_mod.block_diagonal_mask(
+                p["cu_seqlens"], causal=self.is_decoder, dtype=next(self.model.parameters()).dtype, device=dev
+            )
         hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]
         return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
 
@@ -347,9 +455,19 @@ class LLMEmbedder(nn.Module):
     # encode
     # ------------------------------------------------------------------------------------------------
 
-    def encode_float(self, texts: list[str], *, instruction=None, prompt=None, batch_size=None,
-                     max_tokens_per_batch=None, normalize=None, dims=None, packed=None,
-                     show_progress_bar: bool = False) -> torch.Tensor:
+    def encode_float(
+        self,
+        texts: list[str],
+        *,
+        instruction=None,
+        prompt=None,
+        batch_size=None,
+        max_tokens_per_batch=None,
+        normalize=None,
+        dims=None,
+        packed=None,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
         """Embeddings [N, D] float32 on the model's device, in input order (no argument checks on texts)."""
         normalize = self.normalize if normalize is None else bool(normalize)
         dims = self.dims if dims is None else _check_positive(dims, "dims")
@@ -357,9 +475,14 @@ class LLMEmbedder(nn.Module):
         tok = self._tokenize(texts, instruction, prompt)
         lengths = tok.lengths()
         budget = max_tokens_per_batch or self._default_max_tokens()
-        plan = batching.plan_batches(lengths, max_tokens=budget, batch_size=batch_size,
-                                     pad_to_multiple_of=1 if use_packed else self._pad_multiple(),
-                                     min_tokens=self._min_batch_tokens(budget), max_waste=None if use_packed else 0.15)
+        plan = batching.plan_batches(
+            lengths,
+            max_tokens=budget,
+            batch_size=batch_size,
+            pad_to_multiple_of=1 if use_packed else self._pad_multiple(),
+            min_tokens=self._min_batch_tokens(budget),
+            max_waste=None if use_packed else 0.15,
+        )
         dev = self.device
         width = dims or self.embedding_dim
         out = _poison.empty(len(texts), width, dtype=torch.float32, device=dev) if width else None
@@ -373,8 +496,13 @@ class LLMEmbedder(nn.Module):
         try:
             with torch.inference_mode():
                 for idx in plan:
-                    emb = self._embed_batch([tok.ids[i] for i in idx], [tok.pool_starts[i] for i in idx],
-                                            packed=use_packed, normalize=normalize, dims=dims)
+                    emb = self._embed_batch(
+                        [tok.ids[i] for i in idx],
+                        [tok.pool_starts[i] for i in idx],
+                        packed=use_packed,
+                        normalize=normalize,
+                        dims=dims,
+                    )
                     if out is None:
                         out = _poison.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
                     out[torch.from_numpy(idx).to(dev)] = emb
@@ -386,11 +514,25 @@ class LLMEmbedder(nn.Module):
             self.model.train(was_training)
         return out
 
-    def encode(self, texts, *, instruction: str | None = None, prompt: str | None = None,
-               prompt_name: str | None = None, batch_size: int | None = None,
-               max_tokens_per_batch: int | None = None, precision: str = "float32", output: str = "numpy",
-               show_progress_bar: bool | None = None, normalize: bool | None = None, dims: int | None = None,
-               packed=None, distributed: bool = False, ranges=None, calibration_embeddings=None):
+    def encode(
+        self,
+        texts,
+        *,
+        instruction: str | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        batch_size: int | None = None,
+        max_tokens_per_batch: int | None = None,
+        precision: str = "float32",
+        output: str = "numpy",
+        show_progress_bar: bool | None = None,
+        normalize: bool | None = None,
+        dims: int | None = None,
+        packed=None,
+        distributed: bool = False,
+        ranges=None,
+        calibration_embeddings=None,
+    ):
         """Embed ``texts`` (a string or a list of strings).
 
         Args:
@@ -398,7 +540,7 @@ class LLMEmbedder(nn.Module):
                 unless ``include_prompt``.
             prompt / prompt_name: a prompt prefix, or the name of one in ``self.prompts``.
             batch_size: most sequences per batch (None: no cap). max_tokens_per_batch: padded tokens per batch
-                (default 16384 on CUDA, 8192 on CPU). Batches are sorted by length; the input order is restored.
+                (default 16384 on CUDA, 8192 on CPU). Batches are sorted by length; input order is restored.
             precision: "float32", "float16", or quantized "int8", "uint8", "binary", "ubinary"
                 (via :func:`llmembed_fast.quant.quantize`; ``ranges``/``calibration_embeddings`` go to it).
             output: "numpy" or "torch" (a tensor on the model's device).
@@ -419,13 +561,22 @@ class LLMEmbedder(nn.Module):
             prompt_name = self.default_prompt_name
         if prompt is None and prompt_name is not None:
             if prompt_name not in self.prompts:
-                raise ValueError(f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}")
+                raise ValueError(
+                    f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}"
+                )
             prompt = self.prompts[prompt_name]
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
-        kw = dict(instruction=instruction, prompt=prompt, batch_size=batch_size,
-                  max_tokens_per_batch=max_tokens_per_batch, normalize=normalize, dims=dims, packed=packed,
-                  show_progress_bar=show_progress_bar)
+        kw = dict(
+            instruction=instruction,
+            prompt=prompt,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+            normalize=normalize,
+            dims=dims,
+            packed=packed,
+            show_progress_bar=show_progress_bar,
+        )
         if distributed:
             from llmembed_fast.embedder.distributed import encode_sharded
 
@@ -465,7 +616,7 @@ class LLMEmbedder(nn.Module):
         return self.encode(texts, instruction=instruction, **kwargs)
 
     def encode_documents(self, texts, **kwargs):
-        """:meth:`encode` for documents: no instruction; the model's "document"/"passage" prompt if it has one."""
+        """:meth:`encode` for documents: no instruction; the model's "document"/"passage" prompt if any."""
         if "prompt" not in kwargs and "prompt_name" not in kwargs:
             kwargs["prompt"] = self._named_prompt(_DOC_PROMPT_NAMES)
             if kwargs["prompt"] is None:
@@ -473,15 +624,17 @@ class LLMEmbedder(nn.Module):
         return self.encode(texts, **kwargs)
 
     def encode_late_chunks(self, text: str, chunks, **kwargs):
-        """One forward over ``text``, one embedding per chunk; see :func:`~.late_chunking.encode_late_chunks`."""
+        """One forward over ``text``, one embedding per chunk (:func:`.late_chunking.encode_late_chunks`)."""
         from llmembed_fast.embedder.late_chunking import encode_late_chunks
 
         return encode_late_chunks(self, text, chunks, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"pooling={self.pooling!r}, normalize={self.normalize}, dims={self.dims}, "
-                f"max_length={self.max_length}, style={self.style.name!r}, add_eos={self.add_eos}, "
-                f"padding_side={self.padding_side!r}, include_prompt={self.include_prompt}")
+        return (
+            f"pooling={self.pooling!r}, normalize={self.normalize}, dims={self.dims}, "
+            f"max_length={self.max_length}, style={self.style.name!r}, add_eos={self.add_eos}, "
+            f"padding_side={self.padding_side!r}, include_prompt={self.include_prompt}"
+        )
 
 
 ChunkSpec = Sequence[tuple[int, int]] | Sequence[str] | Callable[[str], Sequence]

@@ -5,13 +5,15 @@ transformers versions this package supports (only the flash-attention varlen pat
 boundaries), so the packed row gets its own block-diagonal (and, for decoders, causal) additive 4-D mask.
 That mask costs T x T elements, so packed batches should be bounded in tokens (``max_tokens_per_batch``).
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def block_diagonal_mask(cu_seqlens: torch.Tensor, *, causal: bool, dtype: torch.dtype,
-                        device: torch.device) -> torch.Tensor:
+def block_diagonal_mask(
+    cu_seqlens: torch.Tensor, *, causal: bool, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Additive attention mask [1, 1, T, T]: 0 where query i may attend key j (same sequence, and j <= i when
     ``causal``), the dtype's most negative value elsewhere."""
     cu = cu_seqlens.to(device)

@@ -5,6 +5,7 @@ A template is a string with one or more ``{text}`` slots (and, for instruction t
 text, so the tokenizer's offset mapping can say exactly which tokens are text and which are prompt.
 Substitution is literal (no ``str.format``): braces in texts or instructions are kept as they are.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,14 +48,26 @@ PROMPT_STYLES: dict[str, PromptStyle] = {
         PromptStyle("qwen3", instruction_template=QWEN3_INSTRUCTION),
         # PromptEOL (Jiang et al. 2023) and the two variants of Zhang et al. 2024 (Pretended CoT,
         # Knowledge Enhancement): the last token's state, no EOS.
-        PromptStyle("prompteol", 'This sentence : "{text}" means in one word:"', pooling="last", add_eos=False),
+        PromptStyle(
+            "prompteol", 'This sentence : "{text}" means in one word:"', pooling="last", add_eos=False
+        ),
         PromptStyle("pcot", "After thinking step by step ," + _EOL_TAIL, pooling="last", add_eos=False),
-        PromptStyle("ke", "The essence of a sentence is often captured by its main subjects and actions, while "
-                          "descriptive terms provide additional but less central details. With this in mind ,"
-                    + _EOL_TAIL, pooling="last", add_eos=False),
+        PromptStyle(
+            "ke",
+            "The essence of a sentence is often captured by its main subjects and actions, while "
+            "descriptive terms provide additional but less central details. With this in mind ," + _EOL_TAIL,
+            pooling="last",
+            add_eos=False,
+        ),
         # Echo embeddings (Springer et al. 2024): the text twice, mean over the second copy only.
-        PromptStyle("echo", "Rewrite the sentence: {text}\nRewritten sentence: {text}", pooling="mean",
-                    add_eos=False, pool_copy=1, include_prompt=False),
+        PromptStyle(
+            "echo",
+            "Rewrite the sentence: {text}\nRewritten sentence: {text}",
+            pooling="mean",
+            add_eos=False,
+            pool_copy=1,
+            include_prompt=False,
+        ),
     )
 }
 
@@ -67,13 +80,17 @@ def get_style(style) -> PromptStyle:
         check_template(style.template, "prompt_style.template")
         return style
     if not isinstance(style, str):
-        raise TypeError(f"prompt_style must be a name, a template string or a PromptStyle, got {type(style).__name__}")
+        raise TypeError(
+            f"prompt_style must be a name, a template string or a PromptStyle, got {type(style).__name__}"
+        )
     if style in PROMPT_STYLES:
         return PROMPT_STYLES[style]
     if TEXT in style:
         return PromptStyle("custom", template=style)
-    raise ValueError(f"prompt_style must be one of {sorted(PROMPT_STYLES)} or a template containing '{{text}}', "
-                     f"got {style!r}")
+    raise ValueError(
+        f"prompt_style must be one of {sorted(PROMPT_STYLES)} or a template containing '{{text}}', "
+        f"got {style!r}"
+    )
 
 
 def check_template(template, name: str, *, instruction: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 Only what the embedder needs, read from the JSON files (sentence-transformers itself is not imported).
 """
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,22 @@ import os
 from dataclasses import dataclass, field
 
 # sentence-transformers pooling names (new single-name form and legacy boolean keys) -> ours
-ST_POOLING = {"cls": "first", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len",
-              "weightedmean": "weighted_mean", "lasttoken": "last"}
-_LEGACY_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+ST_POOLING = {
+    "cls": "first",
+    "max": "max",
+    "mean": "mean",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weighted_mean",
+    "lasttoken": "last",
+}
+_LEGACY_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
 @dataclass
@@ -41,7 +53,9 @@ def st_pooling_mode(cfg: dict) -> tuple[str, bool]:
         mode = active if active else "mean"
     if isinstance(mode, (list, tuple)):
         if len(mode) != 1:
-            raise ValueError(f"pooling modes concatenated ({mode}) are not supported; pass pooling= explicitly")
+            raise ValueError(
+                f"pooling modes concatenated ({mode}) are not supported; pass pooling= explicitly"
+            )
         mode = mode[0]
     if mode not in ST_POOLING:
         raise ValueError(f"unknown sentence-transformers pooling mode {mode!r}")
@@ -66,12 +80,16 @@ def read_st_folder(path: str) -> STFolder | None:
                 out.do_lower_case = bool(cfg.get("do_lower_case", False))
         elif kind == "Pooling":
             cfg_file = os.path.join(sub, "config.json")
-            out.pooling, out.include_prompt = st_pooling_mode(_load(cfg_file) if os.path.isfile(cfg_file) else {})
+            out.pooling, out.include_prompt = st_pooling_mode(
+                _load(cfg_file) if os.path.isfile(cfg_file) else {}
+            )
         elif kind == "Normalize":
             out.normalize = True
         else:
-            raise ValueError(f"sentence-transformers module {mod.get('type')!r} in {mpath} is not supported by "
-                             "LLMEmbedder (Transformer, Pooling and Normalize are)")
+            raise ValueError(
+                f"sentence-transformers module {mod.get('type')!r} in {mpath} is not supported by "
+                "LLMEmbedder (Transformer, Pooling and Normalize are)"
+            )
     cfg_file = os.path.join(path, "config_sentence_transformers.json")
     if os.path.isfile(cfg_file):
         cfg = _load(cfg_file)

@@ -14,6 +14,7 @@ Rules:
 - the pooled region of a sequence is ``[pool_start, len)``: everything, or (``include_prompt=False`` and a
   non-empty prompt before the pooled copy) from the first token of the pooled copy of the text to the end.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -39,8 +40,15 @@ def probe_tokenizer(tokenizer) -> TokenizerInfo:
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     bos = getattr(tokenizer, "bos_token_id", None)
-    adds_eos = eos is not None and len(with_sp) > len(plain) and with_sp[-1] == eos and (not plain or plain[-1] != eos)
-    adds_bos = bos is not None and len(with_sp) > len(plain) and with_sp[0] == bos and (not plain or plain[0] != bos)
+    adds_eos = (
+        eos is not None
+        and len(with_sp) > len(plain)
+        and with_sp[-1] == eos
+        and (not plain or plain[-1] != eos)
+    )
+    adds_bos = (
+        bos is not None and len(with_sp) > len(plain) and with_sp[0] == bos and (not plain or plain[0] != bos)
+    )
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = eos if eos is not None else 0  # any valid id: padded positions are masked everywhere
@@ -88,17 +96,20 @@ def _leading_specials(special) -> int:
     return n
 
 
-def _slow_token_ranges(tokenizer, rendered: str, spans, full_plain: list[int], lead: int) -> list[tuple[int, int]]:
+def _slow_token_ranges(
+    tokenizer, rendered: str, spans, full_plain: list[int], lead: int
+) -> list[tuple[int, int]]:
     """Fallback without offsets: count the tokens of each prefix and check they prefix the full sequence."""
     out = []
     for a, b in spans:
         idx = []
         for c in (a, b):
             p = tokenizer(rendered[:c], add_special_tokens=False)["input_ids"]
-            if full_plain[:len(p)] != p:
+            if full_plain[: len(p)] != p:
                 raise ValueError(
-                    "cannot locate the text tokens exactly with this slow tokenizer (the prompt/text boundary "
-                    "falls inside a token); load the fast tokenizer (tokenizer.json) instead")
+                    "cannot locate the text tokens exactly with this slow tokenizer (the prompt/text "
+                    "boundary falls inside a token); load the fast tokenizer (tokenizer.json) instead"
+                )
             idx.append(lead + len(p))
         out.append((idx[0], idx[1]))
     return out
@@ -124,15 +135,24 @@ def _keep_counts(lengths: list[int], excess: int) -> list[int]:
     return keep
 
 
-def tokenize_texts(tokenizer, info: TokenizerInfo, texts: list[str], template: str = TEXT, *, pool_copy: int = 0,
-                   include_prompt: bool = True, max_length: int | None = None, add_eos: bool = False,
-                   return_text_spans: bool = False) -> Tokenized:
+def tokenize_texts(
+    tokenizer,
+    info: TokenizerInfo,
+    texts: list[str],
+    template: str = TEXT,
+    *,
+    pool_copy: int = 0,
+    include_prompt: bool = True,
+    max_length: int | None = None,
+    add_eos: bool = False,
+    return_text_spans: bool = False,
+) -> Tokenized:
     """Render, tokenize and truncate ``texts``; see the module docstring for the rules.
 
     Returns token ids (specials included, no padding) and each sequence's first pooled position.
     Raises ValueError when ``max_length`` cannot hold the template and special tokens.
     """
-    rendered, spans = zip(*(render(template, t) for t in texts)) if texts else ((), ())
+    rendered, spans = zip(*(render(template, t) for t in texts), strict=True) if texts else ((), ())
     n_copies = template.count(TEXT)
     bare = template == TEXT and not return_text_spans
     append_eos = bool(add_eos) and not info.adds_eos and info.eos_id is not None
@@ -140,9 +160,16 @@ def tokenize_texts(tokenizer, info: TokenizerInfo, texts: list[str], template: s
     if limit is not None and limit < 1:
         raise ValueError(f"max_length must leave room for at least one token, got {max_length}")
     use_offsets = info.fast and not bare
-    enc = tokenizer(list(rendered), add_special_tokens=True, return_special_tokens_mask=True,
-                    return_offsets_mapping=use_offsets, return_attention_mask=False, truncation=False,
-                    padding=False, verbose=False)
+    enc = tokenizer(
+        list(rendered),
+        add_special_tokens=True,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=use_offsets,
+        return_attention_mask=False,
+        truncation=False,
+        padding=False,
+        verbose=False,
+    )
     out_ids, starts, out_spans = [], [], []
     for i, ids in enumerate(enc["input_ids"]):
         special = enc["special_tokens_mask"][i]
@@ -154,19 +181,21 @@ def tokenize_texts(tokenizer, info: TokenizerInfo, texts: list[str], template: s
             ranges = _text_token_ranges(enc["offset_mapping"][i], special, spans[i])
         else:
             lead = _leading_specials(special)
-            plain = [t for t, s in zip(ids, special) if not s]
+            plain = [t for t, s in zip(ids, special, strict=True) if not s]
             ranges = _slow_token_ranges(tokenizer, rendered[i], spans[i], plain, lead)
         n = len(ids)
         if limit is not None and n > limit:
             lens = [te - ts for ts, te in ranges]
             fixed = n - sum(lens)
             if fixed > limit:
-                raise ValueError(f"max_length={max_length} is too small: the template and special tokens alone "
-                                 f"take {fixed + int(append_eos)} tokens")
+                raise ValueError(
+                    f"max_length={max_length} is too small: the template and special tokens alone "
+                    f"take {fixed + int(append_eos)} tokens"
+                )
             keep = _keep_counts(lens, n - limit)
             pieces, prev, shift, new_ranges = [], 0, 0, []
-            for (ts, te), k in zip(ranges, keep):
-                pieces.append(ids[prev:ts + k])
+            for (ts, te), k in zip(ranges, keep, strict=True):
+                pieces.append(ids[prev : ts + k])
                 new_ranges.append((ts - shift, ts - shift + k))
                 shift += (te - ts) - k
                 prev = te

@@ -10,6 +10,7 @@ modes, ``token_weights_sum`` features, and ``weightedmean`` over masks that do n
 saved while accelerated records these classes, so restore before saving if the folder must load without
 llmembed_fast.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,11 @@ class FusedPooling(Pooling):
 
     def forward(self, features: dict, **kwargs) -> dict:
         modes = (self.pooling_mode,) if isinstance(self.pooling_mode, str) else tuple(self.pooling_mode)
-        if len(modes) != 1 or "token_weights_sum" in features or (modes[0] == "cls" and "cls_token_embeddings"
-                                                                   in features):
+        if (
+            len(modes) != 1
+            or "token_weights_sum" in features
+            or (modes[0] == "cls" and "cls_token_embeddings" in features)
+        ):
             return super().forward(features, **kwargs)
         mode = ST_POOLING[modes[0]]
         h = features["token_embeddings"]
@@ -47,8 +51,14 @@ class FusedPooling(Pooling):
             starts, ends = cu[:-1], cu[1:]
             if prompt_length is not None and mode not in ("first", "last"):
                 starts = torch.minimum(starts + prompt_length, ends)  # as sentence-transformers' flat path
-            emb = pool_segments(h.reshape(-1, h.shape[-1]), starts, ends, mode, normalize=self.fuse_normalize,
-                                out_dtype=h.dtype)
+            emb = pool_segments(
+                h.reshape(-1, h.shape[-1]),
+                starts,
+                ends,
+                mode,
+                normalize=self.fuse_normalize,
+                out_dtype=h.dtype,
+            )
         else:
             if "attention_mask" in features and features["attention_mask"].size(-1) == h.size(1):
                 mask = features["attention_mask"]
@@ -80,7 +90,9 @@ class FusedNormalize(Normalize):
 
 def _modules_of(model):
     if not isinstance(model, torch.nn.Sequential):
-        raise TypeError(f"model must be a sentence_transformers.SentenceTransformer, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a sentence_transformers.SentenceTransformer, got {type(model).__name__}"
+        )
     return list(model._modules.items())
 
 
@@ -97,9 +109,11 @@ def accelerate(model):
             continue
         found = True
         nxt = mods[i + 1][1] if i + 1 < len(mods) else None
-        fuse = isinstance(nxt, Normalize) and \
-            getattr(nxt, "module_input_name", "sentence_embedding") == "sentence_embedding" and \
-            getattr(nxt, "module_output_name", "sentence_embedding") == "sentence_embedding"
+        fuse = (
+            isinstance(nxt, Normalize)
+            and getattr(nxt, "module_input_name", "sentence_embedding") == "sentence_embedding"
+            and getattr(nxt, "module_output_name", "sentence_embedding") == "sentence_embedding"
+        )
         m.__class__ = FusedPooling
         m.fuse_normalize = bool(fuse)
         if fuse:
