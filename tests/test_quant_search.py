@@ -163,3 +163,30 @@ def test_meta_shapes():
     d = torch.empty(100, 16, dtype=torch.uint8, device="meta")
     dist, idx = ops.hamming_topk(q, d, 5)
     assert dist.shape == (3, 5) and dist.dtype == torch.int32 and idx.dtype == torch.int64
+
+
+def test_plain_torch_fallbacks_match_the_ops():
+    """The paths used on devices without compiled kernels (e.g. a GPU build without CUDA ops)."""
+    from llmembed_fast.quant.codes import _pack_bits_torch, _quantize_scalar_torch, scalar_params
+    from llmembed_fast.quant.search import _hamming_topk_torch, _int8_topk_torch, fold_query
+
+    rng = np.random.default_rng(3)
+    for ties in (False, True):
+        q, d = codes(rng, 3, 48, ties), codes(rng, 5000, 48, ties)
+        got = _hamming_topk_torch(torch.from_numpy(q), torch.from_numpy(d), 17)
+        want = quant.hamming_topk(q, d, 17)
+        np.testing.assert_array_equal(got[0].numpy(), want[0])
+        np.testing.assert_array_equal(got[1].numpy(), want[1])
+    x = rng.standard_normal((300, 37)).astype(np.float32)
+    np.testing.assert_array_equal(_pack_bits_torch(torch.from_numpy(x)).numpy(), quant.quantize(x, "ubinary"))
+    r = quant.calibrate(x[:100])
+    for dt in (np.float32, np.float64):
+        s, t = scalar_params(r.astype(dt), np.dtype(dt))
+        got = _quantize_scalar_torch(torch.from_numpy(x.astype(dt)), torch.from_numpy(s), torch.from_numpy(t), True)
+        np.testing.assert_array_equal(got.numpy(), quant.quantize(x.astype(dt), "int8", ranges=r.astype(dt)))
+    c = quant.quantize(x, "int8", ranges=r)
+    w, bias = fold_query(torch.from_numpy(x[:4]), torch.from_numpy(r))
+    s, idx = _int8_topk_torch(w, torch.from_numpy(c), 9, chunk=64)
+    want_s, want_i = quant.int8_topk(x[:4], c, r, 9)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose((s + bias[:, None]).numpy(), want_s, rtol=1e-6)

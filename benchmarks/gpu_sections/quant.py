@@ -1,0 +1,131 @@
+"""GPU section: quantization and exact Hamming / int8 search (llmembed_fast.quant).
+
+Uses the CUDA kernels of the extension (csrc/cuda/quant.cu, pack_bits.cu) when the extension was built with
+CUDA; otherwise says so and checks/times the plain-torch GPU paths the package falls back to.
+References: sentence-transformers' quantize_embeddings (numpy) when installed, else the CPU ops, and numpy
+brute force for the searches. The ops allocate their own outputs, so nothing can be pre-poisoned: every
+output element is compared instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmembed_fast import _ext
+from llmembed_fast.quant import hamming_topk, int8_topk, quantize
+from llmembed_fast.quant._args import has_kernel
+from llmembed_fast.quant.search import _hamming_topk_torch
+
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def _cuda_status(dev) -> tuple[bool, str]:
+    if _ext.extension() is None:
+        return False, f"C++ extension not built ({_ext.load_error()}): plain-torch GPU paths checked instead"
+    ok = all(has_kernel(op, dev) for op in ("pack_bits", "quantize_scalar", "hamming_topk"))
+    return ok, ("CUDA kernels built" if ok else "extension built without CUDA: plain-torch GPU paths checked")
+
+
+def _st():
+    try:
+        from sentence_transformers.util.quantization import quantize_embeddings
+        return quantize_embeddings
+    except ImportError:
+        return None
+
+
+def _rec(name, bad, detail="") -> dict:
+    return {"name": name, "ok": bad == 0, "err": float(bad), "tol": 0.0, "detail": detail}
+
+
+def _ham_ref(q, d, k):
+    dist = POPCOUNT[np.bitwise_xor(q[:, None, :], d[None, :, :])].sum(-1)
+    order = np.stack([np.lexsort((np.arange(d.shape[0]), row)) for row in dist])[:, :k]
+    return np.take_along_axis(dist, order, 1), order
+
+
+def correctness(ctx) -> list[dict]:
+    dev = ctx.device
+    built, status = _cuda_status(dev)
+    out = [{"name": "quant: kernels in use", "ok": True, "err": 0.0, "tol": 0.0, "detail": status}]
+    st = _st()
+    n, dims = (20, (13, 64)) if ctx.smoke else (500, (8, 13, 384, 1024))
+    gen = torch.Generator().manual_seed(0)
+    for d in dims:
+        x = torch.randn(n, d, generator=gen) * torch.rand(d, generator=gen) * 3
+        x[0, : min(3, d)] = 0
+        calib = torch.randn(2 * n, d, generator=gen)
+        for dtype in (torch.float32, torch.float16, torch.float64, torch.bfloat16):
+            xd = x.to(dtype)
+            xn = xd.float().numpy() if dtype == torch.bfloat16 else xd.numpy()
+            for prec in ("int8", "uint8", "binary", "ubinary"):
+                got = quantize(xd.to(dev), prec, calibration_embeddings=calib.to(dev)).cpu().numpy()
+                want = (st(xn, prec, calibration_embeddings=calib.numpy()) if st is not None
+                        else quantize(xd, prec, calibration_embeddings=calib).numpy())
+                bad = int((got != want).sum()) if got.shape == want.shape else got.size + 1
+                out.append(_rec(f"quantize {prec} {str(dtype)[6:]} D{d} vs {'ST' if st else 'CPU op'}", bad))
+    rng = np.random.default_rng(1)
+    n_docs = 3000 if ctx.smoke else 50_000
+    for nb, ties in ((128, False), (48, False), (128, True), (13, True)):
+        q = rng.integers(0, 256, (4, nb), dtype=np.uint8)
+        docs = rng.integers(0, 256, (n_docs, nb), dtype=np.uint8)
+        if ties:
+            q, docs = q & 0x11, docs & 0x11
+        for k in (1, 10, 100):
+            dist, idx = hamming_topk(torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev), k)
+            wd, wi = _ham_ref(q, docs, k)
+            bad = int((dist.cpu().numpy() != wd).sum() + (idx.cpu().numpy() != wi).sum())
+            out.append(_rec(f"hamming_topk B{nb} N{n_docs} k{k}{' ties' if ties else ''}", bad))
+    x = rng.standard_normal((4000, 96)).astype(np.float32)
+    qf = rng.standard_normal((5, 96)).astype(np.float32)
+    r = np.vstack([x.min(0), x.max(0)])
+    c = quantize(x, "int8", ranges=r)
+    s, idx = int8_topk(torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev), 10)
+    step = (r[1].astype(np.float64) - r[0]) / 255
+    full = qf.astype(np.float64) @ (r[0] + (c.astype(np.float64) + 128.5) * step).T
+    wi = np.stack([np.lexsort((np.arange(len(x)), -row)) for row in full])[:, :10]
+    err = float(np.abs(s.cpu().numpy() - np.take_along_axis(full, wi, 1)).max())
+    out.append({"name": "int8_topk N4000 D96 k10 vs float64 numpy", "ok": bool((idx.cpu().numpy() == wi).all())
+                and err < 1e-4, "err": err, "tol": 1e-4, "detail": "ids must match exactly"})
+    return out
+
+
+def timings(ctx) -> list[dict]:
+    dev = ctx.device
+    built, status = _cuda_status(dev)
+    out = []
+    n = 100_000 if ctx.smoke else 10_000_000
+    docs = torch.randint(0, 256, (n, 128), dtype=torch.uint8, device=dev)
+    q = torch.randint(0, 256, (1000, 128), dtype=torch.uint8, device=dev)
+    floor = docs.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None
+    ours = ctx.bench(lambda: hamming_topk(q[:1], docs, 10))
+    base = ctx.bench(lambda: _hamming_topk_torch(q[:1], docs, 10)) if ctx.time_left() > 30 else None
+    out.append({"name": f"hamming top-10 {n // 10**6}M x 1024b, 1 query", "ours_ms": ours,
+                "baselines": {"torch xor+table+topk": base} if base else {}, "floor_ms": floor,
+                "extra": {"kernels": status, "fraction_of_bandwidth": (floor / ours) if floor else None,
+                          "GB_per_s": docs.numel() / ours / 1e6}})
+    if ctx.time_left() > 25:
+        d1 = docs[: n // 10]
+        ours = ctx.bench(lambda: hamming_topk(q, d1, 10))
+        out.append({"name": f"hamming top-10 {d1.shape[0] // 10**6}M x 1024b, 1000 queries", "ours_ms": ours,
+                    "baselines": {}, "floor_ms": d1.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
+                    "extra": {"queries_per_s": 1000 / ours * 1e3}})
+    del docs
+    if ctx.time_left() > 20:
+        m = 20_000 if ctx.smoke else 1_000_000
+        x = torch.randn(m, 1024, device=dev)
+        r = torch.stack(torch.aminmax(x[:10000], dim=0))
+        for prec in ("ubinary", "int8"):
+            kw = {} if prec == "ubinary" else {"ranges": r}
+            ours = ctx.bench(lambda p=prec, kw=kw: quantize(x, p, **kw))
+            if prec == "ubinary":
+                w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=dev)
+                base = ctx.bench(lambda: ((x > 0).view(m, 128, 8).to(torch.uint8) * w).sum(-1, dtype=torch.uint8))
+            else:
+                st, sp = r[0], ((r[1] - r[0]) / 255).clamp_min(1e-30)
+                base = ctx.bench(lambda: ((x - st) / sp).floor().clamp(0, 255).to(torch.uint8))
+            out.append({"name": f"quantize {prec} {m // 1000}k x 1024", "ours_ms": ours,
+                        "baselines": {"torch elementwise": base},
+                        "floor_ms": x.numel() * 4 / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
+                        "extra": {"kernels": status}})
+    return out
