@@ -4,6 +4,7 @@ options' costs against plain InfoNCE.
 
     pytest benchmarks/test_bench_contrastive.py --benchmark-only --benchmark-group-by=group
 """
+
 import pytest
 import torch
 
@@ -24,8 +25,10 @@ def batch(request):
 def test_loss_forward_backward(benchmark, batch, provider, symmetric, monkeypatch):
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
     q, d = batch
-    benchmark.group = f"contrastive fwd+bwd {'symmetric' if symmetric else 'plain'} B{q.shape[0]} N{d.shape[0]} " \
-                      f"D{q.shape[1]}"
+    benchmark.group = (
+        f"contrastive fwd+bwd {'symmetric' if symmetric else 'plain'} B{q.shape[0]} N{d.shape[0]} "
+        f"D{q.shape[1]}"
+    )
     fn = lf.contrastive_loss if provider == "llmembed_fast" else naive_loss
     benchmark(fwd_bwd(fn, q, d, symmetric=symmetric))
 

@@ -5,6 +5,7 @@ of rows); its backward sums the gradient of the gathered tensor over ranks and h
 it owns, so a loss computed on gathered tensors gives each rank the gradient of the sum of all ranks'
 losses w.r.t. its own inputs. Works with any backend (gloo on CPU, NCCL on GPU).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,7 +16,9 @@ import torch.distributed as dist
 
 def _check_group(group) -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("torch.distributed is not initialized (call torch.distributed.init_process_group first)")
+        raise RuntimeError(
+            "torch.distributed is not initialized (call torch.distributed.init_process_group first)"
+        )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
@@ -59,8 +62,9 @@ def batch_layout(b: int, n: int, group=None, device=None) -> BatchLayout:
     dist.all_gather(bufs, mine, group=group)
     sizes = torch.stack(bufs).cpu().tolist()
     q_sizes, d_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
-    return BatchLayout(world, rank, q_sizes, d_sizes, sum(q_sizes[:rank]), sum(d_sizes[:rank]), sum(q_sizes),
-                       sum(d_sizes))
+    return BatchLayout(
+        world, rank, q_sizes, d_sizes, sum(q_sizes[:rank]), sum(d_sizes[:rank]), sum(q_sizes), sum(d_sizes)
+    )
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -74,7 +78,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         padded[: x.shape[0]] = x
         bufs = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(bufs, padded, group=group)
-        return torch.cat([buf[:s] for buf, s in zip(bufs, sizes)]).to(x.device)
+        return torch.cat([buf[:s] for buf, s in zip(bufs, sizes, strict=False)]).to(x.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -89,7 +93,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         total = grad.to(dev, copy=True).contiguous()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         start = sum(sizes[:rank])
-        return total[start:start + sizes[rank]].to(grad.device), None, None
+        return total[start : start + sizes[rank]].to(grad.device), None, None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """``nn.Module`` losses over precomputed embeddings."""
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,29 @@ class ContrastiveLoss(nn.Module):
     ``forward(q [B, D], d [N, D], labels=None)`` returns the loss.
     """
 
-    def __init__(self, temperature: float = 0.05, *, learn_temperature: bool = False, max_scale: float = 100.0,
-                 normalize: bool = True, symmetric: bool = False, same_tower: bool = False,
-                 false_negative_margin: float | None = None, matryoshka_dims=None, matryoshka_weights=None,
-                 reduction: str = "mean", group=None, allow_tf32: bool = True):
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        *,
+        learn_temperature: bool = False,
+        max_scale: float = 100.0,
+        normalize: bool = True,
+        symmetric: bool = False,
+        same_tower: bool = False,
+        false_negative_margin: float | None = None,
+        matryoshka_dims=None,
+        matryoshka_weights=None,
+        reduction: str = "mean",
+        group=None,
+        allow_tf32: bool = True,
+    ):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-                or not math.isfinite(temperature):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature > 0
+            or not math.isfinite(temperature)
+        ):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         if not max_scale > 0:
             raise ValueError(f"max_scale must be positive, got {max_scale!r}")
@@ -37,10 +54,17 @@ class ContrastiveLoss(nn.Module):
         self.fixed_temperature = max(float(temperature), 1.0 / self.max_scale)
         if self.learn_temperature:
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
-        self.kwargs = dict(normalize=normalize, symmetric=symmetric, same_tower=same_tower,
-                           false_negative_margin=false_negative_margin, matryoshka_dims=matryoshka_dims,
-                           matryoshka_weights=matryoshka_weights, reduction=reduction, group=group,
-                           allow_tf32=allow_tf32)
+        self.kwargs = dict(
+            normalize=normalize,
+            symmetric=symmetric,
+            same_tower=same_tower,
+            false_negative_margin=false_negative_margin,
+            matryoshka_dims=matryoshka_dims,
+            matryoshka_weights=matryoshka_weights,
+            reduction=reduction,
+            group=group,
+            allow_tf32=allow_tf32,
+        )
 
     @property
     def temperature(self) -> torch.Tensor | float:
@@ -54,5 +78,7 @@ class ContrastiveLoss(nn.Module):
         return contrastive_loss(q, d, labels=labels, temperature=t, **self.kwargs)
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v not in (None, False) and k != "group")
+        opts = ", ".join(
+            f"{k}={v!r}" for k, v in self.kwargs.items() if v not in (None, False) and k != "group"
+        )
         return f"learn_temperature={self.learn_temperature}, {opts}"

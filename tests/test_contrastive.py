@@ -1,6 +1,7 @@
 """contrastive_loss on both backends (torch chunked; Triton through the interpreter) against the float64
 materialized reference: loss and gradients w.r.t. q, d and the temperature, every option and their
 combinations, odd shapes, each dtype, several seeds; chunking paths; module; bad input."""
+
 import itertools
 import os
 import subprocess
@@ -44,14 +45,16 @@ def _check(q, d, labels, tol, temperature=0.05, grad_tau=True, **kw):
     wrt = [qa, da] + ([t] if grad_tau else [])
     grads = torch.autograd.grad(loss.sum(), wrt)
     q64, d64 = q.double().requires_grad_(), d.double().requires_grad_()
-    t64 = torch.tensor(float(temperature), dtype=torch.float64, requires_grad=True) if grad_tau else temperature
+    t64 = (
+        torch.tensor(float(temperature), dtype=torch.float64, requires_grad=True) if grad_tau else temperature
+    )
     ref = ref_loss(q64, d64, labels=labels, temperature=t64, **kw)
     refs = torch.autograd.grad(ref.sum(), [q64, d64] + ([t64] if grad_tau else []))
     atol, gtol = tol
     assert loss.shape == ref.shape
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double(), ref, atol=atol * max(1.0, ref.abs().max().item()), rtol=0)
-    for name, g, r in zip(("q", "d", "temperature"), grads, refs):
+    for name, g, r in zip(("q", "d", "temperature"), grads, refs, strict=False):
         assert g.shape == r.shape, name
         assert torch.isfinite(g).all(), name
         scale = max(r.abs().max().item(), 1e-6)
@@ -59,22 +62,43 @@ def _check(q, d, labels, tol, temperature=0.05, grad_tau=True, **kw):
         assert err <= gtol, f"grad {name}: relative error {err:.2e} > {gtol:.0e}"
 
 
-OPTION_GRID = list(itertools.product([False, True], [False, True], [None, 0.1], [None, (8, 20, 37)], [True, False]))
+OPTION_GRID = list(
+    itertools.product([False, True], [False, True], [None, 0.1], [None, (8, 20, 37)], [True, False])
+)
 # The interpreter runs a covering subset: every pair of option values appears together at least once.
-PAIRWISE = {(False, False, None, None, True), (True, True, 0.1, (8, 20, 37), True), (True, False, 0.1, None, False),
-            (False, True, None, (8, 20, 37), False), (False, False, 0.1, (8, 20, 37), False),
-            (True, True, None, None, False), (False, True, 0.1, None, True), (True, False, None, (8, 20, 37), True)}
+PAIRWISE = {
+    (False, False, None, None, True),
+    (True, True, 0.1, (8, 20, 37), True),
+    (True, False, 0.1, None, False),
+    (False, True, None, (8, 20, 37), False),
+    (False, False, 0.1, (8, 20, 37), False),
+    (True, True, None, None, False),
+    (False, True, 0.1, None, True),
+    (True, False, None, (8, 20, 37), True),
+}
 
 
 @pytest.mark.parametrize("symmetric,same_tower,margin,mdims,normalize", OPTION_GRID)
 def test_every_option_combination(backend, symmetric, same_tower, margin, mdims, normalize):
     if backend == "triton" and (symmetric, same_tower, margin, mdims, normalize) not in PAIRWISE:
-        pytest.skip("interpreter time: the torch backend runs the full grid, Triton a pairwise-covering subset")
+        pytest.skip(
+            "interpreter time: the torch backend runs the full grid, Triton a pairwise-covering subset"
+        )
     q, d, lab = _inputs(7, 11, 37, torch.float32, seed=hash((symmetric, same_tower, margin, mdims)) % 1000)
     weights = None if mdims is None else (1.0, 0.5, 0.25)
-    _check(q, d, lab, TOL[torch.float32], temperature=0.05 if normalize else 4.0, symmetric=symmetric,
-           same_tower=same_tower, false_negative_margin=margin, matryoshka_dims=mdims, matryoshka_weights=weights,
-           normalize=normalize)
+    _check(
+        q,
+        d,
+        lab,
+        TOL[torch.float32],
+        temperature=0.05 if normalize else 4.0,
+        symmetric=symmetric,
+        same_tower=same_tower,
+        false_negative_margin=margin,
+        matryoshka_dims=mdims,
+        matryoshka_weights=weights,
+        normalize=normalize,
+    )
 
 
 SHAPES = [  # B, N, D, temperature, dtype, seed
@@ -109,13 +133,17 @@ def test_labels_default_and_duplicates(backend, labels):
 
 
 FUSED_GRID = [  # symmetric with default labels: the document->query term rides on the query->document tiles
-    dict(), dict(false_negative_margin=0.05), dict(same_tower=True, matryoshka_dims=(5, 16, 24)),
+    dict(),
+    dict(false_negative_margin=0.05),
+    dict(same_tower=True, matryoshka_dims=(5, 16, 24)),
     dict(false_negative_margin=0.1, matryoshka_dims=(8, 24), normalize=False, temperature=3.0),
     dict(same_tower=True, false_negative_margin=0.1, reduction="none"),
 ]
 
 
-@pytest.mark.parametrize("kw", FUSED_GRID, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize(
+    "kw", FUSED_GRID, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain"
+)
 @pytest.mark.parametrize("n_extra", [0, 5])
 def test_symmetric_default_labels(backend, kw, n_extra):
     kw = dict(kw)
@@ -133,7 +161,7 @@ def test_symmetric_fused_equals_explicit_labels(backend):
         qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
         loss = lf.contrastive_loss(qa, da, labels=labels, symmetric=True, false_negative_margin=0.1)
         outs.append((loss, *torch.autograd.grad(loss, [qa, da])))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -168,15 +196,32 @@ def test_chunked_blocks(backend, monkeypatch):
         monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 8 * 100 * 4)  # 8 rows per block at N=100, K=3
         monkeypatch.setattr(tk, "LSE_SPLITS", 3)
     q, d, lab = _inputs(20, 100, 24, torch.float32, seed=9)
-    _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.1,
-           matryoshka_dims=(6, 12, 24))
+    _check(
+        q,
+        d,
+        lab,
+        TOL[torch.float32],
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.1,
+        matryoshka_dims=(6, 12, 24),
+    )
     _check(q, d, None, TOL[torch.float32], symmetric=True, false_negative_margin=0.1, matryoshka_dims=(6, 24))
 
 
 def test_float64_matches_reference_tightly():
     q, d, lab = _inputs(9, 13, 21, torch.float64, seed=1)
-    _check(q, d, lab, (1e-12, 1e-10), symmetric=True, same_tower=True, false_negative_margin=0.2,
-           matryoshka_dims=(5, 21), matryoshka_weights=(0.3, 1.0))
+    _check(
+        q,
+        d,
+        lab,
+        (1e-12, 1e-10),
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.2,
+        matryoshka_dims=(5, 21),
+        matryoshka_weights=(0.3, 1.0),
+    )
 
 
 def test_poisoned_buffers_are_fully_written(backend):
@@ -193,8 +238,23 @@ def test_poisoned_buffers_are_fully_written(backend):
     lse, col = be.row_lse(q, d, None, a2, bb, diag, False, None, (0, 17, 40), col_terms=b)
     assert lse.shape == (K, b) and torch.isfinite(lse).all()
     assert col.shape == (K, b) and torch.isfinite(col).all()
-    H, rs, cs = be.grad_tiles(q, d, None, a2, bb, diag, False, None, (0, 17, 40), lse, torch.ones(K, b), 3, 30,
-                              be.grad_dtype(q.dtype), col_lse2=col)
+    H, rs, cs = be.grad_tiles(
+        q,
+        d,
+        None,
+        a2,
+        bb,
+        diag,
+        False,
+        None,
+        (0, 17, 40),
+        lse,
+        torch.ones(K, b),
+        3,
+        30,
+        be.grad_dtype(q.dtype),
+        col_lse2=col,
+    )
     assert H.shape == (K, 27, 70) and not H.isnan().any() and not rs.isnan().any() and not cs.isnan().any()
 
 
@@ -213,8 +273,9 @@ def test_module_learnable_temperature(backend):
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     fixed = lf.ContrastiveLoss(temperature=0.05)
     assert list(fixed.parameters()) == []
-    torch.testing.assert_close(fixed(q, d, lab).double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        fixed(q, d, lab).double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5, rtol=0
+    )
     assert "learn_temperature=False" in repr(fixed)
 
 
@@ -262,8 +323,8 @@ def test_bad_group():
 
 
 def test_cpu_memory_is_bounded(tmp_path):
-    """B = N = 8192, D = 64 float32 forward + backward on the CPU backend: the similarity matrix alone would be
-    256 MiB; the loss must stay far below (peak RSS growth, in a fresh process)."""
+    """B = N = 8192, D = 64 float32 forward + backward on the CPU backend: the similarity matrix alone would
+    be 256 MiB; the loss must stay far below (peak RSS growth, in a fresh process)."""
     code = textwrap.dedent("""
         import os, resource, torch
         os.environ["LLMEMBED_FAST_BACKEND"] = "torch"

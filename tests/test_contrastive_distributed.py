@@ -1,6 +1,7 @@
 """contrastive_loss with a process group (gloo, spawned CPU processes, world sizes 2 and 3): every rank's
 loss and gradients equal one process computing the global batch (fp32, rtol 1e-5). Ranks hold different
 numbers of queries and candidates (uneven all-gathers)."""
+
 import os
 
 import pytest
@@ -14,8 +15,13 @@ CONFIGS = [
     dict(),
     dict(symmetric=True),
     dict(same_tower=True, false_negative_margin=0.1),
-    dict(symmetric=True, same_tower=True, false_negative_margin=0.05, matryoshka_dims=(6, 16),
-         matryoshka_weights=(0.5, 1.0)),
+    dict(
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.05,
+        matryoshka_dims=(6, 16),
+        matryoshka_weights=(0.5, 1.0),
+    ),
     dict(reduction="sum", normalize=False),
 ]
 D = 16
@@ -76,18 +82,23 @@ def test_distributed_equals_global_batch(world, tmp_path, monkeypatch):
         for r in range(world):
             res = per_rank[r][seed]
             b, n = batches[r][0].shape[0], batches[r][1].shape[0]
-            torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-6, msg=f"loss {cfg} rank {r}")
-            torch.testing.assert_close(res["gq"], q.grad[q_off:q_off + b], rtol=1e-5, atol=1e-6,
-                                       msg=f"grad q {cfg} rank {r}")
-            torch.testing.assert_close(res["gd"], d.grad[d_off[r]:d_off[r] + n], rtol=1e-5, atol=1e-6,
-                                       msg=f"grad d {cfg} rank {r}")
+            torch.testing.assert_close(
+                res["loss"], loss.detach(), rtol=1e-5, atol=1e-6, msg=f"loss {cfg} rank {r}"
+            )
+            torch.testing.assert_close(
+                res["gq"], q.grad[q_off : q_off + b], rtol=1e-5, atol=1e-6, msg=f"grad q {cfg} rank {r}"
+            )
+            torch.testing.assert_close(
+                res["gd"], d.grad[d_off[r] : d_off[r] + n], rtol=1e-5, atol=1e-6, msg=f"grad d {cfg} rank {r}"
+            )
             q_off += b
         # temperature: each rank holds its share; the shares sum to the global gradient (they may cancel:
         # the tolerance is relative to their magnitudes)
         shares = [per_rank[r][seed]["gt"] for r in range(world)]
         scale = sum(s.abs() for s in shares).item()
-        torch.testing.assert_close(sum(shares), tau.grad, rtol=1e-5, atol=1e-5 * scale,
-                                   msg=f"grad temperature {cfg}")
+        torch.testing.assert_close(
+            sum(shares), tau.grad, rtol=1e-5, atol=1e-5 * scale, msg=f"grad temperature {cfg}"
+        )
     # all_gather_with_grad: rank-ordered rows; gradient = rows' weights summed over ranks
     rows = torch.cat([torch.full((r + 1, 3), float(r)) for r in range(world)])
     start = 0

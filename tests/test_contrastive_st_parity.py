@@ -1,5 +1,6 @@
 """sentence-transformers parity: MultipleNegativesRankingLoss (with hard negatives) and
 MultipleNegativesSymmetricRankingLoss give the same loss and embedding gradients as lf.contrastive_loss."""
+
 import warnings
 
 import pytest
@@ -36,12 +37,15 @@ def test_matches_sentence_transformers(backend, kind, n_neg, dtype):
     ref_grads = torch.autograd.grad(ref, cols)
 
     ours_cols = [c.detach().clone().requires_grad_() for c in cols]
-    q, docs = ours_cols[0], torch.cat(ours_cols[1:])  # positives first, then hard negatives: labels = arange(B)
+    q, docs = (
+        ours_cols[0],
+        torch.cat(ours_cols[1:]),
+    )  # positives first, then hard negatives: labels = arange(B)
     loss = lf.contrastive_loss(q, docs, temperature=1.0 / scale, symmetric=(kind == "mnsrl"))
     grads = torch.autograd.grad(loss, ours_cols)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(loss.to(dtype), ref, **tol)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(g, r, **tol)
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the contrastive loss: flash-style row log-sum-exp (forward) and gradient tiles (backward).
+"""Triton kernels of the contrastive loss: flash-style row log-sum-exp (forward), gradient tiles (backward).
 
 Kernels and launchers only (``llmembed_fast.ops.contrastive`` checks inputs, builds the terms and runs
 the GEMMs). Same launcher interface as ``llmembed_fast.reference.contrastive_chunked`` (see its docstring
@@ -18,6 +18,7 @@ for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
 
 Offsets are 64-bit. Any D, M, N (every load and store is masked).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,18 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dot_range(
+    acc,
+    x_base,
+    y_base,
+    rmask,
+    cmask,
+    lo,
+    hi,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """acc += X[rows, lo:hi] @ Y[cols, lo:hi]^T (x_base [BM, 1] and y_base [1, BN] row pointers)."""
     for d0 in range(lo, hi, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -102,16 +113,48 @@ def _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec):
 
 @triton.jit
 def _row_lse_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, out_ptr, colpart_ptr,
-    M, NC, cols_per_split, stride_x, stride_y, gather, exclude, ncol, b0, b1, b2, b3, b4, b5, b6, b7, b8,
-    K: tl.constexpr, KP: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    xidx_ptr,
+    a_ptr,
+    b_ptr,
+    spec_ptr,
+    thr_ptr,
+    out_ptr,
+    colpart_ptr,
+    M,
+    NC,
+    cols_per_split,
+    stride_x,
+    stride_y,
+    gather,
+    exclude,
+    ncol,
+    b0,
+    b1,
+    b2,
+    b3,
+    b4,
+    b5,
+    b6,
+    b7,
+    b8,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    COLS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < M
-    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows)
+    xrow = tl.where(
+        gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
+    )
     x_base = x_ptr + xrow[:, None] * stride_x
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     kk = tl.arange(0, KP)
@@ -129,8 +172,9 @@ def _row_lse_kernel(
             lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
-            z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                       exclude)
+            z2, valid, a, b = _logits2(
+                acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+            )
             if COLS:  # symmetric term: this tile's log-sum-exp down each of the first ncol columns
                 valid_c = _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec)
                 zc = tl.where(valid_c, z2, float("-inf"))
@@ -138,7 +182,9 @@ def _row_lse_kernel(
                 mc_use = tl.where(mc == float("-inf"), 0.0, mc)
                 lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
                 lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
-                tl.store(colpart_ptr + (pid_m * K + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask)
+                tl.store(
+                    colpart_ptr + (pid_m * K + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask
+                )
             z2 = tl.where(valid, z2, float("-inf"))
             sel = kk[None, :] == k
             m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
@@ -175,12 +221,46 @@ def _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_p
 
 @triton.jit
 def _grad_tile_kernel(
-    x_ptr, y_ptr, xidx_ptr, a_ptr, b_ptr, spec_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr,
-    h_ptr, rs_ptr, cs_ptr,
-    M, NC, r0, Mc, stride_x, stride_y, stride_hk, stride_hm, gather, exclude, ncol,
-    b0, b1, b2, b3, b4, b5, b6, b7, b8,
-    K: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    xidx_ptr,
+    a_ptr,
+    b_ptr,
+    spec_ptr,
+    thr_ptr,
+    lse_ptr,
+    w_ptr,
+    clse_ptr,
+    h_ptr,
+    rs_ptr,
+    cs_ptr,
+    M,
+    NC,
+    r0,
+    Mc,
+    stride_x,
+    stride_y,
+    stride_hk,
+    stride_hm,
+    gather,
+    exclude,
+    ncol,
+    b0,
+    b1,
+    b2,
+    b3,
+    b4,
+    b5,
+    b6,
+    b7,
+    b8,
+    K: tl.constexpr,
+    COLS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -189,7 +269,9 @@ def _grad_tile_kernel(
     rmask = (local < Mc) & (rows < M)
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cmask = cols < NC
-    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows)
+    xrow = tl.where(
+        gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
+    )
     x_base = x_ptr + xrow[:, None] * stride_x
     y_base = y_ptr + cols[None, :] * stride_y
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
@@ -204,8 +286,9 @@ def _grad_tile_kernel(
         lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
         hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
         acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
-        z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                   exclude)
+        z2, valid, a, b = _logits2(
+            acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+        )
         g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
         if COLS:
             g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
@@ -214,8 +297,11 @@ def _grad_tile_kernel(
         tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
         tl.store(cs_ptr + (pid_m * K + k).to(tl.int64) * NC + cols, tl.sum(gz, axis=0), mask=cmask)
         if K == 1:  # no running total to keep live
-            tl.store(h_tile, (g * (a[:, None] * 0.6931471805599453) * b[None, :]).to(h_ptr.dtype.element_ty),
-                     mask=tile_mask)
+            tl.store(
+                h_tile,
+                (g * (a[:, None] * 0.6931471805599453) * b[None, :]).to(h_ptr.dtype.element_ty),
+                mask=tile_mask,
+            )
         else:
             total += g * (a[:, None] * 0.6931471805599453) * b[None, :]
     if K > 1:
@@ -226,8 +312,9 @@ def _grad_tile_kernel(
             lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
-            z2, valid, a, b = _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec,
-                                       exclude)
+            z2, valid, a, b = _logits2(
+                acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+            )
             g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
             if COLS:
                 g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
@@ -240,11 +327,17 @@ def _grad_tile_kernel(
 # Launchers. Inputs are already checked by llmembed_fast.ops.contrastive.
 # ----------------------------------------------------------------------------------------------------
 
+
 def _config(dtype: torch.dtype, D: int, K: int) -> dict:
     """Tile sizes and launch options. The interpreter wants few, large tiles; a GPU 128x128 (64 for fp32)."""
     if _interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(128, triton.next_power_of_2(D))), num_warps=1,
-                    num_stages=1)
+        return dict(
+            BLOCK_M=32,
+            BLOCK_N=32,
+            BLOCK_D=max(16, min(128, triton.next_power_of_2(D))),
+            num_warps=1,
+            num_stages=1,
+        )
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
     bm = 128 if K == 1 else 64  # K > 1 keeps a running total tile live in the backward
@@ -302,8 +395,9 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
     return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
 
 
-def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True,
-            col_terms: int = 0):
+def row_lse(
+    x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True, col_terms: int = 0
+):
     """Base-2 log-sum-exp per (dim, row) of a term: (float32 [K, M] (-inf where no entry is kept), column
     LSE [K, col_terms] or None). ``col_terms`` = n > 0 also reduces the first n columns down the rows (the
     symmetric term when column i is query i's positive and ``special`` is the diagonal)."""
@@ -328,17 +422,56 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
     _row_lse_kernel[(n_rb, splits)](
-        x, y, x_index if x_index is not None else special, a2, b, special, thr, part, colpart,
-        M, NC, cols_per_split, x.stride(0), y.stride(0), int(x_index is not None), int(bool(exclude)), col_terms,
+        x,
+        y,
+        x_index if x_index is not None else special,
+        a2,
+        b,
+        special,
+        thr,
+        part,
+        colpart,
+        M,
+        NC,
+        cols_per_split,
+        x.stride(0),
+        y.stride(0),
+        int(x_index is not None),
+        int(bool(exclude)),
+        col_terms,
         *_bound_args(bounds),
-        K=K, KP=triton.next_power_of_2(K), COLS=col_terms > 0, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        K=K,
+        KP=triton.next_power_of_2(K),
+        COLS=col_terms > 0,
+        UPCAST=_upcast(x),
+        PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return _lse2_merge(part), (_lse2_merge(colpart) if col_terms else None)
 
 
-def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
-               h_dtype: torch.dtype, allow_tf32: bool = True, col_lse2=None):
+def grad_tiles(
+    x,
+    y,
+    x_index,
+    a2,
+    b,
+    special,
+    exclude: bool,
+    thr2,
+    bounds,
+    lse2,
+    wrow,
+    r0: int,
+    r1: int,
+    h_dtype: torch.dtype,
+    allow_tf32: bool = True,
+    col_lse2=None,
+):
     """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC] of ``h_dtype``, row sums [K, r1-r0], column sums
     [K, NC], float32). Same contract as ``reference.contrastive_chunked.grad_tiles``."""
     K = len(bounds) - 1
@@ -356,12 +489,39 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     ncol = 0 if col_lse2 is None else col_lse2.shape[1]
     clse = col_lse2.to(torch.float32).contiguous() if col_lse2 is not None else a2
     _grad_tile_kernel[(n_rb, n_cb)](
-        x, y, x_index if x_index is not None else special, a2, b, special, thr,
-        lse2.to(torch.float32).contiguous(), wrow.to(torch.float32).contiguous(), clse,
-        H, rs_part, cs_part,
-        M, NC, r0, Mc, x.stride(0), y.stride(0), H.stride(0), H.stride(1),
-        int(x_index is not None), int(bool(exclude)), ncol, *_bound_args(bounds),
-        K=K, COLS=ncol > 0, UPCAST=_upcast(x), PRECISION=_precision(x, allow_tf32),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x,
+        y,
+        x_index if x_index is not None else special,
+        a2,
+        b,
+        special,
+        thr,
+        lse2.to(torch.float32).contiguous(),
+        wrow.to(torch.float32).contiguous(),
+        clse,
+        H,
+        rs_part,
+        cs_part,
+        M,
+        NC,
+        r0,
+        Mc,
+        x.stride(0),
+        y.stride(0),
+        H.stride(0),
+        H.stride(1),
+        int(x_index is not None),
+        int(bool(exclude)),
+        ncol,
+        *_bound_args(bounds),
+        K=K,
+        COLS=ncol > 0,
+        UPCAST=_upcast(x),
+        PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return H, rs_part.sum(0), cs_part.sum(0)

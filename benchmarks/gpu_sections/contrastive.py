@@ -7,6 +7,7 @@ timings: forward + backward and peak extra memory against naive (matmul + F.cros
 (when importable) at the issue's sizes, option costs relative to plain InfoNCE, and B = N = 262,144.
 Sized to stay within ~90 s on an H100; big cases run only while ctx.time_left() allows.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,22 +43,41 @@ def _check(name, B, N, D, dtype, allow_tf32, kw, dev, seed):
     t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     ref = ref_loss(q64, d64, labels=labels, temperature=t64, **kw)
     ref.backward()
-    errs = {"loss": _rel(loss.detach().cpu(), ref.detach()), "dq": _rel(q.grad.cpu(), q64.grad),
-            "dd": _rel(d.grad.cpu(), d64.grad), "dtau": _rel(tau.grad.cpu(), t64.grad)}
-    key = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else \
-        ("fp32-tf32" if allow_tf32 else "fp32-ieee")
+    errs = {
+        "loss": _rel(loss.detach().cpu(), ref.detach()),
+        "dq": _rel(q.grad.cpu(), q64.grad),
+        "dd": _rel(d.grad.cpu(), d64.grad),
+        "dtau": _rel(tau.grad.cpu(), t64.grad),
+    }
+    key = (
+        "bf16"
+        if dtype == torch.bfloat16
+        else "fp16"
+        if dtype == torch.float16
+        else ("fp32-tf32" if allow_tf32 else "fp32-ieee")
+    )
     tol = TOL[key]
     err = max(errs.values())
-    return {"name": f"{name} {key}", "ok": err <= tol, "err": err, "tol": tol,
-            "detail": " ".join(f"{k} {v:.1e}" for k, v in errs.items())}
+    return {
+        "name": f"{name} {key}",
+        "ok": err <= tol,
+        "err": err,
+        "tol": tol,
+        "detail": " ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+    }
 
 
 def correctness(ctx) -> list[dict]:
     dev = ctx.device
     out = []
     B, N, D = (7, 19, 37) if ctx.smoke else (300, 1100, 1000)
-    all_opts = dict(symmetric=True, same_tower=True, false_negative_margin=0.1,
-                    matryoshka_dims=(D // 8, D // 2, D), matryoshka_weights=(0.25, 0.5, 1.0))
+    all_opts = dict(
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.1,
+        matryoshka_dims=(D // 8, D // 2, D),
+        matryoshka_weights=(0.25, 0.5, 1.0),
+    )
     dtypes = [(torch.float32, False), (torch.float32, True), (torch.float16, True), (torch.bfloat16, True)]
     for i, (dtype, tf32) in enumerate(dtypes):
         for opt_name, kw in (("plain", {}), ("all options", all_opts)):
@@ -65,11 +85,24 @@ def correctness(ctx) -> list[dict]:
                 break
             if opt_name != "plain" and dtype == torch.float16:
                 continue  # fp16 shares the fp32 gradient path; keeps compile time down
-            out.append(_check(f"contrastive {opt_name} B{B} N{N} D{D}", B, N, D, dtype, tf32, kw, dev, seed=i))
+            out.append(
+                _check(f"contrastive {opt_name} B{B} N{N} D{D}", B, N, D, dtype, tf32, kw, dev, seed=i)
+            )
     if not ctx.smoke:  # small B, large-N split forward, odd everything
         out.append(_check("contrastive plain B1 N4099 D8", 1, 4099, 8, torch.bfloat16, True, {}, dev, seed=9))
-        out.append(_check("contrastive symmetric B65 N65 D384", 65, 65, 384, torch.bfloat16, True,
-                          dict(symmetric=True), dev, seed=10))
+        out.append(
+            _check(
+                "contrastive symmetric B65 N65 D384",
+                65,
+                65,
+                384,
+                torch.bfloat16,
+                True,
+                dict(symmetric=True),
+                dev,
+                seed=10,
+            )
+        )
     # 64-bit offsets: N * D > 2^31 elements in the candidates
     if not ctx.smoke and ctx.time_left() > 90:
         B, N, D = 64, (1 << 21) + 3, 1024
@@ -89,8 +122,15 @@ def correctness(ctx) -> list[dict]:
                 else:
                     os.environ["LLMEMBED_FAST_BACKEND"] = prev
         e = abs(got.item() - want.item()) / abs(want.item())
-        out.append({"name": f"contrastive fwd B{B} N{N} D{D} bf16 (int64 offsets)", "ok": e <= 1e-3, "err": e,
-                    "tol": 1e-3, "detail": f"ours {got.item():.6f} torch backend {want.item():.6f}"})
+        out.append(
+            {
+                "name": f"contrastive fwd B{B} N{N} D{D} bf16 (int64 offsets)",
+                "ok": e <= 1e-3,
+                "err": e,
+                "tol": 1e-3,
+                "detail": f"ours {got.item():.6f} torch backend {want.item():.6f}",
+            }
+        )
         del q, d
         torch.cuda.empty_cache()
     return out
@@ -140,8 +180,15 @@ def timings(ctx) -> list[dict]:
         elif not callable(infcl):
             extra["inf-cl"] = infcl
         floor = 6 * B * N * D / ctx.matmul_flops * 1e3
-        recs.append({"name": f"fwd+bwd plain B=N={B} D{D} bf16", "ours_ms": t_ours, "baselines": base,
-                     "floor_ms": floor, "extra": extra})
+        recs.append(
+            {
+                "name": f"fwd+bwd plain B=N={B} D{D} bf16",
+                "ours_ms": t_ours,
+                "baselines": base,
+                "floor_ms": floor,
+                "extra": extra,
+            }
+        )
         # option costs relative to plain (at the first size only)
         if (B, N, D) == sizes[0]:
             for opt in ("symmetric", "same_tower", "matryoshka5", "fn_margin"):
@@ -149,15 +196,28 @@ def timings(ctx) -> list[dict]:
                     break
                 kw = option_kwargs(opt, D)
                 t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
-                recs.append({"name": f"fwd+bwd {opt} B=N={B} D{D} bf16", "ours_ms": t,
-                             "baselines": {"ours plain": t_ours}, "floor_ms": None,
-                             "extra": {"cost_vs_plain": round(t / t_ours, 3), "options": str(kw)}})
+                recs.append(
+                    {
+                        "name": f"fwd+bwd {opt} B=N={B} D{D} bf16",
+                        "ours_ms": t,
+                        "baselines": {"ours plain": t_ours},
+                        "floor_ms": None,
+                        "extra": {"cost_vs_plain": round(t / t_ours, 3), "options": str(kw)},
+                    }
+                )
             # forward alone (no grad): the flash-style LSE pass
             with torch.no_grad():
-                t_f = ctx.bench(lambda: lf.contrastive_loss(q, d), **quick)
-                t_nf = ctx.bench(lambda: naive_loss(q, d), **quick)
-            recs.append({"name": f"fwd only B=N={B} D{D} bf16", "ours_ms": t_f, "baselines": {"naive": t_nf},
-                         "floor_ms": 2 * B * N * D / ctx.matmul_flops * 1e3, "extra": {}})
+                t_f = ctx.bench(lambda q=q, d=d: lf.contrastive_loss(q, d), **quick)
+                t_nf = ctx.bench(lambda q=q, d=d: naive_loss(q, d), **quick)
+            recs.append(
+                {
+                    "name": f"fwd only B=N={B} D{D} bf16",
+                    "ours_ms": t_f,
+                    "baselines": {"naive": t_nf},
+                    "floor_ms": 2 * B * N * D / ctx.matmul_flops * 1e3,
+                    "extra": {},
+                }
+            )
         del q, d, ours, naive
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -170,9 +230,15 @@ def timings(ctx) -> list[dict]:
         fn()  # warm-up (compiles nothing new, sizes the allocator)
         t = _time_once_ms(fn)
         peak = ctx.peak_extra_bytes(fn)
-        recs.append({"name": f"fwd+bwd plain B=N={B} D{D} bf16 (one run)", "ours_ms": t, "baselines": {},
-                     "floor_ms": 6 * B * N * D / ctx.matmul_flops * 1e3,
-                     "extra": {"peak_extra_MB": round(peak / 2**20, 1)}})
+        recs.append(
+            {
+                "name": f"fwd+bwd plain B=N={B} D{D} bf16 (one run)",
+                "ours_ms": t,
+                "baselines": {},
+                "floor_ms": 6 * B * N * D / ctx.matmul_flops * 1e3,
+                "extra": {"peak_extra_MB": round(peak / 2**20, 1)},
+            }
+        )
         del q, d
         torch.cuda.empty_cache()
     return recs

@@ -5,6 +5,7 @@ CPU default: float32, B = N = 1024, D = 256 (plain, symmetric, 5 Matryoshka dims
 issue's CPU target B = N = 16384, D = 256. GPU default: bf16, B = N = 16384, D = 1024, plus the option
 costs; ``--full`` the issue's B = N = 65536, D = 1024 and B = N = 32768, D = 4096.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,10 +50,12 @@ def infcl_loss():
 
 def fwd_bwd(loss_fn, q, d, **kw):
     """A callable running loss_fn(q, d, **kw).backward() with fresh gradients."""
+
     def run():
         q.grad = None
         d.grad = None
         loss_fn(q, d, **kw).backward()
+
     return run
 
 
@@ -100,12 +103,23 @@ def cases(ctx) -> list:
             base = {}
             if opt in ("plain", "symmetric"):
                 naive_ok = gpu or B * N <= 4096 * 4096 or ctx.full
-                base["naive matmul+CE"] = fwd_bwd(naive_loss, q, d, symmetric=sym) if naive_ok else \
-                    "skipped: B x N too large without --full"
+                base["naive matmul+CE"] = (
+                    fwd_bwd(naive_loss, q, d, symmetric=sym)
+                    if naive_ok
+                    else "skipped: B x N too large without --full"
+                )
                 if opt == "plain":
                     base["inf-cl"] = fwd_bwd(infcl, q, d) if callable(infcl) else infcl
             if opt != "plain":
                 base["ours plain"] = fwd_bwd(lf.contrastive_loss, q, d)
-            out.append(Case("contrastive", f"fwd+bwd {opt} {tag}", fwd_bwd(lf.contrastive_loss, q, d, **kw), base,
-                            flops=flops, note="flops = 6*B*N*D; 'ours plain' gives the option's cost"))
+            out.append(
+                Case(
+                    "contrastive",
+                    f"fwd+bwd {opt} {tag}",
+                    fwd_bwd(lf.contrastive_loss, q, d, **kw),
+                    base,
+                    flops=flops,
+                    note="flops = 6*B*N*D; 'ours plain' gives the option's cost",
+                )
+            )
     return out

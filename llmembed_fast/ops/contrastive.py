@@ -18,6 +18,7 @@ tiles are recomputed and turned into the gradient of the logits (``grad_tiles``,
 the backend's chunk size), then two GEMMs give the rows' and the columns' gradients; the gradient is
 chained through the normalization with per-row/column sums, and summed over terms by autograd.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,29 +38,30 @@ _MM_PIECE_ELEMENTS = 1 << 24  # bound on the float32 temporaries of the accumula
 
 
 class _Cfg(NamedTuple):
-    bounds: tuple[int, ...]          # (0, d1, ..., dK)
-    weights: tuple[float, ...]       # one per dim
+    bounds: tuple[int, ...]  # (0, d1, ..., dK)
+    weights: tuple[float, ...]  # one per dim
     normalize: bool
     symmetric: bool
     same_tower: bool
     margin: float | None
     allow_tf32: bool
     eps: float
-    fused_symmetric: bool = False    # labels = arange(B), one process: the symmetric term rides on term A
+    fused_symmetric: bool = False  # labels = arange(B), one process: the symmetric term rides on term A
 
 
 class _Term(NamedTuple):
-    x: str              # row source: "q" or "d" (local inputs)
-    gather: bool        # rows are d[labels]
-    y: str              # column source: "qc" or "dc" (global candidates / queries)
-    exclude: bool       # special column is left out (True) or is the positive (False)
-    special: str        # "labels" (global positive column) or "self" (global index of the query)
-    group: int          # 0: query->document partition function, 1: document->query
+    x: str  # row source: "q" or "d" (local inputs)
+    gather: bool  # rows are d[labels]
+    y: str  # column source: "qc" or "dc" (global candidates / queries)
+    exclude: bool  # special column is left out (True) or is the positive (False)
+    special: str  # "labels" (global positive column) or "self" (global index of the query)
+    group: int  # 0: query->document partition function, 1: document->query
 
 
 # ---------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------
+
 
 def _check_embeddings(q, d) -> None:
     for name, x in (("q", q), ("d", d)):
@@ -80,7 +82,9 @@ def _check_embeddings(q, d) -> None:
     if q.shape[0] == 0:
         raise ValueError("q must have at least one row (B >= 1)")
     if d.shape[0] < q.shape[0]:
-        raise ValueError(f"d must have at least as many rows as q (N >= B), got N={d.shape[0]} < B={q.shape[0]}")
+        raise ValueError(
+            f"d must have at least as many rows as q (N >= B), got N={d.shape[0]} < B={q.shape[0]}"
+        )
 
 
 def _check_labels(labels, B: int, device) -> torch.Tensor | None:
@@ -129,7 +133,7 @@ def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ..
             raise TypeError(f"matryoshka_dims must hold ints, got {v!r}")
         if v < 1 or v > D:
             raise ValueError(f"matryoshka_dims values must be in [1, D={D}], got {v}")
-    if any(b <= a for a, b in zip(dims, dims[1:])):
+    if any(b <= a for a, b in zip(dims, dims[1:], strict=False)):
         raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
     if weights is None:
         return dims, (1.0,) * len(dims)
@@ -166,6 +170,7 @@ def _backend(q: torch.Tensor, n_dims: int = 1):
 # helpers shared by forward and backward
 # ---------------------------------------------------------------------------------------------------
 
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -176,8 +181,12 @@ def _inv_norms(x: torch.Tensor, bounds, normalize: bool, eps: float):
     if not normalize:
         ones = torch.ones(K, x.shape[0], dtype=acc, device=x.device)
         return ones, None
-    sq = torch.stack([torch.linalg.vector_norm(x[:, lo:hi], dim=1, dtype=acc) ** 2
-                      for lo, hi in zip(bounds[:-1], bounds[1:])])
+    sq = torch.stack(
+        [
+            torch.linalg.vector_norm(x[:, lo:hi], dim=1, dtype=acc) ** 2
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)
+        ]
+    )
     n = sq.cumsum(0).sqrt()
     return 1.0 / n.clamp_min(eps), n > eps
 
@@ -221,12 +230,13 @@ def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
     piece = max(1, _MM_PIECE_ELEMENTS // max(1, out.shape[1]))
     for j0 in range(0, out.shape[0], piece):
-        out[j0:j0 + piece] += _mm_f32(a[j0:j0 + piece], b, out.dtype)
+        out[j0 : j0 + piece] += _mm_f32(a[j0 : j0 + piece], b, out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the autograd Function
 # ---------------------------------------------------------------------------------------------------
+
 
 def _terms(cfg: _Cfg) -> list[_Term]:
     terms = [_Term("q", False, "dc", False, "labels", 0)]
@@ -257,9 +267,13 @@ class _ContrastiveFunction(torch.autograd.Function):
         else:
             beta_qc, act_qc = (alpha_q, act_q) if qc is q else _inv_norms(qc, bounds, cfg.normalize, cfg.eps)
         alpha_dp = alpha_d[:, labels]
-        dots = torch.stack([(q[:, lo:hi].to(acc) * d[labels, lo:hi].to(acc)).sum(1)
-                            for lo, hi in zip(bounds[:-1], bounds[1:])]).cumsum(0)
-        pos = dots * alpha_q * alpha_dp * inv_t                      # [K, b] natural logits of the positives
+        dots = torch.stack(
+            [
+                (q[:, lo:hi].to(acc) * d[labels, lo:hi].to(acc)).sum(1)
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)
+            ]
+        ).cumsum(0)
+        pos = dots * alpha_q * alpha_dp * inv_t  # [K, b] natural logits of the positives
         thr2 = None if cfg.margin is None else (pos + cfg.margin * inv_t) * LOG2E
         scales = {"q": alpha_q * (inv_t * LOG2E), "d": alpha_dp * (inv_t * LOG2E)}
         cols = {"qc": beta_qc, "dc": beta_dc}
@@ -269,9 +283,19 @@ class _ContrastiveFunction(torch.autograd.Function):
         group_lse: list[torch.Tensor | None] = [None, None]
         for i, t in enumerate(_terms(cfg)):
             fused = cfg.fused_symmetric and i == 0  # column i of q x d is the positive of query i
-            lse2, col_lse2 = be.row_lse(src[t.x], src[t.y], labels if t.gather else None, scales[t.x], cols[t.y],
-                                        special[t.special], t.exclude, thr2, bounds, allow_tf32=cfg.allow_tf32,
-                                        col_terms=b if fused else 0)
+            lse2, col_lse2 = be.row_lse(
+                src[t.x],
+                src[t.y],
+                labels if t.gather else None,
+                scales[t.x],
+                cols[t.y],
+                special[t.special],
+                t.exclude,
+                thr2,
+                bounds,
+                allow_tf32=cfg.allow_tf32,
+                col_terms=b if fused else 0,
+            )
             if fused:
                 group_lse[1] = col_lse2
             prev = group_lse[t.group]
@@ -284,10 +308,17 @@ class _ContrastiveFunction(torch.autograd.Function):
         loss = (f * w * per_dim).sum(0)
 
         ctx.save_for_backward(q, d, qc, dc, tau, labels, labels_g)
-        ctx.stash = dict(alpha={"q": alpha_q, "d": alpha_dp}, act={"q": act_q, "d": None if act_d is None else
-                                                                     act_d[:, labels]},
-                         beta=cols, act_cols={"qc": act_qc, "dc": act_dc}, scales=scales, thr2=thr2,
-                         group_lse=group_lse, inv_t=inv_t, q_off=q_off)
+        ctx.stash = dict(
+            alpha={"q": alpha_q, "d": alpha_dp},
+            act={"q": act_q, "d": None if act_d is None else act_d[:, labels]},
+            beta=cols,
+            act_cols={"qc": act_qc, "dc": act_dc},
+            scales=scales,
+            thr2=thr2,
+            group_lse=group_lse,
+            inv_t=inv_t,
+            q_off=q_off,
+        )
         ctx.cfg, ctx.be = cfg, be
         ctx.aliased = {"qc": qc is q, "dc": dc is d}  # one process: columns are the inputs themselves
         ctx.set_materialize_grads(False)
@@ -300,7 +331,7 @@ class _ContrastiveFunction(torch.autograd.Function):
             return nones
         q, d, qc, dc, tau, labels, labels_g = ctx.saved_tensors
         cfg, be, st = ctx.cfg, ctx.be, ctx.stash
-        need = dict(zip(("q", "d", "qc", "dc", "tau"), ctx.needs_input_grad[:5]))
+        need = dict(zip(("q", "d", "qc", "dc", "tau"), ctx.needs_input_grad[:5], strict=False))
         acc = _acc(q.dtype)
         bounds = cfg.bounds
         K = len(bounds) - 1
@@ -308,8 +339,10 @@ class _ContrastiveFunction(torch.autograd.Function):
         src = {"q": q, "d": d, "qc": qc, "dc": dc}
         special = {"labels": labels_g, "self": st["q_off"] + torch.arange(b, device=q.device)}
         w = torch.tensor(cfg.weights, dtype=acc, device=q.device)[:, None]
-        wrow = (0.5 if cfg.symmetric else 1.0) * w * g_loss.to(acc)[None, :]           # [K, b]
-        grads = {k: torch.zeros(src[k].shape, dtype=acc, device=q.device) if need[k] else None for k in ("q", "d")}
+        wrow = (0.5 if cfg.symmetric else 1.0) * w * g_loss.to(acc)[None, :]  # [K, b]
+        grads = {
+            k: torch.zeros(src[k].shape, dtype=acc, device=q.device) if need[k] else None for k in ("q", "d")
+        }
         for col, row in (("qc", "q"), ("dc", "d")):
             if ctx.aliased[col]:  # accumulate rows' and columns' gradients in one buffer
                 grads[col] = grads[row]
@@ -340,9 +373,24 @@ class _ContrastiveFunction(torch.autograd.Function):
                 step = be.chunk_rows(M, NC, K, torch.finfo(hdt).bits // 8)
                 for r0 in range(0, M, step):
                     r1 = min(M, r0 + step)
-                    H, rs, cs = be.grad_tiles(x, y, x_index, st["scales"][t.x], st["beta"][t.y], special[t.special],
-                                              t.exclude, st["thr2"], bounds, st["group_lse"][t.group], wrow, r0, r1,
-                                              hdt, allow_tf32=cfg.allow_tf32, col_lse2=col_lse2)
+                    H, rs, cs = be.grad_tiles(
+                        x,
+                        y,
+                        x_index,
+                        st["scales"][t.x],
+                        st["beta"][t.y],
+                        special[t.special],
+                        t.exclude,
+                        st["thr2"],
+                        bounds,
+                        st["group_lse"][t.group],
+                        wrow,
+                        r0,
+                        r1,
+                        hdt,
+                        allow_tf32=cfg.allow_tf32,
+                        col_lse2=col_lse2,
+                    )
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
                     Xc = x[rows]
                     if need_rows:
@@ -393,10 +441,24 @@ class _ContrastiveFunction(torch.autograd.Function):
 # public API
 # ---------------------------------------------------------------------------------------------------
 
-def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor | None = None, temperature=0.05,
-                     normalize: bool = True, symmetric: bool = False, same_tower: bool = False,
-                     false_negative_margin: float | None = None, matryoshka_dims=None, matryoshka_weights=None,
-                     reduction: str = "mean", group=None, allow_tf32: bool = True, eps: float = 1e-12):
+
+def contrastive_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    temperature=0.05,
+    normalize: bool = True,
+    symmetric: bool = False,
+    same_tower: bool = False,
+    false_negative_margin: float | None = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
+    reduction: str = "mean",
+    group=None,
+    allow_tf32: bool = True,
+    eps: float = 1e-12,
+):
     """InfoNCE over in-batch (and hard) negatives, fused: memory O((B + N) * D), never O(B * N).
 
     Args:
@@ -440,9 +502,14 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor |
     same_tower = _check_flag(same_tower, "same_tower")
     allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
     if false_negative_margin is not None:
-        if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
-                or not math.isfinite(false_negative_margin):
-            raise ValueError(f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}")
+        if (
+            isinstance(false_negative_margin, bool)
+            or not isinstance(false_negative_margin, (int, float))
+            or not math.isfinite(false_negative_margin)
+        ):
+            raise ValueError(
+                f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}"
+            )
         false_negative_margin = float(false_negative_margin)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -463,16 +530,26 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor |
     if labels_t is None:
         labels_t = torch.arange(B, device=q.device)
 
-    cfg = _Cfg(bounds=(0, *dims), weights=weights, normalize=normalize, symmetric=symmetric, same_tower=same_tower,
-               margin=false_negative_margin, allow_tf32=allow_tf32, eps=float(eps),
-               fused_symmetric=symmetric and labels is None and group is None)
+    cfg = _Cfg(
+        bounds=(0, *dims),
+        weights=weights,
+        normalize=normalize,
+        symmetric=symmetric,
+        same_tower=same_tower,
+        margin=false_negative_margin,
+        allow_tf32=allow_tf32,
+        eps=float(eps),
+        fused_symmetric=symmetric and labels is None and group is None,
+    )
     be = _backend(q, len(dims))
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     need_qc = symmetric or same_tower
 
     if group is None:
-        rows_loss = _ContrastiveFunction.apply(q, d, q if need_qc else None, d, tau, labels_t, labels_t, 0, cfg, be)
+        rows_loss = _ContrastiveFunction.apply(
+            q, d, q if need_qc else None, d, tau, labels_t, labels_t, 0, cfg, be
+        )
         total_rows = B
     else:
         from llmembed_fast import distributed as lfd
@@ -480,8 +557,9 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, *, labels: torch.Tensor |
         layout = lfd.batch_layout(B, d.shape[0], group=group, device=q.device)
         dc = lfd.all_gather_with_grad(d, group=group, sizes=layout.d_sizes)
         qc = lfd.all_gather_with_grad(q, group=group, sizes=layout.q_sizes) if need_qc else None
-        rows_loss = _ContrastiveFunction.apply(q, d, qc, dc, tau, labels_t, labels_t + layout.d_offset,
-                                               layout.q_offset, cfg, be)
+        rows_loss = _ContrastiveFunction.apply(
+            q, d, qc, dc, tau, labels_t, labels_t + layout.d_offset, layout.q_offset, cfg, be
+        )
         total_rows = layout.q_total
     if reduction == "none":
         return rows_loss

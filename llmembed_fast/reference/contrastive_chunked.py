@@ -13,6 +13,7 @@ Terms. Both launchers work on one "term" of the loss: rows ``x`` (optionally gat
 ``exclude``, a column left out (the row itself, for same-tower terms). With ``thr2`` ([K, M]) every
 other column with z2 > thr2[k, i] is left out (false-negative masking). ``bounds`` = (0, d1, ..., dK).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,8 @@ def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
 def _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled=None, n_cols=0):
     """Yields (k, z2, zc, raw) for each Matryoshka dim in order: z2 = the base-2 logits [r1-r0, NC] of rows
     [r0, r1), -inf where an entry is left out; zc, raw = None, or with ``n_cols`` > 0 the first n_cols columns
-    masked for the column (symmetric) term instead, and the unmasked logits. The caller may modify both in place. ``y_scaled`` =
-    y[:, :d1] * b[0] (one dim only) saves two passes over the block."""
+    masked for the column (symmetric) term instead, and the unmasked logits. The caller may modify them in
+    place. ``y_scaled`` = y[:, :d1] * b[0] (one dim only) saves two passes over the block."""
     dt = y_acc.dtype
     idx = x_index[r0:r1] if x_index is not None else slice(r0, r1)
     xr = x[idx].to(dt)
@@ -95,8 +96,9 @@ def _fold_columns(y_acc, b, bounds):
     return y_acc[:, : bounds[1]] * b[0, :, None].to(y_acc.dtype)
 
 
-def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True,
-            col_terms: int = 0):
+def row_lse(
+    x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True, col_terms: int = 0
+):
     """(Base-2 log-sum-exp of each row's kept logits per dim [K, M] (-inf for a row with none kept), the
     column term's log-sum-exp down the first ``col_terms`` columns [K, col_terms] or None).
 
@@ -112,16 +114,33 @@ def row_lse(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf
     step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        for k, z2, zc, _ in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1,
-                                          y_scaled, col_terms):
+        for k, z2, zc, _ in _block_logits(
+            x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled, col_terms
+        ):
             out[k, r0:r1] = _lse2_rows(z2, 1)
             if zc is not None:
                 cols[k] = torch.logaddexp2(cols[k], _lse2_rows(zc, 0))
     return out, cols
 
 
-def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2, wrow, r0: int, r1: int,
-               h_dtype: torch.dtype, allow_tf32: bool = True, col_lse2=None):
+def grad_tiles(
+    x,
+    y,
+    x_index,
+    a2,
+    b,
+    special,
+    exclude: bool,
+    thr2,
+    bounds,
+    lse2,
+    wrow,
+    r0: int,
+    r1: int,
+    h_dtype: torch.dtype,
+    allow_tf32: bool = True,
+    col_lse2=None,
+):
     """Gradient tiles of rows [r0, r1) against every column.
 
     With g[k, i, j] = wrow[k, i] * (p - [j == special_i and not exclude]) the gradient of the loss w.r.t.
@@ -145,10 +164,11 @@ def grad_tiles(x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, lse2,
     spec = special[r0:r1]
     n = 0 if col_lse2 is None else col_lse2.shape[1]
     y_scaled = _fold_columns(y_acc, b, bounds)
-    for k, z2, zc, raw in _block_logits(x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled,
-                                        n):
+    for k, z2, zc, raw in _block_logits(
+        x, y_acc, x_index, a2, b, special, exclude, thr2, bounds, r0, r1, y_scaled, n
+    ):
         w = wrow[k, r0:r1].to(dt)
-        g = torch.sub(z2, lse2[k, r0:r1, None].to(dt)).exp2_().mul_(w[:, None])   # 0 where left out
+        g = torch.sub(z2, lse2[k, r0:r1, None].to(dt)).exp2_().mul_(w[:, None])  # 0 where left out
         if not exclude:
             g[ar, spec] -= w
         if n:
