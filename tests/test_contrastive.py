@@ -189,7 +189,10 @@ def test_zero_row_and_partial_grads(backend):
 
 def test_chunked_blocks(backend, monkeypatch):
     """Several row blocks in forward and backward, and (Triton) a split column range in the forward."""
+    from llmembed_fast.ops import contrastive as ops
+
     monkeypatch.setattr(contrastive_chunked, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(ops, "_ROW_CHUNK_ELEMENTS", 24 * 7)  # prologue / epilogue in blocks of 7 rows
     if backend == "triton":
         from llmembed_fast.triton_kernels import contrastive as tk
 

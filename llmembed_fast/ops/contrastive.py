@@ -175,20 +175,41 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_ROW_CHUNK_ELEMENTS = 1 << 22  # bound on the float32 temporaries of the O(n * D) prologue / epilogue
+
+
+def _row_chunks(n: int, D: int):
+    step = max(1, _ROW_CHUNK_ELEMENTS // max(1, D))
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
+def _prefix_dots(a: torch.Tensor, b: torch.Tensor, bounds, acc: torch.dtype, b_index=None) -> torch.Tensor:
+    """sum(a[i, :dk] * b[j, :dk]), j = b_index[i] (or i), for each dim k: [K, n] in ``acc``, in row chunks."""
+    out = torch.empty(len(bounds) - 1, a.shape[0], dtype=acc, device=a.device)
+    for r0, r1 in _row_chunks(a.shape[0], a.shape[1]):
+        pa = a[r0:r1].to(acc)
+        pb = (b[r0:r1] if b_index is None else b[b_index[r0:r1]]).to(acc)
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            out[k, r0:r1] = (pa[:, lo:hi] * pb[:, lo:hi]).sum(1)
+    return out.cumsum(0)
+
+
 def _inv_norms(x: torch.Tensor, bounds, normalize: bool, eps: float):
     """(1 / max(||x[:, :dk]||, eps) [K, n], ||x[:, :dk]|| > eps [K, n]); ones when not normalizing."""
     K, acc = len(bounds) - 1, _acc(x.dtype)
     if not normalize:
         ones = torch.ones(K, x.shape[0], dtype=acc, device=x.device)
         return ones, None
-    sq = torch.stack(
-        [
-            torch.linalg.vector_norm(x[:, lo:hi], dim=1, dtype=acc) ** 2
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)
-        ]
-    )
-    n = sq.cumsum(0).sqrt()
+    n = _prefix_dots(x, x, bounds, acc).sqrt()
     return 1.0 / n.clamp_min(eps), n > eps
+
+
+def _sub_scaled_rows(g: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, bounds) -> None:
+    """g[:, range r] -= coef[r][:, None] * x[:, range r] (the normalization's radial term), in row chunks."""
+    for r0, r1 in _row_chunks(x.shape[0], x.shape[1]):
+        xr = x[r0:r1].to(g.dtype)
+        for r, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            g[r0:r1, lo:hi] -= coef[r, r0:r1, None] * xr[:, lo:hi]
 
 
 def _suffix_sum(c: torch.Tensor) -> torch.Tensor:
@@ -267,12 +288,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         else:
             beta_qc, act_qc = (alpha_q, act_q) if qc is q else _inv_norms(qc, bounds, cfg.normalize, cfg.eps)
         alpha_dp = alpha_d[:, labels]
-        dots = torch.stack(
-            [
-                (q[:, lo:hi].to(acc) * d[labels, lo:hi].to(acc)).sum(1)
-                for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)
-            ]
-        ).cumsum(0)
+        dots = _prefix_dots(q, d, bounds, acc, b_index=labels)
         pos = dots * alpha_q * alpha_dp * inv_t  # [K, b] natural logits of the positives
         thr2 = None if cfg.margin is None else (pos + cfg.margin * inv_t) * LOG2E
         scales = {"q": alpha_q * (inv_t * LOG2E), "d": alpha_dp * (inv_t * LOG2E)}
@@ -402,10 +418,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                             coef = alpha[:, r0:r1] ** 2 * rs
                             if act is not None:
                                 coef = coef * act[:, r0:r1]
-                            coef = _suffix_sum(coef)
-                            for r in range(K):
-                                lo, hi = bounds[r], bounds[r + 1]
-                                dX[:, lo:hi] -= coef[r, :, None] * Xc[:, lo:hi].to(acc)
+                            _sub_scaled_rows(dX, _suffix_sum(coef), Xc, bounds)
                         if t.gather:
                             grads[t.x].index_add_(0, labels[r0:r1], dX)
                         else:
@@ -425,10 +438,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                 coef = st["beta"][name] ** 2 * colsum[name]
                 if st["act_cols"][name] is not None:
                     coef = coef * st["act_cols"][name]
-                coef = _suffix_sum(coef)
-                for r in range(K):
-                    lo, hi = bounds[r], bounds[r + 1]
-                    grads[name][:, lo:hi] -= coef[r, :, None] * src[name][:, lo:hi].to(acc)
+                _sub_scaled_rows(grads[name], _suffix_sum(coef), src[name], bounds)
         out = [grads[k].to(src[k].dtype) if grads[k] is not None else None for k in ("q", "d", "qc", "dc")]
         for i, col in ((2, "qc"), (3, "dc")):
             if ctx.aliased[col]:
