@@ -49,3 +49,54 @@ def test_loss_forward_only(benchmark, provider, monkeypatch):
     fn = lf.contrastive_loss if provider == "llmembed_fast" else naive_loss
     with torch.no_grad():
         benchmark(lambda: fn(q, d))
+
+
+_MEMORY_SCRIPT = """
+import os, resource, sys, time, torch
+os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
+import llmembed_fast as lf
+from llmembed_fast.bench.cases_contrastive import make_batch, naive_loss
+torch.set_num_threads(int(sys.argv[4]))
+which, B, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+q, d = make_batch(B, B, D, torch.float32, "cpu")
+fn = lf.contrastive_loss if which == "llmembed_fast" else naive_loss
+fn(q[:64].detach().requires_grad_(), d[:64].detach().requires_grad_()).backward()  # warm-up
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+loss = fn(q, d)
+t1 = time.perf_counter()
+loss.backward()
+t2 = time.perf_counter()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 1024, t1 - t0, t2 - t1, loss.item())
+"""
+
+
+@pytest.mark.parametrize("provider", ["llmembed_fast", "naive"])
+def test_cpu_memory_target(benchmark, provider):
+    """The issue's CPU target, B = N = 16384, D = 256 float32 forward + backward: peak extra RSS (fresh
+    process) and time. Figures go to extra_info and stdout (run with -s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLMEMBED_FAST_POISON="0", TRITON_INTERPRET="0")
+    threads = str(torch.get_num_threads())
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_SCRIPT, provider, "16384", "256", threads],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        return [float(v) for v in out.stdout.split()]
+
+    benchmark.group = "contrastive CPU target B=N=16384 D=256 fp32 (fresh process)"
+    extra_mib, fwd_s, bwd_s, loss = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(peak_extra_MiB=round(extra_mib), fwd_s=round(fwd_s, 2), bwd_s=round(bwd_s, 2))
+    print(
+        f"\n{provider}: peak extra {extra_mib:.0f} MiB, forward {fwd_s:.2f} s, backward {bwd_s:.2f} s, "
+        f"loss {loss:.6f}"
+    )

@@ -192,6 +192,7 @@ def test_chunked_blocks(backend, monkeypatch):
     from llmembed_fast.ops import contrastive as ops
 
     monkeypatch.setattr(contrastive_chunked, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(contrastive_chunked, "GRAD_CHUNK_ELEMENTS", 300)
     monkeypatch.setattr(ops, "_ROW_CHUNK_ELEMENTS", 24 * 7)  # prologue / epilogue in blocks of 7 rows
     if backend == "triton":
         from llmembed_fast.triton_kernels import contrastive as tk
@@ -327,7 +328,8 @@ def test_bad_group():
 
 def test_cpu_memory_is_bounded(tmp_path):
     """B = N = 8192, D = 64 float32 forward + backward on the CPU backend: the similarity matrix alone would
-    be 256 MiB; the loss must stay far below (peak RSS growth, in a fresh process)."""
+    be 256 MiB (the naive loss holds three such matrices); the loss must stay far below (peak RSS growth, in a
+    fresh process; the chunk buffers are fixed-size, about 32 MiB each)."""
     code = textwrap.dedent("""
         import os, resource, torch
         os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
@@ -347,4 +349,4 @@ def test_cpu_memory_is_bounded(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     extra_mib = float(out.stdout.strip().splitlines()[-1])
-    assert extra_mib < 96, f"peak extra memory {extra_mib:.0f} MiB"
+    assert extra_mib < 160, f"peak extra memory {extra_mib:.0f} MiB"

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 21  # similarities per block (8 MiB of float32 per temporary)
+CHUNK_ELEMENTS = 1 << 21  # similarities per forward block (8 MiB of float32 per temporary)
+GRAD_CHUNK_ELEMENTS = 1 << 23  # per backward block: larger, so the columns' gradient is rewritten less often
 LN2 = math.log(2.0)
 
 
@@ -29,8 +30,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
-    """Rows per backward block: K gradient tiles of [rows, NC] stay within CHUNK_ELEMENTS each."""
-    return max(1, min(M, CHUNK_ELEMENTS // max(1, NC * K)))
+    """Rows per backward block: the K gradient tiles of [rows, NC] stay within GRAD_CHUNK_ELEMENTS."""
+    return max(1, min(M, GRAD_CHUNK_ELEMENTS // max(1, NC * K)))
 
 
 def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
