@@ -303,7 +303,7 @@ struct Selection {
   }
 };
 
-constexpr int64_t kQueryChunk = 64;
+constexpr int64_t kQueryChunk = 256;
 constexpr int64_t kMinRowsPerThread = 2048;
 
 void flush(Selection& s, const double* w, const uint8_t* codes, int64_t d, bool signed_codes, double slack) {
