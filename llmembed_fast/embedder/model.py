@@ -327,6 +327,12 @@ class LLMEmbedder(nn.Module):
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def _compute_dtype(self) -> torch.dtype:
+        dt = getattr(self.model, "dtype", None)
+        if isinstance(dt, torch.dtype) and dt.is_floating_point:
+            return dt
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
     def _pad_multiple(self) -> int:
         return 8 if self.device.type == "cuda" else 1
 
@@ -446,7 +452,7 @@ class LLMEmbedder(nn.Module):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
         else:
             mask = packed_mod.block_diagonal_mask(
-                p["cu_seqlens"], causal=self.is_decoder, dtype=next(self.model.parameters()).dtype, device=dev
+                p["cu_seqlens"], causal=self.is_decoder, dtype=self._compute_dtype(), device=dev
             )
         hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]
         return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
