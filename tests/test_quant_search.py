@@ -190,3 +190,24 @@ def test_plain_torch_fallbacks_match_the_ops():
     want_s, want_i = quant.int8_topk(x[:4], c, r, 9)
     np.testing.assert_array_equal(idx.numpy(), want_i)
     np.testing.assert_allclose((s + bias[:, None]).numpy(), want_s, rtol=1e-6)
+
+
+def test_ops_release_the_gil():
+    """While a search runs in another thread, Python code in this thread keeps running."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(4)
+    d = torch.from_numpy(codes(rng, 300_000, 128))
+    q = torch.from_numpy(codes(rng, 64, 128))
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (quant.hamming_topk(q, d, 5), done.set()))
+    t0 = time.perf_counter()
+    th.start()
+    ticks = 0
+    while not done.is_set():
+        ticks += 1
+    th.join()
+    if time.perf_counter() - t0 < 0.01:
+        pytest.skip("the search finished too fast to tell")
+    assert ticks > 100  # with the GIL held, this loop could not run until the search had finished
