@@ -154,3 +154,11 @@ def test_accelerate_bad_inputs():
         accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="Pooling"):
         accelerate(torch.nn.Sequential(torch.nn.Identity()))
+
+
+def test_integrations_submodule_is_reachable_from_the_package():
+    import llmembed_fast
+
+    assert callable(llmembed_fast.integrations.sentence_transformers.accelerate)
+    with pytest.raises(AttributeError):
+        llmembed_fast.integrations.no_such_thing  # noqa: B018
