@@ -15,8 +15,20 @@ for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
   GEMMs over each column range see every dim that contains it; for K > 1 a second, shorter pass over the
   first K-1 ranges recomputes g_k and peels it off the total), plus per-tile row and column sums of g * z
   for the normalization and temperature gradients. No atomics; every output element is written once.
+* ``COLS`` (the fused symmetric term, default labels in one process): the forward also writes each tile's
+  log-sum-exp down its columns ([row blocks, K, B], merged on the host), and the backward adds the
+  document->query gradient of column i (query i's positive) to the same tile, so the symmetric loss costs
+  one extra exp pass per tile instead of a second B x B term.
 
-Offsets are 64-bit. Any D, M, N (every load and store is masked).
+Why the gradient GEMMs are not fused here: for the issue's D (1024 - 4096) a [BLOCK_M, D] float32 dq
+accumulator does not fit on chip, so a flash-attention-style dq/dd kernel would either reread and rewrite
+gradient tiles in HBM or recompute the logits D / BLOCK_D times. Instead the tiles of a block of rows
+(bounded, ``H_BUDGET_BYTES``) go to two cuBLAS GEMMs (``llmembed_fast.ops.contrastive``).
+
+Gather (rows d[labels]), exclusion and the false-negative margin are runtime arguments (one compiled
+kernel per dtype, Matryoshka count and COLS); the Matryoshka bounds are integer arguments so their
+divisibility by 16 is known and the loads along D stay vectorized. Offsets are 64-bit. Any D, M, N
+(every load and store is masked).
 """
 
 from __future__ import annotations

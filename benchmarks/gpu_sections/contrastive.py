@@ -29,15 +29,17 @@ def _rel(got, want) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def _check(name, B, N, D, dtype, allow_tf32, kw, dev, seed):
+def _check(name, B, N, D, dtype, allow_tf32, kw, dev, seed, default_labels=False):
     gen = torch.Generator().manual_seed(seed)
     q0 = torch.randn(B, D, generator=gen).to(dtype)
     d0 = torch.randn(N, D, generator=gen).to(dtype)
-    labels = torch.randperm(N, generator=gen)[:B]
+    labels = torch.arange(B) if default_labels else torch.randperm(N, generator=gen)[:B]
     q = q0.to(dev, copy=True).requires_grad_(True)
     d = d0.to(dev, copy=True).requires_grad_(True)
     tau = torch.tensor(0.05, device=dev, requires_grad=True)
-    loss = lf.contrastive_loss(q, d, labels=labels.to(dev), temperature=tau, allow_tf32=allow_tf32, **kw)
+    # default labels take the fused symmetric path; explicit ones the separate document->query term
+    lab = None if default_labels else labels.to(dev)
+    loss = lf.contrastive_loss(q, d, labels=lab, temperature=tau, allow_tf32=allow_tf32, **kw)
     loss.backward()
     q64, d64 = q0.double().requires_grad_(True), d0.double().requires_grad_(True)
     t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
@@ -88,20 +90,16 @@ def correctness(ctx) -> list[dict]:
             out.append(
                 _check(f"contrastive {opt_name} B{B} N{N} D{D}", B, N, D, dtype, tf32, kw, dev, seed=i)
             )
+    # symmetric with default labels: the fused path (column LSE in the query->document tiles)
+    fused = dict(symmetric=True, false_negative_margin=0.1, matryoshka_dims=(D // 4, D))
+    for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
+        name = f"contrastive fused symmetric B{B} N{N} D{D}"
+        out.append(_check(name, B, N, D, dtype, tf32, fused, dev, seed=20 + j, default_labels=True))
     if not ctx.smoke:  # small B, large-N split forward, odd everything
         out.append(_check("contrastive plain B1 N4099 D8", 1, 4099, 8, torch.bfloat16, True, {}, dev, seed=9))
+        sym = dict(symmetric=True)
         out.append(
-            _check(
-                "contrastive symmetric B65 N65 D384",
-                65,
-                65,
-                384,
-                torch.bfloat16,
-                True,
-                dict(symmetric=True),
-                dev,
-                seed=10,
-            )
+            _check("contrastive symmetric B65 N65 D384", 65, 65, 384, torch.bfloat16, True, sym, dev, seed=10)
         )
     # 64-bit offsets: N * D > 2^31 elements in the candidates
     if not ctx.smoke and ctx.time_left() > 90:
