@@ -350,3 +350,34 @@ def test_cpu_memory_is_bounded(tmp_path):
     assert out.returncode == 0, out.stderr
     extra_mib = float(out.stdout.strip().splitlines()[-1])
     assert extra_mib < 160, f"peak extra memory {extra_mib:.0f} MiB"
+
+
+def test_gpu_tile_configs_in_interpreter(monkeypatch):
+    """The GPU launch path (128/64-row tiles, BLOCK_D = 64 with a partial last block, forward column splits
+    sized from the SM count) run through the interpreter, fp32, every option with the fused symmetric term."""
+    import types
+
+    from llmembed_fast import _dispatch
+
+    if not _dispatch.triton_available():
+        pytest.skip("triton not installed")
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_upcast", lambda x: x.dtype != torch.float32)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132)
+    )
+    q, d, _ = _inputs(130, 260, 70, torch.float32, seed=12, labels="arange")
+    _check(
+        q,
+        d,
+        None,
+        TOL[torch.float32],
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.1,
+        matryoshka_dims=(20, 70),
+    )
+    _check(q[:3], d, None, TOL[torch.float32])  # few rows: the forward splits the columns over programs
