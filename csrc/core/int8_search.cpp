@@ -255,38 +255,53 @@ Kernel pick_kernel() {
 }
 
 // Per query: the integer query, its scale and error terms.
-struct QueryPlan {
+// One integer digit of a query: w ~ scale * a, a in [-qmax, qmax]; err = w - scale * a.
+struct Digit {
   std::vector<int8_t> a;
   std::vector<uint8_t> a_off;  // a + 64
   int32_t head_sum = 0;        // sum of a over the first d & ~31 dimensions
-  double scale = 1.0, err_sum = 0.0, err_norm = 0.0, slack = 0.0;
+  double scale = 1.0, err_sum = 0.0, err_norm = 0.0;
+  IntQuery view() const { return {a.data(), a_off.data(), head_sum}; }
 };
 
-void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
-  double amax = 0.0, asum = 0.0;
-  for (int64_t j = 0; j < d; ++j) {
-    amax = std::max(amax, std::fabs(w[j]));
-    asum += std::fabs(w[j]);
-  }
-  p->a.assign(static_cast<size_t>(d), 0);
-  p->scale = amax > 0.0 ? amax / qmax : 1.0;
+// The scan uses the first digit; rows that survive it are refined with the second digit (the first one's
+// rounding error, quantized again: a bound ~qmax times tighter) before any exact rescoring.
+struct QueryPlan {
+  Digit first, second;
+  double slack = 0.0;
+};
+
+// Quantizes w [d] to one digit; `residual` receives w - scale * a.
+void make_digit(const double* w, int64_t d, int qmax, Digit* g, double* residual) {
+  double amax = 0.0;
+  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(w[j]));
+  g->scale = amax > 0.0 ? amax / qmax : 1.0;
+  g->a.assign(static_cast<size_t>(d), 0);
+  g->a_off.assign(static_cast<size_t>(d), 0);
+  g->head_sum = 0;
   double es = 0.0, e2 = 0.0;
+  const int64_t d32 = d & ~int64_t(31);
   for (int64_t j = 0; j < d; ++j) {
-    double q = std::nearbyint(w[j] / p->scale);
+    double q = std::nearbyint(w[j] / g->scale);
     q = std::min<double>(qmax, std::max<double>(-qmax, q));
-    p->a[j] = static_cast<int8_t>(q);
-    const double e = w[j] - p->scale * q;
+    g->a[j] = static_cast<int8_t>(q);
+    g->a_off[j] = static_cast<uint8_t>(g->a[j] + 64);
+    if (j < d32) g->head_sum += g->a[j];
+    const double e = w[j] - g->scale * q;
+    residual[j] = e;
     es += e;
     e2 += e * e;
   }
-  p->err_sum = es;
-  p->a_off.resize(static_cast<size_t>(d));
-  p->head_sum = 0;
-  for (int64_t j = 0; j < d; ++j) {
-    p->a_off[j] = static_cast<uint8_t>(p->a[j] + 64);
-    if (j < (d & ~int64_t(31))) p->head_sum += p->a[j];
-  }
-  p->err_norm = std::sqrt(e2) * (1.0 + 1e-9);
+  g->err_sum = es;
+  g->err_norm = std::sqrt(e2) * (1.0 + 1e-9);
+}
+
+void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
+  double asum = 0.0;
+  for (int64_t j = 0; j < d; ++j) asum += std::fabs(w[j]);
+  std::vector<double> r1(static_cast<size_t>(d)), r2(static_cast<size_t>(d));
+  make_digit(w, d, qmax, &p->first, r1.data());
+  make_digit(r1.data(), d, qmax, &p->second, r2.data());
   // Room for float64 rounding in the bounds and in the exact rescoring (|score| <= 255 * sum|w|).
   p->slack = 1e-9 * (255.0 * asum) + 1e-300;
 }
@@ -295,7 +310,12 @@ void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
 struct Selection {
   TopK<double> lower;   // k largest lower bounds (key = -bound)
   TopK<double> exact;   // k best exactly rescored rows (key = -score)
-  std::vector<std::pair<double, int64_t>> cand;  // (upper bound, row) awaiting rescoring
+  struct Cand {
+    double upper;  // upper bound from the first digit
+    int64_t row;
+    int32_t dot;   // first-digit integer dot
+  };
+  std::vector<Cand> cand;  // rows awaiting refinement and rescoring
   double cut() const {  // rows whose upper bound is below this cannot reach the top k
     const double l = -lower.threshold();
     const double e = -exact.threshold();
@@ -306,13 +326,33 @@ struct Selection {
 constexpr int64_t kQueryChunk = 256;
 constexpr int64_t kMinRowsPerThread = 2048;
 
-void flush(Selection& s, const double* w, const uint8_t* codes, int64_t d, bool signed_codes, double slack) {
+// Refine the pending rows with the second digit, then rescore exactly, best upper bounds first, until the
+// bounds fall below the k-th exact score.
+void flush(Selection& s, const Kernel& kern, const QueryPlan& p, const double* w, const uint8_t* codes, int64_t d,
+           uint8_t flip) {
   const double c = s.cut();
-  for (const auto& [upper, row] : s.cand)
-    if (upper >= c) s.exact.push(-exact_score(w, codes + row * d, d, signed_codes ? 0x80 : 0x00), row);
+  std::vector<std::pair<double, int64_t>> refined;
+  refined.reserve(s.cand.size());
+  const IntQuery second = p.second.view();
+  for (const auto& cd : s.cand) {
+    if (cd.upper < c) continue;
+    const uint8_t* u = codes + cd.row * d;
+    int64_t sq;
+    int32_t head, dot2;
+    sqnorms(u, 1, d, flip, &sq, &head);
+    kern.dots(second, u, 1, d, flip, &head, &dot2);
+    const double approx = p.first.scale * cd.dot + p.second.scale * dot2 + 128.0 * p.second.err_sum;
+    const double radius = p.second.err_norm * std::sqrt(static_cast<double>(sq)) + p.slack;
+    if (approx + radius >= c) refined.emplace_back(approx + radius, cd.row);
+  }
   s.cand.clear();
+  std::sort(refined.begin(), refined.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  for (const auto& [upper, row] : refined) {
+    if (upper < s.cut()) break;  // sorted: no later row can enter either
+    s.exact.push(-exact_score(w, codes + row * d, d, flip), row);
+  }
   // Exact scores bound the k-th best from below too: tighten the cut for the rest of the scan.
-  if (s.exact.full()) s.lower.push(s.exact.threshold() + slack, -1);
+  if (s.exact.full()) s.lower.push(s.exact.threshold() + p.slack, -1);
 }
 
 void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& plans, int64_t q0, int64_t qn,
@@ -332,30 +372,31 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
     for (int64_t qi = 0; qi < qn; ++qi) {
       const QueryPlan& p = plans[q0 + qi];
       const double* wq = w + (q0 + qi) * d;
-      const IntQuery iq{p.a.data(), p.a_off.data(), p.head_sum};
+      const IntQuery iq = p.first.view();
       kern.dots(iq, codes + r0 * d, rn, d, flip, head_sums.data(), dots.data());
       Selection& s = sel[qi];
-      const double base = 128.0 * p.err_sum;
+      const Digit& g = p.first;
+      const double base = 128.0 * g.err_sum;
       double cut = s.cut();
       // Rows with dot < dot_cut fail even with the tile's largest error radius: one compare each.
-      auto dot_cut = [&] { return (cut - base - p.err_norm * max_norm - 2.0 * p.slack) / p.scale; };
+      auto dot_cut = [&] { return (cut - base - g.err_norm * max_norm - 2.0 * p.slack) / g.scale; };
       double dcut = dot_cut();
       for (int64_t r = 0; r < rn; ++r) {
         if (static_cast<double>(dots[r]) < dcut) continue;
-        const double approx = p.scale * dots[r] + base;
-        const double radius = p.err_norm * norms[r] + p.slack;
+        const double approx = g.scale * dots[r] + base;
+        const double radius = g.err_norm * norms[r] + p.slack;
         if (approx + radius < cut) continue;
-        s.cand.emplace_back(approx + radius, r0 + r);
+        s.cand.push_back({approx + radius, r0 + r, dots[r]});
         if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut(), dcut = dot_cut();
         if (s.cand.size() >= cap) {
-          flush(s, wq, codes, d, signed_codes, p.slack);
+          flush(s, kern, p, wq, codes, d, flip);
           cut = s.cut(), dcut = dot_cut();
         }
       }
     }
   }
   for (int64_t qi = 0; qi < qn; ++qi)
-    flush(sel[qi], w + (q0 + qi) * d, codes, d, signed_codes, plans[q0 + qi].slack);
+    flush(sel[qi], kern, plans[q0 + qi], w + (q0 + qi) * d, codes, d, flip);
 }
 
 }  // namespace

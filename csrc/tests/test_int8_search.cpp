@@ -38,6 +38,33 @@ void check_case(std::mt19937& rng, int64_t nq, int64_t nd, int64_t d, int64_t k,
   }
 }
 
+// Rows equal in the dimensions where the query is large and different where it is tiny: their scores differ
+// by far less than one step of either integer digit, so only the error bounds keep the right rows.
+void check_near_ties(std::mt19937& rng, bool signed_codes) {
+  const int64_t d = 80, nd = 3000, nq = 3, k = 10;
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int> byte(0, 255), small(-3, 3);
+  std::vector<double> w(nq * d);
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t j = 0; j < d; ++j) w[q * d + j] = normal(rng) * (j < 8 ? 1.0 : 1e-5);
+  std::vector<uint8_t> base(d), codes(nd * d);
+  for (auto& v : base) v = static_cast<uint8_t>(40 + byte(rng) % 170);
+  for (int64_t r = 0; r < nd; ++r)
+    for (int64_t j = 0; j < d; ++j)
+      codes[r * d + j] = static_cast<uint8_t>(j < 8 ? base[j] : base[j] + small(rng));
+  for (int64_t q = 0; q < nq; ++q) {
+    std::vector<std::pair<double, int64_t>> all(nd);
+    for (int64_t r = 0; r < nd; ++r) all[r] = {-lf::int8_exact_score(&w[q * d], &codes[r * d], d, signed_codes), r};
+    std::sort(all.begin(), all.end());
+    std::vector<double> s(k);
+    std::vector<int64_t> idx(k);
+    lf::int8_topk(&w[q * d], 1, codes.data(), nd, d, signed_codes, k, s.data(), idx.data(), 2);
+    bool ok = true;
+    for (int64_t i = 0; i < k; ++i) ok = ok && idx[i] == all[i].second && s[i] == -all[i].first;
+    LF_CHECK(ok, "near-ties below one integer step");
+  }
+}
+
 void check_exact_score() {
   const double w[3] = {0.5, -2.0, 1.0};
   const uint8_t row[3] = {0, 128, 255};
@@ -61,6 +88,8 @@ int main() {
     check_case(rng, 4, 6000, 96, 10, true, 256, 1.0);    // split over rows, frequent flushes avoided
     check_case(rng, 3, 5000, 64, 7, false, 2, 1.0);      // heavy ties: candidate lists flushed many times
     check_case(rng, 2, 300, 1024, 300, true, 256, 1e6);  // k == nd, large weights
+    check_near_ties(rng, true);
+    check_near_ties(rng, false);
   }
   return lf_test::finish("test_int8_search");
 }

@@ -133,11 +133,16 @@ class Index:
         return to_output(scores, was_np), to_output(ids, was_np)
 
     def _rescore(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact float64 scores of the candidates, best k by (score desc, id asc)."""
+        """Exact float64 scores of the candidates, best k by (score desc, id asc); queries in chunks so the
+        gathered vectors stay within ~128 MiB."""
+        step = max(1, (1 << 24) // max(1, cand.shape[1] * self.dim))
+        if q.shape[0] > step:
+            parts = [self._rescore(q[i:i + step], cand[i:i + step], k) for i in range(0, q.shape[0], step)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if self.rescore == "int8":
             codes = self._data("int8")[cand]                               # [Q, C, D]
-            offset, step = dequant_params(self.ranges)
-            vecs = offset + (codes.view(torch.uint8) ^ 0x80).to(torch.float64) * step
+            offset, scale = dequant_params(self.ranges)
+            vecs = offset + (codes.view(torch.uint8) ^ 0x80).to(torch.float64) * scale
         else:
             vecs = self._data("float")[cand].to(torch.float64)
         scores = torch.einsum("qd,qcd->qc", q.to(torch.float64), vecs)
