@@ -51,7 +51,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"max_scale must be positive, got {max_scale!r}")
         self.learn_temperature = bool(learn_temperature)
         self.max_scale = float(max_scale)
-        self.fixed_temperature = max(float(temperature), 1.0 / self.max_scale)
+        self.fixed_temperature = float(temperature)  # max_scale bounds only a learned temperature
         if self.learn_temperature:
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.kwargs = dict(

@@ -277,6 +277,9 @@ def test_module_learnable_temperature(backend):
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     fixed = lf.ContrastiveLoss(temperature=0.05)
     assert list(fixed.parameters()) == []
+    assert lf.ContrastiveLoss(temperature=0.002).temperature == 0.002  # max_scale bounds learned ones only
+    with pytest.raises(ValueError, match="temperature"):
+        lf.ContrastiveLoss(temperature=0.0)
     torch.testing.assert_close(
         fixed(q, d, lab).double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5, rtol=0
     )
