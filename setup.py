@@ -5,6 +5,7 @@ installed torch has CUDA and nvcc is found. Build it the torch-extension way:
     pip install --no-build-isolation -e .
 LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it).
 """
+
 import glob
 import os
 
@@ -41,13 +42,19 @@ def _extensions():
         define_macros.append(("LF_WITH_CUDA", None))
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
-            "llmembed_fast._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link_args,
+            "llmembed_fast._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link_args,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "llmembed_fast._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx}, extra_link_args=link_args,
+            "llmembed_fast._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link_args,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -8,6 +8,7 @@ Needs only torch, triton and this repository (a quick `LLMEMBED_FAST_NO_EXT=1 pi
 --no-build-isolation -e .`, or nothing: the script makes the checkout importable itself). Sections live in
 benchmarks/gpu_sections/<name>.py and define ``correctness(ctx)`` and ``timings(ctx)`` (see README there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def _make_checkout_importable() -> None:
         importlib.import_module("llmembed_fast.triton_kernels")
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "llmembed_fast.triton_kernels", os.path.join(ROOT, "triton_kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "triton_kernels")])
+            "llmembed_fast.triton_kernels",
+            os.path.join(ROOT, "triton_kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "triton_kernels")],
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules["llmembed_fast.triton_kernels"] = mod
         spec.loader.exec_module(mod)
@@ -78,13 +81,13 @@ def _measure_ceilings(torch, bench) -> tuple[float, float]:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     bw = 2 * n / (ms / 1e3)
-    del src, dst
+    src = dst = None
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     ms = bench(lambda: a @ b)
-    flops = 2 * m ** 3 / (ms / 1e3)
-    del a, b
+    flops = 2 * m**3 / (ms / 1e3)
+    a = b = None
     torch.cuda.empty_cache()
     return bw, flops
 
@@ -95,9 +98,12 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write all records here")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run")
     ap.add_argument("--skip-timings", action="store_true")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes; without a GPU, run the sections on CPU through the Triton interpreter "
-                         "(checks the suite's plumbing, times nothing meaningful)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes; without a GPU, run the sections on CPU through the Triton interpreter "
+        "(checks the suite's plumbing, times nothing meaningful)",
+    )
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -114,29 +120,49 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import triton
 
-    env = {"gpu": torch.cuda.get_device_name(0) if cuda else "none (CPU smoke run)", "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke}
+    env = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "none (CPU smoke run)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "smoke": args.smoke,
+    }
     print("gpu_suite:", json.dumps(env))
     if cuda:
         bench = lambda fn, **kw: _bench_ms(torch, fn, **kw)  # noqa: E731
         bw, flops = _measure_ceilings(torch, bench)
         peak = lambda fn: _peak_extra_bytes(torch, fn)  # noqa: E731
     else:
+
         def bench(fn, **kw):
             t = time.perf_counter()
             fn()
             return (time.perf_counter() - t) * 1e3
+
         bw, flops, peak = 1e10, 1e11, (lambda fn: (fn(), 0)[1])
     env["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
     env["bf16_matmul_TFLOPs"] = round(flops / 1e12, 1)
-    print(f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s"
-          + ("" if cuda else " (placeholders: no GPU)"))
+    print(
+        f"ceilings: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s"
+        + ("" if cuda else " (placeholders: no GPU)")
+    )
 
-    ctx = SimpleNamespace(device=torch.device("cuda" if cuda else "cpu"), time_left=lambda: deadline - time.monotonic(),
-                          bandwidth_Bps=bw, matmul_flops=flops, bench=bench, peak_extra_bytes=peak, smoke=args.smoke)
-    names = [n for n in SECTION_ORDER if (args.only is None or n in args.only)
-             and os.path.exists(os.path.join(ROOT, "benchmarks", "gpu_sections", f"{n}.py"))]
+    ctx = SimpleNamespace(
+        device=torch.device("cuda" if cuda else "cpu"),
+        time_left=lambda: deadline - time.monotonic(),
+        bandwidth_Bps=bw,
+        matmul_flops=flops,
+        bench=bench,
+        peak_extra_bytes=peak,
+        smoke=args.smoke,
+    )
+    names = [
+        n
+        for n in SECTION_ORDER
+        if (args.only is None or n in args.only)
+        and os.path.exists(os.path.join(ROOT, "benchmarks", "gpu_sections", f"{n}.py"))
+    ]
     sections = {}
     for name in names:
         try:
@@ -173,12 +199,18 @@ def main() -> int:
             json.dump({"env": env, "checks": checks, "timings": timings, "errors": errors}, f, indent=1)
     print("\n== correctness (error vs float64 reference) ==")
     for c in checks:
-        print(f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} err {c['err']:.2e} tol {c['tol']:.0e}"
-              + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else ""))
+        print(
+            f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} "
+            f"err {c['err']:.2e} tol {c['tol']:.0e}"
+            + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else "")
+        )
     print("\n== timings (ms; speedup = baseline / ours; floor = bytes or FLOPs over the measured ceiling) ==")
     for r in timings:
-        base = " ".join(f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)" for k, v in r.get("baselines", {}).items()
-                        if isinstance(v, (int, float)))
+        base = " ".join(
+            f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)"
+            for k, v in r.get("baselines", {}).items()
+            if isinstance(v, (int, float))
+        )
         floor = r.get("floor_ms")
         fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
         extra = r.get("extra") or {}
@@ -187,8 +219,10 @@ def main() -> int:
     for e in errors:
         print("ERROR", e)
     bad = sum(not c["ok"] for c in checks)
-    print(f"\n{len(checks) - bad} checks passed, {bad} failed; {len(timings)} timings; {len(errors)} errors;"
-          f" {time.monotonic() - t0:.0f} s")
+    print(
+        f"\n{len(checks) - bad} checks passed, {bad} failed; {len(timings)} timings; {len(errors)} errors;"
+        f" {time.monotonic() - t0:.0f} s"
+    )
     return 1 if bad or errors else 0
 
 

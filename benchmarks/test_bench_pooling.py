@@ -3,6 +3,7 @@ code a user would otherwise run (same group, so the saved comparison shows the r
 
     pytest benchmarks/test_bench_pooling.py --benchmark-only --benchmark-group-by=group
 """
+
 import pytest
 import torch
 
@@ -46,8 +47,11 @@ def test_pool_forward_backward(benchmark, inputs, provider, monkeypatch):
     h = hidden.clone().requires_grad_(True)
     grad = torch.randn(h.shape[0], dim)
     benchmark.group = f"pool-fwd+bwd mean {tuple(hidden.shape)}->{dim}"
-    fn = (lambda x, m: lf.pool(x, m, "mean", dims=dim, normalize=True)) if provider == "llmembed_fast" \
+    fn = (
+        (lambda x, m: lf.pool(x, m, "mean", dims=dim, normalize=True))
+        if provider == "llmembed_fast"
         else st_head("mean", hidden.shape[2], dim)
+    )
     if not callable(fn):
         pytest.skip(fn)
 

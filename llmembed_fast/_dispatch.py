@@ -5,6 +5,7 @@ interpreter runs kernels on CPU tensors, for tests); the torch reference otherwi
 ``LLMEMBED_FAST_BACKEND=torch|triton`` forces one. The environment is read on every call, so tests and
 users may change it at run time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ BACKENDS = ("torch", "triton")
 ENV_BACKEND = "LLMEMBED_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works (the kernels themselves compile lazily)."""
     try:

@@ -3,6 +3,7 @@
 ``import llmembed_fast`` never needs a compiler: the extension is loaded lazily, and ops that need it
 raise a RuntimeError naming the build command when it is missing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ from types import ModuleType
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         import torch  # noqa: F401  (the extension links against libtorch)

@@ -1,4 +1,5 @@
 """``lf.info()``: versions, backends, CPU features and what the C++ extension was built with."""
+
 from __future__ import annotations
 
 import functools
@@ -9,11 +10,22 @@ import sys
 
 from llmembed_fast import _dispatch, _ext
 
-_CPU_FLAGS = ("sse4_2", "popcnt", "avx2", "fma", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni",
-              "avx_vnni", "neon", "asimd")
+_CPU_FLAGS = (
+    "sse4_2",
+    "popcnt",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vpopcntdq",
+    "avx512_vnni",
+    "avx_vnni",
+    "neon",
+    "asimd",
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_features() -> dict:
     """Model name and the SIMD flags this package cares about, read from /proc/cpuinfo (Linux)."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -56,7 +68,9 @@ def info() -> dict:
         "llmembed_fast": llmembed_fast.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {n: _version(n) for n in ("torch", "triton", "numpy", "transformers", "sentence_transformers")},
+        "versions": {
+            n: _version(n) for n in ("torch", "triton", "numpy", "transformers", "sentence_transformers")
+        },
         "backends": {
             "triton_available": _dispatch.triton_available(),
             "triton_interpreter": _dispatch.interpreter_enabled(),

@@ -4,6 +4,7 @@ With ``LLMEMBED_FAST_POISON=1`` (tests/conftest.py sets it) every buffer a kerne
 completely is allocated full of NaN (float) or of the dtype's most negative value (integer), so an element
 the kernel fails to write makes the test fail. Otherwise it is ``torch.empty``.
 """
+
 from __future__ import annotations
 
 import os

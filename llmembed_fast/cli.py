@@ -1,4 +1,5 @@
 """``llmembed-fast``: info | bench (later: encode, search)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,20 @@ def _cmd_info(args) -> int:
     print(f"llmembed_fast {data['llmembed_fast']}  (python {data['python']}, {data['platform']})")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
     b = data["backends"]
-    print(f"backends: triton {'yes' if b['triton_available'] else 'no'}"
-          f" (interpreter {'on' if b['triton_interpreter'] else 'off'}), cuda {'yes' if b['cuda_available'] else 'no'}"
-          f", CPU tensors use {b['default_for_cpu_tensors']}" + (f", forced {b['forced']}" if b["forced"] else ""))
+    print(
+        f"backends: triton {'yes' if b['triton_available'] else 'no'}"
+        f" (interpreter {'on' if b['triton_interpreter'] else 'off'}),"
+        f" cuda {'yes' if b['cuda_available'] else 'no'}"
+        f", CPU tensors use {b['default_for_cpu_tensors']}"
+        + (f", forced {b['forced']}" if b["forced"] else "")
+    )
     if data["gpu"]:
         print(f"gpu: {data['gpu']} (torch cuda {data['torch_cuda']})")
     cpu = data["cpu"]
-    print(f"cpu: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '-'};"
-          f" torch threads {data['torch_threads']}")
+    print(
+        f"cpu: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '-'};"
+        f" torch threads {data['torch_threads']}"
+    )
     ext = data["extension"]
     if ext["built"]:
         print("extension: " + ", ".join(f"{k} {v}" for k, v in ext.items() if k != "built"))
@@ -41,11 +48,14 @@ def _cmd_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    ctx = BenchContext(device=device, full=args.full, smoke=args.smoke, budget_s=args.budget_s,
-                       only=tuple(args.only or ()))
+    ctx = BenchContext(
+        device=device, full=args.full, smoke=args.smoke, budget_s=args.budget_s, only=tuple(args.only or ())
+    )
     cases, notes = collect_cases(ctx)
-    print(f"llmembed-fast bench on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})")
+    print(
+        f"llmembed-fast bench on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})"
+    )
     for n in notes:
         print("note:", n)
     records = run_cases(ctx, cases)

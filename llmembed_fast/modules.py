@@ -1,4 +1,5 @@
 """nn.Module wrappers of the functional ops."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ class EmbeddingHead(nn.Module):
     See :func:`llmembed_fast.pool` for the modes.
     """
 
-    def __init__(self, mode: str = "mean", dims=None, normalize: bool = True,
-                 out_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, mode: str = "mean", dims=None, normalize: bool = True, out_dtype: torch.dtype = torch.float32
+    ):
         super().__init__()
         self.mode = _check_mode(mode)
         self.dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
@@ -23,7 +25,9 @@ class EmbeddingHead(nn.Module):
         self.out_dtype = out_dtype
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None):
-        return pool(hidden, mask, self.mode, dims=self.dims, normalize=self.normalize, out_dtype=self.out_dtype)
+        return pool(
+            hidden, mask, self.mode, dims=self.dims, normalize=self.normalize, out_dtype=self.out_dtype
+        )
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, dims={self.dims}, normalize={self.normalize}, out_dtype={self.out_dtype}"

@@ -1,5 +1,6 @@
 """Test configuration. The Triton interpreter must be on before any @triton.jit function runs, so the
 Triton kernels run on CPU tensors here (tests force each backend explicitly where it matters)."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,5 @@
 """Backend dispatch, lf.info(), the extension door and the CLI."""
+
 import json
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_backends_agree_on_the_same_call(monkeypatch):
         monkeypatch.setenv("LLMEMBED_FAST_BACKEND", be)
         results[be] = lf.pool(hidden, mask, "weighted_mean", dims=[5, 20], normalize=True)
     if "triton" in results:
-        for a, b in zip(results["torch"], results["triton"]):
+        for a, b in zip(results["torch"], results["triton"], strict=False):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -66,7 +67,9 @@ def test_cli_info_and_help(capsys):
     assert "llmembed_fast" in out and "backends" in out
     assert cli.main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["llmembed_fast"] == lf.__version__
-    proc = subprocess.run([sys.executable, "-m", "llmembed_fast.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmembed_fast.cli", "--help"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "bench" in proc.stdout
 
 

@@ -1,5 +1,6 @@
 """The fused embedding head (pool -> Matryoshka slice -> L2 normalize) against the float64 reference,
 on both backends (Triton through the interpreter), forward and backward."""
+
 import itertools
 import zlib
 
@@ -74,7 +75,7 @@ def test_pool_matches_reference(backend, mode, dtype):
         ref_outs, ref_grad = _ref_grad(hidden, mask, mode, dims, normalize, grads)
         ctx = f"{mode} {padding} dims={dims} normalize={normalize}"
         assert len(outs) == len(ref_outs)
-        for o, r in zip(outs, ref_outs):
+        for o, r in zip(outs, ref_outs, strict=False):
             assert o.dtype == torch.float32
             assert_close_rel(o, r, OUT_TOL, f"output {ctx}")
         assert hidden.grad.dtype == dtype
@@ -99,7 +100,7 @@ def test_pool_odd_shapes_and_seeds(backend, seed, shape):
     grads = [torch.randn(o.shape, generator=gen) for o in outs]
     torch.autograd.backward(outs, grads)
     ref_outs, ref_grad = _ref_grad(hidden, mask, mode, dims, True, grads)
-    for o, r in zip(outs, ref_outs):
+    for o, r in zip(outs, ref_outs, strict=False):
         assert_close_rel(o, r, OUT_TOL, f"{mode} {shape}")
     # floor: with H = 1 a normalized output is sign(x) and its exact gradient is 0 (rounding noise remains)
     assert_close_rel(hidden.grad, ref_grad, GRAD_RTOL[torch.float32], f"grad {mode} {shape}", floor=1e-2)
@@ -118,7 +119,7 @@ def test_left_and_right_padding_agree(backend, mode):
     hidden_l = torch.zeros_like(hidden_r)
     for b in range(B):
         n = int(lengths[b])
-        hidden_l[b, L - n:] = hidden_r[b, :n]
+        hidden_l[b, L - n :] = hidden_r[b, :n]
     out_r = lf.pool(hidden_r, right, mode, normalize=True)
     out_l = lf.pool(hidden_l, left, mode, normalize=True)
     torch.testing.assert_close(out_r, out_l, rtol=1e-5, atol=1e-6)
@@ -138,7 +139,7 @@ def test_mask_dtypes_and_noncontiguous_inputs(backend, mask_dtype):
     for mode in ("mean", "max", "last"):
         got = lf.pool(hidden_nc, mask, mode, dims=(50, 100), normalize=True)
         ref = R.pool(hidden.double(), mask_full.t(), mode, dims=(50, 100), normalize=True)
-        for g, r in zip(got, ref):
+        for g, r in zip(got, ref, strict=False):
             assert_close_rel(g, r, OUT_TOL, f"{mode} {mask_dtype}")
         sum(o.sum() for o in got).backward()
         assert hidden_nc.grad.shape == hidden.shape and torch.isfinite(hidden_nc.grad).all()
@@ -150,7 +151,7 @@ def test_out_dtype(backend, out_dtype):
     hidden = torch.randn(2, 9, 40)
     out = lf.pool(hidden, None, "mean", dims=(8, 40), normalize=True, out_dtype=out_dtype)
     ref = R.pool(hidden.double(), None, "mean", dims=(8, 40), normalize=True)
-    for o, r in zip(out, ref):
+    for o, r in zip(out, ref, strict=False):
         assert o.dtype == out_dtype
         torch.testing.assert_close(o.double(), r, rtol=1e-2, atol=1e-2)
 
@@ -178,8 +179,9 @@ def test_gradcheck_reference_float64():
     hidden = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
     for mode in MODES:
-        assert torch.autograd.gradcheck(lambda h: tuple(R.pool(h, mask, mode, dims=(3, 6), normalize=True)),
-                                        (hidden,))
+        assert torch.autograd.gradcheck(
+            lambda h, m=mode: tuple(R.pool(h, mask, m, dims=(3, 6), normalize=True)), (hidden,)
+        )
 
 
 def test_gradcheck_fused_float64():
@@ -190,13 +192,17 @@ def test_gradcheck_fused_float64():
     for mode in MODES:
         for normalize in (False, True):
             assert torch.autograd.gradcheck(
-                lambda h: lf.pool(h, mask, mode, dims=(2, 6), normalize=normalize, out_dtype=torch.float64),
-                (hidden,))
+                lambda h, m=mode, n=normalize: lf.pool(
+                    h, mask, m, dims=(2, 6), normalize=n, out_dtype=torch.float64
+                ),
+                (hidden,),
+            )
 
 
 # ------------------------------------------------------------------------------------------------
 # pool_segments
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("mode", MODES)
@@ -216,7 +222,7 @@ def test_pool_segments_matches_reference(backend, mode, dtype):
         h64 = hidden.detach().double().requires_grad_(True)
         ref = R.pool_segments(h64, starts, ends, mode, dims=dims, normalize=True)
         torch.autograd.backward(ref, [g.double() for g in grads])
-        for o, r in zip(outs, ref):
+        for o, r in zip(outs, ref, strict=False):
             assert_close_rel(o, r.detach(), OUT_TOL, f"segments {mode} overlap={overlap}")
         assert_close_rel(hidden.grad, h64.grad, GRAD_RTOL[dtype], f"segments grad {mode} overlap={overlap}")
 
@@ -232,8 +238,8 @@ def test_pool_segments_equals_padded_pool(backend):
     padded = torch.zeros(3, max(lengths), H)
     mask = torch.zeros(3, max(lengths), dtype=torch.bool)
     for i, r in enumerate(rows):
-        padded[i, :len(r)] = r
-        mask[i, :len(r)] = True
+        padded[i, : len(r)] = r
+        mask[i, : len(r)] = True
     for mode in MODES:
         a = lf.pool_segments(packed, cu[:-1], cu[1:], mode, normalize=True)
         b = lf.pool(padded, mask, mode, normalize=True)
@@ -243,6 +249,7 @@ def test_pool_segments_equals_padded_pool(backend):
 # ------------------------------------------------------------------------------------------------
 # l2_normalize, matryoshka, EmbeddingHead
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_l2_normalize(backend, dtype):
@@ -269,7 +276,7 @@ def test_matryoshka(backend):
     x = torch.randn(6, 100, generator=gen, requires_grad=True)
     outs = lf.matryoshka(x, (100, 64, 8))
     ref = R.matryoshka(x.detach().double().requires_grad_(True), (100, 64, 8))
-    for o, r in zip(outs, ref):
+    for o, r in zip(outs, ref, strict=False):
         assert_close_rel(o, r.detach(), 1e-6, "matryoshka")
     single = lf.matryoshka(x, 32)
     assert isinstance(single, torch.Tensor) and single.shape == (6, 32)
@@ -296,8 +303,14 @@ def test_embedding_head_module(backend):
 # sentence-transformers parity
 # ------------------------------------------------------------------------------------------------
 
-ST_MODES = {"cls": "first", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-            "weightedmean": "weighted_mean", "lasttoken": "last"}
+ST_MODES = {
+    "cls": "first",
+    "mean": "mean",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weighted_mean",
+    "lasttoken": "last",
+}
 
 
 @pytest.mark.parametrize("st_mode", list(ST_MODES))
@@ -321,6 +334,7 @@ def test_sentence_transformers_pooling_parity(backend, st_mode):
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------
+
 
 def test_bad_arguments_raise_clear_errors():
     hidden = torch.randn(2, 4, 8)

@@ -7,6 +7,7 @@ Pooling modes are integer codes (``MODE_CODES``). A pooling call is two launches
 ``pool_forward`` reads the pooled tokens' first ``D`` columns once and writes float32 ``[B, D]``;
 ``l2_prefix_forward`` turns a prefix of that into one normalized output (tiny, once per Matryoshka dim).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,13 +28,26 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _pool_fwd_kernel(
-    h_ptr, mask_ptr, seg_lo_ptr, seg_hi_ptr,
-    out_ptr, info_ptr, argmax_ptr,
-    L, D,
-    stride_hb, stride_hl, stride_hh,
-    stride_mb, stride_ml, L_BUCKET,
-    MODE: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_SCAN: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    mask_ptr,
+    seg_lo_ptr,
+    seg_hi_ptr,
+    out_ptr,
+    info_ptr,
+    argmax_ptr,
+    L,
+    D,
+    stride_hb,
+    stride_hl,
+    stride_hh,
+    stride_mb,
+    stride_ml,
+    L_BUCKET,
+    MODE: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_SCAN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """One program: one row (or segment) x BLOCK_H columns. Loads are predicated on the mask, so
     padding and holes are never read; the token loop runs only from the first to the last pooled token."""
@@ -80,7 +94,9 @@ def _pool_fwd_kernel(
             if not SEGMENTS:
                 m = m & (tl.load(m_base + offs * stride_ml, mask=m, other=0) != 0)
             ld = m[:, None] & col_ok[None, :]
-            x = tl.load(base + offs[:, None] * stride_hl + col_off[None, :], mask=ld, other=0.0).to(tl.float32)
+            x = tl.load(base + offs[:, None] * stride_hl + col_off[None, :], mask=ld, other=0.0).to(
+                tl.float32
+            )
             x = tl.where(ld, x, float("-inf"))
             tmax = tl.max(x, axis=0)
             targ = tl.min(tl.where(x == tmax[None, :], offs[:, None], hi), axis=0)
@@ -97,8 +113,11 @@ def _pool_fwd_kernel(
             m = offs < hi
             if not SEGMENTS:
                 m = m & (tl.load(m_base + offs * stride_ml, mask=m, other=0) != 0)
-            x = tl.load(base + offs[:, None] * stride_hl + col_off[None, :],
-                        mask=m[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            x = tl.load(
+                base + offs[:, None] * stride_hl + col_off[None, :],
+                mask=m[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if MODE == 1:
                 mi = m.to(tl.int32)
                 w = (rank + tl.cumsum(mi, axis=0)) * mi
@@ -124,10 +143,20 @@ def _pool_fwd_kernel(
 
 @triton.jit
 def _pool_bwd_kernel(
-    gp_ptr, mask_ptr, info_ptr, argmax_ptr, gh_ptr,
-    L, H, D,
-    stride_mb, stride_ml, L_BUCKET,
-    MODE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    gp_ptr,
+    mask_ptr,
+    info_ptr,
+    argmax_ptr,
+    gh_ptr,
+    L,
+    H,
+    D,
+    stride_mb,
+    stride_ml,
+    L_BUCKET,
+    MODE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Writes every element of grad_hidden [B, L, H] (contiguous) for one row x BLOCK_H columns:
     weight(token) * grad_pooled for pooled tokens and columns < D, zero elsewhere."""
@@ -163,23 +192,36 @@ def _pool_bwd_kernel(
             elif MODE == 4:
                 w = tl.where((offs == last) & l_in, 1.0, 0.0)
             else:
-                m = (tl.load(mask_ptr + row * stride_mb + offs.to(tl.int64) * stride_ml, mask=l_in, other=0)
-                     != 0).to(tl.int32)
+                m = (
+                    tl.load(mask_ptr + row * stride_mb + offs.to(tl.int64) * stride_ml, mask=l_in, other=0)
+                    != 0
+                ).to(tl.int32)
                 if MODE == 1:
                     w = ((rank + tl.cumsum(m, axis=0)) * m).to(tl.float32) * scale
                     rank += tl.sum(m, axis=0)
                 else:
                     w = m.to(tl.float32) * scale
             val = w[:, None] * g[None, :]
-        tl.store(out_base + offs.to(tl.int64)[:, None] * H + cols[None, :], val.to(gh_ptr.dtype.element_ty),
-                 mask=l_in[:, None] & col_in[None, :])
+        tl.store(
+            out_base + offs.to(tl.int64)[:, None] * H + cols[None, :],
+            val.to(gh_ptr.dtype.element_ty),
+            mask=l_in[:, None] & col_in[None, :],
+        )
 
 
 @triton.jit
 def _segments_bwd_kernel(
-    gp_ptr, seg_lo_ptr, seg_hi_ptr, argmax_ptr, gh_ptr,
-    H, D,
-    MODE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    gp_ptr,
+    seg_lo_ptr,
+    seg_hi_ptr,
+    argmax_ptr,
+    gh_ptr,
+    H,
+    D,
+    MODE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Adds one segment's gradient into grad_hidden2d [T, H] (zero-initialized, contiguous).
     ATOMIC when segments overlap (then the buffer is float32)."""
@@ -230,7 +272,13 @@ def _segments_bwd_kernel(
 
 @triton.jit
 def _l2_prefix_fwd_kernel(
-    x_ptr, y_ptr, norm_ptr, d, stride_x, stride_y, eps,
+    x_ptr,
+    y_ptr,
+    norm_ptr,
+    d,
+    stride_x,
+    stride_y,
+    eps,
     BLOCK_D: tl.constexpr,
 ):
     """y[r, :d] = x[r, :d] / max(||x[r, :d]||, eps); norm[r] = ||x[r, :d]|| (float32)."""
@@ -251,8 +299,17 @@ def _l2_prefix_fwd_kernel(
 
 @triton.jit
 def _l2_prefix_bwd_kernel(
-    x_ptr, g_ptr, norm_ptr, gx_ptr, d, stride_x, stride_g, stride_gx, eps,
-    ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    g_ptr,
+    norm_ptr,
+    gx_ptr,
+    d,
+    stride_x,
+    stride_g,
+    stride_gx,
+    eps,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """gx[r, :d] (+)= (g - y (y.g)) / n with y = x / n, n = ||x[r, :d]||; g / eps where n <= eps."""
     row = tl.program_id(0).to(tl.int64)
@@ -280,12 +337,13 @@ def _l2_prefix_bwd_kernel(
 # Launchers. Shapes/dtypes are already checked by the caller.
 # ----------------------------------------------------------------------------------------------------
 
+
 def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_H, num_warps) for the token loops (segments backward; all kernels when interpreting)."""
+    """(BLOCK_L, BLOCK_H, num_warps) of the token loops (segments backward; all kernels when interpreting)."""
     if _interpreting():  # few, large tiles: the interpreter's cost is per tile
         return 64, max(16, min(256, triton.next_power_of_2(D))), 1
     return 32, max(16, min(128, triton.next_power_of_2(D))), 4
@@ -315,7 +373,8 @@ def _scan_block(L: int) -> int:
 
 
 def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
-    """hidden [B, L, H] (any strides), mask [B, L] -> (pooled f32 [B, D], info i32 [B, 3], argmax i32 [B, D] | None).
+    """hidden [B, L, H] (any strides), mask [B, L] -> (pooled f32 [B, D], info i32 [B, 3], argmax i32 [B, D]
+    or None).
 
     info rows are (count, first, last) pooled positions (first = L, last = -1 when empty)."""
     B, L, _ = hidden.shape
@@ -327,17 +386,41 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         return out, info, argmax
     m = _mask_arg(mask)
     _launch_tokens(
-        _fwd_tuned, _pool_fwd_kernel, B, D,
-        hidden, m, info, info, out, info, argmax if argmax is not None else info,
-        L, D, hidden.stride(0), hidden.stride(1), hidden.stride(2), m.stride(0), m.stride(1),
+        _fwd_tuned,
+        _pool_fwd_kernel,
+        B,
+        D,
+        hidden,
+        m,
+        info,
+        info,
+        out,
+        info,
+        argmax if argmax is not None else info,
+        L,
+        D,
+        hidden.stride(0),
+        hidden.stride(1),
+        hidden.stride(2),
+        m.stride(0),
+        m.stride(1),
         triton.next_power_of_2(max(L, 1)),
-        MODE=MODE_CODES[mode], SEGMENTS=False, BLOCK_SCAN=_scan_block(L),
+        MODE=MODE_CODES[mode],
+        SEGMENTS=False,
+        BLOCK_SCAN=_scan_block(L),
     )
     return out, info, argmax
 
 
-def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Tensor, argmax, mode: str,
-                  shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+def pool_backward(
+    grad_pooled: torch.Tensor,
+    mask: torch.Tensor,
+    info: torch.Tensor,
+    argmax,
+    mode: str,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """grad_pooled f32 [B, D] (contiguous) -> grad_hidden [B, L, H] of ``dtype``, every element written."""
     B, L, H = shape
     D = grad_pooled.shape[1]
@@ -346,16 +429,28 @@ def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Ten
         return gh
     m = _mask_arg(mask)
     _launch_tokens(
-        _bwd_tuned, _pool_bwd_kernel, B, H,
-        grad_pooled, m, info, argmax if argmax is not None else info, gh,
-        L, H, D, m.stride(0), m.stride(1), triton.next_power_of_2(max(L, 1)),
+        _bwd_tuned,
+        _pool_bwd_kernel,
+        B,
+        H,
+        grad_pooled,
+        m,
+        info,
+        argmax if argmax is not None else info,
+        gh,
+        L,
+        H,
+        D,
+        m.stride(0),
+        m.stride(1),
+        triton.next_power_of_2(max(L, 1)),
         MODE=MODE_CODES[mode],
     )
     return gh
 
 
 def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, mode: str, D: int):
-    """hidden2d [T, H], starts/ends int64 [S] -> (pooled f32 [S, D], argmax i32 [S, D] (absolute token) | None)."""
+    """hidden2d [T, H], starts/ends int64 [S] -> (pooled f32 [S, D], argmax i32 [S, D] of tokens, or None)."""
     S = starts.shape[0]
     dev = hidden2d.device
     out = empty(S, D, device=dev, dtype=torch.float32)
@@ -363,16 +458,42 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
     if S == 0:
         return out, argmax
     _launch_tokens(
-        _fwd_tuned, _pool_fwd_kernel, S, D,
-        hidden2d, starts, starts, ends, out, starts, argmax if argmax is not None else starts,
-        0, D, 0, hidden2d.stride(0), hidden2d.stride(1), 0, 0, 0,
-        MODE=MODE_CODES[mode], SEGMENTS=True, BLOCK_SCAN=16,
+        _fwd_tuned,
+        _pool_fwd_kernel,
+        S,
+        D,
+        hidden2d,
+        starts,
+        starts,
+        ends,
+        out,
+        starts,
+        argmax if argmax is not None else starts,
+        0,
+        D,
+        0,
+        hidden2d.stride(0),
+        hidden2d.stride(1),
+        0,
+        0,
+        0,
+        MODE=MODE_CODES[mode],
+        SEGMENTS=True,
+        BLOCK_SCAN=16,
     )
     return out, argmax
 
 
-def segments_backward(grad_pooled: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, argmax, mode: str,
-                      shape: tuple[int, int], dtype: torch.dtype, overlapping: bool) -> torch.Tensor:
+def segments_backward(
+    grad_pooled: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    argmax,
+    mode: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    overlapping: bool,
+) -> torch.Tensor:
     """grad_pooled f32 [S, D] -> grad_hidden2d [T, H] of ``dtype`` (zero where no segment pools)."""
     T, H = shape
     S, D = grad_pooled.shape
@@ -381,8 +502,18 @@ def segments_backward(grad_pooled: torch.Tensor, starts: torch.Tensor, ends: tor
     if S and T:
         BL, BH, nw = _blocks(D)
         _segments_bwd_kernel[(S, triton.cdiv(D, BH))](
-            grad_pooled, starts, ends, argmax if argmax is not None else starts, gh, H, D,
-            MODE=MODE_CODES[mode], ATOMIC=overlapping, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw,
+            grad_pooled,
+            starts,
+            ends,
+            argmax if argmax is not None else starts,
+            gh,
+            H,
+            D,
+            MODE=MODE_CODES[mode],
+            ATOMIC=overlapping,
+            BLOCK_L=BL,
+            BLOCK_H=BH,
+            num_warps=nw,
         )
     return gh.to(dtype)
 
@@ -397,15 +528,35 @@ def l2_prefix_forward(x: torch.Tensor, d: int, out_dtype: torch.dtype, eps: floa
     y = empty(N, d, device=x.device, dtype=out_dtype)
     norms = empty(N, device=x.device, dtype=torch.float32)
     if N:
-        _l2_prefix_fwd_kernel[(N,)](x, y, norms, d, x.stride(0), y.stride(0), eps, BLOCK_D=_dblock(d),
-                                    num_warps=4)
+        _l2_prefix_fwd_kernel[(N,)](
+            x, y, norms, d, x.stride(0), y.stride(0), eps, BLOCK_D=_dblock(d), num_warps=4
+        )
     return y, norms
 
 
-def l2_prefix_backward(x: torch.Tensor, grad_y: torch.Tensor, norms: torch.Tensor, d: int, grad_x: torch.Tensor,
-                       eps: float, accumulate: bool) -> None:
+def l2_prefix_backward(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    norms: torch.Tensor,
+    d: int,
+    grad_x: torch.Tensor,
+    eps: float,
+    accumulate: bool,
+) -> None:
     """Writes (or adds, when ``accumulate``) the gradient of the prefix normalization into grad_x[:, :d]."""
     N = x.shape[0]
     if N:
-        _l2_prefix_bwd_kernel[(N,)](x, grad_y, norms, grad_x, d, x.stride(0), grad_y.stride(0), grad_x.stride(0),
-                                    eps, ACCUMULATE=accumulate, BLOCK_D=_dblock(d), num_warps=4)
+        _l2_prefix_bwd_kernel[(N,)](
+            x,
+            grad_y,
+            norms,
+            grad_x,
+            d,
+            x.stride(0),
+            grad_y.stride(0),
+            grad_x.stride(0),
+            eps,
+            ACCUMULATE=accumulate,
+            BLOCK_D=_dblock(d),
+            num_warps=4,
+        )

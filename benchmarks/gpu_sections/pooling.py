@@ -1,4 +1,5 @@
 """GPU section: the fused embedding head (pool -> Matryoshka slice -> L2 normalize)."""
+
 from __future__ import annotations
 
 import torch
@@ -51,12 +52,27 @@ def correctness(ctx) -> list[dict]:
                 h64 = hidden.detach().double().requires_grad_(True)
                 ref = R.pool(h64, mask, mode, dims=dims, normalize=True)
                 torch.autograd.backward(ref, [g.double() for g in grads])
-                worst_o = max([worst_o] + [_rel(o, r.detach()) for o, r in zip(outs, ref)])
+                worst_o = max([worst_o] + [_rel(o, r.detach()) for o, r in zip(outs, ref, strict=False)])
                 worst_g = max(worst_g, _rel(hidden.grad, h64.grad))
             name = f"pool {mode} {str(dtype)[6:]} B{B} L{L} H{H} dims{dims}"
-            out.append({"name": name + " out", "ok": worst_o <= TOL_OUT, "err": worst_o, "tol": TOL_OUT, "detail": ""})
-            out.append({"name": name + " grad", "ok": worst_g <= TOL_GRAD[dtype], "err": worst_g,
-                        "tol": TOL_GRAD[dtype], "detail": ""})
+            out.append(
+                {
+                    "name": name + " out",
+                    "ok": worst_o <= TOL_OUT,
+                    "err": worst_o,
+                    "tol": TOL_OUT,
+                    "detail": "",
+                }
+            )
+            out.append(
+                {
+                    "name": name + " grad",
+                    "ok": worst_g <= TOL_GRAD[dtype],
+                    "err": worst_g,
+                    "tol": TOL_GRAD[dtype],
+                    "detail": "",
+                }
+            )
     # segments (packed batch and overlapping late-chunking spans)
     for mode in MODES:
         gen = torch.Generator().manual_seed(77)
@@ -68,10 +84,17 @@ def correctness(ctx) -> list[dict]:
         h64 = hidden.detach().double().requires_grad_(True)
         ref = R.pool_segments(h64, starts, ends, mode, dims=(64, 384), normalize=True)
         torch.autograd.backward(ref, [g.double() for g in grads])
-        eo = max(_rel(o, r.detach()) for o, r in zip(outs, ref))
+        eo = max(_rel(o, r.detach()) for o, r in zip(outs, ref, strict=False))
         eg = _rel(hidden.grad, h64.grad)
-        out.append({"name": f"pool_segments {mode} bf16 overlapping", "ok": eo <= TOL_OUT and eg <= TOL_GRAD[torch.bfloat16],
-                    "err": max(eo, eg / TOL_GRAD[torch.bfloat16] * TOL_OUT), "tol": TOL_OUT, "detail": f"out {eo:.2e} grad {eg:.2e}"})
+        out.append(
+            {
+                "name": f"pool_segments {mode} bf16 overlapping",
+                "ok": eo <= TOL_OUT and eg <= TOL_GRAD[torch.bfloat16],
+                "err": max(eo, eg / TOL_GRAD[torch.bfloat16] * TOL_OUT),
+                "tol": TOL_OUT,
+                "detail": f"out {eo:.2e} grad {eg:.2e}",
+            }
+        )
     # 64-bit offsets: B*L*H > 2^31 elements
     if ctx.time_left() > 60 and not ctx.smoke:
         B, L, H = 2, 300_000, 4096
@@ -82,60 +105,109 @@ def correctness(ctx) -> list[dict]:
             got = lf.pool(hidden, mask, mode, dims=512)
             want, _, _ = pooling_chunked.pool_forward(hidden, mask, mode, 512)
             e = _rel(got, want.double())
-            out.append({"name": f"pool {mode} bf16 B{B} L{L} H{H} (int64 offsets)", "ok": e <= 1e-4, "err": e,
-                        "tol": 1e-4, "detail": ""})
+            out.append(
+                {
+                    "name": f"pool {mode} bf16 B{B} L{L} H{H} (int64 offsets)",
+                    "ok": e <= 1e-4,
+                    "err": e,
+                    "tol": 1e-4,
+                    "detail": "",
+                }
+            )
         del hidden
         torch.cuda.empty_cache()
     return out
 
 
+def _time_config(ctx, B, L, H, dim, dtype, lengths) -> list[dict]:
+    """Forward, forward+backward (mean) and the other modes' forwards for one length distribution."""
+    hidden, mask, tokens = make_inputs(B, L, H, dtype, ctx.device, lengths, seed=1)
+    ms_per_byte = 1e3 / ctx.bandwidth_Bps  # the copy bandwidth counts bytes read + written
+    fwd_floor = tokens * H * 2 * ms_per_byte  # the issue's floor: the pooled tokens' hidden states
+    used_floor = tokens * dim * 2 * ms_per_byte  # what the op must read: pooled tokens x used columns
+    bwd_floor = B * L * H * 2 * ms_per_byte  # grad_hidden written once
+    st = st_head("mean", H, dim)
+    comp = torch.compile(st, dynamic=False) if callable(st) and not ctx.smoke else None
+    recs = []
+
+    def ours():
+        return lf.pool(hidden, mask, "mean", dims=dim, normalize=True)
+
+    base = {}
+    if callable(st):
+        base["st_eager"] = ctx.bench(lambda: st(hidden, mask))
+    if comp is not None:
+        base["torch.compile"] = ctx.bench(lambda: comp(hidden, mask))
+    t_ours = ctx.bench(ours)
+    peak = ctx.peak_extra_bytes(ours)
+    recs.append(
+        {
+            "name": f"fwd mean {lengths} B{B} L{L} H{H}->{dim} bf16",
+            "ours_ms": t_ours,
+            "baselines": base,
+            "floor_ms": fwd_floor,
+            "extra": {
+                "floor_used_cols_ms": round(used_floor, 4),
+                "peak_extra_MB": round(peak / 2**20, 2),
+                "output_MB": round(B * dim * 4 / 2**20, 2),
+            },
+        }
+    )
+
+    h = hidden.detach().requires_grad_(True)
+    g = torch.randn(B, dim, device=ctx.device)
+
+    def fwd_bwd(fn, grad):
+        def run():
+            h.grad = None
+            fn(h, mask).backward(grad)
+
+        return run
+
+    base_fb = {}
+    if callable(st):
+        base_fb["st_eager"] = ctx.bench(fwd_bwd(st, g.to(dtype)))
+    if comp is not None:
+        comp_fb = torch.compile(st, dynamic=False)
+        base_fb["torch.compile"] = ctx.bench(fwd_bwd(comp_fb, g.to(dtype)))
+    t_fb = ctx.bench(fwd_bwd(lambda x, m: lf.pool(x, m, "mean", dims=dim, normalize=True), g))
+    recs.append(
+        {
+            "name": f"fwd+bwd mean {lengths} B{B} L{L} H{H}->{dim} bf16",
+            "ours_ms": t_fb,
+            "baselines": base_fb,
+            "floor_ms": fwd_floor + bwd_floor,
+            "extra": {"bwd_ms(derived)": round(t_fb - t_ours, 4), "bwd_floor_ms": round(bwd_floor, 4)},
+        }
+    )
+
+    for mode in ("weighted_mean", "max", "last"):
+        if ctx.time_left() < 15:
+            break
+        st_m = st_head(mode, H, dim)
+        base = {"st_eager": ctx.bench(lambda f=st_m: f(hidden, mask))} if callable(st_m) else {}
+        t = ctx.bench(lambda m=mode: lf.pool(hidden, mask, m, dims=dim, normalize=True))
+        read = (B if mode == "last" else tokens) * dim * 2 * ms_per_byte
+        recs.append(
+            {
+                "name": f"fwd {mode} {lengths} B{B} L{L} H{H}->{dim} bf16",
+                "ours_ms": t,
+                "baselines": base,
+                "floor_ms": read,
+                "extra": {"floor": "used columns"},
+            }
+        )
+    return recs
+
+
 def timings(ctx) -> list[dict]:
-    B, L, H, dim, dtype = (2, 16, 64, 32, torch.bfloat16) if ctx.smoke else (64, 1024, 4096, 1024, torch.bfloat16)
+    if ctx.smoke:
+        B, L, H, dim = 2, 16, 64, 32
+    else:
+        B, L, H, dim = 64, 1024, 4096, 1024
     recs = []
     for lengths in ("full", "uniform"):
         if ctx.time_left() < 20:
             break
-        hidden, mask, tokens = make_inputs(B, L, H, dtype, ctx.device, lengths, seed=1)
-        fwd_floor = tokens * H * 2 / ctx.bandwidth_Bps * 1e3  # bandwidth counts bytes read + written
-        used_floor = tokens * dim * 2 / ctx.bandwidth_Bps * 1e3
-        bwd_floor = B * L * H * 2 / ctx.bandwidth_Bps * 1e3  # grad_hidden written once
-        st = st_head("mean", H, dim)
-        ours = lambda: lf.pool(hidden, mask, "mean", dims=dim, normalize=True)
-        base = {}
-        if callable(st):
-            base["st_eager"] = ctx.bench(lambda: st(hidden, mask))
-            if not ctx.smoke:
-                comp = torch.compile(st, dynamic=False)
-                base["torch.compile"] = ctx.bench(lambda: comp(hidden, mask))
-        t_ours = ctx.bench(ours)
-        peak = ctx.peak_extra_bytes(ours)
-        recs.append({"name": f"fwd mean {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t_ours, "baselines": base,
-                     "floor_ms": fwd_floor,
-                     "extra": {"floor_used_cols_ms": round(used_floor, 4), "peak_extra_MB": round(peak / 2**20, 2),
-                               "output_MB": round(B * dim * 4 / 2**20, 2)}})
-        # forward + backward
-        h = hidden.detach().requires_grad_(True)
-        g = torch.randn(B, dim, device=ctx.device)
-
-        ours_fb = lambda: (setattr(h, "grad", None), lf.pool(h, mask, "mean", dims=dim, normalize=True).backward(g))
-        base_fb = {}
-        if callable(st):
-            base_fb["st_eager"] = ctx.bench(lambda: (setattr(h, "grad", None), st(h, mask).backward(g.to(dtype))))
-            if not ctx.smoke:
-                comp = torch.compile(st, dynamic=False)
-                base_fb["torch.compile"] = ctx.bench(lambda: (setattr(h, "grad", None), comp(h, mask).backward(g.to(dtype))))
-        t_fb = ctx.bench(ours_fb)
-        recs.append({"name": f"fwd+bwd mean {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t_fb,
-                     "baselines": base_fb, "floor_ms": fwd_floor + bwd_floor,
-                     "extra": {"bwd_ms(derived)": round(t_fb - t_ours, 4), "bwd_floor_ms": round(bwd_floor, 4)}})
-        for mode in ("weighted_mean", "max", "last"):
-            if ctx.time_left() < 15:
-                break
-            st_m = st_head(mode, H, dim)
-            base = {"st_eager": ctx.bench(lambda: st_m(hidden, mask))} if callable(st_m) else {}
-            t = ctx.bench(lambda: lf.pool(hidden, mask, mode, dims=dim, normalize=True))
-            rd = (B if mode == "last" else tokens) * dim * 2 / ctx.bandwidth_Bps * 1e3
-            recs.append({"name": f"fwd {mode} {lengths} B{B} L{L} H{H}->{dim} bf16", "ours_ms": t, "baselines": base,
-                         "floor_ms": rd, "extra": {"floor": "used columns"}})
-        del hidden, h
+        recs.extend(_time_config(ctx, B, L, H, dim, torch.bfloat16, lengths))
     return recs

@@ -4,6 +4,7 @@ eager and under torch.compile.
 GPU default: bf16, B=64, L=1024, H=4096, dims=1024, normalize, with (a) full lengths and (b) lengths uniform
 in [1, L] (the issue's configuration). CPU default: float32, B=32, L=256, H=1024, dims=256.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,14 @@ import torch.nn.functional as F
 
 import llmembed_fast as lf
 
-ST_MODE = {"mean": "mean", "weighted_mean": "weightedmean", "max": "max", "last": "lasttoken", "first": "cls",
-           "mean_sqrt_len": "mean_sqrt_len_tokens"}
+ST_MODE = {
+    "mean": "mean",
+    "weighted_mean": "weightedmean",
+    "max": "max",
+    "last": "lasttoken",
+    "first": "cls",
+    "mean_sqrt_len": "mean_sqrt_len_tokens",
+}
 
 
 def make_inputs(B: int, L: int, H: int, dtype: torch.dtype, device, lengths: str, seed: int = 0):
@@ -48,6 +55,7 @@ def _fwd_bwd(fn, hidden, mask, grad):
         hidden.grad = None
         out = fn(hidden, mask)
         out.backward(grad)
+
     return run
 
 
@@ -60,8 +68,9 @@ def cases(ctx) -> list:
     elif gpu:
         B, L, H, dim, dtype = 64, 1024, 4096, 1024, torch.bfloat16
     else:
-        B, L, H, dim, dtype = (64, 512, 4096, 1024, torch.float32) if ctx.full else (32, 256, 1024, 256,
-                                                                                       torch.float32)
+        B, L, H, dim, dtype = (
+            (64, 512, 4096, 1024, torch.float32) if ctx.full else (32, 256, 1024, 256, torch.float32)
+        )
     want_compile = gpu or ctx.full
     elt = torch.finfo(dtype).bits // 8
     out: list = []
@@ -71,25 +80,42 @@ def cases(ctx) -> list:
         for mode in modes:
             ours = lambda m=mode, h=hidden, k=mask: lf.pool(h, k, m, dims=dim, normalize=True)
             st = st_head(mode, H, dim)
-            baselines = {"sentence-transformers": (lambda f=st, h=hidden, k=mask: f(h, k)) if callable(st) else st}
+            baselines = {
+                "sentence-transformers": (lambda f=st, h=hidden, k=mask: f(h, k)) if callable(st) else st
+            }
             if want_compile and callable(st):
                 compiled = torch.compile(st, dynamic=False)
                 baselines["torch.compile(ST)"] = lambda f=compiled, h=hidden, k=mask: f(h, k)
             elif callable(st):
                 baselines["torch.compile(ST)"] = "skipped on CPU without --full (compilation takes minutes)"
             read = (B if mode == "last" else tokens) * dim * elt
-            out.append(Case("pooling", f"{mode} fwd {lengths} B{B} L{L} H{H}->{dim} {str(dtype)[6:]}", ours,
-                            baselines, bytes_moved=read,
-                            note="bytes = pooled tokens x used columns (the minimum the op must read)"))
+            out.append(
+                Case(
+                    "pooling",
+                    f"{mode} fwd {lengths} B{B} L{L} H{H}->{dim} {str(dtype)[6:]}",
+                    ours,
+                    baselines,
+                    bytes_moved=read,
+                    note="bytes = pooled tokens x used columns (the minimum the op must read)",
+                )
+            )
         # pooling alone (no Matryoshka slice to exploit): mean over all H columns
         if not ctx.smoke:
             st_full = st_head("mean", H, H)
-            out.append(Case(
-                "pooling", f"mean fwd {lengths} B{B} L{L} H{H}->{H} {str(dtype)[6:]}",
-                lambda h=hidden, k=mask: lf.pool(h, k, "mean", normalize=True),
-                {"sentence-transformers": (lambda f=st_full, h=hidden, k=mask: f(h, k)) if callable(st_full)
-                 else st_full},
-                bytes_moved=tokens * H * elt, note="no slicing: every column pooled"))
+            out.append(
+                Case(
+                    "pooling",
+                    f"mean fwd {lengths} B{B} L{L} H{H}->{H} {str(dtype)[6:]}",
+                    lambda h=hidden, k=mask: lf.pool(h, k, "mean", normalize=True),
+                    {
+                        "sentence-transformers": (lambda f=st_full, h=hidden, k=mask: f(h, k))
+                        if callable(st_full)
+                        else st_full
+                    },
+                    bytes_moved=tokens * H * elt,
+                    note="no slicing: every column pooled",
+                )
+            )
         # forward + backward, mean pooling
         h = hidden.detach().requires_grad_(True)
         grad = torch.randn(B, dim, device=ctx.device, dtype=torch.float32)
@@ -97,8 +123,17 @@ def cases(ctx) -> list:
         st = st_head("mean", H, dim)
         baselines = {"sentence-transformers": _fwd_bwd(st, h, mask, grad.to(dtype)) if callable(st) else st}
         if want_compile and callable(st):
-            baselines["torch.compile(ST)"] = _fwd_bwd(torch.compile(st, dynamic=False), h, mask, grad.to(dtype))
-        out.append(Case("pooling", f"mean fwd+bwd {lengths} B{B} L{L} H{H}->{dim} {str(dtype)[6:]}", ours_fb,
-                        baselines, bytes_moved=tokens * dim * elt + B * L * H * elt,
-                        note="bytes = forward read + grad_hidden written"))
+            baselines["torch.compile(ST)"] = _fwd_bwd(
+                torch.compile(st, dynamic=False), h, mask, grad.to(dtype)
+            )
+        out.append(
+            Case(
+                "pooling",
+                f"mean fwd+bwd {lengths} B{B} L{L} H{H}->{dim} {str(dtype)[6:]}",
+                ours_fb,
+                baselines,
+                bytes_moved=tokens * dim * elt + B * L * H * elt,
+                note="bytes = forward read + grad_hidden written",
+            )
+        )
     return out

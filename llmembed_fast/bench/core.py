@@ -1,4 +1,5 @@
 """Bench cases, their discovery and the runner that prints the table of times and ratios."""
+
 from __future__ import annotations
 
 import importlib
@@ -77,8 +78,15 @@ def run_cases(ctx: BenchContext, cases: list[Case], log=print) -> list[dict]:
         except Exception as exc:
             records.append({"group": case.group, "case": case.name, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        rec = {"group": case.group, "case": case.name, "ours_s": ours["median_s"], "note": case.note,
-               "bytes": case.bytes_moved, "flops": case.flops, "baselines": {}}
+        rec = {
+            "group": case.group,
+            "case": case.name,
+            "ours_s": ours["median_s"],
+            "note": case.note,
+            "bytes": case.bytes_moved,
+            "flops": case.flops,
+            "baselines": {},
+        }
         for bname, fn in case.baselines.items():
             if isinstance(fn, str):
                 rec["baselines"][bname] = {"skipped": fn}

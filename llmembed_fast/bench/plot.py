@@ -1,4 +1,5 @@
 """Optional bar chart of the bench speedups (matplotlib)."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Timing helpers: device-synchronized wall clock, warm-up, median of repeats."""
+
 from __future__ import annotations
 
 import statistics
@@ -13,8 +14,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, min_time_s: float = 0.3, max_reps: int = 50,
-            min_reps: int = 3, warmup: int = 1) -> dict:
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    min_time_s: float = 0.3,
+    max_reps: int = 50,
+    min_reps: int = 3,
+    warmup: int = 1,
+) -> dict:
     """Run ``fn`` ``warmup`` times, then repeat until ``min_time_s`` has passed (between ``min_reps`` and
     ``max_reps`` runs). Returns {"median_s", "min_s", "reps"}. CUDA work is synchronized around each run."""
     for _ in range(warmup):

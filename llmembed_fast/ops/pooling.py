@@ -6,6 +6,7 @@ autograd Function whose forward and backward call the backend's launchers: the T
 ``llmembed_fast.reference.pooling_chunked``. Hidden states are read once; only the first ``max(dims)``
 columns and only the pooled tokens are read.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ---------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------
+
 
 def _check_tensor(x, name: str, ndim: int) -> None:
     if not isinstance(x, torch.Tensor):
@@ -72,7 +74,9 @@ def _check_mask(mask, hidden: torch.Tensor) -> torch.Tensor:
     if mask.is_floating_point():
         # A soft mask would be silently treated as binary; refuse it (one host sync, float masks only).
         if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must hold only 0 and 1 (a float mask with other values is not a pooling mask)")
+            raise ValueError(
+                "mask must hold only 0 and 1 (a float mask with other values is not a pooling mask)"
+            )
     return mask
 
 
@@ -103,11 +107,16 @@ def _backend(*tensors: torch.Tensor) -> ModuleType:
 # finalize: Matryoshka prefixes, each normalized, from a pooled [B, D] matrix (shared by all ops)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _finalize_forward(be, pooled, dims, normalize, eps, out_dtype):
     """pooled [N, >=max(dims)] (unit column stride) -> (outputs, norms [K, N] or None)."""
     if not normalize:
-        outs = [pooled if (d == pooled.shape[1] and pooled.dtype == out_dtype) else
-                pooled[:, :d].to(out_dtype, copy=True) for d in dims]
+        outs = [
+            pooled
+            if (d == pooled.shape[1] and pooled.dtype == out_dtype)
+            else pooled[:, :d].to(out_dtype, copy=True)
+            for d in dims
+        ]
         return outs, None
     outs, norms = [], []
     for d in dims:
@@ -121,7 +130,7 @@ def _finalize_backward(be, grads, pooled, norms, dims, normalize, eps):
     """Gradient w.r.t. pooled (float32, float64 for float64) from the outputs' gradients (None = zero)."""
     acc = torch.float64 if pooled.dtype == torch.float64 else torch.float32
     gp = torch.zeros(pooled.shape, dtype=acc, device=pooled.device)
-    for k, (g, d) in enumerate(zip(grads, dims)):
+    for k, (g, d) in enumerate(zip(grads, dims, strict=False)):
         if g is None:
             continue
         if normalize:
@@ -203,8 +212,17 @@ def _as_result(outs: tuple, as_seq: bool):
 # public API
 # ---------------------------------------------------------------------------------------------------
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "mean", *, dims=None,
-         normalize: bool = False, out_dtype: torch.dtype = torch.float32, eps: float = 1e-12):
+
+def pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mode: str = "mean",
+    *,
+    dims=None,
+    normalize: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    eps: float = 1e-12,
+):
     """Masked pooling of token states, then Matryoshka slicing and L2 normalization, fused.
 
     Args:
@@ -253,17 +271,31 @@ def _segment_bounds(starts, ends, T: int, device: torch.device) -> tuple[torch.T
         return s, e, False
     order = torch.argsort(s)
     prev_end = torch.cummax(e[order], 0).values
-    flags = torch.stack([((s < 0) | (e < s) | (e > T)).any(),
-                         (s[order][1:] < prev_end[:-1]).any() if s.numel() > 1 else torch.zeros((), dtype=bool,
-                                                                                                device=device)])
+    flags = torch.stack(
+        [
+            ((s < 0) | (e < s) | (e > T)).any(),
+            (s[order][1:] < prev_end[:-1]).any()
+            if s.numel() > 1
+            else torch.zeros((), dtype=bool, device=device),
+        ]
+    )
     bad, overlapping = flags.tolist()  # one host sync: bounds must be known valid before any kernel runs
     if bad:
         raise ValueError(f"segments must satisfy 0 <= starts[i] <= ends[i] <= T = {T}")
     return s, e, bool(overlapping)
 
 
-def pool_segments(hidden2d: torch.Tensor, starts, ends, mode: str = "mean", *, dims=None, normalize: bool = False,
-                  out_dtype: torch.dtype = torch.float32, eps: float = 1e-12):
+def pool_segments(
+    hidden2d: torch.Tensor,
+    starts,
+    ends,
+    mode: str = "mean",
+    *,
+    dims=None,
+    normalize: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    eps: float = 1e-12,
+):
     """Pool segments of a packed token matrix: one output row per segment [starts[i], ends[i]).
 
     For packed/varlen batches (``starts = cu_seqlens[:-1]``, ``ends = cu_seqlens[1:]``) and late chunking
@@ -278,7 +310,9 @@ def pool_segments(hidden2d: torch.Tensor, starts, ends, mode: str = "mean", *, d
     eps = _check_eps(eps)
     s, e, overlapping = _segment_bounds(starts, ends, hidden2d.shape[0], hidden2d.device)
     be = _backend(hidden2d)
-    outs = _PoolSegmentsFunction.apply(hidden2d, s, e, overlapping, mode, dims_t, bool(normalize), eps, out_dtype, be)
+    outs = _PoolSegmentsFunction.apply(
+        hidden2d, s, e, overlapping, mode, dims_t, bool(normalize), eps, out_dtype, be
+    )
     return _as_result(outs, as_seq)
 
 
@@ -317,5 +351,5 @@ def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12
         outs = tuple(x[..., :d] for d in dims_t)
     else:
         outs = _PrefixNormalizeFunction.apply(x2, dims_t, eps, x.dtype, _backend(x2))
-        outs = tuple(y.reshape(*lead, d) for y, d in zip(outs, dims_t))
+        outs = tuple(y.reshape(*lead, d) for y, d in zip(outs, dims_t, strict=False))
     return _as_result(outs, as_seq)

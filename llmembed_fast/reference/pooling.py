@@ -3,6 +3,7 @@
 Computes in float64 when given float64, else float32. Materializes freely; not for production use.
 Every function returns a list with one tensor per Matryoshka dim.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ def pooling_weights(mask: torch.Tensor, mode: str, dtype: torch.dtype = torch.fl
 def _pool_rows(h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """h [B, L, H] in compute dtype -> pooled [B, H]."""
     if mode == "max":
-        m = (mask != 0)
+        m = mask != 0
         x = h.masked_fill(~m[..., None], float("-inf"))
         idx = x.max(dim=1).indices  # first position of the maximum
         pooled = h.gather(1, idx[:, None, :]).squeeze(1)
@@ -68,8 +69,14 @@ def _finish(pooled: torch.Tensor, dims, normalize: bool, eps: float) -> list[tor
     return outs
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str = "mean", dims=None, normalize: bool = False,
-         eps: float = 1e-12) -> list[torch.Tensor]:
+def pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: str = "mean",
+    dims=None,
+    normalize: bool = False,
+    eps: float = 1e-12,
+) -> list[torch.Tensor]:
     """hidden [B, L, H], mask [B, L] (nonzero = pooled) -> list of [B, d] per Matryoshka dim."""
     h = hidden.to(_compute_dtype(hidden))
     if mask is None:
@@ -77,16 +84,26 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str = "mean", di
     return _finish(_pool_rows(h, mask, mode), dims, normalize, eps)
 
 
-def pool_segments(hidden2d: torch.Tensor, starts: Sequence[int] | torch.Tensor, ends: Sequence[int] | torch.Tensor,
-                  mode: str = "mean", dims=None, normalize: bool = False, eps: float = 1e-12) -> list[torch.Tensor]:
+def pool_segments(
+    hidden2d: torch.Tensor,
+    starts: Sequence[int] | torch.Tensor,
+    ends: Sequence[int] | torch.Tensor,
+    mode: str = "mean",
+    dims=None,
+    normalize: bool = False,
+    eps: float = 1e-12,
+) -> list[torch.Tensor]:
     """hidden2d [T, H]; segment s pools tokens [starts[s], ends[s]) -> list of [S, d]."""
     h = hidden2d.to(_compute_dtype(hidden2d))
     rows = []
-    for s, e in zip(torch.as_tensor(starts).tolist(), torch.as_tensor(ends).tolist()):
+    for s, e in zip(torch.as_tensor(starts).tolist(), torch.as_tensor(ends).tolist(), strict=False):
         seg = h[s:e].unsqueeze(0)
         mask = torch.ones(1, e - s, dtype=torch.bool, device=h.device)
-        rows.append(_pool_rows(seg, mask, mode) if e > s else torch.zeros(1, h.shape[1], dtype=h.dtype,
-                                                                           device=h.device))
+        rows.append(
+            _pool_rows(seg, mask, mode)
+            if e > s
+            else torch.zeros(1, h.shape[1], dtype=h.dtype, device=h.device)
+        )
     pooled = torch.cat(rows) if rows else h.new_zeros(0, h.shape[1])
     return _finish(pooled, dims, normalize, eps)
 

@@ -4,6 +4,7 @@ Memory-bounded: no [B, L, H] temporaries beyond the output itself. Float32/float
 pooled with one batched matmul per call; float16/bfloat16 ones are upcast in token chunks of at most
 ``CHUNK_ELEMENTS`` elements so the sums accumulate in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def _masked_max(h: torch.Tensor, m: torch.Tensor, acc: torch.dtype):
     arg = torch.full((B, D), -1, dtype=torch.int64, device=h.device)
     step = _chunk_rows(B * D)
     for l0 in range(0, L, step):
-        x = h[:, l0:l0 + step].to(acc).masked_fill(~m[:, l0:l0 + step, None], float("-inf"))
+        x = h[:, l0 : l0 + step].to(acc).masked_fill(~m[:, l0 : l0 + step, None], float("-inf"))
         cmax, carg = x.max(dim=1)  # first occurrence within the chunk
         better = cmax > best
         best = torch.where(better, cmax, best)
@@ -71,12 +72,19 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
             pooled = torch.zeros(B, D, dtype=acc, device=h.device)
             step = _chunk_rows(B * D)
             for l0 in range(0, L, step):
-                pooled += torch.bmm(w[:, None, l0:l0 + step], h[:, l0:l0 + step].to(acc)).squeeze(1)
+                pooled += torch.bmm(w[:, None, l0 : l0 + step], h[:, l0 : l0 + step].to(acc)).squeeze(1)
     return pooled.contiguous(), info, argmax
 
 
-def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Tensor, argmax, mode: str,
-                  shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+def pool_backward(
+    grad_pooled: torch.Tensor,
+    mask: torch.Tensor,
+    info: torch.Tensor,
+    argmax,
+    mode: str,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Same contract as ``triton_kernels.pooling.pool_backward``."""
     B, L, H = shape
     D = grad_pooled.shape[1]
@@ -92,7 +100,7 @@ def pool_backward(grad_pooled: torch.Tensor, mask: torch.Tensor, info: torch.Ten
     w = pooling_weights(mask, mode, grad_pooled.dtype)
     step = _chunk_rows(B * D)
     for l0 in range(0, L, step):
-        gh[:, l0:l0 + step, :D] = w[:, l0:l0 + step, None] * grad_pooled[:, None, :]
+        gh[:, l0 : l0 + step, :D] = w[:, l0 : l0 + step, None] * grad_pooled[:, None, :]
     return gh
 
 
@@ -129,11 +137,11 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
     if mode == "max":
         pooled.fill_(float("-inf"))
         for p0 in range(0, seg.numel(), step):
-            s, t = seg[p0:p0 + step], tok[p0:p0 + step]
+            s, t = seg[p0 : p0 + step], tok[p0 : p0 + step]
             pooled.scatter_reduce_(0, s[:, None].expand(-1, D), h[t].to(acc), "amax")
         argmax = torch.full((S, D), torch.iinfo(torch.int64).max, dtype=torch.int64, device=h.device)
         for p0 in range(0, seg.numel(), step):
-            s, t = seg[p0:p0 + step], tok[p0:p0 + step]
+            s, t = seg[p0 : p0 + step], tok[p0 : p0 + step]
             hit = h[t].to(acc) == pooled[s]
             cand = torch.where(hit, t[:, None], torch.iinfo(torch.int64).max)
             argmax.scatter_reduce_(0, s[:, None].expand(-1, D), cand, "amin")
@@ -141,14 +149,22 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
         pooled = torch.where(empty, torch.zeros_like(pooled), pooled)
         return pooled, torch.where(empty, -1, argmax).to(torch.int32)
     for p0 in range(0, seg.numel(), step):
-        s, t = seg[p0:p0 + step], tok[p0:p0 + step]
-        w = _segment_weights(rank[p0:p0 + step], lengths[s], mode, acc)
+        s, t = seg[p0 : p0 + step], tok[p0 : p0 + step]
+        w = _segment_weights(rank[p0 : p0 + step], lengths[s], mode, acc)
         pooled.index_add_(0, s, h[t].to(acc) * w[:, None])
     return pooled, None
 
 
-def segments_backward(grad_pooled: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, argmax, mode: str,
-                      shape: tuple[int, int], dtype: torch.dtype, overlapping: bool) -> torch.Tensor:
+def segments_backward(
+    grad_pooled: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    argmax,
+    mode: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    overlapping: bool,
+) -> torch.Tensor:
     """Same contract as ``triton_kernels.pooling.segments_backward``."""
     T, H = shape
     S, D = grad_pooled.shape
@@ -161,8 +177,8 @@ def segments_backward(grad_pooled: torch.Tensor, starts: torch.Tensor, ends: tor
     seg, tok, rank, lengths = _pairs(starts, ends)
     step = _chunk_rows(D)
     for p0 in range(0, seg.numel(), step):
-        s, t = seg[p0:p0 + step], tok[p0:p0 + step]
-        w = _segment_weights(rank[p0:p0 + step], lengths[s], mode, grad_pooled.dtype)
+        s, t = seg[p0 : p0 + step], tok[p0 : p0 + step]
+        w = _segment_weights(rank[p0 : p0 + step], lengths[s], mode, grad_pooled.dtype)
         gh[:, :D].index_add_(0, t, grad_pooled[s] * w[:, None])
     return gh.to(dtype)
 
@@ -176,8 +192,15 @@ def l2_prefix_forward(x: torch.Tensor, d: int, out_dtype: torch.dtype, eps: floa
     return y, norms.to(torch.float32) if acc == torch.float32 else norms
 
 
-def l2_prefix_backward(x: torch.Tensor, grad_y: torch.Tensor, norms: torch.Tensor, d: int, grad_x: torch.Tensor,
-                       eps: float, accumulate: bool) -> None:
+def l2_prefix_backward(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    norms: torch.Tensor,
+    d: int,
+    grad_x: torch.Tensor,
+    eps: float,
+    accumulate: bool,
+) -> None:
     """Same contract as ``triton_kernels.pooling.l2_prefix_backward``."""
     acc = _acc_dtype(x.dtype)
     xs = x[:, :d].to(acc)
