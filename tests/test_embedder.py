@@ -238,3 +238,11 @@ def test_gradcache_encoder_gives_uncached_gradients():
     torch.testing.assert_close(cached, loss.detach(), atol=1e-6, rtol=0)
     for g, w in zip((p.grad for p in model.parameters()), want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_block_diagonal_mask_under_eager_attention():
+    """The packed row's additive mask also isolates sequences under eager attention (not only sdpa)."""
+    model, tok = build_tiny_model("llama", attn_implementation="eager")
+    ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(TEXTS, output="torch", batch_size=1)
+    got = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(TEXTS, output="torch")
+    torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)

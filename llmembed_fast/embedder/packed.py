@@ -3,7 +3,11 @@
 Restarting ``position_ids`` alone do not isolate the sequences under sdpa, flex or eager attention in the
 transformers versions this package supports (only the flash-attention varlen path reads them as sequence
 boundaries), so the packed row gets its own block-diagonal (and, for decoders, causal) additive 4-D mask.
-That mask costs T x T elements, so packed batches should be bounded in tokens (``max_tokens_per_batch``).
+That mask costs T x T elements, so packed batches should be bounded in tokens (``max_tokens_per_batch``),
+and with sdpa it costs attention over the whole row (T^2) rather than per sequence: on GPUs without
+flash-attention varlen the padded path with length-sorted batches is usually as fast, which is why
+``packed="auto"`` chooses packing only for flash-attention. A custom mask replaces the model's own mask
+logic, so models with sliding-window layers see full (causal) attention inside each sequence.
 """
 
 from __future__ import annotations

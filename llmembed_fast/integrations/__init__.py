@@ -4,6 +4,7 @@
 sentence-transformers model's Pooling/Normalize, in place. Other submodules: ``st_losses`` (losses for the
 sentence-transformers trainer), ``hf_trainer`` (Hugging Face Trainer hook).
 """
+
 from __future__ import annotations
 
 import importlib
