@@ -3,6 +3,7 @@
 
     pytest benchmarks/test_bench_quant.py --benchmark-only --benchmark-group-by=group
 """
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,10 @@ def embeddings():
 
 @pytest.fixture(scope="module")
 def binary_corpus():
-    return (RNG.integers(0, 256, (1_000_000, 128), dtype=np.uint8),
-            RNG.integers(0, 256, (100, 128), dtype=np.uint8))
+    return (
+        RNG.integers(0, 256, (1_000_000, 128), dtype=np.uint8),
+        RNG.integers(0, 256, (100, 128), dtype=np.uint8),
+    )
 
 
 @pytest.mark.parametrize("precision", ["ubinary", "int8"])
@@ -57,7 +60,9 @@ def test_int8_topk(benchmark, embeddings, provider):
     ranges = quant.calibrate(embeddings)
     codes = quant.quantize(embeddings, "int8", ranges=ranges)
     if provider == "llmembed_fast":
-        benchmark(quant.int8_topk, torch.from_numpy(queries), torch.from_numpy(codes), torch.from_numpy(ranges), 10)
+        benchmark(
+            quant.int8_topk, torch.from_numpy(queries), torch.from_numpy(codes), torch.from_numpy(ranges), 10
+        )
     elif provider == "faiss-flatip-f32":
         faiss = pytest.importorskip("faiss")
         index = faiss.IndexFlatIP(1024)

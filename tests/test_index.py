@@ -1,6 +1,6 @@
 """quant.Index: search equals the numpy pipeline (exact first stage + float64 rescoring), save/load
 round-trips (mmap and not), the loader rejects truncated / bit-flipped / foreign files with a clear error."""
-import os
+
 import struct
 
 import numpy as np
@@ -16,7 +16,8 @@ CONFIGS = [("binary", None), ("binary", "int8"), ("binary", "float"), ("int8", N
 
 
 def numpy_pipeline(docs, queries, precision, rescore, ranges, k, mult):
-    """Reference: brute-force first stage with ties by lower id, rescoring in float64, (score desc, id asc)."""
+    """Reference: brute-force first stage with ties by lower id, rescoring in float64, order (score desc,
+    id asc)."""
     n, dim = docs.shape
     step = (ranges[1].astype(np.float64) - ranges[0]) / 255 if ranges is not None else None
     deq = None
@@ -36,7 +37,7 @@ def numpy_pipeline(docs, queries, precision, rescore, ranges, k, mult):
         return -np.take_along_axis(key, cand, 1), cand
     vec = deq if rescore == "int8" else docs.astype(np.float64)
     s = np.einsum("qd,qcd->qc", queries.astype(np.float64), vec[cand])
-    order = np.stack([np.lexsort((c, -row)) for row, c in zip(s, cand)])[:, :k]
+    order = np.stack([np.lexsort((c, -row)) for row, c in zip(s, cand, strict=True)])[:, :k]
     return np.take_along_axis(s, order, 1), np.take_along_axis(cand, order, 1)
 
 
@@ -76,7 +77,7 @@ def test_save_load_round_trip(tmp_path, precision, rescore, mmap):
     assert [p.name for p in tmp_path.iterdir()] == ["a.lfidx"]  # the temporary file was renamed
     back = quant.Index.load(path, mmap=mmap)
     assert (back.dim, back.precision, back.rescore, len(back)) == (30, precision, rescore, 120)
-    for a, b in zip(index.search(queries, 5), back.search(queries, 5)):
+    for a, b in zip(index.search(queries, 5), back.search(queries, 5), strict=True):
         np.testing.assert_array_equal(a, b)
     back.add(docs[:7])  # a loaded index keeps growing, with the saved ranges
     assert len(back) == 127
@@ -117,7 +118,8 @@ def test_loader_rejects_truncated_files(tmp_path, saved):
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_loader_rejects_bit_flips(tmp_path, saved, verify):
-    """With verify every flip anywhere is caught (CRC32); without, flips in the prefix and header still are."""
+    """With verify every flip anywhere is caught (CRC32); without, flips in the prefix and header still
+    are."""
     rng = np.random.default_rng(0)
     header_end = 20 + struct.unpack_from("<I", saved, 12)[0]
     positions = rng.integers(0, len(saved), 80) if verify else rng.integers(0, header_end, 40)

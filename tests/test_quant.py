@@ -1,5 +1,6 @@
 """llmembed_fast.quant codes: bit-exact parity with sentence-transformers' quantize_embeddings, calibrate,
 dequantize, unpack_bits, every SIMD level of the C++ kernels, clear errors on bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -66,12 +67,15 @@ def test_parity_other_float_dtypes(dtype, precision):
         x = _data(61, 45, dtype, seed)
         calib = _data(150, 45, dtype, seed + 5)
         np.testing.assert_array_equal(quant.quantize(x, precision), quantize_embeddings(x, precision))
-        np.testing.assert_array_equal(quant.quantize(x, precision, calibration_embeddings=calib),
-                                      quantize_embeddings(x, precision, calibration_embeddings=calib))
+        np.testing.assert_array_equal(
+            quant.quantize(x, precision, calibration_embeddings=calib),
+            quantize_embeddings(x, precision, calibration_embeddings=calib),
+        )
         # mixed: float32 ranges with this dtype's embeddings -> numpy's promotion
         r32 = np.vstack([calib.min(0), calib.max(0)]).astype(np.float32)
-        np.testing.assert_array_equal(quant.quantize(x, precision, ranges=r32),
-                                      quantize_embeddings(x, precision, ranges=r32))
+        np.testing.assert_array_equal(
+            quant.quantize(x, precision, ranges=r32), quantize_embeddings(x, precision, ranges=r32)
+        )
 
 
 def test_zero_width_ranges_and_out_of_range_values():
@@ -79,25 +83,32 @@ def test_zero_width_ranges_and_out_of_range_values():
     ranges = np.vstack([x.min(0), x.max(0)])
     ranges[:, 2] = 0.5  # zero step counts as 1
     y = x.copy()
-    y[0] = 100.0   # above every max -> 255
+    y[0] = 100.0  # above every max -> 255
     y[1] = -100.0  # below every min -> 0
     for p in ("int8", "uint8"):
-        np.testing.assert_array_equal(quant.quantize(y, p, ranges=ranges), quantize_embeddings(y, p, ranges=ranges))
+        np.testing.assert_array_equal(
+            quant.quantize(y, p, ranges=ranges), quantize_embeddings(y, p, ranges=ranges)
+        )
 
 
 def test_bfloat16_quantizes_as_float32():
     x = torch.from_numpy(_data(30, 24, np.float32, 2)).bfloat16()
     want = quantize_embeddings(x.float().numpy(), "int8")
     np.testing.assert_array_equal(quant.quantize(x, "int8").numpy(), want)
-    np.testing.assert_array_equal(quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.float().numpy(), "ubinary"))
+    np.testing.assert_array_equal(
+        quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.float().numpy(), "ubinary")
+    )
 
 
 def test_strided_rows_and_float32_passthrough():
     base = torch.from_numpy(_data(40, 50, np.float32, 3))
     x = base[::2, 5:37]  # strided rows, offset columns
-    np.testing.assert_array_equal(quant.quantize(x, "ubinary").numpy(),
-                                  quantize_embeddings(x.contiguous().numpy(), "ubinary"))
-    np.testing.assert_array_equal(quant.quantize(x, "int8").numpy(), quantize_embeddings(x.contiguous().numpy(), "int8"))
+    np.testing.assert_array_equal(
+        quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.contiguous().numpy(), "ubinary")
+    )
+    np.testing.assert_array_equal(
+        quant.quantize(x, "int8").numpy(), quantize_embeddings(x.contiguous().numpy(), "int8")
+    )
     assert quant.quantize(x.double(), "float32").dtype == torch.float32
 
 
@@ -118,11 +129,15 @@ def test_dequantize_reconstructs_bucket_middles():
         back = quant.dequantize(codes, r)
         step = (r[1] - r[0]) / 255
         assert back.dtype == np.float32
-        assert np.all(np.abs(back - x) <= step * 0.5 + 1e-5 + step * (x >= r[1]))  # max falls in the last bucket
+        assert np.all(
+            np.abs(back - x) <= step * 0.5 + 1e-5 + step * (x >= r[1])
+        )  # max falls in the last bucket
         u = codes.astype(np.int64) + (128 if p == "int8" else 0)
         np.testing.assert_allclose(back, (r[0] + (u + 0.5) * step).astype(np.float32), rtol=1e-6)
     flat = np.vstack([np.full(3, 2.0), np.full(3, 2.0)])
-    np.testing.assert_array_equal(quant.dequantize(np.zeros((2, 3), np.int8), flat), np.full((2, 3), 2.0, np.float32))
+    np.testing.assert_array_equal(
+        quant.dequantize(np.zeros((2, 3), np.int8), flat), np.full((2, 3), 2.0, np.float32)
+    )
 
 
 @pytest.mark.parametrize("d", [1, 8, 13, 100])
@@ -131,7 +146,9 @@ def test_unpack_bits_inverts_packing(d):
     for p in ("ubinary", "binary"):
         bits = quant.unpack_bits(quant.quantize(x, p), d)
         np.testing.assert_array_equal(bits, (x > 0).astype(np.uint8))
-        np.testing.assert_array_equal(bits, np.unpackbits(quantize_embeddings(x, "ubinary"), axis=-1, count=d))
+        np.testing.assert_array_equal(
+            bits, np.unpackbits(quantize_embeddings(x, "ubinary"), axis=-1, count=d)
+        )
 
 
 def test_bad_input_errors():

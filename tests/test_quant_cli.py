@@ -1,4 +1,5 @@
 """``llmembed-fast search``: build from .npy, save, reload, query, write results."""
+
 import json
 
 import numpy as np
@@ -16,13 +17,32 @@ def test_search_cli_build_save_load_query(tmp_path, capsys):
     np.save(tmp_path / "docs.npy", docs)
     np.save(tmp_path / "q.npy", queries)
     idx = tmp_path / "docs.lfidx"
-    assert main(["search", str(tmp_path / "docs.npy"), str(tmp_path / "q.npy"), "-k", "5", "--rescore", "float",
-                 "--save-index", str(idx), "--output", str(tmp_path / "r.npz")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(tmp_path / "docs.npy"),
+                str(tmp_path / "q.npy"),
+                "-k",
+                "5",
+                "--rescore",
+                "float",
+                "--save-index",
+                str(idx),
+                "--output",
+                str(tmp_path / "r.npz"),
+            ]
+        )
+        == 0
+    )
     r = np.load(tmp_path / "r.npz")
     want = quant.Index(24, "binary", "float").add(docs).search(queries, 5)
     np.testing.assert_array_equal(r["ids"], want[1])
     np.testing.assert_array_equal(r["scores"], want[0])
-    assert main(["search", str(idx), str(tmp_path / "q.npy"), "-k", "3", "--output", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(["search", str(idx), str(tmp_path / "q.npy"), "-k", "3", "--output", str(tmp_path / "r.json")])
+        == 0
+    )
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["ids"] == quant.Index(24, "binary", "float").add(docs).search(queries, 3)[1].tolist()
     assert "queries/s" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Exact top-k search over codes: hamming_topk and int8_topk against numpy brute force (and faiss),
 at every SIMD level, on both parallel strategies, with ties; clear errors on bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +58,10 @@ def test_hamming_large_corpus_split_over_threads(simd):
 
 def test_hamming_signed_binary_equals_unsigned():
     rng = np.random.default_rng(1)
-    x, y = rng.standard_normal((5, 100)).astype(np.float32), rng.standard_normal((200, 100)).astype(np.float32)
+    x, y = (
+        rng.standard_normal((5, 100)).astype(np.float32),
+        rng.standard_normal((200, 100)).astype(np.float32),
+    )
     a = quant.hamming_topk(quant.quantize(x, "binary"), quant.quantize(y, "binary"), 5)
     b = quant.hamming_topk(quant.quantize(x, "ubinary"), quant.quantize(y, "ubinary"), 5)
     np.testing.assert_array_equal(a[0], b[0])
@@ -182,7 +186,9 @@ def test_plain_torch_fallbacks_match_the_ops():
     r = quant.calibrate(x[:100])
     for dt in (np.float32, np.float64):
         s, t = scalar_params(r.astype(dt), np.dtype(dt))
-        got = _quantize_scalar_torch(torch.from_numpy(x.astype(dt)), torch.from_numpy(s), torch.from_numpy(t), True)
+        got = _quantize_scalar_torch(
+            torch.from_numpy(x.astype(dt)), torch.from_numpy(s), torch.from_numpy(t), True
+        )
         np.testing.assert_array_equal(got.numpy(), quant.quantize(x.astype(dt), "int8", ranges=r.astype(dt)))
     c = quant.quantize(x, "int8", ranges=r)
     w, bias = fold_query(torch.from_numpy(x[:4]), torch.from_numpy(r))

@@ -6,6 +6,7 @@ References: sentence-transformers' quantize_embeddings (numpy) when installed, e
 brute force for the searches. The ops allocate their own outputs, so nothing can be pre-poisoned: every
 output element is compared instead.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,6 +30,7 @@ def _cuda_status(dev) -> tuple[bool, str]:
 def _st():
     try:
         from sentence_transformers.util.quantization import quantize_embeddings
+
         return quantize_embeddings
     except ImportError:
         return None
@@ -60,8 +62,11 @@ def correctness(ctx) -> list[dict]:
             xn = xd.float().numpy() if dtype == torch.bfloat16 else xd.numpy()
             for prec in ("int8", "uint8", "binary", "ubinary"):
                 got = quantize(xd.to(dev), prec, calibration_embeddings=calib.to(dev)).cpu().numpy()
-                want = (st(xn, prec, calibration_embeddings=calib.numpy()) if st is not None
-                        else quantize(xd, prec, calibration_embeddings=calib).numpy())
+                want = (
+                    st(xn, prec, calibration_embeddings=calib.numpy())
+                    if st is not None
+                    else quantize(xd, prec, calibration_embeddings=calib).numpy()
+                )
                 bad = int((got != want).sum()) if got.shape == want.shape else got.size + 1
                 out.append(_rec(f"quantize {prec} {str(dtype)[6:]} D{d} vs {'ST' if st else 'CPU op'}", bad))
     rng = np.random.default_rng(1)
@@ -80,13 +85,23 @@ def correctness(ctx) -> list[dict]:
     qf = rng.standard_normal((5, 96)).astype(np.float32)
     r = np.vstack([x.min(0), x.max(0)])
     c = quantize(x, "int8", ranges=r)
-    s, idx = int8_topk(torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev), 10)
+    s, idx = int8_topk(
+        torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev), 10
+    )
     step = (r[1].astype(np.float64) - r[0]) / 255
     full = qf.astype(np.float64) @ (r[0] + (c.astype(np.float64) + 128.5) * step).T
     wi = np.stack([np.lexsort((np.arange(len(x)), -row)) for row in full])[:, :10]
     err = float(np.abs(s.cpu().numpy() - np.take_along_axis(full, wi, 1)).max())
-    out.append({"name": "int8_topk N4000 D96 k10 vs float64 numpy", "ok": bool((idx.cpu().numpy() == wi).all())
-                and err < 1e-4, "err": err, "tol": 1e-4, "detail": "ids must match exactly"})
+    ok = bool((idx.cpu().numpy() == wi).all()) and err < 1e-4
+    out.append(
+        {
+            "name": "int8_topk N4000 D96 k10 vs float64 numpy",
+            "ok": ok,
+            "err": err,
+            "tol": 1e-4,
+            "detail": "ids must match exactly",
+        }
+    )
     return out
 
 
@@ -99,18 +114,36 @@ def timings(ctx) -> list[dict]:
     q = torch.randint(0, 256, (1000, 128), dtype=torch.uint8, device=dev)
     floor = docs.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None
     ours = ctx.bench(lambda: hamming_topk(q[:1], docs, 10))
-    base = ctx.bench(lambda: _hamming_topk_torch(q[:1], docs, 10)) if ctx.time_left() > 30 else None
-    out.append({"name": f"hamming top-10 {n // 10**6}M x 1024b, 1 query", "ours_ms": ours,
-                "baselines": {"torch xor+table+topk": base} if base else {}, "floor_ms": floor,
-                "extra": {"kernels": status, "fraction_of_bandwidth": (floor / ours) if floor else None,
-                          "GB_per_s": docs.numel() / ours / 1e6}})
+    base = None
+    if ctx.time_left() > 30:
+        base = ctx.bench(lambda: _hamming_topk_torch(q[:1], docs, 10))
+    out.append(
+        {
+            "name": f"hamming top-10 {n // 10**6}M x 1024b, 1 query",
+            "ours_ms": ours,
+            "baselines": {"torch xor+table+topk": base} if base else {},
+            "floor_ms": floor,
+            "extra": {
+                "kernels": status,
+                "fraction_of_bandwidth": (floor / ours) if floor else None,
+                "GB_per_s": docs.numel() / ours / 1e6,
+            },
+        }
+    )
     if ctx.time_left() > 25:
         d1 = docs[: n // 10]
         ours = ctx.bench(lambda: hamming_topk(q, d1, 10))
-        out.append({"name": f"hamming top-10 {d1.shape[0] // 10**6}M x 1024b, 1000 queries", "ours_ms": ours,
-                    "baselines": {}, "floor_ms": d1.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
-                    "extra": {"queries_per_s": 1000 / ours * 1e3}})
-    del docs
+        out.append(
+            {
+                "name": f"hamming top-10 {d1.shape[0] // 10**6}M x 1024b, 1000 queries",
+                "ours_ms": ours,
+                "baselines": {},
+                "floor_ms": d1.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
+                "extra": {"queries_per_s": 1000 / ours * 1e3},
+            }
+        )
+        d1 = None
+    docs = None  # free the 1.28 GB before the quantize cases
     if ctx.time_left() > 20:
         m = 20_000 if ctx.smoke else 1_000_000
         x = torch.randn(m, 1024, device=dev)
@@ -120,12 +153,19 @@ def timings(ctx) -> list[dict]:
             ours = ctx.bench(lambda p=prec, kw=kw: quantize(x, p, **kw))
             if prec == "ubinary":
                 w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=dev)
-                base = ctx.bench(lambda: ((x > 0).view(m, 128, 8).to(torch.uint8) * w).sum(-1, dtype=torch.uint8))
+                base = ctx.bench(
+                    lambda w=w: ((x > 0).view(m, 128, 8).to(torch.uint8) * w).sum(-1, dtype=torch.uint8)
+                )
             else:
                 st, sp = r[0], ((r[1] - r[0]) / 255).clamp_min(1e-30)
-                base = ctx.bench(lambda: ((x - st) / sp).floor().clamp(0, 255).to(torch.uint8))
-            out.append({"name": f"quantize {prec} {m // 1000}k x 1024", "ours_ms": ours,
-                        "baselines": {"torch elementwise": base},
-                        "floor_ms": x.numel() * 4 / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
-                        "extra": {"kernels": status}})
+                base = ctx.bench(lambda st=st, sp=sp: ((x - st) / sp).floor().clamp(0, 255).to(torch.uint8))
+            out.append(
+                {
+                    "name": f"quantize {prec} {m // 1000}k x 1024",
+                    "ours_ms": ours,
+                    "baselines": {"torch elementwise": base},
+                    "floor_ms": x.numel() * 4 / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
+                    "extra": {"kernels": status},
+                }
+            )
     return out

@@ -5,6 +5,7 @@ Default (fits ~30 s with setup on a 2-core CPU): quantize 100k x 1024, Hamming t
 (1 and 100 queries), int8 top-10 over 50k x 1024 (100 queries). --full: the issue's sizes (quantize 1M x 1024,
 1000 Hamming queries, int8 200k x 1024 with 1000 queries).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,12 +62,20 @@ def cases(ctx: BenchContext) -> list[Case]:
     for prec in ("ubinary", "int8"):
         kw = {} if prec == "ubinary" else {"ranges": ranges}
         st_kw = {} if prec == "ubinary" else {"ranges": ranges_np}
-        out.append(Case(
-            "quant", f"quantize {prec} {n_q // 1000}k x 1024",
-            ours=lambda p=prec, kw=kw: quant.quantize(emb_t, p, **kw),
-            baselines={"st quantize_embeddings": (lambda p=prec, kw=st_kw: st_quantize(emb, p, **kw))
-                       if st_quantize else "sentence-transformers not installed"},
-            bytes_moved=emb.nbytes + n_q * (128 if prec == "ubinary" else 1024), note=kernels["quantize"]))
+        out.append(
+            Case(
+                "quant",
+                f"quantize {prec} {n_q // 1000}k x 1024",
+                ours=lambda p=prec, kw=kw: quant.quantize(emb_t, p, **kw),
+                baselines={
+                    "st quantize_embeddings": (lambda p=prec, kw=st_kw: st_quantize(emb, p, **kw))
+                    if st_quantize
+                    else "sentence-transformers not installed"
+                },
+                bytes_moved=emb.nbytes + n_q * (128 if prec == "ubinary" else 1024),
+                note=kernels["quantize"],
+            )
+        )
 
     # Hamming top-10 over 1M x 1024-bit codes
     docs = rng.integers(0, 256, (1_000_000, 128), dtype=np.uint8)
@@ -76,13 +85,21 @@ def cases(ctx: BenchContext) -> list[Case]:
     if faiss is not None:
         fb = faiss.IndexBinaryFlat(1024)
         fb.add(docs)
-    for nq in ((1, 1000) if ctx.full else (1, 100)):
-        out.append(Case(
-            "quant", f"hamming top-10 1M x 1024b, {nq} queries",
-            ours=lambda nq=nq: quant.hamming_topk(q_t[:nq], docs_t, 10),
-            baselines={"faiss IndexBinaryFlat": (lambda nq=nq: fb.search(qcodes[:nq], 10)) if fb else
-                       "faiss not installed"},
-            bytes_moved=docs.nbytes, note=kernels["hamming"]))
+    for nq in (1, 1000) if ctx.full else (1, 100):
+        out.append(
+            Case(
+                "quant",
+                f"hamming top-10 1M x 1024b, {nq} queries",
+                ours=lambda nq=nq: quant.hamming_topk(q_t[:nq], docs_t, 10),
+                baselines={
+                    "faiss IndexBinaryFlat": (lambda nq=nq: fb.search(qcodes[:nq], 10))
+                    if fb
+                    else "faiss not installed"
+                },
+                bytes_moved=docs.nbytes,
+                note=kernels["hamming"],
+            )
+        )
 
     # int8 top-10
     n_i = 200_000 if ctx.full else 50_000
@@ -104,7 +121,15 @@ def cases(ctx: BenchContext) -> list[Case]:
         baselines["usearch exact int8"] = lambda: us_search(codes, qi, 10)
     else:
         baselines["usearch exact int8"] = "usearch not installed"
-    out.append(Case("quant", f"int8 top-10 {n_i // 1000}k x 1024, {nq_i} queries",
-                    ours=lambda: quant.int8_topk(qf_t, codes_t, r_t, 10), baselines=baselines,
-                    bytes_moved=codes.nbytes, flops=2 * nq_i * codes.size, note=kernels["int8_dot"]))
+    out.append(
+        Case(
+            "quant",
+            f"int8 top-10 {n_i // 1000}k x 1024, {nq_i} queries",
+            ours=lambda: quant.int8_topk(qf_t, codes_t, r_t, 10),
+            baselines=baselines,
+            bytes_moved=codes.nbytes,
+            flops=2 * nq_i * codes.size,
+            note=kernels["int8_dot"],
+        )
+    )
     return out

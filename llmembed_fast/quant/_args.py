@@ -1,4 +1,5 @@
 """Argument handling shared by the quantization API: numpy/torch in, the same kind out."""
+
 from __future__ import annotations
 
 import warnings
@@ -57,7 +58,8 @@ def check_k(k, n: int, name: str = "k") -> int:
 
 
 def has_kernel(op: str, device: torch.device) -> bool:
-    """Whether torch.ops.llmembed_fast.<op> has a kernel for ``device`` (CUDA kernels exist only in CUDA builds)."""
+    """Whether torch.ops.llmembed_fast.<op> has a kernel for ``device`` (CUDA kernels exist only in CUDA
+    builds)."""
     from llmembed_fast import _ext
 
     if _ext.extension() is None:

@@ -3,6 +3,7 @@
 
 Inputs may be torch tensors (CPU or CUDA) or numpy arrays; outputs are of the same kind.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,9 @@ def calibrate(embeddings):
 
 def _numpy_dtype(t: torch.Tensor) -> np.dtype:
     # numpy has no bfloat16: bfloat16 data is quantized in float32 arithmetic (exact widening).
-    return np.dtype(np.float32) if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
+    return (
+        np.dtype(np.float32) if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
+    )
 
 
 def _ranges_numpy(ranges, d: int) -> np.ndarray:
@@ -106,8 +109,12 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
             src = c
         else:
             if x.shape[0] == 0:
-                return to_output(torch.empty(0, d, dtype=torch.int8 if precision == "int8" else torch.uint8,
-                                             device=x.device), was_np)
+                return to_output(
+                    torch.empty(
+                        0, d, dtype=torch.int8 if precision == "int8" else torch.uint8, device=x.device
+                    ),
+                    was_np,
+                )
             src = x
         lo, hi = torch.aminmax(src, dim=0)
         r = torch.stack([lo, hi])

@@ -1,4 +1,6 @@
-"""``Index``: binary (or int8) codes searched exactly, then the top candidates rescored with the float query."""
+"""``Index``: binary (or int8) codes searched exactly, then the top candidates rescored with the float
+query."""
+
 from __future__ import annotations
 
 import os
@@ -38,13 +40,17 @@ class Index:
         if rescore not in RESCORES:
             raise ValueError(f"rescore must be one of {RESCORES}, got {rescore!r}")
         if precision == "int8" and rescore == "int8":
-            raise ValueError('rescore="int8" needs precision="binary" (int8 search is already exact on int8 codes)')
+            raise ValueError(
+                'rescore="int8" needs precision="binary" (int8 search is already exact on int8 codes)'
+            )
         self.dim, self.precision, self.rescore = int(dim), precision, rescore
         self.ranges: torch.Tensor | None = None
         if ranges is not None:
             r, _ = as_tensor(ranges, "ranges")
             if tuple(r.shape) != (2, self.dim) or r.dtype not in (torch.float32, torch.float64):
-                raise ValueError(f"ranges must be float32/float64 of shape (2, {self.dim}), got {r.dtype} {tuple(r.shape)}")
+                raise ValueError(
+                    f"ranges must be float32/float64 of shape (2, {self.dim}), got {r.dtype} {tuple(r.shape)}"
+                )
             self.ranges = r.detach().cpu().clone()
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
         self._count = 0
@@ -82,8 +88,10 @@ class Index:
         return sum(t.numel() * t.element_size() for parts in self._parts.values() for t in parts)
 
     def __repr__(self) -> str:
-        return (f"Index(dim={self.dim}, precision={self.precision!r}, rescore={self.rescore!r}, "
-                f"count={self._count})")
+        return (
+            f"Index(dim={self.dim}, precision={self.precision!r}, rescore={self.rescore!r}, "
+            f"count={self._count})"
+        )
 
     # ------------------------------------------------------------------ add / search
     def _check_embeddings(self, x, name: str) -> tuple[torch.Tensor, bool]:
@@ -94,7 +102,7 @@ class Index:
             raise ValueError(f"{name} have {t.shape[1]} dimensions, the index {self.dim}: dimension mismatch")
         return t.detach().cpu(), was_np
 
-    def add(self, embeddings) -> "Index":
+    def add(self, embeddings) -> Index:
         """Append ``embeddings [N, dim]`` (float); their ids continue from ``len(self)``. Returns self."""
         x, _ = self._check_embeddings(embeddings, "embeddings")
         if x.shape[0] == 0:
@@ -117,8 +125,11 @@ class Index:
         candidates (at most len(self))."""
         q, was_np = self._check_embeddings(query_embeddings, "query_embeddings")
         k = check_k(k, self._count)
-        if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, (int, np.integer)) \
-                or rescore_multiplier < 1:
+        if (
+            isinstance(rescore_multiplier, bool)
+            or not isinstance(rescore_multiplier, (int, np.integer))
+            or rescore_multiplier < 1
+        ):
             raise ValueError(f"rescore_multiplier must be an int >= 1, got {rescore_multiplier!r}")
         kc = k if self.rescore is None else min(self._count, k * int(rescore_multiplier))
         if self.precision == "binary":
@@ -137,10 +148,12 @@ class Index:
         gathered vectors stay within ~128 MiB."""
         step = max(1, (1 << 24) // max(1, cand.shape[1] * self.dim))
         if q.shape[0] > step:
-            parts = [self._rescore(q[i:i + step], cand[i:i + step], k) for i in range(0, q.shape[0], step)]
+            parts = [
+                self._rescore(q[i : i + step], cand[i : i + step], k) for i in range(0, q.shape[0], step)
+            ]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if self.rescore == "int8":
-            codes = self._data("int8")[cand]                               # [Q, C, D]
+            codes = self._data("int8")[cand]  # [Q, C, D]
             offset, scale = dequant_params(self.ranges)
             vecs = offset + (codes.view(torch.uint8) ^ 0x80).to(torch.float64) * scale
         else:
@@ -161,20 +174,31 @@ class Index:
         write_index_file(path, meta, sections)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "Index":
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> Index:
         """Read an index written by ``save``. ``mmap`` maps the codes instead of reading them; ``verify``
         checks the file's CRC32 (reads it once). Raises IndexFileError for invalid files."""
         meta, arrays = read_index_file(path, mmap=mmap, verify=verify)
         path = os.fspath(path)
         dim, count = meta.get("dim"), meta.get("count")
         precision, rescore = meta.get("precision"), meta.get("rescore")
-        if (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or not isinstance(count, int)
-                or isinstance(count, bool) or count < 0 or precision not in PRECISIONS or rescore not in RESCORES
-                or (precision == "int8" and rescore == "int8")):
+        if (
+            not isinstance(dim, int)
+            or isinstance(dim, bool)
+            or dim < 1
+            or not isinstance(count, int)
+            or isinstance(count, bool)
+            or count < 0
+            or precision not in PRECISIONS
+            or rescore not in RESCORES
+            or (precision == "int8" and rescore == "int8")
+        ):
             raise IndexFileError(f"{path}: invalid index header {meta!r}")
         index = cls(dim, precision, rescore)
-        expect = {"bits": ("uint8", [count, (dim + 7) // 8]), "int8": ("int8", [count, dim]),
-                  "float": ("float32", [count, dim])}
+        expect = {
+            "bits": ("uint8", [count, (dim + 7) // 8]),
+            "int8": ("int8", [count, dim]),
+            "float": ("float32", [count, dim]),
+        }
         for name in index._stored():
             a = arrays.get(name)
             dt, shape = expect[name]

@@ -6,9 +6,11 @@ Layout (little-endian):
     12  u32       header length H
     16  u32       CRC32 of the header
     20  H bytes   header: UTF-8 JSON {"format", "dim", "count", "precision", "rescore", "sections": [...]}
-    ...           sections (64-byte aligned): raw C-order arrays, each {"name", "dtype", "shape", "offset", "nbytes"}
+    ...           sections (64-byte aligned): raw C-order arrays, each described in the header by
+                  {"name", "dtype", "shape", "offset", "nbytes"}
     end 16 bytes  footer: b"LFIDXEND", u32 CRC32 of every byte before the footer, u32 zero
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +51,16 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
     offsets: dict[str, int] = {}
     header = b""
     for _ in range(4):
-        desc = [{"name": n, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offsets.get(n, 0),
-                 "nbytes": int(a.nbytes)} for n, a in arrays.items()]
+        desc = [
+            {
+                "name": n,
+                "dtype": a.dtype.name,
+                "shape": list(a.shape),
+                "offset": offsets.get(n, 0),
+                "nbytes": int(a.nbytes),
+            }
+            for n, a in arrays.items()
+        ]
         header = json.dumps({**meta, "format": FORMAT, "sections": desc}, sort_keys=True).encode()
         pos = _PREFIX.size + len(header)
         pos += _pad(pos)
@@ -146,7 +156,11 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
         meta = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(path, f"unreadable header: {exc}")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("sections"), list):
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("sections"), list)
+    ):
         _fail(path, "header does not describe an llmembed_fast index")
     end = size - _FOOTER.size
     arrays: dict[str, np.ndarray] = {}
@@ -154,13 +168,16 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
     for s in meta["sections"]:
         if not isinstance(s, dict):
             _fail(path, "malformed section entry")
-        name, dtype, shape, offset, nbytes = (s.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes"))
+        name, dtype, shape, offset, nbytes = (
+            s.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes")
+        )
         if not isinstance(name, str) or name in arrays:
             _fail(path, f"bad or repeated section name {name!r}")
         if dtype not in ALLOWED_DTYPES:
             _fail(path, f"section {name!r}: unsupported dtype {dtype!r}")
-        if (not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                   for x in shape)):
+        if not isinstance(shape, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape
+        ):
             _fail(path, f"section {name!r}: bad shape {shape!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (offset, nbytes)):
             _fail(path, f"section {name!r}: bad offset/size")
@@ -182,7 +199,7 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
                 _fail(path, f"section {name!r}: truncated")
             arrays[name] = np.frombuffer(bytearray(buf), dtype=dt).reshape(shape)
     spans.sort()
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:], strict=False):
         if b0 < a1:
             _fail(path, f"sections {an!r} and {bn!r} overlap")
     return meta, arrays

@@ -1,10 +1,19 @@
 """Exact top-k search over quantized codes: Hamming distance on binary codes, inner product on int8 codes."""
+
 from __future__ import annotations
 
 import torch
 
 from llmembed_fast import _ext
-from llmembed_fast.quant._args import as_tensor, check_2d, check_codes, check_float, check_k, has_kernel, to_output
+from llmembed_fast.quant._args import (
+    as_tensor,
+    check_2d,
+    check_codes,
+    check_float,
+    check_k,
+    has_kernel,
+    to_output,
+)
 from llmembed_fast.quant.codes import dequant_params
 
 
@@ -22,10 +31,14 @@ def hamming_topk(query_codes, doc_codes, k: int):
     check_codes(q, "query_codes")
     check_codes(d, "doc_codes")
     if q.dtype != d.dtype:
-        raise TypeError(f"query_codes ({q.dtype}) and doc_codes ({d.dtype}) must be the same precision "
-                        "(both ubinary uint8 or both binary int8)")
+        raise TypeError(
+            f"query_codes ({q.dtype}) and doc_codes ({d.dtype}) must be the same precision "
+            "(both ubinary uint8 or both binary int8)"
+        )
     if q.shape[1] != d.shape[1]:
-        raise ValueError(f"query_codes have {q.shape[1]} bytes per code, doc_codes {d.shape[1]}: dimension mismatch")
+        raise ValueError(
+            f"query_codes have {q.shape[1]} bytes per code, doc_codes {d.shape[1]}: dimension mismatch"
+        )
     if q.device != d.device:
         raise ValueError(f"query_codes are on {q.device}, doc_codes on {d.device}")
     k = check_k(k, d.shape[0])
@@ -43,7 +56,7 @@ def _hamming_topk_torch(q: torch.Tensor, d: torch.Tensor, k: int):
     qu, du = q.view(torch.uint8), d.view(torch.uint8)
     best_key = None
     for j0 in range(0, du.shape[0], chunk):
-        part = du[j0:j0 + chunk]
+        part = du[j0 : j0 + chunk]
         dist = table[(qu[:, None, :] ^ part[None, :, :]).long()].sum(-1)
         key = dist.long() * (1 << 40) + torch.arange(j0, j0 + part.shape[0], device=q.device)
         cand = key if best_key is None else torch.cat([best_key, key], 1)
@@ -76,7 +89,9 @@ def int8_topk(queries, doc_codes, ranges, k: int):
         raise ValueError(f"queries have {q.shape[1]} dimensions, doc_codes {c.shape[1]}: dimension mismatch")
     r, _ = as_tensor(ranges, "ranges")
     if tuple(r.shape) != (2, c.shape[1]) or not r.dtype.is_floating_point:
-        raise ValueError(f"ranges must be a float array of shape (2, {c.shape[1]}), got {r.dtype} {tuple(r.shape)}")
+        raise ValueError(
+            f"ranges must be a float array of shape (2, {c.shape[1]}), got {r.dtype} {tuple(r.shape)}"
+        )
     if c.shape[1] > 65536:
         raise ValueError(f"doc_codes: at most 65536 dimensions are supported, got {c.shape[1]}")
     k = check_k(k, c.shape[0])
@@ -94,7 +109,7 @@ def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 <<
     u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
     best_s = best_i = None
     for j0 in range(0, u.shape[0], chunk):
-        s = w @ u[j0:j0 + chunk].to(torch.float64).T
+        s = w @ u[j0 : j0 + chunk].to(torch.float64).T
         i = torch.arange(j0, j0 + s.shape[1], device=w.device).expand_as(s)
         if best_s is not None:
             s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
