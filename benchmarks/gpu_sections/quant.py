@@ -119,7 +119,7 @@ def timings(ctx) -> list[dict]:
         base = ctx.bench(lambda: _hamming_topk_torch(q[:1], docs, 10))
     out.append(
         {
-            "name": f"hamming top-10 {n // 10**6}M x 1024b, 1 query",
+            "name": f"hamming top-10 {n / 1e6:g}M x 1024b, 1 query",
             "ours_ms": ours,
             "baselines": {"torch xor+table+topk": base} if base else {},
             "floor_ms": floor,
@@ -135,7 +135,7 @@ def timings(ctx) -> list[dict]:
         ours = ctx.bench(lambda: hamming_topk(q, d1, 10))
         out.append(
             {
-                "name": f"hamming top-10 {d1.shape[0] // 10**6}M x 1024b, 1000 queries",
+                "name": f"hamming top-10 {d1.shape[0] / 1e6:g}M x 1024b, 1000 queries",
                 "ours_ms": ours,
                 "baselines": {},
                 "floor_ms": d1.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None,
