@@ -1,8 +1,8 @@
 """Bench cases of quantization and exact search over codes (CPU), side by side with what a user would run:
 sentence-transformers' quantize_embeddings (numpy), faiss IndexBinaryFlat / IndexFlatIP, usearch exact int8.
 
-Default (fits ~30 s with setup on a 2-core CPU): quantize 100k x 1024, Hamming top-10 over 1M x 1024-bit codes
-(1 and 100 queries), int8 top-10 over 50k x 1024 (100 queries). --full: the issue's sizes (quantize 1M x 1024,
+Default (fits ~30 s with setup on a 2-core CPU): quantize 50k x 1024, Hamming top-10 over 1M x 1024-bit codes
+(1 and 20 queries), int8 top-10 over 20k x 1024 (100 queries). --full: the issue's sizes (quantize 1M x 1024,
 1000 Hamming queries, int8 200k x 1024 with 1000 queries).
 """
 
@@ -54,7 +54,7 @@ def cases(ctx: BenchContext) -> list[Case]:
     kernels = _ext.extension().build_info()["kernels"]
 
     # quantize -> ubinary / int8
-    n_q = 1_000_000 if ctx.full else 100_000
+    n_q = 1_000_000 if ctx.full else 50_000
     emb = rng.standard_normal((n_q, 1024), dtype=np.float32)
     emb_t = torch.from_numpy(emb)
     ranges = quant.calibrate(emb_t[:10_000])
@@ -85,7 +85,7 @@ def cases(ctx: BenchContext) -> list[Case]:
     if faiss is not None:
         fb = faiss.IndexBinaryFlat(1024)
         fb.add(docs)
-    for nq in (1, 1000) if ctx.full else (1, 100):
+    for nq in (1, 1000) if ctx.full else (1, 20):
         out.append(
             Case(
                 "quant",
@@ -102,7 +102,7 @@ def cases(ctx: BenchContext) -> list[Case]:
         )
 
     # int8 top-10
-    n_i = 200_000 if ctx.full else 50_000
+    n_i = 200_000 if ctx.full else 20_000
     nq_i = 1000 if ctx.full else 100
     x = rng.standard_normal((n_i, 1024), dtype=np.float32)
     qf = rng.standard_normal((nq_i, 1024), dtype=np.float32)
