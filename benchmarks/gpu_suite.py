@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write all records here")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run")
     ap.add_argument("--skip-timings", action="store_true")
+    ap.add_argument("--full", action="store_true", help="the issues' largest configurations (long)")
     ap.add_argument(
         "--smoke",
         action="store_true",
@@ -156,6 +157,7 @@ def main() -> int:
         bench=bench,
         peak_extra_bytes=peak,
         smoke=args.smoke,
+        full=args.full,
     )
     names = [
         n
