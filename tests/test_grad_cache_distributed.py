@@ -3,6 +3,7 @@ processes): the parameter gradients equal the single-process gradients of the gl
 all-reduces once per step (every chunk's backward but the last runs under no_sync)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -34,6 +35,10 @@ def _worker(rank: int, init_file: str):
     try:
         for kwargs in CONFIGS:
             _check(rank, kwargs)
+        # DDP reducers sit in reference cycles (comm hook closures): free them while the process group is
+        # alive, or a reducer thread can be destroyed joinable at exit (SIGABRT, seen once in CI).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -63,8 +68,8 @@ def _check(rank: int, kwargs: dict):
         return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
 
     ddp.register_comm_hook(None, counting_allreduce)
-    gc = GradCache(ddp, lf.contrastive_loss, CHUNK, grad_multiplier=WORLD)
-    loss = gc.step(qs[rank], ds[rank], labels=labels_local, group=dist.group.WORLD, **kwargs)
+    cache = GradCache(ddp, lf.contrastive_loss, CHUNK, grad_multiplier=WORLD)
+    loss = cache.step(qs[rank], ds[rank], labels=labels_local, group=dist.group.WORLD, **kwargs)
     got = {k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}
     torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
     scale = max(w.abs().max().item() for w in want.values())
