@@ -24,7 +24,9 @@ def _cuda_status(dev) -> tuple[bool, str]:
     if _ext.extension() is None:
         return False, f"C++ extension not built ({_ext.load_error()}): plain-torch GPU paths checked instead"
     ok = all(has_kernel(op, dev) for op in ("pack_bits", "quantize_scalar", "hamming_topk"))
-    return ok, (f"{dev.type} kernels built" if ok else "extension built without CUDA: plain-torch GPU paths checked")
+    if ok:
+        return ok, f"{dev.type} kernels built"
+    return ok, "extension built without CUDA: plain-torch GPU paths checked"
 
 
 def _st():
