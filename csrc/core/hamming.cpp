@@ -127,6 +127,82 @@ LF_AVX2 void row_avx2(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nb
   }
 }
 
+// Four per-lane count vectors (values < 2^16) -> one vector of 16-bit fields, s0 lowest.
+LF_AVX2 inline __m256i pack4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+  return _mm256_or_si256(_mm256_or_si256(s0, _mm256_slli_epi64(s1, 16)),
+                         _mm256_or_si256(_mm256_slli_epi64(s2, 32), _mm256_slli_epi64(s3, 48)));
+}
+
+// Fused scan for codes of exactly NC 32-byte chunks, groups of 8 documents: the 8 distances are packed
+// as 16-bit fields, widened to int32 and compared with the current k-th distance in one vpcmpgtd +
+// movemask, so only documents that beat it reach the scalar selection (no distance buffer round trip).
+template <int NC>
+LF_AVX2 void scan_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t j0, int64_t nd, TopK<int32_t>& h) {
+  constexpr int64_t NB = NC * 32;
+  __m256i qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+  const __m256i zero = _mm256_setzero_si256();
+  auto lane_counts = [&](const uint8_t* p) LF_AVX2 {
+    __m256i acc = popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), qv[0]));
+    for (int c = 1; c < NC; ++c)
+      acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)), qv[c])));
+    return _mm256_sad_epu8(acc, zero);  // per 64-bit lane: <= 64 * NC
+  };
+  int32_t thr = h.threshold();
+  __m256i thrv = _mm256_set1_epi32(thr);
+  int64_t j = 0;
+  for (; j + 8 <= nd; j += 8) {
+    const uint8_t* p = d + j * NB;
+    const __m256i a = pack4(lane_counts(p), lane_counts(p + NB), lane_counts(p + 2 * NB), lane_counts(p + 3 * NB));
+    const __m256i b = pack4(lane_counts(p + 4 * NB), lane_counts(p + 5 * NB), lane_counts(p + 6 * NB),
+                            lane_counts(p + 7 * NB));
+    const __m256i ab = _mm256_add_epi64(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+    const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
+    const __m256i dist = _mm256_cvtepu16_epi32(t);  // distances of documents j .. j + 7
+    const unsigned m =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(thrv, dist))));
+    if (m) {
+      alignas(32) int32_t dv[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dv), dist);
+      for (unsigned mm = m; mm; mm &= mm - 1) {
+        const int i = __builtin_ctz(mm);
+        if (dv[i] < thr) {
+          h.push_scan(dv[i], j0 + j + i);
+          thr = h.threshold();
+        }
+      }
+      thrv = _mm256_set1_epi32(thr);
+    }
+  }
+  for (; j < nd; ++j) {
+    const __m256i s = lane_counts(d + j * NB);
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+    const int32_t dj = static_cast<int32_t>(_mm_cvtsi128_si64(t));
+    if (dj < thr) {
+      h.push_scan(dj, j0 + j);
+      thr = h.threshold();
+    }
+  }
+}
+
+// Code sizes with a fused AVX2 scan.
+bool avx2_fused_size(int64_t nbytes) {
+  return nbytes == 32 || nbytes == 64 || nbytes == 96 || nbytes == 128 || nbytes == 192 || nbytes == 256;
+}
+
+LF_AVX2 void scan_avx2(const uint8_t* q, const uint8_t* d, int64_t j0, int64_t nd, int64_t nbytes, TopK<int32_t>& h) {
+  switch (nbytes) {
+    case 32: return scan_avx2_fixed<1>(q, d, j0, nd, h);
+    case 64: return scan_avx2_fixed<2>(q, d, j0, nd, h);
+    case 96: return scan_avx2_fixed<3>(q, d, j0, nd, h);
+    case 128: return scan_avx2_fixed<4>(q, d, j0, nd, h);
+    case 192: return scan_avx2_fixed<6>(q, d, j0, nd, h);
+    default: return scan_avx2_fixed<8>(q, d, j0, nd, h);
+  }
+}
+
 // ---------------------------------------------------------------- AVX-512 VPOPCNTDQ
 #define LF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
 
@@ -174,8 +250,20 @@ void scan(RowFn row, const uint8_t* queries, int64_t q0, int64_t qn, const uint8
           int64_t nbytes, TopK<int32_t>* sel) {
   const int64_t tile = doc_tile(nbytes);
   std::vector<int32_t> buf(static_cast<size_t>(tile));
+#ifdef LF_X86
+  const bool fused = row == row_avx2 && avx2_fused_size(nbytes);
+#else
+  const bool fused = false;
+#endif
   for (int64_t j0 = lo; j0 < hi; j0 += tile) {
     const int64_t jn = std::min(tile, hi - j0);
+#ifdef LF_X86
+    if (fused) {
+      for (int64_t qi = 0; qi < qn; ++qi)
+        scan_avx2(queries + (q0 + qi) * nbytes, docs + j0 * nbytes, j0, jn, nbytes, sel[qi]);
+      continue;
+    }
+#endif
     for (int64_t qi = 0; qi < qn; ++qi) {
       row(queries + (q0 + qi) * nbytes, docs + j0 * nbytes, jn, nbytes, buf.data());
       TopK<int32_t>& h = sel[qi];

@@ -71,6 +71,8 @@ int main() {
     }
     check_case(rng, 5, 9000, 128, 10, true);   // split over documents
     check_case(rng, 4, 9001, 48, 3, false);
+    check_case(rng, 3, 5003, 32, 7, true);     // fused 8-document scan: ties across groups, tail
+    check_case(rng, 2, 4099, 256, 12, true);
   }
   return lf_test::finish("test_hamming");
 }
