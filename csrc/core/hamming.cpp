@@ -54,6 +54,17 @@ LF_AVX2 inline int32_t tail_popcnt(const uint8_t* a, const uint8_t* b, int64_t f
   return static_cast<int32_t>(s);
 }
 
+// Per 64-bit lane byte-count sums (<= 64 * NC each) of the XOR of one document's NC 32-byte chunks with the
+// query held in registers.
+template <int NC>
+LF_AVX2 inline __m256i lane_counts_fixed(const uint8_t* p, const __m256i* qv, __m256i zero) {
+  __m256i acc = popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), qv[0]));
+  for (int c = 1; c < NC; ++c)
+    acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)), qv[c])));
+  return _mm256_sad_epu8(acc, zero);
+}
+
 // Codes of exactly NC 32-byte chunks: the query lives in registers, four documents per step, their four
 // byte-count vectors are summed per 64-bit lane (sad) and packed 16 bits apart so one horizontal sum
 // yields four distances.
@@ -63,13 +74,7 @@ LF_AVX2 void row_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t nd, int3
   __m256i qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
   const __m256i zero = _mm256_setzero_si256();
-  auto lane_counts = [&](const uint8_t* p) LF_AVX2 {
-    __m256i acc = popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), qv[0]));
-    for (int c = 1; c < NC; ++c)
-      acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)), qv[c])));
-    return _mm256_sad_epu8(acc, zero);  // per 64-bit lane: <= 64 * NC
-  };
+  auto lane_counts = [&](const uint8_t* p) LF_AVX2 { return lane_counts_fixed<NC>(p, qv, zero); };
   int64_t j = 0;
   for (; j + 4 <= nd; j += 4) {
     const uint8_t* p = d + j * NB;
@@ -142,13 +147,7 @@ LF_AVX2 void scan_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t j0, int
   __m256i qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
   const __m256i zero = _mm256_setzero_si256();
-  auto lane_counts = [&](const uint8_t* p) LF_AVX2 {
-    __m256i acc = popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), qv[0]));
-    for (int c = 1; c < NC; ++c)
-      acc = _mm256_add_epi8(acc, popcount_bytes(_mm256_xor_si256(
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)), qv[c])));
-    return _mm256_sad_epu8(acc, zero);  // per 64-bit lane: <= 64 * NC
-  };
+  auto lane_counts = [&](const uint8_t* p) LF_AVX2 { return lane_counts_fixed<NC>(p, qv, zero); };
   int32_t thr = h.threshold();
   __m256i thrv = _mm256_set1_epi32(thr);
   int64_t j = 0;
