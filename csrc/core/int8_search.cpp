@@ -310,16 +310,19 @@ void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
 struct Selection {
   TopK<double> lower;   // k largest lower bounds (key = -bound)
   TopK<double> exact;   // k best exactly rescored rows (key = -score)
+  TopK<double> lower2;  // k largest second-digit lower bounds (each row refined at most once: distinct rows)
   struct Cand {
     double upper;  // upper bound from the first digit
     int64_t row;
+    double norm;   // ||u - 128|| of the row
     int32_t dot;   // first-digit integer dot
+    int32_t head;  // the row's head sum (signed AVX2 kernel)
   };
   std::vector<Cand> cand;  // rows awaiting refinement and rescoring
   double cut() const {  // rows whose upper bound is below this cannot reach the top k
     const double l = -lower.threshold();
     const double e = -exact.threshold();
-    return std::max(l, e);
+    return std::max(std::max(l, e), -lower2.threshold());
   }
 };
 
@@ -330,20 +333,21 @@ constexpr int64_t kMinRowsPerThread = 2048;
 // bounds fall below the k-th exact score.
 void flush(Selection& s, const Kernel& kern, const QueryPlan& p, const double* w, const uint8_t* codes, int64_t d,
            uint8_t flip) {
-  const double c = s.cut();
+  // Best first-digit bounds first: the second-digit lower bounds of the first rows raise the cut, and the
+  // loop stops at the first row whose first-digit bound falls below it.
+  std::sort(s.cand.begin(), s.cand.end(), [](const auto& x, const auto& y) { return x.upper > y.upper; });
   std::vector<std::pair<double, int64_t>> refined;
   refined.reserve(s.cand.size());
   const IntQuery second = p.second.view();
   for (const auto& cd : s.cand) {
-    if (cd.upper < c) continue;
+    if (cd.upper < s.cut()) break;
     const uint8_t* u = codes + cd.row * d;
-    int64_t sq;
-    int32_t head, dot2;
-    sqnorms(u, 1, d, flip, &sq, &head);
-    kern.dots(second, u, 1, d, flip, &head, &dot2);
+    int32_t dot2;
+    kern.dots(second, u, 1, d, flip, &cd.head, &dot2);
     const double approx = p.first.scale * cd.dot + p.second.scale * dot2 + 128.0 * p.second.err_sum;
-    const double radius = p.second.err_norm * std::sqrt(static_cast<double>(sq)) + p.slack;
-    if (approx + radius >= c) refined.emplace_back(approx + radius, cd.row);
+    const double radius = p.second.err_norm * cd.norm + p.slack;
+    s.lower2.push(-(approx - radius), cd.row);
+    if (approx + radius >= s.cut()) refined.emplace_back(approx + radius, cd.row);
   }
   s.cand.clear();
   std::sort(refined.begin(), refined.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
@@ -386,7 +390,7 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
         const double approx = g.scale * dots[r] + base;
         const double radius = g.err_norm * norms[r] + p.slack;
         if (approx + radius < cut) continue;
-        s.cand.push_back({approx + radius, r0 + r, dots[r]});
+        s.cand.push_back({approx + radius, r0 + r, norms[r], dots[r], head_sums[r]});
         if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut(), dcut = dot_cut();
         if (s.cand.size() >= cap) {
           flush(s, kern, p, wq, codes, d, flip);
@@ -425,7 +429,7 @@ void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, in
       for (int64_t q0 = a; q0 < b; q0 += kQueryChunk) {
         const int64_t qn = std::min(kQueryChunk, b - q0);
         std::vector<Selection> sel(static_cast<size_t>(qn));
-        for (auto& s : sel) s.lower.reset(k), s.exact.reset(k);
+        for (auto& s : sel) s.lower.reset(k), s.exact.reset(k), s.lower2.reset(k);
         scan(kern, w, plans, q0, qn, codes, 0, nd, d, signed_codes, k, sel.data());
         for (int64_t qi = 0; qi < qn; ++qi) finish(q0 + qi, {&sel[qi].exact});
       }
@@ -435,7 +439,7 @@ void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, in
   for (int64_t q0 = 0; q0 < nq; q0 += kQueryChunk) {
     const int64_t qn = std::min(kQueryChunk, nq - q0);
     std::vector<Selection> sel(static_cast<size_t>(qn * parts));
-    for (auto& s : sel) s.lower.reset(k), s.exact.reset(k);
+    for (auto& s : sel) s.lower.reset(k), s.exact.reset(k), s.lower2.reset(k);
     parallel_for(0, parts, 1, threads, [&](int64_t a, int64_t b) {
       for (int64_t t = a; t < b; ++t)
         scan(kern, w, plans, q0, qn, codes, nd * t / parts, nd * (t + 1) / parts, d, signed_codes, k,
