@@ -16,6 +16,13 @@ from llmembed_fast import _dispatch  # noqa: E402
 BACKENDS = ["torch"] + (["triton"] if _dispatch.triton_available() else [])
 
 
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Force the torch (CPU) path of the ops, for tests of code built on them (kernels are tested elsewhere)."""
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    return "torch"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """Run a test once per backend, forcing it through LLMEMBED_FAST_BACKEND."""

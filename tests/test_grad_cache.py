@@ -17,14 +17,7 @@ from llmembed_fast.training import GradCache
 
 B, N, L, VOCAB = 10, 13, 12, 100
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")  # the ops' CPU path; kernels are tested elsewhere
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: intra-op threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the ops' CPU path
 
 
 def info_nce(q, d, labels=None, temperature=0.05):

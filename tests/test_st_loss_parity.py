@@ -15,14 +15,7 @@ from tiny_models import cached_tiny_model_dir, corpus, make_st_model  # noqa: E4
 
 from llmembed_fast.integrations.st_losses import CachedFusedMNRLoss  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the ops' CPU path
 
 
 def st_cached_mnrl(model, **kw):

@@ -13,14 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend_one_thread(monkeypatch):
-    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the ops' CPU path
 
 
 def test_plain_loop_lowers_heldout_loss():
