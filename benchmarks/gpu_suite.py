@@ -92,6 +92,28 @@ def _measure_ceilings(torch, bench) -> tuple[float, float]:
     return bw, flops
 
 
+# Relative share of the timing budget per section (what is left is split among the sections still to run).
+TIME_WEIGHTS = {"pooling": 0.8, "contrastive": 1.5, "quant": 1.0, "grad_cache": 1.3, "embedder": 1.2}
+
+
+def _check_line(c: dict) -> str:
+    return (
+        f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} err {c['err']:.2e} tol {c['tol']:.0e}"
+        + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else "")
+    )
+
+
+def _timing_line(r: dict) -> str:
+    base = " ".join(
+        f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)" for k, v in r.get("baselines", {}).items() if isinstance(v, (int, float))
+    )
+    floor = r.get("floor_ms")
+    fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
+    extra = r.get("extra") or {}
+    ex = (" " + " ".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
+    return f"{r['section']:<11} {r['name']:<50} ours {r['ours_ms']:.3f}{fl} | {base}{ex}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for the whole suite")
@@ -159,11 +181,10 @@ def main() -> int:
         smoke=args.smoke,
         full=args.full,
     )
-    names = [
+    names = [  # --only runs sections in the order given (put the ones that matter most first)
         n
-        for n in SECTION_ORDER
-        if (args.only is None or n in args.only)
-        and os.path.exists(os.path.join(ROOT, "benchmarks", "gpu_sections", f"{n}.py"))
+        for n in (args.only if args.only is not None else SECTION_ORDER)
+        if n in SECTION_ORDER and os.path.exists(os.path.join(ROOT, "benchmarks", "gpu_sections", f"{n}.py"))
     ]
     sections = {}
     for name in names:
@@ -172,52 +193,59 @@ def main() -> int:
         except Exception as exc:
             print(f"[{name}] import failed: {type(exc).__name__}: {exc}")
     checks, timings, errors = [], [], []
+
+    def save() -> None:  # rewritten after each section, so a run cut short still leaves its figures
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "checks": checks, "timings": timings, "errors": errors}, f, indent=1)
+
+    # Correctness with the pooling kernels' autotuning off (one fixed config each: a check's many shapes
+    # would otherwise each tune six configs); timings tune as users' runs do.
+    os.environ["LLMEMBED_FAST_AUTOTUNE"] = "0"
     for name, mod in sections.items():
         t = time.monotonic()
         try:
             for rec in mod.correctness(ctx):
                 checks.append({"section": name, **rec})
+                print(_check_line(checks[-1]), flush=True)
         except Exception as exc:
             errors.append(f"{name}.correctness: {type(exc).__name__}: {exc}")
             traceback.print_exc()
-        print(f"[{name}] correctness done in {time.monotonic() - t:.1f} s")
+        print(f"[{name}] correctness done in {time.monotonic() - t:.1f} s", flush=True)
+    os.environ.pop("LLMEMBED_FAST_AUTOTUNE", None)
+    save()
     if not args.skip_timings:
+        todo = list(sections)
         for name, mod in sections.items():
-            if ctx.time_left() < 5:
+            # each section gets its weighted share of what is left, so an early one cannot starve the rest
+            left = deadline - time.monotonic()
+            if left < 5:
                 errors.append(f"{name}.timings: skipped, budget spent")
+                todo.remove(name)
                 continue
+            w = TIME_WEIGHTS.get(name, 1.0)
+            share = left * w / sum(TIME_WEIGHTS.get(n, 1.0) for n in todo)
+            section_end = time.monotonic() + share
+            ctx.time_left = lambda end=section_end: min(end, deadline) - time.monotonic()
             t = time.monotonic()
             try:
                 for rec in mod.timings(ctx):
                     timings.append({"section": name, **rec})
+                    print(_timing_line(timings[-1]), flush=True)
                     torch.cuda.empty_cache()
             except Exception as exc:
                 errors.append(f"{name}.timings: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
-            print(f"[{name}] timings done in {time.monotonic() - t:.1f} s")
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "checks": checks, "timings": timings, "errors": errors}, f, indent=1)
+            todo.remove(name)
+            print(f"[{name}] timings done in {time.monotonic() - t:.1f} s (share {share:.0f} s)", flush=True)
+            save()
+    save()
     print("\n== correctness (error vs float64 reference) ==")
     for c in checks:
-        print(
-            f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} "
-            f"err {c['err']:.2e} tol {c['tol']:.0e}"
-            + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else "")
-        )
+        print(_check_line(c))
     print("\n== timings (ms; speedup = baseline / ours; floor = bytes or FLOPs over the measured ceiling) ==")
     for r in timings:
-        base = " ".join(
-            f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)"
-            for k, v in r.get("baselines", {}).items()
-            if isinstance(v, (int, float))
-        )
-        floor = r.get("floor_ms")
-        fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
-        extra = r.get("extra") or {}
-        ex = (" " + " ".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
-        print(f"{r['section']:<11} {r['name']:<50} ours {r['ours_ms']:.3f}{fl} | {base}{ex}")
+        print(_timing_line(r))
     for e in errors:
         print("ERROR", e)
     bad = sum(not c["ok"] for c in checks)

@@ -10,6 +10,8 @@ Pooling modes are integer codes (``MODE_CODES``). A pooling call is two launches
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,8 +23,6 @@ _MEAN, _WMEAN, _MAX, _FIRST, _LAST, _SQRT = 0, 1, 2, 3, 4, 5
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -360,8 +360,9 @@ _bwd_tuned = triton.autotune(_TOKEN_CONFIGS, key=["H", "D", "L_BUCKET", "MODE"])
 
 
 def _launch_tokens(tuned, plain, grid_rows: int, cols: int, *args, **kw):
-    """Launch a token-loop kernel: autotuned on a GPU, one fixed config when interpreting."""
-    if _interpreting():
+    """Launch a token-loop kernel: autotuned on a GPU, one fixed config when interpreting or when
+    LLMEMBED_FAST_AUTOTUNE=0."""
+    if _interpreting() or os.environ.get("LLMEMBED_FAST_AUTOTUNE", "1") == "0":
         BL, BH, nw = _blocks(cols)
         plain[(grid_rows, triton.cdiv(cols, BH))](*args, **kw, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw)
     else:

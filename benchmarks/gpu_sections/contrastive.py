@@ -171,6 +171,8 @@ def timings(ctx) -> list[dict]:
         if callable(infcl) and ctx.time_left() > 40:
             f = fwd_bwd(infcl, q, d)
             try:
+                with torch.no_grad():  # same loss value, or the timing compares different work
+                    extra["infcl_minus_ours"] = float(infcl(q, d) - lf.contrastive_loss(q, d))
                 base["inf-cl"] = ctx.bench(f, warmup=1, reps=2, min_s=0.0) if not ctx.smoke else ctx.bench(f)
                 extra["infcl_peak_extra_MB"] = round(ctx.peak_extra_bytes(f) / 2**20, 1)
             except Exception as exc:  # an API or build mismatch is reported, not fatal

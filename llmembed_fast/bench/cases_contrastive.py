@@ -36,14 +36,17 @@ def naive_loss(q, d, temperature: float = 0.05, symmetric: bool = False):
 
 
 def infcl_loss():
-    """Inf-CL's loss as (q, d, temperature) -> loss, or a string saying why it is unavailable."""
+    """Inf-CL's single-device loss as (q, d, temperature) -> loss, or a string saying why it is unavailable."""
     try:
-        from inf_cl import cal_inf_loss
+        from inf_cl import cal_flash_loss
     except Exception as exc:  # not installed, or no GPU build
         return f"skipped: inf-cl not importable ({type(exc).__name__}); pip install --no-deps inf-cl"
 
     def run(q, d, temperature=0.05):
-        return cal_inf_loss(F.normalize(q, dim=-1), F.normalize(d, dim=-1), scale=1.0 / temperature).mean()
+        # Inf-CL tiles the feature dim in heads of head_dim (16..256); it upcasts to fp32 itself.
+        head_dim = next(h for h in (256, 128, 64, 32, 16) if q.shape[-1] % h == 0)
+        qn, dn = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+        return cal_flash_loss(qn, dn, scale=1.0 / temperature, head_dim=head_dim).mean()
 
     return run
 
