@@ -120,6 +120,20 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write all records here")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run")
     ap.add_argument("--skip-timings", action="store_true")
+    ap.add_argument(
+        "--checks",
+        nargs="*",
+        default=None,
+        help="sections whose correctness checks run (default: every section run; checks of a section whose "
+        "kernels did not change since a recorded run can be skipped to save device time)",
+    )
+    ap.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="relative share of the timing budget for a section (defaults: %s)" % "TIME_WEIGHTS",
+    )
     ap.add_argument("--full", action="store_true", help="the issues' largest configurations (long)")
     ap.add_argument(
         "--smoke",
@@ -202,7 +216,14 @@ def main() -> int:
     # Correctness with the pooling kernels' autotuning off (one fixed config each: a check's many shapes
     # would otherwise each tune six configs); timings tune as users' runs do.
     os.environ["LLMEMBED_FAST_AUTOTUNE"] = "0"
+    weights = dict(TIME_WEIGHTS)
+    for item in args.weight:
+        name, _, w = item.partition("=")
+        weights[name] = float(w)
     for name, mod in sections.items():
+        if args.checks is not None and name not in args.checks:
+            print(f"[{name}] correctness skipped (--checks)", flush=True)
+            continue
         t = time.monotonic()
         try:
             for rec in mod.correctness(ctx):
@@ -223,8 +244,8 @@ def main() -> int:
                 errors.append(f"{name}.timings: skipped, budget spent")
                 todo.remove(name)
                 continue
-            w = TIME_WEIGHTS.get(name, 1.0)
-            share = left * w / sum(TIME_WEIGHTS.get(n, 1.0) for n in todo)
+            w = weights.get(name, 1.0)
+            share = left * w / sum(weights.get(n, 1.0) for n in todo)
             section_end = time.monotonic() + share
             ctx.time_left = lambda end=section_end: min(end, deadline) - time.monotonic()
             t = time.monotonic()

@@ -340,8 +340,15 @@ def _grad_tile_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _config(dtype: torch.dtype, D: int, K: int) -> dict:
+# Tile-config overrides per kernel ("lse", "grad": dicts of BLOCK_M, BLOCK_N, BLOCK_D, num_warps,
+# num_stages), for benchmarks/gpu_suite.py's config sweep; empty = the defaults below.
+CONFIG_OVERRIDE: dict[str, dict] = {}
+
+
+def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse") -> dict:
     """Tile sizes and launch options. The interpreter wants few, large tiles; a GPU 128x128 (64 for fp32)."""
+    if kernel in CONFIG_OVERRIDE and not _interpreting():
+        return dict(CONFIG_OVERRIDE[kernel])
     if _interpreting():
         return dict(
             BLOCK_M=32,
@@ -489,7 +496,7 @@ def grad_tiles(
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     Mc = r1 - r0
-    cfg = _config(x.dtype, x.shape[1], K)
+    cfg = _config(x.dtype, x.shape[1], K, "grad")
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC, BN)
     H = empty(K, Mc, NC, dtype=h_dtype, device=x.device)

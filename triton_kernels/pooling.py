@@ -69,7 +69,7 @@ def _pool_fwd_kernel(
         count = tl.full([], 0, tl.int32)
         first = tl.full([], 0, tl.int64) + L
         last = tl.full([], -1, tl.int64)
-        for l0 in range(0, L, BLOCK_SCAN):  # usually one step: BLOCK_SCAN >= L up to 4096
+        for l0 in range(0, L, BLOCK_SCAN):  # one step up to 2048 tokens
             offs = l0 + tl.arange(0, BLOCK_SCAN)
             m = tl.load(m_base + offs.to(tl.int64) * stride_ml, mask=offs < L, other=0) != 0
             count += tl.sum(m.to(tl.int32), axis=0)
@@ -349,20 +349,46 @@ def _blocks(D: int) -> tuple[int, int, int]:
     return 32, max(16, min(128, triton.next_power_of_2(D))), 4
 
 
-# On a GPU the token-loop kernels are autotuned per (columns, length bucket, mode); the interpreter takes
+# On a GPU the token-loop kernels are autotuned per (columns, length class, mode); the interpreter takes
 # one config (it cannot run several). Every config overwrites all outputs, so tuning runs are harmless.
+# Tuning is kept cheap because an encode loop meets many batch shapes: few length classes (not one per
+# power of two), short benchmark runs, and no tuning at all for first/last (one token per row, no loop).
 _TOKEN_CONFIGS = [
     triton.Config({"BLOCK_L": bl, "BLOCK_H": bh}, num_warps=w)
     for bl, bh, w in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64, 4), (128, 64, 8))
 ]
-_fwd_tuned = triton.autotune(_TOKEN_CONFIGS, key=["D", "L_BUCKET", "MODE", "SEGMENTS"])(_pool_fwd_kernel)
-_bwd_tuned = triton.autotune(_TOKEN_CONFIGS, key=["H", "D", "L_BUCKET", "MODE"])(_pool_bwd_kernel)
+
+
+def _quick_bench(fn, quantiles=None):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned(kernel, key):
+    try:
+        return triton.autotune(_TOKEN_CONFIGS, key=key, do_bench=_quick_bench)(kernel)
+    except TypeError:  # a Triton without the do_bench argument
+        return triton.autotune(_TOKEN_CONFIGS, key=key)(kernel)
+
+
+_fwd_tuned = _autotuned(_pool_fwd_kernel, ["D", "L_BUCKET", "MODE", "SEGMENTS"])
+_bwd_tuned = _autotuned(_pool_bwd_kernel, ["H", "D", "L_BUCKET", "MODE"])
+
+
+def _length_class(L: int) -> int:
+    """Autotuning key for the sequence length: 0 (<= 256), 1 (<= 2048), 2 (longer)."""
+    return 0 if L <= 256 else (1 if L <= 2048 else 2)
 
 
 def _launch_tokens(tuned, plain, grid_rows: int, cols: int, *args, **kw):
-    """Launch a token-loop kernel: autotuned on a GPU, one fixed config when interpreting or when
-    LLMEMBED_FAST_AUTOTUNE=0."""
-    if _interpreting() or os.environ.get("LLMEMBED_FAST_AUTOTUNE", "1") == "0":
+    """Launch a token-loop kernel: autotuned on a GPU; one fixed config when interpreting, for first/last
+    (no token loop to tune) or when LLMEMBED_FAST_AUTOTUNE=0."""
+    if (
+        _interpreting()
+        or kw["MODE"] in (_FIRST, _LAST)
+        or os.environ.get("LLMEMBED_FAST_AUTOTUNE", "1") == "0"
+    ):
         BL, BH, nw = _blocks(cols)
         plain[(grid_rows, triton.cdiv(cols, BH))](*args, **kw, BLOCK_L=BL, BLOCK_H=BH, num_warps=nw)
     else:
@@ -370,7 +396,8 @@ def _launch_tokens(tuned, plain, grid_rows: int, cols: int, *args, **kw):
 
 
 def _scan_block(L: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(max(L, 1))))
+    # two compiled variants, not one per power of two of L (the scan loops when L is longer)
+    return 256 if L <= 256 else 2048
 
 
 def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
@@ -405,7 +432,7 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         hidden.stride(2),
         m.stride(0),
         m.stride(1),
-        triton.next_power_of_2(max(L, 1)),
+        _length_class(L),
         MODE=MODE_CODES[mode],
         SEGMENTS=False,
         BLOCK_SCAN=_scan_block(L),
@@ -444,7 +471,7 @@ def pool_backward(
         D,
         m.stride(0),
         m.stride(1),
-        triton.next_power_of_2(max(L, 1)),
+        _length_class(L),
         MODE=MODE_CODES[mode],
     )
     return gh

@@ -18,6 +18,8 @@ import llmembed_fast as lf
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batch, naive_loss, option_kwargs
 from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
 
+from . import contrastive_tuning as tuning
+
 # relative error (max-abs over max-abs of the reference) allowed per dtype / precision
 TOL = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 3e-2}
 
@@ -147,6 +149,15 @@ def _time_once_ms(fn) -> float:
 def timings(ctx) -> list[dict]:
     dev = ctx.device
     recs = []
+    # tuning data first (profile, tile configs, gradient-tile budget), then the figures
+    if ctx.smoke:
+        recs += tuning.sweep(ctx, 64, 32, configs=tuning.CONFIGS[:2])
+        recs += tuning.budget_sweep(ctx, 64, 32)
+    elif dev.type == "cuda":
+        recs += tuning.profile(ctx, 65536, 1024)
+        recs += tuning.sweep(ctx, 65536, 1024)
+        recs += tuning.budget_sweep(ctx, 65536, 1024)
+        recs += tuning.sweep(ctx, 32768, 4096, configs=tuning.CONFIGS[:5])
     if ctx.smoke:
         sizes = [(64, 64, 32)]
     else:
