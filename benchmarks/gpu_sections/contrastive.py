@@ -153,7 +153,7 @@ def timings(ctx) -> list[dict]:
     if ctx.smoke:
         recs += tuning.sweep(ctx, 64, 32, configs=tuning.CONFIGS[:2])
         recs += tuning.budget_sweep(ctx, 64, 32)
-    elif dev.type == "cuda":
+    elif dev.type == "cuda" and os.environ.get("LLMEMBED_FAST_SUITE_TUNING", "1") != "0":
         recs += tuning.profile(ctx, 65536, 1024)
         recs += tuning.sweep(ctx, 65536, 1024)
         recs += tuning.budget_sweep(ctx, 65536, 1024)

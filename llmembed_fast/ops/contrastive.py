@@ -410,10 +410,13 @@ class _ContrastiveFunction(torch.autograd.Function):
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
                     Xc = x[rows]
                     if need_rows:
-                        dX = torch.zeros(r1 - r0, x.shape[1], dtype=acc, device=q.device)
-                        for r in range(K):
-                            lo, hi = bounds[r], bounds[r + 1]
-                            _mm_acc(dX[:, lo:hi], H[r], Y[:, lo:hi])
+                        if K == 1:  # one GEMM writes the block's row gradients (no zero fill, no add pass)
+                            dX = _mm_f32(H[0], Y, acc)
+                        else:
+                            dX = torch.zeros(r1 - r0, x.shape[1], dtype=acc, device=q.device)
+                            for r in range(K):
+                                lo, hi = bounds[r], bounds[r + 1]
+                                _mm_acc(dX[:, lo:hi], H[r], Y[:, lo:hi])
                         if cfg.normalize:
                             coef = alpha[:, r0:r1] ** 2 * rs
                             if act is not None:
