@@ -348,7 +348,7 @@ def _grad_tile_kernel(
 CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
-def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse") -> dict:
+def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool = False) -> dict:
     """Tile sizes and launch options. The interpreter wants few, large tiles; a GPU 128x128 (64 for fp32)."""
     if kernel in CONFIG_OVERRIDE and not _interpreting():
         return dict(CONFIG_OVERRIDE[kernel])
@@ -362,9 +362,11 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse") -> dict:
         )
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
-    if kernel == "lse" and K == 1:
+    if kernel == "lse" and K == 1 and not cols:
         # H200 sweep (benchmarks/RESULTS.md): 128x256 tiles cut the forward from 34 to 28.5 ms at
-        # B = N = 65,536, D = 1024 and from 38 to 25 ms at 32,768 x 4096 (the gradient kernel is best at 128x128)
+        # B = N = 65,536, D = 1024 and from 38 to 25 ms at 32,768 x 4096 (the gradient kernel is best at
+        # 128x128). Not with the fused column term: with these tiles (and the 1 GiB budget) the symmetric loss
+        # went from 124 to 148 ms; its extra column pass on a 128x256 tile is the suspect (not re-measured).
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3)
     bm = 128 if K == 1 else 64  # K > 1 keeps a running total tile live in the backward
     return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
@@ -429,7 +431,7 @@ def row_lse(
     symmetric term when column i is query i's positive and ``special`` is the diagonal)."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
-    cfg = _config(x.dtype, x.shape[1], K)
+    cfg = _config(x.dtype, x.shape[1], K, "lse", cols=col_terms > 0)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb = triton.cdiv(M, BM)
     n_cb = triton.cdiv(NC, BN)

@@ -8,10 +8,10 @@ is timed, so a config that computes something else shows up as an error, not as 
 from __future__ import annotations
 
 import torch
+from llmembed_fast.triton_kernels import contrastive as tk
 
 import llmembed_fast as lf
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, make_batch, option_kwargs
-from llmembed_fast.triton_kernels import contrastive as tk
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); the first is the default for bf16/fp16
 CONFIGS = [
@@ -58,7 +58,7 @@ def sweep(ctx, B: int, D: int, configs=CONFIGS) -> list[dict]:
             got = _outputs(q, d)
             err = max(_rel(g, r) for g, r in zip(got, ref, strict=True))
             with torch.no_grad():
-                t_f = ctx.bench(lambda: lf.contrastive_loss(q, d), **quick)
+                t_f = ctx.bench(lambda q=q, d=d: lf.contrastive_loss(q, d), **quick)
             t_fb = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d), **quick)
             recs.append(
                 {

@@ -74,6 +74,8 @@ def timings(ctx) -> list[dict]:
         return (random_batch(B, L if not ctx.smoke else 16, vocab, dev, seed + 1),
                 random_batch(B, L if not ctx.smoke else 16, vocab, dev, seed + 2))
 
+    if os.environ.get("LLMEMBED_FAST_SUITE_GC_PROFILE", "0") == "1" and dev.type == "cuda":
+        return _profile(ctx, enc, batches)
     # 1) cached vs uncached at a batch that fits uncached (B=512 at L=128 needs ~140 GB of activations
     #    uncached on this model; halve on out-of-memory)
     B, chunk = (8, 4) if ctx.smoke else (128, 64)
@@ -123,4 +125,33 @@ def timings(ctx) -> list[dict]:
                      "baselines": {}, "floor_ms": None,
                      "extra": {f"peak_MB_B{a}": round(peaks[a] / 2**20, 1), f"peak_MB_B{b}": round(peaks[b] / 2**20, 1),
                                "ratio": round(peaks[b] / max(peaks[a], 1), 4), "target": "<= 1.05"}})
+    return recs
+
+
+def _profile(ctx, enc, batches, B: int = 128, chunk: int = 64, top: int = 10) -> list[dict]:
+    """Kernel and host time of one cached and one uncached step (after a warm-up), largest kernels first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, d = batches(B)
+    fns = step_fns(enc, q, d, chunk)
+    recs = []
+    for name in ("gradcache", "uncached"):
+        fns[name]()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fns[name]()
+            torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+                rows.append((t / 1e3, ev.count, ev.key))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"profile grad_cache {name} B{B} chunk{chunk}: kernel time {total:.1f} ms")
+        for ms, n, key in rows[:top]:
+            print(f"  {ms:9.2f} ms x{n:<6d} {key[:100]}")
+        recs.append({"name": f"profile {name} step B{B} chunk{chunk} (kernel time)", "ours_ms": total,
+                     "baselines": {}, "floor_ms": None,
+                     "extra": {"top": [(round(ms, 2), n, key[:80]) for ms, n, key in rows[:top]]}})
     return recs
