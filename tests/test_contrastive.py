@@ -384,3 +384,43 @@ def test_gpu_tile_configs_in_interpreter(monkeypatch):
         matryoshka_dims=(20, 70),
     )
     _check(q[:3], d, None, TOL[torch.float32])  # few rows: the forward splits the columns over programs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_logits_mode(monkeypatch, dtype):
+    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm: the float32 logits of each block of rows come from a GEMM and
+    the kernels read them; several blocks in forward and backward, every option, the fused symmetric term."""
+    from llmembed_fast import _dispatch
+
+    if not _dispatch.triton_available():
+        pytest.skip("triton not installed")
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "gemm")
+    blocks = []
+    real = tk._logits_block
+
+    def spy(x, y, x_index, r0, r1, bounds, allow_tf32):
+        blocks.append((r0, r1))
+        return real(x, y, x_index, r0, r1, bounds, allow_tf32)
+
+    monkeypatch.setattr(tk, "_logits_block", spy)
+    monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)  # 32-row forward blocks at N=90, K=3
+    q, d, lab = _inputs(70, 90, 24, dtype, seed=11)
+    kw = dict(symmetric=True, same_tower=True, false_negative_margin=0.1, matryoshka_dims=(6, 12, 24))
+    _check(q, d, lab, TOL[dtype], **kw)
+    assert {(0, 32), (32, 64), (64, 70)} <= set(blocks)  # forward blocks of 32 rows
+    assert any(r1 - r0 < 32 for r0, r1 in blocks)  # backward blocks are smaller (gradient tiles too)
+    blocks.clear()
+    q, d, _ = _inputs(70, 90, 24, dtype, seed=12, labels="arange")
+    _check(q, d, None, TOL[dtype], symmetric=True, matryoshka_dims=(8, 24))
+    assert len(set(blocks)) >= 3
+
+
+def test_logits_mode_rejects_unknown(monkeypatch):
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "cublas")
+    with pytest.raises(ValueError, match="LLMEMBED_FAST_CONTRASTIVE_LOGITS"):
+        tk.logits_mode()

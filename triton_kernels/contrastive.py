@@ -81,6 +81,39 @@ def _dot_range(
 
 
 @triton.jit
+def _logit_dots(
+    acc,
+    s_ptr,
+    k,
+    stride_sk,
+    stride_sm,
+    local,
+    cols,
+    x_base,
+    y_base,
+    rmask,
+    cmask,
+    lo,
+    hi,
+    PRE_S: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The tile's prefix dot products up to dim k: read from the precomputed S[k] (cuBLAS logits mode) or
+    accumulated here over the range [lo, hi) onto ``acc`` (the prefix up to dim k - 1)."""
+    if PRE_S:
+        acc = tl.load(
+            s_ptr + k * stride_sk + local[:, None] * stride_sm + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+    else:
+        acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+    return acc
+
+
+@triton.jit
 def _bound(k: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8):
     """bounds[k], picked at compile time. Bounds are integer arguments (not loaded from memory) so Triton
     knows their divisibility by 16 and keeps the masked loads along D vectorized."""
@@ -137,8 +170,14 @@ def _row_lse_kernel(
     thr_ptr,
     out_ptr,
     colpart_ptr,
+    s_ptr,
+    stride_sk,
+    stride_sm,
     M,
     NC,
+    r0,
+    Mc,
+    rb0,
     cols_per_split,
     stride_x,
     stride_y,
@@ -157,6 +196,7 @@ def _row_lse_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,
     COLS: tl.constexpr,
+    PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,8 +205,9 @@ def _row_lse_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < M
+    local = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = r0 + local
+    rmask = (local < Mc) & (rows < M)
     xrow = tl.where(
         gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
     )
@@ -186,7 +227,10 @@ def _row_lse_kernel(
         for k in tl.static_range(K):
             lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+            acc = _logit_dots(
+                acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
+                PRE_S, UPCAST, PRECISION, BLOCK_D,
+            )
             z2, valid, a, b = _logits2(
                 acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
             )
@@ -198,7 +242,9 @@ def _row_lse_kernel(
                 lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
                 lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
                 tl.store(
-                    colpart_ptr + (pid_m * K + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask
+                    colpart_ptr + ((rb0 + pid_m) * K + k).to(tl.int64) * ncol + cols,
+                    lsec,
+                    mask=(cols < ncol) & cmask,
                 )
             z2 = tl.where(valid, z2, float("-inf"))
             sel = kk[None, :] == k
@@ -249,6 +295,9 @@ def _grad_tile_kernel(
     h_ptr,
     rs_ptr,
     cs_ptr,
+    s_ptr,
+    stride_sk,
+    stride_sm,
     M,
     NC,
     r0,
@@ -271,6 +320,7 @@ def _grad_tile_kernel(
     b8,
     K: tl.constexpr,
     COLS: tl.constexpr,
+    PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -300,7 +350,10 @@ def _grad_tile_kernel(
     for k in tl.static_range(K):
         lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
         hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-        acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+        acc = _logit_dots(
+            acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
+            PRE_S, UPCAST, PRECISION, BLOCK_D,
+        )
         z2, valid, a, b = _logits2(
             acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
         )
@@ -326,7 +379,10 @@ def _grad_tile_kernel(
         for k in tl.static_range(K - 1):
             lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
             hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            acc = _dot_range(acc, x_base, y_base, rmask, cmask, lo, hi, UPCAST, PRECISION, BLOCK_D)
+            acc = _logit_dots(
+                acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
+                PRE_S, UPCAST, PRECISION, BLOCK_D,
+            )
             z2, valid, a, b = _logits2(
                 acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
             )
@@ -407,9 +463,21 @@ def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if x_dtype == torch.bfloat16 else torch.float32
 
 
+def logits_mode() -> str:
+    """Where the tiles' dot products come from: "triton" (tl.dot inside the kernels, the default) or "gemm"
+    (cuBLAS computes a block of rows' float32 logits, the kernels read them; opt-in while it is being
+    measured). Read from ``LLMEMBED_FAST_CONTRASTIVE_LOGITS`` on every call."""
+    mode = os.environ.get("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "triton").strip().lower() or "triton"
+    if mode not in ("triton", "gemm"):
+        raise ValueError(f"LLMEMBED_FAST_CONTRASTIVE_LOGITS must be 'triton' or 'gemm', got {mode!r}")
+    return mode
+
+
 def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
-    """Rows per backward block: all K gradient tiles within H_BUDGET_BYTES, a multiple of 128 rows."""
-    rows = H_BUDGET_BYTES // max(1, NC * K * h_itemsize)
+    """Rows per backward block: all K gradient tiles (and, in "gemm" mode, their float32 logits) within
+    H_BUDGET_BYTES, a multiple of 128 rows."""
+    per_elem = h_itemsize + (4 if logits_mode() == "gemm" else 0)
+    rows = H_BUDGET_BYTES // max(1, NC * K * per_elem)
     rows = rows // 128 * 128 if rows >= 128 else max(1, rows)
     return min(M, rows)
 
@@ -423,6 +491,38 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
     return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
+    """a @ b as float32 with float32 accumulation (bf16/fp16 operands rounded once, at the end)."""
+    if a.is_cuda:
+        if a.dtype == torch.float32:
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            try:
+                return torch.mm(a, b)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # a torch without mm(out_dtype=): upcast (exact products, more memory traffic)
+    return torch.mm(a.float(), b.float())
+
+
+def _logits_block(x, y, x_index, r0: int, r1: int, bounds, allow_tf32: bool) -> torch.Tensor:
+    """Prefix dot products of rows [r0, r1) with every column, per dim: float32 [K, r1 - r0, NC]."""
+    rows = x[x_index[r0:r1]] if x_index is not None else x[r0:r1]
+    K = len(bounds) - 1
+    S = torch.empty(K, r1 - r0, y.shape[0], dtype=torch.float32, device=x.device)
+    for k in range(K):
+        lo, hi = bounds[k], bounds[k + 1]
+        part = _mm_f32(rows[:, lo:hi], y[:, lo:hi].T, allow_tf32)
+        if k == 0:
+            S[0] = part
+        else:
+            torch.add(S[k - 1], part, out=S[k])
+    return S
+
+
 def row_lse(
     x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True, col_terms: int = 0
 ):
@@ -433,52 +533,70 @@ def row_lse(
     M, NC = a2.shape[1], y.shape[0]
     cfg = _config(x.dtype, x.shape[1], K, "lse", cols=col_terms > 0)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_rb = triton.cdiv(M, BM)
+    n_rb_all = triton.cdiv(M, BM)
     n_cb = triton.cdiv(NC, BN)
+    gemm = logits_mode() == "gemm"
+    if gemm:  # row blocks whose float32 logits fit the budget, a multiple of the row tile
+        step = H_BUDGET_BYTES // max(1, NC * K * 4)
+        step = max(BM, step // BM * BM)
+        blocks = [(r0, min(M, r0 + step)) for r0 in range(0, M, step)]
+    else:
+        blocks = [(0, M)]
+    n_rb_max = triton.cdiv(max(r1 - r0 for r0, r1 in blocks), BM)
     if LSE_SPLITS is not None:
         splits = max(1, min(n_cb, LSE_SPLITS))
     elif _interpreting():
         splits = 1
     else:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(n_cb, triton.cdiv(2 * sms, n_rb)))
+        splits = max(1, min(n_cb, triton.cdiv(2 * sms, n_rb_max)))
     cols_per_split = triton.cdiv(n_cb, splits) * BN
     splits = triton.cdiv(NC, cols_per_split)
     part = empty(splits, K, M, dtype=torch.float32, device=x.device)
-    colpart = empty(n_rb, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
+    colpart = empty(n_rb_all, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
-    _row_lse_kernel[(n_rb, splits)](
-        x,
-        y,
-        x_index if x_index is not None else special,
-        a2,
-        b,
-        special,
-        thr,
-        part,
-        colpart,
-        M,
-        NC,
-        cols_per_split,
-        x.stride(0),
-        y.stride(0),
-        int(x_index is not None),
-        int(bool(exclude)),
-        col_terms,
-        *_bound_args(bounds),
-        K=K,
-        KP=triton.next_power_of_2(K),
-        COLS=col_terms > 0,
-        UPCAST=_upcast(x),
-        PRECISION=_precision(x, allow_tf32),
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    for r0, r1 in blocks:
+        S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
+        _row_lse_kernel[(triton.cdiv(r1 - r0, BM), splits)](
+            x,
+            y,
+            x_index if x_index is not None else special,
+            a2,
+            b,
+            special,
+            thr,
+            part,
+            colpart,
+            S if gemm else a2,
+            S.stride(0) if gemm else 0,
+            S.stride(1) if gemm else 0,
+            M,
+            NC,
+            r0,
+            r1 - r0,
+            r0 // BM,
+            cols_per_split,
+            x.stride(0),
+            y.stride(0),
+            int(x_index is not None),
+            int(bool(exclude)),
+            col_terms,
+            *_bound_args(bounds),
+            K=K,
+            KP=triton.next_power_of_2(K),
+            COLS=col_terms > 0,
+            PRE_S=gemm,
+            UPCAST=_upcast(x),
+            PRECISION=_precision(x, allow_tf32),
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        del S
     return _lse2_merge(part), (_lse2_merge(colpart) if col_terms else None)
 
 
@@ -508,6 +626,8 @@ def grad_tiles(
     cfg = _config(x.dtype, x.shape[1], K, "grad")
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC, BN)
+    gemm = logits_mode() == "gemm"
+    S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
     H = empty(K, Mc, NC, dtype=h_dtype, device=x.device)
     rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
     cs_part = empty(n_rb, K, NC, dtype=torch.float32, device=x.device)
@@ -530,6 +650,9 @@ def grad_tiles(
         H,
         rs_part,
         cs_part,
+        S if gemm else a2,
+        S.stride(0) if gemm else 0,
+        S.stride(1) if gemm else 0,
         M,
         NC,
         r0,
@@ -544,6 +667,7 @@ def grad_tiles(
         *_bound_args(bounds),
         K=K,
         COLS=ncol > 0,
+        PRE_S=gemm,
         UPCAST=_upcast(x),
         PRECISION=_precision(x, allow_tf32),
         BLOCK_M=BM,

@@ -10,6 +10,7 @@ Sized to stay within ~90 s on an H100; big cases run only while ctx.time_left() 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -97,6 +98,14 @@ def correctness(ctx) -> list[dict]:
     for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
         name = f"contrastive fused symmetric B{B} N{N} D{D}"
         out.append(_check(name, B, N, D, dtype, tf32, fused, dev, seed=20 + j, default_labels=True))
+    # the opt-in cuBLAS-logits mode (LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm): the same checks
+    with _logits_env("gemm"):
+        for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
+            for opt_name, kw in (("plain", {}), ("all options", all_opts)):
+                name = f"contrastive gemm-logits {opt_name} B{B} N{N} D{D}"
+                out.append(_check(name, B, N, D, dtype, tf32, kw, dev, seed=30 + j))
+        name = f"contrastive gemm-logits fused symmetric B{B} N{N} D{D}"
+        out.append(_check(name, B, N, D, torch.bfloat16, True, fused, dev, seed=33, default_labels=True))
     if not ctx.smoke:  # small B, large-N split forward, odd everything
         out.append(_check("contrastive plain B1 N4099 D8", 1, 4099, 8, torch.bfloat16, True, {}, dev, seed=9))
         sym = dict(symmetric=True)
@@ -146,6 +155,30 @@ def _time_once_ms(fn) -> float:
     return a.elapsed_time(b)
 
 
+@contextlib.contextmanager
+def _logits_env(mode: str):
+    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=mode inside the block."""
+    old = os.environ.get("LLMEMBED_FAST_CONTRASTIVE_LOGITS")
+    os.environ["LLMEMBED_FAST_CONTRASTIVE_LOGITS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LLMEMBED_FAST_CONTRASTIVE_LOGITS")
+        else:
+            os.environ["LLMEMBED_FAST_CONTRASTIVE_LOGITS"] = old
+
+
+def _with_logits(mode: str, fn):
+    """fn run with LLMEMBED_FAST_CONTRASTIVE_LOGITS=mode."""
+
+    def run():
+        with _logits_env(mode):
+            fn()
+
+    return run
+
+
 def timings(ctx) -> list[dict]:
     dev = ctx.device
     recs = []
@@ -172,6 +205,10 @@ def timings(ctx) -> list[dict]:
         t_ours = ctx.bench(ours, **quick)
         extra = {"peak_extra_MB": round(ctx.peak_extra_bytes(ours) / 2**20, 1)}
         base = {}
+        # the opt-in cuBLAS-logits mode, side by side (same inputs; its checks run in correctness())
+        gemm = _with_logits("gemm", ours)
+        base["ours, gemm logits"] = ctx.bench(gemm, **quick)
+        extra["gemm_peak_extra_MB"] = round(ctx.peak_extra_bytes(gemm) / 2**20, 1)
         naive = fwd_bwd(naive_loss, q, d)
         try:
             base["naive matmul+CE"] = ctx.bench(naive, **quick)
@@ -207,13 +244,19 @@ def timings(ctx) -> list[dict]:
                     break
                 kw = option_kwargs(opt, D)
                 t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
+                t_g = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d, **kw)), **quick)
                 recs.append(
                     {
                         "name": f"fwd+bwd {opt} B=N={B} D{D} bf16",
                         "ours_ms": t,
                         "baselines": {"ours plain": t_ours},
                         "floor_ms": None,
-                        "extra": {"cost_vs_plain": round(t / t_ours, 3), "options": str(kw)},
+                        "extra": {
+                            "cost_vs_plain": round(t / t_ours, 3),
+                            "gemm_logits_ms": round(t_g, 3),
+                            "gemm_cost_vs_gemm_plain": round(t_g / base["ours, gemm logits"], 3),
+                            "options": str(kw),
+                        },
                     }
                 )
             # forward alone (no grad): the flash-style LSE pass
