@@ -188,6 +188,8 @@ def timings(ctx) -> list[dict]:
         recs += tuning.budget_sweep(ctx, 64, 32)
     elif dev.type == "cuda" and os.environ.get("LLMEMBED_FAST_SUITE_TUNING", "1") != "0":
         recs += tuning.profile(ctx, 65536, 1024)
+        recs += tuning.profile(ctx, 65536, 1024, option="matryoshka5")  # 6x plain on the H200: why
+        recs += tuning.profile(ctx, 65536, 1024, option="same_tower")
         recs += tuning.sweep(ctx, 65536, 1024)
         recs += tuning.budget_sweep(ctx, 65536, 1024)
         recs += tuning.sweep(ctx, 32768, 4096, configs=tuning.CONFIGS[:5])

@@ -124,13 +124,14 @@ def budget_sweep(ctx, B: int, D: int) -> list[dict]:
     return recs
 
 
-def profile(ctx, B: int, D: int, top: int = 12) -> list[dict]:
-    """CUDA kernel times of one plain forward + backward (after a warm-up), largest first."""
+def profile(ctx, B: int, D: int, top: int = 12, option: str = "plain") -> list[dict]:
+    """CUDA kernel times of one forward + backward (after a warm-up) with ``option`` (an option_kwargs
+    name), largest first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     q, d = make_batch(B, B, D, torch.bfloat16, ctx.device)
-    fn = fwd_bwd(lf.contrastive_loss, q, d)
+    fn = fwd_bwd(lf.contrastive_loss, q, d, **option_kwargs(option, D))
     fn()
     torch.cuda.synchronize()
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -145,14 +146,14 @@ def profile(ctx, B: int, D: int, top: int = 12) -> list[dict]:
             rows.append((t / 1e3, ev.count, ev.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"profile: plain fwd+bwd B=N={B} D{D} bf16, kernel time {total:.1f} ms")
+    print(f"profile: {option} fwd+bwd B=N={B} D{D} bf16, kernel time {total:.1f} ms")
     for ms, n, key in rows[:top]:
         print(f"  {ms:9.2f} ms {100 * ms / max(total, 1e-9):5.1f}%  x{n:<5d} {key[:90]}")
     del q, d
     torch.cuda.empty_cache()
     return [
         {
-            "name": f"profile plain fwd+bwd B=N={B} D{D} bf16 (kernel time)",
+            "name": f"profile {option} fwd+bwd B=N={B} D{D} bf16 (kernel time)",
             "ours_ms": total,
             "baselines": {},
             "floor_ms": None,
