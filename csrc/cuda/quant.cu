@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -142,6 +143,72 @@ __global__ void hamming_dist_hist_kernel(const uint8_t* __restrict__ q, const ui
   }
 }
 
+// Pass 1, coalesced variant (opt-in: LLMEMBED_FAST_HAMMING_COALESCED=1, while it is being measured): LANES
+// consecutive lanes share one code of LANES 16-byte words, so a warp's loads cover 512 contiguous bytes; the
+// lanes' popcounts are summed with shuffles and the first lane of each group writes the distance and bins it.
+// Four independent loads per lane are in flight per step. Needs 16-byte codes rows (nb = 16 * LANES, aligned).
+template <int LANES>
+__global__ void hamming_dist_hist_coalesced_kernel(const uint8_t* __restrict__ q, const uint8_t* __restrict__ docs,
+                                                   int64_t nd, int nb, int32_t* __restrict__ dist,
+                                                   int32_t* __restrict__ hist, bool shared_hist) {
+  extern __shared__ unsigned char smem[];
+  const int qi = blockIdx.y;
+  const int bins = nb * 8 + 1;
+  uint8_t* qs = smem;
+  int32_t* hs = reinterpret_cast<int32_t*>(smem + ((nb + 15) / 16) * 16);
+  for (int i = threadIdx.x; i < nb; i += blockDim.x) qs[i] = q[static_cast<int64_t>(qi) * nb + i];
+  if (shared_hist)
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) hs[i] = 0;
+  __syncthreads();
+  int32_t* qhist = shared_hist ? hs : hist + static_cast<int64_t>(qi) * bins;
+  int32_t* qdist = dist + static_cast<int64_t>(qi) * nd;
+  const int lane32 = threadIdx.x & 31;
+  const int word = lane32 % LANES;  // which 16-byte word of its code this lane reads
+  const uint4 qw = reinterpret_cast<const uint4*>(qs)[word];
+  const uint4* dv = reinterpret_cast<const uint4*>(docs);
+  const int64_t total = nd * LANES;  // 16-byte words in the corpus
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  constexpr int kUnroll = 4;
+  // wb is warp-uniform, so every lane reaches the shuffles (no divergent exit)
+  for (int64_t wb = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); wb < total;
+       wb += kUnroll * stride) {
+    uint4 a[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t w = wb + u * stride + lane32;
+      a[u] = w < total ? __ldg(dv + w) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t w = wb + u * stride + lane32;
+      int s = __popc(a[u].x ^ qw.x) + __popc(a[u].y ^ qw.y) + __popc(a[u].z ^ qw.z) + __popc(a[u].w ^ qw.w);
+#pragma unroll
+      for (int off = LANES / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (word == 0 && w < total) {  // groups are aligned to LANES: all valid or all past the end
+        qdist[w / LANES] = s;
+        atomicAdd(qhist + s, 1);
+      }
+    }
+  }
+  if (shared_hist) {
+    __syncthreads();
+    int32_t* gh = hist + static_cast<int64_t>(qi) * bins;
+    for (int i = threadIdx.x; i < bins; i += blockDim.x)
+      if (hs[i]) atomicAdd(gh + i, hs[i]);
+  }
+}
+
+template <int LANES>
+void launch_coalesced(dim3 grid, size_t smem, cudaStream_t stream, const uint8_t* qp, const uint8_t* dp, int64_t nd,
+                      int nb, int32_t* dist, int32_t* hist, bool shared_hist) {
+  hamming_dist_hist_coalesced_kernel<LANES><<<grid, kThreads, smem, stream>>>(qp, dp, nd, nb, dist, hist, shared_hist);
+}
+
+bool coalesced_hamming_enabled() {
+  const char* e = std::getenv("LLMEMBED_FAST_HAMMING_COALESCED");
+  return e != nullptr && e[0] == '1';
+}
+
 // Pass 2 (one thread per query): the k-th smallest distance t and how many documents lie at or below it.
 __global__ void hamming_threshold_kernel(const int32_t* __restrict__ hist, int nq, int bins, int64_t k,
                                          int32_t* __restrict__ thr, int64_t* __restrict__ upto) {
@@ -197,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
   // Query chunks keep the distance buffer under ~1 GiB.
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nq, (int64_t(1) << 28) / std::max<int64_t>(nd, 1)));
   const bool vec16 = nb % 16 == 0 && reinterpret_cast<uintptr_t>(d.data_ptr()) % 16 == 0;
+  const bool coalesced = coalesced_hamming_enabled();
   const size_t qbytes = ((nb + 15) / 16) * 16;
   const bool shared_hist = qbytes + bins * sizeof(int32_t) <= 40 * 1024;
   const size_t smem = qbytes + (shared_hist ? bins * sizeof(int32_t) : 0);
@@ -209,7 +277,23 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
     const unsigned gx = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want_blocks, 8LL * sms)));
     const dim3 grid(gx, static_cast<unsigned>(qn));
     const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr()) + q0 * nb;
-    if (vec16)
+    const int lanes = nb / 16;
+    if (vec16 && coalesced && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+      const int64_t words = nd * lanes;
+      const unsigned cx = static_cast<unsigned>(
+          std::max<int64_t>(1, std::min<int64_t>((words + 4 * kThreads - 1) / (4 * kThreads), 8LL * sms)));
+      const dim3 cgrid(cx, static_cast<unsigned>(qn));
+      int32_t* dd = dist.data_ptr<int32_t>();
+      int32_t* hh = hist.data_ptr<int32_t>();
+      switch (lanes) {
+        case 1: launch_coalesced<1>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+        case 2: launch_coalesced<2>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+        case 4: launch_coalesced<4>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+        case 8: launch_coalesced<8>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+        case 16: launch_coalesced<16>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+        default: launch_coalesced<32>(cgrid, smem, stream, qp, dp, nd, nb, dd, hh, shared_hist); break;
+      }
+    } else if (vec16)
       hamming_dist_hist_kernel<true><<<grid, kThreads, smem, stream>>>(qp, dp, nd, nb, dist.data_ptr<int32_t>(),
                                                                        hist.data_ptr<int32_t>(), shared_hist);
     else
