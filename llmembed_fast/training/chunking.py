@@ -33,31 +33,43 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
 
 
-def _trimmed_width(batch: Mapping, lo: int, hi: int) -> int | None:
-    """The sequence width once the chunk's all-padding trailing columns are dropped (None: keep all)."""
-    mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
-    used = mask[lo:hi].ne(0).any(dim=0)
-    # one host sync per chunk; cheap next to a forward pass
-    nz = used.nonzero()
-    if nz.numel() == 0:
-        return None
-    width = int(nz.max()) + 1
-    return width if width < mask.shape[1] else None
+def _mask_of(batch) -> torch.Tensor | None:
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False):
+def chunk_widths(batch, ranges: list[tuple[int, int]]) -> list[int | None]:
+    """For each chunk, the sequence width once its all-padding trailing columns are dropped (None: keep all
+    columns). One host transfer for the whole batch, not one per chunk."""
+    mask = _mask_of(batch)
+    if mask is None:
+        return [None] * len(ranges)
+    L = mask.shape[1]
+    used = mask.ne(0)
+    last = torch.where(used.any(1), L - 1 - used.flip(1).to(torch.int8).argmax(1), -1).tolist()
+    widths = []
+    for lo, hi in ranges:
+        w = max(last[lo:hi], default=-1) + 1
+        widths.append(w if 0 < w < L else None)
+    return widths
+
+
+def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False, width: int | None = None):
     """Rows ``lo:hi`` of ``batch`` (views, no copy).
 
     With ``trim_padding``, a dict batch with a 2-D ``attention_mask`` [B, L] also drops the trailing
     columns that are padding in every row of the chunk, from every tensor whose dim 1 has length L (right
     padding; a left-padded chunk keeps all columns, so token positions never shift). Models that attend
     only to unmasked tokens (HF models with an attention mask) give the same outputs for the kept tokens.
+    ``width``: the chunk's width from :func:`chunk_widths`, to skip the per-chunk host sync (with
+    ``trim_padding``).
     """
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi]
-    width = _trimmed_width(batch, lo, hi) if trim_padding else None
+    if trim_padding and width is None:
+        width = chunk_widths(batch, [(lo, hi)])[0]
+    elif not trim_padding:
+        width = None
     L = batch["attention_mask"].shape[1] if width is not None else None
     out = {}
     for k, v in batch.items():

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from llmembed_fast.training.chunking import batch_size, chunk_ranges, slice_batch
+from llmembed_fast.training.chunking import batch_size, chunk_ranges, chunk_widths, slice_batch
 from llmembed_fast.training.rng import RngState, cuda_devices_of, preserved_rng
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
@@ -38,6 +38,7 @@ class _Tower(NamedTuple):
     devices: list[int]
     side: int = 0       # 0: rows of q, 1: rows of d
     offset: int = 0     # first row in q or d
+    widths: list | None = None  # each chunk's trimmed width (None: all columns)
 
 
 def _check_chunk_size(value, name: str) -> int:
@@ -131,9 +132,11 @@ class GradCache:
         states: list[RngState] | None = [] if capture else None
         devices: list[int] = []
         out = None
+        # one host sync for every chunk's trimmed width (pass 2 reuses them)
+        widths = chunk_widths(batch, ranges) if self.trim_padding else [None] * len(ranges)
         with torch.no_grad():
             for i, (lo, hi) in enumerate(ranges):
-                part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding)
+                part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding, width=widths[i])
                 if i == 0:
                     devices = cuda_devices_of(part)
                 if capture:
@@ -145,7 +148,7 @@ class GradCache:
                     raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} for a chunk of "
                                      f"{name} but [.., {out.shape[1]}] {out.dtype} for the previous ones")
                 out[lo:hi] = emb
-        return out, _Tower(name, encoder, batch, ranges, states, devices, side, offset)
+        return out, _Tower(name, encoder, batch, ranges, states, devices, side, offset, widths)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -206,7 +209,8 @@ class GradCache:
         with preserved_rng(devices), torch.enable_grad():
             for j, (t, i, g) in enumerate(jobs):
                 lo, hi = t.ranges[i]
-                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding)
+                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding,
+                                   width=t.widths[i] if t.widths is not None else None)
                 no_sync = _no_sync_context(t.encoder)
                 ctx = no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j) else contextlib.nullcontext()
                 with ctx:

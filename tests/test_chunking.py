@@ -1,0 +1,75 @@
+"""Batch slicing for gradient caching: trimmed chunk widths (one host transfer per batch) and slice_batch."""
+
+from __future__ import annotations
+
+import torch
+
+from llmembed_fast.training import chunking
+from llmembed_fast.training.chunking import chunk_ranges, chunk_widths, slice_batch
+
+
+def _width_ref(mask: torch.Tensor, lo: int, hi: int):
+    used = mask[lo:hi].ne(0).any(0).nonzero()
+    if used.numel() == 0:
+        return None
+    w = int(used.max()) + 1
+    return w if w < mask.shape[1] else None
+
+
+def test_chunk_widths_match_per_chunk_reference():
+    g = torch.Generator().manual_seed(0)
+    for seed in range(5):
+        n, L = 23, 17
+        lengths = torch.randint(0, L + 1, (n,), generator=g)
+        right = (torch.arange(L)[None] < lengths[:, None]).long()
+        left = right.flip(1)
+        holes = right * (torch.rand(n, L, generator=g) > 0.3).long()
+        for mask in (right, left, holes, torch.zeros(n, L, dtype=torch.long), torch.ones(n, L, dtype=torch.long)):
+            for chunk in (1, 4, 7, n):
+                ranges = chunk_ranges(n, chunk)
+                want = [_width_ref(mask, lo, hi) for lo, hi in ranges]
+                assert chunk_widths({"attention_mask": mask}, ranges) == want, (seed, chunk)
+
+
+def test_slice_batch_trims_trailing_padding_only():
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    ids = torch.arange(15).view(3, 5)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([1, 2, 3]), "flag": 7}
+    part = slice_batch(batch, 0, 2, trim_padding=True)
+    assert part["input_ids"].tolist() == [[0, 1, 2], [5, 6, 7]]
+    assert part["attention_mask"].shape == (2, 3) and part["labels"].tolist() == [1, 2] and part["flag"] == 7
+    assert slice_batch(batch, 1, 3, trim_padding=True)["input_ids"].shape == (2, 5)  # left-padded row keeps all
+    assert slice_batch(batch, 0, 2)["input_ids"].shape == (2, 5)  # no trimming unless asked
+    assert slice_batch(batch, 0, 2, trim_padding=True, width=4)["input_ids"].shape == (2, 4)  # precomputed
+    assert slice_batch(batch, 0, 2, trim_padding=False, width=3)["input_ids"].shape == (2, 5)
+    assert torch.equal(slice_batch(ids, 1, 3, trim_padding=True), ids[1:3])  # a tensor batch: rows only
+    assert chunk_widths(ids, [(0, 3)]) == [None]
+
+
+def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
+    import llmembed_fast as lf
+    from llmembed_fast.training import GradCache
+    from llmembed_fast.training import grad_cache as gc_mod
+
+    calls = []
+    real = chunking.chunk_widths
+
+    def spy(batch, ranges):
+        calls.append(len(ranges))
+        return real(batch, ranges)
+
+    monkeypatch.setattr(gc_mod, "chunk_widths", spy)
+    seen = []
+    emb = torch.nn.Embedding(50, 8)
+
+    def encoder(b):
+        seen.append(b["input_ids"].shape[1])
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return (emb(b["input_ids"]) * m).sum(1) / m.sum(1).clamp_min(1)
+
+    lengths = torch.tensor([2, 3, 2, 9, 9, 9, 1, 2])
+    mask = (torch.arange(10)[None] < lengths[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 50, (8, 10)) * mask, "attention_mask": mask}
+    GradCache(encoder, lf.contrastive_loss, 3).step(batch, batch)
+    assert calls == [3, 3]  # one call per tower, covering its three chunks; the replay reuses them
+    assert seen == [3, 9, 2] * 4  # pass 1 and pass 2, both towers: trimmed widths 3, 9 (full is 10), 2
