@@ -13,6 +13,8 @@ from llmembed_fast.triton_kernels import contrastive as tk
 import llmembed_fast as lf
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, make_batch, option_kwargs
 
+from .profiling import kernel_times
+
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); the first is the default for bf16/fp16
 CONFIGS = [
     (128, 128, 64, 8, 3),
@@ -127,29 +129,11 @@ def budget_sweep(ctx, B: int, D: int) -> list[dict]:
 def profile(ctx, B: int, D: int, top: int = 12, option: str = "plain") -> list[dict]:
     """CUDA kernel times of one forward + backward (after a warm-up) with ``option`` (an option_kwargs
     name), largest first."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
     q, d = make_batch(B, B, D, torch.bfloat16, ctx.device)
     fn = fwd_bwd(lf.contrastive_loss, q, d, **option_kwargs(option, D))
     fn()
-    torch.cuda.synchronize()
-    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / 1e3, ev.count, ev.key))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"profile: {option} fwd+bwd B=N={B} D{D} bf16, kernel time {total:.1f} ms")
-    for ms, n, key in rows[:top]:
-        print(f"  {ms:9.2f} ms {100 * ms / max(total, 1e-9):5.1f}%  x{n:<5d} {key[:90]}")
-    del q, d
+    total, rows = kernel_times(fn, f"{option} fwd+bwd B=N={B} D{D} bf16", top)
+    del q, d, fn
     torch.cuda.empty_cache()
     return [
         {
@@ -157,6 +141,6 @@ def profile(ctx, B: int, D: int, top: int = 12, option: str = "plain") -> list[d
             "ours_ms": total,
             "baselines": {},
             "floor_ms": None,
-            "extra": {"top": [(round(ms, 2), n, key[:80]) for ms, n, key in rows[:top]]},
+            "extra": {"top": rows},
         }
     ]

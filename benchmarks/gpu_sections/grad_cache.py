@@ -14,6 +14,8 @@ import torch
 import llmembed_fast as lf
 from llmembed_fast.bench.cases_grad_cache import QWEN2_05B, qwen2_encoder, random_batch, step_fns
 
+from .profiling import kernel_times
+
 FULL = os.environ.get("LLMEMBED_FAST_GC_FULL", "0") == "1"
 L = 128
 
@@ -143,29 +145,13 @@ def timings(ctx) -> list[dict]:
 
 
 def _profile(ctx, enc, batches, B: int = 128, chunk: int = 64, top: int = 10) -> list[dict]:
-    """Kernel and host time of one cached and one uncached step (after a warm-up), largest kernels first."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Kernel time of one cached and one uncached step (after a warm-up), largest kernels first."""
     q, d = batches(B)
     fns = step_fns(enc, q, d, chunk)
     recs = []
     for name in ("gradcache", "uncached"):
         fns[name]()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fns[name]()
-            torch.cuda.synchronize()
-        rows = []
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if t > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-                rows.append((t / 1e3, ev.count, ev.key))
-        rows.sort(reverse=True)
-        total = sum(r[0] for r in rows)
-        print(f"profile grad_cache {name} B{B} chunk{chunk}: kernel time {total:.1f} ms")
-        for ms, n, key in rows[:top]:
-            print(f"  {ms:9.2f} ms x{n:<6d} {key[:100]}")
+        total, rows = kernel_times(fns[name], f"grad_cache {name} B{B} chunk{chunk}", top)
         recs.append({"name": f"profile {name} step B{B} chunk{chunk} (kernel time)", "ours_ms": total,
-                     "baselines": {}, "floor_ms": None,
-                     "extra": {"top": [(round(ms, 2), n, key[:80]) for ms, n, key in rows[:top]]}})
+                     "baselines": {}, "floor_ms": None, "extra": {"top": rows}})
     return recs

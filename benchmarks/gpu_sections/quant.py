@@ -76,29 +76,11 @@ def correctness(ctx) -> list[dict]:
                 out.append(_rec(f"quantize {prec} {str(dtype)[6:]} D{d} vs {'ST' if st else 'CPU op'}", bad))
     rng = np.random.default_rng(1)
     n_docs = 3000 if ctx.smoke else 50_000
-    for nb, ties in ((128, False), (48, False), (128, True), (13, True)):
-        q = rng.integers(0, 256, (4, nb), dtype=np.uint8)
-        docs = rng.integers(0, 256, (n_docs, nb), dtype=np.uint8)
-        if ties:
-            q, docs = q & 0x11, docs & 0x11
-        for k in (1, 10, 100):
-            dist, idx = hamming_topk(torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev), k)
-            wd, wi = _ham_ref(q, docs, k)
-            bad = int((dist.cpu().numpy() != wd).sum() + (idx.cpu().numpy() != wi).sum())
-            out.append(_rec(f"hamming_topk B{nb} N{n_docs} k{k}{' ties' if ties else ''}", bad))
+    out += _hamming_checks(dev, rng, ((128, False), (48, False), (128, True), (13, True)), 4, n_docs, "")
     # the opt-in coalesced distance pass (LLMEMBED_FAST_HAMMING_COALESCED=1): code widths of 1..32 words
     with _env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
-        for nb, ties in ((128, False), (16, False), (64, True), (512, False), (48, False)):
-            q = rng.integers(0, 256, (3, nb), dtype=np.uint8)
-            docs = rng.integers(0, 256, (n_docs + 7, nb), dtype=np.uint8)
-            if ties:
-                q, docs = q & 0x11, docs & 0x11
-            for k in (1, 10, 100):
-                dist, idx = hamming_topk(torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev), k)
-                wd, wi = _ham_ref(q, docs, k)
-                bad = int((dist.cpu().numpy() != wd).sum() + (idx.cpu().numpy() != wi).sum())
-                tag = f"B{nb} N{n_docs + 7} k{k}{' ties' if ties else ''}"
-                out.append(_rec(f"hamming_topk coalesced {tag}", bad))
+        cases = ((128, False), (16, False), (64, True), (512, False), (48, False))
+        out += _hamming_checks(dev, rng, cases, 3, n_docs + 7, "coalesced ")
     x = rng.standard_normal((4000, 96)).astype(np.float32)
     qf = rng.standard_normal((5, 96)).astype(np.float32)
     r = np.vstack([x.min(0), x.max(0)])
@@ -120,6 +102,22 @@ def correctness(ctx) -> list[dict]:
             "detail": "ids must match exactly",
         }
     )
+    return out
+
+
+def _hamming_checks(dev, rng, cases, nq: int, n_docs: int, label: str) -> list[dict]:
+    """hamming_topk vs numpy brute force for each (code bytes, ties) case and k in (1, 10, 100)."""
+    out = []
+    for nb, ties in cases:
+        q = rng.integers(0, 256, (nq, nb), dtype=np.uint8)
+        docs = rng.integers(0, 256, (n_docs, nb), dtype=np.uint8)
+        if ties:
+            q, docs = q & 0x11, docs & 0x11
+        for k in (1, 10, 100):
+            dist, idx = hamming_topk(torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev), k)
+            wd, wi = _ham_ref(q, docs, k)
+            bad = int((dist.cpu().numpy() != wd).sum() + (idx.cpu().numpy() != wi).sum())
+            out.append(_rec(f"hamming_topk {label}B{nb} N{n_docs} k{k}{' ties' if ties else ''}", bad))
     return out
 
 

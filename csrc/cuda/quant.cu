@@ -104,6 +104,24 @@ at::Tensor quantize_scalar_cuda(const at::Tensor& x, const at::Tensor& starts, c
 // every SM busy; each thread reads its documents with 16-byte loads when the code length allows.
 constexpr int kThreads = 256;
 
+// Block prologue of both distance passes: the query code into shared memory (qs, nb bytes, 16-aligned) and, with
+// shared_hist, a zeroed shared histogram (hs). Returns the histogram the block bins into.
+__device__ __forceinline__ int32_t* load_query_and_hist(const uint8_t* q, int qi, int nb, int bins, int32_t* hist,
+                                                        bool shared_hist, uint8_t* qs, int32_t* hs) {
+  for (int i = threadIdx.x; i < nb; i += blockDim.x) qs[i] = q[static_cast<int64_t>(qi) * nb + i];
+  if (shared_hist)
+    for (int i = threadIdx.x; i < bins; i += blockDim.x) hs[i] = 0;
+  __syncthreads();
+  return shared_hist ? hs : hist + static_cast<int64_t>(qi) * bins;
+}
+
+// Block epilogue: add the shared histogram's non-zero bins to the query's global one.
+__device__ __forceinline__ void flush_hist(const int32_t* hs, int32_t* qhist_global, int bins) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += blockDim.x)
+    if (hs[i]) atomicAdd(qhist_global + i, hs[i]);
+}
+
 template <bool VEC16>
 __global__ void hamming_dist_hist_kernel(const uint8_t* __restrict__ q, const uint8_t* __restrict__ docs,
                                          int64_t nd, int nb, int32_t* __restrict__ dist,
@@ -113,11 +131,7 @@ __global__ void hamming_dist_hist_kernel(const uint8_t* __restrict__ q, const ui
   const int bins = nb * 8 + 1;
   uint8_t* qs = smem;                                             // the query code (nb bytes, 16-aligned)
   int32_t* hs = reinterpret_cast<int32_t*>(smem + ((nb + 15) / 16) * 16);
-  for (int i = threadIdx.x; i < nb; i += blockDim.x) qs[i] = q[static_cast<int64_t>(qi) * nb + i];
-  if (shared_hist)
-    for (int i = threadIdx.x; i < bins; i += blockDim.x) hs[i] = 0;
-  __syncthreads();
-  int32_t* qhist = hist + static_cast<int64_t>(qi) * bins;
+  int32_t* bin = load_query_and_hist(q, qi, nb, bins, hist, shared_hist, qs, hs);
   int32_t* qdist = dist + static_cast<int64_t>(qi) * nd;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nd; j += stride) {
@@ -134,13 +148,9 @@ __global__ void hamming_dist_hist_kernel(const uint8_t* __restrict__ q, const ui
       for (int c = 0; c < nb; ++c) s += __popc(static_cast<unsigned>(p[c] ^ qs[c]));
     }
     qdist[j] = s;
-    atomicAdd(shared_hist ? hs + s : qhist + s, 1);
+    atomicAdd(bin + s, 1);
   }
-  if (shared_hist) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < bins; i += blockDim.x)
-      if (hs[i]) atomicAdd(qhist + i, hs[i]);
-  }
+  if (shared_hist) flush_hist(hs, hist + static_cast<int64_t>(qi) * bins, bins);
 }
 
 // Pass 1, coalesced variant (opt-in: LLMEMBED_FAST_HAMMING_COALESCED=1, while it is being measured): LANES
@@ -156,11 +166,7 @@ __global__ void hamming_dist_hist_coalesced_kernel(const uint8_t* __restrict__ q
   const int bins = nb * 8 + 1;
   uint8_t* qs = smem;
   int32_t* hs = reinterpret_cast<int32_t*>(smem + ((nb + 15) / 16) * 16);
-  for (int i = threadIdx.x; i < nb; i += blockDim.x) qs[i] = q[static_cast<int64_t>(qi) * nb + i];
-  if (shared_hist)
-    for (int i = threadIdx.x; i < bins; i += blockDim.x) hs[i] = 0;
-  __syncthreads();
-  int32_t* qhist = shared_hist ? hs : hist + static_cast<int64_t>(qi) * bins;
+  int32_t* qhist = load_query_and_hist(q, qi, nb, bins, hist, shared_hist, qs, hs);
   int32_t* qdist = dist + static_cast<int64_t>(qi) * nd;
   const int lane32 = threadIdx.x & 31;
   const int word = lane32 % LANES;  // which 16-byte word of its code this lane reads
@@ -190,12 +196,7 @@ __global__ void hamming_dist_hist_coalesced_kernel(const uint8_t* __restrict__ q
       }
     }
   }
-  if (shared_hist) {
-    __syncthreads();
-    int32_t* gh = hist + static_cast<int64_t>(qi) * bins;
-    for (int i = threadIdx.x; i < bins; i += blockDim.x)
-      if (hs[i]) atomicAdd(gh + i, hs[i]);
-  }
+  if (shared_hist) flush_hist(hs, hist + static_cast<int64_t>(qi) * bins, bins);
 }
 
 template <int LANES>
