@@ -186,13 +186,14 @@ def timings(ctx) -> list[dict]:
     if ctx.smoke:
         recs += tuning.sweep(ctx, 64, 32, configs=tuning.CONFIGS[:2])
         recs += tuning.budget_sweep(ctx, 64, 32)
-    elif dev.type == "cuda" and os.environ.get("LLMEMBED_FAST_SUITE_TUNING", "1") != "0":
+    elif dev.type == "cuda":
         recs += tuning.profile(ctx, 65536, 1024)
         recs += tuning.profile(ctx, 65536, 1024, option="matryoshka5")  # 6x plain on the H200: why
         recs += tuning.profile(ctx, 65536, 1024, option="same_tower")
-        recs += tuning.sweep(ctx, 65536, 1024)
-        recs += tuning.budget_sweep(ctx, 65536, 1024)
-        recs += tuning.sweep(ctx, 32768, 4096, configs=tuning.CONFIGS[:5])
+        if os.environ.get("LLMEMBED_FAST_SUITE_TUNING", "1") != "0":  # the sweeps take a minute or two
+            recs += tuning.sweep(ctx, 65536, 1024)
+            recs += tuning.budget_sweep(ctx, 65536, 1024)
+            recs += tuning.sweep(ctx, 32768, 4096, configs=tuning.CONFIGS[:5])
     if ctx.smoke:
         sizes = [(64, 64, 32)]
     else:
