@@ -32,3 +32,20 @@ def test_gpu_suite_smoke(tmp_path):
     assert data["checks"] and all(c["ok"] for c in data["checks"])
     assert {c["section"] for c in data["checks"]} >= {"pooling"}
     assert data["timings"] and not data["errors"]
+
+
+def test_gpu_suite_order_checks_and_partial_json(tmp_path):
+    """--only runs sections in the order given, --checks limits the correctness part, and the JSON holds
+    each section's timings as soon as the section ends."""
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMEMBED_FAST_BACKEND": ""}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--smoke", "--budget-s", "120"]
+    cmd += ["--json", str(out), "--only", "quant", "pooling", "--checks", "quant", "--weight", "quant=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "[pooling] correctness skipped (--checks)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert {c["section"] for c in data["checks"]} == {"quant"}
+    sections = [t["section"] for t in data["timings"]]
+    assert sections and sections[0] == "quant" and "pooling" in sections
+    assert sections.index("pooling") > max(i for i, s in enumerate(sections) if s == "quant")
