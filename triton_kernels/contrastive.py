@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmembed_fast._matmul import mm_f32, tf32
 from llmembed_fast._poison import empty
 
 LN2 = math.log(2.0)
@@ -491,31 +492,17 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
     return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
-    """a @ b as float32 with float32 accumulation (bf16/fp16 operands rounded once, at the end)."""
-    if a.is_cuda:
-        if a.dtype == torch.float32:
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-            try:
-                return torch.mm(a, b)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass  # a torch without mm(out_dtype=): upcast (exact products, more memory traffic)
-    return torch.mm(a.float(), b.float())
-
-
 def _logits_block(x, y, x_index, r0: int, r1: int, bounds, allow_tf32: bool) -> torch.Tensor:
     """Prefix dot products of rows [r0, r1) with every column, per dim: float32 [K, r1 - r0, NC]."""
     rows = x[x_index[r0:r1]] if x_index is not None else x[r0:r1]
     K = len(bounds) - 1
     S = torch.empty(K, r1 - r0, y.shape[0], dtype=torch.float32, device=x.device)
+    if not x.is_cuda:  # the interpreter: exact float32 products of bf16/fp16 operands
+        rows, y = rows.float(), y.float()
     for k in range(K):
         lo, hi = bounds[k], bounds[k + 1]
-        part = _mm_f32(rows[:, lo:hi], y[:, lo:hi].T, allow_tf32)
+        with tf32(allow_tf32):
+            part = mm_f32(rows[:, lo:hi], y[:, lo:hi].T, torch.float32)
         if k == 0:
             S[0] = part
         else:

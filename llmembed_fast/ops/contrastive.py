@@ -21,7 +21,6 @@ chained through the normalization with per-row/column sums, and summed over term
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -29,6 +28,8 @@ from typing import NamedTuple
 import torch
 
 from llmembed_fast import _dispatch
+from llmembed_fast._matmul import mm_f32 as _mm_f32
+from llmembed_fast._matmul import tf32 as _tf32
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -215,33 +216,6 @@ def _sub_scaled_rows(g: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, bound
 def _suffix_sum(c: torch.Tensor) -> torch.Tensor:
     """[K, n] -> out[r] = sum_{k >= r} c[k] (range r of the columns collects every dim k >= r)."""
     return c.flip(0).cumsum(0).flip(0)
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    if not torch.cuda.is_available():
-        yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with an ``out_dtype`` result (fp32 accumulation of bf16 operands, rounded once)."""
-    key = a.device.type
-    if _MM_OUT_DTYPE_OK.get(key, True) and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK[key] = False
-    return torch.mm(a, b).to(out_dtype)
 
 
 def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -66,10 +66,10 @@ def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False, width: i
     """
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi]
-    if trim_padding and width is None:
-        width = chunk_widths(batch, [(lo, hi)])[0]
-    elif not trim_padding:
+    if not trim_padding:
         width = None
+    elif width is None:
+        width = chunk_widths(batch, [(lo, hi)])[0]
     L = batch["attention_mask"].shape[1] if width is not None else None
     out = {}
     for k, v in batch.items():

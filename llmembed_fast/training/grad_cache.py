@@ -36,9 +36,9 @@ class _Tower(NamedTuple):
     ranges: list[tuple[int, int]]
     states: list[RngState] | None
     devices: list[int]
+    widths: list[int | None]  # each chunk's trimmed width (None: all columns)
     side: int = 0       # 0: rows of q, 1: rows of d
     offset: int = 0     # first row in q or d
-    widths: list | None = None  # each chunk's trimmed width (None: all columns)
 
 
 def _check_chunk_size(value, name: str) -> int:
@@ -148,7 +148,7 @@ class GradCache:
                     raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} for a chunk of "
                                      f"{name} but [.., {out.shape[1]}] {out.dtype} for the previous ones")
                 out[lo:hi] = emb
-        return out, _Tower(name, encoder, batch, ranges, states, devices, side, offset, widths)
+        return out, _Tower(name, encoder, batch, ranges, states, devices, widths, side, offset)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -209,8 +209,7 @@ class GradCache:
         with preserved_rng(devices), torch.enable_grad():
             for j, (t, i, g) in enumerate(jobs):
                 lo, hi = t.ranges[i]
-                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding,
-                                   width=t.widths[i] if t.widths is not None else None)
+                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i])
                 no_sync = _no_sync_context(t.encoder)
                 ctx = no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j) else contextlib.nullcontext()
                 with ctx:
