@@ -10,7 +10,6 @@ Sized to stay within ~90 s on an H100; big cases run only while ctx.time_left() 
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -20,6 +19,7 @@ from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batc
 from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
 
 from . import contrastive_tuning as tuning
+from .envs import env
 
 # relative error (max-abs over max-abs of the reference) allowed per dtype / precision
 TOL = {"fp32-ieee": 1e-5, "fp32-tf32": 5e-3, "fp16": 5e-3, "bf16": 3e-2}
@@ -99,7 +99,7 @@ def correctness(ctx) -> list[dict]:
         name = f"contrastive fused symmetric B{B} N{N} D{D}"
         out.append(_check(name, B, N, D, dtype, tf32, fused, dev, seed=20 + j, default_labels=True))
     # the opt-in cuBLAS-logits mode (LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm): the same checks
-    with _logits_env("gemm"):
+    with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "gemm"):
         for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
             for opt_name, kw in (("plain", {}), ("all options", all_opts)):
                 name = f"contrastive gemm-logits {opt_name} B{B} N{N} D{D}"
@@ -121,15 +121,8 @@ def correctness(ctx) -> list[dict]:
         labels = torch.randint(0, N, (B,), device=dev, generator=gen)
         with torch.no_grad():
             got = lf.contrastive_loss(q, d, labels=labels)
-            prev = os.environ.get("LLMEMBED_FAST_BACKEND")
-            os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
-            try:
+            with env("LLMEMBED_FAST_BACKEND", "torch"):
                 want = lf.contrastive_loss(q, d, labels=labels)
-            finally:
-                if prev is None:
-                    os.environ.pop("LLMEMBED_FAST_BACKEND")
-                else:
-                    os.environ["LLMEMBED_FAST_BACKEND"] = prev
         e = abs(got.item() - want.item()) / abs(want.item())
         out.append(
             {
@@ -155,25 +148,11 @@ def _time_once_ms(fn) -> float:
     return a.elapsed_time(b)
 
 
-@contextlib.contextmanager
-def _logits_env(mode: str):
-    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=mode inside the block."""
-    old = os.environ.get("LLMEMBED_FAST_CONTRASTIVE_LOGITS")
-    os.environ["LLMEMBED_FAST_CONTRASTIVE_LOGITS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LLMEMBED_FAST_CONTRASTIVE_LOGITS")
-        else:
-            os.environ["LLMEMBED_FAST_CONTRASTIVE_LOGITS"] = old
-
-
 def _with_logits(mode: str, fn):
     """fn run with LLMEMBED_FAST_CONTRASTIVE_LOGITS=mode."""
 
     def run():
-        with _logits_env(mode):
+        with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", mode):
             fn()
 
     return run

@@ -13,12 +13,13 @@ Uses only torch, transformers, sentence-transformers (when installed) and this r
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
 
 from llmembed_fast.bench.cases_embedder import decoder_flops, qwen2_config, skewed_texts, word_tokenizer
+
+from .envs import env
 
 
 def _tiny_model(device, dtype=torch.float32, seed=0):
@@ -228,15 +229,8 @@ def timings(ctx) -> list[dict]:
         baselines["length-bucketed loop (bs 32)"] = run(loop)
     if ctx.time_left() > 2 * ours_ms / 1e3 + 20:
         # ours with plain-torch pooling: isolates what the fused head adds or costs inside encode
-        old = os.environ.get("LLMEMBED_FAST_BACKEND")
-        os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
-        try:
+        with env("LLMEMBED_FAST_BACKEND", "torch"):
             baselines["ours, torch pooling"] = run(lambda x: ours.encode(x, output="torch"))
-        finally:
-            if old is None:
-                os.environ.pop("LLMEMBED_FAST_BACKEND")
-            else:
-                os.environ["LLMEMBED_FAST_BACKEND"] = old
     if floor_ms is not None:
         extra["fraction_of_flop_floor"] = floor_ms / ours_ms
     rows.append(

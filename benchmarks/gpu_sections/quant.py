@@ -9,9 +9,6 @@ output element is compared instead.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 import torch
 
@@ -19,6 +16,8 @@ from llmembed_fast import _ext
 from llmembed_fast.quant import hamming_topk, int8_topk, quantize
 from llmembed_fast.quant._args import has_kernel
 from llmembed_fast.quant.search import _hamming_topk_torch
+
+from .envs import env
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -78,7 +77,7 @@ def correctness(ctx) -> list[dict]:
     n_docs = 3000 if ctx.smoke else 50_000
     out += _hamming_checks(dev, rng, ((128, False), (48, False), (128, True), (13, True)), 4, n_docs, "")
     # the opt-in coalesced distance pass (LLMEMBED_FAST_HAMMING_COALESCED=1): code widths of 1..32 words
-    with _env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
+    with env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
         cases = ((128, False), (16, False), (64, True), (512, False), (48, False))
         out += _hamming_checks(dev, rng, cases, 3, n_docs + 7, "coalesced ")
     x = rng.standard_normal((4000, 96)).astype(np.float32)
@@ -121,19 +120,6 @@ def _hamming_checks(dev, rng, cases, nq: int, n_docs: int, label: str) -> list[d
     return out
 
 
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = old
-
-
 def timings(ctx) -> list[dict]:
     dev = ctx.device
     built, status = _cuda_status(dev)
@@ -143,7 +129,7 @@ def timings(ctx) -> list[dict]:
     q = torch.randint(0, 256, (1000, 128), dtype=torch.uint8, device=dev)
     floor = docs.numel() / ctx.bandwidth_Bps * 1e3 if ctx.bandwidth_Bps else None
     ours = ctx.bench(lambda: hamming_topk(q[:1], docs, 10))
-    with _env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
+    with env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
         coalesced = ctx.bench(lambda: hamming_topk(q[:1], docs, 10))
     base = {"ours, coalesced scan (opt-in)": coalesced}
     if ctx.time_left() > 30:
@@ -164,7 +150,7 @@ def timings(ctx) -> list[dict]:
     if ctx.time_left() > 25:
         d1 = docs[: n // 10]
         ours = ctx.bench(lambda: hamming_topk(q, d1, 10))
-        with _env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
+        with env("LLMEMBED_FAST_HAMMING_COALESCED", "1"):
             coalesced = ctx.bench(lambda: hamming_topk(q, d1, 10))
         out.append(
             {
