@@ -34,3 +34,26 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Te
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[key] = False
     return torch.mm(a, b).to(out_dtype)
+
+
+_ADDMM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def addmm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, piece_elements: int = 1 << 24) -> None:
+    """out += a @ b in place, ``out`` in the accumulation dtype (float32/64; a strided view is fine),
+    operands of any float dtype. Same dtypes: ``addmm_``. bf16/fp16 operands into float32 on CUDA: one
+    cuBLAS call with beta = 1 (``addmm(out_dtype=)``: no float32 temporary, no separate add pass);
+    otherwise the product is formed in row pieces of at most ``piece_elements`` float32 values and added."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    key = a.device.type
+    if a.is_cuda and _ADDMM_OUT_DTYPE_OK.get(key, True):
+        try:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE_OK[key] = False
+    piece = max(1, piece_elements // max(1, out.shape[1]))
+    for j0 in range(0, out.shape[0], piece):
+        out[j0 : j0 + piece] += mm_f32(a[j0 : j0 + piece], b, out.dtype)

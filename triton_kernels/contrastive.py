@@ -12,9 +12,9 @@ for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
   range is split across programs when there are few row blocks, and the partials are merged on the host.
 * ``_grad_tile_kernel``: one program = one BLOCK_M x BLOCK_N tile of a block of rows. Recomputes the
   logits, forms g = w * (p - positive) and writes H[r] = sum_{k>=r} g_k * scale (K suffix sums, so the
-  GEMMs over each column range see every dim that contains it; for K > 1 a second, shorter pass over the
-  first K-1 ranges recomputes g_k and peels it off the total), plus per-tile row and column sums of g * z
-  for the normalization and temperature gradients. No atomics; every output element is written once.
+  GEMMs over each column range see every dim that contains it; for K > 1 each dim's tile is written as it
+  is formed, then the program reads its own tiles back from L2 to form the suffix sums), plus per-tile row
+  and column sums of g * z for the normalization and temperature gradients. No atomics.
 * ``COLS`` (the fused symmetric term, default labels in one process): the forward also writes each tile's
   log-sum-exp down its columns ([row blocks, K, B], merged on the host), and the backward adds the
   document->query gradient of column i (query i's positive) to the same tile, so the symmetric loss costs
@@ -346,8 +346,6 @@ def _grad_tile_kernel(
     tile_mask = rmask[:, None] & cmask[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if K > 1:
-        total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in tl.static_range(K):
         lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
         hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
@@ -365,34 +363,20 @@ def _grad_tile_kernel(
         gz = g * z2 * 0.6931471805599453
         tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
         tl.store(cs_ptr + (pid_m * K + k).to(tl.int64) * NC + cols, tl.sum(gz, axis=0), mask=cmask)
-        if K == 1:  # no running total to keep live
-            tl.store(
-                h_tile,
-                (g * (a[:, None] * 0.6931471805599453) * b[None, :]).to(h_ptr.dtype.element_ty),
-                mask=tile_mask,
-            )
-        else:
-            total += g * (a[:, None] * 0.6931471805599453) * b[None, :]
+        h = g * (a[:, None] * 0.6931471805599453) * b[None, :]
+        if k < K - 1:  # dim k's own tile; the suffix sums are formed below
+            tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    # H[r] = sum_{k >= r} h_k. The last dim's tile is still in registers; the others were just written by
+    # this program and are read back from L2 (a barrier makes every thread's stores visible to the others).
+    # One float32 tile stays live: a running total across the dims spilled 1.2 KB per thread (K = 5, sm_90a).
+    run = h
+    tl.store(h_tile + (K - 1) * stride_hk, run.to(h_ptr.dtype.element_ty), mask=tile_mask)
     if K > 1:
-        tl.store(h_tile, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
-        # H[r] = total - sum_{k < r} h_k: recompute the first K-1 dims and peel them off.
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k in tl.static_range(K - 1):
-            lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            acc = _logit_dots(
-                acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
-                PRE_S, UPCAST, PRECISION, BLOCK_D,
-            )
-            z2, valid, a, b = _logits2(
-                acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
-            )
-            g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
-            if COLS:
-                g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
-            g = tl.where(tile_mask, g, 0.0)
-            total -= g * (a[:, None] * 0.6931471805599453) * b[None, :]
-            tl.store(h_tile + (k + 1) * stride_hk, total.to(h_ptr.dtype.element_ty), mask=tile_mask)
+        tl.debug_barrier()
+        for i in tl.static_range(K - 1):
+            r = K - 2 - i
+            run += tl.load(h_tile + r * stride_hk, mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(h_tile + r * stride_hk, run.to(h_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,16 +401,25 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool 
             num_warps=1,
             num_stages=1,
         )
+    # Register budgets below were read from ptxas for sm_90a (benchmarks/kernel_codegen.py, no GPU needed):
+    # every shipped config compiles without spills except the symmetric term with Matryoshka dims (small).
     if dtype == torch.float32:
+        if kernel == "lse" and K > 1:  # 4 warps spill 276 B/thread at K = 5
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
     if kernel == "lse" and K == 1 and not cols:
         # H200 sweep (benchmarks/RESULTS.md): 128x256 tiles cut the forward from 34 to 28.5 ms at
         # B = N = 65,536, D = 1024 and from 38 to 25 ms at 32,768 x 4096 (the gradient kernel is best at
         # 128x128). Not with the fused column term: with these tiles (and the 1 GiB budget) the symmetric loss
-        # went from 124 to 148 ms; its extra column pass on a 128x256 tile is the suspect (not re-measured).
+        # went from 124 to 148 ms.
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3)
-    bm = 128 if K == 1 else 64  # K > 1 keeps a running total tile live in the backward
-    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    if K > 1:
+        # Matryoshka: one pipelined loop per dim range. 64-row tiles; the forward with 3 stages spills
+        # (112 B/thread at K = 5), with 2 it does not.
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2 if kernel == "lse" else 3)
+    if kernel == "grad" and cols:  # the column term's second exp pass: 128 rows spill 564 B/thread
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
@@ -610,7 +603,7 @@ def grad_tiles(
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     Mc = r1 - r0
-    cfg = _config(x.dtype, x.shape[1], K, "grad")
+    cfg = _config(x.dtype, x.shape[1], K, "grad", cols=col_lse2 is not None)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC, BN)
     gemm = logits_mode() == "gemm"

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from llmembed_fast import _dispatch
+from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
 
@@ -35,7 +36,6 @@ LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MM_PIECE_ELEMENTS = 1 << 24  # bound on the float32 temporaries of the accumulating GEMMs
 
 
 class _Cfg(NamedTuple):
@@ -218,16 +218,6 @@ def _suffix_sum(c: torch.Tensor) -> torch.Tensor:
     return c.flip(0).cumsum(0).flip(0)
 
 
-def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, with ``out`` in the accumulation dtype (a view is fine)."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-        return
-    piece = max(1, _MM_PIECE_ELEMENTS // max(1, out.shape[1]))
-    for j0 in range(0, out.shape[0], piece):
-        out[j0 : j0 + piece] += _mm_f32(a[j0 : j0 + piece], b, out.dtype)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the autograd Function
 # ---------------------------------------------------------------------------------------------------
@@ -386,11 +376,11 @@ class _ContrastiveFunction(torch.autograd.Function):
                     if need_rows:
                         if K == 1:  # one GEMM writes the block's row gradients (no zero fill, no add pass)
                             dX = _mm_f32(H[0], Y, acc)
-                        else:
-                            dX = torch.zeros(r1 - r0, x.shape[1], dtype=acc, device=q.device)
+                        else:  # the ranges are disjoint: each GEMM writes its own columns once
+                            dX = torch.empty(r1 - r0, x.shape[1], dtype=acc, device=q.device)
                             for r in range(K):
                                 lo, hi = bounds[r], bounds[r + 1]
-                                _mm_acc(dX[:, lo:hi], H[r], Y[:, lo:hi])
+                                dX[:, lo:hi] = _mm_f32(H[r], Y[:, lo:hi], acc)
                         if cfg.normalize:
                             coef = alpha[:, r0:r1] ** 2 * rs
                             if act is not None:

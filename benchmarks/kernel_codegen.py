@@ -1,0 +1,162 @@
+"""Registers and spills of the contrastive kernels' shipped tile configs, compiled for sm_90a without a GPU.
+
+Triton compiles ahead of time for any target and ships ``ptxas``; ``ptxas -v`` on the PTX tells how many
+registers a config uses and how many bytes per thread it spills to local memory. A config that spills runs
+its inner loop through memory (the Matryoshka gradient kernel spilled 1.2 KB per thread before it was
+restructured), so this is the CPU-side check of GPU code generation: run it after changing a kernel or a
+config. Timing still needs a GPU (``benchmarks/gpu_suite.py``).
+
+    python benchmarks/kernel_codegen.py            # the bf16 configs of the suite's cases
+    python benchmarks/kernel_codegen.py --all      # every dtype x dims x column-term combination
+    python benchmarks/kernel_codegen.py --check    # exit 1 if a config expected to be spill-free spills
+
+Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Integer arguments that real launches pass as multiples of 16 (Triton specializes on it); the rest are i32.
+_DIV16_INTS = {
+    "M", "NC", "Mc", "r0", "cols_per_split", "ncol", "stride_x", "stride_y", "stride_sk", "stride_sm",
+    "stride_hk", "stride_hm", *(f"b{i}" for i in range(9)),
+}  # fmt: skip
+_TRITON_DTYPE = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
+
+
+def ptxas_path() -> str | None:
+    """Triton's bundled ptxas, else one on PATH."""
+    import triton
+
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return here if os.path.exists(here) else shutil.which("ptxas")
+
+
+def _signature(fn, pointer_types: dict[str, str], constexprs: dict):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in _DIV16_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_stats(fn, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``fn`` for sm_90a and read ptxas's report: {"registers", "spill_stores", "spill_loads"}
+    (bytes per thread)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = _signature(fn, pointer_types, constexprs)
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run(
+            [ptxas_path(), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if regs is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas output:\n{out}")
+    stores, loads = int(spill.group(1)), int(spill.group(2))
+    return {"registers": int(regs.group(1)), "spill_stores": stores, "spill_loads": loads}
+
+
+def contrastive_case(kernel: str, dtype, K: int, cols: bool, D: int = 1024):
+    """(kernel fn, pointer types, constexprs, config) of the contrastive kernel the launcher would run."""
+    import triton
+
+    from triton_kernels import contrastive as C
+
+    cfg = C._config(dtype, D, K, kernel, cols=cols)
+    x_t = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
+    h_t = _TRITON_DTYPE[str(C.grad_dtype(dtype)).removeprefix("torch.")]
+    ptrs = {"x_ptr": x_t, "y_ptr": x_t, "xidx_ptr": "*i64", "spec_ptr": "*i64", "h_ptr": h_t}
+    consts = dict(
+        K=K,
+        COLS=cols,
+        PRE_S=False,
+        UPCAST=False,
+        PRECISION="tf32",
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+    )
+    if kernel == "lse":
+        consts["KP"] = triton.next_power_of_2(K)
+        fn = C._row_lse_kernel
+    else:
+        fn = C._grad_tile_kernel
+    return fn, ptrs, consts, cfg
+
+
+def expected_spill_free(K: int, cols: bool) -> bool:
+    """The symmetric column term together with Matryoshka dims is allowed a small spill (documented in
+    triton_kernels/contrastive.py); every other shipped config must not spill."""
+    return not (cols and K > 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="fp32 too, and every dims x column-term combination")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a config expected spill-free spills")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("kernel_codegen: unset TRITON_INTERPRET (the interpreter replaces kernels)", file=sys.stderr)
+        return 2
+    if ptxas_path() is None:
+        print("kernel_codegen: no ptxas (Triton's NVIDIA backend ships one)", file=sys.stderr)
+        return 2
+    import torch
+
+    dtypes = [torch.bfloat16, torch.float32] if args.all else [torch.bfloat16]
+    combos = itertools.product(("lse", "grad"), dtypes, (1, 5), (False, True))
+    bad = []
+    head = f"{'kernel':6} {'dtype':9} {'K':>2} {'cols':5} {'config (BM, BN, BD, warps, stages)':36}"
+    print(f"{head} {'regs':>4} {'spill st/ld B':>14}")
+    for kernel, dtype, K, cols in combos:
+        if not args.all and cols and K > 1:
+            continue
+        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, cols)
+        st = compile_stats(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
+        conf = str((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"], cfg["num_stages"]))
+        spills = f"{st['spill_stores']}/{st['spill_loads']}"
+        print(f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {cols!s:5} {conf:36} {st['registers']:>4} {spills:>14}",
+              flush=True)  # fmt: skip
+        if expected_spill_free(K, cols) and (st["spill_stores"] or st["spill_loads"]):
+            bad.append((kernel, str(dtype), K, cols, st))
+    if bad:
+        print(f"configs that spill: {bad}")
+    return 1 if (args.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""llmembed_fast._matmul: products with a float32 result from low-precision operands, against float64."""
+
+import pytest
+import torch
+
+from llmembed_fast._matmul import addmm_acc, mm_f32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("piece", [1 << 24, 5])  # one product, or row pieces of 5 elements (one row each)
+def test_addmm_acc_into_strided_view(dtype, piece):
+    g = torch.Generator().manual_seed(int(piece) + 7)
+    a = torch.randn(13, 29, generator=g).to(dtype)
+    b = torch.randn(29, 6, generator=g).to(dtype)
+    base = torch.randn(13, 11, generator=g)
+    out = base.clone()
+    addmm_acc(out[:, 3:9], a, b, piece_elements=piece)  # a column slice: strides (11, 1)
+    want = base.double().clone()
+    want[:, 3:9] += a.double() @ b.double()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # fp16/bf16 products on CPU round to the operand dtype
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    # nothing else written
+    assert torch.equal(out[:, :3], base[:, :3]) and torch.equal(out[:, 9:], base[:, 9:])
+
+
+def test_mm_f32_dtype():
+    a = torch.randn(4, 3).bfloat16()
+    out = mm_f32(a, a.T, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (4, 4)
