@@ -6,8 +6,8 @@ its inner loop through memory (the Matryoshka gradient kernel spilled 1.2 KB per
 restructured), so this is the CPU-side check of GPU code generation: run it after changing a kernel or a
 config. Timing still needs a GPU (``benchmarks/gpu_suite.py``).
 
-    python benchmarks/kernel_codegen.py            # the bf16 configs of the suite's cases
-    python benchmarks/kernel_codegen.py --all      # every dtype x dims x column-term combination
+    python benchmarks/kernel_codegen.py            # bf16: one dim or five x plain / cols / tri
+    python benchmarks/kernel_codegen.py --all      # float32 too
     python benchmarks/kernel_codegen.py --check    # exit 1 if a config expected to be spill-free spills
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels).
@@ -90,19 +90,21 @@ def compile_stats(fn, pointer_types: dict[str, str], constexprs: dict, num_warps
     return {"registers": int(regs.group(1)), "spill_stores": stores, "spill_loads": loads}
 
 
-def contrastive_case(kernel: str, dtype, K: int, cols: bool, D: int = 1024):
-    """(kernel fn, pointer types, constexprs, config) of the contrastive kernel the launcher would run."""
+def contrastive_case(kernel: str, dtype, K: int, mode: str, D: int = 1024):
+    """(kernel fn, pointer types, constexprs, config) of the contrastive kernel the launcher would run.
+    ``mode``: "plain", "cols" (the fused symmetric term) or "tri" (a same-tower triangle)."""
     import triton
 
     from triton_kernels import contrastive as C
 
-    cfg = C._config(dtype, D, K, kernel, cols=cols)
+    cfg = C._config(dtype, D, K, kernel, cols=mode != "plain", tri=mode == "tri")
     x_t = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
     h_t = _TRITON_DTYPE[str(C.grad_dtype(dtype)).removeprefix("torch.")]
     ptrs = {"x_ptr": x_t, "y_ptr": x_t, "xidx_ptr": "*i64", "spec_ptr": "*i64", "h_ptr": h_t}
     consts = dict(
         K=K,
-        COLS=cols,
+        COLS=mode == "cols",
+        TRI=mode == "tri",
         PRE_S=False,
         UPCAST=False,
         PRECISION="tf32",
@@ -118,15 +120,14 @@ def contrastive_case(kernel: str, dtype, K: int, cols: bool, D: int = 1024):
     return fn, ptrs, consts, cfg
 
 
-def expected_spill_free(K: int, cols: bool) -> bool:
-    """The symmetric column term together with Matryoshka dims is allowed a small spill (documented in
-    triton_kernels/contrastive.py); every other shipped config must not spill."""
-    return not (cols and K > 1)
+def expected_spill_free(K: int, mode: str) -> bool:
+    """Every shipped config is expected to compile without spills (a hook for documented exceptions)."""
+    return True
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--all", action="store_true", help="fp32 too, and every dims x column-term combination")
+    ap.add_argument("--all", action="store_true", help="float32 configs too")
     ap.add_argument("--check", action="store_true", help="exit 1 when a config expected spill-free spills")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -138,21 +139,19 @@ def main(argv=None) -> int:
     import torch
 
     dtypes = [torch.bfloat16, torch.float32] if args.all else [torch.bfloat16]
-    combos = itertools.product(("lse", "grad"), dtypes, (1, 5), (False, True))
+    combos = itertools.product(("lse", "grad"), dtypes, (1, 5), ("plain", "cols", "tri"))
     bad = []
-    head = f"{'kernel':6} {'dtype':9} {'K':>2} {'cols':5} {'config (BM, BN, BD, warps, stages)':36}"
+    head = f"{'kernel':6} {'dtype':9} {'K':>2} {'mode':5} {'config (BM, BN, BD, warps, stages)':36}"
     print(f"{head} {'regs':>4} {'spill st/ld B':>14}")
-    for kernel, dtype, K, cols in combos:
-        if not args.all and cols and K > 1:
-            continue
-        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, cols)
+    for kernel, dtype, K, mode in combos:
+        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, mode)
         st = compile_stats(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         conf = str((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"], cfg["num_stages"]))
         spills = f"{st['spill_stores']}/{st['spill_loads']}"
-        print(f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {cols!s:5} {conf:36} {st['registers']:>4} {spills:>14}",
+        print(f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {conf:36} {st['registers']:>4} {spills:>14}",
               flush=True)  # fmt: skip
-        if expected_spill_free(K, cols) and (st["spill_stores"] or st["spill_loads"]):
-            bad.append((kernel, str(dtype), K, cols, st))
+        if expected_spill_free(K, mode) and (st["spill_stores"] or st["spill_loads"]):
+            bad.append((kernel, str(dtype), K, mode, st))
     if bad:
         print(f"configs that spill: {bad}")
     return 1 if (args.check and bad) else 0

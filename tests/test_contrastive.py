@@ -165,6 +165,58 @@ def test_symmetric_fused_equals_explicit_labels(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "labels,n_extra,kw",
+    [
+        ("arange", 0, dict()),
+        ("arange", 13, dict(false_negative_margin=0.1, matryoshka_dims=(7, 20, 24))),
+        ("arange", 6, dict(symmetric=True, false_negative_margin=0.05)),
+        ("perm", 9, dict(false_negative_margin=0.1, matryoshka_dims=(12, 24))),  # q-q triangle only
+    ],
+)
+def test_same_tower_triangles(backend, monkeypatch, labels, n_extra, kw):
+    """One process: the q-q (and, with default labels, d-d) same-tower terms take each pair once (upper
+    triangle, both rows' sums and gradients from it), over several backward row blocks, equal to the
+    reference and to the full squares."""
+    from llmembed_fast.ops import contrastive as op
+
+    tk = None
+    if backend == "triton":
+        from llmembed_fast.triton_kernels import contrastive as tk
+
+        monkeypatch.setattr(tk, "H_BUDGET_BYTES", 12 * 40 * 4)  # backward blocks of a few rows
+    monkeypatch.setattr(contrastive_chunked, "GRAD_CHUNK_ELEMENTS", 3 * 9 * 53)
+    monkeypatch.setattr(contrastive_chunked, "CHUNK_ELEMENTS", 7 * 53)
+    be = tk if tk is not None else contrastive_chunked
+    calls = []
+    real_lse, real_grad = be.row_lse, be.grad_tiles
+
+    def lse_spy(*a, **k):
+        calls.append(("lse", k.get("tri", False)))
+        return real_lse(*a, **k)
+
+    def grad_spy(*a, **k):
+        calls.append(("grad", k.get("tri", False), a[11]))
+        return real_grad(*a, **k)
+
+    monkeypatch.setattr(be, "row_lse", lse_spy)
+    monkeypatch.setattr(be, "grad_tiles", grad_spy)
+    q, d, lab = _inputs(40, 40 + n_extra, 24, torch.float32, seed=n_extra + 21, labels=labels)
+    q[5] = q[17] * 0.9 + 0.05 * q[5]  # near-duplicate queries: the q-q margin has work to do
+    _check(q, d, lab, TOL[torch.float32], same_tower=True, **kw)
+    n_tri = 1 if labels == "perm" else 2
+    assert sum(1 for c in calls if c[0] == "lse" and c[1]) == n_tri
+    assert any(c[0] == "grad" and c[1] and c[2] > 0 for c in calls)  # a block whose triangle starts at c0 > 0
+    outs = []
+    for tri in (True, False):
+        monkeypatch.setattr(op, "SELF_TERM_TRIANGLES", tri)
+        qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+        loss = lf.contrastive_loss(qa, da, labels=lab, same_tower=True, **kw)
+        outs.append((loss, *torch.autograd.grad(loss, [qa, da])))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_float_temperature(backend, reduction):
     q, d, lab = _inputs(5, 8, 24, torch.float32, seed=3)

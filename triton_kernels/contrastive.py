@@ -152,12 +152,25 @@ def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_
 
 
 @triton.jit
-def _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec):
-    """Kept entries of the column (document->query) term: column i < ncol belongs to query i, its positive
-    is the diagonal and its false-negative threshold is query i's."""
+def _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI: tl.constexpr):
+    """Kept entries of the column term: column i < ncol belongs to row i of the term (COLS: query i, whose
+    positive is the diagonal; TRI: the row's own self-term entry, upper triangle only), its false-negative
+    threshold is row i's."""
     ccol = cols < ncol
     thr_c = tl.load(thr_ptr + k * M + cols, mask=ccol, other=0.0)
-    return rmask[:, None] & ccol[None, :] & ((z2 <= thr_c[None, :]) | is_spec)
+    keep = rmask[:, None] & ccol[None, :] & ((z2 <= thr_c[None, :]) | is_spec)
+    if TRI:
+        keep = keep & (cols[None, :] > rows[:, None])
+    return keep
+
+
+@triton.jit
+def _tri_rows(valid, rows, cols, ncol, TRI: tl.constexpr):
+    """TRI: each pair (i, j < ncol) of the symmetric square is taken once, in the row with i < j (its column
+    side feeds row j); the columns beyond the square stay row-only."""
+    if TRI:
+        valid = valid & ((cols[None, :] > rows[:, None]) | (cols[None, :] >= ncol))
+    return valid
 
 
 @triton.jit
@@ -197,6 +210,7 @@ def _row_lse_kernel(
     K: tl.constexpr,
     KP: tl.constexpr,
     COLS: tl.constexpr,
+    TRI: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -219,6 +233,8 @@ def _row_lse_kernel(
     l_st = tl.zeros([BLOCK_M, KP], tl.float32)
     c_lo = pid_s * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, NC)
+    if TRI:  # column tiles left of the block's diagonal hold only pairs another block takes
+        c_lo = tl.maximum(c_lo, (r0 + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
     for n0 in range(c_lo, c_hi, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         cmask = cols < c_hi
@@ -235,8 +251,9 @@ def _row_lse_kernel(
             z2, valid, a, b = _logits2(
                 acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
             )
-            if COLS:  # symmetric term: this tile's log-sum-exp down each of the first ncol columns
-                valid_c = _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec)
+            valid = _tri_rows(valid, rows, cols, ncol, TRI)
+            if COLS or TRI:  # this tile's log-sum-exp down each of the first ncol columns
+                valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
                 zc = tl.where(valid_c, z2, float("-inf"))
                 mc = tl.max(zc, axis=0)
                 mc_use = tl.where(mc == float("-inf"), 0.0, mc)
@@ -271,13 +288,16 @@ def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude):
 
 
 @triton.jit
-def _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr):
-    """Adds the column term's gradient: w_i * (exp2(z2 - clse_i) on kept entries - [diagonal]) in column i."""
+def _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI: tl.constexpr):
+    """Adds the column term's gradient in column i < ncol: w_i * (exp2(z2 - clse_i) on kept entries), minus
+    w_i on the diagonal (COLS: query i's positive; TRI has no positive there)."""
     ccol = cols < ncol
     lse_c = tl.load(clse_ptr + k * ncol + cols, mask=ccol, other=0.0)
     w_c = tl.load(w_ptr + k * M + cols, mask=ccol, other=0.0)
-    valid_c = _col_valid(z2, thr_ptr, k, M, ncol, cols, rmask, is_spec)
+    valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
     pc = tl.where(valid_c, tl.exp2(z2 - lse_c[None, :]), 0.0)
+    if TRI:
+        return g + w_c[None, :] * pc
     return g + w_c[None, :] * (pc - tl.where(is_spec, 1.0, 0.0))
 
 
@@ -303,6 +323,7 @@ def _grad_tile_kernel(
     NC,
     r0,
     Mc,
+    c0,
     stride_x,
     stride_y,
     stride_hk,
@@ -321,6 +342,7 @@ def _grad_tile_kernel(
     b8,
     K: tl.constexpr,
     COLS: tl.constexpr,
+    TRI: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -333,7 +355,13 @@ def _grad_tile_kernel(
     local = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rows = r0 + local
     rmask = (local < Mc) & (rows < M)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ccols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # within H's columns [c0, NC)
+    if TRI:
+        cols = c0 + ccols
+        n_hcols = NC - c0
+    else:  # c0 = 0: one column vector fewer to keep live (it made the plain kernel spill)
+        cols = ccols
+        n_hcols = NC
     cmask = cols < NC
     xrow = tl.where(
         gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
@@ -342,7 +370,7 @@ def _grad_tile_kernel(
     y_base = y_ptr + cols[None, :] * stride_y
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     is_spec = cols[None, :] == spec[:, None]
-    h_tile = h_ptr + local[:, None] * stride_hm + cols[None, :]
+    h_tile = h_ptr + local[:, None] * stride_hm + ccols[None, :]
     tile_mask = rmask[:, None] & cmask[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -356,13 +384,15 @@ def _grad_tile_kernel(
         z2, valid, a, b = _logits2(
             acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
         )
+        valid = _tri_rows(valid, rows, cols, ncol, TRI)
         g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
-        if COLS:
-            g = _grad_g_cols(g, z2, is_spec, rmask, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr)
+        if COLS or TRI:
+            g = _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI)
         g = tl.where(tile_mask, g, 0.0)
         gz = g * z2 * 0.6931471805599453
         tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
-        tl.store(cs_ptr + (pid_m * K + k).to(tl.int64) * NC + cols, tl.sum(gz, axis=0), mask=cmask)
+        cs_row = cs_ptr + (pid_m * K + k).to(tl.int64) * n_hcols
+        tl.store(cs_row + ccols, tl.sum(gz, axis=0), mask=cmask)
         h = g * (a[:, None] * 0.6931471805599453) * b[None, :]
         if k < K - 1:  # dim k's own tile; the suffix sums are formed below
             tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
@@ -389,8 +419,10 @@ def _grad_tile_kernel(
 CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
-def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool = False) -> dict:
-    """Tile sizes and launch options. The interpreter wants few, large tiles; a GPU 128x128 (64 for fp32)."""
+def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool = False, tri: bool = False):
+    """Tile sizes and launch options (a dict) of ``kernel`` ("lse" or "grad") for a term with K dims, with
+    the symmetric column term (``cols``) or as a same-tower triangle (``tri``). The interpreter wants few,
+    large tiles; a GPU 64 - 256 wide ones within the register file."""
     if kernel in CONFIG_OVERRIDE and not _interpreting():
         return dict(CONFIG_OVERRIDE[kernel])
     if _interpreting():
@@ -402,10 +434,13 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool 
             num_stages=1,
         )
     # Register budgets below were read from ptxas for sm_90a (benchmarks/kernel_codegen.py, no GPU needed):
-    # every shipped config compiles without spills except the symmetric term with Matryoshka dims (small).
+    # every shipped config compiles without spills (bf16 and fp32; one dim or five; plain, cols, tri).
     if dtype == torch.float32:
-        if kernel == "lse" and K > 1:  # 4 warps spill 276 B/thread at K = 5
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
+        if K > 1 and kernel == "lse":  # 4 warps spill 276 B/thread at K = 5, a column term 24 more
+            bd = 16 if (cols or tri) else 32
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, num_warps=8, num_stages=2)
+        if K > 1 and (cols or tri):  # 4 warps spill 168 - 1,088 B/thread
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
     if kernel == "lse" and K == 1 and not cols:
         # H200 sweep (benchmarks/RESULTS.md): 128x256 tiles cut the forward from 34 to 28.5 ms at
@@ -415,9 +450,16 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool 
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3)
     if K > 1:
         # Matryoshka: one pipelined loop per dim range. 64-row tiles; the forward with 3 stages spills
-        # (112 B/thread at K = 5), with 2 it does not.
+        # (112 B/thread at K = 5), with 2 it does not. With a column term (cols, tri) 64 x 128 tiles spill
+        # 124 - 1,228 B/thread, 64 x 64 none.
+        if cols or tri:
+            if kernel == "lse":
+                return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2 if kernel == "lse" else 3)
-    if kernel == "grad" and cols:  # the column term's second exp pass: 128 rows spill 564 B/thread
+    if kernel == "lse" and tri:  # the triangle's masks: 128 x 128 tiles spill 240 B/thread
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    if kernel == "grad" and (cols or tri):  # the column term's second exp pass: 128 rows spill 564 B/thread
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
@@ -504,14 +546,28 @@ def _logits_block(x, y, x_index, r0: int, r1: int, bounds, allow_tf32: bool) -> 
 
 
 def row_lse(
-    x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True, col_terms: int = 0
+    x,
+    y,
+    x_index,
+    a2,
+    b,
+    special,
+    exclude: bool,
+    thr2,
+    bounds,
+    allow_tf32: bool = True,
+    col_terms: int = 0,
+    tri: bool = False,
 ):
     """Base-2 log-sum-exp per (dim, row) of a term: (float32 [K, M] (-inf where no entry is kept), column
     LSE [K, col_terms] or None). ``col_terms`` = n > 0 also reduces the first n columns down the rows (the
-    symmetric term when column i is query i's positive and ``special`` is the diagonal)."""
+    symmetric term when column i is query i's positive and ``special`` is the diagonal). ``tri``: a
+    symmetric self-term (see ``reference.contrastive_chunked.row_lse``), upper triangle only."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
-    cfg = _config(x.dtype, x.shape[1], K, "lse", cols=col_terms > 0)
+    if tri:
+        col_terms = M
+    cfg = _config(x.dtype, x.shape[1], K, "lse", cols=col_terms > 0, tri=tri)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb_all = triton.cdiv(M, BM)
     n_cb = triton.cdiv(NC, BN)
@@ -533,7 +589,10 @@ def row_lse(
     cols_per_split = triton.cdiv(n_cb, splits) * BN
     splits = triton.cdiv(NC, cols_per_split)
     part = empty(splits, K, M, dtype=torch.float32, device=x.device)
-    colpart = empty(n_rb_all, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
+    if tri:  # tiles left of a block's diagonal are never visited: their column partials stay empty
+        colpart = torch.full((n_rb_all, K, M), float("-inf"), dtype=torch.float32, device=x.device)
+    else:
+        colpart = empty(n_rb_all, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
@@ -566,7 +625,8 @@ def row_lse(
             *_bound_args(bounds),
             K=K,
             KP=triton.next_power_of_2(K),
-            COLS=col_terms > 0,
+            COLS=col_terms > 0 and not tri,
+            TRI=tri,
             PRE_S=gemm,
             UPCAST=_upcast(x),
             PRECISION=_precision(x, allow_tf32),
@@ -577,6 +637,8 @@ def row_lse(
             num_stages=cfg["num_stages"],
         )
         del S
+    if tri:
+        return torch.logaddexp2(_lse2_merge(part), _lse2_merge(colpart)), None
     return _lse2_merge(part), (_lse2_merge(colpart) if col_terms else None)
 
 
@@ -597,23 +659,29 @@ def grad_tiles(
     h_dtype: torch.dtype,
     allow_tf32: bool = True,
     col_lse2=None,
+    tri: bool = False,
 ):
-    """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC] of ``h_dtype``, row sums [K, r1-r0], column sums
-    [K, NC], float32). Same contract as ``reference.contrastive_chunked.grad_tiles``."""
+    """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC - c0] of ``h_dtype``, row sums [K, r1-r0], column
+    sums [K, NC - c0], float32), c0 = r0 with ``tri`` (else 0). Same contract as
+    ``reference.contrastive_chunked.grad_tiles``."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     Mc = r1 - r0
-    cfg = _config(x.dtype, x.shape[1], K, "grad", cols=col_lse2 is not None)
+    c0 = r0 if tri else 0
+    cfg = _config(x.dtype, x.shape[1], K, "grad", cols=col_lse2 is not None, tri=tri)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC, BN)
+    n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC - c0, BN)
     gemm = logits_mode() == "gemm"
     S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
-    H = empty(K, Mc, NC, dtype=h_dtype, device=x.device)
+    H = empty(K, Mc, NC - c0, dtype=h_dtype, device=x.device)
     rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
-    cs_part = empty(n_rb, K, NC, dtype=torch.float32, device=x.device)
+    cs_part = empty(n_rb, K, NC - c0, dtype=torch.float32, device=x.device)
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
+    lse2 = lse2.to(torch.float32).contiguous()
+    if tri:  # the column side of the pair (i, j) belongs to row j of the same term
+        col_lse2 = lse2
     ncol = 0 if col_lse2 is None else col_lse2.shape[1]
     clse = col_lse2.to(torch.float32).contiguous() if col_lse2 is not None else a2
     _grad_tile_kernel[(n_rb, n_cb)](
@@ -624,7 +692,7 @@ def grad_tiles(
         b,
         special,
         thr,
-        lse2.to(torch.float32).contiguous(),
+        lse2,
         wrow.to(torch.float32).contiguous(),
         clse,
         H,
@@ -637,6 +705,7 @@ def grad_tiles(
         NC,
         r0,
         Mc,
+        c0,
         x.stride(0),
         y.stride(0),
         H.stride(0),
@@ -646,7 +715,8 @@ def grad_tiles(
         ncol,
         *_bound_args(bounds),
         K=K,
-        COLS=ncol > 0,
+        COLS=ncol > 0 and not tri,
+        TRI=tri,
         PRE_S=gemm,
         UPCAST=_upcast(x),
         PRECISION=_precision(x, allow_tf32),

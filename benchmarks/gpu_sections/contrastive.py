@@ -16,6 +16,7 @@ import torch
 
 import llmembed_fast as lf
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batch, naive_loss, option_kwargs
+from llmembed_fast.ops import contrastive as opc
 from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
 
 from . import contrastive_tuning as tuning
@@ -98,6 +99,15 @@ def correctness(ctx) -> list[dict]:
     for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
         name = f"contrastive fused symmetric B{B} N{N} D{D}"
         out.append(_check(name, B, N, D, dtype, tf32, fused, dev, seed=20 + j, default_labels=True))
+    # same_tower with default labels: both self-terms as triangles (perm labels above: the q-q one only)
+    tri = dict(same_tower=True, false_negative_margin=0.1)
+    for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
+        for dims in (None, (D // 4, D)):
+            if ctx.time_left() < 30:
+                break
+            name = f"contrastive same_tower triangles dims={dims} B{B} N{N} D{D}"
+            kw = dict(tri, matryoshka_dims=dims)
+            out.append(_check(name, B, N, D, dtype, tf32, kw, dev, seed=30 + j, default_labels=True))
     # the opt-in cuBLAS-logits mode (LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm): the same checks
     with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "gemm"):
         for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
@@ -227,6 +237,17 @@ def timings(ctx) -> list[dict]:
                 kw = option_kwargs(opt, D)
                 t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
                 t_g = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d, **kw)), **quick)
+                more = {}
+                if opt == "same_tower":  # the triangles (default) against the full squares, side by side
+                    opc.SELF_TERM_TRIANGLES = False
+                    try:
+                        t_sq = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
+                    finally:
+                        opc.SELF_TERM_TRIANGLES = True
+                    more = {
+                        "full_squares_ms": round(t_sq, 3),
+                        "full_squares_cost_vs_plain": round(t_sq / t_ours, 3),
+                    }
                 recs.append(
                     {
                         "name": f"fwd+bwd {opt} B=N={B} D{D} bf16",
@@ -238,6 +259,7 @@ def timings(ctx) -> list[dict]:
                             "gemm_logits_ms": round(t_g, 3),
                             "gemm_cost_vs_gemm_plain": round(t_g / base["ours, gemm logits"], 3),
                             "options": str(kw),
+                            **more,
                         },
                     }
                 )

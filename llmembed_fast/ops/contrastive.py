@@ -36,6 +36,9 @@ LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Same-tower terms in one process are symmetric: compute each pair once (about half their work). False
+# computes the full squares (benchmarks time both; tests check both against the reference).
+SELF_TERM_TRIANGLES = True
 
 
 class _Cfg(NamedTuple):
@@ -48,6 +51,8 @@ class _Cfg(NamedTuple):
     allow_tf32: bool
     eps: float
     fused_symmetric: bool = False  # labels = arange(B), one process: the symmetric term rides on term A
+    tri_q: bool = False  # one process: the q-q same-tower term is symmetric, computed as a triangle
+    tri_d: bool = False  # ... and with labels = arange(B), the d-d term too
 
 
 class _Term(NamedTuple):
@@ -57,6 +62,7 @@ class _Term(NamedTuple):
     exclude: bool  # special column is left out (True) or is the positive (False)
     special: str  # "labels" (global positive column) or "self" (global index of the query)
     group: int  # 0: query->document partition function, 1: document->query
+    tri: bool = False  # symmetric self-term: upper triangle only (backends' ``tri``)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,8 +232,8 @@ def _suffix_sum(c: torch.Tensor) -> torch.Tensor:
 def _terms(cfg: _Cfg) -> list[_Term]:
     terms = [_Term("q", False, "dc", False, "labels", 0)]
     if cfg.same_tower:
-        terms.append(_Term("q", False, "qc", True, "self", 0))
-        terms.append(_Term("d", True, "dc", True, "labels", 0))
+        terms.append(_Term("q", False, "qc", True, "self", 0, cfg.tri_q))
+        terms.append(_Term("d", True, "dc", True, "labels", 0, cfg.tri_d))
     if cfg.symmetric and not cfg.fused_symmetric:
         terms.append(_Term("d", True, "qc", False, "self", 1))
     return terms
@@ -275,6 +281,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                 bounds,
                 allow_tf32=cfg.allow_tf32,
                 col_terms=b if fused else 0,
+                tri=t.tri,
             )
             if fused:
                 group_lse[1] = col_lse2
@@ -370,17 +377,19 @@ class _ContrastiveFunction(torch.autograd.Function):
                         hdt,
                         allow_tf32=cfg.allow_tf32,
                         col_lse2=col_lse2,
+                        tri=t.tri,
                     )
+                    c0 = r0 if t.tri else 0  # a triangle term's tiles start at the block's diagonal
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
                     Xc = x[rows]
                     if need_rows:
                         if K == 1:  # one GEMM writes the block's row gradients (no zero fill, no add pass)
-                            dX = _mm_f32(H[0], Y, acc)
+                            dX = _mm_f32(H[0], Y[c0:], acc)
                         else:  # the ranges are disjoint: each GEMM writes its own columns once
                             dX = torch.empty(r1 - r0, x.shape[1], dtype=acc, device=q.device)
                             for r in range(K):
                                 lo, hi = bounds[r], bounds[r + 1]
-                                dX[:, lo:hi] = _mm_f32(H[r], Y[:, lo:hi], acc)
+                                dX[:, lo:hi] = _mm_f32(H[r], Y[c0:, lo:hi], acc)
                         if cfg.normalize:
                             coef = alpha[:, r0:r1] ** 2 * rs
                             if act is not None:
@@ -394,8 +403,10 @@ class _ContrastiveFunction(torch.autograd.Function):
                         Xg = Xc if Xc.dtype == hdt else Xc.to(hdt)
                         for r in range(K):
                             lo, hi = bounds[r], bounds[r + 1]
-                            _mm_acc(grads[t.y][:, lo:hi], H[r].T, Xg[:, lo:hi])
-                        colsum[t.y] = cs if colsum[t.y] is None else colsum[t.y] + cs
+                            _mm_acc(grads[t.y][c0:, lo:hi], H[r].T, Xg[:, lo:hi])
+                        if colsum[t.y] is None:
+                            colsum[t.y] = torch.zeros(K, y.shape[0], dtype=cs.dtype, device=cs.device)
+                        colsum[t.y][:, c0:] += cs
                     tau_acc = tau_acc + rs.sum()
                     del H
         if cfg.normalize:
@@ -517,6 +528,8 @@ def contrastive_loss(
         allow_tf32=allow_tf32,
         eps=float(eps),
         fused_symmetric=symmetric and labels is None and group is None,
+        tri_q=same_tower and group is None and SELF_TERM_TRIANGLES,
+        tri_d=same_tower and labels is None and group is None and SELF_TERM_TRIANGLES,
     )
     be = _backend(q, len(dims))
     q = q if q.stride(-1) == 1 else q.contiguous()

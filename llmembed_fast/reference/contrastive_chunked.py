@@ -12,6 +12,11 @@ Terms. Both launchers work on one "term" of the loss: rows ``x`` (optionally gat
 ``special[i]`` is one column per row: the positive (kept even when it would be masked) or, with
 ``exclude``, a column left out (the row itself, for same-tower terms). With ``thr2`` ([K, M]) every
 other column with z2 > thr2[k, i] is left out (false-negative masking). ``bounds`` = (0, d1, ..., dK).
+
+``tri`` (same-tower terms in one process with labels = arange(M)): row i of the term is column i
+(z2[k, i, j] = z2[k, j, i] for j < M) and ``special`` is the diagonal, left out. Each pair i < j < M is
+computed once, in row i; its value also enters row j's log-sum-exp and gradient ("the column side").
+Columns j >= M (hard negatives) stay row-only. Rows [r0, r1) then need only the columns from r0 on.
 """
 
 from __future__ import annotations
@@ -97,15 +102,57 @@ def _fold_columns(y_acc, b, bounds):
     return y_acc[:, : bounds[1]] * b[0, :, None].to(y_acc.dtype)
 
 
+def _tri_block(x, y_acc, x_index, a2, b, thr2, bounds, r0, r1):
+    """``tri`` terms: yields (k, z_row [r1-r0, NC-r0], z_col [r1-r0, M-r0], raw) for rows [r0, r1) against
+    columns [r0, NC): z_row keeps j > i (and j >= M) under row i's threshold, z_col keeps j > i (j < M) under
+    row j's threshold, raw is unmasked. Left-out entries are -inf."""
+    M = a2.shape[1]
+    dt = y_acc.dtype
+    idx = x_index[r0:r1] if x_index is not None else slice(r0, r1)
+    xr = x[idx].to(dt)
+    yc = y_acc[r0:]
+    i = torch.arange(r0, r1, device=x.device)[:, None]
+    j = torch.arange(r0, y_acc.shape[0], device=x.device)[None, :]
+    upper = j > i
+    acc = None
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        part = xr[:, lo:hi] @ yc[:, lo:hi].T
+        acc = part if acc is None else acc + part
+        raw = acc * a2[k, r0:r1, None].to(dt) * b[k, None, r0:].to(dt)
+        keep_row = upper | (j >= M)
+        keep_col = upper[:, : M - r0].clone()
+        if thr2 is not None:
+            keep_row &= raw <= thr2[k, r0:r1, None].to(dt)
+            keep_col &= raw[:, : M - r0] <= thr2[k, None, r0:M].to(dt)
+        z_row = raw.masked_fill(~keep_row, float("-inf"))
+        z_col = raw[:, : M - r0].masked_fill(~keep_col, float("-inf"))
+        yield k, z_row, z_col, raw
+
+
 def row_lse(
-    x, y, x_index, a2, b, special, exclude: bool, thr2, bounds, allow_tf32: bool = True, col_terms: int = 0
+    x,
+    y,
+    x_index,
+    a2,
+    b,
+    special,
+    exclude: bool,
+    thr2,
+    bounds,
+    allow_tf32: bool = True,
+    col_terms: int = 0,
+    tri: bool = False,
 ):
     """(Base-2 log-sum-exp of each row's kept logits per dim [K, M] (-inf for a row with none kept), the
     column term's log-sum-exp down the first ``col_terms`` columns [K, col_terms] or None).
 
     The column term is the symmetric (document->query) direction when labels = arange(M) in one process:
-    column i's entries are s(q_j, d_i) over the queries j, i.e. the rows of this term."""
+    column i's entries are s(q_j, d_i) over the queries j, i.e. the rows of this term. ``tri``: see the
+    module docstring (the rows' full log-sum-exp, from the upper triangle; no column term)."""
     M = a2.shape[1]
+    if tri:
+        return _row_lse_tri(x, y, x_index, a2, b, thr2, bounds), None
     dt = acc_dtype(x.dtype)
     y_acc = y.to(dt)
     K = len(bounds) - 1
@@ -122,6 +169,21 @@ def row_lse(
             if zc is not None:
                 cols[k] = torch.logaddexp2(cols[k], _lse2_rows(zc, 0))
     return out, cols
+
+
+def _row_lse_tri(x, y, x_index, a2, b, thr2, bounds):
+    M, K = a2.shape[1], len(bounds) - 1
+    dt = acc_dtype(x.dtype)
+    y_acc = y.to(dt)
+    rows = torch.full((K, M), float("-inf"), dtype=dt, device=x.device)
+    cols = torch.full((K, M), float("-inf"), dtype=dt, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
+    for r0 in range(0, M, step):
+        r1 = min(M, r0 + step)
+        for k, z_row, z_col, _ in _tri_block(x, y_acc, x_index, a2, b, thr2, bounds, r0, r1):
+            rows[k, r0:r1] = _lse2_rows(z_row, 1)
+            cols[k, r0:] = torch.logaddexp2(cols[k, r0:], _lse2_rows(z_col, 0))
+    return torch.logaddexp2(rows, cols)
 
 
 def grad_tiles(
@@ -141,8 +203,10 @@ def grad_tiles(
     h_dtype: torch.dtype,
     allow_tf32: bool = True,
     col_lse2=None,
+    tri: bool = False,
 ):
-    """Gradient tiles of rows [r0, r1) against every column.
+    """Gradient tiles of rows [r0, r1) against every column (``tri``: the columns from c0 = r0 on, see the
+    module docstring; every column index below is then relative to c0).
 
     With g[k, i, j] = wrow[k, i] * (p - [j == special_i and not exclude]) the gradient of the loss w.r.t.
     the natural logit z = z2 * ln2, where p = exp2(z2 - lse2[k, i]) on kept entries (0 elsewhere):
@@ -152,8 +216,11 @@ def grad_tiles(
     (rs and cs in float32, float64 for float64 inputs). H[r] multiplies the column range r of y (for the
     rows' gradient) and of x (for the columns'); rs/cs chain the gradient through the normalization.
     With ``col_lse2`` [K, n] the column term of ``row_lse(col_terms=n)`` is added to g: in column i < n,
-    wrow[k, i] * (exp2(z2 - col_lse2[k, i]) on its kept entries - [row == i]).
+    wrow[k, i] * (exp2(z2 - col_lse2[k, i]) on its kept entries - [row == i]). With ``tri`` the column side
+    of pair (i, j) adds wrow[k, j] * exp2(z2 - lse2[k, j]) (no positive: the diagonal is left out).
     """
+    if tri:
+        return _grad_tiles_tri(x, y, x_index, a2, b, thr2, bounds, lse2, wrow, r0, r1, h_dtype)
     dt = acc_dtype(x.dtype)
     y_acc = y.to(dt)
     K = len(bounds) - 1
@@ -187,5 +254,26 @@ def grad_tiles(
         torch.mul(g, (a2[k, r0:r1, None].to(dt) * LN2), out=H[k])
         H[k].mul_(b[k, None, :].to(dt))
     for r in range(K - 2, -1, -1):  # suffix sums: range r gets every dim k >= r
+        H[r] += H[r + 1]
+    return H, rs, cs
+
+
+def _grad_tiles_tri(x, y, x_index, a2, b, thr2, bounds, lse2, wrow, r0, r1, h_dtype):
+    dt = acc_dtype(x.dtype)
+    y_acc = y.to(dt)
+    K, M = len(bounds) - 1, a2.shape[1]
+    H = torch.empty(K, r1 - r0, y.shape[0] - r0, dtype=h_dtype, device=x.device)
+    rs = torch.empty(K, r1 - r0, dtype=dt, device=x.device)
+    cs = torch.empty(K, y.shape[0] - r0, dtype=dt, device=x.device)
+    for k, z_row, z_col, raw in _tri_block(x, y_acc, x_index, a2, b, thr2, bounds, r0, r1):
+        g = z_row.sub_(lse2[k, r0:r1, None].to(dt)).exp2_().mul_(wrow[k, r0:r1, None].to(dt))
+        gc = z_col.sub_(lse2[k, None, r0:M].to(dt)).exp2_().mul_(wrow[k, None, r0:M].to(dt))
+        g[:, : M - r0] += gc
+        gz = raw.mul_(g)
+        rs[k] = gz.sum(dim=1).mul_(LN2)
+        cs[k] = gz.sum(dim=0).mul_(LN2)
+        torch.mul(g, (a2[k, r0:r1, None].to(dt) * LN2), out=H[k])
+        H[k].mul_(b[k, None, r0:].to(dt))
+    for r in range(K - 2, -1, -1):
         H[r] += H[r + 1]
     return H, rs, cs
