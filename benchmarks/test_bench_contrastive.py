@@ -41,6 +41,18 @@ def test_option_cost(benchmark, option, monkeypatch):
     benchmark(fwd_bwd(lf.contrastive_loss, q, d, **option_kwargs(option, q.shape[1])))
 
 
+@pytest.mark.parametrize("layout", ["triangles", "full_squares"])
+def test_same_tower_layout(benchmark, layout, monkeypatch):
+    """same_tower in one process: each symmetric self-term pair once (default) or both squares."""
+    from llmembed_fast.ops import contrastive as opc
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    monkeypatch.setattr(opc, "SELF_TERM_TRIANGLES", layout == "triangles")
+    q, d = make_batch(2048, 2048, 256, torch.float32, "cpu")
+    benchmark.group = "contrastive same_tower B2048 N2048 D256"
+    benchmark(fwd_bwd(lf.contrastive_loss, q, d, same_tower=True))
+
+
 @pytest.mark.parametrize("provider", ["llmembed_fast", "naive"])
 def test_loss_forward_only(benchmark, provider, monkeypatch):
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")

@@ -31,6 +31,7 @@ from llmembed_fast import _dispatch
 from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
+from llmembed_fast.reference.contrastive_chunked import tri_block_rows
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -358,6 +359,8 @@ class _ContrastiveFunction(torch.autograd.Function):
                 M, NC = b, y.shape[0]
                 alpha, act = st["alpha"][t.x], st["act"][t.x]
                 step = be.chunk_rows(M, NC, K, torch.finfo(hdt).bits // 8)
+                if t.tri:  # each block computes columns [r0, NC): small blocks follow the triangle
+                    step = tri_block_rows(M, step)
                 for r0 in range(0, M, step):
                     r1 = min(M, r0 + step)
                     H, rs, cs = be.grad_tiles(

@@ -39,6 +39,15 @@ def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
     return max(1, min(M, GRAD_CHUNK_ELEMENTS // max(1, NC * K)))
 
 
+def tri_block_rows(M: int, rows: int) -> int:
+    """Rows per block of a ``tri`` term: at most ``rows`` and at most an eighth of M (in multiples of 128
+    once that is 128 or more), so the blocks' column ranges [r0, NC) follow the triangle to within M / 16."""
+    cap = -(-M // 8)
+    if cap >= 128:
+        cap = -(-cap // 128) * 128
+    return max(1, min(rows, cap))
+
+
 def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """dtype of the gradient tiles ``grad_tiles`` writes and the GEMMs that consume them."""
     return acc_dtype(x_dtype)
@@ -113,20 +122,22 @@ def _tri_block(x, y_acc, x_index, a2, b, thr2, bounds, r0, r1):
     yc = y_acc[r0:]
     i = torch.arange(r0, r1, device=x.device)[:, None]
     j = torch.arange(r0, y_acc.shape[0], device=x.device)[None, :]
-    upper = j > i
+    drop_row = (j <= i) & (j < M)  # the lower triangle and the diagonal (the row itself)
+    drop_col = drop_row[:, : M - r0]
     acc = None
     for k in range(len(bounds) - 1):
         lo, hi = bounds[k], bounds[k + 1]
         part = xr[:, lo:hi] @ yc[:, lo:hi].T
-        acc = part if acc is None else acc + part
-        raw = acc * a2[k, r0:r1, None].to(dt) * b[k, None, r0:].to(dt)
-        keep_row = upper | (j >= M)
-        keep_col = upper[:, : M - r0].clone()
-        if thr2 is not None:
-            keep_row &= raw <= thr2[k, r0:r1, None].to(dt)
-            keep_col &= raw[:, : M - r0] <= thr2[k, None, r0:M].to(dt)
-        z_row = raw.masked_fill(~keep_row, float("-inf"))
-        z_col = raw[:, : M - r0].masked_fill(~keep_col, float("-inf"))
+        acc = part if acc is None else acc.add_(part)
+        raw = acc * a2[k, r0:r1, None].to(dt)
+        raw.mul_(b[k, None, r0:].to(dt))
+        if thr2 is None:
+            z_row = raw.masked_fill(drop_row, float("-inf"))
+            z_col = raw[:, : M - r0].masked_fill(drop_col, float("-inf"))
+        else:
+            z_row = raw.masked_fill(drop_row | (raw > thr2[k, r0:r1, None].to(dt)), float("-inf"))
+            rc = raw[:, : M - r0]
+            z_col = rc.masked_fill(drop_col | (rc > thr2[k, None, r0:M].to(dt)), float("-inf"))
         yield k, z_row, z_col, raw
 
 
@@ -177,7 +188,7 @@ def _row_lse_tri(x, y, x_index, a2, b, thr2, bounds):
     y_acc = y.to(dt)
     rows = torch.full((K, M), float("-inf"), dtype=dt, device=x.device)
     cols = torch.full((K, M), float("-inf"), dtype=dt, device=x.device)
-    step = max(1, CHUNK_ELEMENTS // max(1, y.shape[0]))
+    step = tri_block_rows(M, max(1, CHUNK_ELEMENTS // max(1, y.shape[0])))
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         for k, z_row, z_col, _ in _tri_block(x, y_acc, x_index, a2, b, thr2, bounds, r0, r1):
