@@ -6,7 +6,7 @@ its inner loop through memory (the Matryoshka gradient kernel spilled 1.2 KB per
 restructured), so this is the CPU-side check of GPU code generation: run it after changing a kernel or a
 config. Timing still needs a GPU (``benchmarks/gpu_suite.py``).
 
-    python benchmarks/kernel_codegen.py            # bf16: one dim or five x plain / cols / tri
+    python benchmarks/kernel_codegen.py            # bf16: one dim or five (both loops) x plain/cols/tri
     python benchmarks/kernel_codegen.py --all      # float32 too
     python benchmarks/kernel_codegen.py --check    # exit 1 if a config expected to be spill-free spills
 
@@ -90,14 +90,22 @@ def compile_stats(fn, pointer_types: dict[str, str], constexprs: dict, num_warps
     return {"registers": int(regs.group(1)), "spill_stores": stores, "spill_loads": loads}
 
 
-def contrastive_case(kernel: str, dtype, K: int, mode: str, D: int = 1024):
+# Matryoshka bounds of the cases: K = 5 is the suite's matryoshka5 at D = 1024 (single-loop aligned); "ranges"
+# forces the one-loop-per-range path that unaligned bounds take.
+BOUNDS = {1: (0, 1024), 5: (0, 64, 128, 256, 512, 1024)}
+
+
+def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", D: int = 1024):
     """(kernel fn, pointer types, constexprs, config) of the contrastive kernel the launcher would run.
-    ``mode``: "plain", "cols" (the fused symmetric term) or "tri" (a same-tower triangle)."""
+    ``mode``: "plain", "cols" (the fused symmetric term) or "tri" (a same-tower triangle); ``loop``:
+    "auto" (what the launcher picks for ``BOUNDS[K]``) or "ranges" (one loop per Matryoshka range)."""
     import triton
 
     from triton_kernels import contrastive as C
 
-    cfg = C._config(dtype, D, K, kernel, cols=mode != "plain", tri=mode == "tri")
+    cfg, single = C.launch_config(dtype, D, BOUNDS[K], kernel, mode == "cols", mode == "tri", False)
+    if loop == "ranges":
+        cfg, single = C._config(dtype, D, K, kernel, cols=mode != "plain", tri=mode == "tri"), False
     x_t = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
     h_t = _TRITON_DTYPE[str(C.grad_dtype(dtype)).removeprefix("torch.")]
     ptrs = {"x_ptr": x_t, "y_ptr": x_t, "xidx_ptr": "*i64", "spec_ptr": "*i64", "h_ptr": h_t}
@@ -105,6 +113,7 @@ def contrastive_case(kernel: str, dtype, K: int, mode: str, D: int = 1024):
         K=K,
         COLS=mode == "cols",
         TRI=mode == "tri",
+        SINGLE=single,
         PRE_S=False,
         UPCAST=False,
         PRECISION="tf32",
@@ -139,19 +148,28 @@ def main(argv=None) -> int:
     import torch
 
     dtypes = [torch.bfloat16, torch.float32] if args.all else [torch.bfloat16]
-    combos = itertools.product(("lse", "grad"), dtypes, (1, 5), ("plain", "cols", "tri"))
+    combos = [
+        (kernel, dtype, K, mode, loop)
+        for kernel, dtype, K, mode in itertools.product(
+            ("lse", "grad"), dtypes, (1, 5), ("plain", "cols", "tri")
+        )
+        for loop in (("auto", "ranges") if K > 1 else ("auto",))
+    ]
     bad = []
-    head = f"{'kernel':6} {'dtype':9} {'K':>2} {'mode':5} {'config (BM, BN, BD, warps, stages)':36}"
+    head = (
+        f"{'kernel':6} {'dtype':9} {'K':>2} {'mode':5} {'loop':7} {'config (BM, BN, BD, warps, stages)':36}"
+    )
     print(f"{head} {'regs':>4} {'spill st/ld B':>14}")
-    for kernel, dtype, K, mode in combos:
-        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, mode)
+    for kernel, dtype, K, mode, loop in combos:
+        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, mode, loop)
+        loop = "single" if consts["SINGLE"] else ("ranges" if K > 1 else "-")
         st = compile_stats(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         conf = str((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"], cfg["num_stages"]))
         spills = f"{st['spill_stores']}/{st['spill_loads']}"
-        print(f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {conf:36} {st['registers']:>4} {spills:>14}",
-              flush=True)  # fmt: skip
+        row = f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {loop:7} {conf:36}"
+        print(f"{row} {st['registers']:>4} {spills:>14}", flush=True)
         if expected_spill_free(K, mode) and (st["spill_stores"] or st["spill_loads"]):
-            bad.append((kernel, str(dtype), K, mode, st))
+            bad.append((kernel, str(dtype), K, mode, loop, st))
     if bad:
         print(f"configs that spill: {bad}")
     return 1 if (args.check and bad) else 0

@@ -217,6 +217,60 @@ def test_same_tower_triangles(backend, monkeypatch, labels, n_extra, kw):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "D,labels,kw",
+    [
+        (70, "perm", dict(matryoshka_dims=(16, 48, 70), false_negative_margin=0.1)),
+        (80, "arange", dict(matryoshka_dims=(32, 64, 80), symmetric=True)),  # the fused column term
+        (50, "arange", dict(matryoshka_dims=(16, 32, 50), same_tower=True, false_negative_margin=0.1)),
+    ],
+)
+def test_matryoshka_single_loop(monkeypatch, dtype, D, labels, kw):
+    """Inner Matryoshka bounds that are multiples of 16: the kernels run one loop over D and update each dim
+    where its range ends. Equal to the reference and to the one-loop-per-range kernels."""
+    from llmembed_fast import _dispatch
+
+    if not _dispatch.triton_available():
+        pytest.skip("triton not installed")
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    used = []
+    real = tk._single_loop
+
+    def spy(bounds, block_d, pre_s):
+        out = real(bounds, block_d, pre_s)
+        used.append(out)
+        return out
+
+    monkeypatch.setattr(tk, "_single_loop", spy)
+    q, d, lab = _inputs(40, 53, D, dtype, seed=D, labels=labels)
+    _check(q, d, lab, TOL[dtype], **kw)
+    assert used and all(single for single, _ in used), used
+    outs = []
+    for single in (True, False):
+        monkeypatch.setattr(tk, "MATRYOSHKA_SINGLE_LOOP", single)
+        qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+        loss = lf.contrastive_loss(qa, da, labels=lab, **kw)
+        outs.append((loss, *torch.autograd.grad(loss, [qa, da])))
+    assert not used[-1][0]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradient tiles' rounding differs slightly
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
+
+
+def test_single_loop_block_d():
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    assert tk._single_loop((0, 64, 128, 256, 1000), 64, False) == (True, 64)
+    assert tk._single_loop((0, 96, 1024), 64, False) == (True, 32)
+    assert tk._single_loop((0, 48, 100), 64, False) == (True, 16)
+    assert tk._single_loop((0, 20, 100), 64, False) == (False, 64)  # 20: no BLOCK_D >= 16 divides it
+    assert tk._single_loop((0, 1024), 64, False) == (False, 64)  # one dim: the plain loop
+    assert tk._single_loop((0, 64, 1024), 64, True) == (False, 64)  # cuBLAS logits: no dots in the kernel
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_and_float_temperature(backend, reduction):
     q, d, lab = _inputs(5, 8, 24, torch.float32, seed=3)

@@ -27,4 +27,4 @@ def test_shipped_configs_do_not_spill():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("\n") >= 13, proc.stdout  # header + 12 configs
+    assert proc.stdout.count("\n") >= 19, proc.stdout  # header + 18 configs

@@ -82,6 +82,20 @@ def _dot_range(
 
 
 @triton.jit
+def _dot_step(acc, x_base, y_base, rmask, cmask, d0, hi, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """acc += X[rows, d0:d0+BLOCK_D] @ Y[cols, d0:d0+BLOCK_D]^T, columns >= hi masked."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    dm = dd < hi
+    xt = tl.load(x_base + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
+    yt = tl.load(y_base + dd[:, None], mask=dm[:, None] & cmask[None, :], other=0.0)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+        yt = yt.to(tl.float32)
+    return tl.dot(xt, yt, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logit_dots(
     acc,
     s_ptr,
@@ -140,6 +154,19 @@ def _bound(k: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8):
 
 
 @triton.jit
+def _bound_rt(k, b1, b2, b3, b4, b5, b6, b7, b8):
+    """bounds[k] for a runtime k in 1..8 (the single-loop Matryoshka path)."""
+    r = tl.where(k == 1, b1, b8)
+    r = tl.where(k == 2, b2, r)
+    r = tl.where(k == 3, b3, r)
+    r = tl.where(k == 4, b4, r)
+    r = tl.where(k == 5, b5, r)
+    r = tl.where(k == 6, b6, r)
+    r = tl.where(k == 7, b7, r)
+    return r
+
+
+@triton.jit
 def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude):
     """Base-2 logits of dim k for the tile and the mask of the kept entries (thr = +inf: no margin)."""
     a = tl.load(a_ptr + k * M + rows, mask=rmask, other=0.0)
@@ -171,6 +198,37 @@ def _tri_rows(valid, rows, cols, ncol, TRI: tl.constexpr):
     if TRI:
         valid = valid & ((cols[None, :] > rows[:, None]) | (cols[None, :] >= ncol))
     return valid
+
+
+@triton.jit
+def _lse_update(
+    acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, colpart_row, M, NC, rows, cols, rmask,
+    cmask, is_spec, exclude, ncol, COLS: tl.constexpr, TRI: tl.constexpr,
+):
+    """Dim k's step of the forward for one tile: the online max / sum-of-exp2 state [BLOCK_M, KP] of each
+    row (returned), and with a column term this tile's log-sum-exp down its columns (stored)."""
+    z2, valid, a, b = _logits2(
+        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+    )
+    valid = _tri_rows(valid, rows, cols, ncol, TRI)
+    if COLS or TRI:  # this tile's log-sum-exp down each of the first ncol columns
+        valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
+        zc = tl.where(valid_c, z2, float("-inf"))
+        mc = tl.max(zc, axis=0)
+        mc_use = tl.where(mc == float("-inf"), 0.0, mc)
+        lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
+        lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
+        tl.store(colpart_ptr + (colpart_row + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask)
+    z2 = tl.where(valid, z2, float("-inf"))
+    sel = kk[None, :] == k
+    m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
+    l_old = tl.sum(tl.where(sel, l_st, 0.0), axis=1)
+    m_new = tl.maximum(m_old, tl.max(z2, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_old * tl.exp2(m_old - m_use) + tl.sum(tl.exp2(z2 - m_use[:, None]), axis=1)
+    m_st = tl.where(sel, m_new[:, None], m_st)
+    l_st = tl.where(sel, l_new[:, None], l_st)
+    return m_st, l_st
 
 
 @triton.jit
@@ -211,6 +269,7 @@ def _row_lse_kernel(
     KP: tl.constexpr,
     COLS: tl.constexpr,
     TRI: tl.constexpr,
+    SINGLE: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -241,38 +300,30 @@ def _row_lse_kernel(
         y_base = y_ptr + cols[None, :] * stride_y
         is_spec = cols[None, :] == spec[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k in tl.static_range(K):
-            lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-            acc = _logit_dots(
-                acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
-                PRE_S, UPCAST, PRECISION, BLOCK_D,
-            )
-            z2, valid, a, b = _logits2(
-                acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
-            )
-            valid = _tri_rows(valid, rows, cols, ncol, TRI)
-            if COLS or TRI:  # this tile's log-sum-exp down each of the first ncol columns
-                valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
-                zc = tl.where(valid_c, z2, float("-inf"))
-                mc = tl.max(zc, axis=0)
-                mc_use = tl.where(mc == float("-inf"), 0.0, mc)
-                lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
-                lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
-                tl.store(
-                    colpart_ptr + ((rb0 + pid_m) * K + k).to(tl.int64) * ncol + cols,
-                    lsec,
-                    mask=(cols < ncol) & cmask,
+        if SINGLE:  # one pipelined loop over D; dim k's update where its range ends (bounds % BLOCK_D == 0)
+            k = 0
+            nxt = b1
+            for d0 in range(0, b8, BLOCK_D):
+                acc = _dot_step(acc, x_base, y_base, rmask, cmask, d0, b8, UPCAST, PRECISION, BLOCK_D)
+                if d0 + BLOCK_D >= nxt:
+                    m_st, l_st = _lse_update(
+                        acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M,
+                        NC, rows, cols, rmask, cmask, is_spec, exclude, ncol, COLS, TRI,
+                    )
+                    k += 1
+                    nxt = _bound_rt(k + 1, b1, b2, b3, b4, b5, b6, b7, b8)
+        else:
+            for k in tl.static_range(K):
+                lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+                hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+                acc = _logit_dots(
+                    acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
+                    PRE_S, UPCAST, PRECISION, BLOCK_D,
                 )
-            z2 = tl.where(valid, z2, float("-inf"))
-            sel = kk[None, :] == k
-            m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
-            l_old = tl.sum(tl.where(sel, l_st, 0.0), axis=1)
-            m_new = tl.maximum(m_old, tl.max(z2, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_new = l_old * tl.exp2(m_old - m_use) + tl.sum(tl.exp2(z2 - m_use[:, None]), axis=1)
-            m_st = tl.where(sel, m_new[:, None], m_st)
-            l_st = tl.where(sel, l_new[:, None], l_st)
+                m_st, l_st = _lse_update(
+                    acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M, NC,
+                    rows, cols, rmask, cmask, is_spec, exclude, ncol, COLS, TRI,
+                )
     lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
     ptrs = out_ptr + pid_s.to(tl.int64) * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
     tl.store(ptrs, lse, mask=rmask[:, None] & (kk[None, :] < K))
@@ -299,6 +350,27 @@ def _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_pt
     if TRI:
         return g + w_c[None, :] * pc
     return g + w_c[None, :] * (pc - tl.where(is_spec, 1.0, 0.0))
+
+
+@triton.jit
+def _grad_dim(
+    acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M, NC, rows, cols,
+    rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS: tl.constexpr, TRI: tl.constexpr,
+):
+    """Dim k's step of the backward for one tile: stores the row and column sums of g * z and returns dim
+    k's gradient tile g * scales (float32)."""
+    z2, valid, a, b = _logits2(
+        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+    )
+    valid = _tri_rows(valid, rows, cols, ncol, TRI)
+    g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
+    if COLS or TRI:
+        g = _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI)
+    g = tl.where(tile_mask, g, 0.0)
+    gz = g * z2 * 0.6931471805599453
+    tl.store(rs_col + k * Mc, tl.sum(gz, axis=1), mask=rmask)
+    tl.store(cs_row + k * n_hcols, tl.sum(gz, axis=0), mask=cmask)
+    return g * (a[:, None] * 0.6931471805599453) * b[None, :]
 
 
 @triton.jit
@@ -343,6 +415,7 @@ def _grad_tile_kernel(
     K: tl.constexpr,
     COLS: tl.constexpr,
     TRI: tl.constexpr,
+    SINGLE: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -373,36 +446,47 @@ def _grad_tile_kernel(
     h_tile = h_ptr + local[:, None] * stride_hm + ccols[None, :]
     tile_mask = rmask[:, None] & cmask[None, :]
 
+    rs_col = rs_ptr + pid_n.to(tl.int64) * K * Mc + local
+    cs_row = cs_ptr + pid_m.to(tl.int64) * K * n_hcols + ccols
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in tl.static_range(K):
-        lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-        hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
-        acc = _logit_dots(
-            acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
-            PRE_S, UPCAST, PRECISION, BLOCK_D,
-        )
-        z2, valid, a, b = _logits2(
-            acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
-        )
-        valid = _tri_rows(valid, rows, cols, ncol, TRI)
-        g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
-        if COLS or TRI:
-            g = _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI)
-        g = tl.where(tile_mask, g, 0.0)
-        gz = g * z2 * 0.6931471805599453
-        tl.store(rs_ptr + (pid_n * K + k).to(tl.int64) * Mc + local, tl.sum(gz, axis=1), mask=rmask)
-        cs_row = cs_ptr + (pid_m * K + k).to(tl.int64) * n_hcols
-        tl.store(cs_row + ccols, tl.sum(gz, axis=0), mask=cmask)
-        h = g * (a[:, None] * 0.6931471805599453) * b[None, :]
-        if k < K - 1:  # dim k's own tile; the suffix sums are formed below
-            tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
-    # H[r] = sum_{k >= r} h_k. The last dim's tile is still in registers; the others were just written by
-    # this program and are read back from L2 (a barrier makes every thread's stores visible to the others).
-    # One float32 tile stays live: a running total across the dims spilled 1.2 KB per thread (K = 5, sm_90a).
-    run = h
-    tl.store(h_tile + (K - 1) * stride_hk, run.to(h_ptr.dtype.element_ty), mask=tile_mask)
-    if K > 1:
+    if SINGLE:  # one pipelined loop over D; dim k's tile where its range ends (bounds % BLOCK_D == 0)
+        k = 0
+        nxt = b1
+        for d0 in range(0, b8, BLOCK_D):
+            acc = _dot_step(acc, x_base, y_base, rmask, cmask, d0, b8, UPCAST, PRECISION, BLOCK_D)
+            if d0 + BLOCK_D >= nxt:
+                h = _grad_dim(
+                    acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M,
+                    NC, rows, cols, rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS, TRI,
+                )
+                tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+                k += 1
+                nxt = _bound_rt(k + 1, b1, b2, b3, b4, b5, b6, b7, b8)
         tl.debug_barrier()
+        run = tl.load(h_tile + (K - 1) * stride_hk, mask=tile_mask, other=0.0).to(tl.float32)
+    else:
+        for k in tl.static_range(K):
+            lo = _bound(k, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+            hi = _bound(k + 1, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+            acc = _logit_dots(
+                acc, s_ptr, k, stride_sk, stride_sm, local, cols, x_base, y_base, rmask, cmask, lo, hi,
+                PRE_S, UPCAST, PRECISION, BLOCK_D,
+            )
+            h = _grad_dim(
+                acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M, NC,
+                rows, cols, rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS, TRI,
+            )
+            if k < K - 1:  # dim k's own tile; the suffix sums are formed below
+                tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+        # The last dim's tile is still in registers.
+        run = h
+        tl.store(h_tile + (K - 1) * stride_hk, run.to(h_ptr.dtype.element_ty), mask=tile_mask)
+        if K > 1:
+            tl.debug_barrier()
+    # H[r] = sum_{k >= r} h_k: the tiles were just written by this program and are read back from L2 (a
+    # barrier makes every thread's stores visible to the others). One float32 tile stays live: a running
+    # total across the dims spilled 1.2 KB per thread (K = 5, sm_90a).
+    if K > 1:
         for i in tl.static_range(K - 1):
             r = K - 2 - i
             run += tl.load(h_tile + r * stride_hk, mask=tile_mask, other=0.0).to(tl.float32)
@@ -419,10 +503,19 @@ def _grad_tile_kernel(
 CONFIG_OVERRIDE: dict[str, dict] = {}
 
 
-def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool = False, tri: bool = False):
+def _config(
+    dtype: torch.dtype,
+    D: int,
+    K: int,
+    kernel: str = "lse",
+    cols: bool = False,
+    tri: bool = False,
+    single: bool = False,
+):
     """Tile sizes and launch options (a dict) of ``kernel`` ("lse" or "grad") for a term with K dims, with
-    the symmetric column term (``cols``) or as a same-tower triangle (``tri``). The interpreter wants few,
-    large tiles; a GPU 64 - 256 wide ones within the register file."""
+    the symmetric column term (``cols``) or as a same-tower triangle (``tri``), Matryoshka dims on the
+    single-loop path (``single``) or one loop per range. The interpreter wants few, large tiles; a GPU 64 -
+    256 wide ones within the register file."""
     if kernel in CONFIG_OVERRIDE and not _interpreting():
         return dict(CONFIG_OVERRIDE[kernel])
     if _interpreting():
@@ -442,12 +535,18 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool 
         if K > 1 and (cols or tri):  # 4 warps spill 168 - 1,088 B/thread
             return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
-    if kernel == "lse" and K == 1 and not cols:
+    if kernel == "lse" and K == 1 and not (cols or tri):
         # H200 sweep (benchmarks/RESULTS.md): 128x256 tiles cut the forward from 34 to 28.5 ms at
         # B = N = 65,536, D = 1024 and from 38 to 25 ms at 32,768 x 4096 (the gradient kernel is best at
         # 128x128). Not with the fused column term: with these tiles (and the 1 GiB budget) the symmetric loss
         # went from 124 to 148 ms.
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3)
+    if K > 1 and single:  # one pipelined loop: fewer live registers than one loop per range
+        if kernel == "lse":
+            bm = 64 if (cols or tri) else 128  # 128 x 128 with a column term spills 228 B/thread
+            return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        bn = 64 if tri else 128  # the triangle's 64 x 128 gradient tiles spill 344 B/thread
+        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_D=64, num_warps=8, num_stages=3)
     if K > 1:
         # Matryoshka: one pipelined loop per dim range. 64-row tiles; the forward with 3 stages spills
         # (112 B/thread at K = 5), with 2 it does not. With a column term (cols, tri) 64 x 128 tiles spill
@@ -464,6 +563,18 @@ def _config(dtype: torch.dtype, D: int, K: int, kernel: str = "lse", cols: bool 
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
+def launch_config(dtype, D: int, bounds, kernel: str, cols: bool, tri: bool, pre_s: bool):
+    """(tile config, single-loop path) of a launch: the single loop when the Matryoshka bounds allow it, with
+    its own tiles and the widest BLOCK_D that divides the inner bounds."""
+    K = len(bounds) - 1
+    cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri)
+    single, block_d = _single_loop(bounds, cfg["BLOCK_D"], pre_s)
+    if single and kernel not in CONFIG_OVERRIDE:
+        cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, single=True)
+        single, block_d = _single_loop(bounds, cfg["BLOCK_D"], pre_s)
+    return dict(cfg, BLOCK_D=block_d), single
+
+
 def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
     """tl.dot input precision: only float32 operands read it (TF32 tensor cores, or full-precision FMA)."""
     if _interpreting():
@@ -477,6 +588,25 @@ def _upcast(x: torch.Tensor) -> bool:
 
 
 MAX_DIMS = 8  # Matryoshka dims a kernel takes (bounds are 9 integer arguments)
+# Matryoshka terms whose inner bounds are multiples of 16 run one pipelined loop over D with each dim's
+# update where its range ends (no pipeline restart per range; 167 - 226 registers instead of 255 on
+# sm_90a); False keeps one loop per range (benchmarks time both).
+MATRYOSHKA_SINGLE_LOOP = True
+
+
+def _single_loop(bounds, block_d: int, pre_s: bool) -> tuple[bool, int]:
+    """(use the single-loop path, its BLOCK_D): the widest BLOCK_D <= ``block_d`` (at least 16, the dot's
+    minimum) dividing every inner Matryoshka bound; (False, block_d) for one dim, the cuBLAS-logits mode,
+    or bounds that no such BLOCK_D divides."""
+    inner = bounds[1:-1]
+    if not inner or pre_s or not MATRYOSHKA_SINGLE_LOOP:
+        return False, block_d
+    bd = block_d
+    while bd >= 16:
+        if all(b % bd == 0 for b in inner):
+            return True, bd
+        bd //= 2
+    return False, block_d
 
 
 def _bound_args(bounds) -> list[int]:
@@ -567,11 +697,11 @@ def row_lse(
     M, NC = a2.shape[1], y.shape[0]
     if tri:
         col_terms = M
-    cfg = _config(x.dtype, x.shape[1], K, "lse", cols=col_terms > 0, tri=tri)
+    gemm = logits_mode() == "gemm"
+    cfg, single = launch_config(x.dtype, x.shape[1], bounds, "lse", col_terms > 0, tri, gemm)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb_all = triton.cdiv(M, BM)
     n_cb = triton.cdiv(NC, BN)
-    gemm = logits_mode() == "gemm"
     if gemm:  # row blocks whose float32 logits fit the budget, a multiple of the row tile
         step = H_BUDGET_BYTES // max(1, NC * K * 4)
         step = max(BM, step // BM * BM)
@@ -627,6 +757,7 @@ def row_lse(
             KP=triton.next_power_of_2(K),
             COLS=col_terms > 0 and not tri,
             TRI=tri,
+            SINGLE=single,
             PRE_S=gemm,
             UPCAST=_upcast(x),
             PRECISION=_precision(x, allow_tf32),
@@ -668,10 +799,10 @@ def grad_tiles(
     M, NC = a2.shape[1], y.shape[0]
     Mc = r1 - r0
     c0 = r0 if tri else 0
-    cfg = _config(x.dtype, x.shape[1], K, "grad", cols=col_lse2 is not None, tri=tri)
+    gemm = logits_mode() == "gemm"
+    cfg, single = launch_config(x.dtype, x.shape[1], bounds, "grad", col_lse2 is not None, tri, gemm)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC - c0, BN)
-    gemm = logits_mode() == "gemm"
     S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
     H = empty(K, Mc, NC - c0, dtype=h_dtype, device=x.device)
     rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
@@ -717,6 +848,7 @@ def grad_tiles(
         K=K,
         COLS=ncol > 0 and not tri,
         TRI=tri,
+        SINGLE=single,
         PRE_S=gemm,
         UPCAST=_upcast(x),
         PRECISION=_precision(x, allow_tf32),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+from llmembed_fast.triton_kernels import contrastive as tk
 
 import llmembed_fast as lf
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batch, naive_loss, option_kwargs
@@ -238,6 +239,16 @@ def timings(ctx) -> list[dict]:
                 t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
                 t_g = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d, **kw)), **quick)
                 more = {}
+                if opt == "matryoshka5":  # the single loop over D (default) against one loop per range
+                    tk.MATRYOSHKA_SINGLE_LOOP = False
+                    try:
+                        t_rg = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
+                    finally:
+                        tk.MATRYOSHKA_SINGLE_LOOP = True
+                    more = {
+                        "per_range_loops_ms": round(t_rg, 3),
+                        "per_range_cost_vs_plain": round(t_rg / t_ours, 3),
+                    }
                 if opt == "same_tower":  # the triangles (default) against the full squares, side by side
                     opc.SELF_TERM_TRIANGLES = False
                     try:
