@@ -10,7 +10,9 @@ How it is computed. The loss is a sum of *terms*, each rows x columns of similar
     C  d[labels] x d   the positive left out (same_tower)
     D  d[labels] x q   positive = i          (symmetric: the document->query direction)
 
-A, B and C share one partition function per query; D has its own. Forward: per term, a flash-style pass
+A, B and C share one partition function per query; D has its own. With default labels in one process, D
+rides on A's tiles (a column log-sum-exp), and B and C are symmetric: each pair is computed once, in the upper
+triangle, and feeds both rows it belongs to (B needs only one process). Forward: per term, a flash-style pass
 (``row_lse``) keeps an online max / log-sum-exp per row and Matryoshka dim and stores only that, never a
 similarity matrix. Normalization and 1/temperature are per-row and per-column scales applied to the
 float32 dot products, so no normalized copies are made. Backward: per term and per block of rows, the
