@@ -9,6 +9,7 @@ config. Timing still needs a GPU (``benchmarks/gpu_suite.py``).
     python benchmarks/kernel_codegen.py            # bf16: one dim or five (both loops) x plain/cols/tri
     python benchmarks/kernel_codegen.py --all      # float32 too
     python benchmarks/kernel_codegen.py --check    # exit 1 if a config expected to be spill-free spills
+    python benchmarks/kernel_codegen.py --pooling  # the pooling kernels' autotune configs (a report)
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels).
 """
@@ -129,6 +130,32 @@ def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", 
     return fn, ptrs, consts, cfg
 
 
+def pooling_report() -> None:
+    """Registers / spills of the pooling kernels (bf16 hidden states) for each autotune config and mode."""
+    from triton_kernels import pooling as P
+
+    fwd_ptrs = {"h_ptr": "*bf16", "mask_ptr": "*i64", "seg_lo_ptr": "*i32", "seg_hi_ptr": "*i32"}
+    fwd_ptrs |= {"info_ptr": "*i32", "argmax_ptr": "*i32"}
+    bwd_ptrs = {"gp_ptr": "*fp32", "mask_ptr": "*i64", "info_ptr": "*i32", "argmax_ptr": "*i32"}
+    bwd_ptrs |= {"gh_ptr": "*bf16"}
+    print(f"{'kernel':8} {'mode':14} {'(BLOCK_L, BLOCK_H, warps)':26} {'regs':>4} {'spill st/ld B':>14}")
+    for name, code in P.MODE_CODES.items():
+        if name in ("first", "last"):
+            continue  # one token per row: a fixed config, no token loop
+        for kernel, configs in (("fwd", P._FWD_CONFIGS), ("bwd", P._TOKEN_CONFIGS)):
+            for c in configs:
+                bl, bh, w = c.kwargs["BLOCK_L"], c.kwargs["BLOCK_H"], c.num_warps
+                if kernel == "fwd":
+                    consts = dict(MODE=code, SEGMENTS=False, BLOCK_SCAN=256, BLOCK_L=bl, BLOCK_H=bh)
+                    st = compile_stats(P._pool_fwd_kernel, fwd_ptrs, consts, w, 3)
+                else:
+                    consts = dict(MODE=code, BLOCK_L=bl, BLOCK_H=bh)
+                    st = compile_stats(P._pool_bwd_kernel, bwd_ptrs, consts, w, 3)
+                spills = f"{st['spill_stores']}/{st['spill_loads']}"
+                row = f"{kernel:8} {name:14} {str((bl, bh, w)):26}"
+                print(f"{row} {st['registers']:>4} {spills:>14}", flush=True)
+
+
 def expected_spill_free(K: int, mode: str) -> bool:
     """Every shipped config is expected to compile without spills (a hook for documented exceptions)."""
     return True
@@ -138,6 +165,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="float32 configs too")
     ap.add_argument("--check", action="store_true", help="exit 1 when a config expected spill-free spills")
+    ap.add_argument("--pooling", action="store_true", help="report the pooling kernels' autotune configs")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernel_codegen: unset TRITON_INTERPRET (the interpreter replaces kernels)", file=sys.stderr)
@@ -145,6 +173,9 @@ def main(argv=None) -> int:
     if ptxas_path() is None:
         print("kernel_codegen: no ptxas (Triton's NVIDIA backend ships one)", file=sys.stderr)
         return 2
+    if args.pooling:
+        pooling_report()
+        return 0
     import torch
 
     dtypes = [torch.bfloat16, torch.float32] if args.all else [torch.bfloat16]
