@@ -56,6 +56,20 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _dot_step(acc, x_base, y_base, rmask, cmask, d0, hi, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """acc += X[rows, d0:d0+BLOCK_D] @ Y[cols, d0:d0+BLOCK_D]^T, columns >= hi masked."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    dm = dd < hi
+    xt = tl.load(x_base + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
+    yt = tl.load(y_base + dd[:, None], mask=dm[:, None] & cmask[None, :], other=0.0)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+        yt = yt.to(tl.float32)
+    return tl.dot(xt, yt, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dot_range(
     acc,
     x_base,
@@ -70,29 +84,8 @@ def _dot_range(
 ):
     """acc += X[rows, lo:hi] @ Y[cols, lo:hi]^T (x_base [BM, 1] and y_base [1, BN] row pointers)."""
     for d0 in range(lo, hi, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dm = dd < hi
-        xt = tl.load(x_base + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
-        yt = tl.load(y_base + dd[:, None], mask=dm[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            yt = yt.to(tl.float32)
-        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
+        acc = _dot_step(acc, x_base, y_base, rmask, cmask, d0, hi, UPCAST, PRECISION, BLOCK_D)
     return acc
-
-
-@triton.jit
-def _dot_step(acc, x_base, y_base, rmask, cmask, d0, hi, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """acc += X[rows, d0:d0+BLOCK_D] @ Y[cols, d0:d0+BLOCK_D]^T, columns >= hi masked."""
-    dd = d0 + tl.arange(0, BLOCK_D)
-    dm = dd < hi
-    xt = tl.load(x_base + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
-    yt = tl.load(y_base + dd[:, None], mask=dm[:, None] & cmask[None, :], other=0.0)
-    if UPCAST:
-        xt = xt.to(tl.float32)
-        yt = yt.to(tl.float32)
-    return tl.dot(xt, yt, acc, input_precision=PRECISION)
 
 
 @triton.jit

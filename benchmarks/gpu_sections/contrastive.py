@@ -239,26 +239,19 @@ def timings(ctx) -> list[dict]:
                 t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
                 t_g = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d, **kw)), **quick)
                 more = {}
-                if opt == "matryoshka5":  # the single loop over D (default) against one loop per range
-                    tk.MATRYOSHKA_SINGLE_LOOP = False
+                # the new default path against the previous one, side by side: one loop per Matryoshka
+                # range instead of one over D; the same-tower terms as full squares instead of triangles
+                old = {"matryoshka5": (tk, "MATRYOSHKA_SINGLE_LOOP", "per_range_loops"),
+                       "same_tower": (opc, "SELF_TERM_TRIANGLES", "full_squares")}.get(opt)  # fmt: skip
+                if old is not None:
+                    module, switch, label = old
+                    setattr(module, switch, False)
                     try:
-                        t_rg = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
+                        t_old = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
                     finally:
-                        tk.MATRYOSHKA_SINGLE_LOOP = True
-                    more = {
-                        "per_range_loops_ms": round(t_rg, 3),
-                        "per_range_cost_vs_plain": round(t_rg / t_ours, 3),
-                    }
-                if opt == "same_tower":  # the triangles (default) against the full squares, side by side
-                    opc.SELF_TERM_TRIANGLES = False
-                    try:
-                        t_sq = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
-                    finally:
-                        opc.SELF_TERM_TRIANGLES = True
-                    more = {
-                        "full_squares_ms": round(t_sq, 3),
-                        "full_squares_cost_vs_plain": round(t_sq / t_ours, 3),
-                    }
+                        setattr(module, switch, True)
+                    more[f"{label}_ms"] = round(t_old, 3)
+                    more[f"{label}_cost_vs_plain"] = round(t_old / t_ours, 3)
                 recs.append(
                     {
                         "name": f"fwd+bwd {opt} B=N={B} D{D} bf16",
