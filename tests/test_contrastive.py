@@ -463,7 +463,8 @@ def test_cpu_memory_is_bounded(tmp_path):
 
 def test_gpu_tile_configs_in_interpreter(monkeypatch):
     """The GPU launch path (128/64-row tiles, BLOCK_D = 64 with a partial last block, forward column splits
-    sized from the SM count) run through the interpreter, fp32, every option with the fused symmetric term."""
+    sized from the SM count) run through the interpreter: fp32 with every option and the fused symmetric
+    term; bf16 on the single-loop Matryoshka path with the column term and with the triangles."""
     import types
 
     from llmembed_fast import _dispatch
@@ -490,6 +491,10 @@ def test_gpu_tile_configs_in_interpreter(monkeypatch):
         matryoshka_dims=(20, 70),
     )
     _check(q[:3], d, None, TOL[torch.float32])  # few rows: the forward splits the columns over programs
+    # bf16 tiles on the Matryoshka single-loop path (inner dims multiples of 16), same-tower triangles
+    qb, db, _ = _inputs(130, 260, 70, torch.bfloat16, seed=13, labels="arange")
+    for kw in (dict(symmetric=True), dict(same_tower=True, false_negative_margin=0.1)):
+        _check(qb, db, None, TOL[torch.bfloat16], matryoshka_dims=(32, 64, 70), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
