@@ -19,6 +19,13 @@ for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
   log-sum-exp down its columns ([row blocks, K, B], merged on the host), and the backward adds the
   document->query gradient of column i (query i's positive) to the same tile, so the symmetric loss costs
   one extra exp pass per tile instead of a second B x B term.
+* ``TRI`` (a same-tower term in one process, symmetric on its first M columns): the same column machinery
+  on the upper triangle only. Pair (i, j), i < j, is computed once in row i; its column side feeds row j's
+  log-sum-exp (forward) and gradient (backward), so the term costs half the tiles, each with two exp
+  passes. Forward programs start at their block's diagonal; gradient launches cover columns [c0, N).
+* ``SINGLE`` (Matryoshka dims whose inner bounds are multiples of BLOCK_D): one pipelined loop over D whose
+  body updates dim k when its range ends (a runtime branch), instead of one loop per range, each of which
+  restarts the software pipeline.
 
 Why the gradient GEMMs are not fused here: for the issue's D (1024 - 4096) a [BLOCK_M, D] float32 dq
 accumulator does not fit on chip, so a flash-attention-style dq/dd kernel would either reread and rewrite
@@ -26,9 +33,9 @@ gradient tiles in HBM or recompute the logits D / BLOCK_D times. Instead the til
 (bounded, ``H_BUDGET_BYTES``) go to two cuBLAS GEMMs (``llmembed_fast.ops.contrastive``).
 
 Gather (rows d[labels]), exclusion and the false-negative margin are runtime arguments (one compiled
-kernel per dtype, Matryoshka count and COLS); the Matryoshka bounds are integer arguments so their
-divisibility by 16 is known and the loads along D stay vectorized. Offsets are 64-bit. Any D, M, N
-(every load and store is masked).
+kernel per dtype, Matryoshka count, COLS / TRI and loop kind); the Matryoshka bounds are integer
+arguments so their divisibility by 16 is known and the loads along D stay vectorized. Offsets are
+64-bit. Any D, M, N (every load and store is masked).
 """
 
 from __future__ import annotations
