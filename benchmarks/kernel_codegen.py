@@ -8,7 +8,7 @@ config. Timing still needs a GPU (``benchmarks/gpu_suite.py``).
 
     python benchmarks/kernel_codegen.py            # bf16: one dim or five (both loops) x plain/cols/tri
     python benchmarks/kernel_codegen.py --all      # float32 too
-    python benchmarks/kernel_codegen.py --check    # exit 1 if a config expected to be spill-free spills
+    python benchmarks/kernel_codegen.py --check    # exit 1 if a config spills more than 32 B/thread
     python benchmarks/kernel_codegen.py --pooling  # the pooling kernels' autotune configs (a report)
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels).
@@ -114,6 +114,8 @@ def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", 
         K=K,
         COLS=mode == "cols",
         TRI=mode == "tri",
+        EXCL=mode == "tri",  # a same-tower term leaves its diagonal out
+        HAS_THR=True,  # with the false-negative margin: the most registers
         SINGLE=single,
         PRE_S=False,
         UPCAST=False,
@@ -156,8 +158,15 @@ def pooling_report() -> None:
                 print(f"{row} {st['registers']:>4} {spills:>14}", flush=True)
 
 
+# Spills the check tolerates, in bytes per thread: a few registers' worth, as ptxas moves between otherwise
+# identical builds (the shipped 128 x 128 column-term forward: 0 - 16 B). What it exists to catch is the
+# kilobyte spills of an inner loop (the Matryoshka gradient kernel once spilled 1,184 B).
+SPILL_TOLERANCE_BYTES = 32
+
+
 def expected_spill_free(K: int, mode: str) -> bool:
-    """Every shipped config is expected to compile without spills (a hook for documented exceptions)."""
+    """Every shipped config is expected to compile without spills beyond the tolerance (a hook for
+    documented exceptions)."""
     return True
 
 
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
         spills = f"{st['spill_stores']}/{st['spill_loads']}"
         row = f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {loop:7} {conf:36}"
         print(f"{row} {st['registers']:>4} {spills:>14}", flush=True)
-        if expected_spill_free(K, mode) and (st["spill_stores"] or st["spill_loads"]):
+        spilled = max(st["spill_stores"], st["spill_loads"])
+        if expected_spill_free(K, mode) and spilled > SPILL_TOLERANCE_BYTES:
             bad.append((kernel, str(dtype), K, mode, loop, st))
     if bad:
         print(f"configs that spill: {bad}")

@@ -32,8 +32,9 @@ accumulator does not fit on chip, so a flash-attention-style dq/dd kernel would 
 gradient tiles in HBM or recompute the logits D / BLOCK_D times. Instead the tiles of a block of rows
 (bounded, ``H_BUDGET_BYTES``) go to two cuBLAS GEMMs (``llmembed_fast.ops.contrastive``).
 
-Gather (rows d[labels]), exclusion and the false-negative margin are runtime arguments (one compiled
-kernel per dtype, Matryoshka count, COLS / TRI and loop kind); the Matryoshka bounds are integer
+Gather (rows d[labels]) is a runtime argument; exclusion and the false-negative margin are compile-time
+switches (``EXCL``, ``HAS_THR``: the plain loss's mask is the bounds check alone), so a kernel is compiled
+per dtype, Matryoshka count, COLS / TRI, those switches and loop kind; the Matryoshka bounds are integer
 arguments so their divisibility by 16 is known and the loads along D stay vectorized. Offsets are
 64-bit. Any D, M, N (every load and store is masked).
 """
@@ -167,25 +168,34 @@ def _bound_rt(k, b1, b2, b3, b4, b5, b6, b7, b8):
 
 
 @triton.jit
-def _logits2(acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude):
-    """Base-2 logits of dim k for the tile and the mask of the kept entries (thr = +inf: no margin)."""
+def _logits2(
+    acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, EXCL: tl.constexpr,
+    HAS_THR: tl.constexpr,
+):
+    """Base-2 logits of dim k for the tile and the mask of the kept entries. The margin and the exclusion
+    are compile-time switches: without them the mask is the bounds check alone."""
     a = tl.load(a_ptr + k * M + rows, mask=rmask, other=0.0)
     b = tl.load(b_ptr + k * NC + cols, mask=cmask, other=0.0)
-    thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
     z2 = acc * a[:, None] * b[None, :]
-    valid = rmask[:, None] & cmask[None, :] & ((z2 <= thr[:, None]) | is_spec)
-    valid = valid & ~(is_spec & (exclude != 0))
+    valid = rmask[:, None] & cmask[None, :]
+    if HAS_THR:
+        thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
+        valid = valid & ((z2 <= thr[:, None]) | is_spec)
+    if EXCL:
+        valid = valid & ~is_spec
     return z2, valid, a, b
 
 
 @triton.jit
-def _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI: tl.constexpr):
+def _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI: tl.constexpr, HAS_THR: tl.constexpr):
     """Kept entries of the column term: column i < ncol belongs to row i of the term (COLS: query i, whose
     positive is the diagonal; TRI: the row's own self-term entry, upper triangle only), its false-negative
     threshold is row i's."""
     ccol = cols < ncol
-    thr_c = tl.load(thr_ptr + k * M + cols, mask=ccol, other=0.0)
-    keep = rmask[:, None] & ccol[None, :] & ((z2 <= thr_c[None, :]) | is_spec)
+    keep = rmask[:, None] & ccol[None, :]
+    if HAS_THR:
+        thr_c = tl.load(thr_ptr + k * M + cols, mask=ccol, other=0.0)
+        keep = keep & ((z2 <= thr_c[None, :]) | is_spec)
     if TRI:
         keep = keep & (cols[None, :] > rows[:, None])
     return keep
@@ -203,16 +213,16 @@ def _tri_rows(valid, rows, cols, ncol, TRI: tl.constexpr):
 @triton.jit
 def _lse_update(
     acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, colpart_row, M, NC, rows, cols, rmask,
-    cmask, is_spec, exclude, ncol, COLS: tl.constexpr, TRI: tl.constexpr,
+    cmask, is_spec, ncol, COLS: tl.constexpr, TRI: tl.constexpr, EXCL: tl.constexpr, HAS_THR: tl.constexpr,
 ):
     """Dim k's step of the forward for one tile: the online max / sum-of-exp2 state [BLOCK_M, KP] of each
     row (returned), and with a column term this tile's log-sum-exp down its columns (stored)."""
     z2, valid, a, b = _logits2(
-        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, EXCL, HAS_THR
     )
     valid = _tri_rows(valid, rows, cols, ncol, TRI)
     if COLS or TRI:  # this tile's log-sum-exp down each of the first ncol columns
-        valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
+        valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI, HAS_THR)
         zc = tl.where(valid_c, z2, float("-inf"))
         mc = tl.max(zc, axis=0)
         mc_use = tl.where(mc == float("-inf"), 0.0, mc)
@@ -254,7 +264,6 @@ def _row_lse_kernel(
     stride_x,
     stride_y,
     gather,
-    exclude,
     ncol,
     b0,
     b1,
@@ -269,6 +278,8 @@ def _row_lse_kernel(
     KP: tl.constexpr,
     COLS: tl.constexpr,
     TRI: tl.constexpr,
+    EXCL: tl.constexpr,
+    HAS_THR: tl.constexpr,
     SINGLE: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -308,7 +319,7 @@ def _row_lse_kernel(
                 if d0 + BLOCK_D >= nxt:
                     m_st, l_st = _lse_update(
                         acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M,
-                        NC, rows, cols, rmask, cmask, is_spec, exclude, ncol, COLS, TRI,
+                        NC, rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                     )
                     k += 1
                     nxt = _bound_rt(k + 1, b1, b2, b3, b4, b5, b6, b7, b8)
@@ -322,7 +333,7 @@ def _row_lse_kernel(
                 )
                 m_st, l_st = _lse_update(
                     acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M, NC,
-                    rows, cols, rmask, cmask, is_spec, exclude, ncol, COLS, TRI,
+                    rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                 )
     lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
     ptrs = out_ptr + pid_s.to(tl.int64) * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
@@ -330,22 +341,27 @@ def _row_lse_kernel(
 
 
 @triton.jit
-def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude):
+def _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCL: tl.constexpr):
     """g = w * (exp2(z2 - lse) on kept entries - [positive]): the gradient w.r.t. the natural logit."""
     lse = tl.load(lse_ptr + k * M + rows, mask=rmask, other=0.0)
     w = tl.load(w_ptr + k * M + rows, mask=rmask, other=0.0)
     p = tl.where(valid, tl.exp2(z2 - lse[:, None]), 0.0)
-    return w[:, None] * (p - tl.where(is_spec & (exclude == 0), 1.0, 0.0))
+    if EXCL:
+        return w[:, None] * p
+    return w[:, None] * (p - tl.where(is_spec, 1.0, 0.0))
 
 
 @triton.jit
-def _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI: tl.constexpr):
+def _grad_g_cols(
+    g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI: tl.constexpr,
+    HAS_THR: tl.constexpr,
+):
     """Adds the column term's gradient in column i < ncol: w_i * (exp2(z2 - clse_i) on kept entries), minus
     w_i on the diagonal (COLS: query i's positive; TRI has no positive there)."""
     ccol = cols < ncol
     lse_c = tl.load(clse_ptr + k * ncol + cols, mask=ccol, other=0.0)
     w_c = tl.load(w_ptr + k * M + cols, mask=ccol, other=0.0)
-    valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI)
+    valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI, HAS_THR)
     pc = tl.where(valid_c, tl.exp2(z2 - lse_c[None, :]), 0.0)
     if TRI:
         return g + w_c[None, :] * pc
@@ -355,17 +371,20 @@ def _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_pt
 @triton.jit
 def _grad_dim(
     acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M, NC, rows, cols,
-    rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS: tl.constexpr, TRI: tl.constexpr,
+    rmask, cmask, tile_mask, is_spec, ncol, COLS: tl.constexpr, TRI: tl.constexpr, EXCL: tl.constexpr,
+    HAS_THR: tl.constexpr,
 ):
     """Dim k's step of the backward for one tile: stores the row and column sums of g * z and returns dim
     k's gradient tile g * scales (float32)."""
     z2, valid, a, b = _logits2(
-        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, exclude
+        acc, a_ptr, b_ptr, thr_ptr, k, M, NC, rows, cols, rmask, cmask, is_spec, EXCL, HAS_THR
     )
     valid = _tri_rows(valid, rows, cols, ncol, TRI)
-    g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, exclude)
+    g = _grad_g(z2, valid, is_spec, lse_ptr, w_ptr, k, M, rows, rmask, EXCL)
     if COLS or TRI:
-        g = _grad_g_cols(g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI)
+        g = _grad_g_cols(
+            g, z2, is_spec, rmask, rows, cols, k, M, ncol, thr_ptr, clse_ptr, w_ptr, TRI, HAS_THR
+        )
     g = tl.where(tile_mask, g, 0.0)
     gz = g * z2 * 0.6931471805599453
     tl.store(rs_col + k * Mc, tl.sum(gz, axis=1), mask=rmask)
@@ -401,7 +420,6 @@ def _grad_tile_kernel(
     stride_hk,
     stride_hm,
     gather,
-    exclude,
     ncol,
     b0,
     b1,
@@ -415,6 +433,8 @@ def _grad_tile_kernel(
     K: tl.constexpr,
     COLS: tl.constexpr,
     TRI: tl.constexpr,
+    EXCL: tl.constexpr,
+    HAS_THR: tl.constexpr,
     SINGLE: tl.constexpr,
     PRE_S: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -457,7 +477,7 @@ def _grad_tile_kernel(
             if d0 + BLOCK_D >= nxt:
                 h = _grad_dim(
                     acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M,
-                    NC, rows, cols, rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS, TRI,
+                    NC, rows, cols, rmask, cmask, tile_mask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                 )
                 tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
                 k += 1
@@ -474,7 +494,7 @@ def _grad_tile_kernel(
             )
             h = _grad_dim(
                 acc, k, a_ptr, b_ptr, thr_ptr, lse_ptr, w_ptr, clse_ptr, rs_col, cs_row, Mc, n_hcols, M, NC,
-                rows, cols, rmask, cmask, tile_mask, is_spec, exclude, ncol, COLS, TRI,
+                rows, cols, rmask, cmask, tile_mask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
             )
             if k < K - 1:  # dim k's own tile; the suffix sums are formed below
                 tl.store(h_tile + k * stride_hk, h.to(h_ptr.dtype.element_ty), mask=tile_mask)
@@ -750,13 +770,14 @@ def row_lse(
             x.stride(0),
             y.stride(0),
             int(x_index is not None),
-            int(bool(exclude)),
             col_terms,
             *_bound_args(bounds),
             K=K,
             KP=triton.next_power_of_2(K),
             COLS=col_terms > 0 and not tri,
             TRI=tri,
+            EXCL=bool(exclude),
+            HAS_THR=thr2 is not None,
             SINGLE=single,
             PRE_S=gemm,
             UPCAST=_upcast(x),
@@ -842,12 +863,13 @@ def grad_tiles(
         H.stride(0),
         H.stride(1),
         int(x_index is not None),
-        int(bool(exclude)),
         ncol,
         *_bound_args(bounds),
         K=K,
         COLS=ncol > 0 and not tri,
         TRI=tri,
+        EXCL=bool(exclude),
+        HAS_THR=thr2 is not None,
         SINGLE=single,
         PRE_S=gemm,
         UPCAST=_upcast(x),
