@@ -636,8 +636,8 @@ def _bound_args(bounds) -> list[int]:
 
 
 def _thresholds(thr2, K: int, M: int, device) -> torch.Tensor:
-    """False-negative thresholds [K, M] float32; +inf (nothing masked) without a margin. Gather, exclusion
-    and margin are runtime arguments, so one compiled kernel per (dtype, K) serves every term."""
+    """False-negative thresholds [K, M] float32. Without a margin the kernels are compiled with
+    HAS_THR=False and never read it: +inf, for safety."""
     if thr2 is None:
         return torch.full((K, M), float("inf"), dtype=torch.float32, device=device)
     return thr2.to(torch.float32).contiguous()
