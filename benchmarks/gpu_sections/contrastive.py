@@ -109,6 +109,20 @@ def correctness(ctx) -> list[dict]:
             name = f"contrastive same_tower triangles dims={dims} B{B} N{N} D{D}"
             kw = dict(tri, matryoshka_dims=dims)
             out.append(_check(name, B, N, D, dtype, tf32, kw, dev, seed=30 + j, default_labels=True))
+    # Matryoshka dims whose inner bounds are multiples of 16: the single-loop kernels (the dims above take the
+    # per-range loops), alone, with the fused symmetric term and with the triangles
+    aligned = (64, 128, 512, D) if not ctx.smoke else (16, D)
+    single_cases = (
+        ("plain", dict(matryoshka_dims=aligned, false_negative_margin=0.1), False),
+        ("fused symmetric", dict(matryoshka_dims=aligned, symmetric=True), True),
+        ("same_tower triangles", dict(matryoshka_dims=aligned, same_tower=True), True),
+    )
+    for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
+        for case, kw, arange in single_cases:
+            if ctx.time_left() < 30:
+                break
+            name = f"contrastive single-loop dims={aligned} {case} B{B} N{N} D{D}"
+            out.append(_check(name, B, N, D, dtype, tf32, kw, dev, seed=40 + j, default_labels=arange))
     # the opt-in cuBLAS-logits mode (LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm): the same checks
     with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "gemm"):
         for j, (dtype, tf32) in enumerate(((torch.float32, False), (torch.bfloat16, True))):
