@@ -185,6 +185,7 @@ def test_same_tower_triangles(backend, monkeypatch, labels, n_extra, kw):
         from llmembed_fast.triton_kernels import contrastive as tk
 
         monkeypatch.setattr(tk, "H_BUDGET_BYTES", 12 * 40 * 4)  # backward blocks of a few rows
+        monkeypatch.setattr(tk, "COL_PART_BUDGET_BYTES", 1)  # forward column partials one row tile at a time
     monkeypatch.setattr(contrastive_chunked, "GRAD_CHUNK_ELEMENTS", 3 * 9 * 53)
     monkeypatch.setattr(contrastive_chunked, "CHUNK_ELEMENTS", 7 * 53)
     be = tk if tk is not None else contrastive_chunked

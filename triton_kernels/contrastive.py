@@ -16,9 +16,10 @@ for the meaning of a term, ``a2``, ``b``, ``special``, ``thr2`` and ``bounds``).
   is formed, then the program reads its own tiles back from L2 to form the suffix sums), plus per-tile row
   and column sums of g * z for the normalization and temperature gradients. No atomics.
 * ``COLS`` (the fused symmetric term, default labels in one process): the forward also writes each tile's
-  log-sum-exp down its columns ([row blocks, K, B], merged on the host), and the backward adds the
-  document->query gradient of column i (query i's positive) to the same tile, so the symmetric loss costs
-  one extra exp pass per tile instead of a second B x B term.
+  log-sum-exp down its columns ([row tiles, K, B] per block of rows, ``COL_PART_BUDGET_BYTES``, merged on
+  the host block by block), and the backward adds the document->query gradient of column i (query i's
+  positive) to the same tile, so the symmetric loss costs one extra exp pass per tile instead of a second
+  B x B term.
 * ``TRI`` (a same-tower term in one process, symmetric on its first M columns): the same column machinery
   on the upper triangle only. Pair (i, j), i < j, is computed once in row i; its column side feeds row j's
   log-sum-exp (forward) and gradient (backward), so the term costs half the tiles, each with two exp
@@ -52,6 +53,9 @@ from llmembed_fast._matmul import mm_f32, tf32
 from llmembed_fast._poison import empty
 
 LN2 = math.log(2.0)
+# Column partial log-sum-exps of the forward's column term ([row tiles, K, columns] float32) per block of
+# rows: at B = 262,144 one block for all rows would take 2 - 4 GB; blocks are merged as they finish.
+COL_PART_BUDGET_BYTES = 256 << 20
 # Gradient tiles per backward block (all Matryoshka slots together). 1 GiB: at B = N = 65,536, D = 1024 on an
 # H200, 4x fewer blocks than 256 MiB took the backward from 66 to 54 ms (fewer accumulation passes over the
 # fp32 column gradients) for 1.38 GB peak extra memory instead of 0.65 GB.
@@ -259,7 +263,6 @@ def _row_lse_kernel(
     NC,
     r0,
     Mc,
-    rb0,
     cols_per_split,
     stride_x,
     stride_y,
@@ -318,7 +321,7 @@ def _row_lse_kernel(
                 acc = _dot_step(acc, x_base, y_base, rmask, cmask, d0, b8, UPCAST, PRECISION, BLOCK_D)
                 if d0 + BLOCK_D >= nxt:
                     m_st, l_st = _lse_update(
-                        acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M,
+                        acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, pid_m * K, M,
                         NC, rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                     )
                     k += 1
@@ -332,7 +335,7 @@ def _row_lse_kernel(
                     PRE_S, UPCAST, PRECISION, BLOCK_D,
                 )
                 m_st, l_st = _lse_update(
-                    acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, (rb0 + pid_m) * K, M, NC,
+                    acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, pid_m * K, M, NC,
                     rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                 )
     lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
@@ -587,12 +590,32 @@ def launch_config(dtype, D: int, bounds, kernel: str, cols: bool, tri: bool, pre
     """(tile config, single-loop path) of a launch: the single loop when the Matryoshka bounds allow it, with
     its own tiles and the widest BLOCK_D that divides the inner bounds."""
     K = len(bounds) - 1
-    cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri)
+    cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, single=True)
     single, block_d = _single_loop(bounds, cfg["BLOCK_D"], pre_s)
-    if single and kernel not in CONFIG_OVERRIDE:
-        cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, single=True)
-        single, block_d = _single_loop(bounds, cfg["BLOCK_D"], pre_s)
+    if not single:
+        cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri)
+        block_d = cfg["BLOCK_D"]
     return dict(cfg, BLOCK_D=block_d), single
+
+
+def _meta(cfg: dict, K: int, x, allow_tf32: bool, cols: bool, tri: bool, exclude, thr2, single, pre_s):
+    """The compile-time arguments and launch options both kernels take."""
+    return dict(
+        K=K,
+        COLS=cols and not tri,
+        TRI=tri,
+        EXCL=bool(exclude),
+        HAS_THR=thr2 is not None,
+        SINGLE=single,
+        PRE_S=pre_s,
+        UPCAST=_upcast(x),
+        PRECISION=_precision(x, allow_tf32),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
@@ -720,14 +743,14 @@ def row_lse(
     gemm = logits_mode() == "gemm"
     cfg, single = launch_config(x.dtype, x.shape[1], bounds, "lse", col_terms > 0, tri, gemm)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_rb_all = triton.cdiv(M, BM)
     n_cb = triton.cdiv(NC, BN)
-    if gemm:  # row blocks whose float32 logits fit the budget, a multiple of the row tile
-        step = H_BUDGET_BYTES // max(1, NC * K * 4)
-        step = max(BM, step // BM * BM)
-        blocks = [(r0, min(M, r0 + step)) for r0 in range(0, M, step)]
-    else:
-        blocks = [(0, M)]
+    step = M
+    if gemm:  # row blocks whose float32 logits fit the budget
+        step = min(step, H_BUDGET_BYTES // max(1, NC * K * 4))
+    if col_terms:  # and whose column partials [row tiles, K, col_terms] fit theirs
+        step = min(step, COL_PART_BUDGET_BYTES // max(1, K * col_terms * 4) * BM)
+    step = max(BM, step // BM * BM)  # a multiple of the row tile
+    blocks = [(r0, min(M, r0 + step)) for r0 in range(0, M, step)]
     n_rb_max = triton.cdiv(max(r1 - r0 for r0, r1 in blocks), BM)
     if LSE_SPLITS is not None:
         splits = max(1, min(n_cb, LSE_SPLITS))
@@ -739,16 +762,19 @@ def row_lse(
     cols_per_split = triton.cdiv(n_cb, splits) * BN
     splits = triton.cdiv(NC, cols_per_split)
     part = empty(splits, K, M, dtype=torch.float32, device=x.device)
-    if tri:  # tiles left of a block's diagonal are never visited: their column partials stay empty
-        colpart = torch.full((n_rb_all, K, M), float("-inf"), dtype=torch.float32, device=x.device)
-    else:
-        colpart = empty(n_rb_all, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
+    col_lse = None
     a2 = a2.to(torch.float32).contiguous()
     b = b.to(torch.float32).contiguous()
     thr = _thresholds(thr2, K, M, x.device)
+    meta = _meta(cfg, K, x, allow_tf32, col_terms > 0, tri, exclude, thr2, single, gemm)
     for r0, r1 in blocks:
         S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
-        _row_lse_kernel[(triton.cdiv(r1 - r0, BM), splits)](
+        n_rb = triton.cdiv(r1 - r0, BM)
+        if tri:  # tiles left of a block's diagonal are never visited: their column partials stay empty
+            colpart = torch.full((n_rb, K, M), float("-inf"), dtype=torch.float32, device=x.device)
+        else:
+            colpart = empty(n_rb, K, col_terms, dtype=torch.float32, device=x.device) if col_terms else part
+        _row_lse_kernel[(n_rb, splits)](
             x,
             y,
             x_index if x_index is not None else special,
@@ -765,33 +791,23 @@ def row_lse(
             NC,
             r0,
             r1 - r0,
-            r0 // BM,
             cols_per_split,
             x.stride(0),
             y.stride(0),
             int(x_index is not None),
             col_terms,
             *_bound_args(bounds),
-            K=K,
             KP=triton.next_power_of_2(K),
-            COLS=col_terms > 0 and not tri,
-            TRI=tri,
-            EXCL=bool(exclude),
-            HAS_THR=thr2 is not None,
-            SINGLE=single,
-            PRE_S=gemm,
-            UPCAST=_upcast(x),
-            PRECISION=_precision(x, allow_tf32),
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            **meta,
         )
         del S
+        if col_terms:
+            merged = _lse2_merge(colpart)
+            col_lse = merged if col_lse is None else torch.logaddexp2(col_lse, merged)
+            del colpart
     if tri:
-        return torch.logaddexp2(_lse2_merge(part), _lse2_merge(colpart)), None
-    return _lse2_merge(part), (_lse2_merge(colpart) if col_terms else None)
+        return torch.logaddexp2(_lse2_merge(part), col_lse), None
+    return _lse2_merge(part), col_lse
 
 
 def grad_tiles(
@@ -865,19 +881,6 @@ def grad_tiles(
         int(x_index is not None),
         ncol,
         *_bound_args(bounds),
-        K=K,
-        COLS=ncol > 0 and not tri,
-        TRI=tri,
-        EXCL=bool(exclude),
-        HAS_THR=thr2 is not None,
-        SINGLE=single,
-        PRE_S=gemm,
-        UPCAST=_upcast(x),
-        PRECISION=_precision(x, allow_tf32),
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **_meta(cfg, K, x, allow_tf32, ncol > 0, tri, exclude, thr2, single, gemm),
     )
     return H, rs_part.sum(0), cs_part.sum(0)
