@@ -1,6 +1,7 @@
 #include "int8_search.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -241,17 +242,40 @@ void sqnorms(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* o
   sqnorms_scalar(rows, n, d, flip, out, head_sums);
 }
 
+// ---------------------------------------------------------------- the scan's row filter
+// Index of the first i in [from, n) with v[i] >= t, or n. Most rows of a tile fail the cut, so the scan
+// skips them eight at a time instead of testing each one.
+using NextAtLeastFn = int64_t (*)(const int32_t* v, int64_t from, int64_t n, int32_t t);
+
+int64_t next_at_least_scalar(const int32_t* v, int64_t from, int64_t n, int32_t t) {
+  while (from < n && v[from] < t) ++from;
+  return from;
+}
+
+#ifdef LF_X86
+LF_AVX2 int64_t next_at_least_avx2(const int32_t* v, int64_t from, int64_t n, int32_t t) {
+  const __m256i tv = _mm256_set1_epi32(t);
+  for (; from + 8 <= n; from += 8) {
+    const __m256i fail = _mm256_cmpgt_epi32(tv, ld(v + from));  // t > v: below the cut
+    const unsigned pass = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(fail))) & 0xffu;
+    if (pass) return from + __builtin_ctz(pass);
+  }
+  return next_at_least_scalar(v, from, n, t);
+}
+#endif
+
 struct Kernel {
   DotFn dots;
   int qmax;  // largest |a| the kernel accepts
+  NextAtLeastFn next_at_least;
 };
 
 Kernel pick_kernel() {
 #ifdef LF_X86
-  if (simd_active() == Simd::AVX512 && cpu_has_avx512_vnni()) return {dots_vnni, 127};
-  if (simd_active() >= Simd::AVX2) return {dots_avx2, 64};
+  if (simd_active() == Simd::AVX512 && cpu_has_avx512_vnni()) return {dots_vnni, 127, next_at_least_avx2};
+  if (simd_active() >= Simd::AVX2) return {dots_avx2, 64, next_at_least_avx2};
 #endif
-  return {dots_scalar, 127};
+  return {dots_scalar, 127, next_at_least_scalar};
 }
 
 // Per query: the integer query, its scale and error terms.
@@ -382,11 +406,18 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
       const Digit& g = p.first;
       const double base = 128.0 * g.err_sum;
       double cut = s.cut();
-      // Rows with dot < dot_cut fail even with the tile's largest error radius: one compare each.
-      auto dot_cut = [&] { return (cut - base - g.err_norm * max_norm - 2.0 * p.slack) / g.scale; };
-      double dcut = dot_cut();
+      // Rows with dot < dot_cut fail even with the tile's largest error radius; as an integer, the cut is
+      // ceil(dot_cut) (the cut only rises, so a row skipped under an older cut fails the newer one too).
+      auto dot_cut = [&]() -> int64_t {
+        const double c = std::ceil((cut - base - g.err_norm * max_norm - 2.0 * p.slack) / g.scale);
+        if (!(c > static_cast<double>(INT32_MIN))) return INT32_MIN;  // also -inf and NaN: every row is tested
+        return c > static_cast<double>(INT32_MAX) ? int64_t(INT32_MAX) + 1 : static_cast<int64_t>(c);
+      };
+      int64_t dcut = dot_cut();
       for (int64_t r = 0; r < rn; ++r) {
-        if (static_cast<double>(dots[r]) < dcut) continue;
+        if (dcut > INT32_MAX) break;  // no dot can reach the cut
+        r = kern.next_at_least(dots.data(), r, rn, static_cast<int32_t>(dcut));
+        if (r >= rn) break;
         const double approx = g.scale * dots[r] + base;
         const double radius = g.err_norm * norms[r] + p.slack;
         if (approx + radius < cut) continue;
