@@ -98,14 +98,17 @@ TIME_WEIGHTS = {"pooling": 0.8, "contrastive": 2.5, "quant": 1.0, "grad_cache": 
 
 def _check_line(c: dict) -> str:
     return (
-        f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} err {c['err']:.2e} tol {c['tol']:.0e}"
+        f"{'ok ' if c['ok'] else 'BAD'} {c['section']:<11} {c['name']:<58} "
+        f"err {c['err']:.2e} tol {c['tol']:.0e}"
         + (f"  {c['detail']}" if c.get("detail") and not c["ok"] else "")
     )
 
 
 def _timing_line(r: dict) -> str:
     base = " ".join(
-        f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)" for k, v in r.get("baselines", {}).items() if isinstance(v, (int, float))
+        f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)"
+        for k, v in r.get("baselines", {}).items()
+        if isinstance(v, (int, float))
     )
     floor = r.get("floor_ms")
     fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
@@ -132,7 +135,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=W",
-        help="relative share of the timing budget for a section (defaults: %s)" % "TIME_WEIGHTS",
+        help=f"relative share of the timing budget for a section (defaults: {TIME_WEIGHTS})",
     )
     ap.add_argument("--full", action="store_true", help="the issues' largest configurations (long)")
     ap.add_argument(

@@ -40,7 +40,8 @@ class Encoder(nn.Module):
         self.model = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).last_hidden_state
         return lf.pool(hidden, batch["attention_mask"], "mean")
 
 

@@ -23,7 +23,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16)
     args = ap.parse_args()
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     from llmembed_fast.integrations.st_losses import CachedFusedMNRLoss
 
@@ -36,7 +40,8 @@ def main() -> None:
     rows = pairs(args.batch * args.steps)
     data = Dataset.from_dict({"anchor": [r["query"] for r in rows], "positive": [r["doc"] for r in rows]})
     loss = CachedFusedMNRLoss(model, scale=20.0, mini_batch_size=args.chunk, matryoshka_dims=[384, 128, 64])
-    targs = SentenceTransformerTrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+    targs = SentenceTransformerTrainingArguments(output_dir=tempfile.mkdtemp(),
+                                                 per_device_train_batch_size=args.batch,
                                                  max_steps=args.steps, learning_rate=2e-5, logging_steps=5,
                                                  report_to=[], save_strategy="no", use_cpu=True)
     SentenceTransformerTrainer(model=model, args=targs, train_dataset=data, loss=loss).train()

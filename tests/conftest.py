@@ -18,7 +18,8 @@ BACKENDS = ["torch"] + (["triton"] if _dispatch.triton_available() else [])
 
 @pytest.fixture
 def torch_backend(monkeypatch):
-    """Force the torch (CPU) path of the ops, for tests of code built on them (kernels are tested elsewhere)."""
+    """Force the torch (CPU) path of the ops, for tests of code built on them (kernels are tested
+    elsewhere)."""
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
     return "torch"
 

@@ -24,7 +24,8 @@ def test_chunk_widths_match_per_chunk_reference():
         right = (torch.arange(L)[None] < lengths[:, None]).long()
         left = right.flip(1)
         holes = right * (torch.rand(n, L, generator=g) > 0.3).long()
-        for mask in (right, left, holes, torch.zeros(n, L, dtype=torch.long), torch.ones(n, L, dtype=torch.long)):
+        for mask in (right, left, holes, torch.zeros(n, L, dtype=torch.long),
+                     torch.ones(n, L, dtype=torch.long)):
             for chunk in (1, 4, 7, n):
                 ranges = chunk_ranges(n, chunk)
                 want = [_width_ref(mask, lo, hi) for lo, hi in ranges]
@@ -38,7 +39,8 @@ def test_slice_batch_trims_trailing_padding_only():
     part = slice_batch(batch, 0, 2, trim_padding=True)
     assert part["input_ids"].tolist() == [[0, 1, 2], [5, 6, 7]]
     assert part["attention_mask"].shape == (2, 3) and part["labels"].tolist() == [1, 2] and part["flag"] == 7
-    assert slice_batch(batch, 1, 3, trim_padding=True)["input_ids"].shape == (2, 5)  # left-padded row keeps all
+    # left-padded row keeps all
+    assert slice_batch(batch, 1, 3, trim_padding=True)["input_ids"].shape == (2, 5)
     assert slice_batch(batch, 0, 2)["input_ids"].shape == (2, 5)  # no trimming unless asked
     assert slice_batch(batch, 0, 2, trim_padding=True, width=4)["input_ids"].shape == (2, 4)  # precomputed
     assert slice_batch(batch, 0, 2, trim_padding=False, width=3)["input_ids"].shape == (2, 5)

@@ -30,8 +30,8 @@ def info_nce(q, d, labels=None, temperature=0.05):
 def make_model(arch: str, dropout: float):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=64)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64)
     if arch == "qwen2":
         cfg = tf.Qwen2Config(num_key_value_heads=2, attention_dropout=dropout, **common)
     elif arch == "llama":
@@ -75,7 +75,7 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5):
     for k in want:
         g, w = got[k], want[k]
         assert torch.isfinite(g).all(), k
-        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale + 1e-12, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale + 1e-12, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def reference_chunked(enc, qb, db, chunk, loss_fn, seed, **kw):
@@ -147,7 +147,8 @@ def test_separate_doc_encoder_and_hard_negative_labels():
     labels = torch.randperm(N)[:B]
     info_nce(qenc(qb), denc(db), labels=labels, temperature=0.1).backward()
     want_q, want_d = grads_of(qenc), grads_of(denc)
-    GradCache(qenc, info_nce, 3, doc_encoder=denc, doc_chunk_size=5).step(qb, db, labels=labels, temperature=0.1)
+    GradCache(qenc, info_nce, 3, doc_encoder=denc, doc_chunk_size=5).step(qb, db, labels=labels,
+                                                                          temperature=0.1)
     assert_grads_close(grads_of(qenc), want_q)
     assert_grads_close(grads_of(denc), want_d)
 

@@ -74,7 +74,8 @@ def _check(rank: int, kwargs: dict):
     torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
     scale = max(w.abs().max().item() for w in want.values())
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     synced = calls[0]
     # an uncached DDP backward over the local batch makes the same number of all-reduce calls
     ddp.zero_grad()

@@ -43,7 +43,8 @@ def assert_same(a, b, rtol=1e-5):
     assert ga.keys() == gb.keys() and len(ga) > 0
     scale = max(g.abs().max().item() for g in gb.values())
     for k in gb:
-        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def test_same_tower_pairs(bert_st):
     """GTE-style: query-query and document-document terms in one partition function (pairs only: with hard
     negatives sentence-transformers also leaves out the anchor's own negatives in doc_to_doc)."""
     feats = features(bert_st, [TEXTS[:6], TEXTS[6:12]])
-    st = st_cached_mnrl(bert_st, mini_batch_size=4, directions=("query_to_doc", "query_to_query", "doc_to_doc"))
+    st = st_cached_mnrl(bert_st, mini_batch_size=4,
+                        directions=("query_to_doc", "query_to_query", "doc_to_doc"))
     want = run(st, bert_st, feats, 8)
     got = run(CachedFusedMNRLoss(bert_st, mini_batch_size=4, same_tower=True), bert_st, feats, 8)
     assert_same(got, want)
@@ -95,8 +97,8 @@ def test_matryoshka_one_pass(bert_st):
     dims, weights = [64, 32, 8], [1.0, 0.5, 0.25]
     st = MatryoshkaLoss(bert_st, st_cached_mnrl(bert_st, mini_batch_size=2), dims, matryoshka_weights=weights)
     want = run(st, bert_st, feats, 9)
-    got = run(CachedFusedMNRLoss(bert_st, mini_batch_size=2, matryoshka_dims=dims, matryoshka_weights=weights),
-              bert_st, feats, 9)
+    got = run(CachedFusedMNRLoss(bert_st, mini_batch_size=2, matryoshka_dims=dims,
+                                 matryoshka_weights=weights), bert_st, feats, 9)
     assert_same(got, want)
 
 
@@ -122,4 +124,5 @@ def test_bad_arguments(bert_st):
         CachedFusedMNRLoss(bert_st)(features(bert_st, [TEXTS[:3]]), None)
     from sentence_transformers import util
 
-    assert CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()["similarity_fct"] == "cos_sim"
+    config = CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()
+    assert config["similarity_fct"] == "cos_sim"

@@ -32,7 +32,8 @@ def _embedder():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lf.LLMEmbedder.from_pretrained(cached_tiny_model_dir("qwen2"), device="cpu", dtype=torch.float32)
+        return lf.LLMEmbedder.from_pretrained(cached_tiny_model_dir("qwen2"), device="cpu",
+                                              dtype=torch.float32)
 
 
 def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
@@ -48,9 +49,9 @@ def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
     lf.contrastive_loss(emb(batch["query"]), emb(batch["doc"]), temperature=0.1).backward()
     want = {k: p.grad.clone() for k, p in emb.named_parameters() if p.grad is not None}
     emb.zero_grad(set_to_none=True)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=9, max_steps=3, report_to=[],
-                             remove_unused_columns=False, save_strategy="no", use_cpu=True, learning_rate=1e-3,
-                             logging_steps=1)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=9, max_steps=3,
+                             report_to=[], remove_unused_columns=False, save_strategy="no", use_cpu=True,
+                             learning_rate=1e-3, logging_steps=1)
     trainer = GradCacheTrainer(model=emb, args=args, train_dataset=pairs(27, seed=2),
                                data_collator=PairCollator(emb.tokenize), chunk_size=4,
                                loss_kwargs={"temperature": 0.1})
@@ -58,7 +59,7 @@ def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
     scale = max(w.abs().max().item() for w in want.values())
     for k, w in want.items():
         got = dict(emb.named_parameters())[k].grad
-        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, k=k: f"{k}: {m}")
     emb.zero_grad(set_to_none=True)
     before = {k: p.detach().clone() for k, p in emb.named_parameters()}
     result = trainer.train()

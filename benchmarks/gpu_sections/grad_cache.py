@@ -41,11 +41,13 @@ def correctness(ctx) -> list[dict]:
     small = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1000)
     enc = qwen2_encoder(dev, dropout=0.1, **small)
     out = []
-    for name, ac_dtype, tol in (("fp32 dropout", None, 1e-4), ("bf16 autocast dropout", torch.bfloat16, 3e-2)):
+    for name, ac_dtype, tol in (("fp32 dropout", None, 1e-4),
+                                ("bf16 autocast dropout", torch.bfloat16, 3e-2)):
         B, N, chunk = (6, 8, 4) if ctx.smoke else (48, 64, 20)
         q = random_batch(B, 32, 1000, dev, 1, min_len=4)
         d = random_batch(N, 32, 1000, dev, 2, min_len=4)
-        ac = (lambda: torch.autocast(dev.type, dtype=ac_dtype)) if ac_dtype else torch.enable_grad
+        ac = ((lambda ac_dtype=ac_dtype: torch.autocast(dev.type, dtype=ac_dtype)) if ac_dtype
+              else torch.enable_grad)
         torch.manual_seed(3)
         with ac():
             qe = torch.cat([enc({k: v[i:i + chunk] for k, v in q.items()}) for i in range(0, B, chunk)])
@@ -57,8 +59,9 @@ def correctness(ctx) -> list[dict]:
         with ac():
             loss = lf.GradCache(enc, lf.contrastive_loss, chunk, trim_padding=False).step(q, d)
         err = max(_rel(_grads(enc), want), abs(loss.item() - ref.item()) / abs(ref.item()))
-        out.append({"name": f"GradCache grads vs graph-kept chunks, {name}, B{B} N{N} chunk{chunk}", "ok": err <= tol,
-                    "err": err, "tol": tol, "detail": "relative norm error, worst parameter"})
+        out.append({"name": f"GradCache grads vs graph-kept chunks, {name}, B{B} N{N} chunk{chunk}",
+                    "ok": err <= tol, "err": err, "tol": tol,
+                    "detail": "relative norm error, worst parameter"})
     return out
 
 
@@ -96,8 +99,8 @@ def timings(ctx) -> list[dict]:
                 raise
             B, chunk = B // 2, max(1, chunk // 2)
     t_gc = ctx.bench(fns["gradcache"], **kw)
-    recs.append({"name": f"step Qwen2-0.5B-shape bf16 L{L} B{B} chunk{chunk}: cached vs uncached", "ours_ms": t_gc,
-                 "baselines": {"uncached": t_un}, "floor_ms": None,
+    recs.append({"name": f"step Qwen2-0.5B-shape bf16 L{L} B{B} chunk{chunk}: cached vs uncached",
+                 "ours_ms": t_gc, "baselines": {"uncached": t_un}, "floor_ms": None,
                  "extra": {"cached/uncached": round(t_gc / t_un, 3), "target": "<= 1.35"}})
     # 2) vs sentence-transformers CachedMNRL
     if ctx.time_left() > 40:
@@ -119,7 +122,8 @@ def timings(ctx) -> list[dict]:
             fns = step_fns(enc, q, d, chunk)
             one = dict(warmup=1, reps=1, min_s=0.0)
             t_gc = ctx.bench(fns["gradcache"], **one)
-            base = {"st_cached_mnrl": ctx.bench(fns["st_cached_mnrl"], **one)} if callable(fns["st_cached_mnrl"]) else {}
+            base = ({"st_cached_mnrl": ctx.bench(fns["st_cached_mnrl"], **one)}
+                    if callable(fns["st_cached_mnrl"]) else {})
             recs.append({"name": f"step B4096 chunk{chunk} vs sentence-transformers CachedMNRL (one run)",
                          "ours_ms": t_gc, "baselines": base, "floor_ms": None,
                          "extra": {"speedup": round(base["st_cached_mnrl"] / t_gc, 3) if base else None,
@@ -139,7 +143,8 @@ def timings(ctx) -> list[dict]:
         a, b = sizes
         recs.append({"name": f"peak extra memory B{b} vs B{a}, chunk{chunk}", "ours_ms": float("nan"),
                      "baselines": {}, "floor_ms": None,
-                     "extra": {f"peak_MB_B{a}": round(peaks[a] / 2**20, 1), f"peak_MB_B{b}": round(peaks[b] / 2**20, 1),
+                     "extra": {f"peak_MB_B{a}": round(peaks[a] / 2**20, 1),
+                               f"peak_MB_B{b}": round(peaks[b] / 2**20, 1),
                                "ratio": round(peaks[b] / max(peaks[a], 1), 4), "target": "<= 1.05"}})
     return recs
 

@@ -36,7 +36,8 @@ def naive_loss(q, d, temperature: float = 0.05, symmetric: bool = False):
 
 
 def infcl_loss():
-    """Inf-CL's single-device loss as (q, d, temperature) -> loss, or a string saying why it is unavailable."""
+    """Inf-CL's single-device loss as (q, d, temperature) -> loss, or a string saying why it is
+    unavailable."""
     try:
         from inf_cl import cal_flash_loss
     except Exception as exc:  # not installed, or no GPU build

@@ -25,8 +25,8 @@ def qwen2_encoder(device, dtype=torch.float32, *, hidden_size=64, intermediate_s
 
     cfg = Qwen2Config(hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                      num_key_value_heads=num_key_value_heads, vocab_size=vocab_size, max_position_embeddings=4096,
-                      attention_dropout=dropout, pad_token_id=0)
+                      num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+                      max_position_embeddings=4096, attention_dropout=dropout, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModel.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(device)
     return MeanPooled(model).train()
@@ -72,7 +72,8 @@ def random_batch(n: int, L: int, vocab: int, device, seed: int, min_len: int | N
 def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtype=None):
     """{"gradcache": fn, "uncached": fn, "st_cached_mnrl": fn or reason}: one forward/backward each."""
     dev = next(encoder.parameters()).device
-    ctx = (lambda: torch.autocast(dev.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    ctx = ((lambda: torch.autocast(dev.type, dtype=autocast_dtype)) if autocast_dtype
+           else contextlib.nullcontext)
     gc = lf.GradCache(encoder, lf.contrastive_loss, chunk)
 
     def cached():
@@ -92,7 +93,8 @@ def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtyp
     except Exception:
         out["st_cached_mnrl"] = "skipped: sentence-transformers not installed"
         return out
-    st_loss = CachedMultipleNegativesRankingLoss(STLike(encoder), scale=1.0 / temperature, mini_batch_size=chunk)
+    st_loss = CachedMultipleNegativesRankingLoss(STLike(encoder), scale=1.0 / temperature,
+                                                 mini_batch_size=chunk)
 
     def st():
         encoder.zero_grad(set_to_none=True)

@@ -29,7 +29,8 @@ class PairCollator:
                  negative_keys: tuple[str, ...] = (), query_kwargs: dict | None = None,
                  doc_kwargs: dict | None = None):
         if not callable(tokenize):
-            raise TypeError(f"tokenize must be callable (texts -> dict of tensors), got {type(tokenize).__name__}")
+            raise TypeError("tokenize must be callable (texts -> dict of tensors), "
+                            f"got {type(tokenize).__name__}")
         self.tokenize, self.query_key, self.doc_key = tokenize, query_key, doc_key
         self.negative_keys = tuple(negative_keys)
         self.query_kwargs, self.doc_kwargs = dict(query_kwargs or {}), dict(doc_kwargs or {})
@@ -54,8 +55,8 @@ class GradCacheTrainer(Trainer):
         encode: ``encode(model, chunk) -> [b, D]`` (default ``model(chunk)``, e.g. an ``LLMEmbedder``).
     """
 
-    def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32, loss_kwargs: dict | None = None,
-                 encode: Callable | None = None, **kwargs):
+    def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32,
+                 loss_kwargs: dict | None = None, encode: Callable | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if loss_fn is None:
             from llmembed_fast.ops.contrastive import contrastive_loss as loss_fn

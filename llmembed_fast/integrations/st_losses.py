@@ -23,7 +23,8 @@ def _is_cos_sim(fn) -> bool:
         from sentence_transformers import util
     except Exception:  # pragma: no cover - sentence-transformers is a dependency of this module's use
         util = None
-    return (util is not None and fn is getattr(util, "cos_sim", None)) or getattr(fn, "__name__", "") == "cos_sim"
+    return ((util is not None and fn is getattr(util, "cos_sim", None))
+            or getattr(fn, "__name__", "") == "cos_sim")
 
 
 class CachedFusedMNRLoss(nn.Module):
@@ -51,18 +52,20 @@ class CachedFusedMNRLoss(nn.Module):
     """
 
     def __init__(self, model, scale: float = 20.0, similarity_fct=None, mini_batch_size: int = 32,
-                 gather_across_devices: bool = False, show_progress_bar: bool = False, *, symmetric: bool = False,
-                 same_tower: bool = False, false_negative_margin: float | None = None,
-                 matryoshka_dims: Sequence[int] | None = None, matryoshka_weights: Sequence[float] | None = None,
-                 trim_padding: bool = True):
+                 gather_across_devices: bool = False, show_progress_bar: bool = False, *,
+                 symmetric: bool = False, same_tower: bool = False,
+                 false_negative_margin: float | None = None, matryoshka_dims: Sequence[int] | None = None,
+                 matryoshka_weights: Sequence[float] | None = None, trim_padding: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                or not (math.isfinite(scale) and scale > 0)):
             raise ValueError(f"scale must be a positive finite number (1 / temperature), got {scale!r}")
         if not _is_cos_sim(similarity_fct):
             raise ValueError("similarity_fct: only cosine similarity (sentence_transformers.util.cos_sim) is "
-                             f"supported by the fused loss, got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
+                             "supported by the fused loss, "
+                             f"got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
         self.model = model
@@ -85,7 +88,8 @@ class CachedFusedMNRLoss(nn.Module):
         dims = [int(d) for d in dims]
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
         if len(weights) != len(dims):
-            raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), got {len(weights)}")
+            raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), "
+                             f"got {len(weights)}")
         order = sorted(range(len(dims)), key=dims.__getitem__)
         return tuple(dims[i] for i in order), tuple(weights[i] for i in order)
 
@@ -106,15 +110,16 @@ class CachedFusedMNRLoss(nn.Module):
 
         return contrastive_loss(q, d, temperature=1.0 / self.scale, normalize=True, symmetric=self.symmetric,
                                 same_tower=self.same_tower, false_negative_margin=self.false_negative_margin,
-                                matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
-                                group=group)
+                                matryoshka_dims=self.matryoshka_dims,
+                                matryoshka_weights=self.matryoshka_weights, group=group)
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None = None):
+    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
+                labels: torch.Tensor | None = None):
         """The loss (a 0-d tensor); its ``backward()`` re-embeds the mini-batches and fills the gradients."""
         features = list(sentence_features)
         if len(features) < 2:
-            raise ValueError(f"CachedFusedMNRLoss needs at least 2 input columns (anchor, positive, ...), got "
-                             f"{len(features)}")
+            raise ValueError("CachedFusedMNRLoss needs at least 2 input columns (anchor, positive, ...), "
+                             f"got {len(features)}")
         group, world = self._group()
         gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group), self.mini_batch_size,
                        trim_padding=self.trim_padding, grad_multiplier=float(world))
@@ -132,6 +137,6 @@ class CachedFusedMNRLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return ("@misc{gao2021scaling, title={Scaling Deep Contrastive Learning Batch Size under Memory Limited "
-                "Setup}, author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan}, year={2021}, "
-                "eprint={2101.06983}, archivePrefix={arXiv}, primaryClass={cs.LG}}")
+        return ("@misc{gao2021scaling, title={Scaling Deep Contrastive Learning Batch Size under Memory "
+                "Limited Setup}, author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan}, "
+                "year={2021}, eprint={2101.06983}, archivePrefix={arXiv}, primaryClass={cs.LG}}")

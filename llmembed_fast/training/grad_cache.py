@@ -97,15 +97,19 @@ class GradCache:
     framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
     """
 
-    def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *, doc_encoder: Callable | None = None,
-                 scaler=None, doc_chunk_size: int | None = None, trim_padding: bool = True,
+    def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *,
+                 doc_encoder: Callable | None = None, scaler=None, doc_chunk_size: int | None = None,
+                 trim_padding: bool = True,
                  grad_multiplier: float = 1.0, replay_rng: bool = True):
         if not callable(encoder):
-            raise TypeError(f"encoder must be callable (chunk -> [b, D] embeddings), got {type(encoder).__name__}")
+            raise TypeError("encoder must be callable (chunk -> [b, D] embeddings), "
+                            f"got {type(encoder).__name__}")
         if doc_encoder is not None and not callable(doc_encoder):
-            raise TypeError(f"doc_encoder must be callable or None, got {type(doc_encoder).__name__}")
+            raise TypeError("doc_encoder must be callable or None, "
+                            f"got {type(doc_encoder).__name__}")
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (q, d, **kwargs) -> scalar, got {type(loss_fn).__name__}")
+            raise TypeError("loss_fn must be callable (q, d, **kwargs) -> scalar, "
+                            f"got {type(loss_fn).__name__}")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
@@ -145,8 +149,9 @@ class GradCache:
                 if out is None:
                     out = torch.empty((n, emb.shape[1]), dtype=emb.dtype, device=emb.device)
                 elif emb.shape[1] != out.shape[1] or emb.dtype != out.dtype:
-                    raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} for a chunk of "
-                                     f"{name} but [.., {out.shape[1]}] {out.dtype} for the previous ones")
+                    raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} "
+                                     f"for a chunk of {name} but [.., {out.shape[1]}] {out.dtype} "
+                                     "for the previous ones")
                 out[lo:hi] = emb
         return out, _Tower(name, encoder, batch, ranges, states, devices, widths, side, offset)
 
@@ -156,8 +161,8 @@ class GradCache:
             raise TypeError(f"the encoder must return a tensor of embeddings [b, D] for a chunk of {name}, "
                             f"got {type(emb).__name__}")
         if emb.dim() != 2 or emb.shape[0] != rows:
-            raise ValueError(f"the encoder must return embeddings of shape [b, D] = [{rows}, D] for a chunk of "
-                             f"{rows} rows of {name}, got shape {tuple(emb.shape)}")
+            raise ValueError(f"the encoder must return embeddings of shape [b, D] = [{rows}, D] "
+                             f"for a chunk of {rows} rows of {name}, got shape {tuple(emb.shape)}")
         if not emb.is_floating_point():
             raise TypeError(f"the encoder must return floating-point embeddings, got {emb.dtype}")
         return emb
@@ -168,21 +173,22 @@ class GradCache:
             raise ValueError("doc_batch must not be an empty list")
         names = ["doc_batch"] if len(columns) == 1 else [f"doc_batch[{i}]" for i in range(len(columns))]
         nq = batch_size(query_batch, "query_batch")
-        sizes = [batch_size(c, n) for c, n in zip(columns, names)]
+        sizes = [batch_size(c, n) for c, n in zip(columns, names, strict=True)]
         if sum(sizes) < nq:
-            raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: the documents must hold "
-                             "every query's positive (N >= B)")
+            raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: "
+                             "the documents must hold every query's positive (N >= B)")
         q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
-        for col, name in zip(columns, names):
-            d, td = self._embed_no_grad(self.doc_encoder or self.encoder, col, self.doc_chunk_size, name, capture,
-                                        side=1, offset=offset)
+        for col, name in zip(columns, names, strict=True):
+            d, td = self._embed_no_grad(self.doc_encoder or self.encoder, col, self.doc_chunk_size, name,
+                                        capture, side=1, offset=offset)
             offset += d.shape[0]
             parts.append(d)
             towers.append(td)
         if len({(p.shape[1], p.dtype) for p in parts + [q]}) != 1:
             raise ValueError("the query and document embeddings differ in width or dtype: "
-                             + ", ".join(f"{t.name} {tuple(p.shape)} {p.dtype}" for t, p in zip(towers, [q] + parts)))
+                             + ", ".join(f"{t.name} {tuple(p.shape)} {p.dtype}"
+                                         for t, p in zip(towers, [q] + parts, strict=True)))
         d = parts[0] if len(parts) == 1 else torch.cat(parts)
         return q, d, towers
 
@@ -191,9 +197,11 @@ class GradCache:
             loss = self.loss_fn(q, d, **loss_kwargs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor, got "
-                             + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__))
+                             + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                                else type(loss).__name__))
         if not loss.requires_grad:
-            raise ValueError("loss_fn's result does not depend on the embeddings (no gradient flows to q or d)")
+            raise ValueError("loss_fn's result does not depend on the embeddings "
+                             "(no gradient flows to q or d)")
         return loss.reshape(())
 
     # ------------------------------------------------------------------------------------------------
@@ -201,7 +209,8 @@ class GradCache:
     # ------------------------------------------------------------------------------------------------
 
     def _replay(self, towers, grads) -> None:
-        jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None for i in range(len(t.ranges))]
+        jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
+                for i in range(len(t.ranges))]
         last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
         for j, (t, _, _) in enumerate(jobs):
             last_of[id(t.encoder)] = j
@@ -211,7 +220,8 @@ class GradCache:
                 lo, hi = t.ranges[i]
                 part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i])
                 no_sync = _no_sync_context(t.encoder)
-                ctx = no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j) else contextlib.nullcontext()
+                ctx = (no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j)
+                       else contextlib.nullcontext())
                 with ctx:
                     if t.states is not None:
                         t.states[i].restore()
@@ -289,7 +299,8 @@ class _ReplayBridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gd):
         if ctx.payload is None:
-            raise RuntimeError("GradCache.forward's loss was back-propagated twice; its chunks are re-run only once")
+            raise RuntimeError("GradCache.forward's loss was back-propagated twice; "
+                               "its chunks are re-run only once")
         gc, towers, autocast_state = ctx.payload
         ctx.payload = None
         if gc.grad_multiplier != 1.0:
