@@ -1,6 +1,6 @@
 # Quickstart targets; each creates .venv idempotently and installs what it needs.
 #   make bench   set up, build, run `llmembed-fast bench`
-#   make test    set up, build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter)
+#   make test    set up, lint (ruff), build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: venv deps build test test-cpp test-py bench bench-pytest clean
+.PHONY: venv deps build lint test test-cpp test-py bench bench-pytest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,10 @@ test-cpp: deps
 test-py: build
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
-test: test-cpp test-py
+lint: deps
+	$(VENV)/bin/ruff check .
+
+test: lint test-cpp test-py
 
 bench: build
 	$(VENV)/bin/llmembed-fast bench $(BENCH_ARGS)
