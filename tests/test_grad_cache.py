@@ -7,6 +7,8 @@ control shows the gradients differ without the replay.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -308,3 +310,57 @@ def test_doc_batch_as_list_of_columns():
     assert_grads_close(grads_of(enc), want)
     with pytest.raises(ValueError, match="empty"):
         GradCache(enc, info_nce, 3).step(qb, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# reuse_last_chunk: the step's last chunk keeps its graph from the first pass
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_last_chunk(reuse):
+    """The last document chunk runs once, with a graph, in the first pass; every other chunk twice. Same
+    loss and gradients either way, dropout on (the other chunks' RNG replay still lines up)."""
+    enc = Encoder(make_model("qwen2", 0.1), 0.1).train()
+    calls = []
+
+    def counted(batch):
+        calls.append((batch["input_ids"].shape[0], torch.is_grad_enabled()))
+        return enc(batch)
+
+    qb, db = make_batch(B, 40), make_batch(N, 41)
+    loss_ref = reference_chunked(enc, qb, db, 4, info_nce, seed=17)
+    want = grads_of(enc)
+    torch.manual_seed(17)
+    loss = GradCache(counted, info_nce, 4, trim_padding=False, reuse_last_chunk=reuse).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+    n_chunks = -(-B // 4) + -(-N // 4)
+    assert len(calls) == 2 * n_chunks - int(reuse)
+    assert [g for _, g in calls[:n_chunks]] == [False] * (n_chunks - 1) + [reuse]
+    assert calls[n_chunks - 1][0] == N % 4  # the kept chunk is the documents' last (the remainder)
+
+
+def test_reuse_last_chunk_not_for_no_sync_encoders():
+    """An encoder with no_sync() (DDP, FSDP) decides gradient synchronization at forward time: every chunk
+    is re-run, each backward but the last under no_sync()."""
+
+    class SyncAware(Encoder):
+        entered = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            SyncAware.entered += 1
+            yield
+
+    enc = SyncAware(make_model("llama", 0.0), 0.0)
+    grad_modes = []
+    enc.register_forward_pre_hook(lambda m, args: grad_modes.append(torch.is_grad_enabled()))
+    qb, db = make_batch(B, 42), make_batch(N, 43)
+    info_nce(enc(qb), enc(db)).backward()
+    want = grads_of(enc)
+    grad_modes.clear()
+    GradCache(enc, info_nce, 4).step(qb, db)
+    assert_grads_close(grads_of(enc), want)
+    n_chunks = -(-B // 4) + -(-N // 4)
+    assert grad_modes == [False] * n_chunks + [True] * n_chunks
+    assert SyncAware.entered == n_chunks - 1

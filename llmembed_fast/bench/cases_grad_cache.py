@@ -70,16 +70,17 @@ def random_batch(n: int, L: int, vocab: int, device, seed: int, min_len: int | N
 
 
 def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtype=None):
-    """{"gradcache": fn, "uncached": fn, "st_cached_mnrl": fn or reason}: one forward/backward each."""
+    """{"gradcache": fn, "gradcache_no_reuse": fn, "uncached": fn, "st_cached_mnrl": fn or reason}: one
+    forward/backward each ("gradcache_no_reuse": ``reuse_last_chunk=False``, every chunk run twice)."""
     dev = next(encoder.parameters()).device
     ctx = ((lambda: torch.autocast(dev.type, dtype=autocast_dtype)) if autocast_dtype
            else contextlib.nullcontext)
-    gc = lf.GradCache(encoder, lf.contrastive_loss, chunk)
-
-    def cached():
-        encoder.zero_grad(set_to_none=True)
-        with ctx():
-            gc.step(q, d, temperature=temperature)
+    def cached_fn(gc):
+        def cached():
+            encoder.zero_grad(set_to_none=True)
+            with ctx():
+                gc.step(q, d, temperature=temperature)
+        return cached
 
     def uncached():
         encoder.zero_grad(set_to_none=True)
@@ -87,7 +88,10 @@ def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtyp
             loss = lf.contrastive_loss(encoder(q), encoder(d), temperature=temperature)
         loss.backward()
 
-    out = {"gradcache": cached, "uncached": uncached}
+    out = {"gradcache": cached_fn(lf.GradCache(encoder, lf.contrastive_loss, chunk)),
+           "gradcache_no_reuse": cached_fn(lf.GradCache(encoder, lf.contrastive_loss, chunk,
+                                                        reuse_last_chunk=False)),
+           "uncached": uncached}
     try:
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
     except Exception:
@@ -126,5 +130,6 @@ def cases(ctx) -> list:
     fns = step_fns(enc, q, d, chunk, autocast_dtype=dtype if dev.type == "cuda" else None)
     H = enc.model.config.hidden_size
     return [Case("grad_cache", f"train step B{B} L{L} chunk{chunk} H{H} {str(dtype)[6:]}", fns["gradcache"],
-                 {"uncached": fns["uncached"], "sentence-transformers CachedMNRL": fns["st_cached_mnrl"]},
+                 {"uncached": fns["uncached"], "GradCache, reuse_last_chunk=False": fns["gradcache_no_reuse"],
+                  "sentence-transformers CachedMNRL": fns["st_cached_mnrl"]},
                  note="speedup < 1 vs uncached is the price of caching (one extra forward); ideal ~0.75x")]

@@ -11,7 +11,8 @@ One step, for a query batch of B rows and a document batch of N rows, split into
 
 Peak memory is one chunk's activations plus the O((B+N)*D) embeddings, their gradients and the loss's
 own buffers. The parameter gradients equal those of one forward/backward over the whole batch (with the
-same random numbers). Each chunk is embedded twice: about one extra forward pass of compute in total.
+same random numbers). Each chunk but the step's last is embedded twice (the last one keeps its graph from
+step 1, ``reuse_last_chunk``): about one extra forward pass of compute in total.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class _Tower(NamedTuple):
     widths: list[int | None]  # each chunk's trimmed width (None: all columns)
     side: int = 0       # 0: rows of q, 1: rows of d
     offset: int = 0     # first row in q or d
+    kept: torch.Tensor | None = None  # the last chunk's embeddings with their graph (reuse_last_chunk)
 
 
 def _check_chunk_size(value, name: str) -> int:
@@ -92,6 +94,12 @@ class GradCache:
             that is already the global one (``contrastive_loss(group=...)``), DDP's averaging over ranks
             divides the gradient by the world size; ``grad_multiplier=world_size`` undoes it.
         replay_rng: restore the RNG state of each chunk's first pass before its re-run (default True).
+        reuse_last_chunk: embed the step's last chunk (the last document chunk) with a graph in the first
+            pass and back-propagate it first in the second, instead of running it twice: one chunk's forward
+            less per step (with B = N = 2 chunks each: 7 chunk forwards instead of 8). Its activations are
+            alive while the loss runs, when no other chunk's are, so the peak stays one chunk's activations
+            (plus the loss's buffers). Not applied to an encoder with ``no_sync()`` (DDP, FSDP), whose
+            gradient synchronization is decided at forward time. Default True.
 
     Use :meth:`step` in a plain loop (backward done, returns the detached loss), or :meth:`forward` when a
     framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
@@ -100,7 +108,7 @@ class GradCache:
     def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *,
                  doc_encoder: Callable | None = None, scaler=None, doc_chunk_size: int | None = None,
                  trim_padding: bool = True,
-                 grad_multiplier: float = 1.0, replay_rng: bool = True):
+                 grad_multiplier: float = 1.0, replay_rng: bool = True, reuse_last_chunk: bool = True):
         if not callable(encoder):
             raise TypeError("encoder must be callable (chunk -> [b, D] embeddings), "
                             f"got {type(encoder).__name__}")
@@ -124,18 +132,21 @@ class GradCache:
         self.trim_padding = bool(trim_padding)
         self.grad_multiplier = float(grad_multiplier)
         self.replay_rng = bool(replay_rng)
+        self.reuse_last_chunk = bool(reuse_last_chunk)
 
     # ------------------------------------------------------------------------------------------------
     # pass 1: embeddings without a graph
     # ------------------------------------------------------------------------------------------------
 
     def _embed_no_grad(self, encoder, batch, chunk: int, name: str, capture: bool, side: int = 0,
-                       offset: int = 0) -> tuple[torch.Tensor, _Tower]:
+                       offset: int = 0, keep_last: bool = False) -> tuple[torch.Tensor, _Tower]:
+        """Embeddings [n, D] of ``batch`` chunk by chunk without a graph (``keep_last``: the last chunk with
+        one, kept in the tower for the second pass), and what the second pass needs."""
         n = batch_size(batch, name)
         ranges = chunk_ranges(n, chunk)
         states: list[RngState] | None = [] if capture else None
         devices: list[int] = []
-        out = None
+        out = kept = None
         # one host sync for every chunk's trimmed width (pass 2 reuses them)
         widths = chunk_widths(batch, ranges) if self.trim_padding else [None] * len(ranges)
         with torch.no_grad():
@@ -145,7 +156,12 @@ class GradCache:
                     devices = cuda_devices_of(part)
                 if capture:
                     states.append(RngState(devices))
-                emb = self._check_embeddings(encoder(part), hi - lo, name)
+                if keep_last and i == len(ranges) - 1:
+                    with torch.enable_grad():
+                        emb = self._check_embeddings(encoder(part), hi - lo, name)
+                    kept = emb if emb.requires_grad else None
+                else:
+                    emb = self._check_embeddings(encoder(part), hi - lo, name)
                 if out is None:
                     out = torch.empty((n, emb.shape[1]), dtype=emb.dtype, device=emb.device)
                 elif emb.shape[1] != out.shape[1] or emb.dtype != out.dtype:
@@ -153,7 +169,7 @@ class GradCache:
                                      f"for a chunk of {name} but [.., {out.shape[1]}] {out.dtype} "
                                      "for the previous ones")
                 out[lo:hi] = emb
-        return out, _Tower(name, encoder, batch, ranges, states, devices, widths, side, offset)
+        return out, _Tower(name, encoder, batch, ranges, states, devices, widths, side, offset, kept)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -167,7 +183,9 @@ class GradCache:
             raise TypeError(f"the encoder must return floating-point embeddings, got {emb.dtype}")
         return emb
 
-    def _first_pass(self, query_batch, doc_batch, capture: bool):
+    def _first_pass(self, query_batch, doc_batch, capture: bool, keep: bool = False):
+        """(q [B, D], d [N, D], towers); ``keep``: the last document chunk keeps its graph (when
+        ``reuse_last_chunk`` and its encoder has no ``no_sync``)."""
         columns = list(doc_batch) if isinstance(doc_batch, (list, tuple)) else [doc_batch]
         if not columns:
             raise ValueError("doc_batch must not be an empty list")
@@ -179,9 +197,11 @@ class GradCache:
                              "the documents must hold every query's positive (N >= B)")
         q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
-        for col, name in zip(columns, names, strict=True):
-            d, td = self._embed_no_grad(self.doc_encoder or self.encoder, col, self.doc_chunk_size, name,
-                                        capture, side=1, offset=offset)
+        doc_encoder = self.doc_encoder or self.encoder
+        keep = keep and self.reuse_last_chunk and _no_sync_context(doc_encoder) is None
+        for c, (col, name) in enumerate(zip(columns, names, strict=True)):
+            d, td = self._embed_no_grad(doc_encoder, col, self.doc_chunk_size, name, capture, side=1,
+                                        offset=offset, keep_last=keep and c == len(columns) - 1)
             offset += d.shape[0]
             parts.append(d)
             towers.append(td)
@@ -209,8 +229,14 @@ class GradCache:
     # ------------------------------------------------------------------------------------------------
 
     def _replay(self, towers, grads) -> None:
+        # a chunk that kept its graph from the first pass goes first (its activations are freed at once)
+        for t in towers:
+            g = grads[t.side]
+            if t.kept is not None and g is not None:
+                lo, hi = t.ranges[-1]
+                torch.autograd.backward(t.kept, g[t.offset + lo:t.offset + hi].to(t.kept.dtype))
         jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
-                for i in range(len(t.ranges))]
+                for i in range(len(t.ranges)) if not (t.kept is not None and i == len(t.ranges) - 1)]
         last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
         for j, (t, _, _) in enumerate(jobs):
             last_of[id(t.encoder)] = j
@@ -247,7 +273,7 @@ class GradCache:
         Returns:
             The loss, a detached 0-d tensor (unscaled). The caller steps the optimizer (or the scaler).
         """
-        q, d, towers = self._first_pass(query_batch, doc_batch, capture=self.replay_rng)
+        q, d, towers = self._first_pass(query_batch, doc_batch, capture=self.replay_rng, keep=True)
         q.requires_grad_(True)
         d.requires_grad_(True)
         loss = self._call_loss(q, d, loss_kwargs)
@@ -268,7 +294,8 @@ class GradCache:
         re-entered for the re-run. Without grad mode (evaluation) it only computes the loss.
         """
         capture = torch.is_grad_enabled()
-        q, d, towers = self._first_pass(query_batch, doc_batch, capture=capture and self.replay_rng)
+        q, d, towers = self._first_pass(query_batch, doc_batch, capture=capture and self.replay_rng,
+                                        keep=capture)
         if not capture:
             return self.loss_fn(q, d, **loss_kwargs)
         anchor = torch.empty(0, device=q.device, requires_grad=True)
