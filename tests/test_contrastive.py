@@ -101,6 +101,18 @@ def test_every_option_combination(backend, symmetric, same_tower, margin, mdims,
     )
 
 
+@pytest.mark.parametrize("mdims", [(20,), (8, 20)])
+@pytest.mark.parametrize("kw", [{}, {"symmetric": True, "same_tower": True}])
+def test_matryoshka_dims_below_d(backend, mdims, kw):
+    """Columns past the largest Matryoshka dim are not in the loss: their gradients are exactly zero (rows'
+    and columns' terms alike), the rest matches the reference."""
+    q, d, lab = _inputs(7, 11, 37, torch.float32, seed=9)
+    _check(q, d, lab, TOL[torch.float32], matryoshka_dims=mdims, **kw)
+    qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+    lf.contrastive_loss(qa, da, labels=lab, matryoshka_dims=mdims, **kw).backward()
+    assert (qa.grad[:, mdims[-1]:] == 0).all() and (da.grad[:, mdims[-1]:] == 0).all()
+
+
 SHAPES = [  # B, N, D, temperature, dtype, seed
     (1, 1, 8, 0.05, torch.float32, 0),
     (1, 6, 37, 0.01, torch.bfloat16, 1),
