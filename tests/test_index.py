@@ -172,3 +172,12 @@ def test_index_errors():
         index.search(queries, 21)
     with pytest.raises(ValueError, match="rescore_multiplier"):
         index.search(queries, 2, rescore_multiplier=0)
+    bad = docs.copy()
+    bad[3, 1] = np.nan
+    for precision in ("binary", "int8"):
+        with pytest.raises(ValueError, match="embeddings must be finite"):
+            quant.Index(12, precision).add(bad)
+    with pytest.raises(ValueError, match="query_embeddings must be finite"):
+        index.search(bad, 1)
+    with pytest.raises(ValueError, match="ranges must be finite"):
+        quant.Index(12, "int8", ranges=np.array([[0.0] * 12, [np.inf] * 12], np.float32))

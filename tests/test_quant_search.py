@@ -159,6 +159,19 @@ def test_search_errors():
         quant.int8_topk(x, c, r[:, :4], 1)
     with pytest.raises(ValueError, match="k must be in"):
         quant.int8_topk(x, c, r, 11)
+    for bad in (np.nan, np.inf):  # a non-finite query or range would make every bound NaN
+        xb = x.copy()
+        xb[0, 3] = bad
+        with pytest.raises(ValueError, match="queries must be finite"):
+            quant.int8_topk(xb, c, r, 3)
+        rb = r.copy()
+        rb[1, 2] = bad
+        with pytest.raises(ValueError, match="ranges must be finite"):
+            quant.int8_topk(x, c, rb, 3)
+    w = torch.zeros(1, 8, dtype=torch.float64)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):  # the op itself, called directly
+        _ext.ops().int8_topk(w, torch.from_numpy(c), 3)
 
 
 def test_meta_shapes():

@@ -98,6 +98,9 @@ std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, cons
   check_search(weights, codes, k, "int8_topk");
   TORCH_CHECK_VALUE(codes.size(1) <= 65536, "int8_topk: D must be <= 65536, got ", codes.size(1));
   at::Tensor w = weights.contiguous(), c = codes.contiguous();
+  // a NaN weight makes every bound NaN: no row could be ranked (the selection would return garbage ids)
+  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+                    "int8_topk: weights must be finite (no NaN or inf)");
   at::Tensor scores = at::empty({w.size(0), k}, w.options());
   at::Tensor idx = at::empty({w.size(0), k}, w.options().dtype(at::kLong));
   if (w.size(0) == 0) return {scores, idx};

@@ -41,6 +41,12 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` when ``t`` holds NaN or inf (one pass over ``t``)."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite: it holds NaN or inf")
+
+
 def check_codes(t: torch.Tensor, name: str) -> None:
     if t.dtype not in CODE_DTYPES:
         raise TypeError(f"{name} must hold uint8 or int8 codes, got {t.dtype}")

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from llmembed_fast.quant._args import as_tensor, check_2d, check_float, check_k, to_output
+from llmembed_fast.quant._args import as_tensor, check_2d, check_finite, check_float, check_k, to_output
 from llmembed_fast.quant.codes import calibrate, dequant_params, quantize
 from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
 from llmembed_fast.quant.search import hamming_topk, int8_topk
@@ -51,6 +51,7 @@ class Index:
                 raise ValueError(
                     f"ranges must be float32/float64 of shape (2, {self.dim}), got {r.dtype} {tuple(r.shape)}"
                 )
+            check_finite(r, "ranges")
             self.ranges = r.detach().cpu().clone()
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
         self._count = 0
@@ -100,6 +101,7 @@ class Index:
         check_float(t, name)
         if t.shape[1] != self.dim:
             raise ValueError(f"{name} have {t.shape[1]} dimensions, the index {self.dim}: dimension mismatch")
+        check_finite(t, name)  # NaN would poison calibrated ranges, codes and every search bound
         return t.detach().cpu(), was_np
 
     def add(self, embeddings) -> Index:

@@ -9,6 +9,7 @@ from llmembed_fast.quant._args import (
     as_tensor,
     check_2d,
     check_codes,
+    check_finite,
     check_float,
     check_k,
     has_kernel,
@@ -92,6 +93,8 @@ def int8_topk(queries, doc_codes, ranges, k: int):
         raise ValueError(
             f"ranges must be a float array of shape (2, {c.shape[1]}), got {r.dtype} {tuple(r.shape)}"
         )
+    check_finite(q, "queries")
+    check_finite(r, "ranges")
     if c.shape[1] > 65536:
         raise ValueError(f"doc_codes: at most 65536 dimensions are supported, got {c.shape[1]}")
     k = check_k(k, c.shape[0])
