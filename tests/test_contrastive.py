@@ -113,6 +113,13 @@ def test_matryoshka_dims_below_d(backend, mdims, kw):
     assert (qa.grad[:, mdims[-1]:] == 0).all() and (da.grad[:, mdims[-1]:] == 0).all()
 
 
+def test_double_backward_raises(backend):
+    q, d, lab = _inputs(5, 8, 16, torch.float32, seed=3)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lf.contrastive_loss(q, d, labels=lab), q, create_graph=True)
+
+
 SHAPES = [  # B, N, D, temperature, dtype, seed
     (1, 1, 8, 0.05, torch.float32, 0),
     (1, 6, 37, 0.01, torch.bfloat16, 1),

@@ -199,6 +199,42 @@ def test_gradcheck_fused_float64():
             )
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_may_be_edited_in_place(backend, mode):
+    """Like torch's own reductions, the outputs can be edited in place before backward (normalized or not,
+    one dim or several): the gradients are those of the edited result."""
+    gen = torch.Generator().manual_seed(12)
+    hidden = torch.randn(3, 7, 16, generator=gen)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
+    for dims, normalize in (((16,), False), ((16,), True), ((4, 16), False)):
+        h = hidden.clone().requires_grad_(True)
+        outs = _as_list(lf.pool(h, mask, mode, dims=dims if len(dims) > 1 else dims[0], normalize=normalize))
+        for o in outs:
+            o.mul_(3.0)
+        grads = [torch.randn(o.shape, generator=gen) for o in outs]
+        torch.autograd.backward(outs, grads)
+        _, want = _ref_grad(hidden, mask, mode, dims, normalize, [3.0 * g for g in grads])
+        assert_close_rel(h.grad, want, 1e-5, f"{mode} {dims} normalize={normalize}")
+
+
+def test_double_backward_raises():
+    """The fused backwards are not differentiable: create_graph=True raises instead of a wrong
+    second-order gradient (gradient penalties through these ops need the reference implementation)."""
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for fn in (
+        lambda: lf.pool(x, mask, "mean", normalize=True),
+        lambda: lf.pool(x, mask, "max"),
+        lambda: lf.l2_normalize(x[:, 0]),
+        lambda: lf.matryoshka(x[:, 0], (2, 6))[0],
+        lambda: lf.pool_segments(x.reshape(10, 6), torch.tensor([0, 4]), torch.tensor([4, 10]), "mean"),
+    ):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(fn().sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(fn().sum(), x)  # first order is unaffected
+        assert torch.isfinite(g).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # pool_segments
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from llmembed_fast import _dispatch
 from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
+from llmembed_fast.ops._autograd import no_double_backward
 from llmembed_fast.reference.contrastive_chunked import tri_block_rows
 
 LOG2E = 1.0 / math.log(2.0)
@@ -316,6 +317,7 @@ class _ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
+        no_double_backward("lf.contrastive_loss")
         nones = (None,) * 10
         if g_loss is None:
             return nones

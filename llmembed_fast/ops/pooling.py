@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 from llmembed_fast import _dispatch
+from llmembed_fast.ops._autograd import no_double_backward
 
 POOLING_MODES = ("mean", "weighted_mean", "max", "first", "last", "mean_sqrt_len")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -110,10 +111,10 @@ def _backend(*tensors: torch.Tensor) -> ModuleType:
 
 def _finalize_forward(be, pooled, dims, normalize, eps, out_dtype):
     """pooled [N, >=max(dims)] (unit column stride) -> (outputs, norms [K, N] or None)."""
-    if not normalize:
+    if not normalize:  # outputs never alias a view (callers may edit them in place)
         outs = [
             pooled
-            if (d == pooled.shape[1] and pooled.dtype == out_dtype)
+            if (d == pooled.shape[1] and pooled.dtype == out_dtype and pooled._base is None)
             else pooled[:, :d].to(out_dtype, copy=True)
             for d in dims
         ]
@@ -126,10 +127,12 @@ def _finalize_forward(be, pooled, dims, normalize, eps, out_dtype):
     return outs, torch.stack(norms)
 
 
-def _finalize_backward(be, grads, pooled, norms, dims, normalize, eps):
-    """Gradient w.r.t. pooled (float32, float64 for float64) from the outputs' gradients (None = zero)."""
-    acc = torch.float64 if pooled.dtype == torch.float64 else torch.float32
-    gp = torch.zeros(pooled.shape, dtype=acc, device=pooled.device)
+def _finalize_backward(be, grads, pooled, norms, dims, normalize, eps, like=None):
+    """Gradient w.r.t. pooled (float32, float64 for float64) from the outputs' gradients (None = zero).
+    ``pooled`` is only read when normalizing; otherwise ``like = (shape, dtype, device)`` describes it."""
+    shape, dtype, device = like if pooled is None else (pooled.shape, pooled.dtype, pooled.device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gp = torch.zeros(shape, dtype=acc, device=device)
     for k, (g, d) in enumerate(zip(grads, dims, strict=False)):
         if g is None:
             continue
@@ -146,18 +149,21 @@ class _PoolFunction(torch.autograd.Function):
         D = max(dims)
         pooled, info, argmax = be.pool_forward(hidden, mask, mode, D)
         outs, norms = _finalize_forward(be, pooled, dims, normalize, eps, out_dtype)
-        ctx.save_for_backward(mask, info, argmax, pooled, norms)
+        # pooled is needed only by the normalization's backward (unsaved, an output may be edited in place)
+        ctx.save_for_backward(mask, info, argmax, pooled if normalize else None, norms)
+        ctx.like = (pooled.shape, pooled.dtype, pooled.device)
         ctx.cfg = (mode, dims, normalize, eps, be, tuple(hidden.shape), hidden.dtype)
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
+        no_double_backward("lf.pool")
         mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
         if not ctx.needs_input_grad[0] or all(g is None for g in grads):
             return (None,) * 8
         mask, info, argmax, pooled, norms = ctx.saved_tensors
-        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps)
+        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps, ctx.like)
         gh = be.pool_backward(gp, mask, info, argmax, mode, shape, dtype)
         return (gh,) + (None,) * 7
 
@@ -167,18 +173,20 @@ class _PoolSegmentsFunction(torch.autograd.Function):
     def forward(ctx, hidden2d, starts, ends, overlapping, mode, dims, normalize, eps, out_dtype, be):
         pooled, argmax = be.segments_forward(hidden2d, starts, ends, mode, max(dims))
         outs, norms = _finalize_forward(be, pooled, dims, normalize, eps, out_dtype)
-        ctx.save_for_backward(starts, ends, argmax, pooled, norms)
+        ctx.save_for_backward(starts, ends, argmax, pooled if normalize else None, norms)
+        ctx.like = (pooled.shape, pooled.dtype, pooled.device)
         ctx.cfg = (overlapping, mode, dims, normalize, eps, be, tuple(hidden2d.shape), hidden2d.dtype)
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
+        no_double_backward("lf.pool_segments")
         overlapping, mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
         if not ctx.needs_input_grad[0] or all(g is None for g in grads):
             return (None,) * 10
         starts, ends, argmax, pooled, norms = ctx.saved_tensors
-        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps)
+        gp = _finalize_backward(be, grads, pooled, norms, dims, normalize, eps, ctx.like)
         gh = be.segments_backward(gp, starts, ends, argmax, mode, shape, dtype, overlapping)
         return (gh,) + (None,) * 9
 
@@ -196,6 +204,7 @@ class _PrefixNormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        no_double_backward("lf.l2_normalize / lf.matryoshka")
         dims, eps, be = ctx.cfg
         if not ctx.needs_input_grad[0] or all(g is None for g in grads):
             return (None,) * 5
