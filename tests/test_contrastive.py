@@ -113,6 +113,23 @@ def test_matryoshka_dims_below_d(backend, mdims, kw):
     assert (qa.grad[:, mdims[-1]:] == 0).all() and (da.grad[:, mdims[-1]:] == 0).all()
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("kw", [{}, {"symmetric": True, "same_tower": True}])
+def test_margin_keeps_ties_with_the_positive(backend, normalize, kw):
+    """false_negative_margin=0: a negative tied with the positive (an exact duplicate of it) is not above it
+    by more than the margin, so it stays, whatever order the dot products were summed in."""
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        q, d = torch.randn(4, 16, generator=g), torch.randn(7, 16, generator=g)
+        d[5], d[6] = d[0], d[2]  # duplicates of the positives of queries 0 and 2
+        t = 0.05 if normalize else 5.0
+        got = lf.contrastive_loss(q, d, temperature=t, normalize=normalize, false_negative_margin=0.0,
+                                  reduction="none", **kw)
+        want = ref_loss(q.double(), d.double(), temperature=t, normalize=normalize, false_negative_margin=0.0,
+                        reduction="none", **kw)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
 def test_double_backward_raises(backend):
     q, d, lab = _inputs(5, 8, 16, torch.float32, seed=3)
     q.requires_grad_(True)

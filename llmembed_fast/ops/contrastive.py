@@ -205,6 +205,23 @@ def _prefix_dots(a: torch.Tensor, b: torch.Tensor, bounds, acc: torch.dtype, b_i
     return out.cumsum(0)
 
 
+def _tie_slack(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, cfg: _Cfg) -> torch.Tensor:
+    """Similarity units [K, 1] or [K, b] added to the false-negative threshold: a few roundings of a sum of
+    d_k products (2 sqrt(d_k) u, u the accumulation's unit roundoff), so that a tie with the positive (an
+    exact duplicate of it), whose tile dot product is summed in another order than the positive's, stays as
+    the definition says. Cosines are at most 1; raw dots scale with ||q_i|| ||d_p|| (per prefix)."""
+    acc = _acc(q.dtype)
+    u = 2.0**-53 if acc == torch.float64 else 2.0**-24
+    dk = torch.tensor(cfg.bounds[1:], dtype=acc, device=q.device)[:, None]
+    slack = 2.0 * u * dk.sqrt()
+    if cfg.normalize:
+        return slack
+    qn = _prefix_dots(q, q, cfg.bounds, acc).sqrt()
+    dp = d[labels]
+    dn = _prefix_dots(dp, dp, cfg.bounds, acc).sqrt()
+    return slack * qn * dn
+
+
 def _inv_norms(x: torch.Tensor, bounds, normalize: bool, eps: float):
     """(1 / max(||x[:, :dk]||, eps) [K, n], ||x[:, :dk]|| > eps [K, n]); ones when not normalizing."""
     K, acc = len(bounds) - 1, _acc(x.dtype)
@@ -264,7 +281,9 @@ class _ContrastiveFunction(torch.autograd.Function):
         alpha_dp = alpha_d[:, labels]
         dots = _prefix_dots(q, d, bounds, acc, b_index=labels)
         pos = dots * alpha_q * alpha_dp * inv_t  # [K, b] natural logits of the positives
-        thr2 = None if cfg.margin is None else (pos + cfg.margin * inv_t) * LOG2E
+        thr2 = None
+        if cfg.margin is not None:
+            thr2 = (pos + (cfg.margin + _tie_slack(q, d, labels, cfg)) * inv_t) * LOG2E
         scales = {"q": alpha_q * (inv_t * LOG2E), "d": alpha_dp * (inv_t * LOG2E)}
         cols = {"qc": beta_qc, "dc": beta_dc}
         special = {"labels": labels_g, "self": q_off + torch.arange(b, device=q.device)}
@@ -472,6 +491,10 @@ def contrastive_loss(
             partition function (GTE / Qwen3-Embedding).
         false_negative_margin: leave out every negative term (q-d, and q-q, d-d with ``same_tower``; q-d
             of the symmetric term) whose similarity exceeds the positive's s(q_i, d_p) by more than this.
+            Ties stay (an exact duplicate of the positive is kept): a similarity within a few roundings of
+            the threshold (2 sqrt(d) 2^-24 for a prefix of d dims; 2^-53 for float64) counts as a tie. With
+            TF32 dot products (float32 inputs, ``allow_tf32``) the tiles round far more coarsely and ties
+            may fall either way.
         matryoshka_dims: increasing ints <= D: the loss is the weighted sum over these prefixes (each
             re-normalized), computed in one pass. ``matryoshka_weights`` default to 1.
         reduction: "mean" (over queries), "sum", or "none" (per-query losses [B]).

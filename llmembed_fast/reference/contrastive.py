@@ -12,9 +12,14 @@ import torch.nn.functional as F
 
 
 def _sim(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """a [n, D] x b [m, D] -> [n, m]. Each entry is the same elementwise product and sum over D, so identical
+    rows give bit-identical similarities (a matmul may round two columns differently, and a tie with the
+    positive would then fall on either side of the false-negative threshold). Row chunks bound memory."""
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    return a @ b.T
+    rows = max(1, (1 << 24) // max(1, b.shape[0] * b.shape[1]))
+    parts = [(a[i : i + rows, None, :] * b[None, :, :]).sum(-1) for i in range(0, a.shape[0], rows)]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[0])
 
 
 def contrastive_loss(
