@@ -217,6 +217,25 @@ def test_outputs_may_be_edited_in_place(backend, mode):
         assert_close_rel(h.grad, want, 1e-5, f"{mode} {dims} normalize={normalize}")
 
 
+def test_max_propagates_nan(backend):
+    """A NaN among the pooled tokens makes the max NaN (as torch.amax and the reference), and its gradient
+    goes to the first NaN position; masked-out NaNs are ignored; other columns are unaffected."""
+    h = torch.tensor([[[float("nan"), 1.0, 5.0], [3.0, float("nan"), 4.0], [2.0, 0.0, float("nan")]]])
+    mask = torch.tensor([[1, 1, 0]])  # the third token (a NaN in column 2) is padding
+    hg = h.clone().requires_grad_(True)
+    out = lf.pool(hg, mask, "max")
+    assert torch.isnan(out[0, :2]).all() and out[0, 2].item() == 5.0
+    out.backward(torch.ones_like(out))
+    want = torch.zeros_like(h)
+    want[0, 0, 0] = want[0, 1, 1] = want[0, 0, 2] = 1.0
+    assert torch.equal(hg.grad, want)
+    (ref,) = R.pool(h.double(), mask, "max")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    seg = lf.pool_segments(h[0], torch.tensor([0, 1]), torch.tensor([2, 3]), "max")
+    assert torch.isnan(seg[0, :2]).all() and seg[0, 2].item() == 5.0
+    assert torch.isnan(seg[1]).tolist() == [False, True, True]
+
+
 def test_double_backward_raises():
     """The fused backwards are not differentiable: create_graph=True raises instead of a wrong
     second-order gradient (gradient penalties through these ops need the reference implementation)."""
@@ -392,6 +411,10 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: lf.pool(hidden.numpy(), mask), TypeError, "hidden"),
         (lambda: lf.pool(hidden, mask, out_dtype=torch.int8), TypeError, "out_dtype"),
         (lambda: lf.pool(hidden, mask, eps=0), ValueError, "eps"),
+        (lambda: lf.pool(hidden, mask, normalize="no"), TypeError, "normalize"),
+        (lambda: lf.pool_segments(hidden[0], [0], [2], normalize=1), TypeError, "normalize"),
+        (lambda: lf.pool(hidden, mask, dims=torch.tensor([[2, 4]])), TypeError, "dims"),
+        (lambda: lf.pool(hidden, mask, dims=torch.tensor([2.0])), TypeError, "dims"),
         (lambda: lf.pool_segments(hidden[0], [0], [5]), ValueError, "segments"),
         (lambda: lf.pool_segments(hidden[0], [2], [1]), ValueError, "segments"),
         (lambda: lf.pool_segments(hidden[0], [0, 1], [1]), ValueError, "starts and ends"),
@@ -406,3 +429,6 @@ def test_bad_arguments_raise_clear_errors():
     for fn, exc, word in cases:
         with pytest.raises(exc, match=word):
             fn()
+    # integer tensors are accepted as dims: 0-d like an int, 1-d like a sequence
+    assert lf.pool(hidden, mask, dims=torch.tensor(4)).shape == (2, 4)
+    assert [o.shape[1] for o in lf.pool(hidden, mask, dims=torch.tensor([2, 4]))] == [2, 4]

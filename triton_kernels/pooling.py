@@ -97,10 +97,16 @@ def _pool_fwd_kernel(
             x = tl.load(base + offs[:, None] * stride_hl + col_off[None, :], mask=ld, other=0.0).to(
                 tl.float32
             )
-            x = tl.where(ld, x, float("-inf"))
+            # a NaN is the maximum (as in torch.amax): searched as +inf, its first position wins, and a NaN
+            # maximum stays; positions within the tile as int32 (an int64 tile costs registers)
+            isn = x != x
+            x = tl.where(ld, tl.where(isn, float("inf"), x), float("-inf"))
             tmax = tl.max(x, axis=0)
-            targ = tl.min(tl.where(x == tmax[None, :], offs[:, None], hi), axis=0)
-            better = tmax > acc
+            loc = tl.arange(0, BLOCK_L)
+            targ = l0 + tl.min(tl.where(x == tmax[None, :], loc[:, None], BLOCK_L), axis=0).to(tl.int64)
+            has_nan = tl.max((isn & ld).to(tl.int32), axis=0) > 0
+            tmax = tl.where(has_nan, float("nan"), tmax)
+            better = (tmax > acc) | (has_nan & (acc == acc))
             arg = tl.where(better, targ, arg)
             acc = tl.where(better, tmax, acc)
         acc = tl.where(count > 0, acc, 0.0)

@@ -48,8 +48,13 @@ def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...
         return (width,), False
     if isinstance(dims, bool) or not isinstance(dims, (int, Sequence, torch.Tensor)) or isinstance(dims, str):
         raise TypeError(f"{name} must be None, an int or a sequence of ints, got {type(dims).__name__}")
-    as_seq = not isinstance(dims, int)
-    values = list(dims.tolist() if isinstance(dims, torch.Tensor) else dims) if as_seq else [dims]
+    if isinstance(dims, torch.Tensor) and (dims.dim() > 1 or dims.is_floating_point() or dims.is_complex()):
+        raise TypeError(f"{name} as a tensor must be a 0-d or 1-d integer tensor, got {dims.dtype} "
+                        f"{list(dims.shape)}")
+    as_seq = not isinstance(dims, int) and not (isinstance(dims, torch.Tensor) and dims.dim() == 0)
+    if isinstance(dims, torch.Tensor):
+        dims = dims.tolist()
+    values = list(dims) if as_seq else [dims]
     if as_seq and not values:
         raise ValueError(f"{name} must not be empty")
     for d in values:
@@ -58,6 +63,12 @@ def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...
         if d < 1 or d > width:
             raise ValueError(f"{name} values must be in [1, {width}] (the hidden size), got {d}")
     return tuple(values), as_seq
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _check_mask(mask, hidden: torch.Tensor) -> torch.Tensor:
@@ -254,7 +265,8 @@ def pool(
     out_dtype = _check_out_dtype(out_dtype)
     eps = _check_eps(eps)
     be = _backend(hidden, mask)
-    outs = _PoolFunction.apply(hidden, mask, mode, dims_t, bool(normalize), eps, out_dtype, be)
+    normalize = _check_flag(normalize, "normalize")
+    outs = _PoolFunction.apply(hidden, mask, mode, dims_t, normalize, eps, out_dtype, be)
     return _as_result(outs, as_seq)
 
 
@@ -320,7 +332,7 @@ def pool_segments(
     s, e, overlapping = _segment_bounds(starts, ends, hidden2d.shape[0], hidden2d.device)
     be = _backend(hidden2d)
     outs = _PoolSegmentsFunction.apply(
-        hidden2d, s, e, overlapping, mode, dims_t, bool(normalize), eps, out_dtype, be
+        hidden2d, s, e, overlapping, mode, dims_t, _check_flag(normalize, "normalize"), eps, out_dtype, be
     )
     return _as_result(outs, as_seq)
 

@@ -41,8 +41,8 @@ def _masked_max(h: torch.Tensor, m: torch.Tensor, acc: torch.dtype):
     step = _chunk_rows(B * D)
     for l0 in range(0, L, step):
         x = h[:, l0 : l0 + step].to(acc).masked_fill(~m[:, l0 : l0 + step, None], float("-inf"))
-        cmax, carg = x.max(dim=1)  # first occurrence within the chunk
-        better = cmax > best
+        cmax, carg = x.max(dim=1)  # first occurrence within the chunk (a NaN counts as the maximum)
+        better = (cmax > best) | (cmax.isnan() & ~best.isnan())  # NaN propagates, as in torch.amax
         best = torch.where(better, cmax, best)
         arg = torch.where(better, carg + l0, arg)
     return best, arg
@@ -142,7 +142,8 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
         argmax = torch.full((S, D), torch.iinfo(torch.int64).max, dtype=torch.int64, device=h.device)
         for p0 in range(0, seg.numel(), step):
             s, t = seg[p0 : p0 + step], tok[p0 : p0 + step]
-            hit = h[t].to(acc) == pooled[s]
+            ht, ps = h[t].to(acc), pooled[s]
+            hit = (ht == ps) | (ht.isnan() & ps.isnan())  # amax propagates NaN: its first position wins
             cand = torch.where(hit, t[:, None], torch.iinfo(torch.int64).max)
             argmax.scatter_reduce_(0, s[:, None].expand(-1, D), cand, "amin")
         empty = (lengths == 0)[:, None]
