@@ -409,11 +409,10 @@ class _ContrastiveFunction(torch.autograd.Function):
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
                     Xc = x[rows]
                     if need_rows:
-                        if K == 1 and bounds[-1] == x.shape[1]:  # one GEMM writes the block's row gradients
+                        full = bounds[-1] == x.shape[1]  # else columns past the last dim: zero gradient
+                        if K == 1 and full:  # one GEMM writes the block's row gradients
                             dX = _mm_f32(H[0], Y[c0:], acc)
-                        else:  # the ranges are disjoint: each GEMM writes its own columns once; columns
-                            # past the largest Matryoshka dim are not in the loss (zero gradient)
-                            full = bounds[-1] == x.shape[1]
+                        else:  # the ranges are disjoint: each GEMM writes its own columns once
                             dX = (torch.empty if full else torch.zeros)(r1 - r0, x.shape[1], dtype=acc,
                                                                         device=q.device)
                             for r in range(K):

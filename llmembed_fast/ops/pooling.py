@@ -48,12 +48,12 @@ def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...
         return (width,), False
     if isinstance(dims, bool) or not isinstance(dims, (int, Sequence, torch.Tensor)) or isinstance(dims, str):
         raise TypeError(f"{name} must be None, an int or a sequence of ints, got {type(dims).__name__}")
-    if isinstance(dims, torch.Tensor) and (dims.dim() > 1 or dims.is_floating_point() or dims.is_complex()):
-        raise TypeError(f"{name} as a tensor must be a 0-d or 1-d integer tensor, got {dims.dtype} "
-                        f"{list(dims.shape)}")
-    as_seq = not isinstance(dims, int) and not (isinstance(dims, torch.Tensor) and dims.dim() == 0)
     if isinstance(dims, torch.Tensor):
-        dims = dims.tolist()
+        if dims.dim() > 1 or dims.is_floating_point() or dims.is_complex():
+            raise TypeError(f"{name} as a tensor must be a 0-d or 1-d integer tensor, got {dims.dtype} "
+                            f"{list(dims.shape)}")
+        dims = dims.tolist()  # 0-d: an int, 1-d: a list
+    as_seq = not isinstance(dims, int)
     values = list(dims) if as_seq else [dims]
     if as_seq and not values:
         raise ValueError(f"{name} must not be empty")

@@ -156,12 +156,11 @@ class GradCache:
                     devices = cuda_devices_of(part)
                 if capture:
                     states.append(RngState(devices))
-                if keep_last and i == len(ranges) - 1:
-                    with torch.enable_grad():
-                        emb = self._check_embeddings(encoder(part), hi - lo, name)
-                    kept = emb if emb.requires_grad else None
-                else:
+                keep = keep_last and i == len(ranges) - 1
+                with torch.enable_grad() if keep else contextlib.nullcontext():
                     emb = self._check_embeddings(encoder(part), hi - lo, name)
+                if keep and emb.requires_grad:
+                    kept = emb
                 if out is None:
                     out = torch.empty((n, emb.shape[1]), dtype=emb.dtype, device=emb.device)
                 elif emb.shape[1] != out.shape[1] or emb.dtype != out.dtype:
@@ -236,7 +235,7 @@ class GradCache:
                 lo, hi = t.ranges[-1]
                 torch.autograd.backward(t.kept, g[t.offset + lo:t.offset + hi].to(t.kept.dtype))
         jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
-                for i in range(len(t.ranges)) if not (t.kept is not None and i == len(t.ranges) - 1)]
+                for i in range(len(t.ranges) - (t.kept is not None))]  # a kept chunk is the tower's last
         last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
         for j, (t, _, _) in enumerate(jobs):
             last_of[id(t.encoder)] = j
