@@ -296,9 +296,9 @@ def _row_lse_kernel(
     local = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rows = r0 + local
     rmask = (local < Mc) & (rows < M)
-    xrow = tl.where(
-        gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
-    )
+    # tl.where, not rmask & (gather != 0): Triton 3.9's interpreter splats a scalar comparison as int32
+    gmask = tl.where(gather != 0, rmask, False)
+    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=gmask, other=0).to(tl.int64), rows)
     x_base = x_ptr + xrow[:, None] * stride_x
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     kk = tl.arange(0, KP)
@@ -459,9 +459,9 @@ def _grad_tile_kernel(
         cols = ccols
         n_hcols = NC
     cmask = cols < NC
-    xrow = tl.where(
-        gather != 0, tl.load(xidx_ptr + rows, mask=rmask & (gather != 0), other=0).to(tl.int64), rows
-    )
+    # tl.where, not rmask & (gather != 0): Triton 3.9's interpreter splats a scalar comparison as int32
+    gmask = tl.where(gather != 0, rmask, False)
+    xrow = tl.where(gather != 0, tl.load(xidx_ptr + rows, mask=gmask, other=0).to(tl.int64), rows)
     x_base = x_ptr + xrow[:, None] * stride_x
     y_base = y_ptr + cols[None, :] * stride_y
     spec = tl.load(spec_ptr + rows, mask=rmask, other=-1).to(tl.int64)

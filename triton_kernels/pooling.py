@@ -84,7 +84,10 @@ def _pool_fwd_kernel(
             pos = tl.maximum(first, 0)
         else:
             pos = tl.maximum(last, 0)
-        acc = tl.load(base + pos * stride_hl + col_off, mask=col_ok & (count > 0), other=0.0).to(tl.float32)
+        # a scalar condition joins a block mask through tl.where, not &: Triton 3.9's interpreter splats a
+        # scalar comparison as int32, which masked loads and stores reject
+        ok = tl.where(count > 0, col_ok, False)
+        acc = tl.load(base + pos * stride_hl + col_off, mask=ok, other=0.0).to(tl.float32)
     elif MODE == 2:  # max, with the first position of the maximum
         acc = tl.full([BLOCK_H], float("-inf"), tl.float32)
         arg = tl.full([BLOCK_H], -1, tl.int64)
@@ -245,7 +248,7 @@ def _segments_bwd_kernel(
             pos = tl.zeros([BLOCK_H], tl.int64) + lo
         else:
             pos = tl.zeros([BLOCK_H], tl.int64) + hi - 1
-        ok = col_ok & (pos >= 0) & (count > 0)
+        ok = tl.where(count > 0, col_ok & (pos >= 0), False)
         g = tl.where(ok, g, 0.0)
         ptrs = gh_ptr + tl.maximum(pos, 0) * H + cols
         if ATOMIC:
