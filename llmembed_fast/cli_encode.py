@@ -35,15 +35,23 @@ def read_texts(path: str, field: str = "text") -> list[str]:
 
 
 def _cmd_encode(args) -> int:
-    import numpy as np
-
-    from llmembed_fast.embedder import LLMEmbedder
-
     try:
         texts = read_texts(args.input, args.field)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _encode(args, texts)
+    except Exception as exc:  # a bad --model, a failed load or encode: one line, no traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _encode(args, texts: list[str]) -> int:
+    import numpy as np
+
+    from llmembed_fast.embedder import LLMEmbedder
+
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(
@@ -71,10 +79,11 @@ def _cmd_encode(args) -> int:
         kw["instruction"] = args.instruction
     out = fn(texts, **kw)
     t2 = time.perf_counter()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    np.save(args.output, out)
+    path = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save writes it
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.save(path, out)
     print(
-        f"encoded {len(texts)} texts -> {args.output} {tuple(out.shape)} {out.dtype} "
+        f"encoded {len(texts)} texts -> {path} {tuple(out.shape)} {out.dtype} "
         f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)"
     )
     return 0
@@ -84,7 +93,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("encode", help="embed texts (.txt / .jsonl) with a model into a .npy file")
     p.add_argument("--model", required=True, help="model folder (HF or sentence-transformers) or Hub id")
     p.add_argument("--input", required=True, help="texts.txt (one per line) or texts.jsonl")
-    p.add_argument("--output", required=True, help="embeddings .npy")
+    p.add_argument("--output", required=True, help="embeddings .npy (the suffix is added when missing)")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument(
         "--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"]

@@ -91,3 +91,21 @@ def test_cli_encode_errors(tmp_path, capsys):
     assert "--field" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["encode", "--model", "x", "--input", "y", "--output", "z", "--precision", "int4"])
+
+
+def test_cli_encode_model_errors_and_output_suffix(tmp_path, capsys):
+    txt = tmp_path / "texts.txt"
+    txt.write_text("hello world\nmoney\n", encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    for model in (str(tmp_path / "no-such-model"), str(tmp_path / "empty")):
+        argv = ["encode", "--model", model, "--input", str(txt), "--output", str(tmp_path / "o.npy")]
+        assert main(argv + ["--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "path_or_id" in err and "Traceback" not in err
+    model = cached_tiny_model_dir("qwen2")
+    argv = ["encode", "--model", model, "--input", str(txt), "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--output", str(tmp_path / "o.npy"), "--dims", "1000"]) == 2  # a ValueError
+    assert "dims" in capsys.readouterr().err
+    assert main(argv + ["--output", str(tmp_path / "emb")]) == 0  # np.save appends .npy: say so
+    assert f"-> {tmp_path / 'emb.npy'} " in capsys.readouterr().out
+    assert np.load(tmp_path / "emb.npy").shape == (2, 64)

@@ -1,13 +1,16 @@
 """LLMEmbedder on tiny random Qwen2 / Llama / Mistral / GPT-2 / BERT models against independent references:
 sentence-transformers on the same weights, and hand-built token sequences run through the bare model."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import build_tiny_model, cached_tiny_model_dir, make_st_model
+from tiny_models import build_tiny_model, cached_tiny_model_dir, make_qwen3_embedding_tokenizer, make_st_model
 
 import llmembed_fast as lf
+from llmembed_fast.embedder.prompts import PROMPT_STYLES
 
 TEXTS = [
     "hello world",
@@ -246,3 +249,100 @@ def test_packed_block_diagonal_mask_under_eager_attention():
     ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(TEXTS, output="torch", batch_size=1)
     got = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(TEXTS, output="torch")
     torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)
+
+
+def test_qwen3_embedding_terminator_is_not_doubled():
+    """Qwen3-Embedding's tokenizer appends <|endoftext|>, not its eos_token: that token is the terminator
+    (pooled last, as Qwen3-Embedding's own code does), and no second EOS is appended."""
+    model, _ = build_tiny_model("qwen2")
+    tok = make_qwen3_embedding_tokenizer()  # same vocabulary as the tiny Qwen2
+    emb = lf.LLMEmbedder(model, tok, prompt_style="qwen3", normalize=False)
+    assert emb.info.adds_eos and emb.add_eos
+    ids = tok("Instruct: find it\nQuery:the cat")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[-1]) == "<|endoftext|>"
+    assert emb.tokenize(["the cat"], instruction="find it")["input_ids"][0].tolist() == ids
+    got = emb.encode(["the cat", "a"], instruction="find it", output="torch")[0]
+    torch.testing.assert_close(got, _ref_last_hidden(model, ids)[-1], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("style", ["prompteol", "pcot"])
+def test_prompting_styles_drop_the_eos_the_tokenizer_appends(style):
+    """PromptEOL-like styles pool the state after the closing quote, also when the tokenizer appends </s>
+    itself (e5-mistral style); truncation then has that token's room for text."""
+    model, tok = build_tiny_model("mistral", add_eos=True)
+    emb = lf.LLMEmbedder(model, tok, prompt_style=style, normalize=False)
+    assert emb.info.adds_eos and not emb.add_eos
+    tmpl = PROMPT_STYLES[style].template
+    ids = [tok.bos_token_id] + tok(tmpl.replace("{text}", "the cat"), add_special_tokens=False)["input_ids"]
+    got = emb.encode(["the cat", "search " * 30], output="torch")[0]
+    torch.testing.assert_close(got, _ref_last_hidden(model, ids)[-1], atol=2e-6, rtol=0)
+    short = lf.LLMEmbedder(model, tok, prompt_style=style, max_length=len(ids) + 3)
+    out = short.tokenize(["search " * 30])["input_ids"][0].tolist()
+    assert len(out) == len(ids) + 3 and tok.eos_token_id not in out
+    assert tok.decode(out).endswith('search" means in one word:"')
+
+
+def test_packed_batch_of_empty_texts_gives_zero_rows():
+    model, tok = build_tiny_model("qwen2")  # '' has no token at all with mean pooling (no BOS, no EOS)
+    texts = ["hello world", "", ""]
+    padded = lf.LLMEmbedder(model, tok, pooling="mean").encode(texts, batch_size=1, output="torch")
+    packed = lf.LLMEmbedder(model, tok, pooling="mean", packed=True)
+    torch.testing.assert_close(packed.encode(texts, batch_size=1, output="torch"), padded, atol=2e-6, rtol=0)
+    assert not padded[1:].any()
+    assert packed.encode(["", ""], dims=16).shape == (2, 16)
+
+
+def test_int8_calibrated_on_one_row_warns():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    for p in ("int8", "uint8"):
+        with pytest.warns(UserWarning, match="calibration_embeddings"):
+            emb.encode("hello world", precision=p)
+    with pytest.warns(UserWarning, match="ranges"):
+        emb.encode_late_chunks("hello world", ["hello"], precision="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        emb.encode(["hello", "world"], precision="int8")
+        emb.encode("hello", precision="int8", calibration_embeddings=emb.encode(["a", "b", "c"]))
+
+
+def test_clear_errors_for_positions_packing_texts_and_folders(tmp_path):
+    model, tok = build_tiny_model("gpt2")  # 512 learned positions
+    with pytest.raises(ValueError, match="max_length"):
+        lf.LLMEmbedder(model, tok, max_length=513)
+    assert lf.LLMEmbedder(model, tok, max_length=512).max_length == 512
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bloom = tf.AutoModel.from_config(tf.BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="packed"):  # ALiBi: forward takes no position_ids
+        lf.LLMEmbedder(bloom, tok, packed=True)
+    with pytest.raises(ValueError, match="packed"):
+        lf.LLMEmbedder(bloom, tok).encode(["a b"], packed=True)
+    emb = lf.LLMEmbedder(model, tok)
+    with pytest.raises(ValueError, match=r"texts\[1\]"):
+        emb.encode(["ok", "lone \ud800 surrogate"])
+    with pytest.raises(TypeError, match=r"texts\[0\].*bytes"):
+        emb.encode([b"hello"])
+    with pytest.raises(TypeError, match="texts.*bytes"):
+        emb.encode(b"hello")
+    with pytest.raises(TypeError, match="normalize"):
+        lf.LLMEmbedder(model, tok, normalize="no")
+    with pytest.raises(TypeError, match="normalize"):
+        emb.encode(["a"], normalize="no")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="path_or_id"):
+        lf.LLMEmbedder.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_decoder_tokenizer_without_eos_pools_the_last_text_token():
+    model, tok = build_tiny_model("qwen2")
+    tok.eos_token, tok.pad_token = None, "<pad>"
+    emb = lf.LLMEmbedder(model, tok, normalize=False)
+    assert emb.pooling == "last" and not emb.add_eos
+    ids = tok("the cat")["input_ids"]
+    torch.testing.assert_close(
+        emb.encode(["the cat", "a"], output="torch")[0], _ref_last_hidden(model, ids)[-1], atol=2e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="eos"):
+        lf.LLMEmbedder(model, tok, add_eos=True)

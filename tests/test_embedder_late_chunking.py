@@ -85,3 +85,20 @@ def test_chunk_spans_errors():
     model, tok = build_tiny_model("qwen2")
     out = lf.LLMEmbedder(model, tok).encode_late_chunks("abc def", [(0, 3), (3, 3)])
     assert out.shape == (2, 64) and np.isfinite(out).all()
+
+
+def test_late_chunks_lowercase_moves_spans_when_lengths_change():
+    """sentence-transformers' do_lower_case: 'İ'.lower() is two characters, so chunk spans given on the
+    original text must move with the lower-cased text."""
+    model, tok = build_tiny_model("qwen2")
+    text, chunk = "İİİİ the cat sat on the river bank", "river bank"
+    emb = lf.LLMEmbedder(model, tok, lowercase=True, normalize=False, add_eos=False)
+    got = emb.encode_late_chunks(text, [chunk, (0, 2)], output="torch")
+    low = text.lower()
+    assert len(low) != len(text)
+    enc = tok(low, return_offsets_mapping=True)
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor([enc["input_ids"]])).last_hidden_state[0]
+    for row, (a, b) in zip(got, [(low.index(chunk), low.index(chunk) + len(chunk)), (0, 4)], strict=True):
+        sel = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > a and s < b]
+        torch.testing.assert_close(row, h[sel].mean(0), atol=2e-6, rtol=0)

@@ -38,7 +38,8 @@ def test_probe_detects_eos_and_bos():
     assert info.adds_bos and info.adds_eos
     info = probe_tokenizer(make_tokenizer("llama"))
     assert info.adds_bos and not info.adds_eos and info.pad_id == info.eos_id  # no pad token: any valid id
-    assert not probe_tokenizer(make_tokenizer("bert")).adds_eos
+    bert = make_tokenizer("bert")
+    assert probe_tokenizer(bert).eos_suffix == (bert.sep_token_id,)  # [SEP] is its terminator
 
 
 def test_boundary_merge_located_exactly(qwen_tok):
@@ -96,6 +97,21 @@ def test_truncation_cuts_text_only_and_keeps_eos(llama_tok, style):
         tokenize_texts(llama_tok, info, [text], tmpl, add_eos=True, max_length=n_fixed - 1)
 
 
+def test_truncation_keeps_template_chars_merged_into_the_text(llama_tok):
+    """Byte-level BPE merges the text's end with the template's start ('wor' + 'ld' -> 'Ġworld'): that
+    token holds template characters, so truncation must not cut it with the text."""
+    info = probe_tokenizer(llama_tok)
+    tmpl, text = "query: {text}ld is here", "hello " * 6 + "wor"
+    full = tokenize_texts(llama_tok, info, [text], tmpl)
+    assert llama_tok.convert_ids_to_tokens(full.ids[0])[-5] == "Ġworld"  # the merge this test is about
+    for max_length in range(9, len(full.ids[0])):
+        ids = tokenize_texts(llama_tok, info, [text], tmpl, max_length=max_length).ids[0]
+        s = llama_tok.decode(ids, skip_special_tokens=True)
+        assert len(ids) == max_length and s.startswith("query: hello") and s.endswith("hellold is here")
+    with pytest.raises(ValueError, match="max_length"):  # "query: ld is here" alone takes 9 tokens
+        tokenize_texts(llama_tok, info, [text], tmpl, max_length=8)
+
+
 def test_eos_not_doubled_when_tokenizer_adds_it():
     tok = make_tokenizer("llama", add_eos=True)
     info = probe_tokenizer(tok)
@@ -126,7 +142,9 @@ def test_echo_truncates_both_copies_and_pools_second(qwen_tok):
         return_text_spans=True,
     )
     (c0, d0), (c1, d1) = tr.text_spans[0]
-    assert abs((d0 - c0) - (d1 - c1)) <= 1 and (b0 - a0) + (b1 - a1) - (d0 - c0) - (d1 - c1) == 5
+    # both copies hold the same cut text: 3 tokens off each (5 would split the copies unevenly)
+    assert (d0 - c0) == (d1 - c1) and (b0 - a0) + (b1 - a1) - (d0 - c0) - (d1 - c1) == 6
+    assert tr.ids[0][c0 + 1 : d0] == tr.ids[0][c1 + 1 : d1] == full.ids[0][a0 + 1 : b0 - 3]
     assert tr.pool_starts[0] == c1
 
 

@@ -162,3 +162,31 @@ def test_integrations_submodule_is_reachable_from_the_package():
     assert callable(llmembed_fast.integrations.sentence_transformers.accelerate)
     with pytest.raises(AttributeError):
         llmembed_fast.integrations.no_such_thing  # noqa: B018
+
+
+@pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
+def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
+    """Flattened (flash-attention varlen) features with prompt_length, and a prompt_length that leaves a
+    sequence nothing to pool: the fused head gives sentence-transformers' own outputs."""
+    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling
+
+    torch.manual_seed(0)
+    lens, H = [7, 5, 9], 8
+    cu = torch.tensor([0, 7, 12, 21], dtype=torch.int32)
+    flat = torch.randn(1, 21, H)
+    padded = torch.zeros(3, 9, H)
+    mask = torch.zeros(3, 9, dtype=torch.int64)
+    for i, n in enumerate(lens):
+        padded[i, :n], mask[i, :n] = flat[0, int(cu[i]) : int(cu[i + 1])], 1
+    cases = [
+        {"token_embeddings": flat, "cu_seq_lens_q": cu},
+        {"token_embeddings": padded, "attention_mask": mask},
+    ]
+    for feats in cases:
+        for pl in (None, 3, 6, 8):
+            f = dict(feats, **({} if pl is None else {"prompt_length": pl}))
+            ref = Pooling(H, pooling_mode=mode, include_prompt=False)
+            want = ref(dict(f))["sentence_embedding"]
+            ref.__class__ = FusedPooling
+            got = ref(dict(f))["sentence_embedding"]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)

@@ -242,3 +242,26 @@ def make_st_model(
     if save_to is not None:
         st.save(save_to)
     return st
+
+
+def make_qwen3_embedding_tokenizer(padding_side: str = "left"):
+    """A fast tokenizer with Qwen3-Embedding's layout: it appends ``<|endoftext|>`` (its pad token) itself,
+    while its ``eos_token`` is another token (``<|im_end|>`` there, ``</s>`` here)."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_trained_tokenizer_json())
+    eot = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eot)]),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<|endoftext|>",
+        padding_side=padding_side,
+        model_max_length=512,
+    )

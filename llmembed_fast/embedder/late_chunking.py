@@ -79,7 +79,14 @@ def encode_late_chunks(
     if not embedder.info.fast:
         raise ValueError("late chunking needs a fast tokenizer (offset mappings)")
     spans = chunk_spans(text, chunks)
-    src = text.lower() if embedder.lowercase else text
+    src = text
+    if embedder.lowercase:  # lower-casing can change lengths ('İ' -> 'i̇'): move the spans with it
+        src = text.lower()
+        pos = [0]
+        for c in text:
+            pos.append(pos[-1] + len(c.lower()))
+        if pos[-1] == len(src):
+            spans = [(pos[a], pos[b]) for a, b in spans]
     rendered, copies = render(embedder.template_for(instruction, prompt), src)
     base = copies[embedder.style.pool_copy][0]
     enc = embedder.tokenizer(
@@ -90,6 +97,9 @@ def encode_late_chunks(
         verbose=False,
     )
     ids = list(enc["input_ids"])
+    suffix = list(embedder.info.eos_suffix) if getattr(embedder, "strip_eos", False) else []
+    if suffix and ids[-len(suffix) :] == suffix:
+        ids = ids[: len(ids) - len(suffix)]
     ranges = _text_token_ranges(
         enc["offset_mapping"], enc["special_tokens_mask"], [(base + a, base + b) for a, b in spans]
     )

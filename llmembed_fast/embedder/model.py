@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -67,9 +68,29 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+def _check_text(t, name: str) -> None:
+    if not isinstance(t, str):
+        hint = " (decode it first, e.g. .decode('utf-8'))" if isinstance(t, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a string, got {type(t).__name__}{hint}")
+    if not t.isascii():
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{name} cannot be tokenized: {exc.reason} at character {exc.start} "
+                f"({t[exc.start : exc.end]!r}); it is not valid Unicode text"
+            ) from None
+
+
 def _check_texts(texts) -> tuple[list[str], bool]:
     if isinstance(texts, str):
+        _check_text(texts, "texts")
         return [texts], True
+    if isinstance(texts, (bytes, bytearray)):
+        raise TypeError(
+            f"texts must be a string or a list of strings, got {type(texts).__name__} "
+            "(decode it first, e.g. texts.decode('utf-8'))"
+        )
     if isinstance(texts, np.ndarray):
         texts = texts.tolist()
     if not isinstance(texts, Sequence):
@@ -78,9 +99,23 @@ def _check_texts(texts) -> tuple[list[str], bool]:
     if not texts:
         raise ValueError("texts must not be empty")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be a string, got {type(t).__name__}")
+        _check_text(t, f"texts[{i}]")
     return texts, False
+
+
+def _check_bool(value, name: str):
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return value if value is None else bool(value)
+    raise TypeError(f"{name} must be True, False or None, got {value!r}")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position table holds (max_position_embeddings / n_positions)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def _check_positive(value, name: str):
@@ -121,16 +156,19 @@ class LLMEmbedder(nn.Module):
         pooling: "last", "mean", "weighted_mean", "max", "first", "mean_sqrt_len" or a sentence-transformers
             name; None picks the prompt style's, else "last" for decoders and "mean" for encoders.
         normalize: L2-normalize the embeddings. dims: Matryoshka width (the first ``dims`` columns).
-        max_length: tokens per sequence, template and special tokens included (truncation cuts text only).
+        max_length: tokens per sequence, template and special tokens included (truncation cuts text only);
+            at most the model's positions (default: the tokenizer's, capped there).
         padding_side: "left" or "right" (both give the same embeddings; default: the tokenizer's).
-        add_eos: append EOS when the tokenizer does not (None: for decoders with last-token pooling, unless
-            the prompt style or a sentence-transformers folder says otherwise).
+        add_eos: append EOS when the tokenizer does not (None: for decoders with last-token pooling whose
+            tokenizer has one, unless the prompt style or a sentence-transformers folder says otherwise). A
+            style without EOS (PromptEOL, ...) drops the one a decoder's tokenizer appends itself.
         prompt_style: a name from :data:`PROMPT_STYLES` ("none", "instruct", "qwen3", "prompteol", "pcot",
             "ke", "echo"), a template with ``{text}``, or a :class:`PromptStyle`.
         instruction_template: how ``instruction=`` is applied (``"Instruct: {instruction}\\nQuery: {text}"``).
         include_prompt: pool the prompt/instruction tokens too (None: the style's or folder's, else no).
         prompts: named prompt prefixes (sentence-transformers' ``prompts``), e.g. {"query": "query: "}.
-        packed: True, False or "auto" (packed only where the attention reads packed sequences natively).
+        packed: True, False or "auto" (packed only where the attention reads packed sequences natively);
+            True needs a model whose forward takes ``position_ids``.
     """
 
     def __init__(
@@ -177,7 +215,8 @@ class LLMEmbedder(nn.Module):
             self.pooling = self.style.pooling
         else:
             self.pooling = "last" if self.is_decoder else "mean"
-        self.normalize = True if normalize is None else bool(normalize)
+        normalize = _check_bool(normalize, "normalize")
+        self.normalize = True if normalize is None else normalize
         self.dims = _check_positive(dims, "dims")
         hidden = getattr(self.config, "hidden_size", None) if self.config is not None else None
         if self.dims is not None and hidden is not None and self.dims > hidden:
@@ -191,20 +230,30 @@ class LLMEmbedder(nn.Module):
         self.info = probe_tokenizer(tokenizer)
         if add_eos is None:
             add_eos = self.style.add_eos
-        if add_eos is None:
+        if add_eos is None:  # a tokenizer without EOS: the last text token is pooled
             add_eos = (not _st_folder) and self.is_decoder and self.pooling == "last"
+            add_eos = add_eos and (self.info.eos_id is not None or self.info.adds_eos)
         self.add_eos = bool(add_eos)
         if self.add_eos and self.info.eos_id is None and not self.info.adds_eos:
             raise ValueError("add_eos=True but the tokenizer has no eos_token")
+        # a prompting style that reads the state after its prompt (PromptEOL, ...) drops the terminator a
+        # decoder's tokenizer appends itself (e5-mistral style), as it appends none
+        self.strip_eos = not self.add_eos and self.style.add_eos is False and self.is_decoder
         if include_prompt is None:
             include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
         self.include_prompt = bool(include_prompt)
-        self.max_length = _check_positive(max_length, "max_length") or self._default_max_length()
+        n_pos = max_positions(self.config)
+        self.max_length = _check_positive(max_length, "max_length")
+        if self.max_length is not None and n_pos is not None and self.max_length > n_pos:
+            raise ValueError(
+                f"max_length={self.max_length} is longer than the model's {n_pos} positions "
+                "(max_position_embeddings / n_positions); pass max_length <= that"
+            )
+        self.max_length = self.max_length or self._default_max_length()
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         if packed not in (True, False, "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
-        self.packed = packed
         self.lowercase = bool(lowercase)
         dtype = _resolve_dtype(dtype)
         if device is not None or dtype is not None:
@@ -214,6 +263,8 @@ class LLMEmbedder(nn.Module):
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params or (takes_kwargs and self.is_decoder)
+        self.packed = packed
+        self._use_packed(packed)  # checks packed=True against the model
 
     # ------------------------------------------------------------------------------------------------
     # construction
@@ -261,6 +312,16 @@ class LLMEmbedder(nn.Module):
             raise FileNotFoundError(f"path_or_id: no model folder at {path_or_id!r}")
         st = read_st_folder(path_or_id) if is_dir else None
         model_path = st.transformer_path if st else path_or_id
+        if (
+            is_dir
+            and not model_kwargs.get("gguf_file")
+            and not os.path.isfile(os.path.join(model_path, "config.json"))
+        ):
+            where = "" if model_path == path_or_id else f" in {model_path!r}"
+            raise FileNotFoundError(
+                f"path_or_id: the folder {path_or_id!r} holds no model (no config.json{where}; "
+                "a GGUF model needs gguf_file=)"
+            )
         device = (
             torch.device(device)
             if device is not None
@@ -303,8 +364,9 @@ class LLMEmbedder(nn.Module):
                 kw["pooling"] = st.pooling
             if normalize is None:
                 kw["normalize"] = st.normalize
-            if max_length is None:
-                kw["max_length"] = st.max_seq_length
+            if max_length is None and st.max_seq_length is not None:
+                n_pos = max_positions(getattr(model, "config", None))
+                kw["max_length"] = min(st.max_seq_length, n_pos) if n_pos else st.max_seq_length
             if include_prompt is None and style.include_prompt is None:
                 kw["include_prompt"] = st.include_prompt
             kw.update(
@@ -316,11 +378,11 @@ class LLMEmbedder(nn.Module):
         return cls(model, tokenizer, **kw)
 
     def _default_max_length(self) -> int | None:
+        n_pos = max_positions(self.config)
         n = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(n, int) and 0 < n < 1_000_000:
-            return n
-        n = getattr(self.config, "max_position_embeddings", None)
-        return int(n) if isinstance(n, int) and n > 0 else None
+            return min(n, n_pos) if n_pos else n
+        return n_pos
 
     @property
     def device(self) -> torch.device:
@@ -375,6 +437,7 @@ class LLMEmbedder(nn.Module):
             include_prompt=self.include_prompt,
             max_length=self.max_length,
             add_eos=self.add_eos,
+            strip_eos=self.strip_eos,
             return_text_spans=return_text_spans,
         )
 
@@ -431,7 +494,12 @@ class LLMEmbedder(nn.Module):
         if packed not in (True, False, "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         if packed == "auto":
-            return packed_mod.uses_varlen_flash(self.model)
+            return packed_mod.uses_varlen_flash(self.model) and self._takes_position_ids
+        if packed and not self._takes_position_ids:
+            raise ValueError(
+                f"packed=True needs a model whose forward takes position_ids ({type(self.model).__name__} "
+                "does not, so packed sequences would not restart their positions); use packed=False"
+            )
         return bool(packed)
 
     def _embed_batch(self, seqs, starts, *, packed: bool, normalize: bool, dims) -> torch.Tensor:
@@ -447,6 +515,9 @@ class LLMEmbedder(nn.Module):
             )
             hidden = self.hidden_states(b)
             return pool(hidden, b["pool_mask"], self.pooling, dims=dims, normalize=normalize)
+        width = dims or self.embedding_dim
+        if width and not any(seqs):  # only zero-token texts: the zero rows the padded path pools
+            return torch.zeros(len(seqs), width, dtype=torch.float32, device=dev)
         p = batching.pack_batch(seqs, starts, device=dev)
         if packed_mod.uses_varlen_flash(self.model):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
@@ -475,7 +546,8 @@ class LLMEmbedder(nn.Module):
         show_progress_bar: bool = False,
     ) -> torch.Tensor:
         """Embeddings [N, D] float32 on the model's device, in input order (no argument checks on texts)."""
-        normalize = self.normalize if normalize is None else bool(normalize)
+        normalize = _check_bool(normalize, "normalize")
+        normalize = self.normalize if normalize is None else normalize
         dims = self.dims if dims is None else _check_positive(dims, "dims")
         use_packed = self._use_packed(packed)
         tok = self._tokenize(texts, instruction, prompt)
@@ -600,6 +672,15 @@ class LLMEmbedder(nn.Module):
         elif precision in QUANTIZED:
             from llmembed_fast.quant import quantize
 
+            if precision in ("int8", "uint8") and ranges is None and calibration_embeddings is None:
+                if emb.shape[0] < 2:
+                    warnings.warn(
+                        f"precision={precision!r} calibrates its ranges on the embeddings being encoded, "
+                        f"here {emb.shape[0]} row(s), so every code is the same: pass ranges= or "
+                        "calibration_embeddings= (e.g. embeddings of a sample corpus), or encode more texts",
+                        UserWarning,
+                        stacklevel=3,
+                    )
             emb = quantize(emb, precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
         if output == "numpy":
             emb = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)

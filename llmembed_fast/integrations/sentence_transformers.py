@@ -5,10 +5,11 @@ The modules are changed in place by switching their class to a subclass whose ``
 Normalize follows directly, L2 normalization in one pass over the token states). Configuration and
 weights are untouched, outputs are the same (float32 accumulation, output in the token states' dtype).
 Cases the fused head does not express exactly fall back to the original code: concatenated pooling
-modes, ``token_weights_sum`` features, and ``weightedmean`` over masks that do not start at position 0
-(sentence-transformers weights by absolute position there). ``restore(model)`` switches back; a model
-saved while accelerated records these classes, so restore before saving if the folder must load without
-llmembed_fast.
+modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
+position 0 (sentence-transformers weights by absolute position there, flattened batches included), and a
+``prompt_length`` that leaves a sequence with no token to pool (sentence-transformers' empty-row values).
+``restore(model)`` switches back; a model saved while accelerated records these classes, so restore before
+saving if the folder must load without llmembed_fast.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FusedPooling(Pooling):
         if (
             len(modes) != 1
             or "token_weights_sum" in features
+            or "seq_idx" in features
             or (modes[0] == "cls" and "cls_token_embeddings" in features)
         ):
             return super().forward(features, **kwargs)
@@ -50,7 +52,12 @@ class FusedPooling(Pooling):
             cu = features["cu_seq_lens_q"].to(torch.int64)
             starts, ends = cu[:-1], cu[1:]
             if prompt_length is not None and mode not in ("first", "last"):
-                starts = torch.minimum(starts + prompt_length, ends)  # as sentence-transformers' flat path
+                # sentence-transformers' flat path drops min(prompt_length, shortest length) tokens of each
+                # sequence; weighted_mean keeps absolute weights and empty sequences get its own values
+                shortest = int((ends - starts).min().item()) if starts.numel() else 0
+                if mode == "weighted_mean" or prompt_length >= shortest:
+                    return super().forward(features, **kwargs)
+                starts = starts + prompt_length
             emb = pool_segments(
                 h.reshape(-1, h.shape[-1]),
                 starts,
@@ -66,6 +73,8 @@ class FusedPooling(Pooling):
                 mask = torch.ones(h.shape[:-1], dtype=torch.int64, device=h.device)
             if prompt_length is not None:
                 mask = Pooling._exclude_prompt_from_mask(mask, prompt_length)
+                if bool((mask.sum(1) == 0).any()):  # a row with nothing left: sentence-transformers' values
+                    return super().forward(features, **kwargs)
             if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
                 return super().forward(features, **kwargs)  # position weights are absolute there
             emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
