@@ -3,8 +3,24 @@ query it with a .npy of query embeddings."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
+
+
+class _Error(Exception):
+    """A user error: printed as ``error: ...`` with exit code 2 (no traceback)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def register(subparsers) -> None:
@@ -26,14 +42,15 @@ def register(subparsers) -> None:
     p.add_argument(
         "--rescore",
         choices=["none", "int8", "float"],
-        default="int8",
-        help="rescore the first-stage candidates with the float query (default int8)",
+        default=None,
+        help="rescore the first-stage candidates with the float query (default: int8 for --precision binary, "
+        "none for int8)",
     )
     p.add_argument("--rescore-multiplier", type=int, default=4, help="candidates kept per result (default 4)")
     p.add_argument("--calibration", metavar="CAL.npy", help="embeddings to calibrate the int8 ranges on")
     p.add_argument("--save-index", metavar="PATH", help="write the built index to PATH")
     p.add_argument("--output", metavar="PATH", help="write scores and ids to PATH (.npz or .json)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument(
         "--show", type=int, default=3, help="queries to print when there is no --output (default 3)"
     )
@@ -46,42 +63,74 @@ def _load_npy(path: str, what: str):
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"llmembed-fast search: cannot read {what} {path!r}: {exc}") from None
+        raise _Error(f"cannot read {what} {path!r}: {exc}") from None
     if a.ndim != 2 or a.dtype.kind != "f":
-        raise SystemExit(
-            f"llmembed-fast search: {what} {path!r} must be a 2-D float array, got {a.dtype} {a.shape}"
-        )
+        raise _Error(f"{what} {path!r} must be a 2-D float array, got {a.dtype} {a.shape}")
     return a
 
 
+def _is_index_file(path: str) -> bool:
+    """An index file by its magic bytes (whatever its name); otherwise by name, unless it is a .npy file."""
+    from llmembed_fast.quant.io import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError as exc:
+        raise _Error(f"cannot read corpus {path!r}: {exc.strerror or exc}") from None
+    if head == MAGIC:
+        return True
+    return not (head.startswith(b"\x93NUMPY") or path.endswith(".npy"))
+
+
 def run(args) -> int:
+    try:
+        return _run(args)
+    except _Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     import numpy as np
     import torch
 
     from llmembed_fast import quant
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rescore = None if args.rescore == "none" else args.rescore
+    rescore = args.rescore or ("int8" if args.precision == "binary" else "none")
+    rescore = None if rescore == "none" else rescore
     t0 = time.perf_counter()
-    if args.corpus.endswith(".npy"):
+    if not _is_index_file(args.corpus):
         corpus = _load_npy(args.corpus, "corpus")
-        ranges = quant.calibrate(_load_npy(args.calibration, "calibration")) if args.calibration else None
+        ranges = None
+        if args.calibration:
+            try:
+                ranges = quant.calibrate(_load_npy(args.calibration, "calibration"))
+            except (ValueError, TypeError) as exc:
+                raise _Error(f"calibration {args.calibration!r}: {exc}") from None
         try:
             index = quant.Index(corpus.shape[1], args.precision, rescore, ranges=ranges)
-        except ValueError as exc:
-            raise SystemExit(f"llmembed-fast search: {exc}") from None
-        index.add(corpus)
+        except (ValueError, TypeError) as exc:
+            raise _Error(str(exc)) from None
+        try:
+            index.add(corpus)
+        except (ValueError, TypeError) as exc:
+            raise _Error(f"corpus {args.corpus!r}: {exc}") from None
         action = "built"
     else:
         try:
             index = quant.Index.load(args.corpus)
         except (quant.IndexFileError, OSError) as exc:
-            raise SystemExit(f"llmembed-fast search: {exc}") from None
+            raise _Error(str(exc)) from None
         action = "loaded"
     print(f"{action} {index!r} ({index.nbytes() / 2**20:.1f} MiB) in {time.perf_counter() - t0:.2f} s")
     if args.save_index:
-        index.save(args.save_index)
+        try:
+            index.save(args.save_index)
+        except OSError as exc:
+            raise _Error(f"cannot write --save-index {args.save_index!r}: {exc.strerror or exc}") from None
         print(f"saved {args.save_index}")
     if not args.queries:
         return 0
@@ -90,18 +139,21 @@ def run(args) -> int:
     try:
         scores, ids = index.search(queries, args.k, rescore_multiplier=args.rescore_multiplier)
     except (ValueError, TypeError) as exc:
-        raise SystemExit(f"llmembed-fast search: {exc}") from None
+        raise _Error(str(exc)) from None
     dt = time.perf_counter() - t0
     print(
         f"searched {len(queries)} queries, k={args.k}, in {dt:.3f} s "
         f"({len(queries) / max(dt, 1e-9):.0f} queries/s)"
     )
     if args.output:
-        if args.output.endswith(".json"):
-            with open(args.output, "w") as f:
-                json.dump({"scores": scores.tolist(), "ids": ids.tolist()}, f)
-        else:
-            np.savez(args.output, scores=scores, ids=ids)
+        try:
+            if args.output.endswith(".json"):
+                with open(args.output, "w") as f:
+                    json.dump({"scores": scores.tolist(), "ids": ids.tolist()}, f)
+            else:
+                np.savez(args.output, scores=scores, ids=ids)
+        except OSError as exc:
+            raise _Error(f"cannot write --output {args.output!r}: {exc.strerror or exc}") from None
         print(f"wrote {args.output}")
     else:
         for i in range(min(args.show, len(queries))):

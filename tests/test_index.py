@@ -181,3 +181,101 @@ def test_index_errors():
         index.search(bad, 1)
     with pytest.raises(ValueError, match="ranges must be finite"):
         quant.Index(12, "int8", ranges=np.array([[0.0] * 12, [np.inf] * 12], np.float32))
+
+
+@pytest.mark.parametrize("precision,rescore", [("binary", "float"), ("binary", "int8"), ("int8", "float")])
+def test_rescore_duplicates_score_equal_and_tie_by_id(precision, rescore):
+    """Identical vectors score bitwise equal wherever they stand among the candidates, and come back by
+    ascending id; each vector's score is the same whatever k and rescore_multiplier."""
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        base = rng.standard_normal((3, 100)).astype(np.float32)
+        which = rng.integers(0, 3, 300)
+        queries = rng.standard_normal((4, 100)).astype(np.float32)
+        index = quant.Index(100, precision, rescore).add(base[which])
+        full_s, full_i = index.search(queries, 300, rescore_multiplier=1)
+        for q in range(4):
+            for b in range(3):  # one score per distinct vector
+                assert len(set(full_s[q][which[full_i[q]] == b].tolist())) == 1
+        for k, mult in ((5, 2), (5, 4), (40, 3), (300, 1)):
+            s, i = index.search(queries, k, rescore_multiplier=mult)
+            for q in range(4):
+                assert all(i[q, j] < i[q, j + 1] for j in range(k - 1) if s[q, j] == s[q, j + 1])
+                score_of = dict(zip(full_i[q].tolist(), full_s[q].tolist(), strict=True))
+                assert s[q].tolist() == [score_of[j] for j in i[q].tolist()]
+
+
+def test_rescore_int8_scores_equal_int8_topk():
+    docs, queries = make(n=200, dim=45)
+    index = quant.Index(45, "binary", "int8").add(docs)
+    s, i = index.search(queries, 200, rescore_multiplier=1)  # every vector rescored
+    ws, wi = quant.int8_topk(queries, index._data("int8"), index.ranges, 200)
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+
+
+def test_add_copies_the_callers_buffer():
+    for make_input in (lambda a: a, torch.from_numpy):
+        x = make_input(np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
+        index = quant.Index(8, rescore="float").add(x)
+        q = np.asarray(x)[:2].copy()
+        before = index.search(q, 3)
+        x[:] = 0  # the caller reuses its buffer
+        for a, b in zip(index.search(q, 3), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_ranges_accept_lists_and_check_shape():
+    docs, queries = make(n=30, dim=12)
+    r = quant.calibrate(docs)
+    want = quant.Index(12, "int8", ranges=r).add(docs).search(queries, 4)
+    for form in (r.tolist(), torch.from_numpy(r), r.astype(np.float16)):
+        got = quant.Index(12, "int8", ranges=form).add(docs).search(queries, 4)
+        if not isinstance(form, np.ndarray) or form.dtype != np.float16:
+            np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match=r"ranges must have shape \(2, 12\)"):
+        quant.Index(12, "int8", ranges=r[:, :5].tolist())
+    with pytest.raises(TypeError, match="ranges must be floating point"):
+        quant.Index(12, "int8", ranges=np.zeros((2, 12), np.int32))
+
+
+def test_load_rejects_nonfinite_ranges(tmp_path):
+    from llmembed_fast.quant.io import write_index_file
+
+    docs, _ = make(n=10, dim=8)
+    index = quant.Index(8, "binary", "int8").add(docs)
+    for bad in (np.nan, np.inf):
+        r = index.ranges.numpy().copy()
+        r[0, 3] = bad
+        meta = {"dim": 8, "count": 10, "precision": "binary", "rescore": "int8"}
+        sections = {"bits": index._data("bits").numpy(), "int8": index._data("int8").numpy(), "ranges": r}
+        write_index_file(tmp_path / "bad.lfidx", meta, sections)  # CRC-consistent
+        with pytest.raises(IndexFileError, match="ranges must be finite"):
+            quant.Index.load(tmp_path / "bad.lfidx")
+
+
+def test_load_rejects_deeply_nested_header(tmp_path):
+    import zlib
+
+    from llmembed_fast.quant.io import _FOOTER, _PREFIX, FOOTER_MAGIC, FORMAT, MAGIC
+
+    h = (f'{{"format": "{FORMAT}", "sections": [], "z": ' + "[" * 100000 + "]" * 100000 + "}").encode()
+    body = _PREFIX.pack(MAGIC, 1, len(h), zlib.crc32(h)) + h
+    body += b"\0" * ((-len(body)) % 64)
+    with pytest.raises(IndexFileError, match="unreadable header"):
+        _load_bytes(tmp_path, body + _FOOTER.pack(FOOTER_MAGIC, zlib.crc32(body), 0))
+
+
+def test_saved_file_mode_follows_umask(tmp_path):
+    import os
+    import stat
+
+    index = quant.Index(8).add(np.ones((2, 8), np.float32))
+    old = os.umask(0o022)
+    try:
+        for mask, want in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(mask)
+            index.save(tmp_path / f"m{mask:o}.lfidx")
+            assert stat.S_IMODE(os.stat(tmp_path / f"m{mask:o}.lfidx").st_mode) == want
+    finally:
+        os.umask(old)

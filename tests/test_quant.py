@@ -182,3 +182,78 @@ def test_info_names_kernels():
 
     kernels = info()["extension"]["kernels"]
     assert set(kernels) >= {"hamming", "int8_dot", "pack_bits", "quantize"}
+
+
+def test_quantize_tensor_requiring_grad():
+    x = torch.randn(5, 16, requires_grad=True)
+    xd = x.detach()
+    for precision in PRECISIONS:
+        assert torch.equal(quant.quantize(x, precision), quant.quantize(xd, precision))
+    c = torch.randn(7, 16, requires_grad=True)
+    for precision in ("int8", "uint8"):
+        got = quant.quantize(xd, precision, calibration_embeddings=c)
+        assert torch.equal(got, quant.quantize(xd, precision, calibration_embeddings=c.detach()))
+        got = quant.quantize(xd, precision, ranges=quant.calibrate(x))
+        assert torch.equal(got, quant.quantize(xd, precision, ranges=quant.calibrate(xd)))
+
+
+def test_negative_strides_and_big_endian_inputs():
+    """numpy calls x[::-1] of one row contiguous though its stride is negative; big-endian arrays come from
+    .npy files written elsewhere: both are accepted everywhere, with the native results."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    docs = rng.standard_normal((9, 16)).astype(np.float32)
+    flipped, big = x[::-1], x.astype(">f4")
+    assert flipped.strides[0] < 0 and flipped.flags.c_contiguous
+    r = quant.calibrate(docs)
+    index = quant.Index(16, "int8", "float").add(docs.astype(">f4"))
+    want_index = quant.Index(16, "int8", "float").add(docs)
+    for v in (flipped, big):
+        for precision in PRECISIONS:
+            np.testing.assert_array_equal(
+                quant.quantize(v, precision, ranges=r), quant.quantize(x, precision, ranges=r)
+            )
+        for a, b in zip(index.search(v, 3), want_index.search(x, 3), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(
+            quant.int8_topk(v, quant.quantize(docs, "int8", ranges=r), r, 2),
+            quant.int8_topk(x, quant.quantize(docs, "int8", ranges=r), r, 2),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        quant.calibrate(docs.astype(">f8")), quant.calibrate(docs.astype(np.float64))
+    )
+    codes = quant.quantize(docs, "ubinary")
+    want = quant.hamming_topk(codes[:1], codes, 3)
+    for q in (codes[::-1][-1:], codes[:1].astype(">u1")):
+        for a, b in zip(quant.hamming_topk(q, codes, 3), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    c8 = quant.quantize(docs, "int8", ranges=r)
+    np.testing.assert_array_equal(quant.dequantize(c8, r.astype(">f4")), quant.dequantize(c8, r))
+    np.testing.assert_array_equal(quant.unpack_bits(codes[::-1][-1:]), quant.unpack_bits(codes[:1]))
+
+
+def test_ranges_forms_are_the_same_everywhere():
+    """list, numpy array or tensor ranges [2, D] work in quantize, dequantize, int8_topk and Index; a wrong
+    shape gives the same message everywhere."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    r = quant.calibrate(x).astype(np.float64)
+    c = quant.quantize(x, "int8", ranges=r)
+    for form in (r.tolist(), torch.from_numpy(r)):
+        np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=form), c)
+        np.testing.assert_array_equal(quant.dequantize(c, form), quant.dequantize(c, r))
+        for a, b in zip(quant.int8_topk(x, c, form, 3), quant.int8_topk(x, c, r, 3), strict=True):
+            np.testing.assert_array_equal(a, b)
+    calls = [
+        lambda bad: quant.quantize(x, "int8", ranges=bad),
+        lambda bad: quant.dequantize(c, bad),
+        lambda bad: quant.int8_topk(x, c, bad, 1),
+        lambda bad: quant.Index(8, "int8", ranges=bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"ranges must have shape \(2, 8\) = \[min, max\] per dimension"):
+            call(r[:, :5].tolist())
+        with pytest.raises(TypeError, match="ranges must be floating point"):
+            call(np.ones((2, 8), np.int64))

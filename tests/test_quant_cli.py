@@ -48,10 +48,75 @@ def test_search_cli_build_save_load_query(tmp_path, capsys):
     assert "queries/s" in capsys.readouterr().out
 
 
-def test_search_cli_errors(tmp_path):
+def test_search_cli_errors(tmp_path, capsys):
+    """User errors: ``error: ...`` on stderr, exit code 2, no traceback."""
+    rng = np.random.default_rng(0)
     np.save(tmp_path / "bad.npy", np.zeros(5, np.float32))
-    with pytest.raises(SystemExit, match="2-D float"):
-        main(["search", str(tmp_path / "bad.npy")])
+    np.save(tmp_path / "nan.npy", np.full((5, 13), np.nan, np.float32))
+    np.save(tmp_path / "docs.npy", rng.standard_normal((20, 13)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((2, 13)).astype(np.float32))
     (tmp_path / "junk.lfidx").write_bytes(b"not an index at all, just some bytes")
-    with pytest.raises(SystemExit, match="not a valid"):
-        main(["search", str(tmp_path / "junk.lfidx")])
+    docs, q, missing = str(tmp_path / "docs.npy"), str(tmp_path / "q.npy"), str(tmp_path / "no" / "dir")
+    cases = [
+        (["search", str(tmp_path / "bad.npy")], "2-D float"),
+        (["search", str(tmp_path / "junk.lfidx")], "not a valid"),
+        (["search", str(tmp_path / "nan.npy"), q], "must be finite"),
+        (["search", docs, q, "--output", missing + "/o.npz"], "cannot write --output"),
+        (["search", docs, "--save-index", missing + "/x.lfidx"], "cannot write --save-index"),
+        (["search", docs, q, "--precision", "int8", "--rescore", "int8"], 'needs precision="binary"'),
+        (["search", docs, q, "-k", "21"], "k must be in"),
+    ]
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and "Traceback" not in err, (argv, err)
+    for threads in ("-1", "0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["search", docs, q, "--threads", threads])
+        assert exc.value.code == 2
+        assert "--threads" in capsys.readouterr().err
+
+
+def test_search_cli_int8_default_rescore(tmp_path):
+    """--precision int8 works with the default --rescore (none for int8, int8 for binary); explicit values
+    keep working."""
+    rng = np.random.default_rng(1)
+    docs = rng.standard_normal((60, 16)).astype(np.float32)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    np.save(tmp_path / "docs.npy", docs)
+    np.save(tmp_path / "q.npy", queries)
+    for extra, precision, rescore in (
+        ([], "binary", "int8"),
+        (["--precision", "int8"], "int8", None),
+        (["--precision", "int8", "--rescore", "float"], "int8", "float"),
+        (["--rescore", "none"], "binary", None),
+    ):
+        out = tmp_path / "r.npz"
+        argv = [
+            "search",
+            str(tmp_path / "docs.npy"),
+            str(tmp_path / "q.npy"),
+            "-k",
+            "4",
+            "--output",
+            str(out),
+        ]
+        assert main(argv + extra) == 0
+        want = quant.Index(16, precision, rescore).add(docs).search(queries, 4)
+        np.testing.assert_array_equal(np.load(out)["ids"], want[1])
+        np.testing.assert_array_equal(np.load(out)["scores"], want[0])
+
+
+def test_search_cli_index_detected_by_magic_and_big_endian_corpus(tmp_path):
+    rng = np.random.default_rng(2)
+    docs = rng.standard_normal((40, 12)).astype(np.float32)
+    queries = rng.standard_normal((2, 12)).astype(np.float32)
+    np.save(tmp_path / "docs_be.npy", docs.astype(">f4"))
+    np.save(tmp_path / "q.npy", queries)
+    saved = str(tmp_path / "index.npy")  # an index under a .npy name
+    assert main(["search", str(tmp_path / "docs_be.npy"), "--save-index", saved]) == 0
+    out = str(tmp_path / "r.json")
+    assert main(["search", saved, str(tmp_path / "q.npy"), "-k", "3", "--output", out]) == 0
+    want = quant.Index(12, "binary", "int8").add(docs).search(queries, 3)
+    assert json.loads((tmp_path / "r.json").read_text())["ids"] == want[1].tolist()

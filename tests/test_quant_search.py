@@ -230,3 +230,19 @@ def test_ops_release_the_gil():
     if time.perf_counter() - t0 < 0.01:
         pytest.skip("the search finished too fast to tell")
     assert ticks > 100  # with the GIL held, this loop could not run until the search had finished
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-200, 1e-290, 1e-310, 1e250, 1e300])
+def test_int8_topk_tiny_and_huge_queries(scale):
+    """Finite queries of any magnitude: the error bounds must neither underflow nor overflow (tiny ones used
+    to give wrong rankings, then unset ids)."""
+    rng = np.random.default_rng(0)
+    for n, d in ((50, 64), (3000, 17)):
+        c = rng.integers(-128, 128, (n, d), dtype=np.int8)
+        ranges = np.vstack([-np.ones(d), np.ones(d)])
+        q = rng.standard_normal((3, d)) * scale
+        step = (ranges[1] - ranges[0]) / 255
+        ref = (q / scale) @ (ranges[0] + ((c.view(np.uint8) ^ 0x80) + 0.5) * step).T  # same ranking
+        for k in (1, 5, n):
+            _, ids = quant.int8_topk(q, c, ranges, k)
+            np.testing.assert_array_equal(ids, np.argsort(-ref, axis=1, kind="stable")[:, :k])

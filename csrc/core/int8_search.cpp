@@ -1,6 +1,7 @@
 #include "int8_search.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -183,6 +184,33 @@ __attribute__((target("avx2"))) double exact_score_avx2(const double* w, const u
 }
 #endif
 
+// float32 rows, the same 16-lane order (the rescoring of stored vectors).
+double exact_score_f32_scalar(const double* w, const float* x, int64_t d) {
+  double l[16] = {0};
+  const int64_t d16 = d & ~int64_t(15);
+  for (int64_t j = 0; j < d16; j += 16)
+    for (int i = 0; i < 16; ++i) l[i] += w[j + i] * static_cast<double>(x[j + i]);
+  double s = combine16(l);
+  for (int64_t j = d16; j < d; ++j) s += w[j] * static_cast<double>(x[j]);
+  return s;
+}
+
+#ifdef LF_X86
+__attribute__((target("avx2"))) double exact_score_f32_avx2(const double* w, const float* x, int64_t d) {
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  const int64_t d16 = d & ~int64_t(15);
+  for (int64_t j = 0; j < d16; j += 16)
+    for (int i = 0; i < 4; ++i)
+      acc[i] = _mm256_add_pd(acc[i], _mm256_mul_pd(_mm256_loadu_pd(w + j + 4 * i),
+                                                   _mm256_cvtps_pd(_mm_loadu_ps(x + j + 4 * i))));
+  alignas(32) double l[16];
+  for (int i = 0; i < 4; ++i) _mm256_store_pd(l + 4 * i, acc[i]);
+  double s = combine16(l);
+  for (int64_t j = d16; j < d; ++j) s += w[j] * static_cast<double>(x[j]);
+  return s;
+}
+#endif
+
 #ifdef LF_X86
 // sum_j (u_j - 128)^2 for n rows.
 __attribute__((target("avx2"))) void sqnorms_avx2(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
@@ -233,6 +261,13 @@ double exact_score(const double* w, const uint8_t* u, int64_t d, uint8_t flip) {
   if (simd_active() >= Simd::AVX2) return exact_score_avx2(w, u, d, flip);
 #endif
   return exact_score_scalar(w, u, d, flip);
+}
+
+double exact_score_f32(const double* w, const float* x, int64_t d) {
+#ifdef LF_X86
+  if (simd_active() >= Simd::AVX2) return exact_score_f32_avx2(w, x, d);
+#endif
+  return exact_score_f32_scalar(w, x, d);
 }
 
 void sqnorms(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out, int32_t* head_sums) {
@@ -293,6 +328,7 @@ struct Digit {
 struct QueryPlan {
   Digit first, second;
   double slack = 0.0;
+  bool exhaustive = false;  // weights too large for finite bounds: every row is rescored exactly instead
 };
 
 // Quantizes w [d] to one digit; `residual` receives w - scale * a.
@@ -303,7 +339,7 @@ void make_digit(const double* w, int64_t d, int qmax, Digit* g, double* residual
   g->a.assign(static_cast<size_t>(d), 0);
   g->a_off.assign(static_cast<size_t>(d), 0);
   g->head_sum = 0;
-  double es = 0.0, e2 = 0.0;
+  double es = 0.0, emax = 0.0;
   const int64_t d32 = d & ~int64_t(31);
   for (int64_t j = 0; j < d; ++j) {
     double q = std::nearbyint(w[j] / g->scale);
@@ -314,15 +350,30 @@ void make_digit(const double* w, int64_t d, int qmax, Digit* g, double* residual
     const double e = w[j] - g->scale * q;
     residual[j] = e;
     es += e;
-    e2 += e * e;
+    emax = std::max(emax, std::fabs(e));
   }
   g->err_sum = es;
-  g->err_norm = std::sqrt(e2) * (1.0 + 1e-9);
+  // ||e|| with e scaled by a power of two (exact) to at most 1 first: squares of tiny errors (|e| < 1e-154)
+  // would underflow and those of huge ones overflow, leaving the bound wrong.
+  int ex = 0;
+  if (emax > 0.0) std::frexp(emax, &ex);
+  const int sh = std::min(-ex, 1023);  // 2^sh stays finite; subnormal emax: scaled to >= 2^-51
+  const double up = std::ldexp(1.0, sh);
+  double e2 = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double e = residual[j] * up;
+    e2 += e * e;
+  }
+  g->err_norm = std::ldexp(std::sqrt(e2) * (1.0 + 1e-9), -sh);
 }
 
 void plan_query(const double* w, int64_t d, int qmax, QueryPlan* p) {
-  double asum = 0.0;
-  for (int64_t j = 0; j < d; ++j) asum += std::fabs(w[j]);
+  double asum = 0.0, amax = 0.0;
+  for (int64_t j = 0; j < d; ++j) asum += std::fabs(w[j]), amax = std::max(amax, std::fabs(w[j]));
+  // Every bound, approximate and exact score is below 1024 * d * amax in magnitude: past that they could
+  // overflow (inf - inf = NaN), so such a query is ranked by exact scores alone.
+  p->exhaustive = !(amax <= DBL_MAX / (1024.0 * static_cast<double>(d)));
+  if (p->exhaustive) return;
   std::vector<double> r1(static_cast<size_t>(d)), r2(static_cast<size_t>(d));
   make_digit(w, d, qmax, &p->first, r1.data());
   make_digit(r1.data(), d, qmax, &p->second, r2.data());
@@ -399,6 +450,7 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
     for (int64_t r = 0; r < rn; ++r) max_norm = std::max(max_norm, norms[r] = std::sqrt(static_cast<double>(sq[r])));
     for (int64_t qi = 0; qi < qn; ++qi) {
       const QueryPlan& p = plans[q0 + qi];
+      if (p.exhaustive) continue;
       const double* wq = w + (q0 + qi) * d;
       const IntQuery iq = p.first.view();
       kern.dots(iq, codes + r0 * d, rn, d, flip, head_sums.data(), dots.data());
@@ -431,13 +483,39 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
     }
   }
   for (int64_t qi = 0; qi < qn; ++qi)
-    flush(sel[qi], kern, plans[q0 + qi], w + (q0 + qi) * d, codes, d, flip);
+    if (!plans[q0 + qi].exhaustive) flush(sel[qi], kern, plans[q0 + qi], w + (q0 + qi) * d, codes, d, flip);
+}
+
+// Exact scores of every row: the fallback when the bounds cannot certify k rows.
+void exhaustive_topk(const double* w, const uint8_t* codes, int64_t nd, int64_t d, uint8_t flip, TopK<double>* out) {
+  for (int64_t r = 0; r < nd; ++r) out->push(-exact_score(w, codes + r * d, d, flip), r);
 }
 
 }  // namespace
 
 double int8_exact_score(const double* w, const uint8_t* row, int64_t d, bool signed_codes) {
   return exact_score(w, row, d, signed_codes ? 0x80 : 0x00);
+}
+
+void int8_score_rows(const double* w, int64_t nq, int64_t d, const uint8_t* codes, bool signed_codes,
+                     const int64_t* rows, int64_t nr, double* out, int num_threads) {
+  const uint8_t flip = signed_codes ? 0x80 : 0x00;
+  parallel_for(0, nq, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nr)), std::max(1, num_threads),
+               [&](int64_t a, int64_t b) {
+                 for (int64_t q = a; q < b; ++q)
+                   for (int64_t c = 0; c < nr; ++c)
+                     out[q * nr + c] = exact_score(w + q * d, codes + rows[q * nr + c] * d, d, flip);
+               });
+}
+
+void float_score_rows(const double* w, int64_t nq, int64_t d, const float* vecs, const int64_t* rows, int64_t nr,
+                      double* out, int num_threads) {
+  parallel_for(0, nq, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nr)), std::max(1, num_threads),
+               [&](int64_t a, int64_t b) {
+                 for (int64_t q = a; q < b; ++q)
+                   for (int64_t c = 0; c < nr; ++c)
+                     out[q * nr + c] = exact_score_f32(w + q * d, vecs + rows[q * nr + c] * d, d);
+               });
 }
 
 void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, int64_t d, bool signed_codes,
@@ -451,8 +529,16 @@ void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, in
   });
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, nd / kMinRowsPerThread));
   auto finish = [&](int64_t q, const std::vector<const TopK<double>*>& sels) {
+    int64_t found = 0;
+    for (const auto* s : sels) found += s->size();
+    TopK<double> all;
+    if (found < k) {  // exhaustive query (or bounds that failed to certify k rows): never leave outputs unset
+      all.reset(k);
+      exhaustive_topk(w + q * d, codes, nd, d, signed_codes ? 0x80 : 0x00, &all);
+    }
     std::vector<double> neg(static_cast<size_t>(k));
-    merge_topk<double, double>(sels, k, neg.data(), out_idx + q * k);
+    merge_topk<double, double>(found < k ? std::vector<const TopK<double>*>{&all} : sels, k, neg.data(),
+                               out_idx + q * k);
     for (int64_t i = 0; i < k; ++i) out_score[q * k + i] = -neg[i];
   };
   if (parts == 1) {  // small corpus: parallel over queries

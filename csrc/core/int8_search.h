@@ -19,4 +19,13 @@ void int8_topk(const double* w, int64_t nq, const uint8_t* codes, int64_t nd, in
 // Exact float64 score of one row (the rescoring step; exposed for tests).
 double int8_exact_score(const double* w, const uint8_t* row, int64_t d, bool signed_codes);
 
+// Exact float64 scores of chosen rows: out[q, c] = sum_j w[q, j] * x[rows[q, c], j], x the codes read as above
+// (int8_score_rows) or float32 vectors (float_score_rows), rows [nq, nr] valid row indices. Every score uses
+// the same fixed summation order as int8_exact_score, whatever the row's position or nr: equal rows score
+// bitwise equal.
+void int8_score_rows(const double* w, int64_t nq, int64_t d, const uint8_t* codes, bool signed_codes,
+                     const int64_t* rows, int64_t nr, double* out, int num_threads);
+void float_score_rows(const double* w, int64_t nq, int64_t d, const float* vecs, const int64_t* rows, int64_t nr,
+                      double* out, int num_threads);
+
 }  // namespace lf

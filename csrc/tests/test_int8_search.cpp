@@ -72,6 +72,36 @@ void check_exact_score() {
   LF_CHECK(lf::int8_exact_score(w, row, 3, true) == 64.0 - 0.0 + 127.0, "int8 score (byte ^ 0x80)");
 }
 
+// Scores of chosen rows: equal rows score bitwise equal wherever they stand among the candidates, and codes
+// score exactly as int8_exact_score.
+void check_score_rows(std::mt19937& rng, int64_t d) {
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int> byte(0, 255);
+  const int64_t nd = 3, nq = 2, nr = 37;
+  std::vector<double> w(nq * d);
+  for (auto& v : w) v = normal(rng);
+  std::vector<uint8_t> codes(nd * d);
+  std::vector<float> vecs(nd * d);
+  for (auto& v : codes) v = static_cast<uint8_t>(byte(rng));
+  for (auto& v : vecs) v = static_cast<float>(normal(rng));
+  std::vector<int64_t> rows(nq * nr);
+  for (auto& r : rows) r = byte(rng) % nd;
+  std::vector<double> s8(nq * nr), sf(nq * nr);
+  lf::int8_score_rows(w.data(), nq, d, codes.data(), true, rows.data(), nr, s8.data(), 2);
+  lf::float_score_rows(w.data(), nq, d, vecs.data(), rows.data(), nr, sf.data(), 2);
+  bool ok8 = true, okf = true;
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t c = 0; c < nr; ++c) {
+      const int64_t r = rows[q * nr + c];
+      ok8 = ok8 && s8[q * nr + c] == lf::int8_exact_score(&w[q * d], &codes[r * d], d, true);
+      double one;
+      lf::float_score_rows(&w[q * d], 1, d, vecs.data(), &r, 1, &one, 1);
+      okf = okf && sf[q * nr + c] == one;
+    }
+  LF_CHECK(ok8, "int8_score_rows differs from int8_exact_score");
+  LF_CHECK(okf, "float_score_rows depends on the row's position among the candidates");
+}
+
 }  // namespace
 
 int main() {
@@ -90,6 +120,17 @@ int main() {
     check_case(rng, 2, 300, 1024, 300, true, 256, 1e6);  // k == nd, large weights
     check_near_ties(rng, true);
     check_near_ties(rng, false);
+    for (int64_t d : {1, 15, 16, 100, 1024}) check_score_rows(rng, d);
+    // Tiny and huge weights: the error bounds must neither underflow (||w - s a||^2 below the smallest
+    // double) nor overflow; every output must be filled with the brute-force ranking.
+    for (double wscale : {1e-160, 1e-200, 1e-300, 1e-315, 1e150, 1e200, 1e300}) {
+      check_case(rng, 3, 50, 64, 5, true, 256, wscale);
+      check_case(rng, 2, 40, 7, 40, false, 3, wscale);
+    }
+    check_case(rng, 2, 5000, 64, 7, true, 256, 1e-200);  // split over rows
+    check_case(rng, 2, 5000, 64, 7, true, 256, 1e300);
+    check_case(rng, 3, 60, 7, 5, true, 256, 1e304);  // past the bounds' range: ranked by exact scores alone
+    check_case(rng, 2, 5000, 7, 9, false, 3, 1e304);
   }
   return lf_test::finish("test_int8_search");
 }

@@ -1,5 +1,5 @@
 // Torch bindings (CPU and Meta) of the quantization and exact-search core:
-//   quantize_scalar, hamming_topk, int8_topk. pack_bits lives in library.cpp.
+//   quantize_scalar, hamming_topk, int8_topk, score_rows. pack_bits lives in library.cpp.
 // The Python layer (llmembed_fast.quant) validates arguments first; the checks here keep direct
 // torch.ops calls from crashing.
 #include "common.h"
@@ -109,6 +109,42 @@ std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, cons
   return {scores, idx};
 }
 
+void check_score_rows(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "score_rows: weights must be float64, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_TYPE(vecs.scalar_type() == at::kByte || vecs.scalar_type() == at::kChar ||
+                       vecs.scalar_type() == at::kFloat,
+                   "score_rows: vecs must be uint8/int8 codes or float32, got ", vecs.scalar_type());
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, "score_rows: rows must be int64, got ", rows.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && vecs.dim() == 2 && rows.dim() == 2,
+                    "score_rows: weights [Q, D], vecs [N, D] and rows [Q, C] must be 2-D");
+  TORCH_CHECK_VALUE(weights.size(1) == vecs.size(1) && rows.size(0) == weights.size(0),
+                    "score_rows: weights [Q, D], vecs [N, D] and rows [Q, C] disagree");
+}
+
+// Exact float64 scores of the given rows of vecs (int8/uint8 codes as int8_topk reads them, or float32).
+at::Tensor score_rows_cpu(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
+  check_score_rows(weights, vecs, rows);
+  at::Tensor w = weights.contiguous(), v = vecs.contiguous(), r = rows.contiguous();
+  at::Tensor out = at::empty({r.size(0), r.size(1)}, w.options());
+  if (r.numel() == 0) return out;
+  TORCH_CHECK_INDEX(r.min().item<int64_t>() >= 0 && r.max().item<int64_t>() < v.size(0),
+                    "score_rows: rows must lie in [0, ", v.size(0), ")");
+  if (v.scalar_type() == at::kFloat)
+    lf::float_score_rows(w.data_ptr<double>(), w.size(0), w.size(1), v.data_ptr<float>(), r.data_ptr<int64_t>(),
+                         r.size(1), out.data_ptr<double>(), num_threads());
+  else
+    lf::int8_score_rows(w.data_ptr<double>(), w.size(0), w.size(1), static_cast<const uint8_t*>(v.data_ptr()),
+                        v.scalar_type() == at::kChar, r.data_ptr<int64_t>(), r.size(1), out.data_ptr<double>(),
+                        num_threads());
+  return out;
+}
+
+at::Tensor score_rows_meta(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
+  check_score_rows(weights, vecs, rows);
+  return at::empty({rows.size(0), rows.size(1)}, weights.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> int8_topk_meta(const at::Tensor& weights, const at::Tensor& codes, int64_t k) {
   check_codes(codes, "int8_topk: codes");
   return {at::empty({weights.size(0), k}, weights.options()),
@@ -122,16 +158,19 @@ TORCH_LIBRARY_FRAGMENT(llmembed_fast, m) {
   m.def("quantize_scalar(Tensor x, Tensor starts, Tensor steps, bool signed) -> Tensor");
   m.def("hamming_topk(Tensor queries, Tensor docs, int k) -> (Tensor, Tensor)");
   m.def("int8_topk(Tensor weights, Tensor codes, int k) -> (Tensor, Tensor)");
+  m.def("score_rows(Tensor weights, Tensor vecs, Tensor rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmembed_fast, CPU, m) {
   m.impl("quantize_scalar", &lf_torch::quantize_scalar_cpu);
   m.impl("hamming_topk", &lf_torch::hamming_topk_cpu);
   m.impl("int8_topk", &lf_torch::int8_topk_cpu);
+  m.impl("score_rows", &lf_torch::score_rows_cpu);
 }
 
 TORCH_LIBRARY_IMPL(llmembed_fast, Meta, m) {
   m.impl("quantize_scalar", &lf_torch::quantize_scalar_meta);
   m.impl("hamming_topk", &lf_torch::hamming_topk_meta);
   m.impl("int8_topk", &lf_torch::int8_topk_meta);
+  m.impl("score_rows", &lf_torch::score_rows_meta);
 }

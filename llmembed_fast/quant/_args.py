@@ -12,19 +12,34 @@ CODE_DTYPES = (torch.uint8, torch.int8)
 
 
 def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
-    """``x`` as a torch tensor (numpy arrays are shared, not copied) and whether it came from numpy."""
+    """``x`` as a torch tensor (native-order, non-negatively strided numpy arrays are shared, others copied)
+    and whether it came from numpy (or a list)."""
     if isinstance(x, torch.Tensor):
         return x, False
+    if isinstance(x, (list, tuple)):
+        return as_tensor(np.asarray(x), name)[0], True
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        if not x.dtype.isnative:  # big-endian data (e.g. a .npy written on another machine)
+            x = x.astype(x.dtype.newbyteorder("="))
+        if any(st < 0 for st in x.strides):  # x[::-1] of one row counts as contiguous in numpy, not in torch
+            x = x.copy()
         x = np.ascontiguousarray(x)  # a view when already contiguous (memmaps stay memmaps)
         with warnings.catch_warnings():  # read-only arrays (np.load(mmap_mode="r")): never written here
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(x), True
-    if isinstance(x, (list, tuple)):
-        return torch.from_numpy(np.asarray(x)), True
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def as_ranges(ranges, d: int) -> torch.Tensor:
+    """int8 ``ranges`` (list, numpy array or tensor of shape [2, d], floating point) as a detached tensor."""
+    r, _ = as_tensor(ranges, "ranges")
+    if tuple(r.shape) != (2, d):
+        raise ValueError(f"ranges must have shape (2, {d}) = [min, max] per dimension, got {tuple(r.shape)}")
+    if not r.dtype.is_floating_point:
+        raise TypeError(f"ranges must be floating point, got {r.dtype}")
+    return r.detach()
 
 
 def to_output(t: torch.Tensor, numpy: bool):

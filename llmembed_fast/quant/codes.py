@@ -10,7 +10,15 @@ import numpy as np
 import torch
 
 from llmembed_fast import _ext
-from llmembed_fast.quant._args import as_tensor, check_2d, check_codes, check_float, has_kernel, to_output
+from llmembed_fast.quant._args import (
+    as_ranges,
+    as_tensor,
+    check_2d,
+    check_codes,
+    check_float,
+    has_kernel,
+    to_output,
+)
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
@@ -39,18 +47,8 @@ def _numpy_dtype(t: torch.Tensor) -> np.dtype:
 
 
 def _ranges_numpy(ranges, d: int) -> np.ndarray:
-    if isinstance(ranges, torch.Tensor):
-        r = ranges.detach().cpu()
-        r = (r.float() if r.dtype == torch.bfloat16 else r).numpy()
-    elif isinstance(ranges, np.ndarray):
-        r = ranges
-    else:
-        raise TypeError(f"ranges must be a torch.Tensor or numpy.ndarray, got {type(ranges).__name__}")
-    if r.dtype.kind != "f":
-        raise TypeError(f"ranges must be floating point, got {r.dtype}")
-    if r.shape != (2, d):
-        raise ValueError(f"ranges must have shape (2, {d}) = [min, max] per dimension, got {tuple(r.shape)}")
-    return r
+    r = as_ranges(ranges, d).cpu()
+    return (r.float() if r.dtype == torch.bfloat16 else r).numpy()
 
 
 def scalar_params(ranges: np.ndarray, x_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +85,7 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
     check_float(x, "embeddings")
     if precision == "float32":
         return to_output(x.float(), was_np)
+    x = x.detach()  # model outputs may require grad: codes are not differentiable
     if precision.endswith("binary"):
         if x.device.type == "cpu" or has_kernel("pack_bits", x.device):
             packed = _ext.ops().pack_bits(x)
@@ -106,7 +105,7 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
                 raise ValueError(f"calibration_embeddings has {c.shape[1]} dimensions, embeddings {d}")
             if c.shape[0] == 0:
                 raise ValueError("calibration_embeddings is empty")
-            src = c
+            src = c.detach()
         else:
             if x.shape[0] == 0:
                 return to_output(
@@ -159,9 +158,7 @@ def dequantize(codes, ranges):
     c, was_np = as_tensor(codes, "codes")
     check_2d(c, "codes")
     check_codes(c, "codes")
-    r, _ = as_tensor(ranges, "ranges")
-    if tuple(r.shape) != (2, c.shape[1]):
-        raise ValueError(f"ranges must have shape (2, {c.shape[1]}), got {tuple(r.shape)}")
+    r = as_ranges(ranges, c.shape[1])
     offset, step = dequant_params(r.to(c.device))
     u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
     return to_output((offset + u.to(torch.float64) * step).to(torch.float32), was_np)

@@ -8,10 +8,19 @@ import os
 import numpy as np
 import torch
 
-from llmembed_fast.quant._args import as_tensor, check_2d, check_finite, check_float, check_k, to_output
-from llmembed_fast.quant.codes import calibrate, dequant_params, quantize
+from llmembed_fast import _ext
+from llmembed_fast.quant._args import (
+    as_ranges,
+    as_tensor,
+    check_2d,
+    check_finite,
+    check_float,
+    check_k,
+    to_output,
+)
+from llmembed_fast.quant.codes import calibrate, quantize
 from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
-from llmembed_fast.quant.search import hamming_topk, int8_topk
+from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk
 
 PRECISIONS = ("binary", "int8")
 RESCORES = (None, "int8", "float")
@@ -26,7 +35,8 @@ class Index:
     precision="int8": int8 codes (D bytes) searched by inner product with the float query.
     rescore=None | "int8" | "float": keep int8 codes (D bytes) or float32 vectors (4D bytes) as well, and
     rescore the ``k * rescore_multiplier`` first-stage candidates with the float query.
-    ranges: int8 ranges [2, D]; None calibrates them on the first ``add``.
+    ranges: int8 ranges [2, D] (list, numpy array or tensor; float16/bfloat16 are widened to float32);
+    None calibrates them on the first ``add``.
 
     Scores (higher is better): binary without rescoring, D - 2 * hamming (the dot product of +-1 vectors);
     otherwise the float inner product of the query with the dequantized codes / the stored vectors.
@@ -46,13 +56,9 @@ class Index:
         self.dim, self.precision, self.rescore = int(dim), precision, rescore
         self.ranges: torch.Tensor | None = None
         if ranges is not None:
-            r, _ = as_tensor(ranges, "ranges")
-            if tuple(r.shape) != (2, self.dim) or r.dtype not in (torch.float32, torch.float64):
-                raise ValueError(
-                    f"ranges must be float32/float64 of shape (2, {self.dim}), got {r.dtype} {tuple(r.shape)}"
-                )
+            r = as_ranges(ranges, self.dim).cpu()
             check_finite(r, "ranges")
-            self.ranges = r.detach().cpu().clone()
+            self.ranges = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
         self._count = 0
 
@@ -117,7 +123,10 @@ class Index:
             elif name == "int8":
                 self._parts[name].append(quantize(x, "int8", ranges=self.ranges))
             else:
-                self._parts[name].append(x.to(torch.float32).contiguous())
+                # a copy: the caller may reuse its buffer (x shares numpy / float32 memory)
+                self._parts[name].append(
+                    x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                )
         self._count += x.shape[0]
         return self
 
@@ -146,21 +155,16 @@ class Index:
         return to_output(scores, was_np), to_output(ids, was_np)
 
     def _rescore(self, q: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact float64 scores of the candidates, best k by (score desc, id asc); queries in chunks so the
-        gathered vectors stay within ~128 MiB."""
-        step = max(1, (1 << 24) // max(1, cand.shape[1] * self.dim))
-        if q.shape[0] > step:
-            parts = [
-                self._rescore(q[i : i + step], cand[i : i + step], k) for i in range(0, q.shape[0], step)
-            ]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if self.rescore == "int8":
-            codes = self._data("int8")[cand]  # [Q, C, D]
-            offset, scale = dequant_params(self.ranges)
-            vecs = offset + (codes.view(torch.uint8) ^ 0x80).to(torch.float64) * scale
+        """Exact float64 scores of the candidates, best k by (score desc, id asc). Each score has one fixed
+        summation order (the C++ rescoring of int8_topk), whatever the candidate's position: equal vectors
+        score bitwise equal and come back by id, whatever k and rescore_multiplier."""
+        cand = cand.contiguous()
+        if self.rescore == "int8":  # as int8_topk scores: bias + (query * step) . u
+            w, bias = fold_query(q, self.ranges)
+            scores = _ext.ops().score_rows(w.contiguous(), self._data("int8"), cand) + bias[:, None]
         else:
-            vecs = self._data("float")[cand].to(torch.float64)
-        scores = torch.einsum("qd,qcd->qc", q.to(torch.float64), vecs)
+            w = q.to(torch.float64).contiguous()
+            scores = _ext.ops().score_rows(w, self._data("float"), cand)
         by_id = torch.sort(cand, dim=1, stable=True)
         scores, cand = scores.gather(1, by_id.indices), by_id.values
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
@@ -212,6 +216,10 @@ class Index:
             if r.dtype.name not in ("float32", "float64") or list(r.shape) != [2, dim]:
                 raise IndexFileError(f"{path}: section 'ranges' is not float32/float64 [2, {dim}]")
             index.ranges = torch.from_numpy(np.array(r))
+            try:
+                check_finite(index.ranges, "ranges")
+            except ValueError as exc:
+                raise IndexFileError(f"{path}: {exc}") from None
         elif index._needs_ranges() and count > 0:
             raise IndexFileError(f"{path}: int8 codes without their ranges")
         extra = set(arrays) - set(index._stored()) - {"ranges"}

@@ -93,6 +93,7 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
             f.write(_FOOTER.pack(FOOTER_MAGIC, crc, 0))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -108,6 +109,20 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    """The process umask: from /proc where it is shown (no window in which other threads see umask 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # reading the umask means setting it: restore at once
+    os.umask(mask)
+    return mask
 
 
 def _fail(path: str, why: str):
@@ -154,7 +169,7 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
                 _fail(path, "payload checksum mismatch: corrupted")
     try:
         meta = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         _fail(path, f"unreadable header: {exc}")
     if (
         not isinstance(meta, dict)

@@ -6,6 +6,7 @@ import torch
 
 from llmembed_fast import _ext
 from llmembed_fast.quant._args import (
+    as_ranges,
     as_tensor,
     check_2d,
     check_codes,
@@ -88,11 +89,8 @@ def int8_topk(queries, doc_codes, ranges, k: int):
     check_codes(c, "doc_codes")
     if q.shape[1] != c.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} dimensions, doc_codes {c.shape[1]}: dimension mismatch")
-    r, _ = as_tensor(ranges, "ranges")
-    if tuple(r.shape) != (2, c.shape[1]) or not r.dtype.is_floating_point:
-        raise ValueError(
-            f"ranges must be a float array of shape (2, {c.shape[1]}), got {r.dtype} {tuple(r.shape)}"
-        )
+    r = as_ranges(ranges, c.shape[1])
+    q = q.detach()
     check_finite(q, "queries")
     check_finite(r, "ranges")
     if c.shape[1] > 65536:
