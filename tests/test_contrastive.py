@@ -429,6 +429,33 @@ def test_module_learnable_temperature(backend):
     assert "learn_temperature=False" in repr(fixed)
 
 
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("kw", [{}, dict(symmetric=True, same_tower=True, matryoshka_dims=(8, 32))])
+def test_autocast_keeps_the_inputs_dtype(kw):
+    """float32 embeddings under a caller's bf16 autocast, in the forward and in the backward (GradCache runs
+    backwards inside autocast regions): the loss computes in float32 all the same."""
+    q, d, lab = _inputs(24, 40, 32, torch.float32, seed=11)
+    t = torch.tensor(0.05, requires_grad=True)
+
+    def run(fwd: bool, bwd: bool):
+        qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fwd):
+            loss = lf.contrastive_loss(qa, da, labels=lab, temperature=t, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bwd):
+            grads = torch.autograd.grad(loss, [qa, da, t])
+        return loss, grads
+
+    loss0, grads0 = run(False, False)
+    for fwd, bwd in ((True, False), (True, True), (False, True)):
+        loss, grads = run(fwd, bwd)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0)
+        for g, g0 in zip(grads, grads0, strict=True):
+            assert g.dtype == g0.dtype
+            torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-7)
+
+
 BAD = [
     (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
     (dict(q=torch.randn(4)), ValueError, "q must be 2-D"),

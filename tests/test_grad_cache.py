@@ -364,3 +364,180 @@ def test_reuse_last_chunk_not_for_no_sync_encoders():
     n_chunks = -(-B // 4) + -(-N // 4)
     assert grad_modes == [False] * n_chunks + [True] * n_chunks
     assert SyncAware.entered == n_chunks - 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# sync_module, the loss's own parameters, autocast, batch slicing, empty batches
+# ---------------------------------------------------------------------------------------------------
+
+class _SyncAware(nn.Module):
+    """A stand-in for a DDP module: counts no_sync() entries and the grad mode of its forwards."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc, self.entered, self.grad_modes = enc, 0, []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.entered += 1
+        yield
+
+    def forward(self, x):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return self.enc(x)
+
+
+def _mlp(seed: int = 0, din: int = 12, dout: int = 16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(din, 24), nn.GELU(), nn.Linear(24, dout))
+
+
+@pytest.mark.parametrize("mode", ["step", "forward"])
+def test_sync_module_governs_a_wrapped_encoder(mode):
+    """An encoder calling the DDP module (a lambda, a bound method) is synchronized by ``sync_module``:
+    every chunk but the step's last under its no_sync(), and no reuse_last_chunk (decided at forward)."""
+    ddp = _SyncAware(_mlp())
+    xq, xd = torch.randn(5, 12), torch.randn(7, 12)
+    lf.contrastive_loss(ddp(xq), ddp(xd)).backward()
+    want = grads_of(ddp)
+    ddp.grad_modes.clear()
+    gc = GradCache(lambda x: ddp(x), lf.contrastive_loss, 2, sync_module=ddp)
+    if mode == "step":
+        gc.step(xq, xd)
+    else:
+        gc(xq, xd).backward()
+    assert_grads_close(grads_of(ddp), want)
+    n_chunks = 3 + 4
+    assert ddp.grad_modes == [False] * n_chunks + [True] * n_chunks  # every chunk re-run: no reuse
+    assert ddp.entered == n_chunks - 1
+    with pytest.raises(TypeError, match="sync_module"):
+        GradCache(ddp, lf.contrastive_loss, 2, sync_module=nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 3.0])
+def test_loss_parameters_get_gradients(multiplier):
+    """A learnable temperature inside the loss gets its gradient once, scaled by grad_multiplier like the
+    encoder's, in step() and forward(); the returned loss is unscaled."""
+    enc = _mlp()
+    xq, xd = torch.randn(6, 12), torch.randn(12, 12)
+    t = torch.tensor(0.07, requires_grad=True)
+    loss_ref = lf.contrastive_loss(enc(xq), enc(xd), temperature=t)
+    loss_ref.backward()
+    want, want_t = grads_of(enc), t.grad.clone()
+    want = {k: v * multiplier for k, v in want.items()}
+    for mode in ("step", "forward"):
+        t.grad = None
+        gc = GradCache(enc, lf.contrastive_loss, 4, grad_multiplier=multiplier)
+        if mode == "step":
+            loss = gc.step(xq, xd, temperature=t)
+        else:
+            loss = gc(xq, xd, temperature=t)
+            loss.backward()
+        torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-5, atol=0)
+        assert_grads_close(grads_of(enc), want)
+        assert t.grad is not None, mode
+        torch.testing.assert_close(t.grad, want_t * multiplier, rtol=1e-5, atol=0, msg=mode)
+    crit = lf.ContrastiveLoss(temperature=0.07, learn_temperature=True)
+    GradCache(enc, crit, 4).step(xq, xd)
+    params = list(crit.parameters())
+    assert params and all(p.grad is not None and p.grad.abs().item() > 0 for p in params)
+
+
+class _PyMatmulLoss(torch.autograd.Function):
+    """A generic loss with a Python backward: its matmul follows whatever autocast state it runs under."""
+
+    @staticmethod
+    def forward(ctx, q, d):
+        s = q @ d.T
+        ctx.save_for_backward(q, d, s)
+        return torch.logsumexp(s, 1).mean() - s.diagonal().mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, d, s = ctx.saved_tensors
+        p = torch.softmax(s, 1)
+        p = p - torch.eye(*p.shape)
+        p = p * (g / q.shape[0])
+        return torch.mm(p, d), torch.mm(p.T, q)
+
+
+def test_autocast_step_and_forward_agree_for_a_generic_loss():
+    """Under autocast, step() back-propagates the loss outside autocast, as forward()'s loss.backward()
+    in a training loop does: same parameter gradients (the chunks' replay runs under autocast in both)."""
+    enc = _mlp()
+    xq, xd = torch.randn(6, 12), torch.randn(9, 12)
+
+    def loss_fn(q, d):
+        return _PyMatmulLoss.apply(q.float(), d.float())
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        GradCache(enc, loss_fn, 4).step(xq, xd)
+        g_step = grads_of(enc)
+        loss = GradCache(enc, loss_fn, 4)(xq, xd)
+    loss.backward()
+    g_fwd = grads_of(enc)
+    for k in g_fwd:
+        torch.testing.assert_close(g_step[k], g_fwd[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _trim_case(with_x: bool):
+    Lx = 6
+    enc = _mlp(din=Lx)
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, 4, (n,), generator=g)  # every chunk is padded past column 4
+        mask = (torch.arange(Lx)[None] < lengths[:, None]).long()
+        out = {"attention_mask": mask, "feat": torch.randn(n, Lx, generator=g), "note": "hi",
+               "extra": {"bias": torch.randn(n, generator=g), "scale": 2.0}}
+        if with_x:
+            out["x"] = torch.randn(n, Lx, generator=g)
+        return out
+
+    widths = []
+
+    def encoder(b):
+        assert b["note"] == "hi" and b["extra"]["scale"] == 2.0
+        widths.append(b["attention_mask"].shape[1])
+        assert b["feat"].shape[1] == Lx  # not a sequence key: never cut
+        h = b["feat"]
+        if with_x:  # named in sequence_keys: cut with the mask
+            assert b["x"].shape[1] == b["attention_mask"].shape[1]
+            h = h + torch.nn.functional.pad(b["x"] * b["attention_mask"], (0, Lx - b["x"].shape[1]))
+        return enc(h) + b["extra"]["bias"][:, None]
+
+    qb, db = batch(5, 1), batch(8, 2)
+    loss_ref = lf.contrastive_loss(encoder(qb), encoder(db))
+    loss_ref.backward()
+    want = grads_of(enc)
+    widths.clear()
+    kw = {"sequence_keys": ("x",)} if with_x else {}
+    loss = GradCache(encoder, lf.contrastive_loss, 2, **kw).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+    assert widths and all(w < Lx for w in widths)  # trimming did happen
+
+
+def test_trim_padding_spares_other_tensors_and_splits_nested_dicts():
+    """trim_padding cuts the token axis of sequence tensors only, not a per-example feature whose dim 1
+    happens to equal the sequence length; nested dicts are split row-wise like the top level."""
+    _trim_case(with_x=False)
+
+
+def test_sequence_keys_are_trimmed():
+    _trim_case(with_x=True)
+    with pytest.raises(TypeError, match="sequence_keys"):
+        GradCache(nn.Linear(2, 2), lf.contrastive_loss, 2, sequence_keys=(1,))
+
+
+def test_empty_batches_raise_naming_them():
+    enc = nn.Linear(6, 4)
+    gc = GradCache(enc, info_nce, 2)
+    with pytest.raises(ValueError, match="query_batch is empty"):
+        gc.step(torch.randn(0, 6), torch.randn(3, 6))
+    with pytest.raises(ValueError, match=r"doc_batch\[1\] is empty"):
+        gc.step(torch.randn(3, 6), [torch.randn(3, 6), torch.randn(0, 6)])
+    with pytest.raises(ValueError, match="query_batch is empty"):
+        gc(torch.randn(0, 6), torch.randn(0, 6))
+    with pytest.raises(ValueError, match="batch is empty"):
+        gc.embed(torch.randn(0, 6))

@@ -90,3 +90,134 @@ def test_ddp_cross_device_negatives_match_global(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# uneven local batches (different chunk counts per rank) through the integrations, whose encoders are
+# functions calling the DDP module: one synchronization per step, no deadlock
+# ---------------------------------------------------------------------------------------------------
+
+UNEVEN_B, UNEVEN_N, UNEVEN_TRIPLETS = (3, 5), (6, 5), (3, 5)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.GELU(), torch.nn.Linear(24, 16))
+
+
+def _counting_ddp(module, **kw):
+    ddp = torch.nn.parallel.DistributedDataParallel(module, **kw)
+    calls = [0]
+
+    def counting_allreduce(state, bucket):
+        calls[0] += 1
+        t = bucket.buffer().div_(WORLD)
+        return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    return ddp, calls
+
+
+def _assert_grads(got: dict, want: dict, rtol: float = 1e-5):
+    assert got.keys() == want.keys() and want
+    scale = max(w.abs().max().item() for w in want.values())
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _check_wrapped_encoders(rank: int, tmp: str):
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer
+    from llmembed_fast.training import GradCache
+
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.randn(b, 12, generator=g) for b in UNEVEN_B]
+    ds = [torch.randn(n, 12, generator=g) for n in UNEVEN_N]
+    ref = _mlp()
+    labels = torch.cat([torch.arange(b) + sum(UNEVEN_N[:r]) for r, b in enumerate(UNEVEN_B)])
+    loss_ref = lf.contrastive_loss(ref(torch.cat(qs)), ref(torch.cat(ds)), labels=labels)
+    loss_ref.backward()
+    want = {k: p.grad for k, p in ref.named_parameters()}
+
+    # GradCache with a lambda encoder, synchronized through sync_module
+    ddp, calls = _counting_ddp(_mlp())
+    gc = GradCache(lambda x: ddp(x), lf.contrastive_loss, 2, grad_multiplier=WORLD, sync_module=ddp)
+    loss = gc.step(qs[rank], ds[rank], group=dist.group.WORLD)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+    _assert_grads({k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}, want)
+    assert calls[0] == 1, calls[0]
+
+    # GradCacheTrainer.compute_loss with encode= (forward mode); grad_multiplier from the group
+    from transformers import TrainingArguments
+
+    ddp, calls = _counting_ddp(_mlp())
+    args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    trainer = GradCacheTrainer(model=ddp.module, args=args, chunk_size=2,
+                               encode=lambda model, chunk: model(chunk["x"]),
+                               loss_kwargs={"group": dist.group.WORLD})
+    loss = trainer.compute_loss(ddp, {"query": {"x": qs[rank]}, "doc": {"x": ds[rank]}})
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-5, atol=0)
+    _assert_grads({k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}, want)
+    assert calls[0] == 1, calls[0]
+
+
+def _check_st_loss(rank: int, model_dir: str):
+    from tiny_models import corpus, make_st_model
+
+    from llmembed_fast.integrations.st_losses import CachedFusedMNRLoss
+
+    texts = corpus(3 * sum(UNEVEN_TRIPLETS), seed=3)
+    start, b = 3 * sum(UNEVEN_TRIPLETS[:rank]), UNEVEN_TRIPLETS[rank]
+    ref = make_st_model(model_dir, "mean", normalize=False).eval()  # no dropout: ranks need no common RNG
+    columns = [sum((texts[3 * sum(UNEVEN_TRIPLETS[:r]) + j * n:3 * sum(UNEVEN_TRIPLETS[:r]) + (j + 1) * n]
+                    for r, n in enumerate(UNEVEN_TRIPLETS)), []) for j in range(3)]
+    loss_ref = CachedFusedMNRLoss(ref, mini_batch_size=2)([dict(ref.tokenize(c)) for c in columns], None)
+    loss_ref.backward()
+    want = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
+
+    model = make_st_model(model_dir, "mean", normalize=False).eval()
+    ddp, calls = _counting_ddp(model, find_unused_parameters=True)
+    loss_obj = CachedFusedMNRLoss(model, mini_batch_size=2, gather_across_devices=True)
+    loss_obj.model = ddp  # what SentenceTransformerTrainer does (override_model_in_loss)
+    local = [texts[start + j * b:start + (j + 1) * b] for j in range(3)]
+    loss = loss_obj([dict(model.tokenize(c)) for c in local], None)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-5, atol=0)
+    _assert_grads({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, want)
+    assert calls[0] == 1, calls[0]
+
+
+def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
+    import datetime
+    import warnings
+
+    os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    # a short timeout: a rank left waiting in an all-reduce the other never joins fails instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        _check_wrapped_encoders(rank, tmp)
+        _check_st_loss(rank, model_dir)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_wrapped_encoders_uneven_batches(tmp_path):
+    """GradCache(sync_module=), GradCacheTrainer(encode=) and CachedFusedMNRLoss with a DDP model in the
+    loss, local batches of different sizes (different chunk counts): one all-reduce per step, the
+    single-process gradients of the global batch."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    pytest.importorskip("sentence_transformers")
+    from tiny_models import cached_tiny_model_dir
+
+    model_dir = cached_tiny_model_dir("bert")
+    mp.spawn(_uneven_worker, args=(str(tmp_path / "init"), str(tmp_path), model_dir), nprocs=WORLD,
+             join=True)

@@ -126,3 +126,37 @@ def test_bad_arguments(bert_st):
 
     config = CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()
     assert config["similarity_fct"] == "cos_sim"
+
+
+def test_same_tower_hard_negatives_definition(bert_st):
+    """With hard negatives, same_tower's document-document term scores the positive against every candidate
+    j != p, the anchor's own hard negatives included. sentence-transformers' doc_to_doc leaves those out, so
+    the two differ here (documented in CachedFusedMNRLoss)."""
+    import torch.nn.functional as F
+
+    feats = features(bert_st, [TEXTS[:5], TEXTS[5:10], TEXTS[10:15]])
+    bert_st.eval()  # no dropout: the reference embeds each column at once
+    try:
+        ours = CachedFusedMNRLoss(bert_st, scale=20.0, mini_batch_size=2, same_tower=True)
+        got = run(ours, bert_st, feats, 11)
+        q, pos, neg = (F.normalize(bert_st(dict(f))["sentence_embedding"], dim=-1) for f in feats)
+        d = torch.cat([pos, neg])
+        B, n_cand = q.shape[0], d.shape[0]
+        eye_q = torch.eye(B, n_cand, dtype=torch.bool)  # (i, p = i)
+        terms = torch.cat([
+            20.0 * q @ d.T,  # every candidate
+            (20.0 * q @ q.T).masked_fill(torch.eye(B, dtype=torch.bool), float("-inf")),  # other queries
+            (20.0 * pos @ d.T).masked_fill(eye_q, float("-inf")),  # every candidate j != p
+        ], dim=1)
+        loss = (torch.logsumexp(terms, 1) - 20.0 * (q * pos).sum(-1)).mean()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in bert_st.named_parameters() if p.grad is not None}
+        want = (loss.detach(), grads)
+        bert_st.zero_grad(set_to_none=True)
+        assert_same(got, want)
+        st = st_cached_mnrl(bert_st, mini_batch_size=2,
+                            directions=("query_to_doc", "query_to_query", "doc_to_doc"))
+        st_loss, _ = run(st, bert_st, feats, 11)
+        assert abs(st_loss.item() - got[0].item()) > 1e-3  # ST drops the anchor's own negatives from d2d
+    finally:
+        bert_st.train()

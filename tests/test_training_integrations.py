@@ -86,3 +86,39 @@ def test_sentence_transformers_example_trains(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = re.search(r"'train_loss': '?([0-9.eE+-]+)", proc.stdout + proc.stderr)
     assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0, proc.stdout[-2000:]
+
+
+def test_hf_trainer_grad_multiplier(tmp_path):
+    """GradCacheTrainer(grad_multiplier=) scales every gradient (a learnable temperature's too), not the
+    loss; without it and without a group in loss_kwargs, the gradients are the plain ones."""
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    t = torch.tensor(0.1, requires_grad=True)
+    batch = {"query": {"x": torch.randn(5, 8)}, "doc": {"x": torch.randn(7, 8)}}
+    loss_ref = lf.contrastive_loss(model(batch["query"]["x"]), model(batch["doc"]["x"]), temperature=t)
+    loss_ref.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    want_t = t.grad.clone()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=5, report_to=[],
+                             use_cpu=True, remove_unused_columns=False, save_strategy="no")
+    for multiplier in (None, 4.0):
+        model.zero_grad(set_to_none=True)
+        t.grad = None
+        trainer = GradCacheTrainer(model=model, args=args, chunk_size=2, loss_kwargs={"temperature": t},
+                                   encode=lambda m, chunk: m(chunk["x"]), grad_multiplier=multiplier)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-5, atol=0)
+        f = 1.0 if multiplier is None else multiplier
+        scale = max(w.abs().max().item() for w in want.values()) * f
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[k] * f, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(t.grad, want_t * f, rtol=1e-5, atol=0)
+    with pytest.raises(TypeError, match="grad_multiplier"):
+        GradCacheTrainer(model=model, args=args, grad_multiplier="2")

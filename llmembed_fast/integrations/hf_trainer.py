@@ -53,22 +53,43 @@ class GradCacheTrainer(Trainer):
         chunk_size: rows embedded at once (``per_device_train_batch_size`` is the contrastive batch).
         loss_kwargs: keyword arguments for ``loss_fn`` (e.g. ``temperature``, ``matryoshka_dims``).
         encode: ``encode(model, chunk) -> [b, D]`` (default ``model(chunk)``, e.g. an ``LLMEmbedder``).
+            The model given to ``compute_loss`` (DDP-wrapped under distributed training) governs the
+            gradient synchronization either way (one all-reduce per step).
+        grad_multiplier: multiplies every gradient (see :class:`GradCache`). Default None: the size of
+            ``loss_kwargs["group"]`` when one is given (a global loss under DDP, whose averaging over ranks
+            it undoes), else 1.
     """
 
     def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32,
-                 loss_kwargs: dict | None = None, encode: Callable | None = None, **kwargs):
+                 loss_kwargs: dict | None = None, encode: Callable | None = None,
+                 grad_multiplier: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if loss_fn is None:
             from llmembed_fast.ops.contrastive import contrastive_loss as loss_fn
         self.gc_loss_fn, self.gc_chunk_size = loss_fn, chunk_size
         self.gc_loss_kwargs = dict(loss_kwargs or {})
         self.gc_encode = encode
-        GradCache(lambda x: x, loss_fn, chunk_size)  # validates chunk_size and loss_fn now, not mid-training
+        self.gc_grad_multiplier = grad_multiplier
+        # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
+        GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None
+                  else grad_multiplier)
+
+    def _gc_grad_multiplier(self) -> float:
+        if self.gc_grad_multiplier is not None:
+            return float(self.gc_grad_multiplier)
+        group = self.gc_loss_kwargs.get("group")
+        if group is None:
+            return 1.0
+        import torch.distributed as dist
+
+        return float(dist.get_world_size(group)) if dist.is_available() and dist.is_initialized() else 1.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not isinstance(inputs, dict) or "query" not in inputs or "doc" not in inputs:
             raise ValueError("GradCacheTrainer expects batches {'query': ..., 'doc': ...} (see PairCollator)")
         encoder = model if self.gc_encode is None else (lambda chunk: self.gc_encode(model, chunk))
-        gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size)
+        sync = model if callable(getattr(model, "no_sync", None)) else None  # DDP / FSDP: once per step
+        gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size,
+                       grad_multiplier=self._gc_grad_multiplier(), sync_module=sync)
         loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)
         return (loss, {}) if return_outputs else loss

@@ -1,9 +1,10 @@
 """A sentence-transformers loss: CachedMultipleNegativesRankingLoss computed with GradCache + the fused loss.
 
 ``CachedFusedMNRLoss`` takes ``CachedMultipleNegativesRankingLoss``'s arguments and gives the same loss and
-gradients (same model, batch and RNG), with the loss stage done once by ``lf.contrastive_loss`` in
-O((B+N)*D) memory (every Matryoshka dim in the same pass, no per-dim rerun) and the chunks re-run inside
-``loss.backward()`` as the trainer calls it. Use it with ``SentenceTransformerTrainer`` like any loss.
+gradients (same model, batch and RNG; ``same_tower`` with hard negatives excepted, see its docstring), with
+the loss stage done once by ``lf.contrastive_loss`` in O((B+N)*D) memory (every Matryoshka dim in the same
+pass, no per-dim rerun) and the chunks re-run inside ``loss.backward()`` as the trainer calls it. Use it
+with ``SentenceTransformerTrainer`` like any loss.
 """
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ class CachedFusedMNRLoss(nn.Module):
         show_progress_bar: accepted for compatibility (no progress bar is drawn).
         symmetric: add the document->query direction (``directions=("query_to_doc", "doc_to_query")`` with
             ``partition_mode="per_direction"`` in sentence-transformers).
-        same_tower: query-query and document-document similarities join the partition function (GTE).
+        same_tower: query-query and document-document similarities join the partition function (GTE): for
+            anchor i with positive p, every other anchor and every candidate j != p (all positives and
+            hard negatives). With hard negatives this differs from sentence-transformers'
+            ``directions=("query_to_doc", "query_to_query", "doc_to_doc")``, whose ``doc_to_doc`` also
+            leaves out the anchor's own hard negatives (equal for pairs).
         false_negative_margin: drop negatives scoring more than this above the positive.
         matryoshka_dims / matryoshka_weights: a weighted sum over embedding prefixes, in one pass (what
             ``MatryoshkaLoss`` wrapping the cached loss computes with one loss run per dim).
@@ -121,8 +126,10 @@ class CachedFusedMNRLoss(nn.Module):
             raise ValueError("CachedFusedMNRLoss needs at least 2 input columns (anchor, positive, ...), "
                              f"got {len(features)}")
         group, world = self._group()
+        # self.model may be the DDP module the trainer put in the loss: its no_sync() must govern the chunks
+        sync = self.model if callable(getattr(self.model, "no_sync", None)) else None
         gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group), self.mini_batch_size,
-                       trim_padding=self.trim_padding, grad_multiplier=float(world))
+                       trim_padding=self.trim_padding, grad_multiplier=float(world), sync_module=sync)
         return gc.forward(features[0], features[1:])
 
     def get_config_dict(self) -> dict:

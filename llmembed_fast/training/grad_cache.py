@@ -38,6 +38,7 @@ class _Tower(NamedTuple):
     states: list[RngState] | None
     devices: list[int]
     widths: list[int | None]  # each chunk's trimmed width (None: all columns)
+    sync: object = None  # the module whose no_sync() governs this tower's gradient synchronization
     side: int = 0       # 0: rows of q, 1: rows of d
     offset: int = 0     # first row in q or d
     kept: torch.Tensor | None = None  # the last chunk's embeddings with their graph (reuse_last_chunk)
@@ -68,10 +69,31 @@ def _autocast(state: list[tuple[str, torch.dtype]]):
         yield
 
 
-def _no_sync_context(encoder):
-    """``encoder.no_sync`` for DistributedDataParallel / FSDP encoders, else None."""
-    fn = getattr(encoder, "no_sync", None)
+@contextlib.contextmanager
+def _autocast_disabled(state: list[tuple[str, torch.dtype]]):
+    with contextlib.ExitStack() as stack:
+        for dev, _ in state:
+            stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+        yield
+
+
+def _no_sync_context(module):
+    """``module.no_sync`` for DistributedDataParallel / FSDP modules, else None."""
+    fn = getattr(module, "no_sync", None)
     return fn if callable(fn) else None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the incoming gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
 
 
 class GradCache:
@@ -79,8 +101,8 @@ class GradCache:
 
     Args:
         encoder: callable mapping a chunk of the query batch (a tensor, or a dict of tensors sliced along
-            dim 0) to embeddings [b, D] (float). A ``DistributedDataParallel`` module is synchronized once per
-            step: every chunk's backward but its last runs under ``no_sync()``.
+            dim 0, nested dicts included) to embeddings [b, D] (float). A ``DistributedDataParallel`` module
+            is synchronized once per step: every chunk's backward but its last runs under ``no_sync()``.
         loss_fn: ``loss_fn(q [B, D], d [N, D], **loss_kwargs) -> scalar tensor``, e.g.
             ``lf.contrastive_loss`` (with ``group=`` for cross-device negatives).
         chunk_size: rows per chunk (the memory knob); the last chunk holds the remainder.
@@ -89,17 +111,27 @@ class GradCache:
             gradients, so the parameter gradients come out scaled as ``scaler.step`` expects.
         doc_chunk_size: rows per document chunk (default ``chunk_size``).
         trim_padding: drop each chunk's all-padding trailing columns (dict batches with an
-            ``attention_mask``), so short chunks of a long-padded batch run at their own width.
-        grad_multiplier: multiplies the embeddings' gradients (not the returned loss). With DDP and a loss
-            that is already the global one (``contrastive_loss(group=...)``), DDP's averaging over ranks
-            divides the gradient by the world size; ``grad_multiplier=world_size`` undoes it.
+            ``attention_mask``), so short chunks of a long-padded batch run at their own width. Only the
+            sequence tensors are cut: the top-level keys in ``chunking.SEQUENCE_KEYS`` (``input_ids``,
+            ``attention_mask``, ``token_type_ids``, ``position_ids``, ``pool_mask``, ...) and
+            ``sequence_keys``.
+        sequence_keys: more top-level keys whose dim 1 is the token axis (trimmed with ``trim_padding``).
+        grad_multiplier: multiplies every gradient of the step (the gradient reaching the loss: the
+            embeddings' and the loss's own parameters', e.g. a learnable temperature), not the returned
+            loss. With DDP and a loss that is already the global one (``contrastive_loss(group=...)``),
+            DDP's averaging over ranks divides the gradient by the world size; ``grad_multiplier=world_size``
+            undoes it.
+        sync_module: the module whose ``no_sync()`` governs gradient synchronization (a
+            ``DistributedDataParallel`` / FSDP module), when the encoders are functions calling it (a
+            bound method, a lambda): every chunk's backward but the step's last runs under its
+            ``no_sync()``. Default: each encoder itself when it has ``no_sync()``.
         replay_rng: restore the RNG state of each chunk's first pass before its re-run (default True).
         reuse_last_chunk: embed the step's last chunk (the last document chunk) with a graph in the first
             pass and back-propagate it first in the second, instead of running it twice: one chunk's forward
             less per step (with B = N = 2 chunks each: 7 chunk forwards instead of 8). Its activations are
             alive while the loss runs, when no other chunk's are, so the peak stays one chunk's activations
-            (plus the loss's buffers). Not applied to an encoder with ``no_sync()`` (DDP, FSDP), whose
-            gradient synchronization is decided at forward time. Default True.
+            (plus the loss's buffers). Not applied under a ``sync_module`` (or an encoder with ``no_sync()``:
+            DDP, FSDP), whose gradient synchronization is decided at forward time. Default True.
 
     Use :meth:`step` in a plain loop (backward done, returns the detached loss), or :meth:`forward` when a
     framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
@@ -107,8 +139,9 @@ class GradCache:
 
     def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *,
                  doc_encoder: Callable | None = None, scaler=None, doc_chunk_size: int | None = None,
-                 trim_padding: bool = True,
-                 grad_multiplier: float = 1.0, replay_rng: bool = True, reuse_last_chunk: bool = True):
+                 trim_padding: bool = True, sequence_keys=(),
+                 grad_multiplier: float = 1.0, replay_rng: bool = True, reuse_last_chunk: bool = True,
+                 sync_module=None):
         if not callable(encoder):
             raise TypeError("encoder must be callable (chunk -> [b, D] embeddings), "
                             f"got {type(encoder).__name__}")
@@ -122,6 +155,14 @@ class GradCache:
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
             raise TypeError(f"grad_multiplier must be a number, got {type(grad_multiplier).__name__}")
+        if sync_module is not None and _no_sync_context(sync_module) is None:
+            raise TypeError("sync_module must have a no_sync() method (DistributedDataParallel, FSDP) or be "
+                            f"None, got {type(sync_module).__name__}")
+        if isinstance(sequence_keys, str):
+            sequence_keys = (sequence_keys,)
+        sequence_keys = tuple(sequence_keys)
+        if not all(isinstance(k, str) for k in sequence_keys):
+            raise TypeError(f"sequence_keys must be strings, got {sequence_keys!r}")
         self.encoder = encoder
         self.doc_encoder = doc_encoder
         self.loss_fn = loss_fn
@@ -133,6 +174,14 @@ class GradCache:
         self.grad_multiplier = float(grad_multiplier)
         self.replay_rng = bool(replay_rng)
         self.reuse_last_chunk = bool(reuse_last_chunk)
+        self.sync_module = sync_module
+        self.sequence_keys = sequence_keys
+
+    def _sync_of(self, encoder):
+        """The module whose ``no_sync()`` governs ``encoder``'s synchronization, or None."""
+        if self.sync_module is not None:
+            return self.sync_module
+        return encoder if _no_sync_context(encoder) is not None else None
 
     # ------------------------------------------------------------------------------------------------
     # pass 1: embeddings without a graph
@@ -143,6 +192,8 @@ class GradCache:
         """Embeddings [n, D] of ``batch`` chunk by chunk without a graph (``keep_last``: the last chunk with
         one, kept in the tower for the second pass), and what the second pass needs."""
         n = batch_size(batch, name)
+        if n == 0:
+            raise ValueError(f"{name} is empty (0 rows)")
         ranges = chunk_ranges(n, chunk)
         states: list[RngState] | None = [] if capture else None
         devices: list[int] = []
@@ -151,7 +202,8 @@ class GradCache:
         widths = chunk_widths(batch, ranges) if self.trim_padding else [None] * len(ranges)
         with torch.no_grad():
             for i, (lo, hi) in enumerate(ranges):
-                part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding, width=widths[i])
+                part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding, width=widths[i],
+                                   sequence_keys=self.sequence_keys)
                 if i == 0:
                     devices = cuda_devices_of(part)
                 if capture:
@@ -168,7 +220,8 @@ class GradCache:
                                      f"for a chunk of {name} but [.., {out.shape[1]}] {out.dtype} "
                                      "for the previous ones")
                 out[lo:hi] = emb
-        return out, _Tower(name, encoder, batch, ranges, states, devices, widths, side, offset, kept)
+        return out, _Tower(name, encoder, batch, ranges, states, devices, widths, self._sync_of(encoder),
+                           side, offset, kept)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -184,20 +237,23 @@ class GradCache:
 
     def _first_pass(self, query_batch, doc_batch, capture: bool, keep: bool = False):
         """(q [B, D], d [N, D], towers); ``keep``: the last document chunk keeps its graph (when
-        ``reuse_last_chunk`` and its encoder has no ``no_sync``)."""
+        ``reuse_last_chunk`` and no module's ``no_sync`` governs its encoder)."""
         columns = list(doc_batch) if isinstance(doc_batch, (list, tuple)) else [doc_batch]
         if not columns:
             raise ValueError("doc_batch must not be an empty list")
         names = ["doc_batch"] if len(columns) == 1 else [f"doc_batch[{i}]" for i in range(len(columns))]
         nq = batch_size(query_batch, "query_batch")
         sizes = [batch_size(c, n) for c, n in zip(columns, names, strict=True)]
+        for size, name in ((nq, "query_batch"), *zip(sizes, names, strict=True)):
+            if size == 0:
+                raise ValueError(f"{name} is empty (0 rows)")
         if sum(sizes) < nq:
             raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: "
                              "the documents must hold every query's positive (N >= B)")
         q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
         doc_encoder = self.doc_encoder or self.encoder
-        keep = keep and self.reuse_last_chunk and _no_sync_context(doc_encoder) is None
+        keep = keep and self.reuse_last_chunk and self._sync_of(doc_encoder) is None
         for c, (col, name) in enumerate(zip(columns, names, strict=True)):
             d, td = self._embed_no_grad(doc_encoder, col, self.doc_chunk_size, name, capture, side=1,
                                         offset=offset, keep_last=keep and c == len(columns) - 1)
@@ -236,16 +292,16 @@ class GradCache:
                 torch.autograd.backward(t.kept, g[t.offset + lo:t.offset + hi].to(t.kept.dtype))
         jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
                 for i in range(len(t.ranges) - (t.kept is not None))]  # a kept chunk is the tower's last
-        last_of = {}  # encoder id -> index of the last job that uses it (synchronized under DDP)
+        last_of = {}  # sync module id -> index of the last job under it (the one synchronized)
         for j, (t, _, _) in enumerate(jobs):
-            last_of[id(t.encoder)] = j
+            last_of[id(t.sync)] = j
         devices = sorted({d for t in towers for d in t.devices})
         with preserved_rng(devices), torch.enable_grad():
             for j, (t, i, g) in enumerate(jobs):
                 lo, hi = t.ranges[i]
-                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i])
-                no_sync = _no_sync_context(t.encoder)
-                ctx = (no_sync() if (no_sync is not None and last_of[id(t.encoder)] != j)
+                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i],
+                                   sequence_keys=self.sequence_keys)
+                ctx = (t.sync.no_sync() if (t.sync is not None and last_of[id(t.sync)] != j)
                        else contextlib.nullcontext())
                 with ctx:
                     if t.states is not None:
@@ -279,7 +335,11 @@ class GradCache:
         target = loss * self.grad_multiplier if self.grad_multiplier != 1.0 else loss
         if self.scaler is not None:
             target = self.scaler.scale(target)
-        gq, gd = torch.autograd.grad(target, (q, d), allow_unused=True)
+        # a full backward: the loss's own leaves (a learnable temperature) get their .grad too; outside
+        # autocast, as forward()'s loss.backward() runs in a training loop
+        with _autocast_disabled(_autocast_state()):
+            target.backward()
+        gq, gd = q.grad, d.grad
         del q, d, target
         self._replay(towers, (gq, gd))
         return loss.detach()
@@ -299,7 +359,9 @@ class GradCache:
             return self.loss_fn(q, d, **loss_kwargs)
         anchor = torch.empty(0, device=q.device, requires_grad=True)
         qg, dg = _ReplayBridge.apply(anchor, q, d, (self, towers, _autocast_state()))
-        return self._call_loss(qg, dg, loss_kwargs)
+        loss = self._call_loss(qg, dg, loss_kwargs)
+        # every gradient reaching the loss (the embeddings', the loss's own parameters') gets the multiplier
+        return _ScaleGrad.apply(loss, self.grad_multiplier) if self.grad_multiplier != 1.0 else loss
 
     __call__ = forward
 
@@ -329,9 +391,6 @@ class _ReplayBridge(torch.autograd.Function):
                                "its chunks are re-run only once")
         gc, towers, autocast_state = ctx.payload
         ctx.payload = None
-        if gc.grad_multiplier != 1.0:
-            gq = None if gq is None else gq * gc.grad_multiplier
-            gd = None if gd is None else gd * gc.grad_multiplier
         with _autocast(autocast_state):
             gc._replay(towers, (gq, gd))
         return None, None, None, None
