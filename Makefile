@@ -1,6 +1,7 @@
 # Quickstart targets; each creates .venv idempotently and installs what it needs.
 #   make bench   set up, build, run `llmembed-fast bench`
-#   make test    set up, lint (ruff), build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter)
+#   make test    set up, lint (ruff), build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter),
+#                then the Triton kernels' tests again under the newest supported Triton (test-compat)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: venv deps build lint test test-cpp test-py bench bench-pytest clean
+.PHONY: venv deps build lint test test-cpp test-py test-compat bench bench-pytest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +42,25 @@ test-py: build
 lint: deps
 	$(VENV)/bin/ruff check .
 
-test: lint test-cpp test-py
+# The package supports Triton 3.6 - 3.9; .venv pins 3.6 (the GPU machine's). A second venv on this checkout
+# runs the Triton kernels' interpreter tests and their sm_90a code generation under the newest one.
+COMPAT_VENV ?= .venv-triton-compat
+COMPAT_TRITON ?= triton==3.9.0
+COMPAT_TESTS ?= tests/test_pooling.py tests/test_contrastive.py tests/test_kernel_codegen.py
+COMPAT_K ?= triton or single_loop or triangles or gemm or codegen
+
+$(COMPAT_VENV)/.deps-stamp: requirements/test.txt pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(COMPAT_TRITON)" "numpy>=1.24,<2.4" pytest setuptools wheel
+	LLMEMBED_FAST_NO_EXT=1 $(COMPAT_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: build $(COMPAT_VENV)/.deps-stamp
+	$(COMPAT_VENV)/bin/python -c "import triton; print('test-compat: triton', triton.__version__)"
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) -k "$(COMPAT_K)"
+
+test: lint test-cpp test-py test-compat
 
 bench: build
 	$(VENV)/bin/llmembed-fast bench $(BENCH_ARGS)
@@ -50,4 +69,4 @@ bench-pytest: build
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp
+	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_VENV)
