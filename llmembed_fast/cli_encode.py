@@ -42,7 +42,7 @@ def _cmd_encode(args) -> int:
         return 2
     try:
         return _encode(args, texts)
-    except Exception as exc:  # a bad --model, a failed load or encode: one line, no traceback
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # a bad --model or input: no traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

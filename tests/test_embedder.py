@@ -311,6 +311,9 @@ def test_clear_errors_for_positions_packing_texts_and_folders(tmp_path):
     with pytest.raises(ValueError, match="max_length"):
         lf.LLMEmbedder(model, tok, max_length=513)
     assert lf.LLMEmbedder(model, tok, max_length=512).max_length == 512
+    qwen, qtok = build_tiny_model("qwen2")  # rotary: its max_position_embeddings is nominal, not a table
+    n_pos = qwen.config.max_position_embeddings
+    assert lf.LLMEmbedder(qwen, qtok, max_length=n_pos + 1).max_length == n_pos + 1
     import transformers as tf
 
     torch.manual_seed(0)

@@ -279,3 +279,22 @@ def test_saved_file_mode_follows_umask(tmp_path):
             assert stat.S_IMODE(os.stat(tmp_path / f"m{mask:o}.lfidx").st_mode) == want
     finally:
         os.umask(old)
+
+
+def test_resaving_keeps_an_existing_files_mode(tmp_path):
+    import os
+    import stat
+
+    index = quant.Index(8).add(np.ones((2, 8), np.float32))
+    path = tmp_path / "private.lfidx"
+    old = os.umask(0o022)
+    try:
+        index.save(path)
+        os.chmod(path, 0o600)  # made private by its owner: saving again must not widen it to 0644
+        index.save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        os.chmod(path, 0o640)
+        index.save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)

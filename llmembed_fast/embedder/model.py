@@ -118,6 +118,13 @@ def max_positions(config) -> int | None:
     return None
 
 
+def rotary_positions(config) -> bool:
+    """True for rotary position encodings (no table to index past: a longer max_length runs, with
+    whatever quality the model has beyond its training length)."""
+    keys = ("rope_theta", "rope_scaling", "rope_parameters")
+    return any(getattr(config, k, None) is not None for k in keys)
+
+
 def _check_positive(value, name: str):
     if value is None:
         return None
@@ -157,7 +164,8 @@ class LLMEmbedder(nn.Module):
             name; None picks the prompt style's, else "last" for decoders and "mean" for encoders.
         normalize: L2-normalize the embeddings. dims: Matryoshka width (the first ``dims`` columns).
         max_length: tokens per sequence, template and special tokens included (truncation cuts text only);
-            at most the model's positions (default: the tokenizer's, capped there).
+            at most the model's learned positions (rotary models may go past their nominal length; default:
+            the tokenizer's, capped at the model's positions).
         padding_side: "left" or "right" (both give the same embeddings; default: the tokenizer's).
         add_eos: append EOS when the tokenizer does not (None: for decoders with last-token pooling whose
             tokenizer has one, unless the prompt style or a sentence-transformers folder says otherwise). A
@@ -244,7 +252,8 @@ class LLMEmbedder(nn.Module):
         self.include_prompt = bool(include_prompt)
         n_pos = max_positions(self.config)
         self.max_length = _check_positive(max_length, "max_length")
-        if self.max_length is not None and n_pos is not None and self.max_length > n_pos:
+        too_long = self.max_length is not None and n_pos is not None and self.max_length > n_pos
+        if too_long and not rotary_positions(self.config):  # a learned position table would be indexed past
             raise ValueError(
                 f"max_length={self.max_length} is longer than the model's {n_pos} positions "
                 "(max_position_embeddings / n_positions); pass max_length <= that"

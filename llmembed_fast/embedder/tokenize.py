@@ -8,10 +8,11 @@ text. Nothing is re-tokenized piecewise, so the boundary cannot drift by a token
 tokens are a prefix of the full sequence.
 
 Rules:
-- truncation removes text only (from its end), never template characters or special tokens: a text that
-  is too long is cut at a token boundary (from the offsets) and rendered and tokenized again, so a token
-  merged across the text/template boundary (``'."'``) is never dropped; every copy holds the same cut text.
-  The template and specials must fit in ``max_length``.
+- truncation removes text only (from its end), never template characters or special tokens. With a fast
+  tokenizer a text that is too long is cut at a token boundary (from the offsets) and rendered and
+  tokenized again, so a token merged across the text/template boundary (``'."'``) is never dropped and
+  every copy holds the same cut text. A slow tokenizer (no offsets) loses whole text tokens from the end
+  of each copy, evenly across copies. The template and specials must fit in ``max_length``.
 - EOS is appended after everything when ``add_eos`` and the tokenizer does not already add a terminator
   (any special token it appends, e.g. Qwen3-Embedding's ``<|endoftext|>``); ``strip_eos`` drops the
   terminator the tokenizer appends (prompting styles that read the state after the prompt).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import tempfile
 import zlib
@@ -93,7 +94,12 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
             f.write(_FOOTER.pack(FOOTER_MAGIC, crc, 0))
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
+        # mkstemp creates 0600: give the file the mode open() would (an existing file keeps its own)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
