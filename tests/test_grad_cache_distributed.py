@@ -58,16 +58,7 @@ def _check(rank: int, kwargs: dict):
     loss_ref.backward()
     want = {k: p.grad.clone() for k, p in ref.named_parameters()}
 
-    enc = Encoder(make_model("qwen2", 0.0), 0.0)
-    ddp = torch.nn.parallel.DistributedDataParallel(enc)
-    calls = [0]
-
-    def counting_allreduce(state, bucket):
-        calls[0] += 1
-        t = bucket.buffer().div_(WORLD)
-        return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
-
-    ddp.register_comm_hook(None, counting_allreduce)
+    ddp, calls = _counting_ddp(Encoder(make_model("qwen2", 0.0), 0.0))
     cache = GradCache(ddp, lf.contrastive_loss, CHUNK, grad_multiplier=WORLD)
     loss = cache.step(qs[rank], ds[rank], labels=labels_local, group=dist.group.WORLD, **kwargs)
     got = {k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}

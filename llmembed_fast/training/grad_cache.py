@@ -62,18 +62,11 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
 
 
 @contextlib.contextmanager
-def _autocast(state: list[tuple[str, torch.dtype]]):
+def _autocast(state: list[tuple[str, torch.dtype]], enabled: bool = True):
+    """Re-enter the autocast contexts of ``state`` (``enabled=False``: turn them off)."""
     with contextlib.ExitStack() as stack:
         for dev, dtype in state:
-            stack.enter_context(torch.autocast(device_type=dev, dtype=dtype))
-        yield
-
-
-@contextlib.contextmanager
-def _autocast_disabled(state: list[tuple[str, torch.dtype]]):
-    with contextlib.ExitStack() as stack:
-        for dev, _ in state:
-            stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+            stack.enter_context(torch.autocast(device_type=dev, dtype=dtype, enabled=enabled))
         yield
 
 
@@ -337,7 +330,7 @@ class GradCache:
             target = self.scaler.scale(target)
         # a full backward: the loss's own leaves (a learnable temperature) get their .grad too; outside
         # autocast, as forward()'s loss.backward() runs in a training loop
-        with _autocast_disabled(_autocast_state()):
+        with _autocast(_autocast_state(), enabled=False):
             target.backward()
         gq, gd = q.grad, d.grad
         del q, d, target
