@@ -9,16 +9,30 @@ import torch
 
 @contextlib.contextmanager
 def tf32(enabled: bool):
-    """torch.backends.cuda.matmul.allow_tf32 = enabled inside the block (a no-op without CUDA)."""
+    """TF32 cuBLAS matmuls on (or off) inside the block; a no-op without CUDA. Uses the API the caller uses:
+    ``allow_tf32``, or ``fp32_precision`` once that is set (torch >= 2.9 refuses to read the legacy flag
+    then; transformers' ``TrainingArguments(tf32=...)`` sets it)."""
     if not torch.cuda.is_available():
         yield
         return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    matmul = torch.backends.cuda.matmul
+    try:
+        prev = matmul.allow_tf32
+    except RuntimeError:  # the new fp32_precision API is in use
+        prev = None
+    if prev is None:
+        prev_precision = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = prev_precision
+        return
+    matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        matmul.allow_tf32 = prev
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}

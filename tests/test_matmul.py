@@ -27,3 +27,47 @@ def test_mm_f32_dtype():
     a = torch.randn(4, 3).bfloat16()
     out = mm_f32(a, a.T, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (4, 4)
+
+
+_TF32_SCRIPT = r"""
+import torch
+from llmembed_fast import _matmul
+torch.cuda.is_available = lambda: True  # the flags are plain settings; no GPU is touched
+m = torch.backends.cuda.matmul
+torch.backends.fp32_precision = "tf32"  # the new API, as TrainingArguments(tf32=True) sets it
+try:
+    m.allow_tf32
+    raise SystemExit("this torch still reads the legacy flag after the new API: nothing to check")
+except RuntimeError:
+    pass
+with _matmul.tf32(False):
+    assert m.fp32_precision == "ieee"
+assert m.fp32_precision == "tf32"
+with _matmul.tf32(True):
+    assert m.fp32_precision == "tf32"
+print("ok")
+"""
+
+
+def test_tf32_follows_the_api_in_use():
+    """Reading allow_tf32 after fp32_precision was set raises in torch >= 2.9: tf32() must not read it then
+    (run in a subprocess: the mix of APIs cannot be undone in a process)."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    proc = subprocess.run([sys.executable, "-c", _TF32_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_tf32_legacy_flag_toggled_and_restored(monkeypatch):
+    from llmembed_fast import _matmul
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # plain settings; no GPU is touched
+    m = torch.backends.cuda.matmul
+    prev = m.allow_tf32
+    for enabled in (True, False):
+        with _matmul.tf32(enabled):
+            assert m.allow_tf32 is enabled
+        assert m.allow_tf32 is prev
