@@ -92,6 +92,9 @@ def _measure_ceilings(torch, bench) -> tuple[float, float]:
     return bw, flops
 
 
+# Relative share of the correctness time (--check-share of the budget) per section: the contrastive checks
+# compile the most kernel variants.
+CHECK_WEIGHTS = {"contrastive": 3.0, "pooling": 1.0, "grad_cache": 1.0, "embedder": 1.0, "quant": 1.0}
 # Relative share of the timing budget per section (what is left is split among the sections still to run).
 TIME_WEIGHTS = {"pooling": 0.8, "contrastive": 2.5, "quant": 1.0, "grad_cache": 1.3, "embedder": 1.2}
 
@@ -136,6 +139,13 @@ def main() -> int:
         default=[],
         metavar="NAME=W",
         help=f"relative share of the timing budget for a section (defaults: {TIME_WEIGHTS})",
+    )
+    ap.add_argument(
+        "--check-share",
+        type=float,
+        default=0.5,
+        help="most of the budget the correctness checks may take, all sections together (each section gets "
+        "its weighted part of what is left; a section's checks stop early when theirs is spent)",
     )
     ap.add_argument("--full", action="store_true", help="the issues' largest configurations (long)")
     ap.add_argument(
@@ -224,11 +234,17 @@ def main() -> int:
     for item in args.weight:
         name, _, w = item.partition("=")
         weights[name] = float(w)
+    check_end = min(deadline, t0 + args.check_share * args.budget_s)
+    to_check = [n for n in sections if args.checks is None or n in args.checks]
     for name, mod in sections.items():
-        if args.checks is not None and name not in args.checks:
+        if name not in to_check:
             print(f"[{name}] correctness skipped (--checks)", flush=True)
             continue
+        # this section's weighted part of the check time left (checks loop while ctx.time_left() allows)
+        todo_w = sum(CHECK_WEIGHTS.get(n, 1.0) for n in to_check[to_check.index(name):])
+        share = (check_end - time.monotonic()) * CHECK_WEIGHTS.get(name, 1.0) / todo_w
         t = time.monotonic()
+        ctx.time_left = lambda end=t + share: min(end, deadline) - time.monotonic()
         try:
             for rec in mod.correctness(ctx):
                 checks.append({"section": name, **rec})
@@ -236,7 +252,9 @@ def main() -> int:
         except Exception as exc:
             errors.append(f"{name}.correctness: {type(exc).__name__}: {exc}")
             traceback.print_exc()
-        print(f"[{name}] correctness done in {time.monotonic() - t:.1f} s", flush=True)
+        print(f"[{name}] correctness done in {time.monotonic() - t:.1f} s (share {share:.0f} s)", flush=True)
+        save()  # a run cut short during the checks keeps what it found
+    ctx.time_left = lambda: deadline - time.monotonic()
     os.environ.pop("LLMEMBED_FAST_AUTOTUNE", None)
     # Timings without poisoned outputs: the NaN fill of every output buffer is test-only work that users do
     # not pay (runs before this fix paid it: e.g. 2.6 of 89.9 ms in the contrastive profile).
