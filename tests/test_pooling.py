@@ -432,3 +432,24 @@ def test_bad_arguments_raise_clear_errors():
     # integer tensors are accepted as dims: 0-d like an int, 1-d like a sequence
     assert lf.pool(hidden, mask, dims=torch.tensor(4)).shape == (2, 4)
     assert [o.shape[1] for o in lf.pool(hidden, mask, dims=torch.tensor([2, 4]))] == [2, 4]
+
+
+def test_autocast_keeps_the_inputs_dtype(backend):
+    """float32 hidden states under a caller's bf16 autocast (forward and backward): the same embeddings and
+    gradients as without it, on both backends (the torch path's masked sums are matmuls autocast would
+    round to bf16)."""
+    gen = torch.Generator().manual_seed(17)
+    hidden = torch.randn(3, 21, 40, generator=gen)
+    mask = make_mask(3, 21, "holes", gen)
+    for mode in MODES:
+        outs = {}
+        for autocast in (False, True):
+            h = hidden.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                embs = lf.pool(h, mask, mode, dims=[8, 40])
+                (g,) = torch.autograd.grad(sum((e * e.detach()).sum() for e in embs), h)
+            outs[autocast] = (embs, g)
+        (e0, g0), (e1, g1) = outs[False], outs[True]
+        for a, b in zip(e0, e1, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode: f"{mode}: {m}")
+        torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode: f"{mode}: {m}")

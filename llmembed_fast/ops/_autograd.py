@@ -1,6 +1,8 @@
-"""Shared autograd guard for the fused ops."""
+"""Shared autograd guards for the fused ops."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -12,3 +14,21 @@ def no_double_backward(op: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op} does not support double backward (create_graph=True): its backward is a "
                            "fused kernel, not differentiable")
+
+
+def no_autocast(fn):
+    """Run a Function's forward / backward with autocast off on its first input's device type: the op
+    computes in its inputs' dtype whatever the caller's autocast state (the backward may run inside one),
+    so the torch and Triton paths agree under autocast."""
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        if fn.__name__ == "forward":
+            ctx.autocast_device = args[0].device.type
+        dev = ctx.autocast_device
+        if not torch.amp.is_autocast_available(dev):
+            return fn(ctx, *args)
+        with torch.autocast(device_type=dev, enabled=False):
+            return fn(ctx, *args)
+
+    return run

@@ -23,7 +23,6 @@ chained through the normalization with per-row/column sums, and summed over term
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -34,7 +33,7 @@ from llmembed_fast import _dispatch
 from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
-from llmembed_fast.ops._autograd import no_double_backward
+from llmembed_fast.ops._autograd import no_autocast, no_double_backward
 from llmembed_fast.reference.contrastive_chunked import tri_block_rows
 
 LOG2E = 1.0 / math.log(2.0)
@@ -261,30 +260,13 @@ def _terms(cfg: _Cfg) -> list[_Term]:
     return terms
 
 
-def _no_autocast(fn):
-    """Run a Function's forward / backward with autocast off on the inputs' device type: the loss computes
-    in its inputs' dtype whatever the caller's autocast state (the backward may run inside one)."""
-
-    @functools.wraps(fn)
-    def run(ctx, *args):
-        if fn.__name__ == "forward":
-            ctx.autocast_device = args[0].device.type
-        dev = ctx.autocast_device
-        if not torch.amp.is_autocast_available(dev):
-            return fn(ctx, *args)
-        with torch.autocast(device_type=dev, enabled=False):
-            return fn(ctx, *args)
-
-    return run
-
-
 class _ContrastiveFunction(torch.autograd.Function):
     """(q [b, D], d [n, D], qc [Bg, D] | None, dc [Ng, D], tau 0-dim) -> per-query loss [b] (float32/64).
 
     qc/dc are the columns: all ranks' queries/candidates (the same tensors as q/d in one process)."""
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, q, d, qc, dc, tau, labels, labels_g, q_off, cfg, be):
         acc = _acc(q.dtype)
         b = q.shape[0]
@@ -354,7 +336,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, g_loss):
         no_double_backward("lf.contrastive_loss")
         nones = (None,) * 10
