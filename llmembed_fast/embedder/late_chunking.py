@@ -136,7 +136,7 @@ def encode_late_chunks(
                 ends.to(dev),
                 mode,
                 dims=embedder.dims if dims is None else dims,
-                normalize=embedder.normalize if normalize is None else bool(normalize),
+                normalize=embedder.resolve_normalize(normalize),
             )
     finally:
         embedder.model.train(was_training)

@@ -261,8 +261,6 @@ class LLMEmbedder(nn.Module):
         self.max_length = self.max_length or self._default_max_length()
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
-        if packed not in (True, False, "auto"):
-            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         self.lowercase = bool(lowercase)
         dtype = _resolve_dtype(dtype)
         if device is not None or dtype is not None:
@@ -495,8 +493,13 @@ class LLMEmbedder(nn.Module):
             batch["pool_mask"],
             self.pooling,
             dims=dims if dims is not None else self.dims,
-            normalize=self.normalize if normalize is None else bool(normalize),
+            normalize=self.resolve_normalize(normalize),
         )
+
+    def resolve_normalize(self, normalize) -> bool:
+        """A call's ``normalize`` (True, False, or None for the embedder's own)."""
+        normalize = _check_bool(normalize, "normalize")
+        return self.normalize if normalize is None else normalize
 
     def _use_packed(self, packed) -> bool:
         packed = self.packed if packed is None else packed
@@ -555,8 +558,7 @@ class LLMEmbedder(nn.Module):
         show_progress_bar: bool = False,
     ) -> torch.Tensor:
         """Embeddings [N, D] float32 on the model's device, in input order (no argument checks on texts)."""
-        normalize = _check_bool(normalize, "normalize")
-        normalize = self.normalize if normalize is None else normalize
+        normalize = self.resolve_normalize(normalize)
         dims = self.dims if dims is None else _check_positive(dims, "dims")
         use_packed = self._use_packed(packed)
         tok = self._tokenize(texts, instruction, prompt)

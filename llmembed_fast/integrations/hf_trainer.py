@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from transformers import Trainer
 
-from llmembed_fast.training.grad_cache import GradCache
+from llmembed_fast.training.grad_cache import GradCache, synced_module
 
 
 class PairCollator:
@@ -88,7 +88,7 @@ class GradCacheTrainer(Trainer):
         if not isinstance(inputs, dict) or "query" not in inputs or "doc" not in inputs:
             raise ValueError("GradCacheTrainer expects batches {'query': ..., 'doc': ...} (see PairCollator)")
         encoder = model if self.gc_encode is None else (lambda chunk: self.gc_encode(model, chunk))
-        sync = model if callable(getattr(model, "no_sync", None)) else None  # DDP / FSDP: once per step
+        sync = synced_module(model)  # DDP / FSDP: one synchronization per step
         gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size,
                        grad_multiplier=self._gc_grad_multiplier(), sync_module=sync)
         loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)

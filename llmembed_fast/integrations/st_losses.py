@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from llmembed_fast.training.grad_cache import GradCache
+from llmembed_fast.training.grad_cache import GradCache, synced_module
 
 
 def _is_cos_sim(fn) -> bool:
@@ -127,7 +127,7 @@ class CachedFusedMNRLoss(nn.Module):
                              f"got {len(features)}")
         group, world = self._group()
         # self.model may be the DDP module the trainer put in the loss: its no_sync() must govern the chunks
-        sync = self.model if callable(getattr(self.model, "no_sync", None)) else None
+        sync = synced_module(self.model)
         gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group), self.mini_batch_size,
                        trim_padding=self.trim_padding, grad_multiplier=float(world), sync_module=sync)
         return gc.forward(features[0], features[1:])

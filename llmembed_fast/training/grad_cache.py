@@ -70,10 +70,10 @@ def _autocast(state: list[tuple[str, torch.dtype]], enabled: bool = True):
         yield
 
 
-def _no_sync_context(module):
-    """``module.no_sync`` for DistributedDataParallel / FSDP modules, else None."""
-    fn = getattr(module, "no_sync", None)
-    return fn if callable(fn) else None
+def synced_module(module):
+    """``module`` when it synchronizes gradients with a ``no_sync()`` context (DistributedDataParallel,
+    FSDP), else None."""
+    return module if callable(getattr(module, "no_sync", None)) else None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -148,7 +148,7 @@ class GradCache:
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
             raise TypeError(f"grad_multiplier must be a number, got {type(grad_multiplier).__name__}")
-        if sync_module is not None and _no_sync_context(sync_module) is None:
+        if sync_module is not None and synced_module(sync_module) is None:
             raise TypeError("sync_module must have a no_sync() method (DistributedDataParallel, FSDP) or be "
                             f"None, got {type(sync_module).__name__}")
         if isinstance(sequence_keys, str):
@@ -174,7 +174,7 @@ class GradCache:
         """The module whose ``no_sync()`` governs ``encoder``'s synchronization, or None."""
         if self.sync_module is not None:
             return self.sync_module
-        return encoder if _no_sync_context(encoder) is not None else None
+        return synced_module(encoder)
 
     # ------------------------------------------------------------------------------------------------
     # pass 1: embeddings without a graph
