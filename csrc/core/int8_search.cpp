@@ -19,7 +19,10 @@
 namespace lf {
 namespace {
 
-// The integer query: a [d] (|a| <= the kernel's bound), a + 64 as uint8, and sum of a over the first
+// The AVX2 kernel's bound on |a| and the offset that makes a unsigned for int8 codes (see dot_rows).
+constexpr int kAvx2Qmax = 32;
+
+// The integer query: a [d] (|a| <= the kernel's bound), a + kAvx2Qmax as uint8, and sum of a over the first
 // d & ~31 dimensions.
 struct IntQuery {
   const int8_t* a;
@@ -53,48 +56,66 @@ LF_AVX2 inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// vpmaddubsw (u8 x s8 -> adjacent pairs summed to s16): with |a| <= 64 a pair sum stays below
-// 2 * 255 * 64 = 32640, so nothing saturates; vpmaddwd then widens to int32. Four rows share each query load.
-LF_AVX2 inline __m256i dot32(__m256i u, __m256i a, __m256i ones) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones);
-}
-
-// uint8 codes: u is the unsigned operand, a (|a| <= 64) the signed one.
-// int8 codes c = u - 128: the signed operand is c itself and the unsigned one a + 64 (<= 128), pair sums in
-// [-32768, 32512]; sum a u = sum (a + 64) c - 64 sum c + 128 sum a. No per-byte xor either way.
+// vpmaddubsw multiplies u8 x s8 and sums adjacent pairs to s16; vpmaddwd by ones widens pairs of s16 to s32.
+// Both run on the one vector-multiply pipe that also does FMA, so a vpmaddwd after every vpmaddubsw leaves
+// int8 no faster than float32 FMA. With |a| <= 32 a pair sum is within 2 * 255 * 32 = 16320, so two
+// vpmaddubsw results add in int16 without saturating and one vpmaddwd widens both: 3 multiply uops per
+// 64 products instead of 4 (the first-digit bound is 2x wider; the second digit and rescoring absorb it).
 LF_AVX2 inline __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// uint8 codes: the row byte u is the unsigned operand, a the signed one.
+// int8 codes c = u - 128: the signed operand is c itself and the unsigned one a + 32 (in [0, 64]), pair sums in
+// [-16384, 16256], two of them in [-32768, 32512]; sum a u = sum (a + 32) c - 32 sum c + 128 sum a.
+// No per-byte xor either way.
 template <bool SIGNED>
-LF_AVX2 inline __m256i dot_rows(__m256i row, __m256i qv, __m256i ones) {
-  return SIGNED ? dot32(qv, row, ones) : dot32(row, qv, ones);
+LF_AVX2 inline __m256i mul_rows(__m256i row, __m256i qv) {
+  return SIGNED ? _mm256_maddubs_epi16(qv, row) : _mm256_maddubs_epi16(row, qv);
+}
+
+// 64 products of one row: two vpmaddubsw summed in int16, widened once.
+template <bool SIGNED>
+LF_AVX2 inline __m256i dot64(const uint8_t* u, __m256i qa, __m256i qb, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_add_epi16(mul_rows<SIGNED>(ld(u), qa), mul_rows<SIGNED>(ld(u + 32), qb)), ones);
+}
+
+template <bool SIGNED>
+LF_AVX2 inline __m256i dot32(const uint8_t* u, __m256i qv, __m256i ones) {
+  return _mm256_madd_epi16(mul_rows<SIGNED>(ld(u), qv), ones);
 }
 
 template <bool SIGNED>
 LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
                          const int32_t* head_sums, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t d32 = d & ~int64_t(31);
+  const int64_t d32 = d & ~int64_t(31), d64 = d & ~int64_t(63);
   const int8_t* a = q.a;
   const uint8_t* qop = SIGNED ? q.a_off : reinterpret_cast<const uint8_t*>(q.a);
   auto finish = [&](int64_t r, const uint8_t* u, __m256i acc) LF_AVX2 {
     int32_t s = hsum_epi32(acc);
-    if (SIGNED) s += 128 * q.head_sum - 64 * head_sums[r];
+    if (SIGNED) s += 128 * q.head_sum - kAvx2Qmax * head_sums[r];
     for (int64_t j = d32; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
     out[r] = s;
   };
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) {
+  for (; r + 4 <= n; r += 4) {  // four rows share each query load
     const uint8_t* u0 = rows + r * d;
     const uint8_t* u1 = u0 + d;
     const uint8_t* u2 = u1 + d;
     const uint8_t* u3 = u2 + d;
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
-    for (int64_t j = 0; j < d32; j += 32) {
-      const __m256i qv = ld(qop + j);
-      c0 = _mm256_add_epi32(c0, dot_rows<SIGNED>(ld(u0 + j), qv, ones));
-      c1 = _mm256_add_epi32(c1, dot_rows<SIGNED>(ld(u1 + j), qv, ones));
-      c2 = _mm256_add_epi32(c2, dot_rows<SIGNED>(ld(u2 + j), qv, ones));
-      c3 = _mm256_add_epi32(c3, dot_rows<SIGNED>(ld(u3 + j), qv, ones));
+    for (int64_t j = 0; j < d64; j += 64) {
+      const __m256i qa = ld(qop + j), qb = ld(qop + j + 32);
+      c0 = _mm256_add_epi32(c0, dot64<SIGNED>(u0 + j, qa, qb, ones));
+      c1 = _mm256_add_epi32(c1, dot64<SIGNED>(u1 + j, qa, qb, ones));
+      c2 = _mm256_add_epi32(c2, dot64<SIGNED>(u2 + j, qa, qb, ones));
+      c3 = _mm256_add_epi32(c3, dot64<SIGNED>(u3 + j, qa, qb, ones));
+    }
+    if (d64 < d32) {
+      const __m256i qv = ld(qop + d64);
+      c0 = _mm256_add_epi32(c0, dot32<SIGNED>(u0 + d64, qv, ones));
+      c1 = _mm256_add_epi32(c1, dot32<SIGNED>(u1 + d64, qv, ones));
+      c2 = _mm256_add_epi32(c2, dot32<SIGNED>(u2 + d64, qv, ones));
+      c3 = _mm256_add_epi32(c3, dot32<SIGNED>(u3 + d64, qv, ones));
     }
     finish(r, u0, c0);
     finish(r + 1, u1, c1);
@@ -104,7 +125,8 @@ LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int6
   for (; r < n; ++r) {
     const uint8_t* u = rows + r * d;
     __m256i c = _mm256_setzero_si256();
-    for (int64_t j = 0; j < d32; j += 32) c = _mm256_add_epi32(c, dot_rows<SIGNED>(ld(u + j), ld(qop + j), ones));
+    for (int64_t j = 0; j < d64; j += 64) c = _mm256_add_epi32(c, dot64<SIGNED>(u + j, ld(qop + j), ld(qop + j + 32), ones));
+    if (d64 < d32) c = _mm256_add_epi32(c, dot32<SIGNED>(u + d64, ld(qop + d64), ones));
     finish(r, u, c);
   }
 }
@@ -308,7 +330,7 @@ struct Kernel {
 Kernel pick_kernel() {
 #ifdef LF_X86
   if (simd_active() == Simd::AVX512 && cpu_has_avx512_vnni()) return {dots_vnni, 127, next_at_least_avx2};
-  if (simd_active() >= Simd::AVX2) return {dots_avx2, 64, next_at_least_avx2};
+  if (simd_active() >= Simd::AVX2) return {dots_avx2, kAvx2Qmax, next_at_least_avx2};
 #endif
   return {dots_scalar, 127, next_at_least_scalar};
 }
@@ -317,14 +339,15 @@ Kernel pick_kernel() {
 // One integer digit of a query: w ~ scale * a, a in [-qmax, qmax]; err = w - scale * a.
 struct Digit {
   std::vector<int8_t> a;
-  std::vector<uint8_t> a_off;  // a + 64
+  std::vector<uint8_t> a_off;  // a + kAvx2Qmax (read by the AVX2 kernel only)
   int32_t head_sum = 0;        // sum of a over the first d & ~31 dimensions
   double scale = 1.0, err_sum = 0.0, err_norm = 0.0;
   IntQuery view() const { return {a.data(), a_off.data(), head_sum}; }
 };
 
-// The scan uses the first digit; rows that survive it are refined with the second digit (the first one's
-// rounding error, quantized again: a bound ~qmax times tighter) before any exact rescoring.
+// The scan uses the first digit; rows that survive it are refined at once with the second digit (the first
+// one's rounding error, quantized again: a bound ~qmax times tighter) while the row is still in L1, and the
+// few that survive that wait for exact rescoring.
 struct QueryPlan {
   Digit first, second;
   double slack = 0.0;
@@ -345,7 +368,7 @@ void make_digit(const double* w, int64_t d, int qmax, Digit* g, double* residual
     double q = std::nearbyint(w[j] / g->scale);
     q = std::min<double>(qmax, std::max<double>(-qmax, q));
     g->a[j] = static_cast<int8_t>(q);
-    g->a_off[j] = static_cast<uint8_t>(g->a[j] + 64);
+    g->a_off[j] = static_cast<uint8_t>(g->a[j] + kAvx2Qmax);  // unused (wraps) when qmax > 32
     if (j < d32) g->head_sum += g->a[j];
     const double e = w[j] - g->scale * q;
     residual[j] = e;
@@ -386,14 +409,7 @@ struct Selection {
   TopK<double> lower;   // k largest lower bounds (key = -bound)
   TopK<double> exact;   // k best exactly rescored rows (key = -score)
   TopK<double> lower2;  // k largest second-digit lower bounds (each row refined at most once: distinct rows)
-  struct Cand {
-    double upper;  // upper bound from the first digit
-    int64_t row;
-    double norm;   // ||u - 128|| of the row
-    int32_t dot;   // first-digit integer dot
-    int32_t head;  // the row's head sum (signed AVX2 kernel)
-  };
-  std::vector<Cand> cand;  // rows awaiting refinement and rescoring
+  std::vector<std::pair<double, int64_t>> cand;  // (second-digit upper bound, row) awaiting exact rescoring
   double cut() const {  // rows whose upper bound is below this cannot reach the top k
     const double l = -lower.threshold();
     const double e = -exact.threshold();
@@ -404,32 +420,14 @@ struct Selection {
 constexpr int64_t kQueryChunk = 256;
 constexpr int64_t kMinRowsPerThread = 2048;
 
-// Refine the pending rows with the second digit, then rescore exactly, best upper bounds first, until the
-// bounds fall below the k-th exact score.
-void flush(Selection& s, const Kernel& kern, const QueryPlan& p, const double* w, const uint8_t* codes, int64_t d,
-           uint8_t flip) {
-  // Best first-digit bounds first: the second-digit lower bounds of the first rows raise the cut, and the
-  // loop stops at the first row whose first-digit bound falls below it.
-  std::sort(s.cand.begin(), s.cand.end(), [](const auto& x, const auto& y) { return x.upper > y.upper; });
-  std::vector<std::pair<double, int64_t>> refined;
-  refined.reserve(s.cand.size());
-  const IntQuery second = p.second.view();
-  for (const auto& cd : s.cand) {
-    if (cd.upper < s.cut()) break;
-    const uint8_t* u = codes + cd.row * d;
-    int32_t dot2;
-    kern.dots(second, u, 1, d, flip, &cd.head, &dot2);
-    const double approx = p.first.scale * cd.dot + p.second.scale * dot2 + 128.0 * p.second.err_sum;
-    const double radius = p.second.err_norm * cd.norm + p.slack;
-    s.lower2.push(-(approx - radius), cd.row);
-    if (approx + radius >= s.cut()) refined.emplace_back(approx + radius, cd.row);
-  }
-  s.cand.clear();
-  std::sort(refined.begin(), refined.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-  for (const auto& [upper, row] : refined) {
+// Rescore the pending rows exactly, best upper bounds first, until the bounds fall below the k-th exact score.
+void flush(Selection& s, const QueryPlan& p, const double* w, const uint8_t* codes, int64_t d, uint8_t flip) {
+  std::sort(s.cand.begin(), s.cand.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  for (const auto& [upper, row] : s.cand) {
     if (upper < s.cut()) break;  // sorted: no later row can enter either
     s.exact.push(-exact_score(w, codes + row * d, d, flip), row);
   }
+  s.cand.clear();
   // Exact scores bound the k-th best from below too: tighten the cut for the rest of the scan.
   if (s.exact.full()) s.lower.push(s.exact.threshold() + p.slack, -1);
 }
@@ -452,7 +450,7 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
       const QueryPlan& p = plans[q0 + qi];
       if (p.exhaustive) continue;
       const double* wq = w + (q0 + qi) * d;
-      const IntQuery iq = p.first.view();
+      const IntQuery iq = p.first.view(), second = p.second.view();
       kern.dots(iq, codes + r0 * d, rn, d, flip, head_sums.data(), dots.data());
       Selection& s = sel[qi];
       const Digit& g = p.first;
@@ -473,17 +471,24 @@ void scan(const Kernel& kern, const double* w, const std::vector<QueryPlan>& pla
         const double approx = g.scale * dots[r] + base;
         const double radius = g.err_norm * norms[r] + p.slack;
         if (approx + radius < cut) continue;
-        s.cand.push_back({approx + radius, r0 + r, norms[r], dots[r], head_sums[r]});
         if (s.lower.push(-(approx - radius), r0 + r)) cut = s.cut(), dcut = dot_cut();
+        // Second digit now, while the row is in L1 (later it would be a cache miss per row).
+        int32_t dot2;
+        kern.dots(second, codes + (r0 + r) * d, 1, d, flip, &head_sums[r], &dot2);
+        const double approx2 = g.scale * dots[r] + p.second.scale * dot2 + 128.0 * p.second.err_sum;
+        const double radius2 = p.second.err_norm * norms[r] + p.slack;
+        if (s.lower2.push(-(approx2 - radius2), r0 + r)) cut = s.cut(), dcut = dot_cut();
+        if (approx2 + radius2 < cut) continue;
+        s.cand.emplace_back(approx2 + radius2, r0 + r);
         if (s.cand.size() >= cap) {
-          flush(s, kern, p, wq, codes, d, flip);
+          flush(s, p, wq, codes, d, flip);
           cut = s.cut(), dcut = dot_cut();
         }
       }
     }
   }
   for (int64_t qi = 0; qi < qn; ++qi)
-    if (!plans[q0 + qi].exhaustive) flush(sel[qi], kern, plans[q0 + qi], w + (q0 + qi) * d, codes, d, flip);
+    if (!plans[q0 + qi].exhaustive) flush(sel[qi], plans[q0 + qi], w + (q0 + qi) * d, codes, d, flip);
 }
 
 // Exact scores of every row: the fallback when the bounds cannot certify k rows.

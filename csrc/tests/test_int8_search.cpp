@@ -11,15 +11,9 @@
 
 namespace {
 
-void check_case(std::mt19937& rng, int64_t nq, int64_t nd, int64_t d, int64_t k, bool signed_codes, int distinct,
-                double wscale) {
-  std::normal_distribution<double> normal;
-  std::uniform_int_distribution<int> byte(0, 255);
-  std::vector<double> w(nq * d);
-  for (auto& v : w) v = normal(rng) * wscale;
-  if (nq > 1) std::fill(w.begin() + d, w.begin() + 2 * d, 0.0);  // an all-zero query: every score ties
-  std::vector<uint8_t> codes(nd * d);
-  for (auto& v : codes) v = static_cast<uint8_t>(distinct >= 256 ? byte(rng) : 120 + byte(rng) % distinct);
+// int8_topk with 1, 2 and 3 threads against the brute-force float64 ranking.
+void compare(const std::vector<double>& w, const std::vector<uint8_t>& codes, int64_t nq, int64_t nd, int64_t d,
+             int64_t k, bool signed_codes) {
   std::vector<double> want_s(nq * k);
   std::vector<int64_t> want_i(nq * k);
   for (int64_t q = 0; q < nq; ++q) {
@@ -36,6 +30,38 @@ void check_case(std::mt19937& rng, int64_t nq, int64_t nd, int64_t d, int64_t k,
     LF_CHECK(got_s == want_s, "scores differ from brute force");
     LF_CHECK(got_i == want_i, "rows differ from brute force (ties must go to the lower row)");
   }
+}
+
+void check_case(std::mt19937& rng, int64_t nq, int64_t nd, int64_t d, int64_t k, bool signed_codes, int distinct,
+                double wscale) {
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<double> w(nq * d);
+  for (auto& v : w) v = normal(rng) * wscale;
+  if (nq > 1) std::fill(w.begin() + d, w.begin() + 2 * d, 0.0);  // an all-zero query: every score ties
+  std::vector<uint8_t> codes(nd * d);
+  for (auto& v : codes) v = static_cast<uint8_t>(distinct >= 256 ? byte(rng) : 120 + byte(rng) % distinct);
+  compare(w, codes, nq, nd, d, k, signed_codes);
+}
+
+// Integer sums at the kernels' limits: queries of +-1 (every integer digit at +-qmax, no rounding error, so
+// the bounds have no slack to hide a saturated int16 pair sum) against rows of the extreme bytes.
+void check_extremes(std::mt19937& rng, int64_t d, bool signed_codes) {
+  const int64_t nq = 4, nd = 40, k = 6;
+  const uint8_t extreme[4] = {0x00, 0xff, 0x7f, 0x80};
+  std::uniform_int_distribution<int> pick(0, 3), coin(0, 1);
+  std::vector<double> w(nq * d);
+  for (int64_t j = 0; j < d; ++j) {
+    w[j] = 1.0;
+    w[d + j] = -1.0;
+    w[2 * d + j] = j % 2 ? 1.0 : -1.0;
+    w[3 * d + j] = coin(rng) ? 1.0 : -1.0;
+  }
+  std::vector<uint8_t> codes(nd * d);
+  for (int64_t r = 0; r < nd; ++r)
+    for (int64_t j = 0; j < d; ++j)  // rows 0-3 constant, the rest mixed: the top rows differ by one byte
+      codes[r * d + j] = r < 4 ? extreme[r] : (j < r ? extreme[pick(rng)] : extreme[r % 4]);
+  compare(w, codes, nq, nd, d, k, signed_codes);
 }
 
 // Rows equal in the dimensions where the query is large and different where it is tiny: their scores differ
@@ -119,6 +145,8 @@ int main() {
     check_case(rng, 3, 5000, 64, 7, false, 2, 1.0);      // heavy ties: candidate lists flushed many times
     check_case(rng, 2, 300, 1024, 300, true, 256, 1e6);  // k == nd, large weights
     check_near_ties(rng, true);
+    for (int64_t d : {32, 64, 96, 1024, 1030})
+      for (bool sc : {true, false}) check_extremes(rng, d, sc);
     check_near_ties(rng, false);
     for (int64_t d : {1, 15, 16, 100, 1024}) check_score_rows(rng, d);
     // Tiny and huge weights: the error bounds must neither underflow (||w - s a||^2 below the smallest
