@@ -19,7 +19,7 @@
 namespace lf {
 namespace {
 
-// The AVX2 kernel's bound on |a| and the offset that makes a unsigned for int8 codes (see dot_rows).
+// The AVX2 kernel's bound on |a| and the offset that makes a unsigned for int8 codes (see mul_rows).
 constexpr int kAvx2Qmax = 32;
 
 // The integer query: a [d] (|a| <= the kernel's bound), a + kAvx2Qmax as uint8, and sum of a over the first
@@ -57,10 +57,10 @@ LF_AVX2 inline int32_t hsum_epi32(__m256i v) {
 }
 
 // vpmaddubsw multiplies u8 x s8 and sums adjacent pairs to s16; vpmaddwd by ones widens pairs of s16 to s32.
-// Both run on the one vector-multiply pipe that also does FMA, so a vpmaddwd after every vpmaddubsw leaves
-// int8 no faster than float32 FMA. With |a| <= 32 a pair sum is within 2 * 255 * 32 = 16320, so two
+// On Zen 3 the two share the same two pipes (measured: 2 per cycle, alone or interleaved), so the widening
+// costs as much as the products. With |a| <= 32 a pair sum is within 2 * 255 * 32 = 16320, so two
 // vpmaddubsw results add in int16 without saturating and one vpmaddwd widens both: 3 multiply uops per
-// 64 products instead of 4 (the first-digit bound is 2x wider; the second digit and rescoring absorb it).
+// 64 products instead of 4 (the first-digit bound is 2x wider; the in-scan second digit absorbs it).
 LF_AVX2 inline __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // uint8 codes: the row byte u is the unsigned operand, a the signed one.
