@@ -101,6 +101,68 @@ def correctness(ctx) -> list[dict]:
             "detail": "ids must match exactly",
         }
     )
+    out += _host_cpu_checks(np.random.default_rng(2), smoke=ctx.smoke)
+    return out
+
+
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def _int8_ref(qf, codes, r, signed, k):
+    u = codes.astype(np.int64) + (128 if signed else 0)
+    step = (r[1].astype(np.float64) - r[0]) / 255
+    step[step == 0] = 1.0
+    full = qf.astype(np.float64) @ (r[0] + (u + 0.5) * step).T
+    order = np.stack([np.lexsort((np.arange(codes.shape[0]), -row)) for row in full])[:, :k]
+    return full, order
+
+
+def _host_cpu_checks(rng, smoke: bool) -> list[dict]:
+    """The CPU kernels at every SIMD level this host has: the GPU machine's CPU may have AVX-512 (VNNI,
+    VPOPCNTDQ), which the development VM lacks, so this is where those kernels get checked. int8_topk (int8
+    and uint8 codes; Gaussian rows, and +-1 queries against rows of extreme bytes, where integer sums hit
+    their limits) and hamming_topk against numpy brute force."""
+    C = _ext.extension()
+    if C is None:
+        return [_rec("host CPU kernels", 0, "extension not built")]
+    info = C.build_info()
+    out = []
+    n_docs = 2000 if smoke else 20_000
+    try:
+        for level in SIMD_LEVELS[: SIMD_LEVELS.index(info["simd_detected"]) + 1]:
+            C.set_simd(level)
+            kern = C.build_info()["kernels"]
+            for d in (96, 100, 1030):
+                for signed in (True, False):
+                    x = rng.standard_normal((n_docs, d)).astype(np.float32)
+                    qf = rng.standard_normal((4, d)).astype(np.float32)
+                    extreme = d == 100
+                    if extreme:
+                        x = rng.choice([-1.0, 1.0], size=(n_docs, d)).astype(np.float32)
+                        qf = rng.choice([-1.0, 1.0], size=(4, d)).astype(np.float32)
+                    r = np.vstack([x.min(0), x.max(0)])
+                    codes = quantize(x, "int8" if signed else "uint8", ranges=r)
+                    s, idx = int8_topk(torch.from_numpy(qf), torch.from_numpy(codes), torch.from_numpy(r), 10)
+                    full, wi = _int8_ref(qf, codes, r, signed, 10)
+                    got = np.take_along_axis(full, idx.numpy(), 1)
+                    want = np.take_along_axis(full, wi, 1)
+                    # ids: equal only up to exact float64 ties; scores: returned as float32
+                    tie = 1e-9 * float(np.abs(full).max()) + 1e-12
+                    err = float(np.abs(s.numpy() - want).max())
+                    tol = 4e-7 * float(np.abs(full).max()) + 1e-12
+                    ok = err <= tol and bool((np.abs(got - want) <= tie).all())
+                    kind = ("int8" if signed else "uint8") + (" +-1" if extreme else "")
+                    name = f"host CPU {level}: int8_topk {kind} D{d}"
+                    out.append({"name": name, "ok": ok, "err": err, "tol": tol, "detail": kern["int8_dot"]})
+            for nb in (16, 48, 128):
+                q = rng.integers(0, 256, (3, nb), dtype=np.uint8)
+                docs = rng.integers(0, 256, (n_docs, nb), dtype=np.uint8)
+                dist, idx = hamming_topk(torch.from_numpy(q), torch.from_numpy(docs), 10)
+                wd, wi = _ham_ref(q, docs, 10)
+                bad = int((dist.numpy() != wd).sum() + (idx.numpy() != wi).sum())
+                out.append(_rec(f"host CPU {level}: hamming_topk B{nb} N{n_docs}", bad, kern["hamming"]))
+    finally:
+        C.set_simd("avx512")  # back to what the CPU has
     return out
 
 
