@@ -158,19 +158,35 @@ LF_VNNI void dots_vnni(const IntQuery& q, const uint8_t* rows, int64_t n, int64_
   const __m512i fl = _mm512_set1_epi8(static_cast<char>(flip));
   const int64_t nfull = d / 64, rem = d - nfull * 64;
   const __mmask64 tail = rem ? (~0ULL >> (64 - rem)) : 0;
+  auto step = [&](__m512i c, const uint8_t* u, int64_t j) LF_VNNI {
+    return _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_loadu_si512(u + 64 * j), fl), _mm512_loadu_si512(a + 64 * j));
+  };
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* u = rows + r * d;
-    __m512i c = _mm512_setzero_si512();
-    for (int64_t j = 0; j < nfull; ++j)
-      c = _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_loadu_si512(u + 64 * j), fl), _mm512_loadu_si512(a + 64 * j));
+    // four independent accumulators: vpdpbusd's latency (~5 cycles) would otherwise bound a single chain
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+    int64_t j = 0;
+    for (; j + 4 <= nfull; j += 4) {
+      c0 = step(c0, u, j);
+      c1 = step(c1, u, j + 1);
+      c2 = step(c2, u, j + 2);
+      c3 = step(c3, u, j + 3);
+    }
+    for (; j < nfull; ++j) c0 = step(c0, u, j);
     if (rem)  // masked-off lanes load 0 for a, so their products vanish whatever u is
-      c = _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, u + 64 * nfull), fl),
-                              _mm512_maskz_loadu_epi8(tail, a + 64 * nfull));
-    alignas(64) int32_t lanes[16];
-    _mm512_store_si512(lanes, c);
-    int32_t s = 0;
-    for (int i = 0; i < 16; ++i) s += lanes[i];
-    out[r] = s;
+      c1 = _mm512_dpbusd_epi32(c1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, u + 64 * nfull), fl),
+                               _mm512_maskz_loadu_epi8(tail, a + 64 * nfull));
+    const __m512i c = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+    // the two 256-bit halves by memcpy (compiled to register moves): GCC 12's 512-bit extract and reduce
+    // intrinsics warn -Wmaybe-uninitialized
+    __m256i lo, hi;
+    std::memcpy(&lo, &c, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&c) + sizeof lo, sizeof hi);
+    const __m256i h = _mm256_add_epi32(lo, hi);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    out[r] = _mm_cvtsi128_si32(t);
   }
 }
 #endif  // LF_X86
