@@ -87,9 +87,7 @@ def correctness(ctx) -> list[dict]:
     s, idx = int8_topk(
         torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev), 10
     )
-    step = (r[1].astype(np.float64) - r[0]) / 255
-    full = qf.astype(np.float64) @ (r[0] + (c.astype(np.float64) + 128.5) * step).T
-    wi = np.stack([np.lexsort((np.arange(len(x)), -row)) for row in full])[:, :10]
+    full, wi = _int8_ref(qf, c, r, True, 10)
     err = float(np.abs(s.cpu().numpy() - np.take_along_axis(full, wi, 1)).max())
     ok = bool((idx.cpu().numpy() == wi).all()) and err < 1e-4
     out.append(
@@ -109,6 +107,8 @@ SIMD_LEVELS = ("scalar", "avx2", "avx512")
 
 
 def _int8_ref(qf, codes, r, signed, k):
+    """float64 scores of float queries against dequantized codes (bucket middles), and the top-k ids (ties:
+    lower id)."""
     u = codes.astype(np.int64) + (128 if signed else 0)
     step = (r[1].astype(np.float64) - r[0]) / 255
     step[step == 0] = 1.0
