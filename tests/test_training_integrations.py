@@ -70,6 +70,33 @@ def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
         trainer.compute_loss(emb, {"input_ids": batch["query"]["input_ids"]})
 
 
+def test_hf_trainer_evaluate_and_collator_columns(tmp_path):
+    """GradCacheTrainer.evaluate() gives the loss of the eval batches (Trainer's own prediction step would
+    call model(query=..., doc=...)); PairCollator takes one negative column as a plain string."""
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator
+
+    emb = _embedder().eval()
+    rows = pairs(8, seed=3)
+    batch = PairCollator(emb.tokenize)(rows)
+    with torch.no_grad():
+        want = lf.contrastive_loss(emb(batch["query"]), emb(batch["doc"]), temperature=0.1).item()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8, report_to=[],
+                             remove_unused_columns=False, save_strategy="no", use_cpu=True)
+    trainer = GradCacheTrainer(model=emb, args=args, eval_dataset=rows, chunk_size=3,
+                               data_collator=PairCollator(emb.tokenize), loss_kwargs={"temperature": 0.1})
+    out = trainer.evaluate()
+    assert out["eval_loss"] == pytest.approx(want, rel=1e-5)
+    rows_neg = [{**r, "neg": r["doc"][::-1]} for r in rows]
+    collated = PairCollator(emb.tokenize, negative_keys="neg")(rows_neg)
+    assert isinstance(collated["doc"], list) and len(collated["doc"]) == 2
+    with pytest.raises(TypeError, match="negative_keys"):
+        PairCollator(emb.tokenize, negative_keys=[1])
+
+
 def test_sentence_transformers_example_trains(tmp_path):
     """examples/train_sentence_transformers.py: SentenceTransformerTrainer with CachedFusedMNRLoss on MiniLM
     (offline weights) runs its steps and logs a finite training loss."""

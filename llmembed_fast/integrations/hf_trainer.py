@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from transformers import Trainer
 
 from llmembed_fast.training.grad_cache import GradCache, synced_module
@@ -31,8 +32,15 @@ class PairCollator:
         if not callable(tokenize):
             raise TypeError("tokenize must be callable (texts -> dict of tensors), "
                             f"got {type(tokenize).__name__}")
+        if isinstance(negative_keys, str):
+            negative_keys = (negative_keys,)  # one column name, not its characters
+        negative_keys = tuple(negative_keys)
+        for name, key in (("query_key", query_key), ("doc_key", doc_key),
+                          *(("negative_keys", k) for k in negative_keys)):
+            if not isinstance(key, str):
+                raise TypeError(f"{name} must hold column names (str), got {type(key).__name__}")
         self.tokenize, self.query_key, self.doc_key = tokenize, query_key, doc_key
-        self.negative_keys = tuple(negative_keys)
+        self.negative_keys = negative_keys
         self.query_kwargs, self.doc_kwargs = dict(query_kwargs or {}), dict(doc_kwargs or {})
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -93,3 +101,11 @@ class GradCacheTrainer(Trainer):
                        grad_multiplier=self._gc_grad_multiplier(), sync_module=sync)
         loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)
         return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss on the batch, embedded in chunks without a graph (no predictions).
+        ``Trainer``'s own step would call ``model(**inputs)``, which a contrastive batch is not."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
