@@ -15,9 +15,11 @@ class ContrastiveLoss(nn.Module):
 
     Args:
         temperature: initial temperature (``scale = 1 / temperature``; sentence-transformers' 20 is 0.05).
-        learn_temperature: learn it, CLIP-style, as ``log_scale = log(1 / temperature)`` (a parameter),
-            clamped to ``max_scale`` in the forward.
-        max_scale: upper bound of 1 / temperature when learned (CLIP uses 100).
+        learn_temperature: learn it, CLIP-style, as ``log_scale = log(1 / temperature)`` (a parameter).
+            Each forward first clamps the parameter itself to ``log(max_scale)`` (as CLIP clamps it after
+            each step), so the gradient keeps flowing and the temperature can come back down.
+        max_scale: upper bound of 1 / temperature when learned (CLIP uses 100); the initial
+            ``1 / temperature`` must not exceed it.
         The other keywords are those of :func:`llmembed_fast.contrastive_loss`.
 
     ``forward(q [B, D], d [N, D], labels=None)`` returns the loss.
@@ -47,8 +49,13 @@ class ContrastiveLoss(nn.Module):
             or not math.isfinite(temperature)
         ):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if not max_scale > 0:
-            raise ValueError(f"max_scale must be positive, got {max_scale!r}")
+        if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)):
+            raise TypeError(f"max_scale must be a number, got {type(max_scale).__name__}")
+        if not (max_scale > 0 and math.isfinite(max_scale)):
+            raise ValueError(f"max_scale must be a positive finite number, got {max_scale!r}")
+        if learn_temperature and 1.0 / temperature > max_scale * (1 + 1e-12):
+            raise ValueError(f"temperature={temperature!r} is below 1 / max_scale = {1.0 / max_scale!r}: a "
+                             "learned temperature would start clamped (raise max_scale or the temperature)")
         self.learn_temperature = bool(learn_temperature)
         self.max_scale = float(max_scale)
         self.fixed_temperature = float(temperature)  # max_scale bounds only a learned temperature
@@ -71,9 +78,13 @@ class ContrastiveLoss(nn.Module):
         """The temperature: 1 / min(exp(log_scale), max_scale) when learned (a tensor), else a float."""
         if not self.learn_temperature:
             return self.fixed_temperature
-        return 1.0 / self.log_scale.exp().clamp(max=self.max_scale)
+        return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.learn_temperature:
+            # clamp the parameter, not its use: a clamped use would have zero gradient and stay stuck
+            with torch.no_grad():
+                self.log_scale.clamp_(max=math.log(self.max_scale))
         t = self.temperature
         return contrastive_loss(q, d, labels=labels, temperature=t, **self.kwargs)
 

@@ -3,6 +3,7 @@ materialized reference: loss and gradients w.r.t. q, d and the temperature, ever
 combinations, odd shapes, each dtype, several seeds; chunking paths; module; bad input."""
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -427,6 +428,26 @@ def test_module_learnable_temperature(backend):
         fixed(q, d, lab).double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5, rtol=0
     )
     assert "learn_temperature=False" in repr(fixed)
+
+
+def test_module_learned_temperature_never_sticks_at_max_scale():
+    """The learned log-scale is clamped in place (CLIP), not at its use: a step past log(max_scale) must not
+    leave it with a zero gradient forever; a start past max_scale is refused."""
+    q, d, lab = _inputs(6, 10, 16, torch.float32, seed=5)
+    mod = lf.ContrastiveLoss(temperature=0.011, learn_temperature=True, max_scale=100.0)
+    with torch.no_grad():
+        mod.log_scale.fill_(math.log(1000.0))  # an optimizer step overshot the bound
+    loss = mod(q, d, lab)
+    loss.backward()
+    assert mod.log_scale.item() == pytest.approx(math.log(100.0))
+    assert mod.log_scale.grad is not None and mod.log_scale.grad.abs().item() > 0
+    assert mod.temperature.item() == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="max_scale"):
+        lf.ContrastiveLoss(temperature=0.005, learn_temperature=True, max_scale=100.0)
+    with pytest.raises(TypeError, match="max_scale"):
+        lf.ContrastiveLoss(max_scale="100")
+    with pytest.raises(TypeError, match="max_scale"):
+        lf.ContrastiveLoss(max_scale=True)
 
 
 
