@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llmembed_fast.training import chunking
-from llmembed_fast.training.chunking import chunk_ranges, chunk_widths, slice_batch
+from llmembed_fast.training.chunking import batch_size, chunk_ranges, chunk_widths, slice_batch
 
 
 def _width_ref(mask: torch.Tensor, lo: int, hi: int):
@@ -77,3 +78,28 @@ def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     # pass 1 and pass 2, both towers: trimmed widths 3, 9 (full is 10), 2; the documents' last chunk keeps
     # its graph from pass 1 (reuse_last_chunk) and is not re-run
     assert seen == [3, 9, 2] * 3 + [3, 9]
+
+
+def test_flattened_batch_is_split_by_sequence():
+    """A padding-free batch (cu_seq_lens_q) has one example per sequence; a chunk is its token range with
+    the metadata rebuilt (sentence-transformers' flash-attention features)."""
+    lens = [3, 1, 4, 2]
+    cu = torch.tensor([0, 3, 4, 8, 10], dtype=torch.int32)
+    T = 10
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    batch = {"input_ids": torch.arange(T).unsqueeze(0), "position_ids": positions,
+             "seq_idx": torch.repeat_interleave(torch.arange(4), torch.tensor(lens))[None],
+             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 4, "max_length_k": 4,
+             "modality": "text"}
+    assert batch_size(batch) == 4
+    part = slice_batch(batch, 1, 3, trim_padding=True)
+    assert part["input_ids"].tolist() == [[3, 4, 5, 6, 7]]
+    assert part["position_ids"].tolist() == [[0, 0, 1, 2, 3]]
+    assert part["seq_idx"].tolist() == [[0, 1, 1, 1, 1]]
+    assert part["cu_seq_lens_q"].tolist() == [0, 1, 5] and part["cu_seq_lens_k"].tolist() == [0, 1, 5]
+    assert part["max_length_q"] == 4 and part["max_length_k"] == 4 and part["modality"] == "text"
+    last = slice_batch(batch, 3, 4)
+    assert last["input_ids"].tolist() == [[8, 9]] and last["max_length_q"] == 2
+    assert chunk_widths(batch, [(0, 2), (2, 4)]) == [None, None]
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        batch_size({**batch, "cu_seq_lens_q": torch.tensor([[0, 3]])}, "doc_batch")

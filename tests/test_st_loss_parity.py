@@ -160,3 +160,64 @@ def test_same_tower_hard_negatives_definition(bert_st):
         assert abs(st_loss.item() - got[0].item()) > 1e-3  # ST drops the anchor's own negatives from d2d
     finally:
         bert_st.train()
+
+
+def test_matryoshka_loss_wrapping_the_fused_loss(bert_st):
+    """MatryoshkaLoss(model, CachedFusedMNRLoss(model), dims), the usual way to add Matryoshka to a cached
+    loss, equals MatryoshkaLoss over sentence-transformers' cached loss (the dims join the one pass)."""
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    feats = features(bert_st, [TEXTS[:5], TEXTS[5:10], TEXTS[10:15]])
+    dims, weights = [64, 32, 8], [1.0, 0.5, 0.25]
+    want = run(MatryoshkaLoss(bert_st, st_cached_mnrl(bert_st, mini_batch_size=2), dims,
+                              matryoshka_weights=weights), bert_st, feats, 12)
+    ours = CachedFusedMNRLoss(bert_st, mini_batch_size=2)
+    assert ours.uses_gradient_cache
+    got = run(MatryoshkaLoss(bert_st, ours, dims, matryoshka_weights=weights), bert_st, feats, 12)
+    assert_same(got, want)
+    assert ours.matryoshka_dims == (8, 32, 64) and ours.matryoshka_weights == (0.25, 0.5, 1.0)
+    with pytest.raises(ValueError, match="already has matryoshka_dims"):
+        MatryoshkaLoss(bert_st, CachedFusedMNRLoss(bert_st, matryoshka_dims=[8, 64]), dims)
+    with pytest.raises(TypeError, match="calculate_loss"):
+        CachedFusedMNRLoss(bert_st).calculate_loss = lambda reps: 0.0
+
+
+def test_flattened_features():
+    """Padding-free features (cu_seq_lens_q, as sentence-transformers builds them for flash-attention) are
+    split into mini-batches by sequence, as sentence-transformers' own cached loss splits them."""
+    from transformers import DataCollatorWithFlattening
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_st_model(cached_tiny_model_dir("qwen2"), "lasttoken", normalize=True)
+    model.train()
+    tr = model[0]
+    if not hasattr(tr, "can_flatten_inputs"):
+        pytest.skip("this sentence-transformers version does not flatten inputs")
+    tr.can_flatten_inputs = True  # what flash_attention_2 turns on (not available on CPU)
+    tr.data_collator = DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True,
+                                                  return_position_ids=True)
+    tr._flatten_position_offset = 0
+    feats = [dict(model.preprocess(c)) for c in (TEXTS[:5], TEXTS[5:10], TEXTS[10:15])]
+    assert "cu_seq_lens_q" in feats[0] and feats[0]["input_ids"].shape[0] == 1
+    want = run(st_cached_mnrl(model, mini_batch_size=2), model, feats, 13)
+    got = run(CachedFusedMNRLoss(model, mini_batch_size=2), model, feats, 13)
+    assert_same(got, want)
+
+
+def test_positional_arguments_follow_sentence_transformers(bert_st):
+    """CachedMultipleNegativesRankingLoss's positional order (sentence-transformers 6): mini_batch_num_tokens
+    is the 5th, gather_across_devices the 6th; directions / partition_mode map to symmetric / same_tower."""
+    from sentence_transformers import util
+
+    loss = CachedFusedMNRLoss(bert_st, 20.0, util.cos_sim, 16, None, False)
+    assert (loss.mini_batch_size, loss.gather_across_devices) == (16, False)
+    assert CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "doc_to_query"),
+                              partition_mode="per_direction").symmetric
+    assert CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "query_to_query", "doc_to_doc")).same_tower
+    with pytest.raises(ValueError, match="mini_batch_num_tokens"):
+        CachedFusedMNRLoss(bert_st, 20.0, util.cos_sim, 16, 4096)
+    with pytest.raises(ValueError, match="directions"):
+        CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "doc_to_query"))  # joint: not expressed
+    with pytest.raises(ValueError, match="hardness_mode"):
+        CachedFusedMNRLoss(bert_st, hardness_mode="hard_negatives", hardness_strength=1.0)

@@ -9,6 +9,7 @@ with ``SentenceTransformerTrainer`` like any loss.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -28,21 +29,54 @@ def _is_cos_sim(fn) -> bool:
             or getattr(fn, "__name__", "") == "cos_sim")
 
 
+_Q2D, _D2Q, _Q2Q, _D2D = "query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc"
+
+
+def _terms_of(directions, partition_mode) -> tuple[bool, bool]:
+    """sentence-transformers' ``directions`` / ``partition_mode`` as (symmetric, same_tower)."""
+    if isinstance(directions, str) or not all(isinstance(x, str) for x in directions):
+        raise TypeError(f"directions must be a tuple of direction names, got {directions!r}")
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}")
+    dirs = frozenset(directions)
+    if dirs == {_Q2D}:
+        return False, False
+    if dirs == {_Q2D, _D2Q} and partition_mode == "per_direction":
+        return True, False
+    if dirs == {_Q2D, _Q2Q, _D2D} and partition_mode == "joint":
+        return False, True
+    raise ValueError(
+        f"directions={tuple(directions)!r} with partition_mode={partition_mode!r} is not expressed by the "
+        "fused loss; supported: ('query_to_doc',); ('query_to_doc', 'doc_to_query') with 'per_direction' "
+        "(symmetric=True); ('query_to_doc', 'query_to_query', 'doc_to_doc') with 'joint' (same_tower=True)")
+
+
 class CachedFusedMNRLoss(nn.Module):
     """Gradient-cached multiple-negatives ranking (InfoNCE) loss for sentence-transformers, fused.
 
     Inputs (as ``CachedMultipleNegativesRankingLoss``): (anchor, positive) pairs or (anchor, positive,
     negative_1, ..., negative_n) tuples; no labels. Anchor i's positive is row i of the positive column;
-    every positive and negative of the batch is a candidate for every anchor.
+    every positive and negative of the batch is a candidate for every anchor. Padded and flattened
+    (padding-free, ``cu_seq_lens_q``: sentence-transformers' flash-attention path) features both work.
+
+    The positional arguments are ``CachedMultipleNegativesRankingLoss``'s, in its order (sentence-transformers
+    6). ``MatryoshkaLoss(model, CachedFusedMNRLoss(model), dims)`` works as with the cached loss it replaces,
+    and computes every dim in the loss's one pass (as ``matryoshka_dims=`` does).
 
     Args:
         model: a ``SentenceTransformer``.
         scale: 1 / temperature (20 == temperature 0.05).
         similarity_fct: cosine similarity only (``util.cos_sim`` or None); anything else raises ValueError.
         mini_batch_size: rows embedded at once (the memory knob).
+        mini_batch_num_tokens: token-budget mini-batches are not supported: only None.
         gather_across_devices: negatives from every rank (``torch.distributed``); the loss is the global one
             and the gradients after DDP's averaging equal the single-process gradients of the global batch.
+        directions / partition_mode: sentence-transformers' names for the terms: ``("query_to_doc",)``
+            (default); ``("query_to_doc", "doc_to_query")`` with ``"per_direction"`` (= ``symmetric``);
+            ``("query_to_doc", "query_to_query", "doc_to_doc")`` with ``"joint"`` (= ``same_tower``).
+            Other combinations raise ValueError.
         show_progress_bar: accepted for compatibility (no progress bar is drawn).
+        hardness_mode / hardness_strength: not supported: only None / 0.
         symmetric: add the document->query direction (``directions=("query_to_doc", "doc_to_query")`` with
             ``partition_mode="per_direction"`` in sentence-transformers).
         same_tower: query-query and document-document similarities join the partition function (GTE): for
@@ -56,9 +90,13 @@ class CachedFusedMNRLoss(nn.Module):
         trim_padding: embed each mini-batch at its own padded width (sentence-transformers does the same).
     """
 
+    uses_gradient_cache = True  # sentence-transformers' marker: the backward re-embeds the mini-batches
+
     def __init__(self, model, scale: float = 20.0, similarity_fct=None, mini_batch_size: int = 32,
-                 gather_across_devices: bool = False, show_progress_bar: bool = False, *,
-                 symmetric: bool = False, same_tower: bool = False,
+                 mini_batch_num_tokens: int | None = None, gather_across_devices: bool = False,
+                 directions: tuple[str, ...] = (_Q2D,), partition_mode: str = "joint",
+                 show_progress_bar: bool = False, hardness_mode: str | None = None,
+                 hardness_strength: float = 0.0, *, symmetric: bool = False, same_tower: bool = False,
                  false_negative_margin: float | None = None, matryoshka_dims: Sequence[int] | None = None,
                  matryoshka_weights: Sequence[float] | None = None, trim_padding: bool = True):
         super().__init__()
@@ -73,6 +111,15 @@ class CachedFusedMNRLoss(nn.Module):
                              f"got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None:
+            raise ValueError("mini_batch_num_tokens: token-budget mini-batches are not supported by "
+                             f"CachedFusedMNRLoss (use mini_batch_size), got {mini_batch_num_tokens!r}")
+        if hardness_mode is not None or hardness_strength != 0:
+            raise ValueError("hardness_mode / hardness_strength: hardness-weighted negatives are not "
+                             "supported by CachedFusedMNRLoss, "
+                             f"got {hardness_mode!r} / {hardness_strength!r}")
+        sym, tower = _terms_of(directions, partition_mode)
+        symmetric, same_tower = bool(symmetric) or sym, bool(same_tower) or tower
         self.model = model
         self.scale = float(scale)
         self.mini_batch_size = mini_batch_size
@@ -82,6 +129,31 @@ class CachedFusedMNRLoss(nn.Module):
         self.false_negative_margin = false_negative_margin
         self.matryoshka_dims, self.matryoshka_weights = self._sorted_dims(matryoshka_dims, matryoshka_weights)
         self.trim_padding = bool(trim_padding)
+        self.n_dims_per_step = -1  # MatryoshkaLoss's: a random subset of the dims per step when > 0
+
+    # sentence-transformers' gradient-cache protocol: MatryoshkaLoss replaces a cached loss's
+    # ``calculate_loss`` with a decorator that reruns it per dim; here its dims join the one pass instead.
+    @property
+    def calculate_loss(self):
+        """The loss of precomputed mini-batch embeddings ``reps`` ([[b, D] tensors] per column)."""
+        return self._calculate_loss
+
+    @calculate_loss.setter
+    def calculate_loss(self, fn):
+        dims = getattr(fn, "matryoshka_dims", None)
+        if dims is None:
+            raise TypeError("CachedFusedMNRLoss.calculate_loss can only be replaced by MatryoshkaLoss (its "
+                            f"dims join the fused loss's one pass), got {type(fn).__name__}")
+        if self.matryoshka_dims is not None:
+            raise ValueError("CachedFusedMNRLoss already has matryoshka_dims: wrap it in MatryoshkaLoss or "
+                             "pass matryoshka_dims=, not both")
+        weights = getattr(fn, "matryoshka_weights", None)
+        self.matryoshka_dims, self.matryoshka_weights = self._sorted_dims(dims, weights)
+        self.n_dims_per_step = int(getattr(fn, "n_dims_per_step", -1))
+
+    def _calculate_loss(self, reps, *args, **kwargs) -> torch.Tensor:
+        columns = [torch.cat(list(col)) for col in reps]
+        return self._loss(columns[0], torch.cat(columns[1:]), self._group()[0])
 
     @staticmethod
     def _sorted_dims(dims, weights):
@@ -110,13 +182,21 @@ class CachedFusedMNRLoss(nn.Module):
             return None, 1
         return dist.group.WORLD, dist.get_world_size()
 
-    def _loss(self, q: torch.Tensor, d: torch.Tensor, group=None) -> torch.Tensor:
+    def _step_dims(self):
+        """(dims, weights) for this step: all of them, or MatryoshkaLoss's random n_dims_per_step."""
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is None or not 0 < self.n_dims_per_step < len(dims):
+            return dims, weights
+        keep = sorted(random.sample(range(len(dims)), self.n_dims_per_step))
+        return tuple(dims[i] for i in keep), tuple(weights[i] for i in keep)
+
+    def _loss(self, q: torch.Tensor, d: torch.Tensor, group=None, dims=None) -> torch.Tensor:
         from llmembed_fast.ops.contrastive import contrastive_loss
 
+        dims, weights = self._step_dims() if dims is None else dims
         return contrastive_loss(q, d, temperature=1.0 / self.scale, normalize=True, symmetric=self.symmetric,
                                 same_tower=self.same_tower, false_negative_margin=self.false_negative_margin,
-                                matryoshka_dims=self.matryoshka_dims,
-                                matryoshka_weights=self.matryoshka_weights, group=group)
+                                matryoshka_dims=dims, matryoshka_weights=weights, group=group)
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
                 labels: torch.Tensor | None = None):
@@ -128,7 +208,8 @@ class CachedFusedMNRLoss(nn.Module):
         group, world = self._group()
         # self.model may be the DDP module the trainer put in the loss: its no_sync() must govern the chunks
         sync = synced_module(self.model)
-        gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group), self.mini_batch_size,
+        dims = self._step_dims()  # drawn once per step from Python's random, as MatryoshkaLoss draws them
+        gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group, dims), self.mini_batch_size,
                        trim_padding=self.trim_padding, grad_multiplier=float(world), sync_module=sync)
         return gc.forward(features[0], features[1:])
 

@@ -3,6 +3,10 @@
 Every tensor of a dict with at least one dimension is a per-example field and must share dim 0 (the
 batch size); nested dicts are split the same way, recursively; other values (ints, strings, 0-d tensors)
 are passed to every chunk unchanged.
+
+Flattened (padding-free) batches, as ``transformers.DataCollatorWithFlattening`` and sentence-transformers'
+flash-attention path build them, are recognized by ``cu_seq_lens_q`` (cumulative sequence lengths [n + 1]):
+their examples are the n sequences, and a chunk is a token range (see :func:`slice_batch`).
 """
 from __future__ import annotations
 
@@ -27,8 +31,27 @@ def _sizes(batch: Mapping, prefix: str, out: dict) -> dict:
     return out
 
 
+FLAT_KEY = "cu_seq_lens_q"
+
+
+def is_flattened(batch) -> bool:
+    """Whether ``batch`` is a flattened (padding-free) dict batch: sequences concatenated along the token
+    axis, delimited by ``cu_seq_lens_q``."""
+    return isinstance(batch, Mapping) and isinstance(batch.get(FLAT_KEY), torch.Tensor)
+
+
+def _flat_size(batch: Mapping, name: str) -> int:
+    cu = batch[FLAT_KEY]
+    if cu.dim() != 1 or cu.numel() < 1 or cu.dtype.is_floating_point:
+        raise ValueError(f"{name}['{FLAT_KEY}'] must be a 1-D integer tensor [n + 1] of cumulative sequence "
+                         f"lengths, got {cu.dtype} of shape {tuple(cu.shape)}")
+    return cu.numel() - 1
+
+
 def batch_size(batch, name: str = "batch") -> int:
     """The number of examples in ``batch``; raises TypeError/ValueError naming ``name`` when malformed."""
+    if is_flattened(batch):
+        return _flat_size(batch, name)
     if isinstance(batch, torch.Tensor):
         if batch.dim() < 1:
             raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor")
@@ -56,7 +79,7 @@ def _mask_of(batch) -> torch.Tensor | None:
 def chunk_widths(batch, ranges: list[tuple[int, int]]) -> list[int | None]:
     """For each chunk, the sequence width once its all-padding trailing columns are dropped (None: keep all
     columns). One host transfer for the whole batch, not one per chunk."""
-    mask = _mask_of(batch)
+    mask = None if is_flattened(batch) else _mask_of(batch)
     if mask is None:
         return [None] * len(ranges)
     L = mask.shape[1]
@@ -80,6 +103,28 @@ def _rows(batch: Mapping, lo: int, hi: int) -> dict:
     return out
 
 
+def _flat_rows(batch: Mapping, lo: int, hi: int) -> dict:
+    """Sequences ``lo:hi`` of a flattened batch: the token range they span of every token-axis tensor
+    (last dim = the total token count: ``input_ids`` [1, T], ``position_ids``, ...), ``cu_seq_lens_q/k``
+    rebased to 0, ``max_length_q/k`` recomputed, ``seq_idx`` renumbered; other values unchanged."""
+    cu = batch[FLAT_KEY]
+    bounds = cu[[lo, hi, -1]].tolist()  # one host sync
+    t0, t1, total = (int(v) for v in bounds)
+    new_cu = cu[lo:hi + 1] - cu[lo]
+    out = {}
+    for k, v in batch.items():
+        if k in (FLAT_KEY, "cu_seq_lens_k"):
+            v = new_cu
+        elif k in ("max_length_q", "max_length_k"):
+            v = int((new_cu[1:] - new_cu[:-1]).max().item()) if hi > lo else 0
+        elif k == "seq_idx" and isinstance(v, torch.Tensor):
+            v = v[..., t0:t1] - lo
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[-1] == total:
+            v = v[..., t0:t1]
+        out[k] = v
+    return out
+
+
 def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False, width: int | None = None,
                 sequence_keys: Iterable[str] = ()):
     """Rows ``lo:hi`` of ``batch`` (views, no copy); nested dicts are sliced recursively.
@@ -90,7 +135,13 @@ def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False, width: i
     keeps all columns, so token positions never shift). Models that attend only to unmasked tokens (HF
     models with an attention mask) give the same outputs for the kept tokens. ``width``: the chunk's width
     from :func:`chunk_widths`, to skip the per-chunk host sync (with ``trim_padding``).
+
+    A flattened batch (``cu_seq_lens_q``) gives sequences ``lo:hi`` as their token range (no padding to
+    trim): token-axis tensors (last dim = the total token count) are cut to it, ``cu_seq_lens_q/k`` start
+    again at 0, ``max_length_q/k`` and ``seq_idx`` are recomputed, other values pass unchanged.
     """
+    if is_flattened(batch):
+        return _flat_rows(batch, lo, hi)
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi]
     out = _rows(batch, lo, hi)
