@@ -190,3 +190,40 @@ def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
             ref.__class__ = FusedPooling
             got = ref(dict(f))["sentence_embedding"]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_accelerated_model_saves_as_the_plain_model(tmp_path):
+    """save / save_pretrained (the trainer's checkpoints) of an accelerated model write sentence-transformers'
+    own Pooling / Normalize: the folder loads without trust_remote_code; a deepcopy saves itself."""
+    import copy
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed_fast.integrations.sentence_transformers import (
+        FusedNormalize,
+        FusedPooling,
+        accelerate,
+        restore,
+    )
+
+    st = make_st_model(cached_tiny_model_dir("bert"), "mean", normalize=True)
+    texts = ["hello world", "the cat sat on the river bank", "money"]
+    ref = st.encode(texts)
+    accelerate(st)
+    for path, how in ((tmp_path / "a", "save"), (tmp_path / "b", "save_pretrained")):
+        getattr(st, how)(str(path))
+        types_ = [m["type"] for m in json.loads((path / "modules.json").read_text())]
+        assert not any("llmembed_fast" in t for t in types_), types_
+        loaded = SentenceTransformer(str(path), device="cpu")  # no trust_remote_code needed
+        assert type(loaded[1]).__name__ == "Pooling"
+        np.testing.assert_allclose(loaded.encode(texts), ref, atol=3e-6, rtol=0)
+    # still accelerated after saving
+    assert isinstance(st[1], FusedPooling) and st[1].fuse_normalize and isinstance(st[2], FusedNormalize)
+    twin = copy.deepcopy(st)
+    twin[0].auto_model.embeddings.word_embeddings.weight.data.mul_(2.0)  # the copy differs from st
+    twin.save(str(tmp_path / "c"))
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "c"), device="cpu").encode(texts),
+                               twin.encode(texts), atol=3e-6, rtol=0)
+    restore(st)
+    assert "save" not in st.__dict__

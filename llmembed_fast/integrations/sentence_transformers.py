@@ -8,11 +8,14 @@ Cases the fused head does not express exactly fall back to the original code: co
 modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
 position 0 (sentence-transformers weights by absolute position there, flattened batches included), and a
 ``prompt_length`` that leaves a sequence with no token to pool (sentence-transformers' empty-row values).
-``restore(model)`` switches back; a model saved while accelerated records these classes, so restore before
-saving if the folder must load without llmembed_fast.
+``restore(model)`` switches back. An accelerated model saves (``save``, ``save_pretrained``, the trainer's
+checkpoints) as the plain model: the folder records sentence-transformers' own Pooling / Normalize and
+loads anywhere, without llmembed_fast or ``trust_remote_code``.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -105,6 +108,33 @@ def _modules_of(model):
     return list(model._modules.items())
 
 
+def _swap_to_plain(model) -> list[tuple[torch.nn.Module, type, dict]]:
+    """Switch the fused modules back to their plain classes; returns what :func:`_swap_back` needs."""
+    swapped = []
+    for _, m in _modules_of(model):
+        if isinstance(m, (FusedPooling, FusedNormalize)):
+            extra = {k: m.__dict__.pop(k) for k in ("fuse_normalize",) if k in m.__dict__}
+            swapped.append((m, type(m), extra))
+            m.__class__ = Pooling if isinstance(m, FusedPooling) else Normalize
+    return swapped
+
+
+def _swap_back(swapped) -> None:
+    for m, cls, extra in swapped:
+        m.__class__ = cls
+        m.__dict__.update(extra)
+
+
+def save(self, *args, **kwargs):
+    """``save`` of an accelerated model: writes the plain sentence-transformers modules (sentence-transformers
+    6 loads a class from outside its package only with ``trust_remote_code``), then fuses them again."""
+    swapped = _swap_to_plain(self)
+    try:
+        return type(self).save(self, *args, **kwargs)
+    finally:
+        _swap_back(swapped)
+
+
 def accelerate(model):
     """Swap ``model``'s Pooling (and a Normalize right after it) for the fused head, in place.
 
@@ -129,11 +159,16 @@ def accelerate(model):
             nxt.__class__ = FusedNormalize
     if not found:
         raise ValueError("model has no sentence-transformers Pooling module to accelerate")
+    # save_pretrained and the trainers' checkpoints call self.save: a bound method on the instance (deepcopy
+    # rebinds it to the copy) writes the plain modules
+    model.save = types.MethodType(save, model)
     return model
 
 
 def restore(model):
     """Undo :func:`accelerate` (the original Pooling / Normalize classes). Returns the model."""
+    if isinstance(model.__dict__.get("save"), types.MethodType) and model.__dict__["save"].__func__ is save:
+        del model.__dict__["save"]
     for _, m in _modules_of(model):
         if isinstance(m, FusedPooling):
             m.__class__ = Pooling
