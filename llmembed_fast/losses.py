@@ -90,6 +90,6 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         opts = ", ".join(
-            f"{k}={v!r}" for k, v in self.kwargs.items() if v not in (None, False) and k != "group"
+            f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None and v is not False and k != "group"
         )
         return f"learn_temperature={self.learn_temperature}, {opts}"

@@ -357,6 +357,35 @@ def test_chunked_blocks(backend, monkeypatch):
     _check(q, d, None, TOL[torch.float32], symmetric=True, false_negative_margin=0.1, matryoshka_dims=(6, 24))
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(symmetric=True),
+        dict(same_tower=True, false_negative_margin=0.1),
+        dict(symmetric=True, false_negative_margin=0.0, matryoshka_dims=(4, 8)),
+    ],
+)
+def test_nan_and_inf_logits_propagate(backend, monkeypatch, bad, kw):
+    """A NaN or +inf in one candidate gives the reference's NaN / +inf per-query losses on both backends
+    (the Triton forward once turned them into -inf); a NaN is never dropped as a false negative."""
+    if backend == "triton":
+        from llmembed_fast.triton_kernels import contrastive as tk
+
+        monkeypatch.setattr(tk, "LSE_SPLITS", 2)  # partial log-sum-exps combined across a split
+    q, d, lab = _inputs(5, 9, 8, torch.float32, seed=13)
+    d[7, 0] = float(bad)
+    opts = dict(normalize=bad == "nan", **kw)  # +inf survives only unnormalized
+    got = lf.contrastive_loss(q, d, labels=lab, reduction="none", **opts)
+    want = ref_loss(q.double(), d.double(), labels=lab, reduction="none", **opts)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (got, want)
+    assert want.isnan().any() or want.isinf().any()
+    assert not (got == float("-inf")).any()
+    fin = want.isfinite()
+    torch.testing.assert_close(got[fin].double(), want[fin], atol=2e-5, rtol=2e-5)
+
+
 def test_float64_matches_reference_tightly():
     q, d, lab = _inputs(9, 13, 21, torch.float64, seed=1)
     _check(
@@ -448,6 +477,21 @@ def test_module_learned_temperature_never_sticks_at_max_scale():
         lf.ContrastiveLoss(max_scale="100")
     with pytest.raises(TypeError, match="max_scale"):
         lf.ContrastiveLoss(max_scale=True)
+
+
+def test_module_repr_and_tensor_dims():
+    """Tensors are accepted for the Matryoshka dims / weights (a 0-d tensor like an int) and print."""
+    q, d, lab = _inputs(4, 6, 8, torch.float32, seed=6)
+    dims, weights = torch.tensor([4, 8]), torch.tensor([1.0, 0.5])
+    mod = lf.ContrastiveLoss(matryoshka_dims=dims, matryoshka_weights=weights)
+    assert "matryoshka_dims=tensor([4, 8])" in repr(mod)
+    want = ref_loss(q.double(), d.double(), labels=lab, matryoshka_dims=(4, 8), matryoshka_weights=(1.0, 0.5))
+    torch.testing.assert_close(mod(q, d, lab).double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        lf.contrastive_loss(q, d, labels=lab, matryoshka_dims=torch.tensor(4)).double(),
+        ref_loss(q.double(), d.double(), labels=lab, matryoshka_dims=(4,)), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="matryoshka_dims"):
+        lf.contrastive_loss(q, d, matryoshka_dims=torch.tensor([4.0]))
 
 
 

@@ -4,6 +4,7 @@ on both backends (Triton through the interpreter), forward and backward."""
 import itertools
 import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,9 +207,10 @@ def test_outputs_may_be_edited_in_place(backend, mode):
     gen = torch.Generator().manual_seed(12)
     hidden = torch.randn(3, 7, 16, generator=gen)
     mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
-    for dims, normalize in (((16,), False), ((16,), True), ((4, 16), False)):
+    for dims, normalize in (((16,), False), ((16,), True), ((4, 16), False), ((16, 16), False)):
         h = hidden.clone().requires_grad_(True)
         outs = _as_list(lf.pool(h, mask, mode, dims=dims if len(dims) > 1 else dims[0], normalize=normalize))
+        assert len({id(o) for o in outs}) == len(outs)  # repeated dims: distinct tensors
         for o in outs:
             o.mul_(3.0)
         grads = [torch.randn(o.shape, generator=gen) for o in outs]
@@ -419,6 +421,9 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: lf.pool_segments(hidden[0], [2], [1]), ValueError, "segments"),
         (lambda: lf.pool_segments(hidden[0], [0, 1], [1]), ValueError, "starts and ends"),
         (lambda: lf.pool_segments(hidden[0], torch.tensor([0.0]), [1]), TypeError, "starts"),
+        (lambda: lf.pool_segments(hidden[0], [0.9], [2.9]), TypeError, "starts"),  # was truncated to [0, 2)
+        (lambda: lf.pool_segments(hidden[0], [0], np.array([True])), TypeError, "ends"),
+        (lambda: lf.matryoshka(torch.randn(3, 8), [4], normalize="no"), TypeError, "normalize"),
         (lambda: lf.pool_segments(hidden[0], [[0]], [[1]]), ValueError, "starts"),
         (lambda: lf.l2_normalize(torch.zeros(3, 0)), ValueError, "x"),
         (lambda: lf.l2_normalize(torch.ones(3, dtype=torch.int64)), TypeError, "x"),
@@ -432,6 +437,20 @@ def test_bad_arguments_raise_clear_errors():
     # integer tensors are accepted as dims: 0-d like an int, 1-d like a sequence
     assert lf.pool(hidden, mask, dims=torch.tensor(4)).shape == (2, 4)
     assert [o.shape[1] for o in lf.pool(hidden, mask, dims=torch.tensor([2, 4]))] == [2, 4]
+
+
+def test_float64_mask_keeps_the_kernel_backend(monkeypatch):
+    """Only float64 *data* takes the torch path (the kernels accumulate in float32), not a float64 mask."""
+    from llmembed_fast.ops import pooling as ops
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    assert ops._backend(hidden, mask).__name__.endswith("triton_kernels.pooling")
+    assert ops._backend(hidden.double(), mask).__name__.endswith("reference.pooling_chunked")
+    mask[1, 3:] = 0
+    want = lf.pool(hidden.double(), mask).float()
+    torch.testing.assert_close(lf.pool(hidden, mask), want, atol=1e-6, rtol=0)
 
 
 def test_autocast_keeps_the_inputs_dtype(backend):

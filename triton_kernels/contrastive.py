@@ -184,7 +184,7 @@ def _logits2(
     valid = rmask[:, None] & cmask[None, :]
     if HAS_THR:
         thr = tl.load(thr_ptr + k * M + rows, mask=rmask, other=0.0)
-        valid = valid & ((z2 <= thr[:, None]) | is_spec)
+        valid = valid & (~(z2 > thr[:, None]) | is_spec)  # a NaN logit is kept: it poisons the loss
     if EXCL:
         valid = valid & ~is_spec
     return z2, valid, a, b
@@ -199,7 +199,7 @@ def _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI: tl.cons
     keep = rmask[:, None] & ccol[None, :]
     if HAS_THR:
         thr_c = tl.load(thr_ptr + k * M + cols, mask=ccol, other=0.0)
-        keep = keep & ((z2 <= thr_c[None, :]) | is_spec)
+        keep = keep & (~(z2 > thr_c[None, :]) | is_spec)
     if TRI:
         keep = keep & (cols[None, :] > rows[:, None])
     return keep
@@ -229,16 +229,16 @@ def _lse_update(
         valid_c = _col_valid(z2, thr_ptr, k, M, ncol, rows, cols, rmask, is_spec, TRI, HAS_THR)
         zc = tl.where(valid_c, z2, float("-inf"))
         mc = tl.max(zc, axis=0)
-        mc_use = tl.where(mc == float("-inf"), 0.0, mc)
+        mc_use = tl.where(tl.abs(mc) == float("inf"), 0.0, mc)
         lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
-        lsec = tl.where(lc > 0, mc_use + tl.log2(tl.maximum(lc, 1e-30)), float("-inf"))
+        lsec = tl.where(lc == 0, float("-inf"), mc_use + tl.log2(lc))  # NaN and +inf pass through
         tl.store(colpart_ptr + (colpart_row + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask)
     z2 = tl.where(valid, z2, float("-inf"))
     sel = kk[None, :] == k
     m_old = tl.max(tl.where(sel, m_st, float("-inf")), axis=1)
     l_old = tl.sum(tl.where(sel, l_st, 0.0), axis=1)
     m_new = tl.maximum(m_old, tl.max(z2, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_use = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)  # +inf: the sum becomes inf, not NaN
     l_new = l_old * tl.exp2(m_old - m_use) + tl.sum(tl.exp2(z2 - m_use[:, None]), axis=1)
     m_st = tl.where(sel, m_new[:, None], m_st)
     l_st = tl.where(sel, l_new[:, None], l_st)
@@ -338,7 +338,7 @@ def _row_lse_kernel(
                     acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, pid_m * K, M, NC,
                     rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                 )
-    lse = tl.where(l_st > 0, m_st + tl.log2(tl.maximum(l_st, 1e-30)), float("-inf"))
+    lse = tl.where(l_st == 0, float("-inf"), m_st + tl.log2(l_st))  # NaN and +inf pass through
     ptrs = out_ptr + pid_s.to(tl.int64) * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
     tl.store(ptrs, lse, mask=rmask[:, None] & (kk[None, :] < K))
 

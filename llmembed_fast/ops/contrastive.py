@@ -132,11 +132,16 @@ def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ..
         if weights is not None:
             raise ValueError("matryoshka_weights needs matryoshka_dims")
         return (D,), (1.0,)
+    if isinstance(dims, torch.Tensor):
+        if dims.dtype.is_floating_point or dims.dtype == torch.bool or dims.is_complex() or dims.dim() > 1:
+            raise TypeError(f"matryoshka_dims must be an int or a 1-D tensor of ints, got {dims.dtype} "
+                            f"of shape {tuple(dims.shape)}")
+        dims = dims.tolist()  # 0-d: an int, 1-d: a list
     if isinstance(dims, int) and not isinstance(dims, bool):
         dims = (dims,)
-    if not isinstance(dims, (Sequence, torch.Tensor)) or isinstance(dims, str):
+    if not isinstance(dims, Sequence) or isinstance(dims, str):
         raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
-    dims = tuple(dims.tolist() if isinstance(dims, torch.Tensor) else dims)
+    dims = tuple(dims)
     if not dims:
         raise ValueError("matryoshka_dims must not be empty")
     for v in dims:

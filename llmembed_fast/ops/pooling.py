@@ -104,9 +104,9 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _backend(*tensors: torch.Tensor) -> ModuleType:
-    # float64 always takes the torch path: the kernels accumulate in float32.
-    if any(t.dtype == torch.float64 for t in tensors) or _dispatch.select_backend(*tensors) == "torch":
+def _backend(x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
+    # float64 data (not a float64 mask) takes the torch path: the kernels accumulate in float32.
+    if x.dtype == torch.float64 or _dispatch.select_backend(x, *others) == "torch":
         from llmembed_fast.reference import pooling_chunked
 
         return pooling_chunked
@@ -122,13 +122,12 @@ def _backend(*tensors: torch.Tensor) -> ModuleType:
 
 def _finalize_forward(be, pooled, dims, normalize, eps, out_dtype):
     """pooled [N, >=max(dims)] (unit column stride) -> (outputs, norms [K, N] or None)."""
-    if not normalize:  # outputs never alias a view (callers may edit them in place)
-        outs = [
-            pooled
-            if (d == pooled.shape[1] and pooled.dtype == out_dtype and pooled._base is None)
-            else pooled[:, :d].to(out_dtype, copy=True)
-            for d in dims
-        ]
+    if not normalize:  # outputs never alias a view or each other (callers may edit them in place)
+        outs = []
+        for d in dims:
+            reuse = d == pooled.shape[1] and pooled.dtype == out_dtype and pooled._base is None
+            outs.append(pooled if reuse and not any(o is pooled for o in outs)
+                        else pooled[:, :d].to(out_dtype, copy=True))
         return outs, None
     outs, norms = [], []
     for d in dims:
@@ -284,9 +283,12 @@ def _segment_bounds(starts, ends, T: int, device: torch.device) -> tuple[torch.T
             t = v
         else:
             try:
-                t = torch.as_tensor(list(v), dtype=torch.int64)
-            except (TypeError, ValueError) as exc:
+                vals = list(v)
+                t = torch.as_tensor(vals) if vals else torch.empty(0, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as exc:
                 raise TypeError(f"{name} must be a sequence or tensor of ints") from exc
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+                raise TypeError(f"{name} must hold integers, got {t.dtype} values")
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
         return t.to(device=device, dtype=torch.int64).contiguous()
@@ -369,6 +371,7 @@ def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12
 
     ``dims`` is an int (returns one tensor) or a sequence (returns a tuple), each in [1, D]."""
     eps = _check_eps(eps)
+    normalize = _check_flag(normalize, "normalize")
     x2 = _as_rows(x, "x")
     if dims is None:
         raise TypeError("dims must be an int or a sequence of ints, got None")

@@ -65,7 +65,7 @@ def contrastive_loss(
             """Negatives above the positive by more than the margin are dropped; the positive stays."""
             if false_negative_margin is None:
                 return torch.ones_like(s, dtype=torch.bool)
-            return (s <= s_pos[:, None] + false_negative_margin) | positive_mask
+            return ~(s > s_pos[:, None] + false_negative_margin) | positive_mask  # NaN kept: it poisons
 
         pos_qd = torch.zeros_like(s_qd, dtype=torch.bool)
         pos_qd[rows, labels] = True
