@@ -231,7 +231,7 @@ def _lse_update(
         mc = tl.max(zc, axis=0)
         mc_use = tl.where(tl.abs(mc) == float("inf"), 0.0, mc)
         lc = tl.sum(tl.exp2(zc - mc_use[None, :]), axis=0)
-        lsec = tl.where(lc == 0, float("-inf"), mc_use + tl.log2(lc))  # NaN and +inf pass through
+        lsec = mc_use + tl.log2(lc)  # an empty column: 0 + log2(0) = -inf; NaN and +inf pass through
         tl.store(colpart_ptr + (colpart_row + k).to(tl.int64) * ncol + cols, lsec, mask=(cols < ncol) & cmask)
     z2 = tl.where(valid, z2, float("-inf"))
     sel = kk[None, :] == k
@@ -338,7 +338,8 @@ def _row_lse_kernel(
                     acc, k, m_st, l_st, kk, a_ptr, b_ptr, thr_ptr, colpart_ptr, pid_m * K, M, NC,
                     rows, cols, rmask, cmask, is_spec, ncol, COLS, TRI, EXCL, HAS_THR,
                 )
-    lse = tl.where(l_st == 0, float("-inf"), m_st + tl.log2(l_st))  # NaN and +inf pass through
+    # an empty row: m = -inf, l = 0, lse = -inf; NaN and +inf pass through
+    lse = tl.where(l_st == 0, float("-inf"), m_st + tl.log2(l_st))
     ptrs = out_ptr + pid_s.to(tl.int64) * K * M + kk[None, :].to(tl.int64) * M + rows[:, None]
     tl.store(ptrs, lse, mask=rmask[:, None] & (kk[None, :] < K))
 
