@@ -116,17 +116,20 @@ def compile_stats(fn, pointer_types: dict[str, str], constexprs: dict, num_warps
 BOUNDS = {1: (0, 1024), 5: (0, 64, 128, 256, 512, 1024)}
 
 
-def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", D: int = 1024):
+def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", D: int = 1024,
+                     pre_s: bool = False):
     """(kernel fn, pointer types, constexprs, config) of the contrastive kernel the launcher would run.
     ``mode``: "plain", "cols" (the fused symmetric term) or "tri" (a same-tower triangle); ``loop``:
-    "auto" (what the launcher picks for ``BOUNDS[K]``) or "ranges" (one loop per Matryoshka range)."""
+    "auto" (what the launcher picks for ``BOUNDS[K]``) or "ranges" (one loop per Matryoshka range);
+    ``pre_s``: the cuBLAS-logits mode (``LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm``), logits read from memory."""
     import triton
 
     from triton_kernels import contrastive as C
 
-    cfg, single = C.launch_config(dtype, D, BOUNDS[K], kernel, mode == "cols", mode == "tri", False)
+    cfg, single = C.launch_config(dtype, D, BOUNDS[K], kernel, mode == "cols", mode == "tri", pre_s)
     if loop == "ranges":
-        cfg, single = C._config(dtype, D, K, kernel, cols=mode != "plain", tri=mode == "tri"), False
+        cfg = C._config(dtype, D, K, kernel, cols=mode != "plain", tri=mode == "tri", pre_s=pre_s)
+        single = False
     x_t = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
     h_t = _TRITON_DTYPE[str(C.grad_dtype(dtype)).removeprefix("torch.")]
     ptrs = {"x_ptr": x_t, "y_ptr": x_t, "xidx_ptr": "*i64", "spec_ptr": "*i64", "h_ptr": h_t}
@@ -137,7 +140,7 @@ def contrastive_case(kernel: str, dtype, K: int, mode: str, loop: str = "auto", 
         EXCL=mode == "tri",  # a same-tower term leaves its diagonal out
         HAS_THR=True,  # with the false-negative margin: the most registers
         SINGLE=single,
-        PRE_S=False,
+        PRE_S=pre_s,
         UPCAST=False,
         PRECISION="tf32",
         BLOCK_M=cfg["BLOCK_M"],
@@ -209,28 +212,37 @@ def main(argv=None) -> int:
 
     dtypes = [torch.bfloat16, torch.float32] if args.all else [torch.bfloat16]
     combos = [
-        (kernel, dtype, K, mode, loop)
+        (kernel, dtype, K, mode, loop, False)
         for kernel, dtype, K, mode in itertools.product(
             ("lse", "grad"), dtypes, (1, 5), ("plain", "cols", "tri")
         )
         for loop in (("auto", "ranges") if K > 1 else ("auto",))
     ]
+    # the opt-in cuBLAS-logits mode (its Matryoshka terms always take the per-range loops)
+    combos += [
+        (kernel, dtype, K, mode, "auto", True)
+        for kernel, dtype, K, mode in itertools.product(
+            ("lse", "grad"), dtypes, (1, 5), ("plain", "cols", "tri")
+        )
+    ]
     bad = []
     head = (
-        f"{'kernel':6} {'dtype':9} {'K':>2} {'mode':5} {'loop':7} {'config (BM, BN, BD, warps, stages)':36}"
+        f"{'kernel':6} {'dtype':9} {'K':>2} {'mode':5} {'loop':7} {'logits':6} "
+        f"{'config (BM, BN, BD, warps, stages)':36}"
     )
     print(f"{head} {'regs':>4} {'spill st/ld B':>14}")
-    for kernel, dtype, K, mode, loop in combos:
-        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, mode, loop)
+    for kernel, dtype, K, mode, loop, pre_s in combos:
+        fn, ptrs, consts, cfg = contrastive_case(kernel, dtype, K, mode, loop, pre_s=pre_s)
         loop = "single" if consts["SINGLE"] else ("ranges" if K > 1 else "-")
         st = compile_stats(fn, ptrs, consts, cfg["num_warps"], cfg["num_stages"])
         conf = str((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"], cfg["num_stages"]))
         spills = f"{st['spill_stores']}/{st['spill_loads']}"
-        row = f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {loop:7} {conf:36}"
+        logits = "gemm" if pre_s else "triton"
+        row = f"{kernel:6} {str(dtype)[6:]:9} {K:>2} {mode:5} {loop:7} {logits:6} {conf:36}"
         print(f"{row} {st['registers']:>4} {spills:>14}", flush=True)
         spilled = max(st["spill_stores"], st["spill_loads"])
         if expected_spill_free(K, mode) and spilled > SPILL_TOLERANCE_BYTES:
-            bad.append((kernel, str(dtype), K, mode, loop, st))
+            bad.append((kernel, str(dtype), K, mode, loop, logits, st))
     if bad:
         print(f"configs that spill: {bad}")
     if bad and not triton_is_tuned_version():

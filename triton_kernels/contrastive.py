@@ -535,6 +535,7 @@ def _config(
     cols: bool = False,
     tri: bool = False,
     single: bool = False,
+    pre_s: bool = False,
 ):
     """Tile sizes and launch options (a dict) of ``kernel`` ("lse" or "grad") for a term with K dims, with
     the symmetric column term (``cols``) or as a same-tower triangle (``tri``), Matryoshka dims on the
@@ -559,6 +560,9 @@ def _config(
         if K > 1 and (cols or tri):  # 4 warps spill 168 - 1,088 B/thread
             return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3)
+    if kernel == "lse" and K == 1 and not (cols or tri) and pre_s:
+        # cuBLAS logits read from memory: 128 x 256 tiles spill 1,232 B/thread there, 128 x 128 none
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
     if kernel == "lse" and K == 1 and not (cols or tri):
         # H200 sweep (benchmarks/RESULTS.md): 128x256 tiles cut the forward from 34 to 28.5 ms at
         # B = N = 65,536, D = 1024 and from 38 to 25 ms at 32,768 x 4096 (the gradient kernel is best at
@@ -579,6 +583,8 @@ def _config(
             if kernel == "lse":
                 return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
             return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
+        if kernel == "lse" and pre_s:  # cuBLAS logits: 64 x 128 tiles spill 264 B/thread, 64 x 64 none
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2 if kernel == "lse" else 3)
     if kernel == "lse" and tri:  # the triangle's masks: 128 x 128 tiles spill 240 B/thread
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
@@ -591,10 +597,10 @@ def launch_config(dtype, D: int, bounds, kernel: str, cols: bool, tri: bool, pre
     """(tile config, single-loop path) of a launch: the single loop when the Matryoshka bounds allow it, with
     its own tiles and the widest BLOCK_D that divides the inner bounds."""
     K = len(bounds) - 1
-    cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, single=True)
+    cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, single=True, pre_s=pre_s)
     single, block_d = _single_loop(bounds, cfg["BLOCK_D"], pre_s)
     if not single:
-        cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri)
+        cfg = _config(dtype, D, K, kernel, cols=cols, tri=tri, pre_s=pre_s)
         block_d = cfg["BLOCK_D"]
     return dict(cfg, BLOCK_D=block_d), single
 
