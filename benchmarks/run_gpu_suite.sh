@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One-call GPU run (for a lent H100/H200 with torch, triton and nvcc, no network):
-#   bash benchmarks/run_gpu_suite.sh [section ...]     e.g. contrastive grad_cache (default: all, quant last)
+#   bash benchmarks/run_gpu_suite.sh [section ...]     e.g. contrastive grad_cache
+# Default sections: contrastive grad_cache embedder quant (quant last), the ones with figures still open;
+# name pooling to run it too. About 9 minutes in all with the defaults (timeout_s 580 for one device call).
 # Builds the CUDA extension in the background while the sections that do not need it run; then runs quant
 # (which uses the extension's CUDA kernels when the build succeeded). Each stage prints as it goes and is
 # capped by `timeout`, so a run cut short still leaves its log and JSON in $OUT (or ./out).
-# Knobs: BUDGET_S (suite seconds for the first stage, default 330), QUANT_BUDGET_S (default 110),
+# Knobs: BUDGET_S (suite seconds for the first stage, default 400), QUANT_BUDGET_S (default 90),
+# SUITE_ARGS (more gpu_suite.py arguments for the first stage, e.g. "--full" or "--checks contrastive"),
 # MAX_JOBS (default 8: leaves cores for the timings), LLMEMBED_FAST_BUILD_EXT=0 skips the build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +21,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(contrastive grad_cache embedder pooling quant)
+[ ${#sections[@]} -eq 0 ] && sections=(contrastive grad_cache embedder quant)
 first=(); want_quant=0
 for s in "${sections[@]}"; do [ "$s" = quant ] && want_quant=1 || first+=("$s"); done
 build_pid=""
@@ -30,8 +33,10 @@ if [ "${LLMEMBED_FAST_BUILD_EXT:-1}" = "1" ] && [ "$want_quant" = 1 ]; then
 fi
 rc=0
 if [ ${#first[@]} -gt 0 ]; then
-  timeout $(( ${BUDGET_S:-330} + 40 )) python3 benchmarks/gpu_suite.py --budget-s "${BUDGET_S:-330}" \
-    --json "$OUT/gpu_suite.json" --only "${first[@]}" 2>&1 | tee "$OUT/gpu_suite.log"
+  # shellcheck disable=SC2086  # SUITE_ARGS is split into words on purpose
+  timeout $(( ${BUDGET_S:-400} + 40 )) python3 benchmarks/gpu_suite.py --budget-s "${BUDGET_S:-400}" \
+    --check-share "${CHECK_SHARE:-0.3}" --json "$OUT/gpu_suite.json" --only "${first[@]}" ${SUITE_ARGS:-} \
+    2>&1 | tee "$OUT/gpu_suite.log"
   rc=${PIPESTATUS[0]}
 fi
 if [ "$want_quant" = 1 ]; then
@@ -39,7 +44,7 @@ if [ "$want_quant" = 1 ]; then
     wait "$build_pid" || echo "extension build failed or timed out (see $OUT/build.log); quant uses torch paths"
     tail -5 "$OUT/build.log"
   fi
-  timeout $(( ${QUANT_BUDGET_S:-110} + 30 )) python3 benchmarks/gpu_suite.py --budget-s "${QUANT_BUDGET_S:-110}" \
+  timeout $(( ${QUANT_BUDGET_S:-90} + 30 )) python3 benchmarks/gpu_suite.py --budget-s "${QUANT_BUDGET_S:-90}" \
     --json "$OUT/gpu_suite_quant.json" --only quant 2>&1 | tee "$OUT/gpu_suite_quant.log"
   q=${PIPESTATUS[0]}; [ "$rc" = 0 ] && rc=$q
 fi

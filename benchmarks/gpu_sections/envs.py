@@ -7,10 +7,13 @@ import os
 
 
 @contextlib.contextmanager
-def env(key: str, value: str):
-    """os.environ[key] = value inside the block, restored (or removed) after it."""
+def env(key: str, value: str | None):
+    """os.environ[key] = value inside the block (None: unset), restored (or removed) after it."""
     old = os.environ.get(key)
-    os.environ[key] = value
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
     try:
         yield
     finally:
