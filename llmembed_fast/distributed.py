@@ -8,10 +8,31 @@ losses w.r.t. its own inputs. Works with any backend (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+# dtype codes exchanged by batch_layout / gather_sizes: ranks must agree before a byte-level all-gather
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
+           torch.uint8, torch.bool)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _check_agree(rows: list[list[int]], what: str) -> None:
+    """Raise the same ValueError on every rank when the ranks' (width, dtype) entries differ."""
+    seen = {(r[-2], r[-1]) for r in rows}
+    if len(seen) > 1:
+        per_rank = ", ".join(
+            f"rank {i}: [.., {r[-2]}] {_DTYPES[r[-1]] if r[-1] < len(_DTYPES) else 'other'}"
+            for i, r in enumerate(rows)
+        )
+        raise ValueError(f"{what} must have the same width and dtype on every rank, got {per_rank}")
 
 
 def _check_group(group) -> None:
@@ -28,15 +49,20 @@ def _collective_device(x_device: torch.device, group) -> torch.device:
     return torch.device("cpu") if backend == "gloo" and x_device.type != "cpu" else x_device
 
 
-def gather_sizes(n: int, group=None, device=None) -> list[int]:
-    """Every rank's ``n`` (e.g. its row count), in rank order."""
+def gather_sizes(n: int, group=None, device=None, like: torch.Tensor | None = None) -> list[int]:
+    """Every rank's ``n`` (e.g. its row count), in rank order. ``like``: a tensor whose row width (the
+    product of its trailing dims) and dtype every rank must share; ValueError on all ranks otherwise."""
     _check_group(group)
     dev = _collective_device(torch.device(device) if device is not None else torch.device("cpu"), group)
     world = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=dev)
+    width = math.prod(like.shape[1:]) if like is not None else 0
+    code = _dtype_code(like.dtype) if like is not None else 0
+    mine = torch.tensor([n, width, code], dtype=torch.int64, device=dev)
     bufs = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(bufs, mine, group=group)
-    return [int(t.item()) for t in bufs]
+    rows = torch.stack(bufs).cpu().tolist()
+    _check_agree(rows, "the gathered tensor")
+    return [r[0] for r in rows]
 
 
 class BatchLayout(NamedTuple):
@@ -52,15 +78,19 @@ class BatchLayout(NamedTuple):
     d_total: int
 
 
-def batch_layout(b: int, n: int, group=None, device=None) -> BatchLayout:
-    """Gathers (b, n) = (local queries, local candidates) from every rank in one collective."""
+def batch_layout(b: int, n: int, group=None, device=None, width: int = 0, dtype=None) -> BatchLayout:
+    """Gathers (b, n) = (local queries, local candidates) from every rank in one collective, with the
+    embeddings' ``width`` and ``dtype``, which every rank must share (ValueError on all ranks otherwise:
+    the gathers that follow copy bytes)."""
     _check_group(group)
     dev = _collective_device(torch.device(device) if device is not None else torch.device("cpu"), group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = torch.tensor([b, n], dtype=torch.int64, device=dev)
+    code = _dtype_code(dtype) if dtype is not None else 0
+    mine = torch.tensor([b, n, int(width), code], dtype=torch.int64, device=dev)
     bufs = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(bufs, mine, group=group)
     sizes = torch.stack(bufs).cpu().tolist()
+    _check_agree(sizes, "q and d")
     q_sizes, d_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
     return BatchLayout(
         world, rank, q_sizes, d_sizes, sum(q_sizes[:rank]), sum(d_sizes[:rank]), sum(q_sizes), sum(d_sizes)
@@ -81,6 +111,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat([buf[:s] for buf, s in zip(bufs, sizes, strict=False)]).to(x.device)
 
     @staticmethod
+    @once_differentiable  # the all-reduce below is not recorded: a double backward would be silently wrong
     def backward(ctx, grad):
         if grad is None:
             return None, None, None
@@ -107,7 +138,7 @@ def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = 
         raise ValueError("x must have at least one dimension (the rows to gather)")
     _check_group(group)
     if sizes is None:
-        sizes = gather_sizes(x.shape[0], group=group, device=x.device)
+        sizes = gather_sizes(x.shape[0], group=group, device=x.device, like=x)
     return _AllGatherWithGrad.apply(x.contiguous(), group, list(sizes))
 
 

@@ -57,6 +57,31 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
         y = lf.distributed.all_gather_with_grad(x)
         (y * torch.arange(y.shape[0], dtype=torch.float32)[:, None]).sum().backward()
         results.append(dict(gathered=y.detach(), gx=x.grad))
+        # a double backward through the gather is refused (its all-reduce is not differentiable)
+        x = torch.ones(2, 3, requires_grad=True)
+        (g,) = torch.autograd.grad((lf.distributed.all_gather_with_grad(x) ** 2).sum(), x, create_graph=True)
+        try:
+            g.sum().backward()
+            double = "no error"
+        except RuntimeError as exc:
+            double = str(exc)
+        # ranks disagreeing on the embeddings' dtype or width: the same ValueError on every rank (the byte
+        # copies of the gathers would crash gloo or silently mix bf16 and fp16 bits)
+        errors = []
+        for dtype, width in (((torch.bfloat16, torch.float16)[rank % 2], D), (torch.float32, D - rank)):
+            q, d, labels = _local_batch(rank, 0)
+            try:
+                lf.contrastive_loss(q[:, :width].to(dtype), d[:, :width].to(dtype), group=dist.group.WORLD)
+                errors.append("no error")
+            except ValueError as exc:
+                errors.append(str(exc))
+        try:
+            half = (torch.bfloat16, torch.float16)[rank % 2]
+            lf.distributed.all_gather_with_grad(torch.ones(2, 4, dtype=half))
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+        results.append(dict(double=double, errors=errors))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -104,6 +129,9 @@ def test_distributed_equals_global_batch(world, tmp_path, monkeypatch):
     start = 0
     for r in range(world):
         res = per_rank[r][-1]
+        assert "once_differentiable" in res["double"], res["double"]
+        assert all("same width and dtype on every rank" in e for e in res["errors"]), res["errors"]
+        res = per_rank[r][-2]
         torch.testing.assert_close(res["gathered"], rows)
         expect = world * torch.arange(start, start + r + 1, dtype=torch.float32)[:, None].expand(r + 1, 3)
         torch.testing.assert_close(res["gx"], expect)

@@ -14,6 +14,17 @@ import llmembed_fast as lf
 TEXTS = [("the cat sat on the river bank " * (i % 7)) + f"item {i}" for i in range(23)] + ["", "x"]
 
 
+class _NoConfig(torch.nn.Module):
+    """A model whose hidden size the embedder cannot read (no ``config``)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,10 +40,22 @@ def _worker(rank, world, port, model_dir, out_dir):
     try:
         emb = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean")
         out = emb.encode(TEXTS, distributed=True, max_tokens_per_batch=64, instruction="find")
+        # a model without a config (no known width): the ranks agree on the width they found
+        bare = lf.LLMEmbedder(_NoConfig(emb.model), emb.tokenizer, pooling="mean", packed=False)
+        assert bare.embedding_dim is None
+        out_bare = bare.encode(TEXTS[:3], distributed=True)
+        # ranks holding different texts: a ValueError on every rank, not swapped rows
+        try:
+            emb.encode(TEXTS[: 5 + rank], distributed=True)
+            mismatch = "no error"
+        except ValueError as exc:
+            mismatch = str(exc)
+        assert "same texts on every rank" in mismatch, mismatch
         if rank == 0:
             np.save(os.path.join(out_dir, "rank0.npy"), out)
+            np.save(os.path.join(out_dir, "bare.npy"), out_bare)
         else:
-            assert out is None
+            assert out is None and out_bare is None
     finally:
         dist.destroy_process_group()
 
@@ -47,6 +70,8 @@ def test_two_process_gloo_equals_one_process(tmp_path, monkeypatch):
     )
     assert got.shape == want.shape == (len(TEXTS), 64)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    want_bare = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean").encode(TEXTS[:3])
+    np.testing.assert_allclose(np.load(tmp_path / "bare.npy"), want_bare, atol=2e-6, rtol=0)
 
 
 def test_distributed_without_process_group_is_a_clear_error():

@@ -2,10 +2,12 @@
 
 Texts are dealt to ranks round-robin in order of decreasing length, so the shards carry about the same
 number of tokens. Works with any ``torch.distributed`` backend (CPU buffers for gloo, the model's CUDA
-device for NCCL); every rank must call it with the same texts.
+device for NCCL); every rank must call it with the same texts (checked: a ValueError on every rank).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -23,17 +25,32 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
             "(run under torchrun and call torch.distributed.init_process_group)"
         )
     rank, world = dist.get_rank(), dist.get_world_size()
+    dev = embedder.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    # every rank's (count, checksum) of the texts: ranks holding different lists would otherwise swap rows
+    digest = 0
+    for t in texts:
+        digest = zlib.crc32(t.encode("utf-8", "surrogatepass") + b"\x00", digest)
+    mine_id = torch.tensor([len(texts), digest], dtype=torch.int64, device=dev)
+    ids = [torch.empty_like(mine_id) for _ in range(world)]
+    dist.all_gather(ids, mine_id)
+    if len({tuple(t.tolist()) for t in ids}) > 1:
+        raise ValueError("distributed encode needs the same texts on every rank; got (count, crc32) = "
+                         + ", ".join(f"rank {r}: {tuple(t.tolist())}" for r, t in enumerate(ids)))
     order = np.argsort(-np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     mine = order[rank::world]
-    dims = kwargs.get("dims")
-    width = dims or embedder.dims or embedder.embedding_dim
-    dev = embedder.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    n_max = -(-len(texts) // world)
-    buf = torch.zeros(n_max, width, dtype=torch.float32, device=dev)
+    local = None
     if len(mine):
         local = embedder.encode_float(
             [texts[i] for i in mine], show_progress_bar=show_progress_bar and rank == 0, **kwargs
         )
+    width = kwargs.get("dims") or embedder.dims or embedder.embedding_dim
+    if width is None:  # a model without a config: the width the ranks that had texts found
+        w = torch.tensor([local.shape[1] if local is not None else 0], dtype=torch.int64, device=dev)
+        dist.all_reduce(w, op=dist.ReduceOp.MAX)
+        width = int(w.item())
+    n_max = -(-len(texts) // world)
+    buf = torch.zeros(n_max, width, dtype=torch.float32, device=dev)
+    if local is not None:
         buf[: len(mine)] = local.to(dev)
     gathered = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, gathered, dst=0)

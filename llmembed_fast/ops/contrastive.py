@@ -583,7 +583,7 @@ def contrastive_loss(
     else:
         from llmembed_fast import distributed as lfd
 
-        layout = lfd.batch_layout(B, d.shape[0], group=group, device=q.device)
+        layout = lfd.batch_layout(B, d.shape[0], group=group, device=q.device, width=D, dtype=q.dtype)
         dc = lfd.all_gather_with_grad(d, group=group, sizes=layout.d_sizes)
         qc = lfd.all_gather_with_grad(q, group=group, sizes=layout.q_sizes) if need_qc else None
         rows_loss = _ContrastiveFunction.apply(
