@@ -181,6 +181,26 @@ def _check_st_loss(rank: int, model_dir: str):
     assert calls[0] == 1, calls[0]
 
 
+def _check_fsdp_chunk_counts(rank: int):
+    """FSDP gathers parameters in every forward: ranks with different chunk counts get a ValueError on every
+    rank instead of waiting on each other for good; equal counts run."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    import llmembed_fast as lf
+
+    torch.manual_seed(0)
+    model = FSDP(_mlp(), device_id=torch.device("cpu"), use_orig_params=True)
+    gcache = lf.GradCache(model, lf.contrastive_loss, 2, grad_multiplier=WORLD)
+    gen = torch.Generator().manual_seed(rank)
+    for n, uneven in ((4, False), (2 + 4 * rank, True)):
+        x, y = torch.randn(n, 12, generator=gen), torch.randn(n, 12, generator=gen)
+        if uneven:
+            with pytest.raises(ValueError, match="every rank must embed as many chunks"):
+                gcache.step(x, y, group=dist.group.WORLD)
+        else:
+            assert torch.isfinite(gcache.step(x, y, group=dist.group.WORLD))
+
+
 def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
     import datetime
     import warnings
@@ -194,6 +214,7 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
     try:
         _check_wrapped_encoders(rank, tmp)
         _check_st_loss(rank, model_dir)
+        _check_fsdp_chunk_counts(rank)
         gc.collect()
         dist.barrier()
     finally:

@@ -243,9 +243,14 @@ class GradCache:
         if sum(sizes) < nq:
             raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: "
                              "the documents must hold every query's positive (N >= B)")
+        doc_encoder = self.doc_encoder or self.encoder
+        self._check_chunk_counts(
+            len(chunk_ranges(nq, self.chunk_size)),
+            sum(len(chunk_ranges(n, self.doc_chunk_size)) for n in sizes),
+            {id(m): m for m in (self._sync_of(self.encoder), self._sync_of(doc_encoder)) if m is not None},
+        )
         q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
-        doc_encoder = self.doc_encoder or self.encoder
         keep = keep and self.reuse_last_chunk and self._sync_of(doc_encoder) is None
         for c, (col, name) in enumerate(zip(columns, names, strict=True)):
             d, td = self._embed_no_grad(doc_encoder, col, self.doc_chunk_size, name, capture, side=1,
@@ -259,6 +264,32 @@ class GradCache:
                                          for t, p in zip(towers, [q] + parts, strict=True)))
         d = parts[0] if len(parts) == 1 else torch.cat(parts)
         return q, d, towers
+
+    @staticmethod
+    def _check_chunk_counts(n_query: int, n_doc: int, syncs: dict) -> None:
+        """FSDP gathers parameters in every forward: every rank must run as many chunks, or the ranks wait
+        on each other for good. A ValueError on every rank instead (DDP synchronizes only in backward,
+        once per step, and needs no such check)."""
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for sync in syncs.values():
+            if isinstance(sync, DistributedDataParallel):
+                continue
+            group = getattr(sync, "process_group", None)
+            nccl = dist.get_backend(group) == "nccl"
+            dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            mine = torch.tensor([n_query, n_doc], dtype=torch.int64, device=dev)
+            bufs = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(bufs, mine, group=group)
+            counts = [tuple(b.tolist()) for b in bufs]
+            if len(set(counts)) > 1:
+                raise ValueError(
+                    f"{type(sync).__name__} runs a collective in every forward, so every rank must embed as "
+                    f"many chunks; (query chunks, document chunks) per rank: {counts}. Give the ranks equal "
+                    "batch sizes (or chunk sizes that give equal counts)")
 
     def _call_loss(self, q, d, loss_kwargs) -> torch.Tensor:
         with torch.enable_grad():
