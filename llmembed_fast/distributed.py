@@ -46,7 +46,11 @@ def _check_group(group) -> None:
 
 def _collective_device(x_device: torch.device, group) -> torch.device:
     backend = dist.get_backend(group)
-    return torch.device("cpu") if backend == "gloo" and x_device.type != "cpu" else x_device
+    if backend == "gloo" and x_device.type != "cpu":
+        return torch.device("cpu")
+    if backend == "nccl" and x_device.type == "cpu":  # NCCL moves CUDA buffers only
+        return torch.device("cuda", torch.cuda.current_device())
+    return x_device
 
 
 def gather_sizes(n: int, group=None, device=None, like: torch.Tensor | None = None) -> list[int]:
@@ -78,19 +82,25 @@ class BatchLayout(NamedTuple):
     d_total: int
 
 
-def batch_layout(b: int, n: int, group=None, device=None, width: int = 0, dtype=None) -> BatchLayout:
+def batch_layout(b: int, n: int, group=None, device=None, width: int = 0, dtype=None,
+                 ok: bool = True) -> BatchLayout:
     """Gathers (b, n) = (local queries, local candidates) from every rank in one collective, with the
     embeddings' ``width`` and ``dtype``, which every rank must share (ValueError on all ranks otherwise:
-    the gathers that follow copy bytes)."""
+    the gathers that follow copy bytes). ``ok=False``: this rank rejected its inputs; every rank raises
+    ValueError (so none waits in a later collective for it)."""
     _check_group(group)
     dev = _collective_device(torch.device(device) if device is not None else torch.device("cpu"), group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     code = _dtype_code(dtype) if dtype is not None else 0
-    mine = torch.tensor([b, n, int(width), code], dtype=torch.int64, device=dev)
+    mine = torch.tensor([int(bool(ok)), b, n, int(width), code], dtype=torch.int64, device=dev)
     bufs = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(bufs, mine, group=group)
-    sizes = torch.stack(bufs).cpu().tolist()
-    _check_agree(sizes, "q and d")
+    rows = torch.stack(bufs).cpu().tolist()
+    failed = [r for r, row in enumerate(rows) if not row[0]]
+    if failed:
+        raise ValueError(f"rank(s) {failed} of the group rejected their inputs (their error says why)")
+    _check_agree(rows, "q and d")
+    sizes = [row[1:3] for row in rows]
     q_sizes, d_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
     return BatchLayout(
         world, rank, q_sizes, d_sizes, sum(q_sizes[:rank]), sum(d_sizes[:rank]), sum(q_sizes), sum(d_sizes)

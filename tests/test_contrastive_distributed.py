@@ -2,6 +2,7 @@
 loss and gradients equal one process computing the global batch (fp32, rtol 1e-5). Ranks hold different
 numbers of queries and candidates (uneven all-gathers)."""
 
+import datetime
 import os
 
 import pytest
@@ -41,7 +42,9 @@ def _local_batch(rank: int, seed: int):
 def _worker(rank: int, world: int, init_file: str, out_dir: str):
     os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a short timeout: a rank left waiting in a collective the others never join fails instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         results = []
         for seed, cfg in enumerate(CONFIGS):
@@ -81,7 +84,21 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str):
             errors.append("no error")
         except ValueError as exc:
             errors.append(str(exc))
-        results.append(dict(double=double, errors=errors))
+        # one rank's inputs fail the checks (labels out of range, no query rows): it raises its own error,
+        # the others a ValueError naming it, instead of waiting in a collective for it
+        rejected = []
+        for bad in ("labels", "empty"):
+            q, d, labels = _local_batch(rank, 0)
+            if rank == 1 and bad == "labels":
+                labels = labels + 100
+            if rank == 1 and bad == "empty":
+                q = q[:0]
+            try:
+                lf.contrastive_loss(q, d, labels=labels[: q.shape[0]], group=dist.group.WORLD)
+                rejected.append("no error")
+            except ValueError as exc:
+                rejected.append(str(exc))
+        results.append(dict(double=double, errors=errors, rejected=rejected))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -131,6 +148,8 @@ def test_distributed_equals_global_batch(world, tmp_path, monkeypatch):
         res = per_rank[r][-1]
         assert "once_differentiable" in res["double"], res["double"]
         assert all("same width and dtype on every rank" in e for e in res["errors"]), res["errors"]
+        want = ["labels must be in", "at least one row"] if r == 1 else ["rank(s) [1]"] * 2
+        assert all(w in e for w, e in zip(want, res["rejected"], strict=True)), res["rejected"]
         res = per_rank[r][-2]
         torch.testing.assert_close(res["gathered"], rows)
         expect = world * torch.arange(start, start + r + 1, dtype=torch.float32)[:, None].expand(r + 1, 3)

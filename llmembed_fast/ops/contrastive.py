@@ -518,44 +518,69 @@ def contrastive_loss(
     Returns:
         A scalar (float32; float64 for float64 inputs), or [B] for ``reduction="none"``.
     """
-    _check_embeddings(q, d)
-    B, D = q.shape
-    labels_t = _check_labels(labels, B, q.device)
-    acc = _acc(q.dtype)
-    tau, tau_user = _check_temperature(temperature, q.device, acc)
-    dims, weights = _check_dims(matryoshka_dims, matryoshka_weights, D)
-    normalize = _check_flag(normalize, "normalize")
-    symmetric = _check_flag(symmetric, "symmetric")
-    same_tower = _check_flag(same_tower, "same_tower")
-    allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
-    if false_negative_margin is not None:
-        if (
-            isinstance(false_negative_margin, bool)
-            or not isinstance(false_negative_margin, (int, float))
-            or not math.isfinite(false_negative_margin)
-        ):
-            raise ValueError(
-                f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}"
-            )
-        false_negative_margin = float(false_negative_margin)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    # With a group, a rank whose inputs fail these checks must not leave the others waiting in the
+    # collectives below: its error is shared (batch_layout) and every rank raises.
+    if group is not None:
+        from llmembed_fast import distributed as lfd
 
-    # one host sync for the value checks
-    flags = [torch.zeros((), dtype=torch.bool, device=q.device)] * 2
-    if labels_t is not None:
-        flags[0] = ((labels_t < 0) | (labels_t >= d.shape[0])).any()
-    if tau_user is not None:
-        flags[1] = ~(torch.isfinite(tau_user.detach()) & (tau_user.detach() > 0)).all().to(q.device)
-    bad_labels, bad_tau = torch.stack(flags).tolist()
-    if bad_labels:
-        raise ValueError(f"labels must be in [0, N) = [0, {d.shape[0]})")
-    if bad_tau:
-        raise ValueError("temperature must be positive and finite")
-    if labels_t is None:
-        labels_t = torch.arange(B, device=q.device)
+        lfd._check_group(group)
+    failure = None
+    try:
+        _check_embeddings(q, d)
+        B, D = q.shape
+        labels_t = _check_labels(labels, B, q.device)
+        acc = _acc(q.dtype)
+        tau, tau_user = _check_temperature(temperature, q.device, acc)
+        dims, weights = _check_dims(matryoshka_dims, matryoshka_weights, D)
+        normalize = _check_flag(normalize, "normalize")
+        symmetric = _check_flag(symmetric, "symmetric")
+        same_tower = _check_flag(same_tower, "same_tower")
+        allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
+        if false_negative_margin is not None:
+            if (
+                isinstance(false_negative_margin, bool)
+                or not isinstance(false_negative_margin, (int, float))
+                or not math.isfinite(false_negative_margin)
+            ):
+                raise ValueError(
+                    f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}"
+                )
+            false_negative_margin = float(false_negative_margin)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+        # one host sync for the value checks
+        flags = [torch.zeros((), dtype=torch.bool, device=q.device)] * 2
+        if labels_t is not None:
+            flags[0] = ((labels_t < 0) | (labels_t >= d.shape[0])).any()
+        if tau_user is not None:
+            flags[1] = ~(torch.isfinite(tau_user.detach()) & (tau_user.detach() > 0)).all().to(q.device)
+        bad_labels, bad_tau = torch.stack(flags).tolist()
+        if bad_labels:
+            raise ValueError(f"labels must be in [0, N) = [0, {d.shape[0]})")
+        if bad_tau:
+            raise ValueError("temperature must be positive and finite")
+        if labels_t is None:
+            labels_t = torch.arange(B, device=q.device)
+    except (TypeError, ValueError) as exc:
+        if group is None:
+            raise
+        failure = exc
+    layout = None
+    if group is not None:
+        ok = failure is None
+        try:
+            layout = lfd.batch_layout(
+                B if ok else 0, d.shape[0] if ok else 0, group=group,
+                device=q.device if isinstance(q, torch.Tensor) else None,
+                width=D if ok else 0, dtype=q.dtype if ok else None, ok=ok,
+            )
+        except ValueError:
+            if failure is not None:
+                raise failure from None
+            raise
 
     cfg = _Cfg(
         bounds=(0, *dims),
@@ -581,9 +606,6 @@ def contrastive_loss(
         )
         total_rows = B
     else:
-        from llmembed_fast import distributed as lfd
-
-        layout = lfd.batch_layout(B, d.shape[0], group=group, device=q.device, width=D, dtype=q.dtype)
         dc = lfd.all_gather_with_grad(d, group=group, sizes=layout.d_sizes)
         qc = lfd.all_gather_with_grad(q, group=group, sizes=layout.q_sizes) if need_qc else None
         rows_loss = _ContrastiveFunction.apply(
@@ -596,7 +618,5 @@ def contrastive_loss(
     if reduction == "mean":
         loss = loss / total_rows
     if group is not None:
-        from llmembed_fast import distributed as lfd
-
         loss = lfd.global_value(loss, group=group)
     return loss
