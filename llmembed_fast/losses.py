@@ -82,9 +82,10 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.learn_temperature:
-            # clamp the parameter, not its use: a clamped use would have zero gradient and stay stuck
-            with torch.no_grad():
-                self.log_scale.clamp_(max=math.log(self.max_scale))
+            # clamp the parameter, not its use: a clamped use would have zero gradient and stay stuck.
+            # Through .data: no version bump, so an earlier call's graph (two losses summed before one
+            # backward) stays valid.
+            self.log_scale.data.clamp_(max=math.log(self.max_scale))
         t = self.temperature
         return contrastive_loss(q, d, labels=labels, temperature=t, **self.kwargs)
 

@@ -479,6 +479,27 @@ def test_module_learned_temperature_never_sticks_at_max_scale():
         lf.ContrastiveLoss(max_scale=True)
 
 
+def test_module_learned_temperature_two_calls_and_inference_embeddings():
+    """Two losses summed before one backward (the per-forward clamp must not invalidate the first graph),
+    and embeddings made under inference_mode (a frozen encoder) with a learned temperature."""
+    q1, d1, _ = _inputs(4, 6, 8, torch.float32, seed=7)
+    q2, d2, _ = _inputs(4, 6, 8, torch.float32, seed=8)
+    crit = lf.ContrastiveLoss(temperature=0.07, learn_temperature=True)
+    (crit(q1, d1) + crit(q2, d2)).backward()
+    both = crit.log_scale.grad.clone()
+    crit.log_scale.grad = None
+    crit(q1, d1).backward()
+    crit(q2, d2).backward()
+    torch.testing.assert_close(both, crit.log_scale.grad, rtol=1e-6, atol=1e-7)
+    with torch.inference_mode():
+        qi, di = q1.clone(), d1.clone()
+    crit.log_scale.grad = None
+    crit(qi, di).backward()
+    crit2 = lf.ContrastiveLoss(temperature=0.07, learn_temperature=True)
+    crit2(q1, d1).backward()
+    torch.testing.assert_close(crit.log_scale.grad, crit2.log_scale.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_module_repr_and_tensor_dims():
     """Tensors are accepted for the Matryoshka dims / weights (a 0-d tensor like an int) and print."""
     q, d, lab = _inputs(4, 6, 8, torch.float32, seed=6)

@@ -596,6 +596,8 @@ def contrastive_loss(
         tri_d=same_tower and labels is None and group is None and SELF_TERM_TRIANGLES,
     )
     be = _backend(q, len(dims))
+    if tau.requires_grad and torch.is_grad_enabled() and (torch.is_inference(q) or torch.is_inference(d)):
+        q, d = q.clone(), d.clone()  # embeddings from inference_mode cannot be saved for tau's backward
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     need_qc = symmetric or same_tower
