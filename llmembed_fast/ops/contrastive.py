@@ -622,3 +622,8 @@ def contrastive_loss(
     if group is not None:
         loss = lfd.global_value(loss, group=group)
     return loss
+
+
+# Under torch.compile the loss runs eagerly behind a graph break: its memory-bounding loops over the rows run
+# in Python, so a traced copy would be specialized to (and recompiled for) every new batch size.
+contrastive_loss = torch.compiler.disable(contrastive_loss)

@@ -383,3 +383,10 @@ def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12
         outs = _PrefixNormalizeFunction.apply(x2, dims_t, eps, x.dtype, _backend(x2))
         outs = tuple(y.reshape(*lead, d) for y, d in zip(outs, dims_t, strict=False))
     return _as_result(outs, as_seq)
+
+
+# Under torch.compile the pooling ops run eagerly behind a graph break: their memory-bounding loops run over
+# the sequence length and batch size in Python, so a traced copy would be specialized to every new L and B
+# (a model compiled around them recompiled per padded length until dynamo's recompile limit).
+pool = torch.compiler.disable(pool)
+pool_segments = torch.compiler.disable(pool_segments)

@@ -1,0 +1,39 @@
+"""torch.compile around the ops: a model compiled with lf.EmbeddingHead / lf.contrastive_loss inside is not
+recompiled for every padded length or batch size (the ops run eagerly behind a graph break), and values and
+gradients equal eager ones."""
+
+import pytest
+import torch
+
+import llmembed_fast as lf
+
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the ops' CPU path
+
+
+def test_compiled_model_is_not_recompiled_per_shape():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+    head = lf.EmbeddingHead("max", normalize=True)
+
+    def step(h, m):
+        e = head(body(h), m)
+        return lf.contrastive_loss(e, e.flip(0), temperature=0.1)
+
+    compiled = torch.compile(step, backend="eager")
+    for i, L in enumerate(range(5, 15)):  # ten batches, each of its own padded length and batch size
+        g = torch.Generator().manual_seed(L)
+        h = torch.randn(3 + i % 3, L, 16, generator=g)
+        m = torch.rand(h.shape[:2], generator=g) > 0.3
+        m[:, 0] = True
+        got = compiled(h, m)
+        want = step(h, m)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        (gw,) = torch.autograd.grad(got, body[0].weight)
+        (ww,) = torch.autograd.grad(want, body[0].weight)
+        torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch._dynamo.reset()
