@@ -40,12 +40,65 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _device(text: str):
+    """argparse type of --device: a torch device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda is not available here (torch without CUDA, or no GPU)")
+    return dev
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _writable(path: str, flag: str) -> bool:
+    """False (with the error printed) when ``path``'s folder cannot take the file: checked before the run,
+    not after it."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        print(f"error: {flag} {path!r}: folder {folder!r} does not exist or is not writable", file=sys.stderr)
+        return False
+    return True
+
+
 def _cmd_bench(args) -> int:
     import torch
 
-    from llmembed_fast.bench.core import BenchContext, collect_cases, print_table, run_cases
+    from llmembed_fast.bench.core import (
+        BenchContext,
+        collect_cases,
+        discover_providers,
+        print_table,
+        run_cases,
+    )
+    from llmembed_fast.bench.plot import plot_path
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    groups = [n.removeprefix("cases_") for n in discover_providers()]
+    unknown = [g for g in (args.only or ()) if g not in groups]
+    if unknown:
+        print(f"error: --only: unknown group(s) {unknown}; choose from {groups}", file=sys.stderr)
+        return 2
+    if args.json and not _writable(args.json, "--json"):
+        return 2
+    if args.plot and not _writable(plot_path(args.plot), "--plot"):
+        return 2
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     ctx = BenchContext(
@@ -84,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="run the large configurations too")
     p.add_argument("--smoke", action="store_true", help="tiny shapes only (checks that every case runs)")
     p.add_argument("--budget-s", type=float, default=120.0, help="wall-clock budget for timing (default 120)")
-    p.add_argument("--only", nargs="*", help="groups to run (pooling, contrastive, quant, ...)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--only", nargs="*", help="groups to run (pooling, contrastive, quant, grad_cache, embedder)"
+    )
+    p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of speedups (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)

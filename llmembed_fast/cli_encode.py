@@ -19,7 +19,10 @@ def read_texts(path: str, field: str = "text") -> list[str]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                obj = json.loads(line)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"--input line {n}: invalid JSON ({exc.msg})") from None
                 if isinstance(obj, dict):
                     if field not in obj:
                         raise ValueError(f"--input line {n}: no field {field!r} (use --field)")
@@ -52,6 +55,20 @@ def _encode(args, texts: list[str]) -> int:
 
     from llmembed_fast.embedder import LLMEmbedder
 
+    # the output's folder before any work (loading and encoding can take hours)
+    path = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save writes it
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output {path!r} is a folder")
+    if args.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device: expected cpu or cuda[:N], got {args.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device: cuda is not available here (torch without CUDA, or no GPU)")
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(
@@ -79,8 +96,6 @@ def _encode(args, texts: list[str]) -> int:
         kw["instruction"] = args.instruction
     out = fn(texts, **kw)
     t2 = time.perf_counter()
-    path = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save writes it
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.save(path, out)
     print(
         f"encoded {len(texts)} texts -> {path} {tuple(out.shape)} {out.dtype} "

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
         "queries", nargs="?", help="query embeddings (.npy, float [Q, D]); omit to only build/save"
     )
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--precision", choices=["binary", "int8"], default="binary", help="first-stage codes")
+    p.add_argument("--precision", choices=["binary", "int8"], default=None,
+                   help="first-stage codes (default binary; not with an index file)")
     p.add_argument(
         "--rescore",
         choices=["none", "int8", "float"],
@@ -62,7 +63,7 @@ def _load_npy(path: str, what: str):
 
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # an empty file: EOFError
         raise _Error(f"cannot read {what} {path!r}: {exc}") from None
     if a.ndim != 2 or a.dtype.kind != "f":
         raise _Error(f"{what} {path!r} must be a 2-D float array, got {a.dtype} {a.shape}")
@@ -91,18 +92,37 @@ def run(args) -> int:
         return 2
 
 
+def _output_path(path: str) -> str:
+    """The file --output writes: .json as given, anything else as .npz (numpy adds the suffix)."""
+    return path if path.endswith((".json", ".npz")) else path + ".npz"
+
+
 def _run(args) -> int:
     import numpy as np
     import torch
 
-    from llmembed_fast import quant
+    from llmembed_fast import _ext, quant
 
+    try:
+        _ext.require("llmembed-fast search")
+    except RuntimeError as exc:
+        raise _Error(str(exc)) from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rescore = args.rescore or ("int8" if args.precision == "binary" else "none")
+    is_index = _is_index_file(args.corpus)
+    if is_index:
+        given = [o for o, v in (("--precision", args.precision), ("--rescore", args.rescore),
+                                ("--calibration", args.calibration)) if v is not None]
+        if given:
+            raise _Error(f"{', '.join(given)}: the index file {args.corpus!r} fixes these (they apply when "
+                         "building from a .npy)")
+    if args.output and not args.queries:
+        raise _Error("--output needs QUERIES (there is nothing to write without a search)")
+    precision = args.precision or "binary"
+    rescore = args.rescore or ("int8" if precision == "binary" else "none")
     rescore = None if rescore == "none" else rescore
     t0 = time.perf_counter()
-    if not _is_index_file(args.corpus):
+    if not is_index:
         corpus = _load_npy(args.corpus, "corpus")
         ranges = None
         if args.calibration:
@@ -111,7 +131,7 @@ def _run(args) -> int:
             except (ValueError, TypeError) as exc:
                 raise _Error(f"calibration {args.calibration!r}: {exc}") from None
         try:
-            index = quant.Index(corpus.shape[1], args.precision, rescore, ranges=ranges)
+            index = quant.Index(corpus.shape[1], precision, rescore, ranges=ranges)
         except (ValueError, TypeError) as exc:
             raise _Error(str(exc)) from None
         try:
@@ -146,15 +166,16 @@ def _run(args) -> int:
         f"({len(queries) / max(dt, 1e-9):.0f} queries/s)"
     )
     if args.output:
+        out = _output_path(args.output)
         try:
-            if args.output.endswith(".json"):
-                with open(args.output, "w") as f:
+            if out.endswith(".json"):
+                with open(out, "w") as f:
                     json.dump({"scores": scores.tolist(), "ids": ids.tolist()}, f)
             else:
-                np.savez(args.output, scores=scores, ids=ids)
+                np.savez(out, scores=scores, ids=ids)
         except OSError as exc:
-            raise _Error(f"cannot write --output {args.output!r}: {exc.strerror or exc}") from None
-        print(f"wrote {args.output}")
+            raise _Error(f"cannot write --output {out!r}: {exc.strerror or exc}") from None
+        print(f"wrote {out}")
     else:
         for i in range(min(args.show, len(queries))):
             pairs = ", ".join(f"{j}:{s:.4g}" for j, s in zip(ids[i], scores[i], strict=True))

@@ -89,6 +89,17 @@ def test_cli_encode_errors(tmp_path, capsys):
     bad.write_text('{"other": "x"}\n', encoding="utf-8")
     assert main(["encode", "--model", "x", "--input", str(bad), "--output", str(tmp_path / "o.npy")]) == 2
     assert "--field" in capsys.readouterr().err
+    bad.write_text('"a"\n"b"\n{"text": "c" "d"}\n', encoding="utf-8")
+    assert main(["encode", "--model", "x", "--input", str(bad), "--output", str(tmp_path / "o.npy")]) == 2
+    assert "--input line 3: invalid JSON" in capsys.readouterr().err
+    # the output and the device are checked before the model loads (a missing model would fail later)
+    good = tmp_path / "t.txt"
+    good.write_text("a\nb\n", encoding="utf-8")
+    (tmp_path / "file.npy").write_bytes(b"x")
+    for extra, msg in ((["--output", str(tmp_path / "file.npy" / "o")], "FileExistsError"),
+                       (["--output", str(tmp_path / "o"), "--device", "foo"], "--device")):
+        assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(good), *extra]) == 2
+        assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["encode", "--model", "x", "--input", "y", "--output", "z", "--precision", "int4"])
 

@@ -65,12 +65,22 @@ def test_search_cli_errors(tmp_path, capsys):
         (["search", docs, "--save-index", missing + "/x.lfidx"], "cannot write --save-index"),
         (["search", docs, q, "--precision", "int8", "--rescore", "int8"], 'needs precision="binary"'),
         (["search", docs, q, "-k", "21"], "k must be in"),
+        (["search", str(tmp_path / "empty.npy")], "cannot read corpus"),  # a 0-byte file: EOFError
+        (["search", docs, "--output", str(tmp_path / "o.npz")], "needs QUERIES"),
+        (["search", str(tmp_path / "d.lfidx"), q, "--precision", "int8"], "--precision"),
+        (["search", str(tmp_path / "d.lfidx"), q, "--rescore", "float"], "--rescore"),
     ]
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["search", docs, "--save-index", str(tmp_path / "d.lfidx")]) == 0
     for argv, msg in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and "Traceback" not in err, (argv, err)
+    # the file numpy writes for --output without a suffix is the one reported
+    capsys.readouterr()
+    assert main(["search", docs, q, "--output", str(tmp_path / "hits")]) == 0
+    assert f"wrote {tmp_path / 'hits.npz'}" in capsys.readouterr().out and (tmp_path / "hits.npz").exists()
     for threads in ("-1", "0", "x"):
         with pytest.raises(SystemExit) as exc:
             main(["search", docs, q, "--threads", threads])
@@ -120,3 +130,18 @@ def test_search_cli_index_detected_by_magic_and_big_endian_corpus(tmp_path):
     assert main(["search", saved, str(tmp_path / "q.npy"), "-k", "3", "--output", out]) == 0
     want = quant.Index(12, "binary", "int8").add(docs).search(queries, 3)
     assert json.loads((tmp_path / "r.json").read_text())["ids"] == want[1].tolist()
+
+
+def test_bench_cli_argument_errors(tmp_path, capsys):
+    """bench: unknown groups, bad --threads / --device and unwritable --json / --plot folders exit 2 before
+    anything runs."""
+    assert main(["bench", "--only", "quantize"]) == 2
+    assert "unknown group" in capsys.readouterr().err
+    for argv in (["--threads", "0"], ["--device", "foo"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv])
+        assert exc.value.code == 2
+        assert argv[0] in capsys.readouterr().err
+    for flag in ("--json", "--plot"):
+        assert main(["bench", "--smoke", "--only", "pooling", flag, str(tmp_path / "no" / "x")]) == 2
+        assert flag in capsys.readouterr().err

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 
+def plot_path(path: str) -> str:
+    """The file the chart goes to (matplotlib adds .png to a name without a known suffix)."""
+    return path if path.lower().endswith((".png", ".svg", ".pdf", ".jpg", ".jpeg")) else path + ".png"
+
+
 def plot_records(records: list[dict], path: str) -> str:
+    path = plot_path(path)
     try:
         import matplotlib
 
