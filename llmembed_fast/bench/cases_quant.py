@@ -54,10 +54,10 @@ def cases(ctx: BenchContext) -> list[Case]:
     kernels = _ext.extension().build_info()["kernels"]
 
     # quantize -> ubinary / int8
-    n_q = 1_000_000 if ctx.full else 50_000
+    n_q = 2_000 if ctx.smoke else (1_000_000 if ctx.full else 50_000)
     emb = rng.standard_normal((n_q, 1024), dtype=np.float32)
     emb_t = torch.from_numpy(emb)
-    ranges = quant.calibrate(emb_t[:10_000])
+    ranges = quant.calibrate(emb_t[: min(n_q, 10_000)])
     ranges_np = ranges.numpy()
     for prec in ("ubinary", "int8"):
         kw = {} if prec == "ubinary" else {"ranges": ranges}
@@ -77,8 +77,9 @@ def cases(ctx: BenchContext) -> list[Case]:
             )
         )
 
-    # Hamming top-10 over 1M x 1024-bit codes
-    docs = rng.integers(0, 256, (1_000_000, 128), dtype=np.uint8)
+    # Hamming top-10 over 1M x 1024-bit codes (20k under --smoke)
+    n_h = 20_000 if ctx.smoke else 1_000_000
+    docs = rng.integers(0, 256, (n_h, 128), dtype=np.uint8)
     qcodes = rng.integers(0, 256, (1000, 128), dtype=np.uint8)
     docs_t, q_t = torch.from_numpy(docs), torch.from_numpy(qcodes)
     fb = None
@@ -89,7 +90,7 @@ def cases(ctx: BenchContext) -> list[Case]:
         out.append(
             Case(
                 "quant",
-                f"hamming top-10 1M x 1024b, {nq} queries",
+                f"hamming top-10 {n_h // 1000}k x 1024b, {nq} queries",
                 ours=lambda nq=nq: quant.hamming_topk(q_t[:nq], docs_t, 10),
                 baselines={
                     "faiss IndexBinaryFlat": (lambda nq=nq: fb.search(qcodes[:nq], 10))
@@ -102,8 +103,8 @@ def cases(ctx: BenchContext) -> list[Case]:
         )
 
     # int8 top-10
-    n_i = 200_000 if ctx.full else 20_000
-    nq_i = 1000 if ctx.full else 100
+    n_i = 2_000 if ctx.smoke else (200_000 if ctx.full else 20_000)
+    nq_i = 10 if ctx.smoke else (1000 if ctx.full else 100)
     x = rng.standard_normal((n_i, 1024), dtype=np.float32)
     qf = rng.standard_normal((nq_i, 1024), dtype=np.float32)
     r = quant.calibrate(x)
