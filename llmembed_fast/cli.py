@@ -40,22 +40,31 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _device(text: str):
-    """argparse type of --device: a torch device this machine has."""
+def check_device(text: str):
+    """A torch device this machine has, from ``text`` (cpu, cuda, cuda:N); ValueError otherwise."""
     import torch
 
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu or cuda[:N], got {text!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda is not available here (torch without CUDA, or no GPU)")
+        raise ValueError("cuda is not available here (torch without CUDA, or no GPU)")
     return dev
 
 
-def _positive_int(text: str) -> int:
+def _device(text: str):
+    """argparse type of --device."""
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of an int >= 1 (shared by the subcommands)."""
     try:
         v = int(text)
     except ValueError:
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="*", help="groups to run (pooling, contrastive, quant, grad_cache, embedder)"
     )
     p.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write a bar chart of speedups (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)

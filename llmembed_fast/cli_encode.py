@@ -61,14 +61,12 @@ def _encode(args, texts: list[str]) -> int:
     if os.path.isdir(path):
         raise IsADirectoryError(f"--output {path!r} is a folder")
     if args.device is not None:
-        import torch
+        from llmembed_fast.cli import check_device
 
         try:
-            dev = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"--device: expected cpu or cuda[:N], got {args.device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device: cuda is not available here (torch without CUDA, or no GPU)")
+            check_device(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--device: {exc}") from None
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(

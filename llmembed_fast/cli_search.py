@@ -3,24 +3,15 @@ query it with a .npy of query embeddings."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
+from llmembed_fast.cli import positive_int
+
 
 class _Error(Exception):
     """A user error: printed as ``error: ...`` with exit code 2 (no traceback)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def register(subparsers) -> None:
@@ -51,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", metavar="CAL.npy", help="embeddings to calibrate the int8 ranges on")
     p.add_argument("--save-index", metavar="PATH", help="write the built index to PATH")
     p.add_argument("--output", metavar="PATH", help="write scores and ids to PATH (.npz or .json)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument(
         "--show", type=int, default=3, help="queries to print when there is no --output (default 3)"
     )

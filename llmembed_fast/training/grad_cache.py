@@ -273,15 +273,16 @@ class GradCache:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
+        from llmembed_fast.distributed import _collective_device
+
         if not (dist.is_available() and dist.is_initialized()):
             return
         for sync in syncs.values():
             if isinstance(sync, DistributedDataParallel):
                 continue
             group = getattr(sync, "process_group", None)
-            nccl = dist.get_backend(group) == "nccl"
-            dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-            mine = torch.tensor([n_query, n_doc], dtype=torch.int64, device=dev)
+            mine = torch.tensor([n_query, n_doc], dtype=torch.int64,
+                                device=_collective_device(torch.device("cpu"), group))
             bufs = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(bufs, mine, group=group)
             counts = [tuple(b.tolist()) for b in bufs]
