@@ -169,10 +169,5 @@ def restore(model):
     """Undo :func:`accelerate` (the original Pooling / Normalize classes). Returns the model."""
     if isinstance(model.__dict__.get("save"), types.MethodType) and model.__dict__["save"].__func__ is save:
         del model.__dict__["save"]
-    for _, m in _modules_of(model):
-        if isinstance(m, FusedPooling):
-            m.__class__ = Pooling
-            m.__dict__.pop("fuse_normalize", None)
-        elif isinstance(m, FusedNormalize):
-            m.__class__ = Normalize
+    _swap_to_plain(model)
     return model
