@@ -3,8 +3,9 @@
 Uses the CUDA kernels of the extension (csrc/cuda/quant.cu, pack_bits.cu) when the extension was built with
 CUDA; otherwise says so and checks/times the plain-torch GPU paths the package falls back to.
 References: sentence-transformers' quantize_embeddings (numpy) when installed, else the CPU ops, and numpy
-brute force for the searches. The ops allocate their own outputs, so nothing can be pre-poisoned: every
-output element is compared instead.
+brute force for the searches. The ops allocate their own outputs (torch::empty), so before each checked
+call the caching allocator's free blocks are filled with 0xFF bytes (_dirty_cache): an output element the
+op fails to write then reads as -1 or NaN, not as a stale correct value, and every element is compared.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def _st():
         return None
 
 
+def _dirty_cache(dev) -> None:
+    """Fill the CUDA caching allocator's free blocks with 0xFF: 8 small-pool segments (allocations up to
+    1 MB) and 256 MB of large-pool blocks, freed again at once so the op's torch::empty reuses them."""
+    if dev.type != "cuda":
+        return
+    small = [torch.full((512 << 10,), 0xFF, dtype=torch.uint8, device=dev) for _ in range(32)]
+    large = [torch.full((64 << 20,), 0xFF, dtype=torch.uint8, device=dev) for _ in range(4)]
+    del small, large
+
+
 def _rec(name, bad, detail="") -> dict:
     return {"name": name, "ok": bad == 0, "err": float(bad), "tol": 0.0, "detail": detail}
 
@@ -65,7 +76,9 @@ def correctness(ctx) -> list[dict]:
             xd = x.to(dtype)
             xn = xd.float().numpy() if dtype == torch.bfloat16 else xd.numpy()
             for prec in ("int8", "uint8", "binary", "ubinary"):
-                got = quantize(xd.to(dev), prec, calibration_embeddings=calib.to(dev)).cpu().numpy()
+                xg, cg = xd.to(dev), calib.to(dev)
+                _dirty_cache(dev)
+                got = quantize(xg, prec, calibration_embeddings=cg).cpu().numpy()
                 want = (
                     st(xn, prec, calibration_embeddings=calib.numpy())
                     if st is not None
@@ -84,9 +97,9 @@ def correctness(ctx) -> list[dict]:
     qf = rng.standard_normal((5, 96)).astype(np.float32)
     r = np.vstack([x.min(0), x.max(0)])
     c = quantize(x, "int8", ranges=r)
-    s, idx = int8_topk(
-        torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev), 10
-    )
+    args = (torch.from_numpy(qf).to(dev), torch.from_numpy(c).to(dev), torch.from_numpy(r).to(dev))
+    _dirty_cache(dev)
+    s, idx = int8_topk(*args, 10)
     full, wi = _int8_ref(qf, c, r, True, 10)
     err = float(np.abs(s.cpu().numpy() - np.take_along_axis(full, wi, 1)).max())
     ok = bool((idx.cpu().numpy() == wi).all()) and err < 1e-4
@@ -174,8 +187,10 @@ def _hamming_checks(dev, rng, cases, nq: int, n_docs: int, label: str) -> list[d
         docs = rng.integers(0, 256, (n_docs, nb), dtype=np.uint8)
         if ties:
             q, docs = q & 0x11, docs & 0x11
+        qg, dg = torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev)
         for k in (1, 10, 100):
-            dist, idx = hamming_topk(torch.from_numpy(q).to(dev), torch.from_numpy(docs).to(dev), k)
+            _dirty_cache(dev)
+            dist, idx = hamming_topk(qg, dg, k)
             wd, wi = _ham_ref(q, docs, k)
             bad = int((dist.cpu().numpy() != wd).sum() + (idx.cpu().numpy() != wi).sum())
             out.append(_rec(f"hamming_topk {label}B{nb} N{n_docs} k{k}{' ties' if ties else ''}", bad))
