@@ -3,6 +3,7 @@ processes): the parameter gradients equal the single-process gradients of the gl
 all-reduces once per step (every chunk's backward but the last runs under no_sync)."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -201,6 +202,66 @@ def _check_fsdp_chunk_counts(rank: int):
             assert torch.isfinite(gcache.step(x, y, group=dist.group.WORLD))
 
 
+@contextlib.contextmanager
+def _counting_reductions():
+    """Counts the reduce-type collectives (reduce-scatter, all-reduce) issued inside the block."""
+    calls = [0]
+    names = [n for n in ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce") if hasattr(dist, n)]
+    saved = {n: getattr(dist, n) for n in names}
+
+    def wrap(fn):
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for n in names:
+        setattr(dist, n, wrap(saved[n]))
+    try:
+        yield calls
+    finally:
+        for n in names:
+            setattr(dist, n, saved[n])
+
+
+def _check_fsdp2(rank: int):
+    """FSDP2 (fully_shard): the gradients of the global batch, as many reduce collectives per cached step
+    as one uncached backward (every chunk's backward but the last runs with gradient sync off), a user's
+    own set_requires_gradient_sync(False) left in force, and unequal chunk counts refused on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import llmembed_fast as lf
+
+    gen = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(WORLD, 7, 12, generator=gen), torch.randn(WORLD, 9, 12, generator=gen)
+    labels = torch.arange(7)
+    ref = _mlp()
+    glob = torch.cat([labels + r * 9 for r in range(WORLD)])
+    lf.contrastive_loss(ref(xs.reshape(-1, 12)), ref(ys.reshape(-1, 12)), labels=glob).backward()
+
+    model = _mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    gcache = lf.GradCache(model, lf.contrastive_loss, 3, grad_multiplier=WORLD)
+    with _counting_reductions() as cached:
+        gcache.step(xs[rank], ys[rank], labels=labels, group=dist.group.WORLD)
+    for (name, p), pr in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.full_tensor(), pr.grad, rtol=1e-5, atol=1e-6, msg=name)
+    model.zero_grad()
+    with _counting_reductions() as uncached:
+        loss = lf.contrastive_loss(model(xs[rank]), model(ys[rank]), labels=labels, group=dist.group.WORLD)
+        loss.backward()
+    assert cached[0] == uncached[0] >= 1, (cached[0], uncached[0])
+    model.zero_grad()
+    model.set_requires_gradient_sync(False)  # the caller's own accumulation over several steps
+    with _counting_reductions() as off:
+        gcache.step(xs[rank], ys[rank], labels=labels)  # local negatives: the loss itself reduces nothing
+    assert off[0] == 0, off[0]
+    model.set_requires_gradient_sync(True)
+    with pytest.raises(ValueError, match="every rank must embed as many chunks"):
+        gcache.step(xs[rank, : 3 + 3 * rank], ys[rank, : 3 + 3 * rank], group=dist.group.WORLD)
+
+
 def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
     import datetime
     import warnings
@@ -215,6 +276,7 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
         _check_wrapped_encoders(rank, tmp)
         _check_st_loss(rank, model_dir)
         _check_fsdp_chunk_counts(rank)
+        _check_fsdp2(rank)
         gc.collect()
         dist.barrier()
     finally:
@@ -224,7 +286,8 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
 def test_ddp_wrapped_encoders_uneven_batches(tmp_path):
     """GradCache(sync_module=), GradCacheTrainer(encode=) and CachedFusedMNRLoss with a DDP model in the
     loss, local batches of different sizes (different chunk counts): one all-reduce per step, the
-    single-process gradients of the global batch."""
+    single-process gradients of the global batch. Then FSDP's and FSDP2's chunk-count checks, and FSDP2's
+    gradients and synchronization count."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     pytest.importorskip("sentence_transformers")

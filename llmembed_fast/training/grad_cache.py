@@ -71,9 +71,42 @@ def _autocast(state: list[tuple[str, torch.dtype]], enabled: bool = True):
 
 
 def synced_module(module):
-    """``module`` when it synchronizes gradients with a ``no_sync()`` context (DistributedDataParallel,
-    FSDP), else None."""
-    return module if callable(getattr(module, "no_sync", None)) else None
+    """``module`` when it synchronizes gradients across ranks and can be told not to: a ``no_sync()`` context
+    (DistributedDataParallel, FSDP) or ``set_requires_gradient_sync()`` (FSDP2's ``fully_shard``), else
+    None."""
+    hooks = (getattr(module, "no_sync", None), getattr(module, "set_requires_gradient_sync", None))
+    return module if any(callable(h) for h in hooks) else None
+
+
+def _fsdp2_sync_flags(module) -> list | None:
+    """FSDP2: each parameter group's (group, reduce_grads, all_reduce_grads) under ``module``, to restore what
+    ``set_requires_gradient_sync(False)`` changes; None where this torch keeps them elsewhere."""
+    try:
+        groups = [g for m in module.modules() if callable(getattr(m, "_get_fsdp_state", None))
+                  for g in m._get_fsdp_state()._fsdp_param_groups]
+        return [(g, g.reduce_grads, g.all_reduce_grads) for g in groups]
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def no_sync(module):
+    """``module.no_sync()`` (DDP, FSDP), or for an FSDP2 module gradient synchronization turned off and
+    restored afterwards (to each parameter group's previous setting where torch exposes it, else on)."""
+    if callable(getattr(module, "no_sync", None)):
+        with module.no_sync():
+            yield
+        return
+    before = _fsdp2_sync_flags(module)
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        if before is None:
+            module.set_requires_gradient_sync(True)
+        else:
+            for g, reduce, all_reduce in before:
+                g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -94,8 +127,10 @@ class GradCache:
 
     Args:
         encoder: callable mapping a chunk of the query batch (a tensor, or a dict of tensors sliced along
-            dim 0, nested dicts included) to embeddings [b, D] (float). A ``DistributedDataParallel`` module
-            is synchronized once per step: every chunk's backward but its last runs under ``no_sync()``.
+            dim 0, nested dicts included) to embeddings [b, D] (float). A ``DistributedDataParallel``, FSDP or
+            FSDP2 (``fully_shard``) module is synchronized once per step: every chunk's backward but its last
+            runs under ``no_sync()`` (FSDP2: ``set_requires_gradient_sync(False)``). Under FSDP / FSDP2 that
+            keeps unsharded gradients until the step's last backward, as their own ``no_sync`` does.
         loss_fn: ``loss_fn(q [B, D], d [N, D], **loss_kwargs) -> scalar tensor``, e.g.
             ``lf.contrastive_loss`` (with ``group=`` for cross-device negatives).
         chunk_size: rows per chunk (the memory knob); the last chunk holds the remainder.
@@ -115,7 +150,7 @@ class GradCache:
             DDP's averaging over ranks divides the gradient by the world size; ``grad_multiplier=world_size``
             undoes it.
         sync_module: the module whose ``no_sync()`` governs gradient synchronization (a
-            ``DistributedDataParallel`` / FSDP module), when the encoders are functions calling it (a
+            ``DistributedDataParallel`` / FSDP / FSDP2 module), when the encoders are functions calling it (a
             bound method, a lambda): every chunk's backward but the step's last runs under its
             ``no_sync()``. Default: each encoder itself when it has ``no_sync()``.
         replay_rng: restore the RNG state of each chunk's first pass before its re-run (default True).
@@ -124,7 +159,7 @@ class GradCache:
             less per step (with B = N = 2 chunks each: 7 chunk forwards instead of 8). Its activations are
             alive while the loss runs, when no other chunk's are, so the peak stays one chunk's activations
             (plus the loss's buffers). Not applied under a ``sync_module`` (or an encoder with ``no_sync()``:
-            DDP, FSDP), whose gradient synchronization is decided at forward time. Default True.
+            DDP, FSDP, FSDP2), whose gradient synchronization is decided at forward time. Default True.
 
     Use :meth:`step` in a plain loop (backward done, returns the detached loss), or :meth:`forward` when a
     framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
@@ -149,8 +184,9 @@ class GradCache:
         if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
             raise TypeError(f"grad_multiplier must be a number, got {type(grad_multiplier).__name__}")
         if sync_module is not None and synced_module(sync_module) is None:
-            raise TypeError("sync_module must have a no_sync() method (DistributedDataParallel, FSDP) or be "
-                            f"None, got {type(sync_module).__name__}")
+            raise TypeError("sync_module must have a no_sync() method (DistributedDataParallel, FSDP) or "
+                            "set_requires_gradient_sync() (FSDP2), or be None, "
+                            f"got {type(sync_module).__name__}")
         if isinstance(sequence_keys, str):
             sequence_keys = (sequence_keys,)
         sequence_keys = tuple(sequence_keys)
@@ -267,9 +303,9 @@ class GradCache:
 
     @staticmethod
     def _check_chunk_counts(n_query: int, n_doc: int, syncs: dict) -> None:
-        """FSDP gathers parameters in every forward: every rank must run as many chunks, or the ranks wait
-        on each other for good. A ValueError on every rank instead (DDP synchronizes only in backward,
-        once per step, and needs no such check)."""
+        """FSDP and FSDP2 gather parameters in every forward: every rank must run as many chunks, or the ranks
+        wait on each other for good. A ValueError on every rank instead (DDP synchronizes only in backward,
+        once per step, and needs no such check). FSDP2 modules name no process group: the default one."""
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
@@ -326,7 +362,7 @@ class GradCache:
                 lo, hi = t.ranges[i]
                 part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i],
                                    sequence_keys=self.sequence_keys)
-                ctx = (t.sync.no_sync() if (t.sync is not None and last_of[id(t.sync)] != j)
+                ctx = (no_sync(t.sync) if (t.sync is not None and last_of[id(t.sync)] != j)
                        else contextlib.nullcontext())
                 with ctx:
                     if t.states is not None:
