@@ -1,7 +1,8 @@
 // CUDA kernel of pack_bits: one thread per output byte.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace lf_torch {
@@ -36,7 +37,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& x) {
   if (n == 0 || d == 0) return out;
   const int threads = 256;
   const int64_t blocks = (n * nb + threads - 1) / threads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "pack_bits_cuda", [&] {
     pack_bits_kernel<scalar_t><<<blocks, threads, 0, stream>>>(xc.data_ptr<scalar_t>(), n, d, xc.stride(0),
                                                                out.data_ptr<uint8_t>());
