@@ -34,9 +34,13 @@ def _free_port() -> int:
 def _worker(rank, world, port, model_dir, out_dir):
     os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
     torch.set_num_threads(1)
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         emb = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean")
         out = emb.encode(TEXTS, distributed=True, max_tokens_per_batch=64, instruction="find")
@@ -51,6 +55,15 @@ def _worker(rank, world, port, model_dir, out_dir):
         except ValueError as exc:
             mismatch = str(exc)
         assert "same texts on every rank" in mismatch, mismatch
+        # one text for two ranks, and a call that fails on the rank holding it: the other rank (no texts)
+        # gets an error too instead of waiting in the gather
+        try:
+            emb.encode(["only one text"], distributed=True, dims=1000)
+            failure = "no error"
+        except (ValueError, RuntimeError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        want = "ValueError: dims" if rank == 0 else "RuntimeError: distributed encode failed on rank(s) [0]"
+        assert failure.startswith(want), failure
         if rank == 0:
             np.save(os.path.join(out_dir, "rank0.npy"), out)
             np.save(os.path.join(out_dir, "bare.npy"), out_bare)

@@ -38,16 +38,25 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
                          + ", ".join(f"rank {r}: {tuple(t.tolist())}" for r, t in enumerate(ids)))
     order = np.argsort(-np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     mine = order[rank::world]
-    local = None
+    local, error = None, None
     if len(mine):
-        local = embedder.encode_float(
-            [texts[i] for i in mine], show_progress_bar=show_progress_bar and rank == 0, **kwargs
-        )
-    width = kwargs.get("dims") or embedder.dims or embedder.embedding_dim
-    if width is None:  # a model without a config: the width the ranks that had texts found
-        w = torch.tensor([local.shape[1] if local is not None else 0], dtype=torch.int64, device=dev)
-        dist.all_reduce(w, op=dist.ReduceOp.MAX)
-        width = int(w.item())
+        try:
+            local = embedder.encode_float(
+                [texts[i] for i in mine], show_progress_bar=show_progress_bar and rank == 0, **kwargs
+            )
+        except Exception as e:  # every rank must hear of it, or the others wait in the gather for good
+            error = e
+    # (ok, width) of every rank: the width is the output's (ranks without texts have none to look at)
+    state = torch.tensor([int(error is None), 0 if local is None else local.shape[1]], dtype=torch.int64,
+                         device=dev)
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    if error is not None:
+        raise error
+    failed = [r for r, t in enumerate(states) if int(t[0]) == 0]
+    if failed:
+        raise RuntimeError(f"distributed encode failed on rank(s) {failed} (their own errors say why)")
+    width = max(int(t[1]) for t in states)
     n_max = -(-len(texts) // world)
     buf = torch.zeros(n_max, width, dtype=torch.float32, device=dev)
     if local is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from llmembed_fast.embedder import batching
-from llmembed_fast.embedder.model import OUTPUTS, PRECISIONS, resolve_pooling
+from llmembed_fast.embedder.model import OUTPUTS, PRECISIONS, _check_text, resolve_pooling
 from llmembed_fast.embedder.prompts import render
 from llmembed_fast.embedder.tokenize import _text_token_ranges
 from llmembed_fast.ops.pooling import pool_segments
@@ -25,6 +26,8 @@ def chunk_spans(text: str, chunks) -> list[tuple[int, int]]:
     the end of the previous one), or a callable ``text -> either``."""
     if callable(chunks):
         chunks = chunks(text)
+    if isinstance(chunks, (np.ndarray, torch.Tensor)):  # an [S, 2] array of spans
+        chunks = chunks.tolist()
     if isinstance(chunks, str) or not isinstance(chunks, Sequence) or not len(chunks):
         raise TypeError(
             "chunks must be a non-empty list of (start, end) spans or of substrings, or a callable "
@@ -40,9 +43,12 @@ def chunk_spans(text: str, chunks) -> list[tuple[int, int]]:
             pos = p + len(c)
         else:
             try:
-                a, b = (int(v) for v in c)
+                a, b = c
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"chunks[{i}] must be a (start, end) pair or a string, got {c!r}") from exc
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (a, b)):
+                raise TypeError(f"chunks[{i}] must hold integer character offsets, got {c!r}")
+            a, b = int(a), int(b)
             if not 0 <= a <= b <= len(text):
                 raise ValueError(
                     f"chunks[{i}] = {(a, b)} must satisfy 0 <= start <= end <= len(text) = {len(text)}"
@@ -69,8 +75,7 @@ def encode_late_chunks(
 
     ``pooling`` defaults to "mean" over each chunk's tokens; ``normalize``/``dims`` default to the embedder's.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    _check_text(text, "text")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if output not in OUTPUTS:

@@ -143,6 +143,41 @@ def is_decoder_model(config) -> bool:
     return mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def causal_attention(config) -> bool:
+    """True when the model attends causally: a decoder (``is_decoder_model``) not switched to bidirectional
+    attention (EmbeddingGemma's ``use_bidirectional_attention``, ``is_causal=False``)."""
+    if not is_decoder_model(config):
+        return False
+    if getattr(config, "use_bidirectional_attention", False):
+        return False
+    return getattr(config, "is_causal", True) is not False
+
+
+def position_offset(model: nn.Module) -> int:
+    """The position id of a sequence's first token: ``padding_idx + 1`` for models whose position table has a
+    padding row (RoBERTa, XLM-R, MPNet, CamemBERT, ...: they count positions from there), else 0."""
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
+            return 0 if m.padding_idx is None else int(m.padding_idx) + 1
+    return 0
+
+
+def output_width(config) -> int | None:
+    """Columns of the model's last hidden state: ``config.hidden_size``, or OPT's ``word_embed_proj_dim``
+    (OPT-350m projects its output down)."""
+    width = getattr(config, "word_embed_proj_dim", None) or getattr(config, "hidden_size", None)
+    return width if isinstance(width, int) and not isinstance(width, bool) else None
+
+
+def _finish(emb: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
+    """Matryoshka slice and L2 normalization of float32 embeddings [B, H] (what ``pool`` fuses)."""
+    if dims is not None:
+        if dims > emb.shape[1]:
+            raise ValueError(f"dims must be at most the model's output width {emb.shape[1]}, got {dims}")
+        emb = emb[:, :dims]
+    return torch.nn.functional.normalize(emb, dim=1) if normalize else emb
+
+
 def _last_hidden(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -213,6 +248,8 @@ class LLMEmbedder(nn.Module):
         self.tokenizer = tokenizer
         self.config = getattr(self.model, "config", None)
         self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
+        self.causal = causal_attention(self.config) if self.config is not None else False
+        self._position_offset = position_offset(self.model)
         self.style: PromptStyle = get_style(prompt_style)
         if instruction_template is not None:
             check_template(instruction_template, "instruction_template", instruction=True)
@@ -220,15 +257,18 @@ class LLMEmbedder(nn.Module):
         if pooling is not None:
             self.pooling = resolve_pooling(pooling)
         elif self.style.pooling is not None:
-            self.pooling = self.style.pooling
+            try:
+                self.pooling = resolve_pooling(self.style.pooling)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prompt_style.pooling: {exc}") from None
         else:
             self.pooling = "last" if self.is_decoder else "mean"
         normalize = _check_bool(normalize, "normalize")
         self.normalize = True if normalize is None else normalize
         self.dims = _check_positive(dims, "dims")
-        hidden = getattr(self.config, "hidden_size", None) if self.config is not None else None
+        hidden = output_width(self.config) if self.config is not None else None
         if self.dims is not None and hidden is not None and self.dims > hidden:
-            raise ValueError(f"dims must be at most the hidden size {hidden}, got {dims}")
+            raise ValueError(f"dims must be at most the model's output width {hidden}, got {dims}")
         self.embedding_dim = self.dims or hidden
         if padding_side is None:
             padding_side = getattr(tokenizer, "padding_side", None) or "right"
@@ -250,13 +290,14 @@ class LLMEmbedder(nn.Module):
         if include_prompt is None:
             include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
         self.include_prompt = bool(include_prompt)
-        n_pos = max_positions(self.config)
+        n_pos = self._n_positions()
         self.max_length = _check_positive(max_length, "max_length")
         too_long = self.max_length is not None and n_pos is not None and self.max_length > n_pos
         if too_long and not rotary_positions(self.config):  # a learned position table would be indexed past
             raise ValueError(
                 f"max_length={self.max_length} is longer than the model's {n_pos} positions "
-                "(max_position_embeddings / n_positions); pass max_length <= that"
+                "(max_position_embeddings / n_positions, less the padding offset of RoBERTa-style tables); "
+                "pass max_length <= that"
             )
         self.max_length = self.max_length or self._default_max_length()
         self.prompts = dict(prompts or {})
@@ -373,6 +414,7 @@ class LLMEmbedder(nn.Module):
                 kw["normalize"] = st.normalize
             if max_length is None and st.max_seq_length is not None:
                 n_pos = max_positions(getattr(model, "config", None))
+                n_pos = n_pos - position_offset(model) if n_pos else None
                 kw["max_length"] = min(st.max_seq_length, n_pos) if n_pos else st.max_seq_length
             if include_prompt is None and style.include_prompt is None:
                 kw["include_prompt"] = st.include_prompt
@@ -384,8 +426,13 @@ class LLMEmbedder(nn.Module):
             )
         return cls(model, tokenizer, **kw)
 
-    def _default_max_length(self) -> int | None:
+    def _n_positions(self) -> int | None:
+        """Tokens the position table holds for one sequence (RoBERTa-style tables lose their offset)."""
         n_pos = max_positions(self.config)
+        return None if n_pos is None else n_pos - self._position_offset
+
+    def _default_max_length(self) -> int | None:
+        n_pos = self._n_positions()
         n = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(n, int) and 0 < n < 1_000_000:
             return min(n, n_pos) if n_pos else n
@@ -426,8 +473,13 @@ class LLMEmbedder(nn.Module):
                 raise ValueError(
                     "prompt is a prefix and must not contain '{text}' (use prompt_style for templates)"
                 )
+            _check_text(prompt, "prompt")
             template = prompt + template
-        return compose(template, instruction, self.instruction_template)
+        if instruction is not None and isinstance(instruction, str):
+            _check_text(instruction, "instruction")
+        template = compose(template, instruction, self.instruction_template)
+        # lower-casing models (a sentence-transformers folder's do_lower_case) lower the prompt with the text
+        return template.lower() if self.lowercase else template
 
     def _tokenize(
         self, texts: list[str], instruction=None, prompt=None, *, return_text_spans=False
@@ -468,8 +520,10 @@ class LLMEmbedder(nn.Module):
 
     def _run(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._takes_position_ids:
-            kw["position_ids"] = position_ids
+        if self._takes_position_ids and position_ids is not None:
+            # batching numbers each sequence's tokens from 0; RoBERTa-style models count from their offset
+            off = self._position_offset
+            kw["position_ids"] = position_ids + off if off else position_ids
         if self._takes_use_cache:
             kw["use_cache"] = False
         return _last_hidden(self.model(**kw))
@@ -487,14 +541,33 @@ class LLMEmbedder(nn.Module):
                 "batch must be a dict from LLMEmbedder.tokenize (input_ids, attention_mask, "
                 "position_ids, pool_mask) or a list of strings"
             )
-        hidden = self.hidden_states(batch)
-        return pool(
-            hidden,
-            batch["pool_mask"],
-            self.pooling,
+        return self._pool_padded(
+            self.hidden_states(batch),
+            batch,
             dims=dims if dims is not None else self.dims,
             normalize=self.resolve_normalize(normalize),
         )
+
+    def _weights_by_position(self) -> bool:
+        """sentence-transformers' weighted mean weighs a token by its position in the whole sequence
+        (1, 2, ...), the prompt's tokens counted even when they are not pooled; the fused ``pool`` weighs by
+        rank inside the pooled region, which is the same whenever that region starts the sequence."""
+        return self.pooling == "weighted_mean" and not self.include_prompt
+
+    def _pool_padded(self, hidden, batch, *, dims, normalize) -> torch.Tensor:
+        if not self._weights_by_position():
+            return pool(hidden, batch["pool_mask"], self.pooling, dims=dims, normalize=normalize)
+        w = (batch["position_ids"] + 1).to(torch.float32) * batch["pool_mask"]
+        emb = torch.bmm(w[:, None, :], hidden.float())[:, 0] / w.sum(1, keepdim=True).clamp_min(1e-9)
+        return _finish(emb, dims, normalize)
+
+    def _pool_packed(self, hidden, p, *, dims, normalize) -> torch.Tensor:
+        if not self._weights_by_position():
+            return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
+        pos = torch.arange(hidden.shape[0], device=hidden.device)
+        inside = (pos[None, :] >= p["starts"][:, None]) & (pos[None, :] < p["ends"][:, None])  # [S, T]
+        w = (p["position_ids"][0] + 1).to(torch.float32)[None, :] * inside
+        return _finish((w @ hidden.float()) / w.sum(1, keepdim=True).clamp_min(1e-9), dims, normalize)
 
     def resolve_normalize(self, normalize) -> bool:
         """A call's ``normalize`` (True, False, or None for the embedder's own)."""
@@ -525,8 +598,7 @@ class LLMEmbedder(nn.Module):
                 pad_to_multiple_of=self._pad_multiple(),
                 device=dev,
             )
-            hidden = self.hidden_states(b)
-            return pool(hidden, b["pool_mask"], self.pooling, dims=dims, normalize=normalize)
+            return self._pool_padded(self.hidden_states(b), b, dims=dims, normalize=normalize)
         width = dims or self.embedding_dim
         if width and not any(seqs):  # only zero-token texts: the zero rows the padded path pools
             return torch.zeros(len(seqs), width, dtype=torch.float32, device=dev)
@@ -535,10 +607,10 @@ class LLMEmbedder(nn.Module):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
         else:
             mask = packed_mod.block_diagonal_mask(
-                p["cu_seqlens"], causal=self.is_decoder, dtype=self._compute_dtype(), device=dev
+                p["cu_seqlens"], causal=self.causal, dtype=self._compute_dtype(), device=dev
             )
         hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]
-        return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
+        return self._pool_packed(hidden, p, dims=dims, normalize=normalize)
 
     # ------------------------------------------------------------------------------------------------
     # encode
@@ -573,8 +645,8 @@ class LLMEmbedder(nn.Module):
             max_waste=None if use_packed else 0.15,
         )
         dev = self.device
-        width = dims or self.embedding_dim
-        out = _poison.empty(len(texts), width, dtype=torch.float32, device=dev) if width else None
+        # without dims the width is the first batch's (a config's hidden_size is not always the output's)
+        out = _poison.empty(len(texts), dims, dtype=torch.float32, device=dev) if dims else None
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm

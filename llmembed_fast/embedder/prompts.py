@@ -78,6 +78,17 @@ def get_style(style) -> PromptStyle:
         return PROMPT_STYLES["none"]
     if isinstance(style, PromptStyle):
         check_template(style.template, "prompt_style.template")
+        copies = style.template.count(TEXT)
+        pc = style.pool_copy
+        if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc < copies:
+            raise ValueError(f"prompt_style.pool_copy must be an integer in [0, {copies}) (its template has "
+                             f"{copies} '{{text}}' slot(s)), got {pc!r}")
+        for field in ("add_eos", "include_prompt"):
+            if getattr(style, field) is not None and not isinstance(getattr(style, field), bool):
+                raise TypeError(f"prompt_style.{field} must be True, False or None, "
+                                f"got {getattr(style, field)!r}")
+        if style.instruction_template is not None:
+            check_template(style.instruction_template, "prompt_style.instruction_template", instruction=True)
         return style
     if not isinstance(style, str):
         raise TypeError(

@@ -1,0 +1,184 @@
+"""LLMEmbedder on model families with their own conventions, against each model's own forward or
+sentence-transformers: RoBERTa-style position tables (positions from padding_idx + 1), OPT's projected
+output width, EmbeddingGemma-style bidirectional decoders in the packed path, lower-casing sentence-
+transformers folders with prompts, and sentence-transformers' weighted mean with an excluded prompt. Then
+the argument checks of custom prompt styles, late-chunk spans and non-Unicode prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from tiny_models import cached_tiny_model_dir, make_st_model, make_tokenizer
+
+import llmembed_fast as lf
+from llmembed_fast.embedder.prompts import PromptStyle
+
+TEXTS = ["hello world", "the cat sat on the river bank today", "a", "x y z " * 9]
+
+
+def _own_mean(model, tok, texts) -> torch.Tensor:
+    """Mean of each text's last hidden states, one unpadded text per forward (the model's own positions)."""
+    rows = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            rows.append(model(input_ids=ids).last_hidden_state[0].mean(0))
+    return torch.stack(rows)
+
+
+def _random_init(model, seed: int, std: float = 0.08):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg_cls", [tf.RobertaConfig, tf.XLMRobertaConfig, tf.MPNetConfig])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_roberta_style_positions_match_the_models_own_forward(cfg_cls, side):
+    """RoBERTa, XLM-R (multilingual-e5) and MPNet number positions from padding_idx + 1."""
+    tok = make_tokenizer("bert")
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=66, pad_token_id=tok.pad_token_id)
+    model = _random_init(tf.AutoModel.from_config(cfg), 0)
+    emb = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, padding_side=side)
+    got = emb.encode(TEXTS, output="torch")
+    torch.testing.assert_close(got, _own_mean(model, tok, TEXTS), rtol=0, atol=2e-5)
+    # the table holds 66 - (padding_idx + 1) positions (MPNet's padding_idx is 1 whatever the config says):
+    # the default max_length fits, a longer one is refused
+    assert emb.max_length == 66 - model.embeddings.position_embeddings.padding_idx - 1
+    assert emb.encode(["word " * 200], output="torch").isfinite().all()
+    with pytest.raises(ValueError, match="max_length=66 is longer"):
+        lf.LLMEmbedder(model, tok, max_length=66)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_output_width_is_the_models_not_hidden_size(packed):
+    """OPT-350m projects its last hidden state to word_embed_proj_dim (< hidden_size)."""
+    tok = make_tokenizer("gpt2")
+    cfg = tf.OPTConfig(vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=32, ffn_dim=96,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                       pad_token_id=tok.pad_token_id or 0, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model = _random_init(tf.AutoModel.from_config(cfg), 1)
+    emb = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, packed=packed)
+    assert emb.embedding_dim == 32
+    got = emb.encode(TEXTS, output="torch")
+    torch.testing.assert_close(got, _own_mean(model, tok, TEXTS), rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="dims must be at most the model's output width 32"):
+        lf.LLMEmbedder(model, tok, dims=48)
+
+
+def test_bidirectional_decoder_packed_equals_padded():
+    """EmbeddingGemma-style gemma3_text with use_bidirectional_attention: the packed path's block mask is
+    not causal."""
+    if not hasattr(tf, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma3TextConfig")
+    tok = make_tokenizer("llama")
+    cfg = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=256, use_bidirectional_attention=True,
+                              sliding_window=256, pad_token_id=tok.eos_token_id)
+    if not getattr(cfg, "use_bidirectional_attention", False):
+        pytest.skip("this transformers' Gemma3TextConfig has no use_bidirectional_attention")
+    model = _random_init(tf.AutoModel.from_config(cfg, attn_implementation="sdpa"), 2)
+    kw = {"pooling": "mean", "normalize": False}
+    padded = lf.LLMEmbedder(model, tok, packed=False, **kw)
+    assert padded.is_decoder and not padded.causal
+    a = padded.encode(TEXTS, output="torch")
+    b = lf.LLMEmbedder(model, tok, packed=True, **kw).encode(TEXTS, output="torch")
+    torch.testing.assert_close(a, _own_mean(model, tok, TEXTS), rtol=0, atol=2e-5)
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+
+
+def _st_folder(tmp_path, arch, pooling, **kw) -> str:
+    out = str(tmp_path / f"st-{arch}-{pooling}")
+    make_st_model(cached_tiny_model_dir(arch), pooling, normalize=False, save_to=out, **kw)
+    return out
+
+
+def test_lowercasing_folder_lowers_the_prompt_too(tmp_path):
+    """sentence-transformers' do_lower_case lowers prompt + text together."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = _st_folder(tmp_path, "qwen2", "mean", prompts={"query": "Query: "})
+    path = os.path.join(folder, "sentence_bert_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["do_lower_case"] = True
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    st = SentenceTransformer(folder, device="cpu")
+    emb = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
+    assert emb.lowercase
+    texts = ["Hello World", "The CAT sat"]
+    for kw in ({}, {"prompt_name": "query"}):
+        np.testing.assert_allclose(emb.encode(texts, **kw), st.encode(texts, **kw), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_weighted_mean_without_prompt_matches_sentence_transformers(tmp_path, packed, side):
+    """sentence-transformers weighs by position in the whole sequence, the excluded prompt's tokens
+    counted; the empty text pools nothing (zeros) in both."""
+    folder = _st_folder(tmp_path, "llama", "weightedmean", include_prompt=False,
+                        prompts={"query": "query:\n"})
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(folder, device="cpu")
+    texts = TEXTS + [""]
+    want = st.encode(texts, prompt_name="query")
+    emb = lf.LLMEmbedder.from_pretrained(folder, device="cpu", packed=packed, padding_side=side)
+    assert emb.pooling == "weighted_mean" and not emb.include_prompt
+    np.testing.assert_allclose(emb.encode(texts, prompt_name="query"), want, rtol=0, atol=2e-6)
+    got = emb.encode(texts, prompt_name="query", dims=16, normalize=True)
+    head = want[:, :16] / np.maximum(np.linalg.norm(want[:, :16], axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(got, head, rtol=0, atol=2e-6)
+    # forward (training) pools the same way
+    batch = emb.tokenize(texts[:2], prompt=st.prompts["query"])
+    with torch.no_grad():
+        np.testing.assert_allclose(emb(batch).numpy(), want[:2], rtol=0, atol=2e-6)
+
+
+def test_custom_prompt_style_is_checked_when_constructed():
+    model, tok = cached_model()
+    e = lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", "Q: {text}", pooling="cls"))
+    assert e.pooling == "first"  # the sentence-transformers alias, as pooling= takes it
+    with pytest.raises(ValueError, match="prompt_style.pooling"):
+        lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", "Q: {text}", pooling="median"))
+    with pytest.raises(ValueError, match=r"prompt_style.pool_copy must be an integer in \[0, 1\)"):
+        lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", "Q: {text}", pool_copy=1))
+    with pytest.raises(TypeError, match="prompt_style.add_eos"):
+        lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", "Q: {text}", add_eos="yes"))
+    with pytest.raises(ValueError, match="prompt_style.instruction_template must contain"):
+        lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", instruction_template="{text}"))
+
+
+def cached_model():
+    from tiny_models import build_tiny_model
+
+    return build_tiny_model("qwen2")
+
+
+def test_invalid_unicode_and_spans_name_the_argument():
+    model, tok = cached_model()
+    e = lf.LLMEmbedder(model, tok, pooling="mean")
+    with pytest.raises(ValueError, match="text cannot be tokenized"):
+        e.encode_late_chunks("a \ud800 b", [(0, 1)])
+    with pytest.raises(ValueError, match="instruction cannot be tokenized"):
+        e.encode(["a b"], instruction="find \ud800")
+    with pytest.raises(ValueError, match="prompt cannot be tokenized"):
+        e.encode(["a b"], prompt="q \ud800: ")
+    text = "one two. three four five."
+    with pytest.raises(TypeError, match=r"chunks\[0\] must hold integer character offsets"):
+        e.encode_late_chunks(text, [(0.5, 7.2)])
+    want = e.encode_late_chunks(text, [(0, 8), (9, len(text))])
+    for spans in (np.array([[0, 8], [9, len(text)]]), torch.tensor([[0, 8], [9, len(text)]])):
+        np.testing.assert_array_equal(e.encode_late_chunks(text, spans), want)
