@@ -298,3 +298,100 @@ def test_resaving_keeps_an_existing_files_mode(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def _with_header(tmp_path, saved_bytes: bytes, header: bytes):
+    """``saved_bytes`` with its header replaced by ``header`` (checksums recomputed, payload appended)."""
+    import zlib
+
+    from llmembed_fast.quant.io import _FOOTER, _PREFIX, FOOTER_MAGIC
+
+    magic, version, hlen, _ = _PREFIX.unpack_from(saved_bytes, 0)
+    start = _PREFIX.size + hlen + (-(_PREFIX.size + hlen)) % 64
+    body = _PREFIX.pack(magic, version, len(header), zlib.crc32(header)) + header
+    body += b"\0" * ((-len(body)) % 64) + saved_bytes[start : len(saved_bytes) - _FOOTER.size]
+    return _load_bytes(tmp_path, body + _FOOTER.pack(FOOTER_MAGIC, zlib.crc32(body), 0))
+
+
+def test_loader_rejects_checksum_consistent_malformed_headers(tmp_path, saved):
+    """A header with valid checksums but an unhashable dtype, a zero-byte section of a shape numpy cannot
+    hold, or an integer too long for int(): IndexFileError, never another exception."""
+    import json
+
+    from llmembed_fast.quant.io import _PREFIX
+
+    data = saved
+    hlen = _PREFIX.unpack_from(data, 0)[2]
+    header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+    cases = []
+    h = json.loads(json.dumps(header))
+    h["sections"][0]["dtype"] = []
+    cases.append(json.dumps(h).encode())
+    h = json.loads(json.dumps(header))
+    h["sections"][0].update(nbytes=0, shape=[0, 10**30])
+    cases.append(json.dumps(h).encode())
+    cases.append(json.dumps(header).replace(f'"count": {header["count"]}', '"count": ' + "9" * 5000).encode())
+    for raw in cases:
+        with pytest.raises(IndexFileError):
+            _with_header(tmp_path, data, raw)
+
+
+def test_save_paths_long_names_symlinks_missing_folders(tmp_path):
+    import os
+
+    index = quant.Index(8).add(np.ones((3, 8), np.float32))
+    long = tmp_path / ("n" * 240 + ".lfidx")  # 246 characters: the temporary file's name must not be longer
+    index.save(long)
+    assert len(quant.Index.load(long)) == 3
+    real, link = tmp_path / "real.lfidx", tmp_path / "link.lfidx"
+    index.save(real)
+    os.symlink(real, link)
+    quant.Index(8).add(np.ones((5, 8), np.float32)).save(link)  # writes the file the link names
+    assert os.path.islink(link) and len(quant.Index.load(real)) == 5
+    with pytest.raises(FileNotFoundError, match="folder does not exist") as err:
+        index.save(tmp_path / "missing" / "x.lfidx")
+    assert err.value.filename.endswith("x.lfidx")
+
+
+def test_values_beyond_float32_and_int8_width_are_refused():
+    x = np.ones((2, 16))
+    x[1, 3] = 1e200  # finite in float64; the index stores float32
+    for precision, rescore in (("binary", "float"), ("int8", None), ("binary", "int8")):
+        with pytest.raises(ValueError, match="embeddings hold values beyond float32's range"):
+            quant.Index(16, precision, rescore).add(x)
+    with pytest.raises(ValueError, match="dim: int8 codes support at most 65536"):
+        quant.Index(65537, "int8")
+    with pytest.raises(ValueError, match="dim: int8 codes support at most 65536"):
+        quant.Index(65537, "binary", "int8")
+    quant.Index(65537, "binary", "float")  # binary codes have no such limit
+
+
+def test_add_while_searching_keeps_every_row():
+    """search merges the stored parts lazily; an add() running meanwhile must not lose its rows."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    docs = rng.standard_normal((3000, 64)).astype(np.float32)
+    index = quant.Index(64, "binary", "int8").add(docs[:100])
+    errors = []
+
+    def adder():
+        for j in range(100, 3000, 10):
+            index.add(docs[j : j + 10])
+
+    def searcher():
+        for _ in range(300):
+            try:
+                index.search(docs[:1], 5)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=f) for f in (adder, searcher, searcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(index) == index._data("bits").shape[0] == index._data("int8").shape[0] == 3000
+    scores, ids = index.search(docs[2990:2991], 1)
+    assert ids[0, 0] == 2990

@@ -185,7 +185,7 @@ def test_meta_shapes():
 def test_plain_torch_fallbacks_match_the_ops():
     """The paths used on devices without compiled kernels (e.g. a GPU build without CUDA ops)."""
     from llmembed_fast.quant.codes import _pack_bits_torch, _quantize_scalar_torch, scalar_params
-    from llmembed_fast.quant.search import _hamming_topk_torch, _int8_topk_torch, fold_query
+    from llmembed_fast.quant.search import _hamming_topk_torch, _int8_topk_torch, fold_query, unfold_scores
 
     rng = np.random.default_rng(3)
     for ties in (False, True):
@@ -204,11 +204,11 @@ def test_plain_torch_fallbacks_match_the_ops():
         )
         np.testing.assert_array_equal(got.numpy(), quant.quantize(x.astype(dt), "int8", ranges=r.astype(dt)))
     c = quant.quantize(x, "int8", ranges=r)
-    w, bias = fold_query(torch.from_numpy(x[:4]), torch.from_numpy(r))
+    w, bias, exp = fold_query(torch.from_numpy(x[:4]), torch.from_numpy(r))
     s, idx = _int8_topk_torch(w, torch.from_numpy(c), 9, chunk=64)
     want_s, want_i = quant.int8_topk(x[:4], c, r, 9)
     np.testing.assert_array_equal(idx.numpy(), want_i)
-    np.testing.assert_allclose((s + bias[:, None]).numpy(), want_s, rtol=1e-6)
+    np.testing.assert_allclose(unfold_scores(s + bias[:, None], exp).numpy(), want_s, rtol=1e-6)
 
 
 def test_ops_release_the_gil():
@@ -246,3 +246,31 @@ def test_int8_topk_tiny_and_huge_queries(scale):
         for k in (1, 5, n):
             _, ids = quant.int8_topk(q, c, ranges, k)
             np.testing.assert_array_equal(ids, np.argsort(-ref, axis=1, kind="stable")[:, :k])
+
+
+def test_int8_topk_huge_and_tiny_queries_keep_the_ranking():
+    """Ranking is invariant to the query's scale: each query is scaled by a power of two before its weights
+    are folded, so finite queries near float64's limits neither overflow nor lose the order; the scores
+    come back at the query's own scale (float32: inf where they exceed it)."""
+    rng = np.random.default_rng(0)
+    c = rng.integers(-128, 128, (50, 64), dtype=np.int8)
+    ranges = np.vstack([-np.ones(64), np.ones(64)])
+    q1 = rng.standard_normal((3, 64))
+    s1, ids1 = quant.int8_topk(q1, c, ranges, 5)
+    for scale in (1e-300, 1e-30, 1e30, 1e300, 1e307):
+        s, ids = quant.int8_topk(q1 * scale, c, ranges, 5)
+        np.testing.assert_array_equal(ids, ids1, err_msg=f"scale {scale:g}")
+        want = s1.astype(np.float64) * scale
+        big = np.abs(want) >= np.finfo(np.float32).max
+        small = np.abs(want) < np.finfo(np.float32).tiny
+        fits = ~big & ~small
+        np.testing.assert_allclose(s[fits], want[fits], rtol=1e-6, atol=0)
+        assert (np.isinf(s[big]) & (np.sign(s[big]) == np.sign(want[big]))).all()
+        assert (np.abs(s[small]) <= np.finfo(np.float32).tiny).all()
+
+
+def test_int8_topk_ranges_too_wide_name_ranges():
+    c = np.zeros((4, 8), np.int8)
+    wide = np.vstack([np.full(8, -1e308), np.full(8, 1e308)])
+    with pytest.raises(ValueError, match="ranges are too wide"):
+        quant.int8_topk(np.ones((1, 8)), c, wide, 2)

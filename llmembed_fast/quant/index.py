@@ -4,6 +4,7 @@ query."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from llmembed_fast.quant._args import (
 )
 from llmembed_fast.quant.codes import calibrate, quantize
 from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
-from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk
+from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk, unfold_scores
 
 PRECISIONS = ("binary", "int8")
 RESCORES = (None, "int8", "float")
@@ -53,6 +54,8 @@ class Index:
             raise ValueError(
                 'rescore="int8" needs precision="binary" (int8 search is already exact on int8 codes)'
             )
+        if (precision == "int8" or rescore == "int8") and dim > 65536:
+            raise ValueError(f"dim: int8 codes support at most 65536 dimensions, got {dim}")
         self.dim, self.precision, self.rescore = int(dim), precision, rescore
         self.ranges: torch.Tensor | None = None
         if ranges is not None:
@@ -61,6 +64,8 @@ class Index:
             self.ranges = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
         self._count = 0
+        # add() appends parts, a search merges them: one at a time (searches alone share the merged data)
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ storage
     def _stored(self) -> list[str]:
@@ -75,13 +80,14 @@ class Index:
         return "int8" in self._stored()
 
     def _data(self, name: str) -> torch.Tensor:
-        parts = self._parts[name]
-        if len(parts) != 1:
-            width = (self.dim + 7) // 8 if name == "bits" else self.dim
-            dtype = {"bits": torch.uint8, "int8": torch.int8, "float": torch.float32}[name]
-            merged = torch.cat(parts) if parts else torch.empty(0, width, dtype=dtype)
-            self._parts[name] = [merged]
-        return self._parts[name][0]
+        with self._lock:
+            parts = self._parts[name]
+            if len(parts) != 1:
+                width = (self.dim + 7) // 8 if name == "bits" else self.dim
+                dtype = {"bits": torch.uint8, "int8": torch.int8, "float": torch.float32}[name]
+                merged = torch.cat(parts) if parts else torch.empty(0, width, dtype=dtype)
+                self._parts[name] = [merged]
+            return self._parts[name][0]
 
     def __len__(self) -> int:
         return self._count
@@ -108,6 +114,11 @@ class Index:
         if t.shape[1] != self.dim:
             raise ValueError(f"{name} have {t.shape[1]} dimensions, the index {self.dim}: dimension mismatch")
         check_finite(t, name)  # NaN would poison calibrated ranges, codes and every search bound
+        if t.dtype == torch.float64 and t.numel():
+            big = float(t.detach().abs().max())
+            if big > torch.finfo(torch.float32).max:
+                raise ValueError(f"{name} hold values beyond float32's range (|x| up to {big:.3g}): "
+                                 "the index stores float32 ranges and vectors")
         return t.detach().cpu(), was_np
 
     def add(self, embeddings) -> Index:
@@ -115,19 +126,21 @@ class Index:
         x, _ = self._check_embeddings(embeddings, "embeddings")
         if x.shape[0] == 0:
             return self
-        if self._needs_ranges() and self.ranges is None:
-            self.ranges = calibrate(x)
-        for name in self._stored():
-            if name == "bits":
-                self._parts[name].append(quantize(x, "ubinary"))
-            elif name == "int8":
-                self._parts[name].append(quantize(x, "int8", ranges=self.ranges))
-            else:
-                # a copy: the caller may reuse its buffer (x shares numpy / float32 memory)
-                self._parts[name].append(
-                    x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                )
-        self._count += x.shape[0]
+        with self._lock:
+            if self._needs_ranges() and self.ranges is None:
+                self.ranges = calibrate(x)
+            parts = {}
+            for name in self._stored():
+                if name == "bits":
+                    parts[name] = quantize(x, "ubinary")
+                elif name == "int8":
+                    parts[name] = quantize(x, "int8", ranges=self.ranges)
+                else:
+                    # a copy: the caller may reuse its buffer (x shares numpy / float32 memory)
+                    parts[name] = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            for name, part in parts.items():
+                self._parts[name].append(part)
+            self._count += x.shape[0]
         return self
 
     def search(self, query_embeddings, k: int, rescore_multiplier: int = 4):
@@ -160,8 +173,9 @@ class Index:
         score bitwise equal and come back by id, whatever k and rescore_multiplier."""
         cand = cand.contiguous()
         if self.rescore == "int8":  # as int8_topk scores: bias + (query * step) . u
-            w, bias = fold_query(q, self.ranges)
+            w, bias, exp = fold_query(q, self.ranges)
             scores = _ext.ops().score_rows(w.contiguous(), self._data("int8"), cand) + bias[:, None]
+            scores = unfold_scores(scores, exp)
         else:
             w = q.to(torch.float64).contiguous()
             scores = _ext.ops().score_rows(w, self._data("float"), cand)

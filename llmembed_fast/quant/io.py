@@ -13,6 +13,7 @@ Layout (little-endian):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -72,8 +73,12 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
         if new == offsets:
             break
         offsets = new
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    # through a symlink to the file it names; the temporary name is short, so any valid file name works
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "the index file's folder does not exist", os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lfidx-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             crc = 0
@@ -96,11 +101,11 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
             os.fsync(f.fileno())
         # mkstemp creates 0600: give the file the mode open() would (an existing file keeps its own)
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+            mode = stat.S_IMODE(os.stat(target).st_mode)
         except FileNotFoundError:
             mode = 0o666 & ~_umask()
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -175,7 +180,8 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
                 _fail(path, "payload checksum mismatch: corrupted")
     try:
         meta = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+    # ValueError: JSONDecodeError, and integers too long for int(); RecursionError: deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         _fail(path, f"unreadable header: {exc}")
     if (
         not isinstance(meta, dict)
@@ -194,7 +200,7 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
         )
         if not isinstance(name, str) or name in arrays:
             _fail(path, f"bad or repeated section name {name!r}")
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             _fail(path, f"section {name!r}: unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape
@@ -209,7 +215,10 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
             _fail(path, f"section {name!r}: bytes [{offset}, {offset + nbytes}) lie outside the payload")
         spans.append((offset, offset + nbytes, name))
         if nbytes == 0:
-            arrays[name] = np.zeros(shape, dtype=dt)
+            try:
+                arrays[name] = np.zeros(shape, dtype=dt)
+            except ValueError:  # a zero-size shape numpy cannot hold ([0, 10**30], too many dims)
+                _fail(path, f"section {name!r}: bad shape {shape!r}")
         elif mmap:
             arrays[name] = np.memmap(path, dtype=dt, mode="c", offset=offset, shape=tuple(shape))
         else:

@@ -66,11 +66,35 @@ def _hamming_topk_torch(q: torch.Tensor, d: torch.Tensor, k: int):
     return (best_key >> 40).to(torch.int32), best_key & ((1 << 40) - 1)
 
 
-def fold_query(queries: torch.Tensor, ranges) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights float64 [Q, D], bias float64 [Q]): query . dequantize(u) = bias + weights . u."""
+def fold_query(queries: torch.Tensor, ranges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights float64 [Q, D], bias float64 [Q], exponent int32 [Q]):
+    query . dequantize(u) = (bias + weights . u) * 2**exponent.
+
+    Each query is first scaled by a power of two (exact) to a largest |value| in [0.5, 1), so huge queries
+    cannot overflow the weights or their dot products; the ranking of the documents is unchanged."""
     offset, step = dequant_params(ranges)
+    if not (torch.isfinite(offset).all() and torch.isfinite(step).all()):
+        raise ValueError("ranges are too wide: (max - min) / 255 overflows float64")
     q64 = queries.to(torch.float64)
-    return q64 * step.to(q64.device), q64 @ offset.to(q64.device)
+    amax = q64.abs().amax(1) if q64.shape[1] else q64.new_zeros(q64.shape[0])
+    exp = torch.where(amax > 0, torch.frexp(amax).exponent, 0)
+    q64 = _times_pow2(q64, -exp)
+    bias = q64 @ offset.to(q64.device)
+    if not torch.isfinite(bias).all():
+        raise ValueError("ranges hold values too large: the queries' scores overflow float64")
+    return q64 * step.to(q64.device), bias, exp
+
+
+def _times_pow2(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """x [Q, n] * 2**exp [Q], exactly, in two factors (2**1029 alone would overflow float64)."""
+    half = exp // 2
+    x = torch.ldexp(x, half[:, None].to(x.dtype))
+    return torch.ldexp(x, (exp - half)[:, None].to(x.dtype))
+
+
+def unfold_scores(scores: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """Scores [Q, k] of the scaled queries (``fold_query``) back at the queries' own scale."""
+    return _times_pow2(scores, exp)
 
 
 def int8_topk(queries, doc_codes, ranges, k: int):
@@ -97,12 +121,12 @@ def int8_topk(queries, doc_codes, ranges, k: int):
         raise ValueError(f"doc_codes: at most 65536 dimensions are supported, got {c.shape[1]}")
     k = check_k(k, c.shape[0])
     dev = c.device
-    w, bias = fold_query(q.to(dev), r.to(dev))
+    w, bias, exp = fold_query(q.to(dev), r.to(dev))
     if dev.type == "cpu":
         s, idx = _ext.ops().int8_topk(w.contiguous(), c, k)
     else:
         s, idx = _int8_topk_torch(w, c, k)
-    return to_output((s + bias[:, None]).to(torch.float32), q_np), to_output(idx, q_np)
+    return to_output(unfold_scores(s + bias[:, None], exp).to(torch.float32), q_np), to_output(idx, q_np)
 
 
 def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 << 15):
