@@ -15,7 +15,7 @@ def read_texts(path: str, field: str = "text") -> list[str]:
         raise FileNotFoundError(f"--input: no file at {path!r}")
     texts: list[str] = []
     with open(path, encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".ndjson")):
+        if path.lower().endswith((".jsonl", ".ndjson")):
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

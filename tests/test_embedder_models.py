@@ -182,3 +182,15 @@ def test_invalid_unicode_and_spans_name_the_argument():
     want = e.encode_late_chunks(text, [(0, 8), (9, len(text))])
     for spans in (np.array([[0, 8], [9, len(text)]]), torch.tensor([[0, 8], [9, len(text)]])):
         np.testing.assert_array_equal(e.encode_late_chunks(text, spans), want)
+
+
+def test_literal_placeholders_in_prompts_and_upper_case_jsonl(tmp_path):
+    from llmembed_fast.cli_encode import read_texts
+    from llmembed_fast.embedder.prompts import compose
+
+    # the instruction fills the instruction template's slot only, not a literal '{instruction}' in a prompt
+    assert compose("use {instruction} here: {text}", "find", None) == \
+        "Instruct: find\nQuery: use {instruction} here: {text}"
+    path = tmp_path / "TEXTS.JSONL"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    assert read_texts(str(path), "text") == ["a", "b"]

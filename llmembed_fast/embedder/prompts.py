@@ -124,7 +124,8 @@ def compose(template: str, instruction: str | None, instruction_template: str | 
     if TEXT in instruction:
         raise ValueError("instruction must not contain the literal '{text}' (it would become a text slot)")
     outer = instruction_template or E5_INSTRUCTION
-    return outer.replace(TEXT, template, 1).replace(INSTRUCTION, instruction)
+    # the instruction first: a literal '{instruction}' in the inner template (a prompt) stays as it is
+    return outer.replace(INSTRUCTION, instruction).replace(TEXT, template, 1)
 
 
 def render(template: str, text: str) -> tuple[str, list[tuple[int, int]]]:
