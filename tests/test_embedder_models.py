@@ -194,3 +194,27 @@ def test_literal_placeholders_in_prompts_and_upper_case_jsonl(tmp_path):
     path = tmp_path / "TEXTS.JSONL"
     path.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
     assert read_texts(str(path), "text") == ["a", "b"]
+
+
+def test_compiled_model_stays_compiled():
+    """A torch.compile'd AutoModel runs compiled (its backend sees the graphs); a compiled *ForCausalLM is
+    reduced to its base model, uncompiled, with a warning. Same embeddings as the plain model."""
+    from tiny_models import build_tiny_model, make_config
+
+    model, tok = build_tiny_model("qwen2")
+    want = lf.LLMEmbedder(model, tok).encode(TEXTS, output="torch")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    emb = lf.LLMEmbedder(compiled, tok)
+    assert emb.model is compiled and emb._takes_position_ids
+    torch.testing.assert_close(emb.encode(TEXTS, output="torch"), want, rtol=0, atol=1e-5)
+    assert graphs, "the compiled model was not run"
+    lm = tf.AutoModelForCausalLM.from_config(make_config("qwen2", len(tok)))
+    with pytest.warns(UserWarning, match="base model of the torch.compile'd"):
+        emb = lf.LLMEmbedder(torch.compile(lm, backend="eager"), tok)
+    assert emb.model is lm.base_model

@@ -169,6 +169,25 @@ def output_width(config) -> int | None:
     return width if isinstance(width, int) and not isinstance(width, bool) else None
 
 
+def _encoder_module(model: nn.Module) -> nn.Module:
+    """The module to run: the base model without an LM head; a torch.compile'd AutoModel as it is."""
+    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule wraps the model
+    compiled = isinstance(orig, nn.Module) and orig is not model
+    inner = orig if compiled else model
+    base = getattr(inner, "base_model", inner)
+    base = base if isinstance(base, nn.Module) else inner
+    if not compiled:
+        return base
+    if base is not inner:
+        warnings.warn(
+            f"LLMEmbedder runs the base model of the torch.compile'd {type(inner).__name__} (its LM head is "
+            "not needed) uncompiled; compile the base model (AutoModel) to run compiled",
+            stacklevel=3,
+        )
+        return base
+    return model
+
+
 def _finish(emb: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
     """Matryoshka slice and L2 normalization of float32 embeddings [B, H] (what ``pool`` fuses)."""
     if dims is not None:
@@ -193,7 +212,9 @@ class LLMEmbedder(nn.Module):
     gradients on a batch from :meth:`tokenize` and is usable as a training / GradCache encoder.
 
     Args:
-        model: a ``transformers`` model (``AutoModel``; a ``*ForCausalLM`` is reduced to its base model).
+        model: a ``transformers`` model (``AutoModel``; a ``*ForCausalLM`` is reduced to its base model), or
+            one wrapped by ``torch.compile`` (an AutoModel stays compiled; a compiled ``*ForCausalLM``'s base
+            model runs uncompiled, with a warning: compile the AutoModel instead).
         tokenizer: its tokenizer (a fast one gives offset mappings; a slow one is checked token by token).
         pooling: "last", "mean", "weighted_mean", "max", "first", "mean_sqrt_len" or a sentence-transformers
             name; None picks the prompt style's, else "last" for decoders and "mean" for encoders.
@@ -243,8 +264,7 @@ class LLMEmbedder(nn.Module):
             )
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer must be a transformers tokenizer")
-        base = getattr(model, "base_model", model)
-        self.model = base if isinstance(base, nn.Module) else model
+        self.model = _encoder_module(model)
         self.tokenizer = tokenizer
         self.config = getattr(self.model, "config", None)
         self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
@@ -307,7 +327,7 @@ class LLMEmbedder(nn.Module):
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
         self.model.eval()
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(getattr(self.model, "_orig_mod", self.model).forward).parameters
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
         self._takes_position_ids = "position_ids" in params
         self._takes_use_cache = "use_cache" in params or (takes_kwargs and self.is_decoder)
