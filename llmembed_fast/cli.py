@@ -1,4 +1,4 @@
-"""``llmembed-fast``: info | bench (later: encode, search)."""
+"""``llmembed-fast``: info | bench | encode | search."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class ContrastiveLoss(nn.Module):
             each step), so the gradient keeps flowing and the temperature can come back down.
         max_scale: upper bound of 1 / temperature when learned (CLIP uses 100); the initial
             ``1 / temperature`` must not exceed it.
-        The other keywords are those of :func:`llmembed_fast.contrastive_loss`.
+        The other keywords are those of :func:`llmembed_fast.contrastive_loss` (all but ``eps``).
 
     ``forward(q [B, D], d [N, D], labels=None)`` returns the loss.
     """

@@ -363,7 +363,8 @@ class LLMEmbedder(nn.Module):
         Normalize, max length and prompts are read so that known models need no flags.
 
         ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU; ``device`` to CUDA when available.
-        Extra keyword arguments (e.g. ``gguf_file=``) go to ``from_pretrained`` of the model and tokenizer.
+        Extra keyword arguments go to the model's ``from_pretrained``; ``gguf_file``, ``revision``, ``token``
+        and ``cache_dir`` go to the tokenizer's as well.
         """
         from transformers import AutoModel, AutoTokenizer
 
