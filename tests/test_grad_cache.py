@@ -541,3 +541,30 @@ def test_empty_batches_raise_naming_them():
         gc(torch.randn(0, 6), torch.randn(0, 6))
     with pytest.raises(ValueError, match="batch is empty"):
         gc.embed(torch.randn(0, 6))
+
+
+def test_step_under_no_grad_and_inference_mode():
+    """step() is a training step: under a caller's no_grad() it still gives the gradients; under
+    inference_mode() (whose tensors cannot be saved for backward) it says so."""
+    enc = _mlp()
+    xq, xd = torch.randn(5, 12), torch.randn(7, 12)
+    GradCache(enc, lf.contrastive_loss, 2).step(xq, xd)
+    want = grads_of(enc)
+    enc.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        loss = GradCache(enc, lf.contrastive_loss, 2).step(xq, xd)
+    assert torch.isfinite(loss)
+    assert_grads_close(grads_of(enc), want)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        GradCache(enc, lf.contrastive_loss, 2).step(xq, xd)
+
+
+def test_inputs_that_require_grad_are_refused():
+    """A batch made by a trainable upstream module cannot be back-propagated chunk by chunk."""
+    enc, up = _mlp(), nn.Linear(12, 12)
+    xq, xd = up(torch.randn(5, 12)), torch.randn(7, 12)
+    gc = GradCache(enc, lf.contrastive_loss, 2)
+    with pytest.raises(ValueError, match="query_batch requires grad"):
+        gc.step(xq, xd)
+    with pytest.raises(ValueError, match=r"doc_batch\['x'\] requires grad"):
+        GradCache(lambda b: enc(b["x"]), lf.contrastive_loss, 2).step({"x": xd}, {"x": up(xd)})

@@ -182,6 +182,25 @@ def test_matryoshka_loss_wrapping_the_fused_loss(bert_st):
         CachedFusedMNRLoss(bert_st).calculate_loss = lambda reps: 0.0
 
 
+def test_matryoshka_n_dims_per_step_draws_the_same_dims(bert_st):
+    """MatryoshkaLoss(n_dims_per_step=1) samples indices into its dims listed largest first: for the same
+    Python random seed, the fused loss trains the dim sentence-transformers' cached loss trains."""
+    import random
+
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    feats = features(bert_st, [TEXTS[:5], TEXTS[5:10]])
+    dims = [64, 32, 8]
+    for seed in range(4):
+        random.seed(seed)
+        st_loss = MatryoshkaLoss(bert_st, st_cached_mnrl(bert_st, mini_batch_size=2), dims, n_dims_per_step=1)
+        want = run(st_loss, bert_st, feats, 5)
+        random.seed(seed)
+        got = run(MatryoshkaLoss(bert_st, CachedFusedMNRLoss(bert_st, mini_batch_size=2), dims,
+                                 n_dims_per_step=1), bert_st, feats, 5)
+        assert_same(got, want)
+
+
 def test_flattened_features():
     """Padding-free features (cu_seq_lens_q, as sentence-transformers builds them for flash-attention) are
     split into mini-batches by sequence, as sentence-transformers' own cached loss splits them."""

@@ -149,3 +149,28 @@ def test_hf_trainer_grad_multiplier(tmp_path):
         torch.testing.assert_close(t.grad, want_t * f, rtol=1e-5, atol=0)
     with pytest.raises(TypeError, match="grad_multiplier"):
         GradCacheTrainer(model=model, args=args, grad_multiplier="2")
+
+
+def test_hf_trainer_checkpointing_and_learned_temperature(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) reaches the wrapped model; a loss with trainable
+    parameters outside the model (which the Trainer's optimizer would never see) is refused."""
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator
+
+    emb = _embedder()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                             report_to=[], remove_unused_columns=False, save_strategy="no", use_cpu=True,
+                             gradient_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GradCacheTrainer(model=emb, args=args, train_dataset=pairs(8), chunk_size=2,
+                                   data_collator=PairCollator(emb.tokenize))
+        assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert emb.model.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="loss_fn has trainable parameters"):
+        GradCacheTrainer(model=emb, args=args, train_dataset=pairs(8), chunk_size=2,
+                         data_collator=PairCollator(emb.tokenize),
+                         loss_fn=lf.ContrastiveLoss(learn_temperature=True))

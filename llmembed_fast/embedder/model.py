@@ -590,6 +590,25 @@ class LLMEmbedder(nn.Module):
         w = (p["position_ids"][0] + 1).to(torch.float32)[None, :] * inside
         return _finish((w @ hidden.float()) / w.sum(1, keepdim=True).clamp_min(1e-9), dims, normalize)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        """Turn on the wrapped model's activation (gradient) checkpointing: what HF Trainer's
+        ``gradient_checkpointing=True`` / ``activation_checkpointing=True`` calls. Keywords go to the
+        model's own method (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` on
+        older transformers)."""
+        inner = getattr(self.model, "_orig_mod", self.model)
+        fn = getattr(inner, "activation_checkpointing_enable", None)
+        if callable(fn):
+            fn(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+            return
+        fn = getattr(inner, "gradient_checkpointing_enable", None)
+        if not callable(fn):
+            raise ValueError(f"{type(inner).__name__} has no activation/gradient checkpointing to enable")
+        fn(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (its older transformers name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def resolve_normalize(self, normalize) -> bool:
         """A call's ``normalize`` (True, False, or None for the embedder's own)."""
         normalize = _check_bool(normalize, "normalize")

@@ -78,6 +78,13 @@ class GradCacheTrainer(Trainer):
         self.gc_loss_kwargs = dict(loss_kwargs or {})
         self.gc_encode = encode
         self.gc_grad_multiplier = grad_multiplier
+        learned = [p for p in getattr(loss_fn, "parameters", lambda: [])() if p.requires_grad]
+        model_params = {id(p) for p in self.model.parameters()} if self.model is not None else set()
+        if any(id(p) not in model_params for p in learned):
+            raise ValueError(
+                "loss_fn has trainable parameters (e.g. ContrastiveLoss(learn_temperature=True)) that are "
+                "not the model's: the Trainer's optimizer, zero_grad and checkpoints would miss them. "
+                "Register the loss as a submodule of the model, or use a fixed temperature")
         # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
         GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None
                   else grad_multiplier)

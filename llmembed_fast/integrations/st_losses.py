@@ -187,7 +187,9 @@ class CachedFusedMNRLoss(nn.Module):
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
         if dims is None or not 0 < self.n_dims_per_step < len(dims):
             return dims, weights
-        keep = sorted(random.sample(range(len(dims)), self.n_dims_per_step))
+        # MatryoshkaLoss samples indices into its dims listed largest first: the same draws pick the same dims
+        n = len(dims)
+        keep = sorted(n - 1 - i for i in random.sample(range(n), self.n_dims_per_step))
         return tuple(dims[i] for i in keep), tuple(weights[i] for i in keep)
 
     def _loss(self, q: torch.Tensor, d: torch.Tensor, group=None, dims=None) -> torch.Tensor:

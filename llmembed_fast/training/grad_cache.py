@@ -17,7 +17,7 @@ step 1, ``reuse_last_chunk``): about one extra forward pass of compute in total.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -107,6 +107,18 @@ def no_sync(module):
         else:
             for g, reduce, all_reduce in before:
                 g.reduce_grads, g.all_reduce_grads = reduce, all_reduce
+
+
+def _grad_tensor(batch, prefix: str = "") -> str | None:
+    """The key path of a tensor in ``batch`` that requires grad ("" for the batch itself), or None."""
+    if isinstance(batch, torch.Tensor):
+        return prefix if batch.requires_grad else None
+    if isinstance(batch, Mapping):
+        for k, v in batch.items():
+            found = _grad_tensor(v, f"{prefix}[{k!r}]")
+            if found is not None:
+                return found
+    return None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -273,6 +285,13 @@ class GradCache:
         names = ["doc_batch"] if len(columns) == 1 else [f"doc_batch[{i}]" for i in range(len(columns))]
         nq = batch_size(query_batch, "query_batch")
         sizes = [batch_size(c, n) for c, n in zip(columns, names, strict=True)]
+        for batch, name in ((query_batch, "query_batch"), *zip(columns, names, strict=True)):
+            key = _grad_tensor(batch)
+            if key is not None:
+                raise ValueError(
+                    f"{name}{key} requires grad: GradCache re-runs each chunk and back-propagates into the "
+                    "encoder only, not into what produced its inputs; detach it, or move the module that "
+                    "made it into the encoder")
         for size, name in ((nq, "query_batch"), *zip(sizes, names, strict=True)):
             if size == 0:
                 raise ValueError(f"{name} is empty (0 rows)")
@@ -331,6 +350,7 @@ class GradCache:
     def _call_loss(self, q, d, loss_kwargs) -> torch.Tensor:
         with torch.enable_grad():
             loss = self.loss_fn(q, d, **loss_kwargs)
+            loss = loss.reshape(()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else loss
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor, got "
                              + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
@@ -338,7 +358,7 @@ class GradCache:
         if not loss.requires_grad:
             raise ValueError("loss_fn's result does not depend on the embeddings "
                              "(no gradient flows to q or d)")
-        return loss.reshape(())
+        return loss
 
     # ------------------------------------------------------------------------------------------------
     # pass 2: re-run each chunk with a graph and back-propagate its cached gradient
@@ -389,20 +409,23 @@ class GradCache:
         Returns:
             The loss, a detached 0-d tensor (unscaled). The caller steps the optimizer (or the scaler).
         """
-        q, d, towers = self._first_pass(query_batch, doc_batch, capture=self.replay_rng, keep=True)
-        q.requires_grad_(True)
-        d.requires_grad_(True)
-        loss = self._call_loss(q, d, loss_kwargs)
-        target = loss * self.grad_multiplier if self.grad_multiplier != 1.0 else loss
-        if self.scaler is not None:
-            target = self.scaler.scale(target)
-        # a full backward: the loss's own leaves (a learnable temperature) get their .grad too; outside
-        # autocast, as forward()'s loss.backward() runs in a training loop
-        with _autocast(_autocast_state(), enabled=False):
-            target.backward()
-        gq, gd = q.grad, d.grad
-        del q, d, target
-        self._replay(towers, (gq, gd))
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("GradCache.step computes gradients: call it outside torch.inference_mode()")
+        with torch.enable_grad():  # a training step: under a caller's no_grad() too
+            q, d, towers = self._first_pass(query_batch, doc_batch, capture=self.replay_rng, keep=True)
+            q.requires_grad_(True)
+            d.requires_grad_(True)
+            loss = self._call_loss(q, d, loss_kwargs)
+            target = loss * self.grad_multiplier if self.grad_multiplier != 1.0 else loss
+            if self.scaler is not None:
+                target = self.scaler.scale(target)
+            # a full backward: the loss's own leaves (a learnable temperature) get their .grad too; outside
+            # autocast, as forward()'s loss.backward() runs in a training loop
+            with _autocast(_autocast_state(), enabled=False):
+                target.backward()
+            gq, gd = q.grad, d.grad
+            del q, d, target
+            self._replay(towers, (gq, gd))
         return loss.detach()
 
     def forward(self, query_batch, doc_batch, **loss_kwargs) -> torch.Tensor:
