@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -76,7 +77,7 @@ class CachedFusedMNRLoss(nn.Module):
             ``("query_to_doc", "query_to_query", "doc_to_doc")`` with ``"joint"`` (= ``same_tower``).
             Other combinations raise ValueError.
         show_progress_bar: accepted for compatibility (no progress bar is drawn).
-        hardness_mode / hardness_strength: not supported: only None / 0.
+        hardness_mode / hardness_strength: only strength 0 (no hardness weighting; a mode then only warns).
         symmetric: add the document->query direction (``directions=("query_to_doc", "doc_to_query")`` with
             ``partition_mode="per_direction"`` in sentence-transformers).
         same_tower: query-query and document-document similarities join the partition function (GTE): for
@@ -114,10 +115,13 @@ class CachedFusedMNRLoss(nn.Module):
         if mini_batch_num_tokens is not None:
             raise ValueError("mini_batch_num_tokens: token-budget mini-batches are not supported by "
                              f"CachedFusedMNRLoss (use mini_batch_size), got {mini_batch_num_tokens!r}")
-        if hardness_mode is not None or hardness_strength != 0:
+        if hardness_strength != 0:
             raise ValueError("hardness_mode / hardness_strength: hardness-weighted negatives are not "
                              "supported by CachedFusedMNRLoss, "
                              f"got {hardness_mode!r} / {hardness_strength!r}")
+        if hardness_mode is not None:  # sentence-transformers' loss takes this as a no-op too
+            warnings.warn(f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0",
+                          stacklevel=2)
         sym, tower = _terms_of(directions, partition_mode)
         symmetric, same_tower = bool(symmetric) or sym, bool(same_tower) or tower
         self.model = model
