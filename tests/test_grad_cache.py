@@ -277,6 +277,12 @@ def test_bad_input():
             GradCache(enc, info_nce, bad)
     with pytest.raises(ValueError, match="doc_chunk_size"):
         GradCache(enc, info_nce, 2, doc_chunk_size=0)
+    import numpy as np
+
+    assert GradCache(enc, info_nce, np.int64(4)).chunk_size == 4  # numpy integers are integers
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="grad_multiplier must be finite"):
+            GradCache(enc, info_nce, 2, grad_multiplier=bad)
     with pytest.raises(TypeError, match="encoder"):
         GradCache("model", info_nce, 2)
     with pytest.raises(TypeError, match="loss_fn"):

@@ -17,6 +17,8 @@ step 1, ``reuse_last_chunk``): about one extra forward pass of compute in total.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -45,11 +47,11 @@ class _Tower(NamedTuple):
 
 
 def _check_chunk_size(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int (rows per chunk), got {value}")
-    return value
+    return int(value)
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -193,8 +195,10 @@ class GradCache:
                             f"got {type(loss_fn).__name__}")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
-        if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, (int, float)):
+        if isinstance(grad_multiplier, bool) or not isinstance(grad_multiplier, numbers.Real):
             raise TypeError(f"grad_multiplier must be a number, got {type(grad_multiplier).__name__}")
+        if not math.isfinite(grad_multiplier):
+            raise ValueError(f"grad_multiplier must be finite, got {grad_multiplier}")
         if sync_module is not None and synced_module(sync_module) is None:
             raise TypeError("sync_module must have a no_sync() method (DistributedDataParallel, FSDP) or "
                             "set_requires_gradient_sync() (FSDP2), or be None, "
