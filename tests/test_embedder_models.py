@@ -218,3 +218,27 @@ def test_compiled_model_stays_compiled():
     with pytest.warns(UserWarning, match="base model of the torch.compile'd"):
         emb = lf.LLMEmbedder(torch.compile(lm, backend="eager"), tok)
     assert emb.model is lm.base_model
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "bert"])
+def test_save_pretrained_round_trip(tmp_path, arch):
+    """save_pretrained writes model, tokenizer and settings; from_pretrained gives the same embedder (an
+    argument passed to from_pretrained still wins)."""
+    folder = cached_tiny_model_dir(arch)
+    style = PromptStyle("mine", "Represent: {text}", pooling="mean", include_prompt=False,
+                        instruction_template="Task: {instruction}\n{text}")
+    emb = lf.LLMEmbedder.from_pretrained(folder, device="cpu", prompt_style=style, dims=16, normalize=False,
+                                         max_length=24, padding_side="left")
+    emb.prompts = {"query": "q: "}
+    texts = TEXTS + ["word " * 40]
+    want = emb.encode(texts, instruction="find it", prompt_name="query")
+    emb.save_pretrained(tmp_path / "saved")
+    back = lf.LLMEmbedder.from_pretrained(tmp_path / "saved", device="cpu")
+    for key in ("pooling", "normalize", "dims", "max_length", "padding_side", "add_eos", "include_prompt",
+                "instruction_template", "style", "prompts", "lowercase"):
+        assert getattr(back, key) == getattr(emb, key), key
+    np.testing.assert_array_equal(back.encode(texts, instruction="find it", prompt_name="query"), want)
+    assert lf.LLMEmbedder.from_pretrained(tmp_path / "saved", device="cpu", dims=8).dims == 8
+    (tmp_path / "saved" / "llmembed_fast.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an llmembed_fast settings file"):
+        lf.LLMEmbedder.from_pretrained(tmp_path / "saved", device="cpu")

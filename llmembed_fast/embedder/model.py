@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import logging
 import os
 import warnings
@@ -167,6 +169,25 @@ def output_width(config) -> int | None:
     (OPT-350m projects its output down)."""
     width = getattr(config, "word_embed_proj_dim", None) or getattr(config, "hidden_size", None)
     return width if isinstance(width, int) and not isinstance(width, bool) else None
+
+
+SETTINGS_FILE = "llmembed_fast.json"  # what save_pretrained writes beside the model and tokenizer
+_SETTINGS = ("pooling", "normalize", "dims", "max_length", "padding_side", "add_eos", "include_prompt",
+             "instruction_template")
+
+
+def _read_settings(folder: str) -> dict | None:
+    path = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path_or_id: unreadable {SETTINGS_FILE} in {folder!r}: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("format") != 1:
+        raise ValueError(f"path_or_id: {SETTINGS_FILE} in {folder!r} is not an llmembed_fast settings file")
+    return saved
 
 
 def _encoder_module(model: nn.Module) -> nn.Module:
@@ -380,6 +401,7 @@ class LLMEmbedder(nn.Module):
         ):
             raise FileNotFoundError(f"path_or_id: no model folder at {path_or_id!r}")
         st = read_st_folder(path_or_id) if is_dir else None
+        saved = _read_settings(path_or_id) if is_dir and st is None else None
         model_path = st.transformer_path if st else path_or_id
         if (
             is_dir
@@ -445,7 +467,35 @@ class LLMEmbedder(nn.Module):
                 lowercase=st.do_lower_case,
                 _st_folder=True,
             )
+        if saved is not None:  # a folder from save_pretrained: its settings fill what the call leaves None
+            for key in _SETTINGS:
+                if kw[key] is None:
+                    kw[key] = saved.get(key)
+            if prompt_style is None and isinstance(saved.get("prompt_style"), dict):
+                try:
+                    kw["prompt_style"] = PromptStyle(**saved["prompt_style"])
+                except TypeError as exc:
+                    raise ValueError(f"path_or_id: bad prompt_style in {SETTINGS_FILE}: {exc}") from None
+            kw.update(prompts=saved.get("prompts") or {}, lowercase=bool(saved.get("lowercase", False)),
+                      default_prompt_name=saved.get("default_prompt_name"))
         return cls(model, tokenizer, **kw)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the model (``save_pretrained``), its tokenizer and this embedder's settings (pooling,
+        normalization, dims, prompt style and prompts, truncation, EOS, padding side) to the folder ``path``:
+        ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings."""
+        path = os.fspath(path)
+        inner = getattr(self.model, "_orig_mod", self.model)
+        if not callable(getattr(inner, "save_pretrained", None)):
+            raise TypeError(f"{type(inner).__name__} has no save_pretrained(): save its weights yourself")
+        os.makedirs(path, exist_ok=True)
+        inner.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        settings = {"format": 1, **{key: getattr(self, key) for key in _SETTINGS},
+                    "prompt_style": dataclasses.asdict(self.style), "prompts": self.prompts,
+                    "default_prompt_name": self.default_prompt_name, "lowercase": self.lowercase}
+        with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
 
     def _n_positions(self) -> int | None:
         """Tokens the position table holds for one sequence (RoBERTa-style tables lose their offset)."""
