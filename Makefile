@@ -53,20 +53,23 @@ COMPAT_TRITON ?= triton==3.9.0
 COMPAT_TESTS ?= tests/test_pooling.py tests/test_contrastive.py tests/test_kernel_codegen.py
 COMPAT_K ?= triton or single_loop or triangles or gemm or codegen
 COMPAT_MIN_FREE_MB ?= 2500
+# named for the version: another COMPAT_TRITON reinstalls
+COMPAT_STAMP := $(COMPAT_DIR)/.stamp-$(subst =,,$(COMPAT_TRITON))
+COMPAT_PATH = $(CURDIR)/$(COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}
 
-$(COMPAT_DIR)/.stamp:
+$(COMPAT_STAMP):
 	rm -rf $(COMPAT_DIR)
 	$(PY) -m pip install -q --no-deps --target $(COMPAT_DIR) "$(COMPAT_TRITON)"
 	touch $@
 
 test-compat: build
 	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); \
-	if [ ! -e $(COMPAT_DIR)/.stamp ] && [ "$$free_mb" -lt $(COMPAT_MIN_FREE_MB) ]; then \
+	if [ ! -e $(COMPAT_STAMP) ] && [ "$$free_mb" -lt $(COMPAT_MIN_FREE_MB) ]; then \
 	  echo "test-compat: SKIPPED, $$free_mb MB free on this disk (installing $(COMPAT_TRITON) needs about $(COMPAT_MIN_FREE_MB) MB)"; \
 	else \
-	  $(MAKE) --no-print-directory $(COMPAT_DIR)/.stamp && \
-	  PYTHONPATH="$(CURDIR)/$(COMPAT_DIR)" $(PY) -c "import triton; print('test-compat: triton', triton.__version__, triton.__file__)" && \
-	  PYTHONPATH="$(CURDIR)/$(COMPAT_DIR)" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) -k "$(COMPAT_K)"; \
+	  $(MAKE) --no-print-directory $(COMPAT_STAMP) && \
+	  PYTHONPATH="$(COMPAT_PATH)" $(PY) -c "import triton; print('test-compat: triton', triton.__version__, triton.__file__)" && \
+	  PYTHONPATH="$(COMPAT_PATH)" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) -k "$(COMPAT_K)"; \
 	fi
 
 test: lint test-cpp test-py test-compat

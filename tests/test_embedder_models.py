@@ -242,3 +242,51 @@ def test_save_pretrained_round_trip(tmp_path, arch):
     (tmp_path / "saved" / "llmembed_fast.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an llmembed_fast settings file"):
         lf.LLMEmbedder.from_pretrained(tmp_path / "saved", device="cpu")
+
+
+def test_gemma4_vision_only_bidirectional_text_stays_causal():
+    """Gemma 4's use_bidirectional_attention="vision" lets image tokens attend both ways; text is causal,
+    so the packed block mask must be causal too."""
+    if not hasattr(tf, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma4TextConfig")
+    tok = make_tokenizer("qwen2")
+    try:
+        cfg = tf.Gemma4TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16,
+                                  use_bidirectional_attention="vision", pad_token_id=tok.pad_token_id,
+                                  hidden_size_per_layer_input=0, vocab_size_per_layer_input=len(tok))
+    except (TypeError, ValueError) as exc:
+        pytest.skip(f"this transformers' Gemma4TextConfig differs: {exc}")
+    model = _random_init(tf.AutoModel.from_config(cfg, attn_implementation="sdpa"), 3)
+    own = _own_mean(model, tok, TEXTS)
+    for packed in (False, True):
+        emb = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False, packed=packed, add_eos=False)
+        assert emb.causal
+        torch.testing.assert_close(emb.encode(TEXTS, output="torch"), own, rtol=0, atol=2e-5)
+
+
+def test_index_pickles_and_copies():
+    import copy
+    import pickle
+
+    from llmembed_fast import quant
+
+    index = quant.Index(16, "binary", "int8").add(np.random.default_rng(0).standard_normal((20, 16)))
+    q = np.random.default_rng(1).standard_normal((3, 16))
+    want = index.search(q, 4)
+    for other in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
+        other.add(np.ones((2, 16)))  # its own lock and parts
+        got = other.search(q, 4)
+        assert len(other) == 22 and len(index) == 20
+        np.testing.assert_array_equal(got[1][:, :2], want[1][:, :2])
+
+
+def test_saved_settings_yield_to_an_explicit_prompt_style(tmp_path):
+    folder = cached_tiny_model_dir("bert")
+    lf.LLMEmbedder.from_pretrained(folder, device="cpu").save_pretrained(tmp_path / "s")
+    style = PromptStyle("x", "{text}", pooling="first", include_prompt=True)
+    back = lf.LLMEmbedder.from_pretrained(tmp_path / "s", device="cpu", prompt_style=style)
+    assert (back.pooling, back.include_prompt) == ("first", True)
+    model, tok = cached_model()
+    assert lf.LLMEmbedder(model, tok).encode_float([]).shape == (0, 64)

@@ -150,7 +150,8 @@ def causal_attention(config) -> bool:
     attention (EmbeddingGemma's ``use_bidirectional_attention``, ``is_causal=False``)."""
     if not is_decoder_model(config):
         return False
-    if getattr(config, "use_bidirectional_attention", False):
+    # True / "all": every token attends both ways (EmbeddingGemma); Gemma 4's "vision" keeps text causal
+    if getattr(config, "use_bidirectional_attention", False) in (True, "all"):
         return False
     return getattr(config, "is_causal", True) is not False
 
@@ -468,7 +469,9 @@ class LLMEmbedder(nn.Module):
                 _st_folder=True,
             )
         if saved is not None:  # a folder from save_pretrained: its settings fill what the call leaves None
-            for key in _SETTINGS:
+            # a prompt style given here decides its own pooling / prompt / EOS / instruction settings
+            keys = _SETTINGS if prompt_style is None else ("normalize", "dims", "max_length", "padding_side")
+            for key in keys:
                 if kw[key] is None:
                     kw[key] = saved.get(key)
             if prompt_style is None and isinstance(saved.get("prompt_style"), dict):
@@ -723,6 +726,8 @@ class LLMEmbedder(nn.Module):
         normalize = self.resolve_normalize(normalize)
         dims = self.dims if dims is None else _check_positive(dims, "dims")
         use_packed = self._use_packed(packed)
+        if not len(texts):
+            return torch.empty(0, dims or self.embedding_dim or 0, dtype=torch.float32, device=self.device)
         tok = self._tokenize(texts, instruction, prompt)
         lengths = tok.lengths()
         budget = max_tokens_per_batch or self._default_max_tokens()

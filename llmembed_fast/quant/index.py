@@ -67,6 +67,15 @@ class Index:
         # add() appends parts, a search merges them: one at a time (searches alone share the merged data)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # copy / deepcopy / pickle (multiprocessing): the lock is not state
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------ storage
     def _stored(self) -> list[str]:
         names = ["bits"] if self.precision == "binary" else ["int8"]
