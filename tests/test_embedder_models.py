@@ -290,3 +290,24 @@ def test_saved_settings_yield_to_an_explicit_prompt_style(tmp_path):
     assert (back.pooling, back.include_prompt) == ("first", True)
     model, tok = cached_model()
     assert lf.LLMEmbedder(model, tok).encode_float([]).shape == (0, 64)
+
+
+def test_position_ids_buffer_offset_models():
+    """Nystromformer / MRA count positions from 2 (their embeddings' position_ids buffer), with no padding
+    row in the table. (Nystromformer's landmark attention also depends on padding, so it is compared on
+    one text.)"""
+    from llmembed_fast.embedder.model import position_offset
+
+    tok = make_tokenizer("bert")
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=66, pad_token_id=tok.pad_token_id)
+    cases = [(getattr(tf, "MraConfig", None), {}, TEXTS),
+             (getattr(tf, "NystromformerConfig", None), {"segment_means_seq_len": 8, "num_landmarks": 8},
+              TEXTS[1:2])]
+    for cfg_cls, extra, texts in cases:
+        if cfg_cls is None:
+            continue
+        model = _random_init(tf.AutoModel.from_config(cfg_cls(**common, **extra)), 4)
+        assert position_offset(model) == 2
+        got = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False).encode(texts, output="torch")
+        torch.testing.assert_close(got, _own_mean(model, tok, texts), rtol=0, atol=2e-5)

@@ -158,10 +158,18 @@ def causal_attention(config) -> bool:
 
 def position_offset(model: nn.Module) -> int:
     """The position id of a sequence's first token: ``padding_idx + 1`` for models whose position table has a
-    padding row (RoBERTa, XLM-R, MPNet, CamemBERT, ...: they count positions from there), else 0."""
+    padding row (RoBERTa, XLM-R, MPNet, CamemBERT, ...: they count positions from there), the first entry of
+    the embeddings' ``position_ids`` buffer where it starts above 0 (Nystromformer, YOSO, MRA: from 2),
+    else 0."""
     for name, m in model.named_modules():
         if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
-            return 0 if m.padding_idx is None else int(m.padding_idx) + 1
+            if m.padding_idx is not None:
+                return int(m.padding_idx) + 1
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            ids = getattr(parent, "position_ids", None)
+            if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+                return max(0, int(ids.flatten()[0]))
+            return 0
     return 0
 
 
