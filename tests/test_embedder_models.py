@@ -148,7 +148,7 @@ def test_weighted_mean_without_prompt_matches_sentence_transformers(tmp_path, pa
 
 
 def test_custom_prompt_style_is_checked_when_constructed():
-    model, tok = cached_model()
+    model, tok = _tiny_qwen2()
     e = lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", "Q: {text}", pooling="cls"))
     assert e.pooling == "first"  # the sentence-transformers alias, as pooling= takes it
     with pytest.raises(ValueError, match="prompt_style.pooling"):
@@ -161,14 +161,14 @@ def test_custom_prompt_style_is_checked_when_constructed():
         lf.LLMEmbedder(model, tok, prompt_style=PromptStyle("x", instruction_template="{text}"))
 
 
-def cached_model():
+def _tiny_qwen2():
     from tiny_models import build_tiny_model
 
     return build_tiny_model("qwen2")
 
 
 def test_invalid_unicode_and_spans_name_the_argument():
-    model, tok = cached_model()
+    model, tok = _tiny_qwen2()
     e = lf.LLMEmbedder(model, tok, pooling="mean")
     with pytest.raises(ValueError, match="text cannot be tokenized"):
         e.encode_late_chunks("a \ud800 b", [(0, 1)])
@@ -288,7 +288,7 @@ def test_saved_settings_yield_to_an_explicit_prompt_style(tmp_path):
     style = PromptStyle("x", "{text}", pooling="first", include_prompt=True)
     back = lf.LLMEmbedder.from_pretrained(tmp_path / "s", device="cpu", prompt_style=style)
     assert (back.pooling, back.include_prompt) == ("first", True)
-    model, tok = cached_model()
+    model, tok = _tiny_qwen2()
     assert lf.LLMEmbedder(model, tok).encode_float([]).shape == (0, 64)
 
 

@@ -20,7 +20,7 @@ from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
 from llmembed_fast.embedder.st_folder import ST_POOLING, read_st_folder
 from llmembed_fast.embedder.tokenize import Tokenized, probe_tokenizer, tokenize_texts
-from llmembed_fast.ops.pooling import POOLING_MODES, pool, pool_segments
+from llmembed_fast.ops.pooling import POOLING_MODES, l2_normalize, matryoshka, pool, pool_segments
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +221,8 @@ def _encoder_module(model: nn.Module) -> nn.Module:
 def _finish(emb: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
     """Matryoshka slice and L2 normalization of float32 embeddings [B, H] (what ``pool`` fuses)."""
     if dims is not None:
-        if dims > emb.shape[1]:
-            raise ValueError(f"dims must be at most the model's output width {emb.shape[1]}, got {dims}")
-        emb = emb[:, :dims]
-    return torch.nn.functional.normalize(emb, dim=1) if normalize else emb
+        return matryoshka(emb, dims, normalize=normalize)
+    return l2_normalize(emb) if normalize else emb
 
 
 def _last_hidden(out) -> torch.Tensor:
@@ -646,10 +644,14 @@ class LLMEmbedder(nn.Module):
     def _pool_packed(self, hidden, p, *, dims, normalize) -> torch.Tensor:
         if not self._weights_by_position():
             return pool_segments(hidden, p["starts"], p["ends"], self.pooling, dims=dims, normalize=normalize)
+        starts, ends = p["starts"], p["ends"]
         pos = torch.arange(hidden.shape[0], device=hidden.device)
-        inside = (pos[None, :] >= p["starts"][:, None]) & (pos[None, :] < p["ends"][:, None])  # [S, T]
-        w = (p["position_ids"][0] + 1).to(torch.float32)[None, :] * inside
-        return _finish((w @ hidden.float()) / w.sum(1, keepdim=True).clamp_min(1e-9), dims, normalize)
+        seg = torch.searchsorted(ends, pos, right=True)  # each token's sequence (segments are contiguous)
+        w = (p["position_ids"][0] + 1).to(torch.float32) * (pos >= starts[seg])  # 0 on excluded prompt tokens
+        emb = hidden.new_zeros(len(ends), hidden.shape[1], dtype=torch.float32)
+        emb.index_add_(0, seg, hidden.float() * w[:, None])
+        den = w.new_zeros(len(ends)).index_add_(0, seg, w)
+        return _finish(emb / den[:, None].clamp_min(1e-9), dims, normalize)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
         """Turn on the wrapped model's activation (gradient) checkpointing: what HF Trainer's
