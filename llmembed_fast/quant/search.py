@@ -73,16 +73,17 @@ def fold_query(queries: torch.Tensor, ranges) -> tuple[torch.Tensor, torch.Tenso
     Each query is first scaled by a power of two (exact) to a largest |value| in [0.5, 1), so huge queries
     cannot overflow the weights or their dot products; the ranking of the documents is unchanged."""
     offset, step = dequant_params(ranges)
-    if not (torch.isfinite(offset).all() and torch.isfinite(step).all()):
-        raise ValueError("ranges are too wide: (max - min) / 255 overflows float64")
     q64 = queries.to(torch.float64)
+    offset, step = offset.to(q64.device), step.to(q64.device)
     amax = q64.abs().amax(1) if q64.shape[1] else q64.new_zeros(q64.shape[0])
     exp = torch.where(amax > 0, torch.frexp(amax).exponent, 0)
     q64 = _times_pow2(q64, -exp)
-    bias = q64 @ offset.to(q64.device)
-    if not torch.isfinite(bias).all():
+    bias = q64 @ offset
+    if not bool(torch.isfinite(torch.cat([offset, step, bias])).all()):  # one host sync for the three
+        if not bool(torch.isfinite(step).all() and torch.isfinite(offset).all()):
+            raise ValueError("ranges are too wide: (max - min) / 255 overflows float64")
         raise ValueError("ranges hold values too large: the queries' scores overflow float64")
-    return q64 * step.to(q64.device), bias, exp
+    return q64 * step, bias, exp
 
 
 def _times_pow2(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
