@@ -49,6 +49,21 @@ def test_slice_batch_trims_trailing_padding_only():
     assert chunk_widths(ids, [(0, 3)]) == [None]
 
 
+def test_prompt_length_is_batch_metadata():
+    """sentence-transformers' prompt_length: a one-element tensor (a map-style Dataset's collation) is one
+    value for the whole batch, not a batch of one; one value per row is split with the rows."""
+    ids = torch.arange(12).view(4, 3)
+    one = {"input_ids": ids, "prompt_length": torch.tensor([2])}
+    assert batch_size(one) == 4
+    assert slice_batch(one, 2, 4)["prompt_length"].tolist() == [2]
+    rows = {"input_ids": ids, "prompt_length": torch.tensor([2, 2, 2, 2])}
+    assert batch_size(rows) == 4 and slice_batch(rows, 1, 3)["prompt_length"].tolist() == [2, 2]
+    with pytest.raises(ValueError, match="disagree"):
+        batch_size({"input_ids": ids, "prompt_length": torch.tensor([2, 2])})
+    with pytest.raises(ValueError, match="disagree"):  # other one-element tensors stay per-row fields
+        batch_size({"input_ids": ids, "labels": torch.tensor([2])})
+
+
 def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     import llmembed_fast as lf
     from llmembed_fast.training import GradCache

@@ -113,6 +113,26 @@ def test_decoder_last_token():
     assert_same(got, want)
 
 
+def test_prompt_length_excluded_from_pooling():
+    """A Pooling with include_prompt=False reads the features' prompt_length. Training on a map-style Dataset
+    collates it to a one-element tensor: one value for the batch (before the fix, chunking read it as a
+    batch of one and refused the batch). sentence-transformers' own cached loss slices that tensor to
+    nothing past the first mini-batch, so it is compared here on the per-row form, which it handles."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_st_model(cached_tiny_model_dir("bert"), "mean", normalize=False, include_prompt=False)
+    model.train()
+    feats = features(model, [TEXTS[:6], TEXTS[6:12]])
+    per_row = [dict(f, prompt_length=torch.full((6,), 3)) for f in feats]
+    want = run(st_cached_mnrl(model, mini_batch_size=4), model, per_row, 12)
+    ignored = run(st_cached_mnrl(model, mini_batch_size=4), model, feats, 12)
+    assert not torch.allclose(want[0], ignored[0])  # the prompt tokens matter to this loss
+    for pl in (torch.tensor([3]), 3, torch.full((6,), 3)):
+        got = run(CachedFusedMNRLoss(model, mini_batch_size=4), model,
+                  [dict(f, prompt_length=pl) for f in feats], 12)
+        assert_same(got, want)
+
+
 def test_bad_arguments(bert_st):
     with pytest.raises(ValueError, match="similarity_fct"):
         CachedFusedMNRLoss(bert_st, similarity_fct=lambda a, b: a @ b.T)

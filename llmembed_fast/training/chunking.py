@@ -2,7 +2,9 @@
 
 Every tensor of a dict with at least one dimension is a per-example field and must share dim 0 (the
 batch size); nested dicts are split the same way, recursively; other values (ints, strings, 0-d tensors)
-are passed to every chunk unchanged.
+are passed to every chunk unchanged. Batch metadata (:data:`META_KEYS`: sentence-transformers'
+``prompt_length``, an int, a one-element tensor or one value per row) is passed unchanged when it holds
+one element and split with the rows otherwise.
 
 Flattened (padding-free) batches, as ``transformers.DataCollatorWithFlattening`` and sentence-transformers'
 flash-attention path build them, are recognized by ``cu_seq_lens_q`` (cumulative sequence lengths [n + 1]):
@@ -21,10 +23,18 @@ Batch = torch.Tensor | Mapping
 SEQUENCE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids", "pool_mask",
                            "special_tokens_mask", "inputs_embeds", "offset_mapping"})
 
+# batch metadata: one value for the whole batch (a one-element tensor is not a batch of one) or one per row
+META_KEYS = frozenset({"prompt_length"})
+
+
+def _per_row(k, v) -> bool:
+    """Whether value ``v`` under key ``k`` is a per-example tensor (split along dim 0)."""
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and not (k in META_KEYS and v.numel() == 1)
+
 
 def _sizes(batch: Mapping, prefix: str, out: dict) -> dict:
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+        if _per_row(k, v):
             out[f"{prefix}{k}"] = v.shape[0]
         elif isinstance(v, Mapping):
             _sizes(v, f"{prefix}{k}.", out)
@@ -95,7 +105,7 @@ def chunk_widths(batch, ranges: list[tuple[int, int]]) -> list[int | None]:
 def _rows(batch: Mapping, lo: int, hi: int) -> dict:
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+        if _per_row(k, v):
             v = v[lo:hi]
         elif isinstance(v, Mapping):
             v = _rows(v, lo, hi)
