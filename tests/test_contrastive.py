@@ -115,11 +115,12 @@ def test_matryoshka_dims_below_d(backend, mdims, kw):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("kw", [{}, {"symmetric": True, "same_tower": True}])
+@pytest.mark.parametrize("kw", [{}, {"symmetric": True, "same_tower": True}, {"matryoshka_dims": (1, 16)}])
 def test_margin_keeps_ties_with_the_positive(backend, normalize, kw):
     """false_negative_margin=0: a negative tied with the positive (an exact duplicate of it) is not above it
-    by more than the margin, so it stays, whatever order the dot products were summed in."""
-    for seed in range(8):
+    by more than the margin, so it stays, whatever order the dot products were summed in and however the
+    scalings round (a one-dimension prefix, where they dominate, dropped ties)."""
+    for seed in range(8 if kw else 16):
         g = torch.Generator().manual_seed(seed)
         q, d = torch.randn(4, 16, generator=g), torch.randn(7, 16, generator=g)
         d[5], d[6] = d[0], d[2]  # duplicates of the positives of queries 0 and 2
@@ -129,6 +130,15 @@ def test_margin_keeps_ties_with_the_positive(backend, normalize, kw):
         want = ref_loss(q.double(), d.double(), temperature=t, normalize=normalize, false_negative_margin=0.0,
                         reduction="none", **kw)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_margin_keeps_ties_in_one_dimension(backend):
+    """D = 1: every same-sign candidate has cosine exactly 1, a tie with the positive; none is dropped."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        q, d = torch.rand(3, 1, generator=g) + 0.1, torch.rand(9, 1, generator=g) + 0.1
+        got = lf.contrastive_loss(q, d, temperature=0.05, false_negative_margin=0.0, reduction="none")
+        torch.testing.assert_close(got, torch.full((3,), math.log(9.0)), atol=1e-5, rtol=0)
 
 
 def test_double_backward_raises(backend):

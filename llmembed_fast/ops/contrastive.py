@@ -211,14 +211,16 @@ def _prefix_dots(a: torch.Tensor, b: torch.Tensor, bounds, acc: torch.dtype, b_i
 
 
 def _tie_slack(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, cfg: _Cfg) -> torch.Tensor:
-    """Similarity units [K, 1] or [K, b] added to the false-negative threshold: a few roundings of a sum of
-    d_k products (2 sqrt(d_k) u, u the accumulation's unit roundoff), so that a tie with the positive (an
-    exact duplicate of it), whose tile dot product is summed in another order than the positive's, stays as
-    the definition says. Cosines are at most 1; raw dots scale with ||q_i|| ||d_p|| (per prefix)."""
+    """Similarity units [K, 1] or [K, b] added to the false-negative threshold, so that a tie with the
+    positive (an exact duplicate of it) stays as the definition says: (2 sqrt(d_k) + 8) u, u the
+    accumulation's unit roundoff. 2 sqrt(d_k) u covers a sum of d_k products taken in another order than the
+    positive's; 8 u the scalings, which round differently on the two sides (tiles: (x a)(y b) with a and b
+    folding the norm, 1/t and log2 e; threshold: dot alpha_q alpha_p / t, then log2 e) and dominate for
+    small prefixes (d_k = 1 dropped ties). Cosines are at most 1; raw dots scale with ||q_i|| ||d_p||."""
     acc = _acc(q.dtype)
     u = 2.0**-53 if acc == torch.float64 else 2.0**-24
     dk = torch.tensor(cfg.bounds[1:], dtype=acc, device=q.device)[:, None]
-    slack = 2.0 * u * dk.sqrt()
+    slack = u * (2.0 * dk.sqrt() + 8.0)
     if cfg.normalize:
         return slack
     qn = _prefix_dots(q, q, cfg.bounds, acc).sqrt()
@@ -498,7 +500,8 @@ def contrastive_loss(
         false_negative_margin: leave out every negative term (q-d, and q-q, d-d with ``same_tower``; q-d
             of the symmetric term) whose similarity exceeds the positive's s(q_i, d_p) by more than this.
             Ties stay (an exact duplicate of the positive is kept): a similarity within a few roundings of
-            the threshold (2 sqrt(d) 2^-24 for a prefix of d dims; 2^-53 for float64) counts as a tie. With
+            the threshold ((2 sqrt(d) + 8) 2^-24 for a prefix of d dims; 2^-53 for float64) counts as a
+            tie. With
             TF32 dot products (float32 inputs, ``allow_tf32``) the tiles round far more coarsely and ties
             may fall either way.
         matryoshka_dims: increasing ints <= D: the loss is the weighted sum over these prefixes (each
