@@ -210,23 +210,26 @@ def _prefix_dots(a: torch.Tensor, b: torch.Tensor, bounds, acc: torch.dtype, b_i
     return out.cumsum(0)
 
 
-def _tie_slack(q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor, cfg: _Cfg) -> torch.Tensor:
-    """Similarity units [K, 1] or [K, b] added to the false-negative threshold, so that a tie with the
-    positive (an exact duplicate of it) stays as the definition says: (2 sqrt(d_k) + 8) u, u the
-    accumulation's unit roundoff. 2 sqrt(d_k) u covers a sum of d_k products taken in another order than the
-    positive's; 8 u the scalings, which round differently on the two sides (tiles: (x a)(y b) with a and b
-    folding the norm, 1/t and log2 e; threshold: dot alpha_q alpha_p / t, then log2 e) and dominate for
-    small prefixes (d_k = 1 dropped ties). Cosines are at most 1; raw dots scale with ||q_i|| ||d_p||."""
-    acc = _acc(q.dtype)
+def _tie_slack(q, d, labels, cfg: _Cfg, pos_sim: torch.Tensor) -> torch.Tensor:
+    """Similarity units [K, b] added to the false-negative threshold, so that a tie with the positive (an
+    exact duplicate of it) stays as the definition says. u is the accumulation's unit roundoff:
+    - 2 sqrt(d_k) u: a sum of d_k products taken in another order than the positive's, in units of the
+      vectors' norms (1 for cosines, ||q_i|| ||d_p|| per prefix for raw dots);
+    - 8 u (|s(q_i, d_p)| + |margin|): the scalings, which round differently on the two sides (tiles fold the
+      norms, 1/t and log2 e into two factors; the threshold scales the positive's dot, adds the margin, then
+      scales by log2 e); relative to the similarity at the threshold. They dominate for short prefixes
+      (with d_k = 1 the dot order term alone dropped ties)."""
+    acc = pos_sim.dtype
     u = 2.0**-53 if acc == torch.float64 else 2.0**-24
-    dk = torch.tensor(cfg.bounds[1:], dtype=acc, device=q.device)[:, None]
-    slack = u * (2.0 * dk.sqrt() + 8.0)
+    dk = torch.tensor(cfg.bounds[1:], dtype=acc, device=pos_sim.device)[:, None]
+    scaling = 8.0 * u * (pos_sim.abs() + abs(cfg.margin))
+    order = 2.0 * u * dk.sqrt()
     if cfg.normalize:
-        return slack
+        return order + scaling
     qn = _prefix_dots(q, q, cfg.bounds, acc).sqrt()
     dp = d[labels]
     dn = _prefix_dots(dp, dp, cfg.bounds, acc).sqrt()
-    return slack * qn * dn
+    return order * qn * dn + scaling
 
 
 def _inv_norms(x: torch.Tensor, bounds, normalize: bool, eps: float):
@@ -288,10 +291,11 @@ class _ContrastiveFunction(torch.autograd.Function):
             beta_qc, act_qc = (alpha_q, act_q) if qc is q else _inv_norms(qc, bounds, cfg.normalize, cfg.eps)
         alpha_dp = alpha_d[:, labels]
         dots = _prefix_dots(q, d, bounds, acc, b_index=labels)
-        pos = dots * alpha_q * alpha_dp * inv_t  # [K, b] natural logits of the positives
+        pos_sim = dots * alpha_q * alpha_dp  # [K, b] the positives' similarities
+        pos = pos_sim * inv_t  # natural logits
         thr2 = None
         if cfg.margin is not None:
-            thr2 = (pos + (cfg.margin + _tie_slack(q, d, labels, cfg)) * inv_t) * LOG2E
+            thr2 = (pos + (cfg.margin + _tie_slack(q, d, labels, cfg, pos_sim)) * inv_t) * LOG2E
         scales = {"q": alpha_q * (inv_t * LOG2E), "d": alpha_dp * (inv_t * LOG2E)}
         cols = {"qc": beta_qc, "dc": beta_dc}
         special = {"labels": labels_g, "self": q_off + torch.arange(b, device=q.device)}
@@ -500,10 +504,9 @@ def contrastive_loss(
         false_negative_margin: leave out every negative term (q-d, and q-q, d-d with ``same_tower``; q-d
             of the symmetric term) whose similarity exceeds the positive's s(q_i, d_p) by more than this.
             Ties stay (an exact duplicate of the positive is kept): a similarity within a few roundings of
-            the threshold ((2 sqrt(d) + 8) 2^-24 for a prefix of d dims; 2^-53 for float64) counts as a
-            tie. With
-            TF32 dot products (float32 inputs, ``allow_tf32``) the tiles round far more coarsely and ties
-            may fall either way.
+            the threshold (u (2 sqrt(d) + 8 (|s(q_i, d_p)| + margin)) for a prefix of d dims and cosines,
+            u = 2^-24, or 2^-53 for float64) counts as a tie. With TF32 dot products (float32 inputs,
+            ``allow_tf32``) the tiles round far more coarsely and ties may fall either way.
         matryoshka_dims: increasing ints <= D: the loss is the weighted sum over these prefixes (each
             re-normalized), computed in one pass. ``matryoshka_weights`` default to 1.
         reduction: "mean" (over queries), "sum", or "none" (per-query losses [B]).
