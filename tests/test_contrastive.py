@@ -510,6 +510,22 @@ def test_module_learned_temperature_two_calls_and_inference_embeddings():
     torch.testing.assert_close(crit.log_scale.grad, crit2.log_scale.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_frozen_tower_from_inference_mode(backend):
+    """Trainable queries against candidates (and labels) made under inference_mode (a frozen document
+    tower): inference tensors cannot be saved for backward, so they are copied; same loss and gradient."""
+    q, d, lab = _inputs(5, 9, 16, torch.float32, seed=21)
+    with torch.inference_mode():
+        di, labi = d.clone(), lab.clone()
+    for kw in ({}, {"symmetric": True, "same_tower": True, "false_negative_margin": 0.1}):
+        qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+        got = lf.contrastive_loss(qa, di, labels=labi, **kw)
+        got.backward()
+        want = lf.contrastive_loss(qb, d, labels=lab, **kw)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(qa.grad, qb.grad, rtol=0, atol=0)
+
+
 def test_module_repr_and_tensor_dims():
     """Tensors are accepted for the Matryoshka dims / weights (a 0-d tensor like an int) and print."""
     q, d, lab = _inputs(4, 6, 8, torch.float32, seed=6)

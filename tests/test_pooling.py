@@ -164,6 +164,38 @@ def test_zero_length_and_empty_batch(backend):
     assert [o.shape for o in out] == [(0, 4), (0, 8)]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_length_backward_is_zero(backend, mode):
+    """No token at all (L = 0, or T = 0 packed): the pooled rows are zeros and so are the gradients (the
+    CPU path's max / first / last backward indexed an empty token axis)."""
+    h = torch.randn(2, 0, 8, requires_grad=True)
+    lf.pool(h, None, mode).sum().backward()
+    assert h.grad.shape == (2, 0, 8)
+    (ref,) = R.pool(torch.randn(2, 0, 8, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.bool), mode)
+    assert ref.shape == (2, 8) and (ref == 0).all()
+    h = torch.randn(0, 4, requires_grad=True)
+    out = lf.pool_segments(h, [0], [0], mode)
+    assert out.shape == (1, 4) and (out == 0).all()
+    out.sum().backward()
+    assert h.grad.shape == (0, 4)
+
+
+def test_mask_from_inference_mode(backend):
+    """A mask (or segment bounds) made under inference_mode with trainable hidden states: inference
+    tensors cannot be saved for backward, so they are copied; same gradients."""
+    h = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    with torch.inference_mode():
+        mi, si, ei = mask.clone(), torch.tensor([0, 3]), torch.tensor([4, 15])
+    grads = []
+    for m, s, e in ((mi, si, ei), (mask, torch.tensor([0, 3]), torch.tensor([4, 15]))):
+        a = h.clone().requires_grad_()
+        (lf.pool(a, m, "weighted_mean", normalize=True).sum()
+         + lf.pool_segments(a.view(15, 8), s, e, "mean", normalize=True).sum()).backward()
+        grads.append(a.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_all_masked_rows_are_zero_and_finite(backend):
     hidden = torch.randn(3, 6, 10, requires_grad=True)
     mask = torch.zeros(3, 6, dtype=torch.bool)

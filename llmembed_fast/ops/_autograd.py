@@ -16,6 +16,15 @@ def no_double_backward(op: str) -> None:
                            "fused kernel, not differentiable")
 
 
+def saveable(*xs):
+    """``xs`` with every inference-mode tensor cloned when autograd will record the op (grad mode on and an
+    input requires grad): a Function cannot save an inference tensor for backward, and a frozen tower's
+    embeddings or a mask made under ``torch.inference_mode()`` meet trainable inputs in ordinary training."""
+    if not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs):
+        return xs
+    return tuple(x.clone() if isinstance(x, torch.Tensor) and torch.is_inference(x) else x for x in xs)
+
+
 def no_autocast(fn):
     """Run a Function's forward / backward with autocast off on its first input's device type: the op
     computes in its inputs' dtype whatever the caller's autocast state (the backward may run inside one),

@@ -33,7 +33,7 @@ from llmembed_fast import _dispatch
 from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
-from llmembed_fast.ops._autograd import no_autocast, no_double_backward
+from llmembed_fast.ops._autograd import no_autocast, no_double_backward, saveable
 from llmembed_fast.reference.contrastive_chunked import tri_block_rows
 
 LOG2E = 1.0 / math.log(2.0)
@@ -602,8 +602,7 @@ def contrastive_loss(
         tri_d=same_tower and labels is None and group is None and SELF_TERM_TRIANGLES,
     )
     be = _backend(q, len(dims))
-    if tau.requires_grad and torch.is_grad_enabled() and (torch.is_inference(q) or torch.is_inference(d)):
-        q, d = q.clone(), d.clone()  # embeddings from inference_mode cannot be saved for tau's backward
+    q, d, tau, labels_t = saveable(q, d, tau, labels_t)
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     need_qc = symmetric or same_tower

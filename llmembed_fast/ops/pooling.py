@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from llmembed_fast import _dispatch
-from llmembed_fast.ops._autograd import no_autocast, no_double_backward
+from llmembed_fast.ops._autograd import no_autocast, no_double_backward, saveable
 
 POOLING_MODES = ("mean", "weighted_mean", "max", "first", "last", "mean_sqrt_len")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -271,6 +271,7 @@ def pool(
     eps = _check_eps(eps)
     be = _backend(hidden, mask)
     normalize = _check_flag(normalize, "normalize")
+    hidden, mask = saveable(hidden, mask)
     outs = _PoolFunction.apply(hidden, mask, mode, dims_t, normalize, eps, out_dtype, be)
     return _as_result(outs, as_seq)
 
@@ -339,6 +340,7 @@ def pool_segments(
     eps = _check_eps(eps)
     s, e, overlapping = _segment_bounds(starts, ends, hidden2d.shape[0], hidden2d.device)
     be = _backend(hidden2d)
+    hidden2d, s, e = saveable(hidden2d, s, e)
     outs = _PoolSegmentsFunction.apply(
         hidden2d, s, e, overlapping, mode, dims_t, _check_flag(normalize, "normalize"), eps, out_dtype, be
     )

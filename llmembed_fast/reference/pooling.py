@@ -41,6 +41,8 @@ def pooling_weights(mask: torch.Tensor, mode: str, dtype: torch.dtype = torch.fl
         return m * m.cumsum(1) / (safe * (safe + 1) / 2)
     if mode in ("first", "last"):
         L = mask.shape[1]
+        if L == 0:
+            return m
         pos = torch.arange(L, device=mask.device)
         keyed = torch.where(mask != 0, pos, L if mode == "first" else -1)
         idx = keyed.amin(1) if mode == "first" else keyed.amax(1)
@@ -53,6 +55,8 @@ def _pool_rows(h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """h [B, L, H] in compute dtype -> pooled [B, H]."""
     if mode == "max":
         m = mask != 0
+        if h.shape[1] == 0:
+            return h.new_zeros(h.shape[0], h.shape[2])
         x = h.masked_fill(~m[..., None], float("-inf"))
         idx = x.max(dim=1).indices  # first position of the maximum
         pooled = h.gather(1, idx[:, None, :]).squeeze(1)

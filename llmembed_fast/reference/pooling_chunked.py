@@ -91,6 +91,8 @@ def pool_backward(
     gh = empty(B, L, H, dtype=dtype, device=grad_pooled.device)
     if H > D:
         gh[..., D:] = 0
+    if L == 0:  # no token: nothing to scatter to (the pooled rows were zeros)
+        return gh
     if mode == "max":
         gh[..., :D] = 0
         valid = argmax >= 0
@@ -170,6 +172,8 @@ def segments_backward(
     T, H = shape
     S, D = grad_pooled.shape
     gh = torch.zeros(T, H, dtype=grad_pooled.dtype, device=grad_pooled.device)
+    if T == 0:  # no token: every segment was empty
+        return gh.to(dtype)
     if mode == "max":
         valid = argmax >= 0
         src = torch.where(valid, grad_pooled, torch.zeros_like(grad_pooled))
