@@ -37,3 +37,28 @@ def test_compiled_model_is_not_recompiled_per_shape():
         torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("be", ["torch", "triton"])
+def test_compiled_normalize_and_matryoshka(monkeypatch, be):
+    """lf.l2_normalize / lf.matryoshka inside a compiled function, on either path: the torch path is traced,
+    the Triton launch runs behind a graph break (dynamo traced into the launcher and failed)."""
+    if be == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", be)
+    torch._dynamo.reset()
+
+    def f(x):
+        a = lf.l2_normalize(x * 2)
+        b, c = lf.matryoshka(x, [3, 8])
+        return a.sum(-1) + b[:, 0] * 3 + c[:, -1]
+
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = torch.compile(f, backend="aot_eager")(xa)
+    want = f(xb)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -2,6 +2,8 @@
 // Other files add operators with TORCH_LIBRARY_FRAGMENT(llmembed_fast, m).
 #include "common.h"
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
 namespace lf_torch {
 
 at::Tensor pack_bits_cpu(const at::Tensor& x) {
@@ -33,4 +35,13 @@ TORCH_LIBRARY_IMPL(llmembed_fast, CPU, m) {
 
 TORCH_LIBRARY_IMPL(llmembed_fast, Meta, m) {
   m.impl("pack_bits", &lf_torch::pack_bits_meta);
+}
+
+// None of the ops is differentiable (codes, indices, search scores). Without an Autograd kernel a direct
+// torch.ops call on an input that requires grad returned an output that claimed a gradient and silently
+// gave none; this one makes a backward through them raise, naming the op.
+TORCH_LIBRARY_IMPL(llmembed_fast, Autograd, m) {
+  for (const char* op : {"pack_bits", "quantize_scalar", "hamming_topk", "int8_topk", "score_rows"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

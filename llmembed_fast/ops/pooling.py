@@ -358,13 +358,27 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+@torch.compiler.disable
+def _prefix_normalize_eager(x2, dims, eps, dtype, be):
+    return _PrefixNormalizeFunction.apply(x2, dims, eps, dtype, be)
+
+
+def _prefix_normalize(x2: torch.Tensor, dims: tuple[int, ...], eps: float, dtype: torch.dtype):
+    """Each prefix of the rows x2 [n, D] normalized: a tuple over ``dims``. Under torch.compile the torch
+    path is traced (plain tensor ops), the Triton launch runs eagerly behind a graph break."""
+    be = _backend(x2)
+    traced = be.__name__.endswith("pooling_chunked")
+    run = _PrefixNormalizeFunction.apply if traced else _prefix_normalize_eager
+    return run(x2, dims, eps, dtype, be)
+
+
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """x / max(||x||, eps) over the last dim (same as ``F.normalize(x, dim=-1)``), same shape and dtype.
 
     Computed in float32 (float64 for float64). Zero vectors map to zeros."""
     eps = _check_eps(eps)
     x2 = _as_rows(x, "x")
-    (y,) = _PrefixNormalizeFunction.apply(x2, (x2.shape[1],), eps, x.dtype, _backend(x2))
+    (y,) = _prefix_normalize(x2, (x2.shape[1],), eps, x.dtype)
     return y.reshape(x.shape)
 
 
@@ -382,7 +396,7 @@ def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12
     if not normalize:
         outs = tuple(x[..., :d] for d in dims_t)
     else:
-        outs = _PrefixNormalizeFunction.apply(x2, dims_t, eps, x.dtype, _backend(x2))
+        outs = _prefix_normalize(x2, dims_t, eps, x.dtype)
         outs = tuple(y.reshape(*lead, d) for y, d in zip(outs, dims_t, strict=False))
     return _as_result(outs, as_seq)
 

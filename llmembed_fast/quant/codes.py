@@ -179,3 +179,12 @@ def unpack_bits(codes, dim: int | None = None):
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=c.device)
     bits = (u.unsqueeze(-1) >> shifts) & 1
     return to_output(bits.reshape(c.shape[0], nb * 8)[:, :dim].contiguous(), was_np)
+
+
+# Under torch.compile these run eagerly behind a graph break: they check their inputs on the host and work
+# through numpy, nothing in them is differentiable, and the codes must stay bit-exact with
+# sentence-transformers (inductor computes float16 steps without their intermediate rounding: codes off by 1).
+calibrate = torch.compiler.disable(calibrate)
+quantize = torch.compiler.disable(quantize)
+dequantize = torch.compiler.disable(dequantize)
+unpack_bits = torch.compiler.disable(unpack_bits)

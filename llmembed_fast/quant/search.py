@@ -143,3 +143,9 @@ def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 <<
         order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s, best_i = s.gather(1, order), i.gather(1, order)
     return best_s, best_i
+
+
+# Under torch.compile the searches run eagerly behind a graph break: host-side checks, no gradient, and
+# the exact query folding (frexp) that inductor's CPU code generation does not compile.
+hamming_topk = torch.compiler.disable(hamming_topk)
+int8_topk = torch.compiler.disable(int8_topk)
