@@ -11,7 +11,9 @@ Rules:
 - truncation removes text only (from its end), never template characters or special tokens. With a fast
   tokenizer a text that is too long is cut at a token boundary (from the offsets) and rendered and
   tokenized again, so a token merged across the text/template boundary (``'."'``) is never dropped and
-  every copy holds the same cut text. A slow tokenizer (no offsets) loses whole text tokens from the end
+  every copy holds the same cut text. The cut falls between characters, so where one character takes
+  several tokens (byte-level BPE on emoji or CJK) the sequence may end up to that many tokens minus one
+  short of ``max_length``. A slow tokenizer (no offsets) loses whole text tokens from the end
   of each copy, evenly across copies. The template and specials must fit in ``max_length``.
 - EOS is appended after everything when ``add_eos`` and the tokenizer does not already add a terminator
   (any special token it appends, e.g. Qwen3-Embedding's ``<|endoftext|>``); ``strip_eos`` drops the
