@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,50 @@ def test_hf_trainer_checkpointing_and_learned_temperature(tmp_path):
         GradCacheTrainer(model=emb, args=args, train_dataset=pairs(8), chunk_size=2,
                          data_collator=PairCollator(emb.tokenize),
                          loss_fn=lf.ContrastiveLoss(learn_temperature=True))
+
+
+def test_hf_trainer_saves_an_embedder_that_reloads(tmp_path):
+    """save_model and every checkpoint of a GradCacheTrainer training an LLMEmbedder hold the model, the
+    tokenizer and the settings (the Trainer alone wrote a bare state dict: from_pretrained failed);
+    resuming from a checkpoint and load_best_model_at_end load it back into the embedder."""
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator
+
+    def trainer_for(emb, out, steps, **kw):
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps,
+                                 learning_rate=1e-3, report_to=[], remove_unused_columns=False,
+                                 use_cpu=True, save_strategy="steps", save_steps=1, **kw)
+        return GradCacheTrainer(model=emb, args=args, train_dataset=pairs(16), eval_dataset=pairs(4),
+                                chunk_size=2, data_collator=PairCollator(emb.tokenize))
+
+    texts = ["a short text", "another one, a little longer than the first"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = _embedder()
+        trainer_for(emb, tmp_path / "run", 2).train()
+        trained = emb.encode(texts)
+        emb.save_pretrained(tmp_path / "direct", state_dict=emb.state_dict())  # as FSDP's gathered dict
+        np.testing.assert_allclose(lf.LLMEmbedder.from_pretrained(str(tmp_path / "direct")).encode(texts),
+                                   trained, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="state_dict"):
+            emb.save_pretrained(tmp_path / "bad", state_dict={"weight": torch.zeros(1)})
+        trainer_for(emb, tmp_path / "run", 2).save_model(str(tmp_path / "final"))
+        for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2"):
+            again = lf.LLMEmbedder.from_pretrained(str(folder))
+            np.testing.assert_allclose(again.encode(texts), trained, rtol=0, atol=1e-6)
+        # resume: a fresh embedder picks the checkpoint's weights up before training on
+        fresh = _embedder()
+        fresh.model.embed_tokens.weight.data.zero_()  # differs from the checkpoint
+        ckpt = str(tmp_path / "run" / "checkpoint-2")
+        trainer_for(fresh, tmp_path / "run", 2).train(resume_from_checkpoint=ckpt)
+        np.testing.assert_allclose(fresh.encode(texts), trained, rtol=0, atol=1e-6)
+        # load_best_model_at_end reads a checkpoint this trainer wrote
+        best = _embedder()
+        t = trainer_for(best, tmp_path / "best", 2, eval_strategy="steps", eval_steps=1,
+                        load_best_model_at_end=True)
+        t.train()
+        want = lf.LLMEmbedder.from_pretrained(t.state.best_model_checkpoint).encode(texts)
+        np.testing.assert_allclose(best.encode(texts), want, rtol=0, atol=1e-6)

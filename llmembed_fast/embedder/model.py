@@ -489,22 +489,49 @@ class LLMEmbedder(nn.Module):
                       default_prompt_name=saved.get("default_prompt_name"))
         return cls(model, tokenizer, **kw)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def _inner_model(self) -> nn.Module:
+        """The wrapped model itself (a torch.compile'd one's original module)."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write the model (``save_pretrained``), its tokenizer and this embedder's settings (pooling,
         normalization, dims, prompt style and prompts, truncation, EOS, padding side) to the folder ``path``:
-        ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings."""
+        ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings. ``state_dict``: this embedder's
+        state dict to write instead of the model's own tensors (e.g. one gathered from FSDP shards)."""
         path = os.fspath(path)
-        inner = getattr(self.model, "_orig_mod", self.model)
+        inner = self._inner_model()
         if not callable(getattr(inner, "save_pretrained", None)):
             raise TypeError(f"{type(inner).__name__} has no save_pretrained(): save its weights yourself")
+        kwargs = {}
+        if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
+            inner_sd = {}
+            for key, value in state_dict.items():
+                if not key.startswith("model."):
+                    raise ValueError(f"state_dict: key {key!r} is not one of this embedder's model's")
+                key = key[len("model."):]
+                inner_sd[key.removeprefix("_orig_mod.")] = value
+            kwargs["state_dict"] = inner_sd
         os.makedirs(path, exist_ok=True)
-        inner.save_pretrained(path)
+        inner.save_pretrained(path, **kwargs)
         self.tokenizer.save_pretrained(path)
         settings = {"format": 1, **{key: getattr(self, key) for key in _SETTINGS},
                     "prompt_style": dataclasses.asdict(self.style), "prompts": self.prompts,
                     "default_prompt_name": self.default_prompt_name, "lowercase": self.lowercase}
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2)
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load the model weights that :meth:`save_pretrained` wrote to the folder ``path`` into this
+        embedder, in place (settings, tokenizer, device and dtype unchanged). The folder's model is loaded
+        once on the CPU first, so this briefly needs a second copy of the weights in host memory."""
+        path = os.fspath(path)
+        inner = self._inner_model()
+        if not callable(getattr(type(inner), "from_pretrained", None)):
+            raise TypeError(f"{type(inner).__name__} has no from_pretrained(): load its weights yourself")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"path: {path!r} holds no saved model (no config.json)")
+        loaded = type(inner).from_pretrained(path, dtype=self._compute_dtype())
+        inner.load_state_dict(loaded.state_dict())
 
     def _n_positions(self) -> int | None:
         """Tokens the position table holds for one sequence (RoBERTa-style tables lose their offset)."""

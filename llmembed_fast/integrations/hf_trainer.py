@@ -11,10 +11,12 @@ Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from llmembed_fast.training.grad_cache import GradCache, synced_module
 
@@ -108,6 +110,53 @@ class GradCacheTrainer(Trainer):
                        grad_multiplier=self._gc_grad_multiplier(), sync_module=sync)
         loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)
         return (loss, {}) if return_outputs else loss
+
+    def _llm_embedder(self, model=None):
+        """The model when it is an ``LLMEmbedder`` (unwrapped from DDP / torch.compile), else None."""
+        from llmembed_fast.embedder.model import LLMEmbedder
+
+        m = model if model is not None else self.model
+        m = self.accelerator.unwrap_model(m, keep_torch_compile=False)
+        return m if isinstance(m, LLMEmbedder) else None
+
+    def _saved_embedder(self, folder: str | None, model=None):
+        """The embedder to load ``folder`` into when it was written by :meth:`_save` (else None: the
+        Trainer's own loading applies, e.g. FSDP / DeepSpeed checkpoints)."""
+        from llmembed_fast.embedder.model import SETTINGS_FILE
+
+        if not folder or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        if not os.path.isfile(os.path.join(folder, SETTINGS_FILE)):
+            return None
+        return self._llm_embedder(model)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """An ``LLMEmbedder`` is saved with its ``save_pretrained`` (model, tokenizer, settings), so that
+        ``LLMEmbedder.from_pretrained(checkpoint)`` loads a checkpoint or ``save_model``'s folder (the
+        Trainer's own ``_save`` writes a bare state dict for modules that are not a ``PreTrainedModel``)."""
+        embedder = self._llm_embedder()
+        if embedder is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        embedder.save_pretrained(output_dir, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        embedder = self._saved_embedder(resume_from_checkpoint, model)
+        if embedder is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        embedder.load_weights(resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        embedder = self._saved_embedder(self.state.best_model_checkpoint)
+        if embedder is None:
+            return super()._load_best_model()
+        embedder.load_weights(self.state.best_model_checkpoint)
+        return None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the loss on the batch, embedded in chunks without a graph (no predictions).
