@@ -74,6 +74,42 @@ def _peak_extra_bytes(torch, fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _dist_version(*names: str) -> str:
+    """Installed version of the first of ``names`` (distribution names) found, else "not installed"."""
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _baseline_versions() -> dict:
+    """Versions of the baselines and libraries the figures depend on, and this checkout's commit."""
+    import subprocess
+
+    out = {
+        "transformers": _dist_version("transformers"),
+        "sentence_transformers": _dist_version("sentence-transformers"),
+        "inf_cl": _dist_version("inf-cl", "inf_cl"),
+        "faiss": _dist_version("faiss-gpu", "faiss-cpu", "faiss", "faiss-gpu-cu12", "faiss-gpu-cu11"),
+        "numpy": _dist_version("numpy"),
+    }
+    try:
+        git = lambda *a: subprocess.run(  # noqa: E731
+            ["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += " (with uncommitted changes)"
+    except Exception:  # no git, or a copy of the tree without .git
+        commit = "not available (no git checkout)"
+    out["llmembed_fast_commit"] = commit
+    return out
+
+
 def _measure_ceilings(torch, bench) -> tuple[float, float]:
     """Device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
     n = 1 << 30  # 1 GiB per buffer
@@ -96,7 +132,18 @@ def _measure_ceilings(torch, bench) -> tuple[float, float]:
 # compile the most kernel variants.
 CHECK_WEIGHTS = {"contrastive": 3.0, "pooling": 1.0, "grad_cache": 1.0, "embedder": 1.0, "quant": 1.0}
 # Relative share of the timing budget per section (what is left is split among the sections still to run).
-TIME_WEIGHTS = {"pooling": 0.8, "contrastive": 2.0, "quant": 1.0, "grad_cache": 1.6, "embedder": 1.4}
+# Sized for benchmarks/run_gpu_suite.sh's first stage: --budget-s 400 --check-share 0.3 --only contrastive
+# grad_cache embedder. The checks end by 120 s (ceilings included; earlier when grad_cache's and embedder's
+# few-second checks leave their part unused), so the timings get P = 280-300 s. Needs, from the H200 runs of
+# 2026-11-27 (RESULTS.md): contrastive's headline cases ~100 s (its Inf-CL cases start only with >= 40 s
+# left, the 262,144 one with >= 30 s); grad_cache ~100 s (~20 s model + cached vs uncached at B=256; memory:
+# one B=1,024 step 2.6 s + one B=16,384 step ~42 s, needing ~55 s with margin; then B=4,096 against ST, one
+# ~10 s step each, ~34 s with margin); embedder ~75 s (2,000 texts with all baselines ~20 s; 20,000 texts,
+# one pass each of ours and ST, predicted 10 x (1.0 + 2.3 s) x 1.25 + 10 s ~ 51 s, plus preparing them).
+# Shares at P = 280 with these weights: contrastive 280 x 2.0/5.5 = 102 s; if it uses all of it, grad_cache
+# 178 x 2.0/3.5 = 102 s, embedder the remaining 76 s (plus whatever the earlier sections leave). Before:
+# 1.6 and 1.4 gave grad_cache ~90 s, which cannot hold both the 16,384 memory step and the ST comparison.
+TIME_WEIGHTS = {"pooling": 0.8, "contrastive": 2.0, "quant": 1.0, "grad_cache": 2.0, "embedder": 1.5}
 
 
 def _check_line(c: dict) -> str:
@@ -176,6 +223,7 @@ def main() -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
+        **_baseline_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "smoke": args.smoke,
     }

@@ -9,6 +9,10 @@
 # Knobs: BUDGET_S (suite seconds for the first stage, default 400), QUANT_BUDGET_S (default 90),
 # SUITE_ARGS (more gpu_suite.py arguments for the first stage, e.g. "--full" or "--checks contrastive"),
 # MAX_JOBS (default 8: leaves cores for the timings), LLMEMBED_FAST_BUILD_EXT=0 skips the build.
+# Budget (one device call is at most 600 s): stage 1 400 s (+ 40 s timeout slack) + quant 90 s (+ 30 s)
+# + start-up ~20 s: ~510 s wall typically; the timeouts cap the two stages at 560 s. Stage 1: checks <= 0.3 x 400 = 120 s, timings
+# the remaining 280-300 s split by gpu_suite.TIME_WEIGHTS (contrastive 2.0, grad_cache 2.0, embedder 1.5:
+# ~102 / ~102 / ~76 s at 280 s; the arithmetic is in gpu_suite.py beside TIME_WEIGHTS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"

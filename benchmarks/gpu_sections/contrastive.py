@@ -2,16 +2,20 @@
 
 correctness: loss and gradients (q, d, temperature) against the float64 materialized reference for every
 dtype (fp32 with TF32 and with IEEE dots), shapes no tile divides (and odd ones) with hard negatives, plain
-and every option at once;
-a forward with more than 2^31 candidate elements (64-bit offsets) against the torch backend.
-timings: forward + backward and peak extra memory against naive (matmul + F.cross_entropy) and Inf-CL
-(when importable) at the issue's sizes, option costs relative to plain InfoNCE, and B = N = 262,144.
-Sized to stay within ~90 s on an H100; big cases run only while ctx.time_left() allows.
+and every option at once; the variants behind the headline timings (plain and fused symmetric, bf16, one
+dim) among the first, so a short budget cannot drop them; per-query losses and gradients with more than
+2^31 candidate elements (64-bit offsets, positives past 2^31 elements) against the torch backend.
+timings: forward + backward and peak extra memory against naive (matmul + F.cross_entropy), eager and
+torch.compile'd (dynamic=False), at the issue's sizes, then option costs relative to plain InfoNCE and the
+forward alone (with both naive baselines), Inf-CL (when importable), and B = N = 262,144.
+Sized to stay within ~100 s on an H100 (each torch.compile of a new shape takes ~20-40 s of it); big cases
+and compiles run only while ctx.time_left() allows, else they are recorded as skipped with the reason.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from llmembed_fast.triton_kernels import contrastive as tk
@@ -109,12 +113,21 @@ def correctness(ctx):
         for opt_name, kw in (("plain", {}), ("all options", all_opts)):  # the opt-in cuBLAS-logits mode
             cases.append((f"gemm-logits {opt_name}", B, N, D, dt, kw, 30 + j, False, "gemm"))
     cases.append(("gemm-logits fused symmetric", B, N, D, bf16, fused, 33, True, "gemm"))
+    # right after the first triangles check: the two variants behind the headline timings (bf16, one dim),
+    # so a short budget cannot drop them: plain (explicit labels run the same kernels as the default ones)
+    # and symmetric with default labels (the fused column term)
+    cases[1:1] = [
+        ("plain", B, N, D, bf16, {}, 3, False, None),
+        ("fused symmetric one-dim", B, N, D, bf16, dict(symmetric=True), 22, True, None),
+    ]
     for i, dt in enumerate([fp32, (torch.float32, True), (torch.float16, True), bf16]):
         for opt_name, kw in (("plain", {}), ("all options", all_opts)):
             if opt_name != "plain" and (dt[0] == torch.float16 or dt[1]):
                 continue  # same kernels as fp32-ieee / bf16 with all options; keeps compile time down
+            if opt_name == "plain" and dt == bf16:
+                continue  # checked first (above)
             cases.append((opt_name, B, N, D, dt, kw, i, False, None))
-    for j, dt in enumerate((fp32, bf16)):  # symmetric with default labels: the fused column term
+    for j, dt in enumerate((fp32, bf16)):  # the fused column term with a margin and two dims
         cases.append(("fused symmetric", B, N, D, dt, fused, 20 + j, True, None))
     if not ctx.smoke:  # small B, large-N split forward, odd everything
         cases.append(("plain", 1, 4099, 8, bf16, {}, 9, False, None))
@@ -126,29 +139,69 @@ def correctness(ctx):
             continue
         with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", logits):
             yield _check(full, b, n, dd, dtype, tf32, kw, dev, seed=seed, default_labels=arange)
-    # 64-bit offsets: N * D > 2^31 elements in the candidates
-    if not ctx.smoke and ctx.time_left() > 90:
-        B, N, D = 64, (1 << 21) + 3, 1024
-        gen = torch.Generator(device=dev).manual_seed(5)
-        q = torch.randn(B, D, device=dev, generator=gen, dtype=torch.bfloat16)
-        d = torch.randn(N, D, device=dev, generator=gen, dtype=torch.bfloat16)
-        labels = torch.randint(0, N, (B,), device=dev, generator=gen)
-        with torch.no_grad():
-            got = lf.contrastive_loss(q, d, labels=labels)
-            with env("LLMEMBED_FAST_BACKEND", "torch"):
-                want = lf.contrastive_loss(q, d, labels=labels)
-        e = abs(got.item() - want.item()) / abs(want.item())
-        yield {
-            "name": f"contrastive fwd B{B} N{N} D{D} bf16 (int64 offsets)",
-            "ok": e <= 1e-3,
-            "err": e,
-            "tol": 1e-3,
-            "detail": f"ours {got.item():.6f} torch backend {want.item():.6f}",
-        }
-        del q, d
+    # 64-bit offsets: N * D > 2^31 elements in the candidates (d is 4 GiB; the gradients' float32
+    # accumulators and the torch backend's float32 copy of d: ~30 GB at the peak, estimated)
+    if ctx.smoke:  # the check's plumbing at a tiny size (no row past 2^31 elements there)
+        yield from _offsets_check(dev, 8, 67, 32, far_start=67 - 9, label="(offsets check, smoke size)")
+    elif ctx.time_left() > 90:
+        D = 1024
+        far = -(-(1 << 31) // D)  # the first row past 2^31 elements
+        yield from _offsets_check(dev, 64, (1 << 21) + 61, D, far_start=far, label="(int64 offsets)")
+    else:
+        yield {"name": "contrastive fwd+bwd (int64 offsets)", "skipped": "needs 90 s of check budget"}
+
+
+def _offsets_check(dev, B, N, D, far_start, label):
+    """Loss per query (reduction="none") and gradients, Triton against the torch backend, with the positives
+    of the first queries at rows >= far_start (past 2^31 elements at the GPU size) and correlated with their
+    queries: a wrong offset there moves those queries' losses by O(1) (their positive term and most of their
+    log-sum-exp) and the far rows' gradients entirely. Two records: the losses (float32 both, from the same
+    bf16 inputs: tol 1e-3) and dq of those queries with dd of the rows past far_start (bf16: TOL["bf16"])."""
+    k = min(8, B // 2, N - far_start)
+    gen = torch.Generator(device=dev).manual_seed(5)
+    q = torch.randn(B, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    d = torch.randn(N, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    labels = torch.randint(0, far_start, (B,), device=dev, generator=gen)
+    labels[:k] = torch.linspace(far_start, N - 1, k, device=dev).round().long()
+    far = labels[:k]
+    d[far] = (0.6 * q[:k].float() + 0.8 * d[far].float()).to(d.dtype)
+    q.requires_grad_(True)
+    d.requires_grad_(True)
+    res = {}
+    for backend in ("triton", "torch"):
+        with env("LLMEMBED_FAST_BACKEND", backend):
+            rows = lf.contrastive_loss(q, d, labels=labels, reduction="none")
+            rows.mean().backward()
+        res[backend] = (rows.detach().cpu(), q.grad[:k].cpu(), d.grad[far_start:].cpu())
+        q.grad = d.grad = None
+        del rows
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    (rows, dq, dd), (rows_t, dq_t, dd_t) = res["triton"], res["torch"]
+    e_all, e_far = _rel(rows, rows_t.double()), _rel(rows[:k], rows_t[:k].double())
+    e_loss = max(e_all, e_far)
+    yield {
+        "name": f"contrastive fwd B{B} N{N} D{D} bf16 {label}",
+        "ok": e_loss <= 1e-3,
+        "err": e_loss,
+        "tol": 1e-3,
+        "detail": f"per-query losses: all {e_all:.1e}, the {k} with positives at rows >= {far_start} "
+        f"{e_far:.1e} (ours {[round(x, 4) for x in rows[:k].tolist()]}, "
+        f"torch backend {[round(x, 4) for x in rows_t[:k].tolist()]})",
+    }
+    e_dq, e_dd = _rel(dq, dq_t.double()), _rel(dd, dd_t.double())
+    tol = TOL["bf16"]
+    yield {
+        "name": f"contrastive bwd B{B} N{N} D{D} bf16 {label}",
+        "ok": max(e_dq, e_dd) <= tol,
+        "err": max(e_dq, e_dd),
+        "tol": tol,
+        "detail": f"dq of those {k} queries {e_dq:.1e}, dd of the {N - far_start} rows >= {far_start} "
+        f"{e_dd:.1e}",
+    }
+    del q, d, res
+    if dev.type == "cuda":
         torch.cuda.empty_cache()
-    elif not ctx.smoke:
-        yield {"name": "contrastive fwd (int64 offsets)", "skipped": "needs 90 s of check budget"}
 
 
 def _time_once_ms(fn) -> float:
@@ -188,6 +241,67 @@ def _case(name, fn):
             torch.cuda.empty_cache()
 
 
+# Seconds a torch.compile'd baseline needs before it starts: compiling a new shape takes ~20-40 s on the GPU
+# machine (forward + backward; the forward alone, without autograd, less), then two warm-up calls, the
+# timing and the peak. In smoke runs (CPU, backend aot_eager) a few seconds.
+_COMPILE_NEED_S = {"fwd+bwd": 45.0, "fwd": 30.0, "smoke": 5.0}
+
+
+def _compiled_baseline(ctx, base, extra, q, d, quick, grad, need_s):
+    """torch.compile(naive_loss, dynamic=False) on the same inputs (bf16, temperature 0.05, normalized, as
+    the eager naive case): forward + backward (grad) or the forward alone (called under no_grad). Two warm-up
+    calls (the first compiles: its time is recorded), then ctx.bench and the peak extra memory as naive's.
+    Adds base["torch.compile naive"] and extra["compiled_*"]; returns None, or why it was left out (budget,
+    a compile failure, out of memory): the caller records that as a skipped record, the section goes on.
+    Smoke runs (CPU) compile with backend="aot_eager" (dynamo + AOT autograd, no code generation: inductor's
+    C++ build takes ~10 s there)."""
+    if ctx.time_left() < need_s:
+        why = f"needs ~{need_s:.0f} s (compiling a new shape), {max(0.0, ctx.time_left()):.0f} s left"
+        extra["compiled"] = "skipped: budget"
+        return why
+    backend = "aot_eager" if ctx.smoke else "inductor"
+    comp = torch.compile(naive_loss, dynamic=False, backend=backend)
+    value = {}
+
+    def run():
+        q.grad = d.grad = None
+        loss = comp(q, d)
+        if grad:
+            loss.backward()
+        value["loss"] = loss
+
+    try:
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()  # compiles
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        run()
+        with torch.no_grad():  # same loss value as ours, or the timing compares different work
+            diff = float(value.pop("loss").detach() - lf.contrastive_loss(q, d))
+        ms = ctx.bench(run, **quick)
+        peak = _peak_mb(ctx, run, q, d)
+    except Exception as exc:  # noqa: BLE001 - a compile failure or an OOM is a result, not a crash
+        value.clear()
+        q.grad = d.grad = None
+        if q.is_cuda:
+            torch.cuda.empty_cache()
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        extra["compiled"] = "skipped: out of memory" if oom else "skipped: error"
+        return f"{type(exc).__name__}: {exc}"[:200]
+    value.clear()
+    q.grad = d.grad = None
+    base["torch.compile naive"] = ms
+    extra["compiled_peak_extra_MB"] = peak
+    extra["compiled_compile_s"] = round(compile_s, 1)
+    extra["compiled_minus_ours"] = f"{diff:.1e}"
+    if backend != "inductor":
+        extra["compiled_backend"] = backend
+    return None
+
+
 def timings(ctx):
     dev = ctx.device
     # tile and budget sweeps, profiles: tuning data, recorded in RESULTS.md and shipped; only on request
@@ -203,10 +317,12 @@ def timings(ctx):
         yield from tuning.sweep(ctx, 32768, 4096, configs=tuning.CONFIGS[:5])
     sizes = [(64, 64, 32)] if ctx.smoke else [(65536, 65536, 1024), (32768, 32768, 4096)]
     quick = dict(warmup=1, reps=3, min_s=0.0) if not ctx.smoke else {}
-    plain_ms = {}
+    plain_ms, gemm_ms = {}, {}
+    # torch.compile(naive_loss) of its own per size and grad mode (each is a new graph to compile anyway)
+    need = _COMPILE_NEED_S["smoke" if ctx.smoke else "fwd+bwd"]
 
     def size_case(B, N, D):
-        """ours (Triton logits, cuBLAS logits) against naive; at the first size the option costs."""
+        """ours (Triton logits, cuBLAS logits) against naive, eager and torch.compile'd."""
         q, d = make_batch(B, N, D, torch.bfloat16, dev)
         ours = fwd_bwd(lf.contrastive_loss, q, d)
         t_ours = ctx.bench(ours, **quick)
@@ -214,7 +330,7 @@ def timings(ctx):
         extra = {"peak_extra_MB": _peak_mb(ctx, ours, q, d), "peak_includes": "dq, dd"}
         base = {}
         gemm = _with_logits("gemm", ours)  # the opt-in cuBLAS-logits mode, same inputs
-        base["ours, gemm logits"] = ctx.bench(gemm, **quick)
+        base["ours, gemm logits"] = gemm_ms[(B, N, D)] = ctx.bench(gemm, **quick)
         extra["gemm_peak_extra_MB"] = _peak_mb(ctx, gemm, q, d)
         naive = fwd_bwd(naive_loss, q, d)
         try:
@@ -222,8 +338,10 @@ def timings(ctx):
             extra["naive_peak_extra_MB"] = _peak_mb(ctx, naive, q, d)
         except torch.OutOfMemoryError:
             extra["naive"] = "out of memory"
+            q.grad = d.grad = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        why = _compiled_baseline(ctx, base, extra, q, d, quick, grad=True, need_s=need)
         yield {
             "name": f"fwd+bwd plain B=N={B} D{D} bf16",
             "ours_ms": t_ours,
@@ -231,8 +349,17 @@ def timings(ctx):
             "floor_ms": 6 * B * N * D / ctx.matmul_flops * 1e3,
             "extra": extra,
         }
-        if (B, N, D) != sizes[0]:
-            return
+        if why:
+            yield {"name": f"torch.compile naive fwd+bwd B=N={B} D{D} bf16", "skipped": why}
+
+    def options_case(B, N, D):
+        """At the first size: the option costs and the forward alone (after both sizes' baselines, which
+        need the time more: their torch.compile'd naive loss was never measured)."""
+        q, d = make_batch(B, N, D, torch.bfloat16, dev)
+        t_ours = plain_ms.get((B, N, D))
+        if t_ours is None:  # the size's own case did not run
+            t_ours = plain_ms[(B, N, D)] = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d), **quick)
+        t_gemm_plain = gemm_ms.get((B, N, D))
         # option costs relative to plain, each in both logits modes; the new default path against the
         # previous one, side by side: one loop over D for the Matryoshka ranges instead of one per range;
         # the same-tower terms as triangles instead of full squares
@@ -240,6 +367,8 @@ def timings(ctx):
             if ctx.time_left() < 20:
                 yield {"name": f"fwd+bwd {opt} B=N={B} D{D} bf16", "skipped": "timing budget spent"}
                 continue
+            if t_gemm_plain is None:
+                t_gemm_plain = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d)), **quick)
             kw = option_kwargs(opt, D)
             t = ctx.bench(fwd_bwd(lf.contrastive_loss, q, d, **kw), **quick)
             t_g = ctx.bench(_with_logits("gemm", fwd_bwd(lf.contrastive_loss, q, d, **kw)), **quick)
@@ -263,27 +392,50 @@ def timings(ctx):
                 "extra": {
                     "cost_vs_plain": round(t / t_ours, 3),
                     "gemm_logits_ms": round(t_g, 3),
-                    "gemm_cost_vs_gemm_plain": round(t_g / base["ours, gemm logits"], 3),
+                    "gemm_cost_vs_gemm_plain": round(t_g / t_gemm_plain, 3),
                     "options": str(kw),
                     **more,
                 },
             }
+        if ctx.time_left() < 10:
+            yield {"name": f"fwd only B=N={B} D{D} bf16", "skipped": "timing budget spent"}
+            return
+        q.grad = d.grad = None
         with torch.no_grad():  # forward alone: the flash-style LSE pass
-            t_f = ctx.bench(lambda: lf.contrastive_loss(q, d), **quick)
-            t_nf = ctx.bench(lambda: naive_loss(q, d), **quick)
+            fwd = lambda: lf.contrastive_loss(q, d)  # noqa: E731
+            nfwd = lambda: naive_loss(q, d)  # noqa: E731
+            t_f = ctx.bench(fwd, **quick)
+            base = {"naive": ctx.bench(nfwd, **quick)}
+            extra = {
+                "peak_extra_MB": _peak_mb(ctx, fwd, q, d),
+                "naive_peak_extra_MB": _peak_mb(ctx, nfwd, q, d),
+            }
+            why = _compiled_baseline(
+                ctx, base, extra, q, d, quick, grad=False,
+                need_s=_COMPILE_NEED_S["smoke" if ctx.smoke else "fwd"],
+            )  # fmt: skip
         yield {
             "name": f"fwd only B=N={B} D{D} bf16",
             "ours_ms": t_f,
-            "baselines": {"naive": t_nf},
+            "baselines": base,
             "floor_ms": 2 * B * N * D / ctx.matmul_flops * 1e3,
-            "extra": {},
+            "extra": extra,
         }
+        if why:
+            yield {"name": f"torch.compile naive fwd only B=N={B} D{D} bf16", "skipped": why}
 
     for B, N, D in sizes:
         if ctx.time_left() < 25:
             yield {"name": f"fwd+bwd B=N={B} D{D} bf16", "skipped": "timing budget spent"}
             continue
         yield from _case(f"fwd+bwd B=N={B} D{D} bf16", lambda B=B, N=N, D=D: size_case(B, N, D))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    B, N, D = sizes[0]
+    if ctx.time_left() < 20:
+        yield {"name": f"fwd+bwd options, fwd only B=N={B} D{D} bf16", "skipped": "timing budget spent"}
+    else:
+        yield from _case(f"fwd+bwd options, fwd only B=N={B} D{D} bf16", lambda: options_case(B, N, D))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     # Inf-CL after the figures that were never measured (it was: 13.5x slower at 65,536 on the H200)

@@ -1,19 +1,28 @@
 """GPU section: gradient caching (lf.GradCache) on a random-init Qwen2-0.5B-shaped model, bf16, L=128.
 
 correctness: GradCache's parameter gradients vs a graph-kept forward over the same chunks (same RNG), fp32
-with dropout on and bf16 autocast. timings: cached vs uncached step at a batch that fits uncached; vs
-sentence-transformers' CachedMultipleNegativesRankingLoss; peak memory at a small and a large batch
-(same chunk): B = 1,024 vs 16,384 when the budget allows (else 4,096). ``LLMEMBED_FAST_GC_FULL=1``:
-three timed runs against ST instead of one.
+with dropout on and bf16 autocast. timings, in this order: cached vs uncached step (time, and peak memory of
+one step each) at a batch that fits uncached; peak memory at B = 1,024 vs the issue's 16,384 (chunk 256, one
+step per size, 16,384 run when the B = 1,024 step's time predicts it fits, else 4,096); then against
+sentence-transformers' CachedMultipleNegativesRankingLoss at B = 4,096 (smaller B, or no warm-up, when the
+budget is short). Peak memory counts the step's parameter gradients on every side (step_peak_bytes).
+``LLMEMBED_FAST_GC_FULL=1``: three timed runs against ST instead of one.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 import llmembed_fast as lf
-from llmembed_fast.bench.cases_grad_cache import QWEN2_05B, qwen2_encoder, random_batch, step_fns
+from llmembed_fast.bench.cases_grad_cache import (
+    QWEN2_05B,
+    qwen2_encoder,
+    random_batch,
+    step_fns,
+    step_peak_bytes,
+)
 
 from .profiling import kernel_times
 
@@ -68,6 +77,9 @@ def correctness(ctx) -> list[dict]:
 
 def timings(ctx):
     dev = ctx.device
+    # fixed margins in seconds: the smoke run's tiny shapes take a tenth of them (a --smoke --budget-s 60 run
+    # still reaches every case)
+    m = 0.1 if ctx.smoke else 1.0
     cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2) if ctx.smoke else dict(QWEN2_05B)
     enc = qwen2_encoder(dev, **cfg)
     vocab = enc.model.config.vocab_size
@@ -80,6 +92,9 @@ def timings(ctx):
     def batches(B, seed=0):
         return (random_batch(B, L if not ctx.smoke else 16, vocab, dev, seed + 1),
                 random_batch(B, L if not ctx.smoke else 16, vocab, dev, seed + 2))
+
+    def peak(fn):  # gradients set to None before the baseline: their allocation counts, on every side
+        return step_peak_bytes(ctx.peak_extra_bytes, enc, fn)
 
     if os.environ.get("LLMEMBED_FAST_SUITE_GC_PROFILE", "0") == "1" and dev.type == "cuda":
         yield from _profile(ctx, enc, batches)
@@ -103,55 +118,108 @@ def timings(ctx):
             B, chunk = B // 2, max(1, chunk // 2)
     t_gc = ctx.bench(fns["gradcache"], **kw)
     t_nr = ctx.bench(fns["gradcache_no_reuse"], **kw)  # every chunk run twice (before reuse_last_chunk)
+    mem = {"peak_MB_cached": round(peak(fns["gradcache"]) / 2**20, 1),  # one step each, grads counted
+           "peak_MB_uncached": round(peak(fns["uncached"]) / 2**20, 1)}
     yield {"name": f"step Qwen2-0.5B-shape bf16 L{L} B{B} chunk{chunk}: cached vs uncached",
            "ours_ms": t_gc, "baselines": {"uncached": t_un, "cached, reuse_last_chunk=False": t_nr},
            "floor_ms": None,
            "extra": {"cached/uncached": round(t_gc / t_un, 3),
-                     "no_reuse/uncached": round(t_nr / t_un, 3), "target": "<= 1.35"}}
-    row_ms = t_gc / B  # a cached step's time per row, for the estimates below
+                     "no_reuse/uncached": round(t_nr / t_un, 3), "target": "<= 1.35", **mem,
+                     "peak_includes": "parameter gradients (set to None before the baseline)"}}
+    # seconds per row of a cached step (at this smaller chunk host-bound: an over-estimate for larger ones)
+    step_s = t_gc / B / 1e3
     del q, d, fns
-    # 2) vs sentence-transformers CachedMNRL at the issue's B = 4096, chunk 256 (one run each after a
-    #    warm-up: a step is seconds long; FULL: three), else at B = 1024 when the budget is short
+    # 2) peak memory does not grow with B, at the issue's B = 16,384 vs 1,024 (same chunk): first, one step
+    #    per size (no warm-up: the peak is what is measured; step 1 ran the same 256-row forward uncached),
+    #    the small size's wall time predicting the large one's; 4,096 when 16,384 does not fit
     chunk = 4 if ctx.smoke else 256
-    B = 8 if ctx.smoke else 4096
-    reps = kw if FULL else one
-    if ctx.time_left() < 40:
-        yield {"name": f"step B{B} chunk{chunk} vs sentence-transformers CachedMNRL",
-               "skipped": "timing budget spent"}
+    small, larger = (8, (64, 32)) if ctx.smoke else (1024, (16384, 4096))
+    name = f"peak extra memory B{larger[0]} vs B{small}, chunk{chunk}"
+    need = small * step_s * 1.2 + 10 * m
+    warm = False  # the chunk's shapes have run (the comparison below may then skip its warm-up)
+    if ctx.time_left() < need:
+        yield {"name": name, "skipped": f"timing budget spent: one B{small} step predicted {need:.0f} s "
+                                        f"with margin, {ctx.time_left():.0f} s left"}
     else:
-        q, d = batches(B, 10)
+        peaks, notes = {}, {}
+        q, d = batches(small, 20)
         fns = step_fns(enc, q, d, chunk)
-        t_gc = ctx.bench(fns["gradcache"], **reps)
-        row_ms = t_gc / B
-        base = {}
-        # ST's step is ~1-2x ours: skip it rather than overrun the section's share
-        if callable(fns["st_cached_mnrl"]) and ctx.time_left() > 2.5 * t_gc / 1e3 + 10:
-            base["st_cached_mnrl"] = ctx.bench(fns["st_cached_mnrl"], **reps)
-        yield {"name": f"step B{B} chunk{chunk} vs sentence-transformers CachedMNRL", "ours_ms": t_gc,
-               "baselines": base, "floor_ms": None,
-               "extra": {"speedup": round(base["st_cached_mnrl"] / t_gc, 3) if base else None,
-                         "runs": "3" if FULL else "1 after a warm-up", "target": ">= 1.5"}}
+        t = time.perf_counter()
+        peaks[small] = peak(fns["gradcache"])
+        t_small = time.perf_counter() - t
+        step_s = t_small / small  # measured at this chunk
+        warm = True
         del q, d, fns
-    # 3) peak memory does not grow with B: the issue's 16,384 vs 1,024 when the budget allows
-    sizes = (8, 64) if ctx.smoke else (1024, 16384)
-    if not ctx.smoke and ctx.time_left() < 20 + 2 * sum(sizes) * row_ms / 1e3:  # two steps of each
-        sizes = (1024, 4096)
-    if ctx.time_left() < 30:
-        yield {"name": f"peak extra memory B{sizes[1]} vs B{sizes[0]}", "skipped": "timing budget spent"}
+        for B in larger:
+            # per row a large B re-runs more of its chunks (all but each tower's last): 254 chunk forwards
+            # for 128 chunks at 16,384 vs 14 for 8 at 1,024, ~6% more time per row; 25% margin
+            pred = B * step_s * 1.25 + 5 * m  # + batch building and allocator growth
+            if ctx.time_left() < pred + 5 * m:
+                notes[f"B{B}"] = (f"skipped: one step predicted {pred:.0f} s from B{small}'s "
+                                  f"{t_small:.1f} s, {ctx.time_left():.0f} s left")
+                continue
+            q, d = batches(B, 20)
+            fns = step_fns(enc, q, d, chunk)
+            t = time.perf_counter()
+            peaks[B] = peak(fns["gradcache"])
+            took = time.perf_counter() - t
+            notes[f"B{B}_step_s"] = round(took, 1)
+            notes[f"B{B}_predicted_s"] = round(pred, 1)
+            step_s = took / B  # the better estimate for the comparison below
+            del q, d, fns
+            break
+        b = max(peaks)
+        if b == small:
+            yield {"name": name, "skipped": "; ".join(f"{k} {v}" for k, v in notes.items())}
+        else:
+            yield {"name": f"peak extra memory B{b} vs B{small}, chunk{chunk}", "ours_ms": float("nan"),
+                   "baselines": {}, "floor_ms": None,
+                   "extra": {f"peak_MB_B{small}": round(peaks[small] / 2**20, 1),
+                             f"peak_MB_B{b}": round(peaks[b] / 2**20, 1),
+                             "ratio": round(peaks[b] / max(peaks[small], 1), 4), "target": "<= 1.05",
+                             f"B{small}_step_s": round(t_small, 1), **notes,
+                             "runs": "one step per size, gradients counted"}}
+    # 3) vs sentence-transformers CachedMNRL at the issue's B = 4096, chunk 256: a warm-up and one run each
+    #    (FULL: three) when time allows, else one run each right after the memory steps ran the same chunk
+    #    shapes (a step is seconds long; first-call costs are tens of ms), else at a smaller B
+    B_opts = (8, 4) if ctx.smoke else (4096, 2048, 1024)
+
+    def need_s(B, runs):  # ours + ST (ST's step ~1-1.3x ours in run 2), with margin
+        return runs * B * step_s * 2.3 + 5 * m
+
+    plans = [(B_opts[0], dict(warmup=1, reps=3, min_s=0.0) if FULL else one, "3 after a warm-up" if FULL
+              else "1 after a warm-up")]
+    if warm:
+        lab = "1 each, no separate warm-up (the memory steps just ran this chunk's shapes)"
+        plans += [(Bc, dict(warmup=0, reps=1, min_s=0.0), lab) for Bc in B_opts]
+    else:
+        plans += [(Bc, one, "1 after a warm-up") for Bc in B_opts[1:]]
+    plan = next(((Bc, r, lab) for Bc, r, lab in plans
+                 if ctx.time_left() > need_s(Bc, r["warmup"] + r["reps"])), None)
+    if plan is None:
+        Bc = B_opts[0]
+        yield {"name": f"step B{Bc} chunk{chunk} vs sentence-transformers CachedMNRL",
+               "skipped": f"timing budget spent: predicted {need_s(Bc, 1):.0f} s for one run each at "
+                          f"B{Bc} ({need_s(B_opts[-1], 1):.0f} s at B{B_opts[-1]}), "
+                          f"{ctx.time_left():.0f} s left"}
         return
-    peaks = {}
-    for B in sizes:
-        q, d = batches(B, 20)
-        fns = step_fns(enc, q, d, chunk)
-        fns["gradcache"]()  # grads allocated once, as in training
-        peaks[B] = ctx.peak_extra_bytes(fns["gradcache"])
-        del q, d, fns
-    a, b = sizes
-    yield {"name": f"peak extra memory B{b} vs B{a}, chunk{chunk}", "ours_ms": float("nan"),
-           "baselines": {}, "floor_ms": None,
-           "extra": {f"peak_MB_B{a}": round(peaks[a] / 2**20, 1),
-                     f"peak_MB_B{b}": round(peaks[b] / 2**20, 1),
-                     "ratio": round(peaks[b] / max(peaks[a], 1), 4), "target": "<= 1.05"}}
+    B, reps, runs = plan
+    q, d = batches(B, 10)
+    fns = step_fns(enc, q, d, chunk)
+    t_gc = ctx.bench(fns["gradcache"], **reps)
+    base, extra = {}, {}
+    n_runs = reps["warmup"] + reps["reps"]
+    # ST's step is ~1-2x ours: skip it rather than overrun the section's share
+    if not callable(fns["st_cached_mnrl"]):
+        extra["st"] = fns["st_cached_mnrl"]
+    elif ctx.time_left() > 1.3 * n_runs * t_gc / 1e3 + 5 * m:
+        base["st_cached_mnrl"] = ctx.bench(fns["st_cached_mnrl"], **reps)
+    else:
+        extra["st"] = f"skipped: {ctx.time_left():.0f} s left after ours ({n_runs * t_gc / 1e3:.0f} s)"
+    yield {"name": f"step B{B} chunk{chunk} vs sentence-transformers CachedMNRL", "ours_ms": t_gc,
+           "baselines": base, "floor_ms": None,
+           "extra": {"speedup": round(base["st_cached_mnrl"] / t_gc, 3) if base else None, **extra,
+                     "runs": runs, "target": ">= 1.5 at B4096"}}
 
 
 def _profile(ctx, enc, batches, B: int = 128, chunk: int = 64, top: int = 10) -> list[dict]:

@@ -69,9 +69,23 @@ def random_batch(n: int, L: int, vocab: int, device, seed: int, min_len: int | N
     return {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device)}
 
 
+def step_peak_bytes(peak_extra_bytes, encoder, fn) -> int:
+    """Peak memory of one step ``fn`` (from :func:`step_fns`) above what was allocated before it, with the
+    parameter gradients counted: they are set to None before the baseline is taken, so the step allocates
+    them inside the measurement, as a training step after ``optimizer.zero_grad()`` does. (Each step also
+    sets them to None first; gradients left by an earlier step would sit in the baseline and be freed during
+    the measured step, understating its peak by up to their size.) The same for every side measured:
+    cached, uncached, any batch size. ``peak_extra_bytes``: fn -> bytes (the suite's ``ctx.peak_extra_bytes``
+    or ``lambda f: timing.peak_cuda_extra_bytes(f, device)``)."""
+    encoder.zero_grad(set_to_none=True)
+    return peak_extra_bytes(fn)
+
+
 def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtype=None):
     """{"gradcache": fn, "gradcache_no_reuse": fn, "uncached": fn, "st_cached_mnrl": fn or reason}: one
-    forward/backward each ("gradcache_no_reuse": ``reuse_last_chunk=False``, every chunk run twice)."""
+    forward/backward each ("gradcache_no_reuse": ``reuse_last_chunk=False``, every chunk run twice). Each
+    step starts with ``zero_grad(set_to_none=True)`` (gradients allocated anew, as in training); measure its
+    memory with :func:`step_peak_bytes`."""
     dev = next(encoder.parameters()).device
     ctx = ((lambda: torch.autocast(dev.type, dtype=autocast_dtype)) if autocast_dtype
            else contextlib.nullcontext)
