@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 
@@ -118,6 +119,9 @@ def _cmd_bench(args) -> int:
         f"llmembed-fast bench on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
         f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})"
     )
+    if os.environ.get("TRITON_INTERPRET") == "1" and not args.smoke:
+        notes = [*notes, "TRITON_INTERPRET=1: Triton kernels run in the interpreter, their timings say "
+                 "nothing about speed (unset it, or set LLMEMBED_FAST_BACKEND=torch)"]
     for n in notes:
         print("note:", n)
     records = run_cases(ctx, cases)

@@ -97,6 +97,9 @@ def cases(ctx) -> list:
             configs.append((16384, 16384, 256, torch.float32))
         opts = ("plain", "symmetric", "matryoshka5")
     infcl = infcl_loss() if gpu else "skipped: Inf-CL needs CUDA"
+    # compiled, naive keeps only the logits and fuses the softmax: the baseline to beat when memory fits
+    want_compile = gpu or ctx.full
+    compiled_naive = torch.compile(naive_loss, dynamic=False) if want_compile else None
     for B, N, D, dtype in configs:
         q, d = make_batch(B, N, D, dtype, ctx.device)
         tag = f"B{B} N{N} D{D} {str(dtype)[6:]}"
@@ -109,6 +112,13 @@ def cases(ctx) -> list:
                 naive_ok = gpu or B * N <= 4096 * 4096 or ctx.full
                 base["naive matmul+CE"] = (
                     fwd_bwd(naive_loss, q, d, symmetric=sym)
+                    if naive_ok
+                    else "skipped: B x N too large without --full"
+                )
+                base["torch.compile naive"] = (
+                    fwd_bwd(compiled_naive, q, d, symmetric=sym)
+                    if naive_ok and compiled_naive is not None
+                    else "skipped: on CPU only with --full (compilation takes minutes)"
                     if naive_ok
                     else "skipped: B x N too large without --full"
                 )
