@@ -28,11 +28,13 @@ def tf32(enabled: bool):
         finally:
             matmul.fp32_precision = prev_precision
         return
+    prev_precision = matmul.fp32_precision  # the legacy setter leaves "ieee"/"tf32" here, not "none"
     matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         matmul.allow_tf32 = prev
+        matmul.fp32_precision = prev_precision
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -45,8 +47,12 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Te
     if _MM_OUT_DTYPE_OK.get(key, True) and a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError):  # this torch has no out_dtype: remember it
             _MM_OUT_DTYPE_OK[key] = False
+        except RuntimeError:  # e.g. a dtype pair it refuses: fall back for this call only
+            pass
     return torch.mm(a, b).to(out_dtype)
 
 
@@ -66,8 +72,12 @@ def addmm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, piece_element
         try:
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             return
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError):  # this torch has no out_dtype: remember it
             _ADDMM_OUT_DTYPE_OK[key] = False
+        except RuntimeError:  # e.g. a dtype pair it refuses: fall back for this call only
+            pass
     piece = max(1, piece_elements // max(1, out.shape[1]))
     for j0 in range(0, out.shape[0], piece):
         out[j0 : j0 + piece] += mm_f32(a[j0 : j0 + piece], b, out.dtype)

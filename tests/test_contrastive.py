@@ -510,6 +510,16 @@ def test_module_learned_temperature_two_calls_and_inference_embeddings():
     torch.testing.assert_close(crit.log_scale.grad, crit2.log_scale.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_strided_labels(backend):
+    """Labels as a strided view (a column of a [B, 2] tensor): the kernels read them as a dense vector, so
+    they are made contiguous (the Triton path's gradients were wrong by 137%)."""
+    q, d, lab = _inputs(6, 11, 16, torch.float32, seed=22)
+    strided = torch.stack([lab, torch.zeros_like(lab)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    for kw in ({}, {"same_tower": True, "false_negative_margin": 0.1}):
+        _check(q, d, strided, TOL[torch.float32], **kw)
+
+
 def test_frozen_tower_from_inference_mode(backend):
     """Trainable queries against candidates (and labels) made under inference_mode (a frozen document
     tower): inference tensors cannot be saved for backward, so they are copied; same loss and gradient."""

@@ -71,3 +71,31 @@ def test_tf32_legacy_flag_toggled_and_restored(monkeypatch):
         with _matmul.tf32(enabled):
             assert m.allow_tf32 is enabled
         assert m.allow_tf32 is prev
+
+
+_LEGACY_SCRIPT = r"""
+import torch
+from llmembed_fast import _matmul
+torch.cuda.is_available = lambda: True  # the flags are plain settings; no GPU is touched
+m = torch.backends.cuda.matmul
+before = m.fp32_precision
+with _matmul.tf32(True):
+    pass
+assert m.fp32_precision == before, (m.fp32_precision, before)
+torch.backends.fp32_precision = "tf32"  # a later global setting still reaches matmul (inherit)
+assert m.fp32_precision in ("none", "tf32"), m.fp32_precision
+print("ok")
+"""
+
+
+def test_tf32_legacy_flag_leaves_fp32_precision_as_it_was():
+    """Restoring through the legacy allow_tf32 setter left matmul.fp32_precision at "ieee" instead of the
+    caller's "none" (inherit), so a later global fp32_precision no longer reached matmul (subprocess: the
+    settings cannot be undone in a process)."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    proc = subprocess.run([sys.executable, "-c", _LEGACY_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -504,3 +504,42 @@ def test_autocast_keeps_the_inputs_dtype(backend):
         for a, b in zip(e0, e1, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode: f"{mode}: {m}")
         torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7, msg=lambda m, mode=mode: f"{mode}: {m}")
+
+
+def test_op_context_makes_the_input_device_current(monkeypatch):
+    """Forward and backward of the ops run with their input's CUDA device current (Triton launches on the
+    current device, not the tensors': inputs on cuda:1 with cuda:0 current failed or raced). No GPU here:
+    torch.cuda.device is replaced by a recorder."""
+    import types
+
+    from llmembed_fast.ops._autograd import op_context
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, dev):
+            seen.append(dev)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+
+    @op_context
+    def forward(ctx, x):
+        return "forward"
+
+    @op_context
+    def backward(ctx, grad):
+        return "backward"
+
+    ctx, x = types.SimpleNamespace(), types.SimpleNamespace(device=torch.device("cuda", 1))
+    assert forward(ctx, x) == "forward" and backward(ctx, None) == "backward"
+    assert seen == [torch.device("cuda", 1)] * 2
+    seen.clear()
+    forward(ctx, types.SimpleNamespace(device=torch.device("cpu")))
+    assert seen == []

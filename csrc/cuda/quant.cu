@@ -262,8 +262,9 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
   int dev = 0, sms = 1;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // Query chunks keep the distance buffer under ~1 GiB.
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(nq, (int64_t(1) << 28) / std::max<int64_t>(nd, 1)));
+  // Query chunks keep the distance buffer under ~1 GiB; a chunk's queries are grid.y, at most 65535.
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min<int64_t>({nq, (int64_t(1) << 28) / std::max<int64_t>(nd, 1), int64_t(65535)}));
   const bool vec16 = nb % 16 == 0 && reinterpret_cast<uintptr_t>(d.data_ptr()) % 16 == 0;
   const bool coalesced = coalesced_hamming_enabled();
   const size_t qbytes = ((nb + 15) / 16) * 16;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,19 +26,23 @@ def saveable(*xs):
     return tuple(x.clone() if isinstance(x, torch.Tensor) and torch.is_inference(x) else x for x in xs)
 
 
-def no_autocast(fn):
-    """Run a Function's forward / backward with autocast off on its first input's device type: the op
-    computes in its inputs' dtype whatever the caller's autocast state (the backward may run inside one),
-    so the torch and Triton paths agree under autocast."""
+def op_context(fn):
+    """Run a Function's forward / backward with autocast off on its first input's device type, and on CUDA
+    with that input's device current. The op computes in its inputs' dtype whatever the caller's autocast
+    state (the backward may run inside one), so the torch and Triton paths agree under autocast; and Triton
+    launches on the current device and its current stream, not on the tensors' device (tensors on cuda:1
+    while cuda:0 is current failed to launch, or raced with cuda:1's stream)."""
 
     @functools.wraps(fn)
     def run(ctx, *args):
         if fn.__name__ == "forward":
-            ctx.autocast_device = args[0].device.type
-        dev = ctx.autocast_device
-        if not torch.amp.is_autocast_available(dev):
-            return fn(ctx, *args)
-        with torch.autocast(device_type=dev, enabled=False):
+            ctx.op_device = args[0].device
+        dev = ctx.op_device
+        with contextlib.ExitStack() as stack:
+            if torch.amp.is_autocast_available(dev.type):
+                stack.enter_context(torch.autocast(device_type=dev.type, enabled=False))
+            if dev.type == "cuda":
+                stack.enter_context(torch.cuda.device(dev))
             return fn(ctx, *args)
 
     return run

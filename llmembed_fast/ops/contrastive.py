@@ -33,7 +33,7 @@ from llmembed_fast import _dispatch
 from llmembed_fast._matmul import addmm_acc as _mm_acc
 from llmembed_fast._matmul import mm_f32 as _mm_f32
 from llmembed_fast._matmul import tf32 as _tf32
-from llmembed_fast.ops._autograd import no_autocast, no_double_backward, saveable
+from llmembed_fast.ops._autograd import no_double_backward, op_context, saveable
 from llmembed_fast.reference.contrastive_chunked import tri_block_rows
 
 LOG2E = 1.0 / math.log(2.0)
@@ -109,7 +109,7 @@ def _check_labels(labels, B: int, device) -> torch.Tensor | None:
         raise ValueError(f"labels must have shape [B] = [{B}], got {list(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but q is on {device}")
-    return labels.long()
+    return labels.long().contiguous()  # the kernels index labels as a dense vector
 
 
 def _check_temperature(temperature, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -276,7 +276,7 @@ class _ContrastiveFunction(torch.autograd.Function):
     qc/dc are the columns: all ranks' queries/candidates (the same tensors as q/d in one process)."""
 
     @staticmethod
-    @no_autocast
+    @op_context
     def forward(ctx, q, d, qc, dc, tau, labels, labels_g, q_off, cfg, be):
         acc = _acc(q.dtype)
         b = q.shape[0]
@@ -347,7 +347,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @no_autocast
+    @op_context
     def backward(ctx, g_loss):
         no_double_backward("lf.contrastive_loss")
         nones = (None,) * 10

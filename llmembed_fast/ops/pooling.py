@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from llmembed_fast import _dispatch
-from llmembed_fast.ops._autograd import no_autocast, no_double_backward, saveable
+from llmembed_fast.ops._autograd import no_double_backward, op_context, saveable
 
 POOLING_MODES = ("mean", "weighted_mean", "max", "first", "last", "mean_sqrt_len")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -155,7 +155,7 @@ def _finalize_backward(be, grads, pooled, norms, dims, normalize, eps, like=None
 
 class _PoolFunction(torch.autograd.Function):
     @staticmethod
-    @no_autocast
+    @op_context
     def forward(ctx, hidden, mask, mode, dims, normalize, eps, out_dtype, be):
         D = max(dims)
         pooled, info, argmax = be.pool_forward(hidden, mask, mode, D)
@@ -168,7 +168,7 @@ class _PoolFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @no_autocast
+    @op_context
     def backward(ctx, *grads):
         no_double_backward("lf.pool")
         mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
@@ -182,7 +182,7 @@ class _PoolFunction(torch.autograd.Function):
 
 class _PoolSegmentsFunction(torch.autograd.Function):
     @staticmethod
-    @no_autocast
+    @op_context
     def forward(ctx, hidden2d, starts, ends, overlapping, mode, dims, normalize, eps, out_dtype, be):
         pooled, argmax = be.segments_forward(hidden2d, starts, ends, mode, max(dims))
         outs, norms = _finalize_forward(be, pooled, dims, normalize, eps, out_dtype)
@@ -193,7 +193,7 @@ class _PoolSegmentsFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @no_autocast
+    @op_context
     def backward(ctx, *grads):
         no_double_backward("lf.pool_segments")
         overlapping, mode, dims, normalize, eps, be, shape, dtype = ctx.cfg
@@ -209,7 +209,7 @@ class _PrefixNormalizeFunction(torch.autograd.Function):
     """x [N, D] -> one normalized prefix x[:, :d] / ||x[:, :d]|| per d in dims."""
 
     @staticmethod
-    @no_autocast
+    @op_context
     def forward(ctx, x, dims, eps, out_dtype, be):
         outs, norms = _finalize_forward(be, x, dims, True, eps, out_dtype)
         ctx.save_for_backward(x, norms)
@@ -218,7 +218,7 @@ class _PrefixNormalizeFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @no_autocast
+    @op_context
     def backward(ctx, *grads):
         no_double_backward("lf.l2_normalize / lf.matryoshka")
         dims, eps, be = ctx.cfg
