@@ -3,7 +3,9 @@
 The extension is a CppExtension (portable core + torch bindings) and becomes a CUDAExtension when the
 installed torch has CUDA and nvcc is found. Build it the torch-extension way:
     pip install --no-build-isolation -e .
-LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it).
+LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it). A build without
+torch, or in an isolated build environment (which would link the extension against another torch), stops
+with a message saying so.
 """
 
 import glob
@@ -18,18 +20,36 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+ISOLATED_ENV_MARKERS = ("pip-build-env", "build-env-")  # pip's and `python -m build`'s isolated envs
+
+
 def _extensions():
     if os.environ.get("LLMEMBED_FAST_NO_EXT") == "1":
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:  # metadata-only builds (no torch): the package still works without _C
-        return [], {}
+    except ImportError:
+        raise SystemExit(
+            "llmembed_fast: building the C++ extension needs torch in this environment. Install torch "
+            "first, then: pip install --no-build-isolation .  (or set LLMEMBED_FAST_NO_EXT=1 to build "
+            "without the extension: the Triton and torch paths do not need it)"
+        ) from None
+    if any(m in torch.__file__ for m in ISOLATED_ENV_MARKERS) and os.environ.get(
+        "LLMEMBED_FAST_ALLOW_ISOLATED_BUILD"
+    ) != "1":
+        # An isolated build resolves its own (unpinned, usually CUDA) torch, and the extension it builds
+        # then fails to load beside the user's torch.
+        raise SystemExit(
+            "llmembed_fast: the C++ extension must be built against the torch you run. Build without "
+            "isolation: pip install --no-build-isolation .  (or -e . for a checkout; "
+            "LLMEMBED_FAST_ALLOW_ISOLATED_BUILD=1 overrides, LLMEMBED_FAST_NO_EXT=1 skips the extension)"
+        )
 
     sources = _rel("csrc/core/*.cpp") + _rel("csrc/torch/*.cpp")
     # -g0: no debug info (builds ~35% faster); no -march=native: the binary must run on any x86-64.
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-Wall"]
+    # No -std: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.13).
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wall"]
     define_macros = []
     link_args = ["-fopenmp"]
     use_cuda = (
@@ -40,7 +60,7 @@ def _extensions():
     if use_cuda:
         sources += _rel("csrc/cuda/*.cu")
         define_macros.append(("LF_WITH_CUDA", None))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "llmembed_fast._C",
             sources,

@@ -39,7 +39,8 @@ def require(what: str) -> ModuleType:
     if mod is None:
         raise RuntimeError(
             f"{what} needs the C++ extension llmembed_fast._C, which could not be loaded ({err}). "
-            f"Build it from the repository root with: {BUILD_COMMAND}"
+            f"Build it against the torch you run, from the repository root: {BUILD_COMMAND} "
+            "(or pip install --no-build-isolation . for a non-editable install)"
         )
     return mod
 

@@ -50,6 +50,17 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _cpu_backend() -> str:
+    """The backend ops pick for CPU tensors, or why they cannot run (a forced backend that cannot run on
+    CPU tensors, or a bad LLMEMBED_FAST_BACKEND, is reported, not raised: info() is for diagnosing it)."""
+    import torch
+
+    try:
+        return _dispatch.select_backend(torch.empty(0))
+    except (RuntimeError, ValueError) as exc:
+        return f"error: {exc}"
+
+
 def info() -> dict:
     """Return a dict describing this installation: versions, backends, extension build, CPU, GPU."""
     import torch
@@ -76,7 +87,7 @@ def info() -> dict:
             "triton_interpreter": _dispatch.interpreter_enabled(),
             "forced": os.environ.get(_dispatch.ENV_BACKEND) or None,
             "cuda_available": cuda,
-            "default_for_cpu_tensors": _dispatch.select_backend(torch.empty(0)),
+            "default_for_cpu_tensors": _cpu_backend(),
         },
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "torch_cuda": torch.version.cuda,

@@ -129,8 +129,9 @@ def _cmd_bench(args) -> int:
     if args.json:
         from llmembed_fast import info
 
+        payload = {"info": info(), "records": records, "notes": notes}  # before the file is truncated
         with open(args.json, "w") as f:
-            json.dump({"info": info(), "records": records, "notes": notes}, f, indent=2, default=str)
+            json.dump(payload, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:
         from llmembed_fast.bench.plot import plot_records

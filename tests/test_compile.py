@@ -62,3 +62,18 @@ def test_compiled_normalize_and_matryoshka(monkeypatch, be):
     want.sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_normalize_and_matryoshka_trace_in_one_graph():
+    """On the torch path l2_normalize / matryoshka trace without a graph break (fullgraph): the ops'
+    autocast guard is entered only when autocast is on (entering it was a break)."""
+    torch._dynamo.reset()
+
+    def f(x):
+        a, b = lf.matryoshka(x, [3, 8])
+        return lf.l2_normalize(x * 2).sum(-1) + a[:, 0] + b[:, -1]
+
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, f(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()

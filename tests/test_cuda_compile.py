@@ -42,7 +42,7 @@ def test_cuda_sources_compile(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA sources are compiled only where it is")
     assert SOURCES, "no csrc/cuda/*.cu found"
-    flags = ["-c", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-DLF_WITH_CUDA",
+    flags = ["-c", "-std=c++20", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-DLF_WITH_CUDA",
              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
              *cpp_extension.COMMON_NVCC_FLAGS, "-I" + os.path.join(ROOT, "csrc")]
     flags += ["-I" + d for d in _include_dirs(tmp_path)]

@@ -81,3 +81,15 @@ def test_cli_bench_runs_a_tiny_budget(tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     assert data["records"], "no bench records"
     assert all(r["group"] == "pooling" for r in data["records"])
+
+
+def test_info_reports_a_backend_that_cannot_run(monkeypatch, tmp_path):
+    """info() (and `llmembed-fast info`, and the bench JSON that embeds it) reports a forced backend that
+    cannot run on CPU tensors, or a bad LLMEMBED_FAST_BACKEND, instead of raising."""
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "bogus")
+    assert lf.info()["backends"]["default_for_cpu_tensors"].startswith("error: ")
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    assert lf.info()["backends"]["default_for_cpu_tensors"].startswith("error: ")
+    assert cli.main(["info"]) == 0

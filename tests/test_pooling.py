@@ -543,3 +543,20 @@ def test_op_context_makes_the_input_device_current(monkeypatch):
     seen.clear()
     forward(ctx, types.SimpleNamespace(device=torch.device("cpu")))
     assert seen == []
+
+
+def test_numpy_dims_and_bad_backend_for_float64(monkeypatch):
+    """dims may be numpy integers (as LLMEmbedder's dims and quant's k accept); a bad LLMEMBED_FAST_BACKEND
+    is an error for float64 inputs too (they skipped the check)."""
+    h = torch.randn(2, 3, 16)
+    want = lf.pool(h, None, dims=[4, 16])
+    for dims in (np.array([4, 16]), [np.int64(4), np.int32(16)]):
+        for a, b in zip(lf.pool(h, None, dims=dims), want, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(lf.pool(h, None, dims=np.int64(4)), want[0])
+    assert torch.equal(lf.matryoshka(want[1], np.int64(4)), lf.matryoshka(want[1], 4))
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LLMEMBED_FAST_BACKEND"):
+        lf.pool(h.double(), None)
+    with pytest.raises(ValueError, match="LLMEMBED_FAST_BACKEND"):
+        lf.contrastive_loss(h[0].double(), h[1].double())

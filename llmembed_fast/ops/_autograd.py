@@ -39,7 +39,8 @@ def op_context(fn):
             ctx.op_device = args[0].device
         dev = ctx.op_device
         with contextlib.ExitStack() as stack:
-            if torch.amp.is_autocast_available(dev.type):
+            # only when on: entering an autocast context is a graph break under torch.compile
+            if torch.amp.is_autocast_available(dev.type) and torch.is_autocast_enabled(dev.type):
                 stack.enter_context(torch.autocast(device_type=dev.type, enabled=False))
             if dev.type == "cuda":
                 stack.enter_context(torch.cuda.device(dev))

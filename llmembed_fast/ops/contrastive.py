@@ -173,6 +173,7 @@ def _check_flag(value, name: str) -> bool:
 
 def _backend(q: torch.Tensor, n_dims: int = 1):
     """The chunked torch backend for float64, on CPU, or beyond the kernels' Matryoshka-dim limit (8)."""
+    _dispatch.forced_backend()  # a bad LLMEMBED_FAST_BACKEND is an error for every dtype
     if q.dtype == torch.float64 or n_dims > 8 or _dispatch.select_backend(q) == "torch":
         from llmembed_fast.reference import contrastive_chunked
 

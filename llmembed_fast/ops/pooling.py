@@ -9,9 +9,11 @@ columns and only the pooled tokens are read.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from llmembed_fast import _dispatch
@@ -46,6 +48,10 @@ def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...
     """Return (dims as a tuple, whether the caller asked for a sequence). ``None`` means the full width."""
     if dims is None:
         return (width,), False
+    if isinstance(dims, np.ndarray) and dims.dtype.kind in "iu" and dims.ndim <= 1:
+        dims = dims.tolist()  # 0-d: an int, 1-d: a list
+    elif isinstance(dims, numbers.Integral) and not isinstance(dims, bool):
+        dims = int(dims)
     if isinstance(dims, bool) or not isinstance(dims, (int, Sequence, torch.Tensor)) or isinstance(dims, str):
         raise TypeError(f"{name} must be None, an int or a sequence of ints, got {type(dims).__name__}")
     if isinstance(dims, torch.Tensor):
@@ -57,9 +63,10 @@ def normalize_dims(dims, width: int, name: str = "dims") -> tuple[tuple[int, ...
     values = list(dims) if as_seq else [dims]
     if as_seq and not values:
         raise ValueError(f"{name} must not be empty")
-    for d in values:
-        if isinstance(d, bool) or not isinstance(d, int):
+    for i, d in enumerate(values):
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"{name} must hold ints, got {d!r}")
+        values[i] = d = int(d)
         if d < 1 or d > width:
             raise ValueError(f"{name} values must be in [1, {width}] (the hidden size), got {d}")
     return tuple(values), as_seq
@@ -106,6 +113,7 @@ def _check_eps(eps) -> float:
 
 def _backend(x: torch.Tensor, *others: torch.Tensor) -> ModuleType:
     # float64 data (not a float64 mask) takes the torch path: the kernels accumulate in float32.
+    _dispatch.forced_backend()  # a bad LLMEMBED_FAST_BACKEND is an error for every dtype
     if x.dtype == torch.float64 or _dispatch.select_backend(x, *others) == "torch":
         from llmembed_fast.reference import pooling_chunked
 
