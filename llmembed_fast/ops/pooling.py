@@ -374,9 +374,10 @@ def _prefix_normalize_eager(x2, dims, eps, dtype, be):
 def _prefix_normalize(x2: torch.Tensor, dims: tuple[int, ...], eps: float, dtype: torch.dtype):
     """Each prefix of the rows x2 [n, D] normalized: a tuple over ``dims``. Under torch.compile the torch
     path is traced (plain tensor ops), the Triton launch runs eagerly behind a graph break."""
+    from llmembed_fast.reference import pooling_chunked
+
     be = _backend(x2)
-    traced = be.__name__.endswith("pooling_chunked")
-    run = _PrefixNormalizeFunction.apply if traced else _prefix_normalize_eager
+    run = _PrefixNormalizeFunction.apply if be is pooling_chunked else _prefix_normalize_eager
     return run(x2, dims, eps, dtype, be)
 
 
