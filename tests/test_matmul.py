@@ -99,3 +99,40 @@ def test_tf32_legacy_flag_leaves_fp32_precision_as_it_was():
         pytest.skip("torch without the fp32_precision API")
     proc = subprocess.run([sys.executable, "-c", _LEGACY_SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_out_dtype_refusal_is_remembered_per_key():
+    """A torch that refuses out_dtype for a dtype pair (RuntimeError) is asked once per key, not on every
+    product (each refused call costs an exception, and timings would measure the fallback unannounced);
+    OOM propagates and marks nothing."""
+    from llmembed_fast._matmul import _try_once
+
+    calls, ok = [], {}
+
+    def refuse():
+        calls.append(1)
+        raise RuntimeError("self and mat2 must have the same dtype")
+
+    assert not _try_once(ok, ("cuda", torch.bfloat16), refuse)
+    assert not _try_once(ok, ("cuda", torch.bfloat16), refuse)
+    assert len(calls) == 1 and ok == {("cuda", torch.bfloat16): False}
+    assert _try_once(ok, ("cuda", torch.float16), lambda: calls.append(2))  # another key is still tried
+    assert calls == [1, 2]
+
+    def oom():
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _try_once(ok, ("cuda", torch.float32), oom)
+    assert ("cuda", torch.float32) not in ok
+
+
+def test_paths_counted():
+    from llmembed_fast import _matmul
+
+    before = dict(_matmul.PATHS)
+    a = torch.randn(4, 3, dtype=torch.bfloat16)
+    out = torch.zeros(4, 2)
+    addmm_acc(out, a, torch.randn(3, 2, dtype=torch.bfloat16))
+    assert _matmul.PATHS["addmm pieces"] == before.get("addmm pieces", 0) + 1  # CPU: pieces
+    assert _matmul.PATHS["mm then convert"] == before.get("mm then convert", 0) + 1

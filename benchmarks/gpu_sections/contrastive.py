@@ -21,6 +21,7 @@ import torch
 from llmembed_fast.triton_kernels import contrastive as tk
 
 import llmembed_fast as lf
+from llmembed_fast import _matmul
 from llmembed_fast.bench.cases_contrastive import fwd_bwd, infcl_loss, make_batch, naive_loss, option_kwargs
 from llmembed_fast.ops import contrastive as opc
 from llmembed_fast.reference.contrastive import contrastive_loss as ref_loss
@@ -342,6 +343,8 @@ def timings(ctx):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         why = _compiled_baseline(ctx, base, extra, q, d, quick, grad=True, need_s=need)
+        # which cuBLAS paths the gradient GEMMs took so far (one addmm with out_dtype, or pieces + adds)
+        extra["matmul_paths_so_far"] = dict(_matmul.PATHS)
         yield {
             "name": f"fwd+bwd plain B=N={B} D{D} bf16",
             "ours_ms": t_ours,
