@@ -574,3 +574,55 @@ def test_inputs_that_require_grad_are_refused():
         gc.step(xq, xd)
     with pytest.raises(ValueError, match=r"doc_batch\['x'\] requires grad"):
         GradCache(lambda b: enc(b["x"]), lf.contrastive_loss, 2).step({"x": xd}, {"x": up(xd)})
+
+
+@pytest.mark.parametrize("layout", ["list", "single", "single-none", "neither"])
+def test_fsdp2_no_sync_restores_each_group(layout):
+    """FSDP2's state keeps its parameter groups as a list (newer torch) or as one optional group (older
+    torch): either way no_sync restores each group's own flags afterwards (a user's earlier "no sync" stays),
+    and where neither is found, sync is turned back on."""
+    from types import SimpleNamespace
+
+    from llmembed_fast.training.grad_cache import no_sync
+
+    class Group:
+        def __init__(self, reduce):
+            self.reduce_grads = self.all_reduce_grads = reduce
+
+    groups = [Group(False), Group(True)]  # the user had turned sync off for the first group
+
+    class Fake(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            if layout == "list":
+                self.state = SimpleNamespace(_fsdp_param_groups=groups)
+            elif layout == "single":
+                self.state = SimpleNamespace(_fsdp_param_group=groups[0])
+            elif layout == "single-none":
+                self.state = SimpleNamespace(_fsdp_param_group=None)
+            else:
+                self.state = SimpleNamespace()
+            self.sync_calls = []
+
+        def _get_fsdp_state(self):
+            return self.state
+
+        def set_requires_gradient_sync(self, flag):
+            self.sync_calls.append(flag)
+            for g in groups:
+                g.reduce_grads = g.all_reduce_grads = flag
+
+    m = Fake()
+    with no_sync(m):
+        assert [g.reduce_grads for g in groups] == [False, False]
+    if layout == "list":
+        assert [(g.reduce_grads, g.all_reduce_grads) for g in groups] == [(False, False), (True, True)]
+        assert m.sync_calls == [False]
+    elif layout == "single":
+        assert groups[0].reduce_grads is False and m.sync_calls == [False]
+    elif layout == "single-none":
+        assert m.sync_calls == [False]  # no group to restore: nothing else touched
+    else:
+        assert m.sync_calls == [False, True]
+        assert [g.reduce_grads for g in groups] == [True, True]

@@ -83,10 +83,16 @@ def synced_module(module):
 def _fsdp2_sync_flags(module) -> list | None:
     """FSDP2: each parameter group's (group, reduce_grads, all_reduce_grads) under ``module``, to restore what
     ``set_requires_gradient_sync(False)`` changes; None where this torch keeps them elsewhere."""
+    def groups(state):
+        if hasattr(state, "_fsdp_param_groups"):  # newer torch: a list per state
+            return list(state._fsdp_param_groups)
+        group = state._fsdp_param_group  # older: at most one (None); AttributeError where neither exists
+        return [] if group is None else [group]
+
     try:
-        groups = [g for m in module.modules() if callable(getattr(m, "_get_fsdp_state", None))
-                  for g in m._get_fsdp_state()._fsdp_param_groups]
-        return [(g, g.reduce_grads, g.all_reduce_grads) for g in groups]
+        found = [g for m in module.modules() if callable(getattr(m, "_get_fsdp_state", None))
+                 for g in groups(m._get_fsdp_state())]
+        return [(g, g.reduce_grads, g.all_reduce_grads) for g in found]
     except AttributeError:
         return None
 
