@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU run (for a lent H100/H200 with torch, triton and nvcc, no network):
 #   bash benchmarks/run_gpu_suite.sh [section ...]     e.g. contrastive grad_cache
+# Wheels to carry in .whl/ (the device tool's carry: [".whl"]): pip download --no-deps -d .whl inf-cl setuptools
 # Default sections: contrastive grad_cache embedder quant (quant last), the ones with figures still open;
 # name pooling to run it too. About 9 minutes in all with the defaults (timeout_s 580 for one device call).
 # Builds the CUDA extension in the background while the sections that do not need it run; then runs quant
@@ -18,11 +19,26 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-# Inf-CL (pure Python + Triton) travels as a wheel in .whl/ when the caller carries it.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# Inf-CL (pure Python + Triton) travels as a wheel in .whl/ when the caller carries it. So may a setuptools
+# wheel: pyproject.toml's SPDX license needs setuptools >= 77 to build the extension, and the machine's own is
+# used when new enough; a carried one goes on the build's path only.
+wheels=(); for w in .whl/*.whl; do [ -e "$w" ] && case "$(basename "$w")" in setuptools-*) ;; *) wheels+=("$w") ;; esac; done
+if [ ${#wheels[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+build_path="${PYTHONPATH:-}"
+st_version=$(python3 -c "import setuptools; print(setuptools.__version__)" 2>/dev/null || echo none)
+if ! python3 -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
+  if ls .whl/setuptools-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+       --no-cache-dir --target /tmp/build-site .whl/setuptools-*.whl; then
+    build_path=/tmp/build-site${build_path:+:$build_path}
+    st_version="$st_version (too old; the carried wheel builds)"
+  else
+    st_version="$st_version (too old for pyproject.toml's license field; carry a setuptools wheel in .whl/)"
+  fi
+fi
+echo "setuptools for the extension build: $st_version"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(contrastive grad_cache embedder quant)
@@ -31,8 +47,10 @@ for s in "${sections[@]}"; do [ "$s" = quant ] && want_quant=1 || first+=("$s");
 build_pid=""
 if [ "${LLMEMBED_FAST_BUILD_EXT:-1}" = "1" ] && [ "$want_quant" = 1 ]; then
   cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
-  ( time TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" MAX_JOBS="${MAX_JOBS:-8}" timeout "${EXT_BUILD_TIMEOUT_S:-300}" \
-      python3 -m pip install -q --no-deps --no-build-isolation -e . ) > "$OUT/build.log" 2>&1 &
+  ( echo "setuptools: $st_version"
+    time PYTHONPATH="$build_path" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" MAX_JOBS="${MAX_JOBS:-8}" \
+      timeout "${EXT_BUILD_TIMEOUT_S:-300}" python3 -m pip install -q --no-deps --no-build-isolation -e . ) \
+    > "$OUT/build.log" 2>&1 &
   build_pid=$!
 fi
 rc=0
