@@ -270,6 +270,41 @@ def test_max_propagates_nan(backend):
     assert torch.isnan(seg[1]).tolist() == [False, True, True]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_padding_is_not_read(backend, mode, dtype):
+    """NaN/inf in tokens outside the mask (left padding of a half-precision model can hold them) change
+    nothing: the output and the gradient equal those with zeros there, on every backend and in the
+    reference (the torch path summed 0 * NaN over all tokens). A NaN among the pooled tokens still shows."""
+    gen = torch.Generator().manual_seed(_seed("nonfinite", mode, str(dtype)))
+    B, L, H = 4, 9, 40
+    mask = make_mask(B, L, "left", gen)
+    mask[1, :] = True
+    clean = torch.randn(B, L, H, generator=gen).to(dtype)
+    dirty = clean.clone()
+    pad = ~mask
+    dirty[pad] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype).repeat(int(pad.sum()))[
+        : int(pad.sum()), None].expand(-1, H)
+    outs = []
+    for h in (clean, dirty):
+        hg = h.clone().requires_grad_(True)
+        out = lf.pool(hg, mask, mode, dims=(8, 40), normalize=True)
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+        outs.append(([o.detach() for o in out], hg.grad))
+    for a, b in zip(outs[0][0], outs[1][0], strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[1][1])
+    for h in (clean, dirty):
+        (r,) = R.pool(h.double(), mask, mode)
+        assert torch.isfinite(r).all()
+    dirty[1, 4, 3] = float("nan")  # a pooled token: row 1 is fully pooled
+    out = lf.pool(dirty, mask, mode)
+    if mode in ("first", "last"):
+        assert torch.isfinite(out).all()  # position 4 is neither the first nor the last token of row 1
+    else:
+        assert out[1, 3].isnan() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
 def test_double_backward_raises():
     """The fused backwards are not differentiable: create_graph=True raises instead of a wrong
     second-order gradient (gradient penalties through these ops need the reference implementation)."""

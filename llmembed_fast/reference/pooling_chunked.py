@@ -66,14 +66,27 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         argmax = torch.where(nonempty, arg, -1).to(torch.int32)
     else:
         w = pooling_weights(mask, mode, acc)
-        if hidden.dtype == acc:
-            pooled = torch.bmm(w.unsqueeze(1), h).squeeze(1)
-        else:
-            pooled = torch.zeros(B, D, dtype=acc, device=h.device)
-            step = _chunk_rows(B * D)
-            for l0 in range(0, L, step):
-                pooled += torch.bmm(w[:, None, l0 : l0 + step], h[:, l0 : l0 + step].to(acc)).squeeze(1)
+        pooled = _weighted_sum(w, h, acc)
+        # A weight of 0 times a finite value adds nothing, but times NaN/inf (left padding of a half-precision
+        # model can hold those) it poisons the row: such rows are summed again over their pooled tokens only.
+        bad = ~pooled.isfinite().all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            keep = (mask[rows] != 0)[..., None]
+            pooled[rows] = _weighted_sum(w[rows], h[rows].masked_fill(~keep, 0), acc)
     return pooled.contiguous(), info, argmax
+
+
+def _weighted_sum(w: torch.Tensor, h: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """sum_l w[b, l] h[b, l, :] in ``acc``: one batched matmul, or float32 token chunks for half precision."""
+    if h.dtype == acc:
+        return torch.bmm(w.unsqueeze(1), h).squeeze(1)
+    B, L, D = h.shape
+    pooled = torch.zeros(B, D, dtype=acc, device=h.device)
+    step = _chunk_rows(B * D)
+    for l0 in range(0, L, step):
+        pooled += torch.bmm(w[:, None, l0 : l0 + step], h[:, l0 : l0 + step].to(acc)).squeeze(1)
+    return pooled
 
 
 def pool_backward(
