@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -42,14 +43,12 @@ class ContrastiveLoss(nn.Module):
         allow_tf32: bool = True,
     ):
         super().__init__()
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not temperature > 0
-            or not math.isfinite(temperature)
-        ):
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+        if not (temperature > 0 and math.isfinite(temperature) and math.isfinite(1.0 / float(temperature))):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)):
+        temperature = float(temperature)
+        if isinstance(max_scale, bool) or not isinstance(max_scale, numbers.Real):
             raise TypeError(f"max_scale must be a number, got {type(max_scale).__name__}")
         if not (max_scale > 0 and math.isfinite(max_scale)):
             raise ValueError(f"max_scale must be a positive finite number, got {max_scale!r}")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -595,6 +596,10 @@ BAD = [
     (dict(temperature=torch.tensor(-0.5)), ValueError, "temperature"),
     (dict(temperature=torch.tensor([0.1, 0.2])), ValueError, "temperature"),
     (dict(temperature="0.05"), TypeError, "temperature"),
+    (dict(temperature=1e-40), ValueError, "underflows"),  # positive, but 0 (or subnormal) in float32
+    (dict(temperature=torch.tensor(1e-40, dtype=torch.float64)), ValueError, "1 / temperature"),
+    (dict(temperature=np.bool_(True)), TypeError, "temperature"),
+    (dict(matryoshka_dims=np.array([2.0, 4.0])), TypeError, "matryoshka_dims"),
     (dict(matryoshka_dims=(4, 16)), ValueError, "matryoshka_dims values"),
     (dict(matryoshka_dims=(4, 4)), ValueError, "strictly increasing"),
     (dict(matryoshka_dims=(6, 4)), ValueError, "strictly increasing"),
@@ -614,6 +619,30 @@ def test_bad_input(override, exc, msg):
     kw = {k: v for k, v in override.items() if k not in ("q", "d")}
     with pytest.raises(exc, match=msg):
         lf.contrastive_loss(args["q"], args["d"], **kw)
+
+
+def test_numpy_scalars_and_arrays_are_accepted():
+    """numpy scalars (np.float32 is not a python float) and integer arrays work wherever python numbers and
+    sequences do, with the same result."""
+    from llmembed_fast.losses import ContrastiveLoss
+
+    g = torch.Generator().manual_seed(5)
+    q, d = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    want = lf.contrastive_loss(q, d, temperature=0.05, false_negative_margin=0.1, matryoshka_dims=[4, 8],
+                               matryoshka_weights=[0.5, 1.0])
+    got = lf.contrastive_loss(q, d, temperature=np.float32(0.05), false_negative_margin=np.float32(0.1),
+                              matryoshka_dims=np.array([4, 8]), matryoshka_weights=np.array([0.5, 1.0]))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    got = lf.contrastive_loss(q, d, temperature=0.05, false_negative_margin=0.1,
+                              matryoshka_dims=[np.int64(4), np.int32(8)],
+                              matryoshka_weights=[np.float32(0.5), 1])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    want = lf.contrastive_loss(q, d, temperature=float(np.float32(0.05)))
+    torch.testing.assert_close(ContrastiveLoss(temperature=np.float32(0.05))(q, d), want, rtol=1e-6, atol=0)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        ContrastiveLoss(temperature=torch.tensor(0.05))
+    with pytest.raises(ValueError, match="temperature"):
+        ContrastiveLoss(temperature=1e-320)
 
 
 def test_bad_group():

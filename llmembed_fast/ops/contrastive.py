@@ -24,9 +24,11 @@ chained through the normalization with per-row/column sums, and summed over term
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from llmembed_fast import _dispatch
@@ -120,11 +122,23 @@ def _check_temperature(temperature, device, dtype) -> tuple[torch.Tensor, torch.
         if temperature.numel() != 1:
             raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
         return temperature.reshape(()).to(device=device, dtype=dtype), temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not _is_real(temperature):
         raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    return torch.tensor(float(temperature), device=device, dtype=dtype), None
+    t = torch.tensor(float(temperature), dtype=dtype)
+    if not (float(t) > 0 and bool(torch.isfinite(1 / t))):  # 1 / t in the compute dtype
+        raise ValueError(f"temperature={temperature!r} underflows in {dtype}: 1 / temperature is not finite")
+    return t.to(device), None
+
+
+def _is_real(v) -> bool:
+    """A real number (python or numpy scalar; numpy's bool is neither), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -137,30 +151,37 @@ def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ..
             raise TypeError(f"matryoshka_dims must be an int or a 1-D tensor of ints, got {dims.dtype} "
                             f"of shape {tuple(dims.shape)}")
         dims = dims.tolist()  # 0-d: an int, 1-d: a list
-    if isinstance(dims, int) and not isinstance(dims, bool):
-        dims = (dims,)
+    if isinstance(dims, np.ndarray):
+        if dims.dtype.kind not in "iu" or dims.ndim > 1:
+            raise TypeError(f"matryoshka_dims must be an int or a 1-D array of ints, got {dims.dtype} "
+                            f"of shape {dims.shape}")
+        dims = dims.tolist()
+    if _is_int(dims):
+        dims = (int(dims),)
     if not isinstance(dims, Sequence) or isinstance(dims, str):
         raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
     dims = tuple(dims)
     if not dims:
         raise ValueError("matryoshka_dims must not be empty")
     for v in dims:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not _is_int(v):
             raise TypeError(f"matryoshka_dims must hold ints, got {v!r}")
+    dims = tuple(int(v) for v in dims)
+    for v in dims:
         if v < 1 or v > D:
             raise ValueError(f"matryoshka_dims values must be in [1, D={D}], got {v}")
     if any(b <= a for a, b in zip(dims, dims[1:], strict=False)):
         raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
     if weights is None:
         return dims, (1.0,) * len(dims)
-    if isinstance(weights, torch.Tensor):
+    if isinstance(weights, (torch.Tensor, np.ndarray)):
         weights = weights.tolist()
     if not isinstance(weights, Sequence) or isinstance(weights, str):
         raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != len(dims):
         raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), got {len(weights)}")
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if not _is_real(w) or not math.isfinite(w):
             raise ValueError(f"matryoshka_weights must hold finite numbers, got {w!r}")
     return dims, tuple(float(w) for w in weights)
 
@@ -545,8 +566,7 @@ def contrastive_loss(
         allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
         if false_negative_margin is not None:
             if (
-                isinstance(false_negative_margin, bool)
-                or not isinstance(false_negative_margin, (int, float))
+                not _is_real(false_negative_margin)
                 or not math.isfinite(false_negative_margin)
             ):
                 raise ValueError(
@@ -563,12 +583,14 @@ def contrastive_loss(
         if labels_t is not None:
             flags[0] = ((labels_t < 0) | (labels_t >= d.shape[0])).any()
         if tau_user is not None:
-            flags[1] = ~(torch.isfinite(tau_user.detach()) & (tau_user.detach() > 0)).all().to(q.device)
+            ok = (torch.isfinite(tau_user.detach()) & (tau_user.detach() > 0)).all().to(q.device)
+            flags[1] = ~(ok & torch.isfinite(1 / tau.detach()))  # a tiny one underflows in the compute dtype
         bad_labels, bad_tau = torch.stack(flags).tolist()
         if bad_labels:
             raise ValueError(f"labels must be in [0, N) = [0, {d.shape[0]})")
         if bad_tau:
-            raise ValueError("temperature must be positive and finite")
+            raise ValueError("temperature must be positive and finite, and 1 / temperature finite in the "
+                             "compute dtype")
         if labels_t is None:
             labels_t = torch.arange(B, device=q.device)
     except (TypeError, ValueError) as exc:
