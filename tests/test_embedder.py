@@ -251,6 +251,36 @@ def test_packed_block_diagonal_mask_under_eager_attention():
     torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["all", "layer_types", "off"])
+def test_packed_respects_sliding_windows(layout):
+    """The packed row's own mask replaces the model's, sliding windows included: a batch with a sequence
+    longer than the window must give what the model computes padded (it ran with full attention), and a
+    model whose window does not apply packs as usual."""
+    if layout == "layer_types":  # Qwen2 with its sliding layers named per layer (window 4 on layer 1)
+        model, tok = build_tiny_model("qwen2", use_sliding_window=True, sliding_window=4,
+                                      layer_types=["full_attention", "sliding_attention"])
+    elif layout == "all":  # Mistral: every layer slides
+        model, tok = build_tiny_model("mistral", sliding_window=4)
+    else:
+        model, tok = build_tiny_model("qwen2", use_sliding_window=False, sliding_window=4)
+    from llmembed_fast.embedder import packed as packed_mod
+
+    assert packed_mod.sliding_window(model) == (None if layout == "off" else 4)
+    texts = ["the cat sat on the river bank with a dog and a tree", "hello", "a b"]
+    ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(texts, output="torch", batch_size=1)
+    got = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(texts, output="torch")
+    torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)
+    short = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(texts[1:], output="torch")
+    torch.testing.assert_close(short, ref[1:], atol=3e-6, rtol=0)
+
+
+def test_zero_dim_array_is_one_text():
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    np.testing.assert_array_equal(emb.encode(np.array("hello world")), emb.encode("hello world"))
+    assert emb.encode(np.array(["hello world", "a"])).shape == (2, 64)
+
+
 def test_qwen3_embedding_terminator_is_not_doubled():
     """Qwen3-Embedding's tokenizer appends <|endoftext|>, not its eos_token: that token is the terminator
     (pooled last, as Qwen3-Embedding's own code does), and no second EOS is appended."""

@@ -94,7 +94,9 @@ def _check_texts(texts) -> tuple[list[str], bool]:
             "(decode it first, e.g. texts.decode('utf-8'))"
         )
     if isinstance(texts, np.ndarray):
-        texts = texts.tolist()
+        texts = texts.tolist()  # a 0-d array gives its one string: one text, not one per character
+        if isinstance(texts, str):
+            return [texts], True
     if not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
@@ -719,6 +721,11 @@ class LLMEmbedder(nn.Module):
 
     def _embed_batch(self, seqs, starts, *, packed: bool, normalize: bool, dims) -> torch.Tensor:
         dev = self.device
+        if packed and not packed_mod.uses_varlen_flash(self.model):
+            # the block-diagonal mask replaces the model's own, sliding windows included: a sequence longer
+            # than a window runs padded, where the model applies it (shorter ones see the same either way)
+            window = packed_mod.sliding_window(self.model)
+            packed = window is None or max(map(len, seqs), default=0) <= window
         if not packed:
             b = batching.pad_batch(
                 seqs,

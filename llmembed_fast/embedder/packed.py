@@ -7,7 +7,8 @@ That mask costs T x T elements, so packed batches should be bounded in tokens (`
 and with sdpa it costs attention over the whole row (T^2) rather than per sequence: on GPUs without
 flash-attention varlen the padded path with length-sorted batches is usually as fast, which is why
 ``packed="auto"`` chooses packing only for flash-attention. A custom mask replaces the model's own mask
-logic, so models with sliding-window layers see full (causal) attention inside each sequence.
+logic, including its sliding windows: a batch holding a sequence longer than the model's smallest window
+therefore runs padded (see ``sliding_window``), where the model applies its windows itself.
 """
 
 from __future__ import annotations
@@ -29,6 +30,32 @@ def block_diagonal_mask(
     mask = torch.zeros(T, T, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def sliding_window(model) -> int | None:
+    """The smallest attention window any layer of ``model`` applies, or None when no layer slides.
+
+    transformers' configs say it three ways: ``layer_types`` naming "sliding_attention" layers (Gemma 2/3,
+    Qwen2 and others in recent versions), ``use_sliding_window`` switching it for every layer (older Qwen2),
+    or ``sliding_window`` alone (Mistral: every layer)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            cfg = get_text()
+        except (TypeError, ValueError, AttributeError):
+            pass
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return window if any("sliding" in str(t) for t in layer_types) else None
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window
 
 
 def uses_varlen_flash(model) -> bool:
