@@ -56,6 +56,11 @@ def _load_npy(path: str, what: str):
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # an empty file: EOFError
         raise _Error(f"cannot read {what} {path!r}: {exc}") from None
+    if not isinstance(a, np.ndarray):  # np.load gives an NpzFile for a .npz archive
+        close = getattr(a, "close", None)
+        if callable(close):
+            close()
+        raise _Error(f"{what} {path!r} must be a .npy file (one array), got a {type(a).__name__}")
     if a.ndim != 2 or a.dtype.kind != "f":
         raise _Error(f"{what} {path!r} must be a 2-D float array, got {a.dtype} {a.shape}")
     return a

@@ -395,3 +395,69 @@ def test_add_while_searching_keeps_every_row():
     assert len(index) == index._data("bits").shape[0] == index._data("int8").shape[0] == 3000
     scores, ids = index.search(docs[2990:2991], 1)
     assert ids[0, 0] == 2990
+
+
+def test_copy_does_not_share_storage(tmp_path):
+    """copy.copy(index): adding to the copy leaves the original as it was (it shared the parts' lists, so
+    the original's storage grew past its count and its saved file would not load)."""
+    import copy
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    a = quant.Index(16, "binary", "float").add(x)
+    b = copy.copy(a)
+    b.add(rng.standard_normal((50, 16)).astype(np.float32))
+    assert len(a) == 50 and len(b) == 100
+    s, ids = a.search(x[:3], 5)
+    assert int(ids.max()) < 50
+    a.save(tmp_path / "a.lfidx")
+    assert len(quant.Index.load(tmp_path / "a.lfidx")) == 50
+
+
+def test_save_while_adding_writes_a_consistent_file(tmp_path):
+    """save() takes one snapshot under the lock: an add() from another thread lands wholly in the file or
+    not at all (sections and count were read separately, and such a file did not load). Deterministic: an
+    add is started from inside save, right after its first section is read, and given time to finish."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 64)).astype(np.float32)
+    index = quant.Index(64, "binary", "float").add(x[:500])
+    merged, adders = index._merged, []
+
+    def hooked(name):
+        out = merged(name)
+        if not adders:
+            adders.append(threading.Thread(target=index.add, args=(x[500:],)))
+            adders[0].start()
+            adders[0].join(timeout=1.0)  # blocks on the lock while save holds it
+        return out
+
+    index._merged = hooked
+    index.save(tmp_path / "race.lfidx")
+    adders[0].join()
+    del index._merged
+    loaded = quant.Index.load(tmp_path / "race.lfidx")
+    assert len(loaded) == 500 and len(index) == 600
+    assert loaded.search(x[:2], 1)[1][:, 0].tolist() == [0, 1]
+
+
+def test_rescore_int8_ranks_before_the_bias():
+    """Index(binary, rescore="int8") ranks as int8_topk: on the exact score before the per-query bias is
+    added (adding it first rounded distinct scores equal, then ordered by id: [0 1 2 3 4] here)."""
+    n = 50
+    r = np.array([[1e6, 0.0], [1e6 + 255, 255.0]], dtype=np.float32)  # a large offset in dim 0
+    x = np.stack([np.full(n, 1e6 + 10.2), np.arange(n) + 0.5], 1).astype(np.float32)
+    q = np.array([[1.0, 1e-12]], np.float32)  # doc j's dim-1 code is j: higher id, higher score
+    _, want = quant.int8_topk(q, quant.quantize(x, "int8", ranges=r), r, 5)
+    assert want[0].tolist() == [49, 48, 47, 46, 45]
+    _, got = quant.Index(2, "binary", "int8", ranges=r).add(x).search(q, 5, rescore_multiplier=100)
+    assert got[0].tolist() == want[0].tolist()
+
+
+def test_ranges_too_wide_for_float32_are_refused():
+    big = np.array([[-3e38, 1.0], [3e38, -1.0]], np.float32)
+    with pytest.raises(ValueError, match="too wide"):
+        quant.Index(2, "int8").add(big)
+    with pytest.raises(ValueError, match="too wide"):
+        quant.Index(2, "int8", ranges=np.array([[-3e38, 0], [3e38, 1]], np.float32))

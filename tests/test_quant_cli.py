@@ -69,7 +69,10 @@ def test_search_cli_errors(tmp_path, capsys):
         (["search", docs, "--output", str(tmp_path / "o.npz")], "needs QUERIES"),
         (["search", str(tmp_path / "d.lfidx"), q, "--precision", "int8"], "--precision"),
         (["search", str(tmp_path / "d.lfidx"), q, "--rescore", "float"], "--rescore"),
+        (["search", docs, str(tmp_path / "q.npz")], "must be a .npy file"),  # np.load gives an NpzFile
+        (["search", docs, q, "--precision", "int8", "--calibration", str(tmp_path / "q.npz")], ".npy file"),
     ]
+    np.savez(tmp_path / "q.npz", q=rng.standard_normal((2, 13)).astype(np.float32))
     (tmp_path / "empty.npy").write_bytes(b"")
     assert main(["search", docs, "--save-index", str(tmp_path / "d.lfidx")]) == 0
     for argv, msg in cases:

@@ -59,13 +59,16 @@ inline float bf16_bits_to_float(uint16_t h) {
   return f;
 }
 
+// The output byte of v = (x - start) / step (already rounded to the compute precision): the code, xor flip.
+// NaN gives byte 0 for uint8 and int8 alike, as sentence-transformers' numpy casts do (NaN -> 0 on x86 and
+// ARM), not code 0 (which would be -128 as int8).
 template <class T>
-inline uint8_t code_of(T v) {  // v = (x - start) / step, already rounded to the compute precision
+inline uint8_t out_byte(T v, uint8_t flip) {
   if (std::isnan(v)) return 0;
   v = std::floor(v);
   if (v < T(0)) v = T(0);
   if (v > T(255)) v = T(255);
-  return static_cast<uint8_t>(v);
+  return static_cast<uint8_t>(v) ^ flip;
 }
 
 inline float load_as_float(const void* row, FloatKind kind, int64_t j) {
@@ -89,20 +92,20 @@ void row_generic(const void* row, FloatKind kind, int64_t d, const void* starts,
     case ComputeKind::F64: {
       const double* s = static_cast<const double*>(starts);
       const double* t = static_cast<const double*>(steps);
-      for (int64_t j = 0; j < d; ++j) o[j] = code_of((load_as_double(row, kind, j) - s[j]) / t[j]) ^ flip;
+      for (int64_t j = 0; j < d; ++j) o[j] = out_byte((load_as_double(row, kind, j) - s[j]) / t[j], flip);
       break;
     }
     case ComputeKind::F32: {
       const float* s = static_cast<const float*>(starts);
       const float* t = static_cast<const float*>(steps);
-      for (int64_t j = 0; j < d; ++j) o[j] = code_of((load_as_float(row, kind, j) - s[j]) / t[j]) ^ flip;
+      for (int64_t j = 0; j < d; ++j) o[j] = out_byte((load_as_float(row, kind, j) - s[j]) / t[j], flip);
       break;
     }
     case ComputeKind::F16: {
       const float* s = static_cast<const float*>(starts);
       const float* t = static_cast<const float*>(steps);
       for (int64_t j = 0; j < d; ++j)
-        o[j] = code_of(round_to_half(round_to_half(load_as_float(row, kind, j) - s[j]) / t[j])) ^ flip;
+        o[j] = out_byte(round_to_half(round_to_half(load_as_float(row, kind, j) - s[j]) / t[j]), flip);
       break;
     }
   }
@@ -116,14 +119,18 @@ __attribute__((target("avx2"))) void row_f32_avx2(const float* x, int64_t d, con
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
     __m256 v = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(s + j)), _mm256_loadu_ps(t + j));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     v = _mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  // max(NaN, 0) = 0: NaN -> code 0
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  // max(NaN, 0) = 0: NaN -> code 0 ...
     const __m256i c = _mm256_cvttps_epi32(v);
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-    const __m128i b = _mm_xor_si128(_mm_packus_epi16(w, w), _mm_set1_epi8(static_cast<char>(flip)));
+    __m128i b = _mm_xor_si128(_mm_packus_epi16(w, w), _mm_set1_epi8(static_cast<char>(flip)));
+    // ... and its byte 0 whatever the flip (see out_byte): the NaN lanes' all-ones masks packed to bytes
+    const __m128i nw = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
+    b = _mm_andnot_si128(_mm_packs_epi16(nw, nw), b);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(o + j), b);
   }
-  for (; j < d; ++j) o[j] = code_of((x[j] - s[j]) / t[j]) ^ flip;
+  for (; j < d; ++j) o[j] = out_byte((x[j] - s[j]) / t[j], flip);
 }
 #endif
 

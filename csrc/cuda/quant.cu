@@ -35,12 +35,13 @@ __device__ __forceinline__ double load_d<double>(const double* p) { return *p; }
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half_rn(v)); }
 
+// The output byte: the code xor flip; NaN gives 0 for uint8 and int8 alike (as the CPU op, see quantize.cpp)
 template <class C>
-__device__ __forceinline__ uint8_t code_of(C v) {
+__device__ __forceinline__ uint8_t out_byte(C v, uint8_t flip) {
   if (isnan(v)) return 0;
   v = floor(v);
   v = v < C(0) ? C(0) : (v > C(255) ? C(255) : v);
-  return static_cast<uint8_t>(v);
+  return static_cast<uint8_t>(v) ^ flip;
 }
 
 // mode 0: float32 arithmetic, 1: float16 arithmetic (rounded each step), 2: float64 arithmetic
@@ -55,13 +56,13 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t d, i
   const T* p = x + r * row_stride + j;
   uint8_t c;
   if (mode == 2) {
-    c = code_of<double>(__ddiv_rn(__dsub_rn(load_d(p), sd[j]), td[j]));
+    c = out_byte<double>(__ddiv_rn(__dsub_rn(load_d(p), sd[j]), td[j]), flip);
   } else if (mode == 1) {
-    c = code_of<float>(round_half(__fdiv_rn(round_half(__fsub_rn(load_f(p), sf[j])), tf[j])));
+    c = out_byte<float>(round_half(__fdiv_rn(round_half(__fsub_rn(load_f(p), sf[j])), tf[j])), flip);
   } else {
-    c = code_of<float>(__fdiv_rn(__fsub_rn(load_f(p), sf[j]), tf[j]));
+    c = out_byte<float>(__fdiv_rn(__fsub_rn(load_f(p), sf[j]), tf[j]), flip);
   }
-  out[i] = c ^ flip;
+  out[i] = c;
 }
 
 at::Tensor quantize_scalar_cuda(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& steps,

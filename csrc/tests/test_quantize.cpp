@@ -13,10 +13,12 @@
 
 namespace {
 
-uint8_t ref_code(double v) {  // v = (x - start) / step already rounded to the compute precision
+// The output byte of v = (x - start) / step already rounded to the compute precision: code ^ 0x80 for int8;
+// NaN gives 0 for either (as numpy's NaN -> integer casts in sentence-transformers).
+uint8_t ref_byte(double v, bool sgn) {
   if (std::isnan(v)) return 0;
   v = std::floor(v);
-  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v)) ^ (sgn ? 0x80 : 0);
 }
 
 void test_round_to_half() {
@@ -45,7 +47,7 @@ void test_f32_and_f64(std::mt19937& rng) {
       std::vector<uint8_t> want(n * d);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < d; ++j)
-          want[i * d + j] = ref_code(static_cast<float>((x[i * d + j] - s[j]) / t[j])) ^ (sgn ? 0x80 : 0);
+          want[i * d + j] = ref_byte(static_cast<float>((x[i * d + j] - s[j]) / t[j]), sgn);
       std::vector<uint8_t> got(n * d, 0x5a);
       lf::quantize_scalar(x.data(), lf::FloatKind::F32, n, d, d, s.data(), t.data(), lf::ComputeKind::F32, sgn,
                           got.data(), 2);
@@ -53,7 +55,7 @@ void test_f32_and_f64(std::mt19937& rng) {
       // float64 arithmetic on the same data
       std::vector<double> xd(x.begin(), x.end()), sd(s.begin(), s.end()), td(t.begin(), t.end());
       for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < d; ++j) want[i * d + j] = ref_code((xd[i * d + j] - sd[j]) / td[j]) ^ (sgn ? 0x80 : 0);
+        for (int64_t j = 0; j < d; ++j) want[i * d + j] = ref_byte((xd[i * d + j] - sd[j]) / td[j], sgn);
       lf::quantize_scalar(xd.data(), lf::FloatKind::F64, n, d, d, sd.data(), td.data(), lf::ComputeKind::F64, sgn,
                           got.data(), 1);
       LF_CHECK(got == want, "float64 codes");
@@ -69,7 +71,7 @@ void test_f32_and_f64(std::mt19937& rng) {
       }
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < d; ++j)
-          want[i * d + j] = ref_code(static_cast<float>((xr[i * d + j] - s[j]) / t[j])) ^ (sgn ? 0x80 : 0);
+          want[i * d + j] = ref_byte(static_cast<float>((xr[i * d + j] - s[j]) / t[j]), sgn);
       lf::quantize_scalar(xb.data(), lf::FloatKind::BF16, n, d, d, s.data(), t.data(), lf::ComputeKind::F32, sgn,
                           got.data(), 2);
       LF_CHECK(got == want, "bfloat16 codes");

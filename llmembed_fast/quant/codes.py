@@ -26,16 +26,18 @@ PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 def calibrate(embeddings):
     """Per-dimension ``[min, max]`` of ``embeddings [N, D]`` -> ranges ``[2, D]``.
 
-    float32 for float16/bfloat16/float32 input (exact), float64 for float64 input (so that quantizing with
-    these ranges matches sentence-transformers on float64 data). NaN propagates, as in numpy.
+    In the input's dtype (float32 for bfloat16, which numpy lacks), as numpy's min/max: then
+    ``quantize(x, p, ranges=calibrate(x))`` equals ``quantize(x, p)`` and sentence-transformers' codes (its
+    steps are computed in the ranges' dtype; float32 ranges of float16 data would change them). NaN
+    propagates, as in numpy. Not differentiable.
     """
     x, was_np = as_tensor(embeddings, "embeddings")
     check_2d(x, "embeddings")
     check_float(x, "embeddings")
     if x.shape[0] == 0:
         raise ValueError("embeddings is empty: calibration needs at least one row")
-    lo, hi = torch.aminmax(x, dim=0)
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lo, hi = torch.aminmax(x.detach(), dim=0)
+    dt = x.dtype if x.dtype in (torch.float16, torch.float64) else torch.float32
     return to_output(torch.stack([lo, hi]).to(dt), was_np)
 
 
@@ -65,9 +67,12 @@ def _quantize_scalar_torch(x: torch.Tensor, starts: torch.Tensor, steps: torch.T
     """Plain-torch path (devices without the compiled op): same arithmetic, one op at a time."""
     ct = starts.dtype
     v = ((x.to(ct) - starts) / steps).floor().clamp(0, 255)
-    v = torch.nan_to_num(v, nan=0.0)
-    code = v.to(torch.uint8)
-    return (code ^ 0x80).view(torch.int8) if signed else code
+    nan = v.isnan()
+    code = torch.nan_to_num(v, nan=0.0).to(torch.uint8)
+    if not signed:
+        return code
+    # NaN gives int8 0, as sentence-transformers' (NaN - 128).astype(int8) does, not code 0 - 128
+    return (code ^ 0x80).masked_fill_(nan, 0).view(torch.int8)
 
 
 def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=None):
@@ -83,8 +88,8 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
     x, was_np = as_tensor(embeddings, "embeddings")
     check_2d(x, "embeddings")
     check_float(x, "embeddings")
-    if precision == "float32":
-        return to_output(x.float(), was_np)
+    if precision == "float32":  # always a copy, as numpy's astype (a view could write into a read-only mmap)
+        return to_output(x.detach().to(torch.float32, copy=True), was_np)
     x = x.detach()  # model outputs may require grad: codes are not differentiable
     if precision.endswith("binary"):
         if x.device.type == "cpu" or has_kernel("pack_bits", x.device):

@@ -29,6 +29,15 @@ RESCORES = (None, "int8", "float")
 __all__ = ["Index", "IndexFileError"]
 
 
+def _check_width(ranges: torch.Tensor) -> torch.Tensor:
+    """``ranges`` when every max - min is finite in their dtype (else the steps overflow, and every code
+    would be the same, silently)."""
+    width = ranges[1] - ranges[0]
+    if not bool(torch.isfinite(width).all()):
+        raise ValueError(f"ranges are too wide: max - min overflows {ranges.dtype} (values near its limit)")
+    return ranges
+
+
 class Index:
     """A flat index over quantized embeddings (CPU), searched exactly.
 
@@ -61,14 +70,19 @@ class Index:
         if ranges is not None:
             r = as_ranges(ranges, self.dim).cpu()
             check_finite(r, "ranges")
-            self.ranges = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
+            r = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
+            self.ranges = _check_width(r)
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
         self._count = 0
         # add() appends parts, a search merges them: one at a time (searches alone share the merged data)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # copy / deepcopy / pickle (multiprocessing): the lock is not state
-        state = self.__dict__.copy()
+        with self._lock:
+            state = self.__dict__.copy()
+            # lists of their own: a copy's add() appends there, not to this index (the tensors are shared,
+            # never written in place)
+            state["_parts"] = {name: list(parts) for name, parts in self._parts.items()}
         del state["_lock"]
         return state
 
@@ -90,13 +104,17 @@ class Index:
 
     def _data(self, name: str) -> torch.Tensor:
         with self._lock:
-            parts = self._parts[name]
-            if len(parts) != 1:
-                width = (self.dim + 7) // 8 if name == "bits" else self.dim
-                dtype = {"bits": torch.uint8, "int8": torch.int8, "float": torch.float32}[name]
-                merged = torch.cat(parts) if parts else torch.empty(0, width, dtype=dtype)
-                self._parts[name] = [merged]
-            return self._parts[name][0]
+            return self._merged(name)
+
+    def _merged(self, name: str) -> torch.Tensor:
+        """The parts of ``name`` as one tensor (merged once, kept); the caller holds the lock."""
+        parts = self._parts[name]
+        if len(parts) != 1:
+            width = (self.dim + 7) // 8 if name == "bits" else self.dim
+            dtype = {"bits": torch.uint8, "int8": torch.int8, "float": torch.float32}[name]
+            merged = torch.cat(parts) if parts else torch.empty(0, width, dtype=dtype)
+            self._parts[name] = [merged]
+        return self._parts[name][0]
 
     def __len__(self) -> int:
         return self._count
@@ -137,7 +155,8 @@ class Index:
             return self
         with self._lock:
             if self._needs_ranges() and self.ranges is None:
-                self.ranges = calibrate(x)
+                r = calibrate(x)
+                self.ranges = _check_width(r.float() if r.dtype == torch.float16 else r)  # float32 or float64
             parts = {}
             for name in self._stored():
                 if name == "bits":
@@ -181,25 +200,32 @@ class Index:
         summation order (the C++ rescoring of int8_topk), whatever the candidate's position: equal vectors
         score bitwise equal and come back by id, whatever k and rescore_multiplier."""
         cand = cand.contiguous()
+        bias = exp = None
         if self.rescore == "int8":  # as int8_topk scores: bias + (query * step) . u
             w, bias, exp = fold_query(q, self.ranges)
-            scores = _ext.ops().score_rows(w.contiguous(), self._data("int8"), cand) + bias[:, None]
-            scores = unfold_scores(scores, exp)
+            scores = _ext.ops().score_rows(w.contiguous(), self._data("int8"), cand)
         else:
             w = q.to(torch.float64).contiguous()
             scores = _ext.ops().score_rows(w, self._data("float"), cand)
+        # ranked before the per-query bias is added (as int8_topk does): adding it first could round
+        # distinct scores to equal ones, which would then be ordered by id
         by_id = torch.sort(cand, dim=1, stable=True)
         scores, cand = scores.gather(1, by_id.indices), by_id.values
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return scores.gather(1, order).to(torch.float32), cand.gather(1, order)
+        scores, ids = scores.gather(1, order), cand.gather(1, order)
+        if bias is not None:
+            scores = unfold_scores(scores + bias[:, None], exp)
+        return scores.to(torch.float32), ids
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to ``path`` atomically (see llmembed_fast.quant.io for the format)."""
-        sections = {name: self._data(name).numpy() for name in self._stored()}
-        if self.ranges is not None:
-            sections["ranges"] = self.ranges.numpy()
-        meta = {"dim": self.dim, "count": self._count, "precision": self.precision, "rescore": self.rescore}
+        with self._lock:  # one consistent snapshot: an add() running meanwhile is in it wholly or not at all
+            sections = {name: self._merged(name).numpy() for name in self._stored()}
+            if self.ranges is not None:
+                sections["ranges"] = self.ranges.numpy()
+            count = self._count
+        meta = {"dim": self.dim, "count": count, "precision": self.precision, "rescore": self.rescore}
         write_index_file(path, meta, sections)
 
     @classmethod

@@ -103,8 +103,9 @@ def int8_topk(queries, doc_codes, ranges, k: int):
 
     queries [Q, D] float, doc_codes [N, D] int8 or uint8 (from ``quantize`` with these ``ranges [2, D]``).
     Returns ``(scores float32 [Q, k], indices int64 [Q, k])``, descending score (computed in float64),
-    equal scores by lower index. The scan is an integer SIMD dot with a proven error bound per row; rows
-    that could reach the top k are rescored exactly.
+    equal scores by lower index (ranked on ``weights . u`` of ``fold_query``, before its per-query bias is
+    added: distinct scores that round equal once it is added keep their exact order). The scan is an
+    integer SIMD dot with a proven error bound per row; rows that could reach the top k are rescored exactly.
     """
     q, q_np = as_tensor(queries, "queries")
     c, _ = as_tensor(doc_codes, "doc_codes")
