@@ -14,7 +14,7 @@ def read_texts(path: str, field: str = "text") -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input: no file at {path!r}")
     texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is not part of the first text
         if path.lower().endswith((".jsonl", ".ndjson")):
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -67,6 +67,17 @@ def _encode(args, texts: list[str]) -> int:
             check_device(args.device)
         except ValueError as exc:
             raise ValueError(f"--device: {exc}") from None
+    ranges = None
+    if args.ranges is not None:
+        if args.precision not in ("int8", "uint8"):
+            raise ValueError("--ranges applies to --precision int8 / uint8 only")
+        try:
+            ranges = np.load(args.ranges, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"--ranges: cannot read {args.ranges!r}: {exc}") from None
+        if not isinstance(ranges, np.ndarray) or ranges.ndim != 2 or ranges.shape[0] != 2:
+            raise ValueError(f"--ranges {args.ranges!r} must be a .npy of shape [2, D] (per-dimension min, "
+                             "max), e.g. from llmembed_fast.quant.calibrate")
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(
@@ -92,6 +103,8 @@ def _encode(args, texts: list[str]) -> int:
     )
     if args.instruction is not None:
         kw["instruction"] = args.instruction
+    if ranges is not None:
+        kw["ranges"] = ranges
     out = fn(texts, **kw)
     t2 = time.perf_counter()
     np.save(path, out)
@@ -110,6 +123,12 @@ def register(subparsers) -> None:
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument(
         "--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+    )
+    p.add_argument(
+        "--ranges",
+        metavar="RANGES.npy",
+        help="int8/uint8 ranges [2, D] (quant.calibrate of a sample corpus), so that codes of separately "
+        "encoded files share one scale (default: calibrated on this file's embeddings)",
     )
     p.add_argument("--role", choices=["query", "document"], help="use the model's query/document prompt")
     p.add_argument("--instruction", help="task instruction (queries of instruction-tuned embedders)")

@@ -120,3 +120,35 @@ def test_cli_encode_model_errors_and_output_suffix(tmp_path, capsys):
     assert main(argv + ["--output", str(tmp_path / "emb")]) == 0  # np.save appends .npy: say so
     assert f"-> {tmp_path / 'emb.npy'} " in capsys.readouterr().out
     assert np.load(tmp_path / "emb.npy").shape == (2, 64)
+
+
+def test_cli_encode_bom_and_shared_ranges(tmp_path, capsys):
+    """A UTF-8 byte-order mark is not part of the first text (.txt and .jsonl); --ranges quantizes int8 with
+    given ranges, so separately encoded files share one scale."""
+    from llmembed_fast import quant
+
+    model = cached_tiny_model_dir("qwen2")
+    plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    bom.write_text("\n".join(TEXTS) + "\n", encoding="utf-8-sig")
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_text("\n".join(json.dumps(t) for t in TEXTS) + "\n", encoding="utf-8-sig")
+    base = ["encode", "--model", model, "--device", "cpu", "--no-progress"]
+    outs = {}
+    for name, src in (("plain", plain), ("bom", bom), ("jsonl", jsonl)):
+        assert main([*base, "--input", str(src), "--output", str(tmp_path / name)]) == 0
+        outs[name] = np.load(tmp_path / f"{name}.npy")
+    np.testing.assert_array_equal(outs["bom"], outs["plain"])
+    np.testing.assert_array_equal(outs["jsonl"], outs["plain"])
+    ranges = quant.calibrate(outs["plain"] * 2)
+    np.save(tmp_path / "ranges.npy", ranges)
+    assert main([*base, "--input", str(plain), "--output", str(tmp_path / "q8"), "--precision", "int8",
+                 "--ranges", str(tmp_path / "ranges.npy")]) == 0
+    want = quant.quantize(outs["plain"], "int8", ranges=ranges)
+    np.testing.assert_array_equal(np.load(tmp_path / "q8.npy"), want)
+    capsys.readouterr()
+    for extra, msg in ((["--precision", "binary", "--ranges", str(tmp_path / "ranges.npy")], "int8 / uint8"),
+                       (["--precision", "int8", "--ranges", str(tmp_path / "plain.npy")], "[2, D]"),
+                       (["--precision", "int8", "--ranges", str(tmp_path / "none.npy")], "cannot read")):
+        assert main([*base, "--input", str(plain), "--output", str(tmp_path / "x"), *extra]) == 2
+        assert msg in capsys.readouterr().err

@@ -330,10 +330,32 @@ def test_int8_calibrated_on_one_row_warns():
             emb.encode("hello world", precision=p)
     with pytest.warns(UserWarning, match="ranges"):
         emb.encode_late_chunks("hello world", ["hello"], precision="int8")
+    with pytest.warns(UserWarning, match="a few"):  # below 100 rows, as sentence-transformers warns
+        emb.encode(["hello", "world"], precision="int8")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        emb.encode(["hello", "world"], precision="int8")
+        emb.encode([f"text {i}" for i in range(100)], precision="int8")
         emb.encode("hello", precision="int8", calibration_embeddings=emb.encode(["a", "b", "c"]))
+
+
+def test_late_chunks_int8_with_shared_ranges():
+    """encode_late_chunks takes ranges / calibration_embeddings as encode does: the chunks of two documents
+    then get codes on one scale (each call's own few chunks gave near-sign-bit codes)."""
+    from llmembed_fast import quant
+
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    sample = emb.encode([f"sample text number {i} about rivers" for i in range(50)])
+    ranges = quant.calibrate(sample)
+    text = "the cat sat on the mat. the dog ran to the river bank."
+    chunks = ["the cat sat on the mat.", "the dog ran to the river bank."]
+    f32 = emb.encode_late_chunks(text, chunks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = emb.encode_late_chunks(text, chunks, precision="int8", ranges=ranges)
+        got_cal = emb.encode_late_chunks(text, chunks, precision="uint8", calibration_embeddings=sample)
+    np.testing.assert_array_equal(got, quant.quantize(f32, "int8", ranges=ranges))
+    np.testing.assert_array_equal(got_cal, quant.quantize(f32, "uint8", ranges=ranges))
 
 
 def test_clear_errors_for_positions_packing_texts_and_folders(tmp_path):

@@ -70,10 +70,14 @@ def encode_late_chunks(
     precision: str = "float32",
     output: str = "numpy",
     max_tokens_per_batch: int | None = None,
+    ranges=None,
+    calibration_embeddings=None,
 ):
     """Embeddings [S, D] of the S chunks of ``text`` after one forward over all of it (see module doc).
 
     ``pooling`` defaults to "mean" over each chunk's tokens; ``normalize``/``dims`` default to the embedder's.
+    ``ranges``/``calibration_embeddings``: for int8/uint8, as in ``encode`` (pass them: ranges calibrated on
+    one document's few chunks make codes that cannot be compared with other documents').
     """
     _check_text(text, "text")
     if precision not in PRECISIONS:
@@ -105,7 +109,7 @@ def encode_late_chunks(
     suffix = list(embedder.info.eos_suffix) if getattr(embedder, "strip_eos", False) else []
     if suffix and ids[-len(suffix) :] == suffix:
         ids = ids[: len(ids) - len(suffix)]
-    ranges = _text_token_ranges(
+    token_spans = _text_token_ranges(
         enc["offset_mapping"], enc["special_tokens_mask"], [(base + a, base + b) for a, b in spans]
     )
     if embedder.add_eos and not embedder.info.adds_eos and embedder.info.eos_id is not None:
@@ -133,8 +137,8 @@ def encode_late_chunks(
                 for j, i in enumerate(idx):
                     parts[i] = h[j, : len(windows[i])]
             hidden = torch.cat(parts, 0)
-            starts = torch.tensor([a for a, _ in ranges], dtype=torch.int64)
-            ends = torch.tensor([b for _, b in ranges], dtype=torch.int64)
+            starts = torch.tensor([a for a, _ in token_spans], dtype=torch.int64)
+            ends = torch.tensor([b for _, b in token_spans], dtype=torch.int64)
             emb = pool_segments(
                 hidden,
                 starts.to(dev),
@@ -145,7 +149,7 @@ def encode_late_chunks(
             )
     finally:
         embedder.model.train(was_training)
-    return embedder._finish(emb, precision, output, False, None, None)
+    return embedder._finish(emb, precision, output, False, ranges, calibration_embeddings)
 
 
 __all__ = ["encode_late_chunks", "chunk_spans"]

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 QUANTIZED = ("int8", "uint8", "binary", "ubinary")
 OUTPUTS = ("numpy", "torch")
+# int8/uint8 calibrated on fewer encoded rows than this warn (as sentence-transformers' quantize_embeddings)
+MIN_CALIBRATION_ROWS = 100
 _POOLING_ALIASES = {
     **ST_POOLING,
     "cls_token": "first",
@@ -895,11 +897,12 @@ class LLMEmbedder(nn.Module):
             from llmembed_fast.quant import quantize
 
             if precision in ("int8", "uint8") and ranges is None and calibration_embeddings is None:
-                if emb.shape[0] < 2:
+                if emb.shape[0] < MIN_CALIBRATION_ROWS:
                     warnings.warn(
                         f"precision={precision!r} calibrates its ranges on the embeddings being encoded, "
-                        f"here {emb.shape[0]} row(s), so every code is the same: pass ranges= or "
-                        "calibration_embeddings= (e.g. embeddings of a sample corpus), or encode more texts",
+                        f"here {emb.shape[0]} row(s) (one row: every code is the same; a few: coarse codes "
+                        "on a scale no other call shares): pass ranges= or calibration_embeddings= (e.g. "
+                        "embeddings of a sample corpus)",
                         UserWarning,
                         stacklevel=3,
                     )
