@@ -9,13 +9,29 @@ import time
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
-    """Texts from ``.txt`` (one per line, empty lines kept as empty texts) or ``.jsonl`` (one JSON object per
-    line with ``field``, or a JSON string)."""
+    """Texts from ``.txt`` (one per line, empty lines kept as empty texts), ``.jsonl`` (one JSON object per
+    line with ``field``, or a JSON string) or ``.json`` (an array of such items)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input: no file at {path!r}")
     texts: list[str] = []
     with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is not part of the first text
-        if path.lower().endswith((".jsonl", ".ndjson")):
+        if path.lower().endswith(".json"):  # one JSON array of strings or objects
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--input: invalid JSON ({exc.msg}, line {exc.lineno}); one text per line: "
+                                 ".jsonl or .txt") from None
+            if not isinstance(data, list):
+                raise ValueError(f"--input {path!r}: a .json input holds an array, got {type(data).__name__}")
+            for n, obj in enumerate(data):
+                if isinstance(obj, dict):
+                    if field not in obj:
+                        raise ValueError(f"--input item {n}: no field {field!r} (use --field)")
+                    obj = obj[field]
+                if not isinstance(obj, str):
+                    raise ValueError(f"--input item {n}: expected a string, got {type(obj).__name__}")
+                texts.append(obj)
+        elif path.lower().endswith((".jsonl", ".ndjson")):
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -118,7 +134,7 @@ def _encode(args, texts: list[str]) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode", help="embed texts (.txt / .jsonl) with a model into a .npy file")
     p.add_argument("--model", required=True, help="model folder (HF or sentence-transformers) or Hub id")
-    p.add_argument("--input", required=True, help="texts.txt (one per line) or texts.jsonl")
+    p.add_argument("--input", required=True, help="texts.txt (one per line), .jsonl, or .json (an array)")
     p.add_argument("--output", required=True, help="embeddings .npy (the suffix is added when missing)")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument(

@@ -133,13 +133,16 @@ def test_cli_encode_bom_and_shared_ranges(tmp_path, capsys):
     bom.write_text("\n".join(TEXTS) + "\n", encoding="utf-8-sig")
     jsonl = tmp_path / "bom.jsonl"
     jsonl.write_text("\n".join(json.dumps(t) for t in TEXTS) + "\n", encoding="utf-8-sig")
+    array = tmp_path / "arr.json"  # a .json array (it was read as lines of text)
+    array.write_text(json.dumps([{"text": t} for t in TEXTS], indent=1), encoding="utf-8")
     base = ["encode", "--model", model, "--device", "cpu", "--no-progress"]
     outs = {}
-    for name, src in (("plain", plain), ("bom", bom), ("jsonl", jsonl)):
+    for name, src in (("plain", plain), ("bom", bom), ("jsonl", jsonl), ("json", array)):
         assert main([*base, "--input", str(src), "--output", str(tmp_path / name)]) == 0
         outs[name] = np.load(tmp_path / f"{name}.npy")
     np.testing.assert_array_equal(outs["bom"], outs["plain"])
     np.testing.assert_array_equal(outs["jsonl"], outs["plain"])
+    np.testing.assert_array_equal(outs["json"], outs["plain"])
     ranges = quant.calibrate(outs["plain"] * 2)
     np.save(tmp_path / "ranges.npy", ranges)
     assert main([*base, "--input", str(plain), "--output", str(tmp_path / "q8"), "--precision", "int8",

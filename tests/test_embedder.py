@@ -401,3 +401,16 @@ def test_decoder_tokenizer_without_eos_pools_the_last_text_token():
     )
     with pytest.raises(ValueError, match="eos"):
         lf.LLMEmbedder(model, tok, add_eos=True)
+
+
+def test_pandas_series_and_home_relative_folder(tmp_path, monkeypatch):
+    """A pandas Series of texts (df["text"]) encodes like its list; "~/folder" is the user's folder."""
+    pd = pytest.importorskip("pandas")
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    texts = ["hello world", "the cat", "a"]
+    np.testing.assert_array_equal(emb.encode(pd.Series(texts, index=[7, 3, 5])), emb.encode(texts))
+    emb.save_pretrained(tmp_path / "saved")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    again = lf.LLMEmbedder.from_pretrained("~/saved", device="cpu")
+    np.testing.assert_allclose(again.encode(texts), emb.encode(texts), atol=1e-6, rtol=0)

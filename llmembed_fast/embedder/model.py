@@ -95,7 +95,8 @@ def _check_texts(texts) -> tuple[list[str], bool]:
             f"texts must be a string or a list of strings, got {type(texts).__name__} "
             "(decode it first, e.g. texts.decode('utf-8'))"
         )
-    if isinstance(texts, np.ndarray):
+    pandas = type(texts).__module__.startswith("pandas") and hasattr(texts, "tolist")  # a Series, an Index
+    if isinstance(texts, np.ndarray) or pandas:
         texts = texts.tolist()  # a 0-d array gives its one string: one text, not one per character
         if isinstance(texts, str):
             return [texts], True
@@ -403,6 +404,8 @@ class LLMEmbedder(nn.Module):
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
         path_or_id = os.fspath(path_or_id)
+        if path_or_id.startswith("~"):  # never a Hub id: the user's folder, as a shell would expand it
+            path_or_id = os.path.expanduser(path_or_id)
         is_dir = os.path.isdir(path_or_id)
         if not is_dir and (
             path_or_id.startswith((".", "/", "~"))
