@@ -1,6 +1,7 @@
 """quant.Index: search equals the numpy pipeline (exact first stage + float64 rescoring), save/load
 round-trips (mmap and not), the loader rejects truncated / bit-flipped / foreign files with a clear error."""
 
+import os
 import struct
 
 import numpy as np
@@ -461,3 +462,15 @@ def test_ranges_too_wide_for_float32_are_refused():
         quant.Index(2, "int8").add(big)
     with pytest.raises(ValueError, match="too wide"):
         quant.Index(2, "int8", ranges=np.array([[-3e38, 0], [3e38, 1]], np.float32))
+
+
+def test_save_path_errors_name_the_path(tmp_path):
+    """A folder or an empty path is refused up front, naming it (the error named a temporary file after the
+    whole payload was written); a bytes path works like a str one."""
+    index = quant.Index(13).add(np.random.default_rng(0).standard_normal((5, 13)).astype(np.float32))
+    for bad in ("", str(tmp_path)):
+        with pytest.raises(IsADirectoryError, match="is a folder"):
+            index.save(bad)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+    index.save(os.fsencode(tmp_path / "x.lfidx"))
+    assert len(quant.Index.load(tmp_path / "x.lfidx")) == 5

@@ -359,3 +359,11 @@ def test_nan_codes_torch_fallback():
     st, sp = torch.full((3,), -1.0), torch.full((3,), 2 / 255)
     assert _quantize_scalar_torch(x, st, sp, signed=True).tolist() == [[0, 63, -128]]
     assert _quantize_scalar_torch(x, st, sp, signed=False).tolist() == [[0, 191, 0]]
+
+
+def test_long_double_input_is_a_clear_type_error():
+    x = np.zeros((2, 3), np.longdouble)
+    if x.dtype.itemsize == 8:
+        pytest.skip("long double is double on this platform")
+    with pytest.raises(TypeError, match="embeddings must be float16/32/64"):
+        quant.quantize(x, "int8")

@@ -70,9 +70,11 @@ def test_search_cli_errors(tmp_path, capsys):
         (["search", str(tmp_path / "d.lfidx"), q, "--precision", "int8"], "--precision"),
         (["search", str(tmp_path / "d.lfidx"), q, "--rescore", "float"], "--rescore"),
         (["search", docs, str(tmp_path / "q.npz")], "must be a .npy file"),  # np.load gives an NpzFile
+        (["search", docs, str(tmp_path / "q.csv")], "is not a .npy file"),  # not numpy's pickle advice
         (["search", docs, q, "--precision", "int8", "--calibration", str(tmp_path / "q.npz")], ".npy file"),
     ]
     np.savez(tmp_path / "q.npz", q=rng.standard_normal((2, 13)).astype(np.float32))
+    (tmp_path / "q.csv").write_text("0.1,0.2\n")
     (tmp_path / "empty.npy").write_bytes(b"")
     assert main(["search", docs, "--save-index", str(tmp_path / "d.lfidx")]) == 0
     for argv, msg in cases:

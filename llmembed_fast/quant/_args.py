@@ -21,6 +21,8 @@ def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        if x.dtype.kind == "f" and x.dtype.itemsize not in (2, 4, 8):  # long double: torch has no such dtype
+            raise TypeError(f"{name} must be float16/32/64, got dtype {x.dtype} (convert it first)")
         if not x.dtype.isnative:  # big-endian data (e.g. a .npy written on another machine)
             x = x.astype(x.dtype.newbyteorder("="))
         if any(st < 0 for st in x.strides):  # x[::-1] of one row counts as contiguous in numpy, not in torch

@@ -45,6 +45,10 @@ def _pad(n: int) -> int:
 def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np.ndarray]) -> None:
     """Write ``meta`` (JSON-able) and named arrays to ``path`` atomically (temporary file, fsync, rename)."""
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path or os.path.isdir(path):  # before any work, and naming the path (not the temporary file)
+        raise IsADirectoryError(f"path {path!r} is a folder (or empty): give a file name")
     arrays = {name: np.ascontiguousarray(a) for name, a in sections.items()}
     for name, a in arrays.items():
         if a.dtype.name not in ALLOWED_DTYPES:
