@@ -60,7 +60,7 @@ def _load_npy(path: str, what: str):
                 head = f.read(6)
         except OSError:
             head = b"\x93NUMPY"
-        if head and not head.startswith((b"\x93NUMPY", b"PK")):  # numpy's advice about pickles would mislead here
+        if head and not head.startswith((b"\x93NUMPY", b"PK")):  # numpy's pickle advice would mislead
             raise _Error(f"{what} {path!r} is not a .npy file (its first bytes are {head!r})") from None
         raise _Error(f"cannot read {what} {path!r}: {exc}") from None
     if not isinstance(a, np.ndarray):  # np.load gives an NpzFile for a .npz archive
