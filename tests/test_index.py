@@ -255,6 +255,23 @@ def test_load_rejects_nonfinite_ranges(tmp_path):
             quant.Index.load(tmp_path / "bad.lfidx")
 
 
+def test_load_rejects_nonfinite_float_vectors(tmp_path):
+    """A CRC-consistent file whose stored float vectors hold NaN/inf (add() refuses such) is an error when
+    verified, not NaN scores at search time."""
+    from llmembed_fast.quant.io import write_index_file
+
+    docs, _ = make(n=10, dim=8)
+    index = quant.Index(8, "binary", "float").add(docs)
+    for bad in (np.nan, -np.inf):
+        v = index._data("float").numpy().copy()
+        v[4, 2] = bad
+        meta = {"dim": 8, "count": 10, "precision": "binary", "rescore": "float"}
+        write_index_file(tmp_path / "bad.lfidx", meta, {"bits": index._data("bits").numpy(), "float": v})
+        with pytest.raises(IndexFileError, match="NaN or inf"):
+            quant.Index.load(tmp_path / "bad.lfidx")
+        assert len(quant.Index.load(tmp_path / "bad.lfidx", verify=False)) == 10  # the fast path trusts it
+
+
 def test_load_rejects_deeply_nested_header(tmp_path):
     import zlib
 

@@ -259,6 +259,8 @@ class Index:
             dt, shape = expect[name]
             if a is None or a.dtype.name != dt or list(a.shape) != shape:
                 raise IndexFileError(f"{path}: section {name!r} missing or not {dt} {shape}")
+            if name == "float" and verify and not bool(np.isfinite(a).all()):  # add() refuses such vectors
+                raise IndexFileError(f"{path}: section 'float' holds NaN or inf")
             index._parts[name] = [torch.from_numpy(a)]
         r = arrays.get("ranges")
         if r is not None:
