@@ -222,3 +222,68 @@ def test_hf_trainer_saves_an_embedder_that_reloads(tmp_path):
         t.train()
         want = lf.LLMEmbedder.from_pretrained(t.state.best_model_checkpoint).encode(texts)
         np.testing.assert_allclose(best.encode(texts), want, rtol=0, atol=1e-6)
+
+
+def test_hf_trainer_resume_keeps_a_learned_temperature(tmp_path):
+    """A ContrastiveLoss(learn_temperature=True) registered on the embedder (what GradCacheTrainer asks for)
+    is in every checkpoint and restored on resume: stopping at step 2 and resuming gives the uninterrupted
+    run's temperature and weights (the checkpoint held the model only, so resuming reset the temperature)."""
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.embedder.model import EXTRA_FILE
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator
+
+    def run(out, resume=None):
+        emb = _embedder()
+        emb.crit = lf.ContrastiveLoss(0.07, learn_temperature=True)
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4,
+                                 learning_rate=1e-2, report_to=[], remove_unused_columns=False, use_cpu=True,
+                                 save_strategy="steps", save_steps=2, seed=7)
+        GradCacheTrainer(model=emb, args=args, train_dataset=pairs(24, seed=3), chunk_size=3,
+                         data_collator=PairCollator(emb.tokenize), loss_fn=emb.crit).train(
+                             resume_from_checkpoint=resume)
+        return emb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = run(tmp_path / "a")
+        assert os.path.isfile(tmp_path / "a" / "checkpoint-2" / EXTRA_FILE)
+        b = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert a.crit.log_scale.item() != pytest.approx(float(np.log(1 / 0.07)))  # it was trained
+    assert b.crit.log_scale.item() == a.crit.log_scale.item()
+    for (k, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    # a state dict with those keys (the FSDP path) saves too; a bare embedder cannot take them back
+    a.save_pretrained(tmp_path / "sd", state_dict=a.state_dict())
+    bare = _embedder()
+    with pytest.raises(ValueError, match="no place for"):
+        bare.load_weights(tmp_path / "sd")
+    bare.crit = lf.ContrastiveLoss(0.07, learn_temperature=True)
+    bare.load_weights(tmp_path / "sd")
+    assert bare.crit.log_scale.item() == a.crit.log_scale.item()
+
+
+def test_hf_trainer_group_held_by_the_loss_sets_the_multiplier(monkeypatch, tmp_path):
+    """grad_multiplier defaults to the group's size also when the loss module holds the group
+    (ContrastiveLoss(group=...)), not only loss_kwargs["group"]; a trainable tensor in loss_kwargs that is
+    not the model's warns (the Trainer neither updates nor saves it)."""
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer
+
+    model = torch.nn.Linear(4, 4)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    group = object()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda g=None: 3 if g is group else 1)
+    held = GradCacheTrainer(model=model, args=args, loss_fn=lf.ContrastiveLoss(group=group))
+    assert held._gc_grad_multiplier() == 3.0
+    assert GradCacheTrainer(model=model, args=args, loss_fn=lf.ContrastiveLoss())._gc_grad_multiplier() == 1.0
+    with pytest.warns(UserWarning, match="requires grad but is not a parameter"):
+        t = torch.tensor(0.1, requires_grad=True)
+        GradCacheTrainer(model=model, args=args, loss_kwargs={"temperature": t})

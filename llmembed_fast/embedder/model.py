@@ -186,6 +186,8 @@ def output_width(config) -> int | None:
 
 
 SETTINGS_FILE = "llmembed_fast.json"  # what save_pretrained writes beside the model and tokenizer
+# tensors of modules registered on the embedder beside its model (e.g. a loss with a learned temperature)
+EXTRA_FILE = "llmembed_fast_extra.safetensors"
 _SETTINGS = ("pooling", "normalize", "dims", "max_length", "padding_side", "add_eos", "include_prompt",
              "instruction_template")
 
@@ -504,22 +506,38 @@ class LLMEmbedder(nn.Module):
         """Write the model (``save_pretrained``), its tokenizer and this embedder's settings (pooling,
         normalization, dims, prompt style and prompts, truncation, EOS, padding side) to the folder ``path``:
         ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings. ``state_dict``: this embedder's
-        state dict to write instead of the model's own tensors (e.g. one gathered from FSDP shards)."""
+        state dict to write instead of the model's own tensors (e.g. one gathered from FSDP shards).
+        Tensors of modules registered on the embedder itself, beside the model (a loss with a learned
+        temperature, say), go to ``llmembed_fast_extra.safetensors``; :meth:`load_weights` restores them
+        (``from_pretrained`` builds a bare embedder and leaves them out)."""
         path = os.fspath(path)
         inner = self._inner_model()
         if not callable(getattr(inner, "save_pretrained", None)):
             raise TypeError(f"{type(inner).__name__} has no save_pretrained(): save its weights yourself")
         kwargs = {}
         if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
-            inner_sd = {}
+            inner_sd, extra, own = {}, {}, None
             for key, value in state_dict.items():
                 if not key.startswith("model."):
-                    raise ValueError(f"state_dict: key {key!r} is not one of this embedder's model's")
+                    own = set(self.state_dict()) if own is None else own
+                    if key not in own:
+                        raise ValueError(f"state_dict: key {key!r} is not one of this embedder's")
+                    extra[key] = value
+                    continue
                 key = key[len("model."):]
                 inner_sd[key.removeprefix("_orig_mod.")] = value
             kwargs["state_dict"] = inner_sd
+        else:
+            extra = {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
         os.makedirs(path, exist_ok=True)
         inner.save_pretrained(path, **kwargs)
+        extra_path = os.path.join(path, EXTRA_FILE)
+        if extra:  # e.g. a learned temperature trained with the model: a checkpoint must keep it
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in extra.items()}, extra_path)
+        elif os.path.exists(extra_path):  # an earlier save's, which would be restored by mistake
+            os.remove(extra_path)
         self.tokenizer.save_pretrained(path)
         settings = {"format": 1, **{key: getattr(self, key) for key in _SETTINGS},
                     "prompt_style": dataclasses.asdict(self.style), "prompts": self.prompts,
@@ -529,8 +547,9 @@ class LLMEmbedder(nn.Module):
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load the model weights that :meth:`save_pretrained` wrote to the folder ``path`` into this
-        embedder, in place (settings, tokenizer, device and dtype unchanged). The folder's model is loaded
-        once on the CPU first, so this briefly needs a second copy of the weights in host memory."""
+        embedder, in place (settings, tokenizer, device and dtype unchanged), and the embedder's other
+        tensors it wrote (modules registered beside the model; each must exist here). The folder's model
+        is loaded once on the CPU first, so this briefly needs a second copy of the weights in host memory."""
         path = os.fspath(path)
         inner = self._inner_model()
         if not callable(getattr(type(inner), "from_pretrained", None)):
@@ -539,6 +558,16 @@ class LLMEmbedder(nn.Module):
             raise FileNotFoundError(f"path: {path!r} holds no saved model (no config.json)")
         loaded = type(inner).from_pretrained(path, dtype=self._compute_dtype())
         inner.load_state_dict(loaded.state_dict())
+        extra_path = os.path.join(path, EXTRA_FILE)
+        if os.path.isfile(extra_path):  # the embedder's other tensors (see save_pretrained)
+            from safetensors.torch import load_file
+
+            extra = load_file(extra_path)
+            unknown = sorted(set(extra) - set(self.state_dict()))
+            if unknown:
+                raise ValueError(f"path: {EXTRA_FILE} holds tensors this embedder has no place for: "
+                                 f"{unknown} (register the same modules on it before loading)")
+            self.load_state_dict(extra, strict=False)
 
     def _n_positions(self) -> int | None:
         """Tokens the position table holds for one sequence (RoBERTa-style tables lose their offset)."""

@@ -12,6 +12,7 @@ Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -66,8 +67,8 @@ class GradCacheTrainer(Trainer):
             The model given to ``compute_loss`` (DDP-wrapped under distributed training) governs the
             gradient synchronization either way (one all-reduce per step).
         grad_multiplier: multiplies every gradient (see :class:`GradCache`). Default None: the size of
-            ``loss_kwargs["group"]`` when one is given (a global loss under DDP, whose averaging over ranks
-            it undoes), else 1.
+            ``loss_kwargs["group"]`` (or of the group a loss module holds, as ``ContrastiveLoss(group=)``)
+            when one is given (a global loss under DDP, whose averaging over ranks it undoes), else 1.
     """
 
     def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32,
@@ -87,6 +88,16 @@ class GradCacheTrainer(Trainer):
                 "loss_fn has trainable parameters (e.g. ContrastiveLoss(learn_temperature=True)) that are "
                 "not the model's: the Trainer's optimizer, zero_grad and checkpoints would miss them. "
                 "Register the loss as a submodule of the model, or use a fixed temperature")
+        for name, value in self.gc_loss_kwargs.items():
+            if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in model_params:
+                warnings.warn(
+                    f"loss_kwargs[{name!r}] requires grad but is not a parameter of the model: only an "
+                    "optimizer you pass (optimizers=) updates it, and checkpoints do not hold it. To train "
+                    "it with the model, register it on the model (e.g. a ContrastiveLoss("
+                    "learn_temperature=True) submodule, passed as loss_fn); else detach it",
+                    UserWarning,
+                    stacklevel=2,
+                )
         # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
         GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None
                   else grad_multiplier)
@@ -95,6 +106,9 @@ class GradCacheTrainer(Trainer):
         if self.gc_grad_multiplier is not None:
             return float(self.gc_grad_multiplier)
         group = self.gc_loss_kwargs.get("group")
+        if group is None:  # a loss module holding its group, e.g. ContrastiveLoss(group=...)
+            held = getattr(self.gc_loss_fn, "kwargs", None)
+            group = held.get("group") if isinstance(held, dict) else getattr(self.gc_loss_fn, "group", None)
         if group is None:
             return 1.0
         import torch.distributed as dist
