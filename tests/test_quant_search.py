@@ -274,3 +274,45 @@ def test_int8_topk_ranges_too_wide_name_ranges():
     wide = np.vstack([np.full(8, -1e308), np.full(8, 1e308)])
     with pytest.raises(ValueError, match="ranges are too wide"):
         quant.int8_topk(np.ones((1, 8)), c, wide, 2)
+
+
+def test_cpu_without_the_extension_uses_the_torch_paths(monkeypatch):
+    """Without llmembed_fast._C (a build with LLMEMBED_FAST_NO_EXT=1, or one for another torch), every quant
+    function and Index runs its plain-torch path on the CPU, with a warning, and gives the extension's
+    codes and rankings (it raised before)."""
+    import warnings
+
+    rng = np.random.default_rng(11)
+    docs = rng.standard_normal((700, 45)).astype(np.float32)
+    queries = rng.standard_normal((9, 45)).astype(np.float32)
+    ranges = quant.calibrate(docs)
+
+    def everything():
+        out = {p: quant.quantize(docs, p, ranges=ranges if p.endswith("int8") else None)
+               for p in ("int8", "uint8", "binary", "ubinary")}
+        out["f16"] = quant.quantize(docs.astype(np.float16), "int8")
+        out["hamming"] = quant.hamming_topk(quant.quantize(queries, "binary"), out["binary"], 7)
+        out["int8"] = quant.int8_topk(queries, out["int8"], ranges, 7)
+        for precision, rescore in (("binary", None), ("binary", "int8"), ("binary", "float"),
+                                   ("int8", "float")):
+            index = quant.Index(45, precision, rescore, ranges=ranges).add(docs)
+            out[f"index {precision} {rescore}"] = index.search(queries, 5, rescore_multiplier=3)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = everything()
+    monkeypatch.setattr(_ext, "extension", lambda: None)
+    monkeypatch.setattr(_ext, "load_error", lambda: "simulated: not built")
+    def no_ops():
+        raise AssertionError("the extension was called")
+
+    monkeypatch.setattr(_ext, "ops", no_ops)
+    with pytest.warns(RuntimeWarning, match="plain-torch"):
+        got = everything()
+    for key, value in want.items():
+        if isinstance(value, tuple):  # (scores or distances, ids)
+            np.testing.assert_array_equal(got[key][1], value[1], err_msg=key)
+            np.testing.assert_allclose(got[key][0], value[0], rtol=1e-6, atol=0, err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)

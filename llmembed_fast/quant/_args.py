@@ -91,3 +91,22 @@ def has_kernel(op: str, device: torch.device) -> bool:
         return True
     key = {"cuda": "CUDA"}.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"llmembed_fast::{op}", key)
+
+
+def use_extension(op: str, device: torch.device) -> bool:
+    """Whether to run ``torch.ops.llmembed_fast.<op>`` for ``device`` (else the plain-torch path). On the
+    CPU without the extension: False, with a warning (same codes and rankings, slower, more memory;
+    float64 rescoring may differ from the extension's fixed summation order in the last bits)."""
+    if has_kernel(op, device):
+        return True
+    if device.type == "cpu":
+        from llmembed_fast import _ext
+
+        warnings.warn(
+            f"llmembed_fast._C is not loaded ({_ext.load_error()}): llmembed_fast.quant runs its plain-torch "
+            f"paths on the CPU (slower). Build the extension: {_ext.BUILD_COMMAND}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+

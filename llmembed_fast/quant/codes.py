@@ -16,8 +16,8 @@ from llmembed_fast.quant._args import (
     check_2d,
     check_codes,
     check_float,
-    has_kernel,
     to_output,
+    use_extension,
 )
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
@@ -92,7 +92,7 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
         return to_output(x.detach().to(torch.float32, copy=True), was_np)
     x = x.detach()  # model outputs may require grad: codes are not differentiable
     if precision.endswith("binary"):
-        if x.device.type == "cpu" or has_kernel("pack_bits", x.device):
+        if use_extension("pack_bits", x.device):
             packed = _ext.ops().pack_bits(x)
         else:  # other devices: plain torch
             packed = _pack_bits_torch(x)
@@ -130,7 +130,7 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
     sp = torch.from_numpy(steps).to(x.device)
     xin = x.float() if (x.dtype == torch.bfloat16 and x.device.type != "cpu") else x
     signed = precision == "int8"
-    if x.device.type == "cpu" or has_kernel("quantize_scalar", x.device):
+    if use_extension("quantize_scalar", x.device):
         out = _ext.ops().quantize_scalar(xin, st, sp, signed)
     else:
         out = _quantize_scalar_torch(xin, st, sp, signed)

@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import torch
 
-from llmembed_fast import _ext
 from llmembed_fast.quant._args import (
     as_ranges,
     as_tensor,
@@ -21,7 +20,7 @@ from llmembed_fast.quant._args import (
 )
 from llmembed_fast.quant.codes import calibrate, quantize
 from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
-from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk, unfold_scores
+from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk, score_rows, unfold_scores
 
 PRECISIONS = ("binary", "int8")
 RESCORES = (None, "int8", "float")
@@ -203,10 +202,10 @@ class Index:
         bias = exp = None
         if self.rescore == "int8":  # as int8_topk scores: bias + (query * step) . u
             w, bias, exp = fold_query(q, self.ranges)
-            scores = _ext.ops().score_rows(w.contiguous(), self._data("int8"), cand)
+            scores = score_rows(w, self._data("int8"), cand)
         else:
             w = q.to(torch.float64).contiguous()
-            scores = _ext.ops().score_rows(w, self._data("float"), cand)
+            scores = score_rows(w, self._data("float"), cand)
         # ranked before the per-query bias is added (as int8_topk does): adding it first could round
         # distinct scores to equal ones, which would then be ordered by id
         by_id = torch.sort(cand, dim=1, stable=True)

@@ -13,8 +13,8 @@ from llmembed_fast.quant._args import (
     check_finite,
     check_float,
     check_k,
-    has_kernel,
     to_output,
+    use_extension,
 )
 from llmembed_fast.quant.codes import dequant_params
 
@@ -44,7 +44,7 @@ def hamming_topk(query_codes, doc_codes, k: int):
     if q.device != d.device:
         raise ValueError(f"query_codes are on {q.device}, doc_codes on {d.device}")
     k = check_k(k, d.shape[0])
-    if q.device.type != "cpu" and not has_kernel("hamming_topk", q.device):
+    if not use_extension("hamming_topk", q.device):
         dist, idx = _hamming_topk_torch(q, d, k)
     else:
         dist, idx = _ext.ops().hamming_topk(q, d, k)
@@ -52,7 +52,8 @@ def hamming_topk(query_codes, doc_codes, k: int):
 
 
 def _hamming_topk_torch(q: torch.Tensor, d: torch.Tensor, k: int):
-    """Plain-torch path (devices without the compiled op): bit counts through a byte table, chunked."""
+    """Plain-torch path (devices without the compiled op, or no extension): bit counts through a byte
+    table, chunked."""
     chunk = max(k, (1 << 26) // max(1, q.shape[0] * q.shape[1]))
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32, device=q.device)
     qu, du = q.view(torch.uint8), d.view(torch.uint8)
@@ -124,7 +125,7 @@ def int8_topk(queries, doc_codes, ranges, k: int):
     k = check_k(k, c.shape[0])
     dev = c.device
     w, bias, exp = fold_query(q.to(dev), r.to(dev))
-    if dev.type == "cpu":
+    if use_extension("int8_topk", dev):
         s, idx = _ext.ops().int8_topk(w.contiguous(), c, k)
     else:
         s, idx = _int8_topk_torch(w, c, k)
@@ -132,7 +133,8 @@ def int8_topk(queries, doc_codes, ranges, k: int):
 
 
 def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 << 15):
-    """Plain-torch path for non-CPU tensors: float64 scores, chunked over documents, ties by lower index."""
+    """Plain-torch path (GPUs, or no extension): float64 scores, chunked over documents, ties by lower
+    index."""
     u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
     best_s = best_i = None
     for j0 in range(0, u.shape[0], chunk):
@@ -144,6 +146,21 @@ def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 <<
         order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s, best_i = s.gather(1, order), i.gather(1, order)
     return best_s, best_i
+
+
+def score_rows(w: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Exact float64 scores ``w[q] . row[cand[q, j]]`` [Q, c]: w [Q, D] float64, rows [N, D] int8 codes
+    (read as unsigned, code + 128, as ``fold_query`` expects) / uint8 codes / float32 vectors. The
+    extension's fixed summation order, or float64 matmuls in query chunks without it."""
+    if use_extension("score_rows", w.device):
+        return _ext.ops().score_rows(w.contiguous(), rows, cand.contiguous())
+    u = (rows.view(torch.uint8) ^ 0x80) if rows.dtype == torch.int8 else rows
+    out = torch.empty(cand.shape, dtype=torch.float64, device=w.device)
+    step = max(1, (1 << 23) // max(1, cand.shape[1] * rows.shape[1]))  # <= 64 MiB of gathered rows
+    for q0 in range(0, cand.shape[0], step):
+        g = u[cand[q0 : q0 + step]].to(torch.float64)  # [q, c, D]
+        out[q0 : q0 + step] = torch.einsum("qcd,qd->qc", g, w[q0 : q0 + step])
+    return out
 
 
 # Under torch.compile the searches run eagerly behind a graph break: host-side checks, no gradient, and
