@@ -104,12 +104,8 @@ def _run(args) -> int:
     import numpy as np
     import torch
 
-    from llmembed_fast import _ext, quant
+    from llmembed_fast import quant  # without the C++ extension: its plain-torch paths, with a warning
 
-    try:
-        _ext.require("llmembed-fast search")
-    except RuntimeError as exc:
-        raise _Error(str(exc)) from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     is_index = _is_index_file(args.corpus)
