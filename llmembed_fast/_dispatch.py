@@ -54,7 +54,9 @@ def select_backend(*tensors: torch.Tensor) -> str:
         return "torch"
     if forced == "triton":
         if not triton_available():
-            raise RuntimeError(f"{ENV_BACKEND}=triton but triton is not installed (pip install triton)")
+            raise RuntimeError(
+                f"{ENV_BACKEND}=triton but triton is not installed (pip install 'llmembed-fast[triton]')"
+            )
         if not on_cuda and not interpreter_enabled():
             raise RuntimeError(
                 f"{ENV_BACKEND}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"

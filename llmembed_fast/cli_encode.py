@@ -62,7 +62,10 @@ def _cmd_encode(args) -> int:
     try:
         return _encode(args, texts)
     except (OSError, ValueError, TypeError, ImportError) as exc:  # a bad --model or input: no traceback
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in ("transformers", "tokenizers"):
+            hint = " (encode needs the [hf] extra: pip install 'llmembed-fast[hf]')"
+        print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 2
 
 
