@@ -145,6 +145,9 @@ class _ScaleGrad(torch.autograd.Function):
 class GradCache:
     """Gradient-cached contrastive training step for any encoder and any embedding loss.
 
+    Parameter gradients equal one uncached forward/backward's. A re-run chunk's forward side effects happen
+    twice (BatchNorm running statistics, say), as in sentence-transformers' cached losses.
+
     Args:
         encoder: callable mapping a chunk of the query batch (a tensor, or a dict of tensors sliced along
             dim 0, nested dicts included) to embeddings [b, D] (float). A ``DistributedDataParallel``, FSDP or
