@@ -42,20 +42,19 @@ def tf32(enabled: bool):
         matmul.fp32_precision = prev_precision
 
 
-def _try_once(ok: dict, key: tuple, call) -> bool:
-    """Runs ``call()`` unless ``key`` failed before; True when it ran. A torch without ``out_dtype=``
+def _try_once(ok: dict, key: tuple, call):
+    """``call()``'s result, or None when ``key`` failed before or fails now. A torch without ``out_dtype=``
     (TypeError / NotImplementedError) or one that refuses the dtypes (RuntimeError: a check on dtypes and
     layout, not on values) marks ``key`` so later calls go straight to the fallback; OOM propagates."""
     if not ok.get(key, True):
-        return False
+        return None
     try:
-        call()
-        return True
+        return call()
     except torch.OutOfMemoryError:
         raise
     except (TypeError, NotImplementedError, RuntimeError):
         ok[key] = False
-        return False
+        return None
 
 
 # (device type, dtypes[, out contiguous]) -> whether the out_dtype call works there
@@ -66,11 +65,12 @@ _ADDMM_OUT_DTYPE_OK: dict[tuple, bool] = {}
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b with an ``out_dtype`` result (fp32 accumulation of bf16 operands, rounded once on CUDA; a torch
     without ``mm(out_dtype=)``, and CPU, compute in the operands' dtype and convert)."""
-    res = []
-    if a.is_cuda and _try_once(_MM_OUT_DTYPE_OK, (a.device.type, a.dtype, out_dtype),
-                               lambda: res.append(torch.mm(a, b, out_dtype=out_dtype))):
-        PATHS["mm out_dtype"] += 1
-        return res[0]
+    if a.is_cuda:
+        out = _try_once(_MM_OUT_DTYPE_OK, (a.device.type, a.dtype, out_dtype),
+                        lambda: torch.mm(a, b, out_dtype=out_dtype))
+        if out is not None:
+            PATHS["mm out_dtype"] += 1
+            return out
     PATHS["mm then convert"] += 1
     return torch.mm(a, b).to(out_dtype)
 
@@ -86,7 +86,7 @@ def addmm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, piece_element
         return
     key = (a.device.type, a.dtype, out.dtype, out.is_contiguous())
     one_call = lambda: torch.addmm(out, a, b, out_dtype=out.dtype, out=out)  # noqa: E731
-    if a.is_cuda and _try_once(_ADDMM_OUT_DTYPE_OK, key, one_call):
+    if a.is_cuda and _try_once(_ADDMM_OUT_DTYPE_OK, key, one_call) is not None:
         PATHS["addmm out_dtype"] += 1
         return
     PATHS["addmm pieces"] += 1

@@ -8,6 +8,17 @@ import sys
 import time
 
 
+def _item_text(obj, field: str, where: str) -> str:
+    """The text of one JSON item: a string, or an object's ``field``."""
+    if isinstance(obj, dict):
+        if field not in obj:
+            raise ValueError(f"--input {where}: no field {field!r} (use --field)")
+        obj = obj[field]
+    if not isinstance(obj, str):
+        raise ValueError(f"--input {where}: expected a string, got {type(obj).__name__}")
+    return obj
+
+
 def read_texts(path: str, field: str = "text") -> list[str]:
     """Texts from ``.txt`` (one per line, empty lines kept as empty texts), ``.jsonl`` (one JSON object per
     line with ``field``, or a JSON string) or ``.json`` (an array of such items)."""
@@ -23,14 +34,7 @@ def read_texts(path: str, field: str = "text") -> list[str]:
                                  ".jsonl or .txt") from None
             if not isinstance(data, list):
                 raise ValueError(f"--input {path!r}: a .json input holds an array, got {type(data).__name__}")
-            for n, obj in enumerate(data):
-                if isinstance(obj, dict):
-                    if field not in obj:
-                        raise ValueError(f"--input item {n}: no field {field!r} (use --field)")
-                    obj = obj[field]
-                if not isinstance(obj, str):
-                    raise ValueError(f"--input item {n}: expected a string, got {type(obj).__name__}")
-                texts.append(obj)
+            texts = [_item_text(obj, field, f"item {n}") for n, obj in enumerate(data)]
         elif path.lower().endswith((".jsonl", ".ndjson")):
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -39,13 +43,7 @@ def read_texts(path: str, field: str = "text") -> list[str]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"--input line {n}: invalid JSON ({exc.msg})") from None
-                if isinstance(obj, dict):
-                    if field not in obj:
-                        raise ValueError(f"--input line {n}: no field {field!r} (use --field)")
-                    obj = obj[field]
-                if not isinstance(obj, str):
-                    raise ValueError(f"--input line {n}: expected a string, got {type(obj).__name__}")
-                texts.append(obj)
+                texts.append(_item_text(obj, field, f"line {n}"))
         else:
             texts = [line.rstrip("\r\n") for line in f]
     if not texts:
