@@ -447,8 +447,12 @@ def _grad_tile_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One grid axis (axis 1 of a CUDA grid stops at 65,535 blocks: 4.2M columns at BLOCK_N = 64); row blocks
+    # vary fastest, the order of the (row block, column block) grid this replaces.
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(Mc, BLOCK_M)
+    pid_m = pid % n_rb
+    pid_n = pid // n_rb
     local = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rows = r0 + local
     rmask = (local < Mc) & (rows < M)
@@ -859,7 +863,7 @@ def grad_tiles(
         col_lse2 = lse2
     ncol = 0 if col_lse2 is None else col_lse2.shape[1]
     clse = col_lse2.to(torch.float32).contiguous() if col_lse2 is not None else a2
-    _grad_tile_kernel[(n_rb, n_cb)](
+    _grad_tile_kernel[(n_rb * n_cb,)](
         x,
         y,
         x_index if x_index is not None else special,

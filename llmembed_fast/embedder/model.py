@@ -773,13 +773,14 @@ class LLMEmbedder(nn.Module):
         width = dims or self.embedding_dim
         if width and not any(seqs):  # only zero-token texts: the zero rows the padded path pools
             return torch.zeros(len(seqs), width, dtype=torch.float32, device=dev)
-        p = batching.pack_batch(seqs, starts, device=dev)
+        p = batching.pack_batch(seqs, starts)  # on the host: the mask below is built without a device sync
         if packed_mod.uses_varlen_flash(self.model):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
         else:
             mask = packed_mod.block_diagonal_mask(
                 p["cu_seqlens"], causal=self.causal, dtype=self._compute_dtype(), device=dev
             )
+        p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
         hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]
         return self._pool_packed(hidden, p, dims=dims, normalize=normalize)
 

@@ -19,11 +19,13 @@ import torch
 def block_diagonal_mask(
     cu_seqlens: torch.Tensor, *, causal: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Additive attention mask [1, 1, T, T]: 0 where query i may attend key j (same sequence, and j <= i when
-    ``causal``), the dtype's most negative value elsewhere."""
-    cu = cu_seqlens.to(device)
+    """Additive attention mask [1, 1, T, T] on ``device``: 0 where query i may attend key j (same sequence,
+    and j <= i when ``causal``), the dtype's most negative value elsewhere. The sequence ids are formed on
+    the host from ``cu_seqlens`` [S + 1] (pass it on the CPU: then building the mask never waits on the
+    device)."""
+    cu = cu_seqlens.cpu()
     T = int(cu[-1])
-    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu[1:] - cu[:-1])
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1]).to(device)
     allowed = seg[:, None] == seg[None, :]
     if causal:
         allowed &= torch.ones(T, T, dtype=torch.bool, device=device).tril_()

@@ -132,10 +132,15 @@ def int8_topk(queries, doc_codes, ranges, k: int):
     return to_output(unfold_scores(s + bias[:, None], exp).to(torch.float32), q_np), to_output(idx, q_np)
 
 
+def _as_unsigned(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes read as unsigned (code + 128, as ``fold_query`` expects); other dtypes as they are."""
+    return (codes.view(torch.uint8) ^ 0x80) if codes.dtype == torch.int8 else codes
+
+
 def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 << 15):
     """Plain-torch path (GPUs, or no extension): float64 scores, chunked over documents, ties by lower
     index."""
-    u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
+    u = _as_unsigned(c)
     best_s = best_i = None
     for j0 in range(0, u.shape[0], chunk):
         s = w @ u[j0 : j0 + chunk].to(torch.float64).T
@@ -154,7 +159,7 @@ def score_rows(w: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch
     extension's fixed summation order, or float64 matmuls in query chunks without it."""
     if use_extension("score_rows", w.device):
         return _ext.ops().score_rows(w.contiguous(), rows, cand.contiguous())
-    u = (rows.view(torch.uint8) ^ 0x80) if rows.dtype == torch.int8 else rows
+    u = _as_unsigned(rows)
     out = torch.empty(cand.shape, dtype=torch.float64, device=w.device)
     step = max(1, (1 << 23) // max(1, cand.shape[1] * rows.shape[1]))  # <= 64 MiB of gathered rows
     for q0 in range(0, cand.shape[0], step):
