@@ -84,7 +84,8 @@ def _is_index_file(path: str) -> bool:
         raise _Error(f"cannot read corpus {path!r}: {exc.strerror or exc}") from None
     if head == MAGIC:
         return True
-    return not (head.startswith(b"\x93NUMPY") or path.endswith(".npy"))
+    # a .npz archive (zip magic) goes to the .npy loader too, whose error says to give one array
+    return not (head.startswith((b"\x93NUMPY", b"PK")) or path.endswith((".npy", ".npz")))
 
 
 def run(args) -> int:

@@ -157,6 +157,9 @@ def test_index_errors():
         quant.Index(12, "int8", "int8")
     with pytest.raises(ValueError, match="dim"):
         quant.Index(0)
+    for bad_dim in ("5", 5.0, True):
+        with pytest.raises(TypeError, match="dim"):
+            quant.Index(bad_dim)
     with pytest.raises(ValueError, match="ranges"):
         quant.Index(12, "int8", ranges=np.zeros((2, 5), np.float32))
     index = quant.Index(12, "binary", "float")
@@ -173,6 +176,8 @@ def test_index_errors():
         index.search(queries, 21)
     with pytest.raises(ValueError, match="rescore_multiplier"):
         index.search(queries, 2, rescore_multiplier=0)
+    with pytest.raises(TypeError, match="rescore_multiplier"):
+        index.search(queries, 2, rescore_multiplier=2.0)
     bad = docs.copy()
     bad[3, 1] = np.nan
     for precision in ("binary", "int8"):
@@ -270,6 +275,31 @@ def test_load_rejects_nonfinite_float_vectors(tmp_path):
         with pytest.raises(IndexFileError, match="NaN or inf"):
             quant.Index.load(tmp_path / "bad.lfidx")
         assert len(quant.Index.load(tmp_path / "bad.lfidx", verify=False)) == 10  # the fast path trusts it
+
+
+def test_load_rejects_a_header_the_constructor_refuses(tmp_path):
+    """A CRC-consistent header for an int8 index wider than the scan allows is a bad file (IndexFileError,
+    which the CLI reports), not the constructor's ValueError."""
+    from llmembed_fast.quant.io import write_index_file
+
+    meta = {"dim": 70_000, "count": 0, "precision": "int8", "rescore": None}
+    write_index_file(tmp_path / "wide.lfidx", meta, {"int8": np.zeros((0, 70_000), np.int8),
+                                                     "ranges": np.zeros((2, 70_000), np.float32)})
+    with pytest.raises(IndexFileError, match="65536"):
+        quant.Index.load(tmp_path / "wide.lfidx")
+
+
+def test_sections_are_little_endian_whatever_the_arrays_byte_order(tmp_path):
+    from llmembed_fast.quant.io import read_index_file, write_index_file
+
+    r = np.array([[-1.0, 0.0], [1.0, 2.0]])
+    write_index_file(tmp_path / "be.lfidx", {"x": 1}, {"ranges": r.astype(">f4"), "v": r.astype(">f8")})
+    write_index_file(tmp_path / "le.lfidx", {"x": 1}, {"ranges": r.astype("<f4"), "v": r.astype("<f8")})
+    assert (tmp_path / "be.lfidx").read_bytes() == (tmp_path / "le.lfidx").read_bytes()
+    for mmap in (False, True):
+        _, arrays = read_index_file(tmp_path / "be.lfidx", mmap=mmap)
+        np.testing.assert_array_equal(arrays["ranges"], r)
+        np.testing.assert_array_equal(arrays["v"], r)
 
 
 def test_load_rejects_deeply_nested_header(tmp_path):

@@ -70,6 +70,7 @@ def test_search_cli_errors(tmp_path, capsys):
         (["search", str(tmp_path / "d.lfidx"), q, "--precision", "int8"], "--precision"),
         (["search", str(tmp_path / "d.lfidx"), q, "--rescore", "float"], "--rescore"),
         (["search", docs, str(tmp_path / "q.npz")], "must be a .npy file"),  # np.load gives an NpzFile
+        (["search", str(tmp_path / "q.npz")], "must be a .npy file"),  # a .npz corpus: not "wrong magic"
         (["search", docs, str(tmp_path / "q.csv")], "is not a .npy file"),  # not numpy's pickle advice
         (["search", docs, q, "--precision", "int8", "--calibration", str(tmp_path / "q.npz")], ".npy file"),
     ]

@@ -188,9 +188,9 @@ def test_plain_torch_fallbacks_match_the_ops():
     from llmembed_fast.quant.search import _hamming_topk_torch, _int8_topk_torch, fold_query, unfold_scores
 
     rng = np.random.default_rng(3)
-    for ties in (False, True):
-        q, d = codes(rng, 3, 48, ties), codes(rng, 5000, 48, ties)
-        got = _hamming_topk_torch(torch.from_numpy(q), torch.from_numpy(d), 17)
+    for ties, budget in ((False, 1 << 22), (True, 1 << 22), (True, 48 * 1500), (False, 48 * 2500)):
+        q, d = codes(rng, 7, 48, ties), codes(rng, 5000, 48, ties)  # small budgets: blocks of queries too
+        got = _hamming_topk_torch(torch.from_numpy(q), torch.from_numpy(d), 17, budget=budget)
         want = quant.hamming_topk(q, d, 17)
         np.testing.assert_array_equal(got[0].numpy(), want[0])
         np.testing.assert_array_equal(got[1].numpy(), want[1])
@@ -205,10 +205,32 @@ def test_plain_torch_fallbacks_match_the_ops():
         np.testing.assert_array_equal(got.numpy(), quant.quantize(x.astype(dt), "int8", ranges=r.astype(dt)))
     c = quant.quantize(x, "int8", ranges=r)
     w, bias, exp = fold_query(torch.from_numpy(x[:4]), torch.from_numpy(r))
-    s, idx = _int8_topk_torch(w, torch.from_numpy(c), 9, chunk=64)
+    s, idx = _int8_topk_torch(w, torch.from_numpy(c), 9, budget=64 * 60)
     want_s, want_i = quant.int8_topk(x[:4], c, r, 9)
     np.testing.assert_array_equal(idx.numpy(), want_i)
     np.testing.assert_allclose(unfold_scores(s + bias[:, None], exp).numpy(), want_s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_torch_int8_topk_ranks_duplicates_by_index(seed):
+    """Equal codes score equal wherever their rows sit (a BLAS matmul rounds rows by position), so the
+    fallback ranks duplicates by index, as the extension does; its scores match to float64 rounding."""
+    from llmembed_fast.quant.search import _int8_topk_torch, fold_query, unfold_scores
+
+    rng = np.random.default_rng(seed)
+    for n, d in ((257, 31), (1000, 67), (40, 1)):
+        emb = rng.standard_normal((n, d)).astype(np.float32)
+        emb[rng.integers(0, n, size=n // 2)] = emb[rng.integers(0, n, size=n // 2)]
+        qs = emb[:5] + 0.05 * rng.standard_normal((5, d)).astype(np.float32)
+        r = quant.calibrate(emb)
+        c = quant.quantize(emb, "int8", ranges=r)
+        k = int(rng.integers(1, n + 1))
+        want_s, want_i = quant.int8_topk(qs, c, r, k)
+        w, bias, exp = fold_query(torch.from_numpy(qs), torch.from_numpy(r))
+        s, idx = _int8_topk_torch(w, torch.from_numpy(c), k, budget=int(rng.integers(100, 20_000)))
+        np.testing.assert_array_equal(idx.numpy(), want_i)
+        got_s = unfold_scores(s + bias[:, None], exp).numpy()
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-6, atol=1e-6)
 
 
 def test_ops_release_the_gil():
@@ -284,12 +306,17 @@ def test_cpu_without_the_extension_uses_the_torch_paths(monkeypatch):
 
     rng = np.random.default_rng(11)
     docs = rng.standard_normal((700, 45)).astype(np.float32)
+    docs[650:] = docs[100:150]  # duplicates rank by index on both paths
     queries = rng.standard_normal((9, 45)).astype(np.float32)
+    queries[:3] = docs[100:103] + 0.01
     ranges = quant.calibrate(docs)
 
     def everything():
         out = {p: quant.quantize(docs, p, ranges=ranges if p.endswith("int8") else None)
                for p in ("int8", "uint8", "binary", "ubinary")}
+        out.update({f"{p} of 0 rows": quant.quantize(docs[:0], p, ranges=ranges if p == "int8" else None)
+                    for p in ("int8", "binary", "ubinary")})
+        out["index, 0 queries"] = quant.Index(45).add(docs).search(queries[:0], 3)
         out["f16"] = quant.quantize(docs.astype(np.float16), "int8")
         out["hamming"] = quant.hamming_topk(quant.quantize(queries, "binary"), out["binary"], 7)
         out["int8"] = quant.int8_topk(queries, out["int8"], ranges, 7)

@@ -144,7 +144,7 @@ def _pack_bits_torch(x: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=x.device)
-    return (bits.view(n, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return (bits.view(n, (d + pad) // 8, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def dequant_params(ranges) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +178,9 @@ def unpack_bits(codes, dim: int | None = None):
     nb = c.shape[1]
     if dim is None:
         dim = nb * 8
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not (nb * 8 - 7 <= dim <= nb * 8):
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"dim must be an int in [{nb * 8 - 7}, {nb * 8}] for {nb}-byte codes, got {dim!r}")
+    if not (nb * 8 - 7 <= dim <= nb * 8):
         raise ValueError(f"dim must be an int in [{nb * 8 - 7}, {nb * 8}] for {nb}-byte codes, got {dim!r}")
     u = (c.view(torch.uint8) ^ 0x80) if c.dtype == torch.int8 else c
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=c.device)

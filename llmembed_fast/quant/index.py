@@ -52,7 +52,9 @@ class Index:
     """
 
     def __init__(self, dim: int, precision: str = "binary", rescore: str | None = None, ranges=None):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"dim must be a positive int, got {type(dim).__name__} {dim!r}")
+        if dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -176,11 +178,10 @@ class Index:
         candidates (at most len(self))."""
         q, was_np = self._check_embeddings(query_embeddings, "query_embeddings")
         k = check_k(k, self._count)
-        if (
-            isinstance(rescore_multiplier, bool)
-            or not isinstance(rescore_multiplier, (int, np.integer))
-            or rescore_multiplier < 1
-        ):
+        if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, (int, np.integer)):
+            kind = type(rescore_multiplier).__name__
+            raise TypeError(f"rescore_multiplier must be an int >= 1, got {kind}")
+        if rescore_multiplier < 1:
             raise ValueError(f"rescore_multiplier must be an int >= 1, got {rescore_multiplier!r}")
         kc = k if self.rescore is None else min(self._count, k * int(rescore_multiplier))
         if self.precision == "binary":
@@ -247,7 +248,10 @@ class Index:
             or (precision == "int8" and rescore == "int8")
         ):
             raise IndexFileError(f"{path}: invalid index header {meta!r}")
-        index = cls(dim, precision, rescore)
+        try:  # a header the constructor refuses (an int8 index wider than the scan allows) is a bad file
+            index = cls(dim, precision, rescore)
+        except ValueError as exc:
+            raise IndexFileError(f"{path}: invalid index header {meta!r}: {exc}") from None
         expect = {
             "bits": ("uint8", [count, (dim + 7) // 8]),
             "int8": ("int8", [count, dim]),

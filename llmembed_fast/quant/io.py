@@ -49,7 +49,8 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
         path = os.fsdecode(path)
     if not path or os.path.isdir(path):  # before any work, and naming the path (not the temporary file)
         raise IsADirectoryError(f"path {path!r} is a folder (or empty): give a file name")
-    arrays = {name: np.ascontiguousarray(a) for name, a in sections.items()}
+    # the format is little-endian whatever the host or the array says (a ">f4" array is byte-swapped here)
+    arrays = {name: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for name, a in sections.items()}
     for name, a in arrays.items():
         if a.dtype.name not in ALLOWED_DTYPES:
             raise TypeError(f"section {name!r}: dtype {a.dtype} cannot be stored")
@@ -212,7 +213,7 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
             _fail(path, f"section {name!r}: bad shape {shape!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (offset, nbytes)):
             _fail(path, f"section {name!r}: bad offset/size")
-        dt = np.dtype(dtype)
+        dt = np.dtype(dtype).newbyteorder("<")
         if int(np.prod(shape, dtype=object)) * dt.itemsize != nbytes:
             _fail(path, f"section {name!r}: size {nbytes} does not match shape {shape} of {dtype}")
         if offset % ALIGN or offset < _PREFIX.size + hlen or offset + nbytes > end:

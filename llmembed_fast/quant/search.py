@@ -51,19 +51,27 @@ def hamming_topk(query_codes, doc_codes, k: int):
     return to_output(dist, q_np), to_output(idx, q_np)
 
 
-def _hamming_topk_torch(q: torch.Tensor, d: torch.Tensor, k: int):
+def _hamming_topk_torch(q: torch.Tensor, d: torch.Tensor, k: int, budget: int = 1 << 22):
     """Plain-torch path (devices without the compiled op, or no extension): bit counts through a byte
-    table, chunked."""
-    chunk = max(k, (1 << 26) // max(1, q.shape[0] * q.shape[1]))
+    table, over blocks of queries and documents of at most ``budget`` byte pairs (~13 bytes of working
+    memory each)."""
+    Q, B = q.shape
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32, device=q.device)
     qu, du = q.view(torch.uint8), d.view(torch.uint8)
-    best_key = None
-    for j0 in range(0, du.shape[0], chunk):
-        part = du[j0 : j0 + chunk]
-        dist = table[(qu[:, None, :] ^ part[None, :, :]).long()].sum(-1)
-        key = dist.long() * (1 << 40) + torch.arange(j0, j0 + part.shape[0], device=q.device)
-        cand = key if best_key is None else torch.cat([best_key, key], 1)
-        best_key = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=False, sorted=True).values
+    qstep = max(1, min(Q, budget // max(1, 1024 * B)))  # room for >= 1024 documents per query block
+    chunk = max(1, budget // max(1, qstep * B))
+    out = []
+    for q0 in range(0, Q, qstep):
+        qb = qu[q0 : q0 + qstep]
+        best_key = None
+        for j0 in range(0, du.shape[0], chunk):
+            part = du[j0 : j0 + chunk]
+            dist = table[(qb[:, None, :] ^ part[None, :, :]).long()].sum(-1)
+            key = dist.long() * (1 << 40) + torch.arange(j0, j0 + part.shape[0], device=q.device)
+            cand = key if best_key is None else torch.cat([best_key, key], 1)
+            best_key = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=False, sorted=True).values
+        out.append(best_key)
+    best_key = torch.cat(out) if out else torch.empty(0, k, dtype=torch.int64, device=q.device)
     return (best_key >> 40).to(torch.int32), best_key & ((1 << 40) - 1)
 
 
@@ -137,13 +145,34 @@ def _as_unsigned(codes: torch.Tensor) -> torch.Tensor:
     return (codes.view(torch.uint8) ^ 0x80) if codes.dtype == torch.int8 else codes
 
 
-def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 1 << 15):
-    """Plain-torch path (GPUs, or no extension): float64 scores, chunked over documents, ties by lower
-    index."""
+def _exact_split(w: torch.Tensor, d: int) -> torch.Tensor:
+    """w [Q, D] float64 as two pieces [2Q, D] whose dot products with codes in [0, 255] are exact in float64
+    for any D <= ``d`` (each piece holds ``bits`` significant bits on a per-query grid, so every partial sum
+    is an integer multiple of the grid below 2**52 and no summation order can round it). Their sum keeps
+    2 * bits bits below each query's largest |weight| (>= 56 bits at D = 65536): beyond float64's own."""
+    bits = 52 - 8 - max(1, d - 1).bit_length()
+    amax = w.abs().amax(1) if w.shape[1] else w.new_zeros(w.shape[0])
+    exp = torch.where(amax > 0, torch.frexp(amax).exponent, 0)  # |w| < 2**exp
+    hi = _times_pow2(torch.round(_times_pow2(w, bits - exp)), exp - bits)
+    lo = w - hi  # exact: |lo| <= 2**(exp - bits - 1)
+    shift = exp - bits - 1
+    lo = _times_pow2(torch.round(_times_pow2(lo, bits - shift)), shift - bits)
+    return torch.cat([hi, lo])
+
+
+def _int8_topk_torch(w: torch.Tensor, c: torch.Tensor, k: int, budget: int = 1 << 23):
+    """Plain-torch path (GPUs, or no extension): float64 scores, documents in chunks of at most ``budget``
+    elements of working memory, ties by lower index. The scores come from matmuls that are exact (see
+    ``_exact_split``), so a document's score does not depend on where a BLAS kernel put its row: equal
+    codes score equal and rank by index, as on the extension."""
     u = _as_unsigned(c)
+    Q, D = w.shape
+    w2 = _exact_split(w, D)
+    chunk = max(1, budget // (2 * Q + D + k))
     best_s = best_i = None
     for j0 in range(0, u.shape[0], chunk):
-        s = w @ u[j0 : j0 + chunk].to(torch.float64).T
+        s2 = w2 @ u[j0 : j0 + chunk].to(torch.float64).T
+        s = s2[:Q] + s2[Q:]
         i = torch.arange(j0, j0 + s.shape[1], device=w.device).expand_as(s)
         if best_s is not None:
             s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
