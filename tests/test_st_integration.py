@@ -220,10 +220,42 @@ def test_accelerated_model_saves_as_the_plain_model(tmp_path):
         np.testing.assert_allclose(loaded.encode(texts), ref, atol=3e-6, rtol=0)
     # still accelerated after saving
     assert isinstance(st[1], FusedPooling) and st[1].fuse_normalize and isinstance(st[2], FusedNormalize)
-    twin = copy.deepcopy(st)
-    twin[0].auto_model.embeddings.word_embeddings.weight.data.mul_(2.0)  # the copy differs from st
-    twin.save(str(tmp_path / "c"))
-    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "c"), device="cpu").encode(texts),
-                               twin.encode(texts), atol=3e-6, rtol=0)
+    import pickle
+
+    for i, twin in enumerate((copy.deepcopy(st), pickle.loads(pickle.dumps(st)))):  # a pickled one too
+        twin[0].auto_model.embeddings.word_embeddings.weight.data.mul_(2.0)  # the copy differs from st
+        twin.save(str(tmp_path / f"c{i}"))
+        types_ = [m["type"] for m in json.loads((tmp_path / f"c{i}" / "modules.json").read_text())]
+        assert not any("llmembed_fast" in t for t in types_), types_
+        np.testing.assert_allclose(SentenceTransformer(str(tmp_path / f"c{i}"), device="cpu").encode(texts),
+                                   twin.encode(texts), atol=3e-6, rtol=0)
     restore(st)
     assert "save" not in st.__dict__
+
+
+def test_save_pretrained_into_a_sentence_transformers_folder_reloads_what_was_saved(tmp_path):
+    """A fine-tuned embedder saved back into the ST folder it came from reloads with its own settings and
+    weights (modules.json used to win: the old settings, and in the legacy 0_Transformer/ layout the old
+    weights); once sentence-transformers saves over it again, its modules.json wins."""
+    import time
+
+    folder = str(tmp_path / "st")
+    st = make_st_model(cached_tiny_model_dir("bert"), "mean", normalize=True, save_to=folder)
+    emb = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
+    with torch.no_grad():
+        for p in emb.model.parameters():
+            p.mul_(1.1)
+    emb.dims, emb.pooling = 16, "max"
+    want = emb.encode(TEXTS)
+    time.sleep(0.01)
+    with pytest.warns(UserWarning, match="sentence-transformers folder"):
+        emb.save_pretrained(folder)
+    back = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
+    assert (back.dims, back.pooling) == (16, "max")
+    np.testing.assert_array_equal(back.encode(TEXTS), want)
+    now = time.time() + 5  # sentence-transformers saves over it: its files are the newer ones
+    st.save(folder)
+    os.utime(os.path.join(folder, "modules.json"), (now, now))
+    again = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
+    assert (again.dims, again.pooling) == (None, "mean")
+    np.testing.assert_allclose(again.encode(TEXTS), st.encode(TEXTS), atol=3e-6, rtol=0)

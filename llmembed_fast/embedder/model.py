@@ -416,8 +416,14 @@ class LLMEmbedder(nn.Module):
             or not path_or_id.strip()
         ):
             raise FileNotFoundError(f"path_or_id: no model folder at {path_or_id!r}")
+        saved = _read_settings(path_or_id) if is_dir else None
         st = read_st_folder(path_or_id) if is_dir else None
-        saved = _read_settings(path_or_id) if is_dir and st is None else None
+        if saved is not None and st is not None:  # save_pretrained into a sentence-transformers folder, or
+            # sentence-transformers saving over one of ours: the newer file describes the model at hand
+            newer_st = os.path.getmtime(os.path.join(path_or_id, "modules.json")) > os.path.getmtime(
+                os.path.join(path_or_id, SETTINGS_FILE)
+            )
+            st, saved = (st, None) if newer_st else (None, saved)
         model_path = st.transformer_path if st else path_or_id
         if (
             is_dir
@@ -505,7 +511,10 @@ class LLMEmbedder(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write the model (``save_pretrained``), its tokenizer and this embedder's settings (pooling,
         normalization, dims, prompt style and prompts, truncation, EOS, padding side) to the folder ``path``:
-        ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings. ``state_dict``: this embedder's
+        ``LLMEmbedder.from_pretrained(path)`` gives the same embeddings at the same dtype (the dtype is not
+        a setting: ``from_pretrained``'s default applies, so pass ``dtype=`` to reload a bfloat16 model as
+        bfloat16 on the CPU). Into a sentence-transformers folder, this save wins on reload while it is the
+        newer one (a warning says so). ``state_dict``: this embedder's
         state dict to write instead of the model's own tensors (e.g. one gathered from FSDP shards).
         Tensors of modules registered on the embedder itself, beside the model (a loss with a learned
         temperature, say), go to ``llmembed_fast_extra.safetensors``; :meth:`load_weights` restores them
@@ -514,6 +523,14 @@ class LLMEmbedder(nn.Module):
         inner = self._inner_model()
         if not callable(getattr(inner, "save_pretrained", None)):
             raise TypeError(f"{type(inner).__name__} has no save_pretrained(): save its weights yourself")
+        if os.path.isfile(os.path.join(path, "modules.json")):
+            warnings.warn(
+                f"path: {path!r} is a sentence-transformers folder; LLMEmbedder.from_pretrained will read "
+                "this save (its settings file is newer than modules.json), but sentence-transformers itself "
+                "still loads the modules that modules.json names. Save to a new folder to keep them apart.",
+                UserWarning,
+                stacklevel=2,
+            )
         kwargs = {}
         if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
             inner_sd, extra, own = {}, {}, None

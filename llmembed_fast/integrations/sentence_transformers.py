@@ -15,8 +15,6 @@ loads anywhere, without llmembed_fast or ``trust_remote_code``.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from llmembed_fast.embedder.st_folder import ST_POOLING
@@ -135,6 +133,18 @@ def save(self, *args, **kwargs):
         _swap_back(swapped)
 
 
+class _PlainSave:
+    """An accelerated model's own ``save`` attribute: :func:`save` on the model. An object rather than a
+    bound method because pickle stores a bound method by name, and unpickling resolved that name to the
+    class's ``save`` (which writes the fused classes); deepcopy and pickle copy this with the model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return save(self.model, *args, **kwargs)
+
+
 def accelerate(model):
     """Swap ``model``'s Pooling (and a Normalize right after it) for the fused head, in place.
 
@@ -159,15 +169,15 @@ def accelerate(model):
             nxt.__class__ = FusedNormalize
     if not found:
         raise ValueError("model has no sentence-transformers Pooling module to accelerate")
-    # save_pretrained and the trainers' checkpoints call self.save: a bound method on the instance (deepcopy
-    # rebinds it to the copy) writes the plain modules
-    model.save = types.MethodType(save, model)
+    # save_pretrained and the trainers' checkpoints call self.save: an attribute on the instance (copied
+    # with it) writes the plain modules
+    model.save = _PlainSave(model)
     return model
 
 
 def restore(model):
     """Undo :func:`accelerate` (the original Pooling / Normalize classes). Returns the model."""
-    if isinstance(model.__dict__.get("save"), types.MethodType) and model.__dict__["save"].__func__ is save:
+    if isinstance(model.__dict__.get("save"), _PlainSave):
         del model.__dict__["save"]
     _swap_to_plain(model)
     return model
