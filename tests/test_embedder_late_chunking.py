@@ -102,3 +102,16 @@ def test_late_chunks_lowercase_moves_spans_when_lengths_change():
     for row, (a, b) in zip(got, [(low.index(chunk), low.index(chunk) + len(chunk)), (0, 4)], strict=True):
         sel = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > a and s < b]
         torch.testing.assert_close(row, h[sel].mean(0), atol=2e-6, rtol=0)
+
+
+def test_torch_outputs_are_normal_tensors():
+    """encode / encode_late_chunks(output="torch") return normal tensors with or without dims (without dims,
+    encode's used to be an inference tensor: no backward through a loss on it, no in-place change)."""
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    w = torch.ones(1, requires_grad=True)
+    for out in (emb.encode(["a b", "c"], output="torch"), emb.encode(["a b", "c"], output="torch", dims=16),
+                emb.encode_late_chunks(TEXT, LINES, output="torch")):
+        assert not out.is_inference()
+        torch.nn.functional.mse_loss(out * w, out.detach() + 1).backward()
+        out /= 2

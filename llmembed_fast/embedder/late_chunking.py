@@ -149,6 +149,7 @@ def encode_late_chunks(
             )
     finally:
         embedder.model.train(was_training)
+    emb = emb.clone()  # a normal tensor, as encode gives (inference tensors refuse autograd, in-place use)
     return embedder._finish(emb, precision, output, False, ranges, calibration_embeddings)
 
 

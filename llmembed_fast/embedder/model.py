@@ -855,8 +855,9 @@ class LLMEmbedder(nn.Module):
                         normalize=normalize,
                         dims=dims,
                     )
-                    if out is None:
-                        out = _poison.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
+                    if out is None:  # a normal tensor, as with dims (autograd may use it; inference tensors
+                        with torch.inference_mode(False):  # cannot be saved for backward or changed in place)
+                            out = _poison.empty(len(texts), emb.shape[1], dtype=torch.float32, device=dev)
                     out[torch.from_numpy(idx).to(dev)] = emb
                     if bar is not None:
                         bar.update(int(sum(lengths[i] for i in idx)))
