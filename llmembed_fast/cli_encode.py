@@ -95,6 +95,14 @@ def _encode(args, texts: list[str]) -> int:
         if not isinstance(ranges, np.ndarray) or ranges.ndim != 2 or ranges.shape[0] != 2:
             raise ValueError(f"--ranges {args.ranges!r} must be a .npy of shape [2, D] (per-dimension min, "
                              "max), e.g. from llmembed_fast.quant.calibrate")
+        if ranges.dtype.kind != "f":
+            raise ValueError(f"--ranges {args.ranges!r} must hold floats, got {ranges.dtype}")
+        from llmembed_fast.quant._args import check_range_values
+
+        try:  # before the model loads and encodes
+            check_range_values(ranges)
+        except ValueError as exc:
+            raise ValueError(f"--ranges {args.ranges!r}: {exc}") from None
     t0 = time.perf_counter()
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     emb = LLMEmbedder.from_pretrained(

@@ -150,8 +150,14 @@ def test_cli_encode_bom_and_shared_ranges(tmp_path, capsys):
     want = quant.quantize(outs["plain"], "int8", ranges=ranges)
     np.testing.assert_array_equal(np.load(tmp_path / "q8.npy"), want)
     capsys.readouterr()
+    np.save(tmp_path / "nan.npy", np.where(np.arange(ranges.size).reshape(ranges.shape) == 3, np.nan, ranges))
+    np.save(tmp_path / "flip.npy", ranges[::-1])
+    np.save(tmp_path / "ints.npy", np.ones(ranges.shape, np.int64))
     for extra, msg in ((["--precision", "binary", "--ranges", str(tmp_path / "ranges.npy")], "int8 / uint8"),
                        (["--precision", "int8", "--ranges", str(tmp_path / "plain.npy")], "[2, D]"),
-                       (["--precision", "int8", "--ranges", str(tmp_path / "none.npy")], "cannot read")):
+                       (["--precision", "int8", "--ranges", str(tmp_path / "none.npy")], "cannot read"),
+                       (["--precision", "int8", "--ranges", str(tmp_path / "nan.npy")], "must be finite"),
+                       (["--precision", "uint8", "--ranges", str(tmp_path / "flip.npy")], "min > max"),
+                       (["--precision", "int8", "--ranges", str(tmp_path / "ints.npy")], "must hold floats")):
         assert main([*base, "--input", str(plain), "--output", str(tmp_path / "x"), *extra]) == 2
         assert msg in capsys.readouterr().err

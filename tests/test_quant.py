@@ -297,6 +297,16 @@ def test_ranges_forms_are_the_same_everywhere():
         lambda bad: quant.int8_topk(x, c, bad, 1),
         lambda bad: quant.Index(8, "int8", ranges=bad),
     ]
+    for bad, msg in ((np.where(r == r[1, 2], np.nan, r), "ranges must be finite"),
+                     (np.where(r == r[0, 5], -np.inf, r), "ranges must be finite"),
+                     (r[::-1], r"min > max in 8 dimension\(s\), the first is 0")):
+        for call in (calls[0], calls[3]):  # quantize and the Index, which quantizes with them
+            with pytest.raises(ValueError, match=msg):
+                call(bad)
+    flat = r.copy()
+    flat[1, 4] = flat[0, 4]  # min == max: a zero step counts as 1, as in sentence-transformers
+    want = quantize_embeddings(x, "int8", ranges=flat)
+    np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=flat), want)
     for call in calls:
         with pytest.raises(ValueError, match=r"ranges must have shape \(2, 8\) = \[min, max\] per dimension"):
             call(r[:, :5].tolist())

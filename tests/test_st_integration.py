@@ -192,6 +192,22 @@ def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
+def test_fused_pooling_rows_with_no_tokens(mode):
+    """A row with no token at all (an empty text from a tokenizer that adds no special tokens) pools to
+    sentence-transformers' own values (cls: the state at position 0; max: its fill value)."""
+    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling
+
+    torch.manual_seed(1)
+    h = torch.randn(3, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0] * 6, [1] * 6])
+    ref = Pooling(8, pooling_mode=mode)
+    want = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
+    ref.__class__ = FusedPooling
+    got = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
 def test_accelerated_model_saves_as_the_plain_model(tmp_path):
     """save / save_pretrained (the trainer's checkpoints) of an accelerated model write sentence-transformers'
     own Pooling / Normalize: the folder loads without trust_remote_code; a deepcopy saves itself."""

@@ -7,7 +7,8 @@ weights are untouched, outputs are the same (float32 accumulation, output in the
 Cases the fused head does not express exactly fall back to the original code: concatenated pooling
 modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
 position 0 (sentence-transformers weights by absolute position there, flattened batches included), and a
-``prompt_length`` that leaves a sequence with no token to pool (sentence-transformers' empty-row values).
+``prompt_length`` or an empty text that leaves a sequence with no token to pool (sentence-transformers'
+empty-row values).
 ``restore(model)`` switches back. An accelerated model saves (``save``, ``save_pretrained``, the trainer's
 checkpoints) as the plain model: the folder records sentence-transformers' own Pooling / Normalize and
 loads anywhere, without llmembed_fast or ``trust_remote_code``.
@@ -74,8 +75,10 @@ class FusedPooling(Pooling):
                 mask = torch.ones(h.shape[:-1], dtype=torch.int64, device=h.device)
             if prompt_length is not None:
                 mask = Pooling._exclude_prompt_from_mask(mask, prompt_length)
-                if bool((mask.sum(1) == 0).any()):  # a row with nothing left: sentence-transformers' values
-                    return super().forward(features, **kwargs)
+            # a row with no token to pool (nothing left after the prompt; or an empty text from a tokenizer
+            # that adds no special tokens, where only cls / max values differ): sentence-transformers' values
+            if (prompt_length is not None or mode in ("first", "max")) and bool((mask.sum(1) == 0).any()):
+                return super().forward(features, **kwargs)
             if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
                 return super().forward(features, **kwargs)  # position weights are absolute there
             emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)

@@ -16,6 +16,7 @@ from llmembed_fast.quant._args import (
     check_2d,
     check_codes,
     check_float,
+    check_range_values,
     to_output,
     use_extension,
 )
@@ -29,7 +30,7 @@ def calibrate(embeddings):
     In the input's dtype (float32 for bfloat16, which numpy lacks), as numpy's min/max: then
     ``quantize(x, p, ranges=calibrate(x))`` equals ``quantize(x, p)`` and sentence-transformers' codes (its
     steps are computed in the ranges' dtype; float32 ranges of float16 data would change them). NaN
-    propagates, as in numpy. Not differentiable.
+    propagates, as in numpy (and ``quantize`` refuses such ranges). Not differentiable.
     """
     x, was_np = as_tensor(embeddings, "embeddings")
     check_2d(x, "embeddings")
@@ -49,8 +50,11 @@ def _numpy_dtype(t: torch.Tensor) -> np.dtype:
 
 
 def _ranges_numpy(ranges, d: int) -> np.ndarray:
+    """Given ``ranges`` checked (finite, min <= max: others made garbage codes) as a numpy array."""
     r = as_ranges(ranges, d).cpu()
-    return (r.float() if r.dtype == torch.bfloat16 else r).numpy()
+    r = (r.float() if r.dtype == torch.bfloat16 else r).numpy()
+    check_range_values(r)
+    return r
 
 
 def scalar_params(ranges: np.ndarray, x_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from llmembed_fast.quant._args import (
     check_finite,
     check_float,
     check_k,
+    check_range_values,
     to_output,
 )
 from llmembed_fast.quant.codes import calibrate, quantize
@@ -70,7 +71,7 @@ class Index:
         self.ranges: torch.Tensor | None = None
         if ranges is not None:
             r = as_ranges(ranges, self.dim).cpu()
-            check_finite(r, "ranges")
+            check_range_values((r.float() if r.dtype == torch.bfloat16 else r).numpy())
             r = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
             self.ranges = _check_width(r)
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
@@ -271,7 +272,7 @@ class Index:
                 raise IndexFileError(f"{path}: section 'ranges' is not float32/float64 [2, {dim}]")
             index.ranges = torch.from_numpy(np.array(r))
             try:
-                check_finite(index.ranges, "ranges")
+                check_range_values(r)
             except ValueError as exc:
                 raise IndexFileError(f"{path}: {exc}") from None
         elif index._needs_ranges() and count > 0:
