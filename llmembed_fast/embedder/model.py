@@ -265,6 +265,11 @@ class LLMEmbedder(nn.Module):
             "ke", "echo"), a template with ``{text}``, or a :class:`PromptStyle`.
         instruction_template: how ``instruction=`` is applied (``"Instruct: {instruction}\\nQuery: {text}"``).
         include_prompt: pool the prompt/instruction tokens too (None: the style's or folder's, else no).
+            Excluded prompts end where the text's first token starts: a token that merges the prompt's
+            trailing space with the text (byte-level BPE: ``"query: hello"`` -> ``' hello'``) counts as
+            text. sentence-transformers drops ``len(tokenize(prompt))`` tokens instead, which drops that
+            token too, so mean/cls/max embeddings of such folders differ from its own; prompts ending in a
+            newline (or tokenizers that do not merge across the space) agree.
         prompts: named prompt prefixes (sentence-transformers' ``prompts``), e.g. {"query": "query: "}.
         packed: True, False or "auto" (packed only where the attention reads packed sequences natively);
             True needs a model whose forward takes ``position_ids``.
