@@ -9,6 +9,7 @@ losses w.r.t. its own inputs. Works with any backend (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -36,12 +37,12 @@ def _check_agree(rows: list[list[int]], what: str) -> None:
 
 
 def _check_group(group) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "torch.distributed is not initialized (call torch.distributed.init_process_group first)"
         )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
 def _collective_device(x_device: torch.device, group) -> torch.device:
@@ -149,6 +150,18 @@ def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = 
     _check_group(group)
     if sizes is None:
         sizes = gather_sizes(x.shape[0], group=group, device=x.device, like=x)
+    else:  # checked here, without a collective: a wrong list padded rows with zeros or failed in gloo/nccl
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if (
+            isinstance(sizes, (str, bytes))
+            or not hasattr(sizes, "__len__")
+            or len(sizes) != world
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sizes)
+        ):
+            raise ValueError(f"sizes must list every rank's row count ({world} ints >= 0), got {sizes!r}")
+        if sizes[rank] != x.shape[0]:
+            raise ValueError(f"sizes[{rank}] = {sizes[rank]} but this rank's x has {x.shape[0]} rows")
+        sizes = [int(s) for s in sizes]
     return _AllGatherWithGrad.apply(x.contiguous(), group, list(sizes))
 
 

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import nn
 
-from llmembed_fast.ops.contrastive import contrastive_loss
+from llmembed_fast.ops.contrastive import _check_dims, check_options, contrastive_loss
 
 
 class ContrastiveLoss(nn.Module):
@@ -60,6 +60,16 @@ class ContrastiveLoss(nn.Module):
         self.fixed_temperature = float(temperature)  # max_scale bounds only a learned temperature
         if self.learn_temperature:
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # checked now, not at the first forward (mid-training); dims are bounded by D there
+        check_options(normalize=normalize, symmetric=symmetric, same_tower=same_tower, allow_tf32=allow_tf32,
+                      false_negative_margin=false_negative_margin, reduction=reduction)
+        _check_dims(matryoshka_dims, matryoshka_weights, None)
+        if group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(group, dist.ProcessGroup):
+                raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got "
+                                f"{type(group).__name__}")
         self.kwargs = dict(
             normalize=normalize,
             symmetric=symmetric,

@@ -608,8 +608,23 @@ BAD = [
     (dict(matryoshka_weights=(1.0,)), ValueError, "needs matryoshka_dims"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(false_negative_margin=float("nan")), ValueError, "false_negative_margin"),
+    (dict(false_negative_margin="0.1"), TypeError, "false_negative_margin"),
+    (dict(false_negative_margin=torch.tensor(0.1)), TypeError, "false_negative_margin"),
+    (dict(matryoshka_dims=(2, 4), matryoshka_weights=("a", 1)), TypeError, "matryoshka_weights"),
+    (dict(matryoshka_dims=(2, 4), matryoshka_weights=(1, float("inf"))), ValueError, "matryoshka_weights"),
+    (dict(eps="1e-12"), TypeError, "eps"),
+    (dict(eps=0.0), ValueError, "eps"),
     (dict(symmetric=1), TypeError, "symmetric"),
 ]
+
+
+@pytest.mark.parametrize("override,exc,msg", [b for b in BAD if not {"q", "d", "labels", "temperature", "eps"}
+                                              & set(b[0]) and "matryoshka_dims values" not in b[2]])
+def test_loss_module_checks_its_options_at_construction(override, exc, msg):
+    """ContrastiveLoss raises at construction what contrastive_loss would at its first call (mid-training
+    otherwise); only the dims' bound by D waits for the embeddings."""
+    with pytest.raises(exc, match=msg):
+        lf.ContrastiveLoss(**override)
 
 
 @pytest.mark.parametrize("override,exc,msg", BAD)
@@ -646,8 +661,10 @@ def test_numpy_scalars_and_arrays_are_accepted():
 
 
 def test_bad_group():
-    with pytest.raises((RuntimeError, TypeError), match="distributed|group"):
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
         lf.contrastive_loss(torch.randn(2, 4), torch.randn(2, 4), group=object())
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        lf.ContrastiveLoss(group="x")
 
 
 def test_cpu_memory_is_bounded(tmp_path):

@@ -160,3 +160,21 @@ def test_distributed_equals_global_batch(world, tmp_path, monkeypatch):
 def test_distributed_requires_init():
     with pytest.raises(RuntimeError, match="not initialized"):
         lf.distributed.all_gather_with_grad(torch.randn(2, 3))
+
+
+def test_all_gather_sizes_are_checked(tmp_path):
+    """A given ``sizes`` must list every rank's rows, this rank's matching x (a longer entry padded the
+    gathered rows with zeros, a shorter one or a wrong count failed inside gloo); a bad group is a TypeError
+    even before init."""
+    with pytest.raises(TypeError, match="group"):
+        lf.distributed.all_gather_with_grad(torch.randn(2, 3), group="x")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(3, 2)
+        torch.testing.assert_close(lf.distributed.all_gather_with_grad(x, sizes=[3]), x)
+        for sizes, msg in (([4], r"sizes\[0\] = 4"), ([2], r"sizes\[0\] = 2"), ([3, 3], "1 ints"),
+                           ("3", "1 ints"), ([3.0], "1 ints"), ([-1], "1 ints")):
+            with pytest.raises(ValueError, match=msg):
+                lf.distributed.all_gather_with_grad(x, sizes=sizes)
+    finally:
+        dist.destroy_process_group()

@@ -155,6 +155,27 @@ def test_separate_doc_encoder_and_hard_negative_labels():
     assert_grads_close(grads_of(denc), want_d)
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_frozen_tower_is_replayed_once(reuse):
+    """A frozen document tower (a teacher) is not run again for every chunk in the second pass: one replayed
+    chunk shows it has no graph. The trainable tower's gradients are unchanged."""
+    torch.manual_seed(0)
+    qenc, frozen = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    calls = {"d": 0}
+
+    def denc(x):
+        calls["d"] += 1
+        return frozen(x)
+
+    xq, xd = torch.randn(4, 6), torch.randn(8, 6)
+    lf.contrastive_loss(qenc(xq), frozen(xd)).backward()
+    want = grads_of(qenc)
+    qenc.zero_grad()
+    GradCache(qenc, lf.contrastive_loss, 2, doc_encoder=denc, reuse_last_chunk=reuse).step(xq, xd)
+    assert_grads_close(grads_of(qenc), want)
+    assert calls["d"] == 4 + 1  # 4 chunks in the first pass, 1 replayed (it used to be all 4)
+
+
 def test_tensor_batches_and_fused_loss():
     """Plain tensor batches and lf.contrastive_loss (Matryoshka dims, symmetric) as loss_fn."""
     torch.manual_seed(0)

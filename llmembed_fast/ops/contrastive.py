@@ -141,7 +141,8 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _check_dims(dims, weights, D: int | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(dims, weights) checked; ``D`` None (a loss module's construction) skips the bound against D."""
     if dims is None:
         if weights is not None:
             raise ValueError("matryoshka_weights needs matryoshka_dims")
@@ -168,7 +169,7 @@ def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ..
             raise TypeError(f"matryoshka_dims must hold ints, got {v!r}")
     dims = tuple(int(v) for v in dims)
     for v in dims:
-        if v < 1 or v > D:
+        if v < 1 or (D is not None and v > D):
             raise ValueError(f"matryoshka_dims values must be in [1, D={D}], got {v}")
     if any(b <= a for a, b in zip(dims, dims[1:], strict=False)):
         raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
@@ -181,7 +182,9 @@ def _check_dims(dims, weights, D: int) -> tuple[tuple[int, ...], tuple[float, ..
     if len(weights) != len(dims):
         raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), got {len(weights)}")
     for w in weights:
-        if not _is_real(w) or not math.isfinite(w):
+        if not _is_real(w):
+            raise TypeError(f"matryoshka_weights must hold numbers, got {w!r}")
+        if not math.isfinite(w):
             raise ValueError(f"matryoshka_weights must hold finite numbers, got {w!r}")
     return dims, tuple(float(w) for w in weights)
 
@@ -190,6 +193,32 @@ def _check_flag(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_options(
+    *, normalize, symmetric, same_tower, allow_tf32, false_negative_margin, reduction, eps=1e-12
+) -> dict:
+    """The loss's scalar options checked (TypeError / ValueError naming the argument), as a dict of the
+    normalized values; shared with ``ContrastiveLoss``, which checks them at construction."""
+    for value, name in ((normalize, "normalize"), (symmetric, "symmetric"), (same_tower, "same_tower"),
+                        (allow_tf32, "allow_tf32")):
+        _check_flag(value, name)
+    if false_negative_margin is not None:
+        if not _is_real(false_negative_margin):
+            raise TypeError(
+                f"false_negative_margin must be None or a number, got {type(false_negative_margin).__name__}"
+            )
+        if not math.isfinite(false_negative_margin):
+            raise ValueError(f"false_negative_margin must be finite, got {false_negative_margin!r}")
+        false_negative_margin = float(false_negative_margin)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not _is_real(eps):
+        raise TypeError(f"eps must be a positive number, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    return dict(normalize=normalize, symmetric=symmetric, same_tower=same_tower, allow_tf32=allow_tf32,
+                false_negative_margin=false_negative_margin, reduction=reduction, eps=float(eps))
 
 
 def _backend(q: torch.Tensor, n_dims: int = 1):
@@ -527,8 +556,10 @@ def contrastive_loss(
             of the symmetric term) whose similarity exceeds the positive's s(q_i, d_p) by more than this.
             Ties stay (an exact duplicate of the positive is kept): a similarity within a few roundings of
             the threshold (u (2 sqrt(d) + 8 (|s(q_i, d_p)| + margin)) for a prefix of d dims and cosines,
-            u = 2^-24, or 2^-53 for float64) counts as a tie. With TF32 dot products (float32 inputs,
-            ``allow_tf32``) the tiles round far more coarsely and ties may fall either way.
+            u = 2^-24, or 2^-53 for float64) counts as a tie; with ``normalize=False`` the sqrt(d) part is
+            in units of ||q_i|| ||d_p||, so a margin smaller than that tolerance acts as 0. With TF32 dot
+            products (float32 inputs, ``allow_tf32``) the tiles round far more coarsely and ties may fall
+            either way.
         matryoshka_dims: increasing ints <= D: the loss is the weighted sum over these prefixes (each
             re-normalized), computed in one pass. ``matryoshka_weights`` default to 1.
         reduction: "mean" (over queries), "sum", or "none" (per-query losses [B]).
@@ -560,23 +591,10 @@ def contrastive_loss(
         acc = _acc(q.dtype)
         tau, tau_user = _check_temperature(temperature, q.device, acc)
         dims, weights = _check_dims(matryoshka_dims, matryoshka_weights, D)
-        normalize = _check_flag(normalize, "normalize")
-        symmetric = _check_flag(symmetric, "symmetric")
-        same_tower = _check_flag(same_tower, "same_tower")
-        allow_tf32 = _check_flag(allow_tf32, "allow_tf32")
-        if false_negative_margin is not None:
-            if (
-                not _is_real(false_negative_margin)
-                or not math.isfinite(false_negative_margin)
-            ):
-                raise ValueError(
-                    f"false_negative_margin must be None or a finite number, got {false_negative_margin!r}"
-                )
-            false_negative_margin = float(false_negative_margin)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        opts = check_options(normalize=normalize, symmetric=symmetric, same_tower=same_tower,
+                             allow_tf32=allow_tf32, false_negative_margin=false_negative_margin,
+                             reduction=reduction, eps=eps)
+        false_negative_margin, eps = opts["false_negative_margin"], opts["eps"]
 
         # one host sync for the value checks
         flags = [torch.zeros((), dtype=torch.bool, device=q.device)] * 2
