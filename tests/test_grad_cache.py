@@ -176,6 +176,24 @@ def test_frozen_tower_is_replayed_once(reuse):
     assert calls["d"] == 4 + 1  # 4 chunks in the first pass, 1 replayed (it used to be all 4)
 
 
+def test_one_encoder_routing_a_frozen_and_a_trainable_side():
+    """One encoder whose queries go through a frozen module and documents through a trainable one (a
+    sentence-transformers Router): the frozen side's skipped replays must not skip the trainable side's."""
+    torch.manual_seed(0)
+    frozen, tower = nn.Linear(8, 4).requires_grad_(False), nn.Linear(8, 4)
+
+    def enc(batch):
+        return frozen(batch["x"]) if batch["task"] == "query" else tower(batch["x"])
+
+    q, d = torch.randn(6, 8), torch.randn(6, 8)
+    lf.contrastive_loss(frozen(q), tower(d), temperature=0.1).backward()
+    want = grads_of(tower)
+    tower.zero_grad()
+    GradCache(enc, lf.contrastive_loss, 2).step({"x": q, "task": "query"}, {"x": d, "task": "document"},
+                                               temperature=0.1)
+    assert_grads_close(grads_of(tower), want)
+
+
 def test_tensor_batches_and_fused_loss():
     """Plain tensor batches and lf.contrastive_loss (Matryoshka dims, symmetric) as loss_fn."""
     torch.manual_seed(0)

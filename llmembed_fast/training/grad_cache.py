@@ -390,12 +390,13 @@ class GradCache:
         for j, (t, _, _) in enumerate(jobs):
             last_of[id(t.sync)] = j
         devices = sorted({d for t in towers for d in t.devices})
-        # encoders whose replayed chunk came back without a graph (a frozen tower, a teacher): the rest of
-        # their chunks are skipped, except the job that synchronizes its module's gradients
+        # towers (one side's column, not an encoder: one encoder may route a frozen side and a trainable
+        # one) whose replayed chunk came back without a graph: the rest of their chunks are skipped, except
+        # the job that synchronizes its module's gradients
         frozen: set[int] = set()
         with preserved_rng(devices), torch.enable_grad():
             for j, (t, i, g) in enumerate(jobs):
-                if id(t.encoder) in frozen and (t.sync is None or last_of[id(t.sync)] != j):
+                if id(t) in frozen and (t.sync is None or last_of[id(t.sync)] != j):
                     continue
                 lo, hi = t.ranges[i]
                 part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i],
@@ -409,7 +410,7 @@ class GradCache:
                     if emb.requires_grad:
                         torch.autograd.backward(emb, g[t.offset + lo:t.offset + hi].to(emb.dtype))
                     else:  # a frozen tower has nothing to back-propagate into
-                        frozen.add(id(t.encoder))
+                        frozen.add(id(t))
                     del emb
 
     # ------------------------------------------------------------------------------------------------
