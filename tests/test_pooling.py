@@ -270,6 +270,39 @@ def test_max_propagates_nan(backend):
     assert torch.isnan(seg[1]).tolist() == [False, True, True]
 
 
+def test_max_of_all_minus_inf_goes_to_the_first_pooled_token(backend):
+    """A column whose pooled values are all -inf: the max is -inf and its gradient goes to the first pooled
+    token, as torch.max(dim) (it was dropped; the reference read a padding slot's value)."""
+    h = torch.tensor([[[5.0, 1.0], [float("-inf"), 2.0], [float("-inf"), 0.0]]])
+    mask = torch.tensor([[0, 1, 1]])
+    hg = h.clone().requires_grad_(True)
+    out = lf.pool(hg, mask, "max")
+    assert out.tolist() == [[float("-inf"), 2.0]]
+    out.sum().backward()
+    assert hg.grad[0].tolist() == [[0, 0], [1, 1], [0, 0]]
+    (ref,) = R.pool(h.double().requires_grad_(True), mask, "max")
+    assert ref.tolist() == [[float("-inf"), 2.0]]
+    h2 = h[0].clone().requires_grad_(True)
+    seg = lf.pool_segments(h2, torch.tensor([1]), torch.tensor([3]), "max")
+    assert seg.tolist() == [[float("-inf"), 2.0]]
+    seg.sum().backward()
+    assert h2.grad.tolist() == [[0, 0], [1, 1], [0, 0]]
+
+
+def test_segment_first_and_last_read_one_token(backend):
+    """pool_segments "first" / "last" read only that token: a NaN or inf elsewhere in the segment stays out
+    (the torch path summed every token with 0 weights, and 0 * inf is NaN)."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[1.0, 2.0], [inf, 0.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [nan, 9.0]],
+                     dtype=torch.float16)
+    starts, ends = torch.tensor([0, 3, 2]), torch.tensor([3, 6, 2])  # the last one is empty
+    first = lf.pool_segments(x, starts, ends, "first")
+    assert first.tolist() == [[1.0, 2.0], [5.0, 6.0], [0.0, 0.0]]
+    last = lf.pool_segments(x, starts, ends, "last")
+    assert last[0].tolist() == [3.0, 4.0] and torch.isnan(last[1, 0]) and last[1, 1].item() == 9.0
+    assert last[2].tolist() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("mode", MODES)
 def test_non_finite_padding_is_not_read(backend, mode, dtype):
@@ -480,6 +513,7 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: lf.pool(hidden.numpy(), mask), TypeError, "hidden"),
         (lambda: lf.pool(hidden, mask, out_dtype=torch.int8), TypeError, "out_dtype"),
         (lambda: lf.pool(hidden, mask, eps=0), ValueError, "eps"),
+        (lambda: lf.pool(hidden, mask, eps="1e-6"), TypeError, "eps"),
         (lambda: lf.pool(hidden, mask, normalize="no"), TypeError, "normalize"),
         (lambda: lf.pool_segments(hidden[0], [0], [2], normalize=1), TypeError, "normalize"),
         (lambda: lf.pool(hidden, mask, dims=torch.tensor([[2, 4]])), TypeError, "dims"),

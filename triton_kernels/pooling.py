@@ -90,7 +90,8 @@ def _pool_fwd_kernel(
         acc = tl.load(base + pos * stride_hl + col_off, mask=ok, other=0.0).to(tl.float32)
     elif MODE == 2:  # max, with the first position of the maximum
         acc = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        arg = tl.full([BLOCK_H], -1, tl.int64)
+        # starts at the first pooled token: where every pooled value is -inf it stays there (as torch.max)
+        arg = tl.full([BLOCK_H], 0, tl.int64) + first
         for l0 in range(lo, hi, BLOCK_L):
             offs = (l0 + tl.arange(0, BLOCK_L)).to(tl.int64)
             m = offs < hi

@@ -106,7 +106,9 @@ def _check_out_dtype(out_dtype) -> torch.dtype:
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive number, got {type(eps).__name__}")
+    if not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     return float(eps)
 
@@ -261,7 +263,9 @@ def pool(
     Args:
         hidden: [B, L, H] float32/float16/bfloat16 (float64 runs on the torch path); any strides.
         mask: [B, L] bool/int/float (0/1): the tokens to pool. Left or right padding and holes (e.g. an
-            excluded instruction prefix) all work. None pools every token.
+            excluded instruction prefix) all work. None pools every token. Bool and integer masks pool
+            every non-zero token (not a weight: 2 counts as 1; unchecked, so no host sync); a float mask
+            with values other than 0 and 1 is refused (a soft mask is not a pooling mask).
         mode: "mean", "weighted_mean" (weights 1, 2, 3, ... by rank among the row's pooled tokens),
             "max", "first", "last" (first/last pooled token), "mean_sqrt_len" (sum / sqrt(count)).
         dims: None (all H), an int, or a sequence of ints (Matryoshka: one output per dim).

@@ -58,7 +58,11 @@ def _pool_rows(h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         if h.shape[1] == 0:
             return h.new_zeros(h.shape[0], h.shape[2])
         x = h.masked_fill(~m[..., None], float("-inf"))
-        idx = x.max(dim=1).indices  # first position of the maximum
+        best, idx = x.max(dim=1)  # first position of the maximum
+        # a column whose pooled values are all -inf: its first pooled token (max's first -inf may be padding)
+        pos = torch.arange(h.shape[1], device=h.device)
+        first = torch.where(m, pos, h.shape[1]).amin(1).clamp(max=h.shape[1] - 1)
+        idx = torch.where(best == float("-inf"), first[:, None], idx)
         pooled = h.gather(1, idx[:, None, :]).squeeze(1)
         return torch.where(m.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
     w = pooling_weights(mask, mode, h.dtype)

@@ -62,6 +62,7 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         pooled = torch.where(nonempty, pooled, torch.zeros_like(pooled))
     elif mode == "max":
         best, arg = _masked_max(h, mask != 0, acc)
+        arg = torch.where(arg < 0, info[:, 1:2].long(), arg)  # every pooled value -inf: the first pooled one
         pooled = torch.where(nonempty, best, torch.zeros_like(best))
         argmax = torch.where(nonempty, arg, -1).to(torch.int32)
     else:
@@ -146,6 +147,12 @@ def segments_forward(hidden2d: torch.Tensor, starts: torch.Tensor, ends: torch.T
     S = starts.shape[0]
     acc = _acc_dtype(hidden2d.dtype)
     h = hidden2d[:, :D]
+    if mode in ("first", "last"):  # one token read per segment (a 0 weight times another's NaN/inf is NaN)
+        if h.shape[0] == 0:
+            return torch.zeros(S, D, dtype=acc, device=h.device), None
+        idx = (starts if mode == "first" else ends - 1).long().clamp(0, h.shape[0] - 1)
+        pooled = h[idx].to(acc)
+        return torch.where((ends > starts)[:, None], pooled, torch.zeros_like(pooled)), None
     seg, tok, rank, lengths = _pairs(starts, ends)
     pooled = torch.zeros(S, D, dtype=acc, device=h.device)
     step = _chunk_rows(D)
