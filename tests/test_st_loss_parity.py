@@ -142,6 +142,20 @@ def test_bad_arguments(bert_st):
         CachedFusedMNRLoss(bert_st, scale=-1.0)
     with pytest.raises(ValueError, match="at least 2"):
         CachedFusedMNRLoss(bert_st)(features(bert_st, [TEXTS[:3]]), None)
+    # checked at construction (a string of dims became digits, 32.5 became 32, "no" turned symmetric on)
+    for kw, exc, msg in ((dict(matryoshka_dims="64"), TypeError, "matryoshka_dims"),
+                         (dict(matryoshka_dims=[32.5]), TypeError, "matryoshka_dims"),
+                         (dict(matryoshka_dims=[8, 8]), ValueError, "strictly increasing"),
+                         (dict(matryoshka_dims=[0, 8]), ValueError, "matryoshka_dims"),
+                         (dict(matryoshka_dims=[8, 16], matryoshka_weights=["a", 1]), TypeError, "weights"),
+                         (dict(symmetric="no"), TypeError, "symmetric"),
+                         (dict(same_tower=1), TypeError, "same_tower"),
+                         (dict(false_negative_margin="0.1"), TypeError, "false_negative_margin"),
+                         (dict(false_negative_margin=float("nan")), ValueError, "false_negative_margin")):
+        with pytest.raises(exc, match=msg):
+            CachedFusedMNRLoss(bert_st, **kw)
+    assert CachedFusedMNRLoss(bert_st, matryoshka_dims=(16, 8), matryoshka_weights=(1, 0.5)).matryoshka_dims \
+        == (8, 16)
     from sentence_transformers import util
 
     config = CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()

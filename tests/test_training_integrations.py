@@ -279,6 +279,7 @@ def test_hf_trainer_group_held_by_the_loss_sets_the_multiplier(monkeypatch, tmp_
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                              remove_unused_columns=False, save_strategy="no")
     group = object()
+    monkeypatch.setattr(dist, "ProcessGroup", object)  # a stand-in group passes ContrastiveLoss's type check
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda g=None: 3 if g is group else 1)
     held = GradCacheTrainer(model=model, args=args, loss_fn=lf.ContrastiveLoss(group=group))
@@ -287,3 +288,53 @@ def test_hf_trainer_group_held_by_the_loss_sets_the_multiplier(monkeypatch, tmp_
     with pytest.warns(UserWarning, match="requires grad but is not a parameter"):
         t = torch.tensor(0.1, requires_grad=True)
         GradCacheTrainer(model=model, args=args, loss_kwargs={"temperature": t})
+
+
+def test_pair_collator_uses_the_embedders_prompts_on_the_cpu():
+    """With an LLMEmbedder's tokenize, the collator gives queries / documents the embedder's named prompts
+    (as encode_queries / encode_documents do: training sees what inference will) and builds batches on the
+    CPU (the Trainer moves them; a DataLoader cannot pin CUDA tensors); explicit kwargs win."""
+    from llmembed_fast.integrations.hf_trainer import PairCollator
+
+    emb = _embedder()
+    emb.prompts = {"query": "query: ", "passage": "passage: "}
+    rows = [{"query": "river bank", "doc": "the bank of the river", "neg": "money"}]
+    batch = PairCollator(emb.tokenize, negative_keys="neg")(rows)
+    want_q = emb.tokenize(["river bank"], prompt="query: ")
+    want_d = emb.tokenize(["the bank of the river"], prompt="passage: ")
+    for key in ("input_ids", "pool_mask"):
+        assert torch.equal(batch["query"][key], want_q[key])
+        assert torch.equal(batch["doc"][0][key], want_d[key])
+    assert all(t.device.type == "cpu" for t in batch["query"].values())
+    plain = PairCollator(emb.tokenize, query_kwargs={"prompt": ""}, doc_kwargs={"prompt": ""})(rows)
+    assert torch.equal(plain["query"]["input_ids"], emb.tokenize(["river bank"])["input_ids"])
+    instructed = PairCollator(emb.tokenize, query_kwargs={"instruction": "find it"})(rows)
+    assert torch.equal(instructed["query"]["input_ids"],
+                       emb.tokenize(["river bank"], instruction="find it")["input_ids"])
+    with pytest.raises(TypeError, match="query_kwargs"):
+        PairCollator(emb.tokenize, query_kwargs=[1])
+
+
+def test_grad_cache_trainer_checks_and_no_decay_on_the_learned_temperature(tmp_path):
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    import llmembed_fast as lf
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator
+
+    emb = _embedder()
+    emb.crit = lf.ContrastiveLoss(0.07, learn_temperature=True)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                             report_to=[], remove_unused_columns=False, use_cpu=True, weight_decay=0.1,
+                             save_strategy="no")
+    kw = dict(model=emb, args=args, train_dataset=pairs(8, seed=3), data_collator=PairCollator(emb.tokenize))
+    with pytest.raises(TypeError, match="encode"):
+        GradCacheTrainer(**kw, encode="x")
+    with pytest.raises(TypeError, match="loss_kwargs"):
+        GradCacheTrainer(**kw, loss_kwargs=[1])
+    trainer = GradCacheTrainer(**kw, loss_fn=emb.crit, chunk_size=2)
+    decay = trainer.get_decay_parameter_names(emb)
+    assert "crit.log_scale" not in decay and any(n.startswith("model.") for n in decay)
+    trainer.create_optimizer()
+    no_decay = [g for g in trainer.optimizer.param_groups if g["weight_decay"] == 0]
+    assert any(p is emb.crit.log_scale for g in no_decay for p in g["params"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import Trainer
@@ -27,7 +27,13 @@ class PairCollator:
 
     ``tokenize(texts, **kwargs)`` returns a dict of tensors (``LLMEmbedder.tokenize`` or a wrapper around a
     tokenizer); ``query_kwargs`` / ``doc_kwargs`` are passed to it (e.g. ``instruction=`` for queries).
-    Extra text columns listed in ``negative_keys`` become further document columns (hard negatives)."""
+    Extra text columns listed in ``negative_keys`` become further document columns (hard negatives).
+
+    With an ``LLMEmbedder``'s ``tokenize``, batches are made on the CPU (the Trainer moves them; CUDA
+    tensors from a DataLoader cannot be pinned), and queries / documents get the embedder's named prompts
+    as :meth:`~llmembed_fast.LLMEmbedder.encode_queries` / ``encode_documents`` give them ("query";
+    "document", "passage" or "corpus"), unless the kwargs set ``instruction`` / ``prompt``: training
+    then sees the texts as inference will."""
 
     def __init__(self, tokenize: Callable, *, query_key: str = "query", doc_key: str = "doc",
                  negative_keys: tuple[str, ...] = (), query_kwargs: dict | None = None,
@@ -42,16 +48,34 @@ class PairCollator:
                           *(("negative_keys", k) for k in negative_keys)):
             if not isinstance(key, str):
                 raise TypeError(f"{name} must hold column names (str), got {type(key).__name__}")
+        for name, kw in (("query_kwargs", query_kwargs), ("doc_kwargs", doc_kwargs)):
+            if kw is not None and not isinstance(kw, Mapping):
+                raise TypeError(f"{name} must be a dict of keyword arguments for tokenize, got "
+                                f"{type(kw).__name__}")
         self.tokenize, self.query_key, self.doc_key = tokenize, query_key, doc_key
         self.negative_keys = negative_keys
         self.query_kwargs, self.doc_kwargs = dict(query_kwargs or {}), dict(doc_kwargs or {})
+
+    def _kwargs(self, side: str) -> dict:
+        kw = dict(self.query_kwargs if side == "query" else self.doc_kwargs)
+        from llmembed_fast.embedder.model import _DOC_PROMPT_NAMES, LLMEmbedder
+
+        owner = getattr(self.tokenize, "__self__", None)
+        if isinstance(owner, LLMEmbedder):
+            kw.setdefault("device", "cpu")
+            if "prompt" not in kw and "instruction" not in kw:
+                prompt = owner._named_prompt(("query",) if side == "query" else _DOC_PROMPT_NAMES)
+                if prompt is not None:
+                    kw["prompt"] = prompt
+        return kw
 
     def __call__(self, rows: list[dict]) -> dict:
         for key in (self.query_key, self.doc_key, *self.negative_keys):
             if any(key not in r for r in rows):
                 raise ValueError(f"every row needs a {key!r} text (set remove_unused_columns=False)")
-        q = dict(self.tokenize([r[self.query_key] for r in rows], **self.query_kwargs))
-        docs = [dict(self.tokenize([r[k] for r in rows], **self.doc_kwargs))
+        q = dict(self.tokenize([r[self.query_key] for r in rows], **self._kwargs("query")))
+        doc_kw = self._kwargs("doc")
+        docs = [dict(self.tokenize([r[k] for r in rows], **doc_kw))
                 for k in (self.doc_key, *self.negative_keys)]
         return {"query": q, "doc": docs[0] if len(docs) == 1 else docs}
 
@@ -74,6 +98,12 @@ class GradCacheTrainer(Trainer):
     def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32,
                  loss_kwargs: dict | None = None, encode: Callable | None = None,
                  grad_multiplier: float | None = None, **kwargs):
+        if encode is not None and not callable(encode):
+            raise TypeError(f"encode must be callable (model, chunk) -> embeddings, got "
+                            f"{type(encode).__name__}")
+        if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
+            raise TypeError(f"loss_kwargs must be a dict of keyword arguments for loss_fn, got "
+                            f"{type(loss_kwargs).__name__}")
         super().__init__(*args, **kwargs)
         if loss_fn is None:
             from llmembed_fast.ops.contrastive import contrastive_loss as loss_fn
@@ -101,6 +131,16 @@ class GradCacheTrainer(Trainer):
         # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
         GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None
                   else grad_multiplier)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's weight-decay parameters, less the loss's own (a learned temperature registered on
+        the model would otherwise decay towards 1)."""
+        names = super().get_decay_parameter_names(model)
+        own = {id(p) for p in getattr(self.gc_loss_fn, "parameters", lambda: [])()}
+        if not own:
+            return names
+        skip = {n for n, p in model.named_parameters() if id(p) in own}
+        return [n for n in names if n not in skip]
 
     def _gc_grad_multiplier(self) -> float:
         if self.gc_grad_multiplier is not None:

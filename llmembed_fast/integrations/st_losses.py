@@ -9,6 +9,7 @@ with ``SentenceTransformerTrainer`` like any loss.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import warnings
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from llmembed_fast.ops.contrastive import _check_dims, check_options
 from llmembed_fast.training.grad_cache import GradCache, synced_module
 
 
@@ -123,7 +125,11 @@ class CachedFusedMNRLoss(nn.Module):
             warnings.warn(f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0",
                           stacklevel=2)
         sym, tower = _terms_of(directions, partition_mode)
-        symmetric, same_tower = bool(symmetric) or sym, bool(same_tower) or tower
+        # the fused loss's own checks, now rather than at the first step (a string was truthy here)
+        opts = check_options(normalize=True, symmetric=symmetric, same_tower=same_tower, allow_tf32=True,
+                             false_negative_margin=false_negative_margin, reduction="mean")
+        false_negative_margin = opts["false_negative_margin"]
+        symmetric, same_tower = symmetric or sym, same_tower or tower
         self.model = model
         self.scale = float(scale)
         self.mini_batch_size = mini_batch_size
@@ -166,13 +172,24 @@ class CachedFusedMNRLoss(nn.Module):
             if weights is not None:
                 raise ValueError("matryoshka_weights needs matryoshka_dims")
             return None, None
-        dims = [int(d) for d in dims]
-        weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+            raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
+        dims = list(dims.tolist() if isinstance(dims, torch.Tensor) else dims)
+        for d in dims:  # int() would truncate 32.5 to 32
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+                raise TypeError(f"matryoshka_dims must hold ints, got {d!r}")
+        if weights is not None:
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+                kind = type(weights).__name__
+                raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {kind}")
+            weights = list(weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+        weights = [1.0] * len(dims) if weights is None else weights
         if len(weights) != len(dims):
             raise ValueError(f"matryoshka_weights must have one weight per dim ({len(dims)}), "
                              f"got {len(weights)}")
         order = sorted(range(len(dims)), key=dims.__getitem__)
-        return tuple(dims[i] for i in order), tuple(weights[i] for i in order)
+        # increasing, >= 1, finite weights (the bound by D waits for the embeddings)
+        return _check_dims([int(dims[i]) for i in order], [weights[i] for i in order], None)
 
     def _encode(self, features: dict) -> torch.Tensor:
         return self.model(features)["sentence_embedding"]
