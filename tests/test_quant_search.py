@@ -182,6 +182,30 @@ def test_meta_shapes():
     assert dist.shape == (3, 5) and dist.dtype == torch.int32 and idx.dtype == torch.int64
 
 
+def test_meta_kernels_check_like_the_cpu_ones_and_refuse_mixed_devices():
+    """The Meta kernels (FakeTensor / torch.compile) run the CPU kernels' checks, and a call mixing CPU and
+    meta tensors is refused (it returned uninitialised CPU tensors: leaked heap values as indices)."""
+    ops = _ext.ops()
+    q, d = torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(10, 16, dtype=torch.uint8)
+    w = torch.zeros(2, 16, dtype=torch.float64)
+    cases = [
+        (lambda: ops.hamming_topk(q, d.to("meta"), 5), ValueError, "every tensor must be on"),
+        (lambda: ops.hamming_topk(q.to("meta"), d.to("meta"), 100), ValueError, "k must be in"),
+        (lambda: ops.hamming_topk(q.to("meta"), d[:, :8].to("meta"), 2), ValueError, "columns"),
+        (lambda: ops.int8_topk(w.float().to("meta"), d.view(torch.int8).to("meta"), 3), TypeError, "float64"),
+        (lambda: ops.int8_topk(w, d.view(torch.int8).to("meta"), 3), ValueError, "every tensor must be on"),
+        (lambda: ops.pack_bits(torch.zeros(2, 8, dtype=torch.int32, device="meta")), TypeError, "float32"),
+        (lambda: ops.quantize_scalar(torch.zeros(2, 3), torch.zeros(3, device="meta"),
+                                     torch.ones(3, device="meta"), True), ValueError,
+         "every tensor must be on"),
+        (lambda: ops.score_rows(w, d.to("meta"), torch.zeros(2, 3, dtype=torch.long)), ValueError,
+         "every tensor must be on"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
 def test_plain_torch_fallbacks_match_the_ops():
     """The paths used on devices without compiled kernels (e.g. a GPU build without CUDA ops)."""
     from llmembed_fast.quant.codes import _pack_bits_torch, _quantize_scalar_torch, scalar_params

@@ -3,13 +3,16 @@
 // (the torch binding passes at::get_num_threads()).
 #pragma once
 #include <cstdint>
+#include <exception>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace lf {
 
-// Calls fn(begin_i, end_i) over [begin, end) split into chunks of at least `grain` items.
+// Calls fn(begin_i, end_i) over [begin, end) split into chunks of at least `grain` items. An exception
+// thrown by fn in a worker (std::bad_alloc, say) is rethrown here after the region: escaping an OpenMP
+// region would call std::terminate and kill the process.
 template <class F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, int num_threads, const F& fn) {
   const int64_t n = end - begin;
@@ -20,6 +23,7 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, int num_thre
   if (max_chunks < threads) threads = static_cast<int>(max_chunks);
 #ifdef _OPENMP
   if (threads > 1 && !omp_in_parallel()) {
+    std::exception_ptr error = nullptr;
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num();
@@ -27,8 +31,16 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, int num_thre
       const int64_t chunk = (n + nt - 1) / nt;
       const int64_t b = begin + t * chunk;
       const int64_t e = b + chunk < end ? b + chunk : end;
-      if (b < e) fn(b, e);
+      if (b < e) {
+        try {
+          fn(b, e);
+        } catch (...) {
+#pragma omp critical(lf_parallel_for_error)
+          if (!error) error = std::current_exception();
+        }
+      }
     }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif

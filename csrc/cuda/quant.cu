@@ -67,6 +67,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t d, i
 
 at::Tensor quantize_scalar_cuda(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& steps,
                                 bool signed_out) {
+  // a call mixing devices reaches this kernel when any argument is on CUDA; x's data must be
+  TORCH_CHECK_VALUE(x.is_cuda(), "quantize_scalar: x is on ", x.device(), " but starts/steps on CUDA");
   TORCH_CHECK_VALUE(x.dim() == 2, "quantize_scalar: x must be 2-D [N, D], got ", x.dim(), "-D");
   TORCH_CHECK_VALUE(starts.dim() == 1 && steps.dim() == 1 && starts.size(0) == x.size(1) &&
                         steps.size(0) == x.size(1),
@@ -249,6 +251,8 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
                    "hamming_topk: queries and docs must both be uint8 or both int8 codes");
   TORCH_CHECK_VALUE(queries.dim() == 2 && docs.dim() == 2 && queries.size(1) == docs.size(1),
                     "hamming_topk: queries [Q, B] and docs [N, B] must have the same B");
+  TORCH_CHECK_VALUE(queries.device() == docs.device(), "hamming_topk: queries are on ", queries.device(),
+                    ", docs on ", docs.device());
   TORCH_CHECK_VALUE(k >= 1 && k <= docs.size(0), "hamming_topk: k must be in [1, ", docs.size(0), "], got ", k);
   TORCH_CHECK_VALUE(docs.size(0) < (int64_t(1) << 40), "hamming_topk: at most 2^40 documents");
   TORCH_CHECK_VALUE(docs.size(1) <= 4096, "hamming_topk: codes of at most 4096 bytes on CUDA");

@@ -7,7 +7,10 @@
 #include <random>
 #include <vector>
 
+#include <stdexcept>
+
 #include "../core/pack_bits.h"
+#include "../core/parallel.h"
 #include "test_util.h"
 
 namespace {
@@ -76,11 +79,28 @@ void test_half_specials() {
   LF_CHECK(got == 0x25, "fp16 special values");  // bits for +inf (2), subnormal (5), 1.0 (7)
 }
 
+// An exception thrown in a worker comes back to the caller (escaping an OpenMP region would terminate).
+void test_parallel_for_rethrows() {
+  bool caught = false;
+  try {
+    lf::parallel_for(0, 1000, 1, 3, [](int64_t b, int64_t) {
+      if (b > 0) throw std::runtime_error("worker failed");
+    });
+  } catch (const std::runtime_error&) {
+    caught = true;
+  }
+  LF_CHECK(caught, "parallel_for rethrows a worker's exception");
+  int64_t sum = 0;  // and still runs normally afterwards
+  lf::parallel_for(0, 100, 1, 1, [&](int64_t b, int64_t e) { sum += e - b; });
+  LF_CHECK(sum == 100, "parallel_for after an exception");
+}
+
 }  // namespace
 
 int main() {
   test_random_shapes();
   test_strided_rows();
   test_half_specials();
+  test_parallel_for_rethrows();
   return lf_test::finish("test_pack_bits");
 }

@@ -20,6 +20,15 @@ inline lf::FloatKind float_kind(const at::Tensor& x, const char* arg) {
   return lf::FloatKind::F32;
 }
 
+// Every tensor argument of an op on the device its kernel is for: the dispatcher sends a call mixing CPU and
+// meta tensors to one kernel, whose outputs then took the first argument's device (uninitialised CPU memory
+// returned as results).
+inline void check_device(const char* op, c10::DeviceType type, std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    TORCH_CHECK_VALUE(t->device().type() == type, op, ": every tensor must be on ", c10::DeviceTypeName(type, true),
+                      ", got one on ", t->device());
+}
+
 // Threads the core may use: torch's intra-op setting, so torch.set_num_threads() governs both.
 inline int num_threads() { return at::get_num_threads(); }
 

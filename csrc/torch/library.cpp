@@ -7,6 +7,7 @@
 namespace lf_torch {
 
 at::Tensor pack_bits_cpu(const at::Tensor& x) {
+  check_device("pack_bits", c10::DeviceType::CPU, {&x});
   TORCH_CHECK_VALUE(x.dim() == 2, "pack_bits: x must be 2-D [N, D], got ", x.dim(), "-D");
   const auto kind = float_kind(x, "pack_bits: x");
   // Rows may be strided; elements within a row must be contiguous.
@@ -19,7 +20,9 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
 }
 
 at::Tensor pack_bits_meta(const at::Tensor& x) {
+  check_device("pack_bits", c10::DeviceType::Meta, {&x});
   TORCH_CHECK_VALUE(x.dim() == 2, "pack_bits: x must be 2-D [N, D], got ", x.dim(), "-D");
+  float_kind(x, "pack_bits: x");  // the CPU kernel's checks: same shapes and errors under FakeTensor
   return at::empty({x.size(0), lf::packed_bytes(x.size(1))}, x.options().dtype(at::kByte));
 }
 

@@ -1,7 +1,8 @@
 // Torch bindings (CPU and Meta) of the quantization and exact-search core:
 //   quantize_scalar, hamming_topk, int8_topk, score_rows. pack_bits lives in library.cpp.
 // The Python layer (llmembed_fast.quant) validates arguments first; the checks here keep direct
-// torch.ops calls from crashing.
+// torch.ops calls from crashing; the Meta kernels run the same checks (FakeTensor / torch.compile get the CPU
+// kernels' shapes and errors).
 #include "common.h"
 
 #include "../core/hamming.h"
@@ -31,8 +32,10 @@ void check_quantize(const at::Tensor& x, const at::Tensor& starts, const at::Ten
   TORCH_CHECK_TYPE(starts.scalar_type() == steps.scalar_type(), "quantize_scalar: starts and steps dtypes differ");
 }
 
-at::Tensor quantize_scalar_cpu(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& steps,
-                               bool signed_out) {
+// Shape, dtype and device checks of quantize_scalar (the CPU and Meta kernels alike): (x kind, compute kind).
+std::pair<lf::FloatKind, lf::ComputeKind> check_quantize_all(const at::Tensor& x, const at::Tensor& starts,
+                                                            const at::Tensor& steps, c10::DeviceType type) {
+  check_device("quantize_scalar", type, {&x, &starts, &steps});
   check_quantize(x, starts, steps);
   const auto xkind = float_kind(x, "quantize_scalar: x");
   const auto ck = compute_kind(starts);
@@ -40,6 +43,12 @@ at::Tensor quantize_scalar_cpu(const at::Tensor& x, const at::Tensor& starts, co
                     "quantize_scalar: float64 x needs float64 starts/steps");
   TORCH_CHECK_VALUE(!(ck == lf::ComputeKind::F16 && xkind != lf::FloatKind::F16),
                     "quantize_scalar: float16 arithmetic needs float16 x");
+  return {xkind, ck};
+}
+
+at::Tensor quantize_scalar_cpu(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& steps,
+                               bool signed_out) {
+  const auto [xkind, ck] = check_quantize_all(x, starts, steps, c10::DeviceType::CPU);
   at::Tensor xc = (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
   // The core reads half-precision parameters as float (exactly representable).
   const auto pdt = ck == lf::ComputeKind::F64 ? at::kDouble : at::kFloat;
@@ -53,7 +62,7 @@ at::Tensor quantize_scalar_cpu(const at::Tensor& x, const at::Tensor& starts, co
 
 at::Tensor quantize_scalar_meta(const at::Tensor& x, const at::Tensor& starts, const at::Tensor& steps,
                                 bool signed_out) {
-  check_quantize(x, starts, steps);
+  check_quantize_all(x, starts, steps, c10::DeviceType::Meta);
   return at::empty({x.size(0), x.size(1)}, x.options().dtype(signed_out ? at::kChar : at::kByte));
 }
 
@@ -68,10 +77,15 @@ void check_search(const at::Tensor& q, const at::Tensor& docs, int64_t k, const 
   TORCH_CHECK_VALUE(k >= 1 && k <= docs.size(0), op, ": k must be in [1, ", docs.size(0), "], got ", k);
 }
 
-std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& docs, int64_t k) {
+void check_hamming(const at::Tensor& queries, const at::Tensor& docs, int64_t k, c10::DeviceType type) {
+  check_device("hamming_topk", type, {&queries, &docs});
   check_codes(queries, "hamming_topk: queries");
   check_codes(docs, "hamming_topk: docs");
   check_search(queries, docs, k, "hamming_topk");
+}
+
+std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, const at::Tensor& docs, int64_t k) {
+  check_hamming(queries, docs, k, c10::DeviceType::CPU);
   at::Tensor q = queries.contiguous(), d = docs.contiguous();
   at::Tensor dist = at::empty({q.size(0), k}, q.options().dtype(at::kInt));
   at::Tensor idx = at::empty({q.size(0), k}, q.options().dtype(at::kLong));
@@ -84,19 +98,23 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cpu(const at::Tensor& queries, c
 }
 
 std::tuple<at::Tensor, at::Tensor> hamming_topk_meta(const at::Tensor& queries, const at::Tensor& docs, int64_t k) {
-  check_codes(queries, "hamming_topk: queries");
-  check_codes(docs, "hamming_topk: docs");
+  check_hamming(queries, docs, k, c10::DeviceType::Meta);
   return {at::empty({queries.size(0), k}, queries.options().dtype(at::kInt)),
           at::empty({queries.size(0), k}, queries.options().dtype(at::kLong))};
 }
 
-std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, const at::Tensor& codes, int64_t k) {
+void check_int8_topk(const at::Tensor& weights, const at::Tensor& codes, int64_t k, c10::DeviceType type) {
+  check_device("int8_topk", type, {&weights, &codes});
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "int8_topk: weights must be float64, got ",
                    weights.scalar_type());
   TORCH_CHECK_VALUE(weights.dim() == 2, "int8_topk: weights must be 2-D [Q, D]");
   check_codes(codes, "int8_topk: codes");
   check_search(weights, codes, k, "int8_topk");
   TORCH_CHECK_VALUE(codes.size(1) <= 65536, "int8_topk: D must be <= 65536, got ", codes.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, const at::Tensor& codes, int64_t k) {
+  check_int8_topk(weights, codes, k, c10::DeviceType::CPU);
   at::Tensor w = weights.contiguous(), c = codes.contiguous();
   // a NaN weight makes every bound NaN: no row could be ranked (the selection would return garbage ids)
   TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
@@ -109,7 +127,9 @@ std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, cons
   return {scores, idx};
 }
 
-void check_score_rows(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
+void check_score_rows(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows,
+                      c10::DeviceType type) {
+  check_device("score_rows", type, {&weights, &vecs, &rows});
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kDouble, "score_rows: weights must be float64, got ",
                    weights.scalar_type());
   TORCH_CHECK_TYPE(vecs.scalar_type() == at::kByte || vecs.scalar_type() == at::kChar ||
@@ -124,7 +144,7 @@ void check_score_rows(const at::Tensor& weights, const at::Tensor& vecs, const a
 
 // Exact float64 scores of the given rows of vecs (int8/uint8 codes as int8_topk reads them, or float32).
 at::Tensor score_rows_cpu(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
-  check_score_rows(weights, vecs, rows);
+  check_score_rows(weights, vecs, rows, c10::DeviceType::CPU);
   at::Tensor w = weights.contiguous(), v = vecs.contiguous(), r = rows.contiguous();
   at::Tensor out = at::empty({r.size(0), r.size(1)}, w.options());
   if (r.numel() == 0) return out;
@@ -141,12 +161,12 @@ at::Tensor score_rows_cpu(const at::Tensor& weights, const at::Tensor& vecs, con
 }
 
 at::Tensor score_rows_meta(const at::Tensor& weights, const at::Tensor& vecs, const at::Tensor& rows) {
-  check_score_rows(weights, vecs, rows);
+  check_score_rows(weights, vecs, rows, c10::DeviceType::Meta);
   return at::empty({rows.size(0), rows.size(1)}, weights.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> int8_topk_meta(const at::Tensor& weights, const at::Tensor& codes, int64_t k) {
-  check_codes(codes, "int8_topk: codes");
+  check_int8_topk(weights, codes, k, c10::DeviceType::Meta);
   return {at::empty({weights.size(0), k}, weights.options()),
           at::empty({weights.size(0), k}, weights.options().dtype(at::kLong))};
 }
