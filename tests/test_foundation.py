@@ -93,3 +93,12 @@ def test_info_reports_a_backend_that_cannot_run(monkeypatch, tmp_path):
     monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
     assert lf.info()["backends"]["default_for_cpu_tensors"].startswith("error: ")
     assert cli.main(["info"]) == 0
+
+
+def test_import_loads_neither_dynamo_nor_triton():
+    """``import llmembed_fast`` (every CLI call) stays at torch's own import cost: the ops' compile guards
+    import torch._dynamo (and through it triton) on first use, not at import (it doubled the import time)."""
+    code = ("import sys, llmembed_fast, llmembed_fast.quant, llmembed_fast.modules; "
+            "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -672,4 +672,4 @@ def contrastive_loss(
 
 # Under torch.compile the loss runs eagerly behind a graph break: its memory-bounding loops over the rows run
 # in Python, so a traced copy would be specialized to (and recompiled for) every new batch size.
-contrastive_loss = torch.compiler.disable(contrastive_loss)
+contrastive_loss = _dispatch.compile_disabled(contrastive_loss)

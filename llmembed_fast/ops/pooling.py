@@ -370,7 +370,7 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-@torch.compiler.disable
+@_dispatch.compile_disabled
 def _prefix_normalize_eager(x2, dims, eps, dtype, be):
     return _PrefixNormalizeFunction.apply(x2, dims, eps, dtype, be)
 
@@ -417,5 +417,5 @@ def matryoshka(x: torch.Tensor, dims, normalize: bool = True, eps: float = 1e-12
 # Under torch.compile the pooling ops run eagerly behind a graph break: their memory-bounding loops run over
 # the sequence length and batch size in Python, so a traced copy would be specialized to every new L and B
 # (a model compiled around them recompiled per padded length until dynamo's recompile limit).
-pool = torch.compiler.disable(pool)
-pool_segments = torch.compiler.disable(pool_segments)
+pool = _dispatch.compile_disabled(pool)
+pool_segments = _dispatch.compile_disabled(pool_segments)

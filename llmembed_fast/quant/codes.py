@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmembed_fast import _ext
+from llmembed_fast import _dispatch, _ext
 from llmembed_fast.quant._args import (
     as_ranges,
     as_tensor,
@@ -195,7 +195,7 @@ def unpack_bits(codes, dim: int | None = None):
 # Under torch.compile these run eagerly behind a graph break: they check their inputs on the host and work
 # through numpy, nothing in them is differentiable, and the codes must stay bit-exact with
 # sentence-transformers (inductor computes float16 steps without their intermediate rounding: codes off by 1).
-calibrate = torch.compiler.disable(calibrate)
-quantize = torch.compiler.disable(quantize)
-dequantize = torch.compiler.disable(dequantize)
-unpack_bits = torch.compiler.disable(unpack_bits)
+calibrate = _dispatch.compile_disabled(calibrate)
+quantize = _dispatch.compile_disabled(quantize)
+dequantize = _dispatch.compile_disabled(dequantize)
+unpack_bits = _dispatch.compile_disabled(unpack_bits)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmembed_fast import _ext
+from llmembed_fast import _dispatch, _ext
 from llmembed_fast.quant._args import (
     as_ranges,
     as_tensor,
@@ -199,5 +199,5 @@ def score_rows(w: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch
 
 # Under torch.compile the searches run eagerly behind a graph break: host-side checks, no gradient, and
 # the exact query folding (frexp) that inductor's CPU code generation does not compile.
-hamming_topk = torch.compiler.disable(hamming_topk)
-int8_topk = torch.compiler.disable(int8_topk)
+hamming_topk = _dispatch.compile_disabled(hamming_topk)
+int8_topk = _dispatch.compile_disabled(int8_topk)
