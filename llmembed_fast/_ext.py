@@ -1,13 +1,18 @@
 """The one door to the C++ extension ``llmembed_fast._C``.
 
-``import llmembed_fast`` never needs a compiler: the extension is loaded lazily, and ops that need it
-raise a RuntimeError naming the build command when it is missing.
+``import llmembed_fast`` never needs a compiler: the extension is loaded lazily. Without it the quant ops
+run their plain-torch paths on the CPU, with a warning naming the build command (``quant._args``); what has
+no such path raises a RuntimeError naming it (:func:`require`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from types import ModuleType
+
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
@@ -20,6 +25,10 @@ def _load() -> tuple[ModuleType | None, str | None]:
         from llmembed_fast import _C  # registers torch.ops.llmembed_fast.*
     except ImportError as exc:  # not built, or built against another torch
         return None, f"{type(exc).__name__}: {exc}"
+    simd = os.environ.get("LLMEMBED_FAST_SIMD")
+    if simd is not None and simd not in SIMD_LEVELS:  # the core ignores it: say so instead of silently
+        warnings.warn(f"LLMEMBED_FAST_SIMD={simd!r} is not one of {SIMD_LEVELS} and is ignored (the kernels "
+                      f"use {_C.build_info().get('simd')})", RuntimeWarning, stacklevel=3)
     return _C, None
 
 

@@ -64,6 +64,19 @@ def _device(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type of --budget-s: a positive, finite number of seconds (0 gave an empty table, nan none)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """argparse type of an int >= 1 (shared by the subcommands)."""
     try:
@@ -150,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="time the fast paths against their baselines")
     p.add_argument("--full", action="store_true", help="run the large configurations too")
     p.add_argument("--smoke", action="store_true", help="tiny shapes only (checks that every case runs)")
-    p.add_argument("--budget-s", type=float, default=120.0, help="wall-clock budget for timing (default 120)")
+    p.add_argument("--budget-s", type=_positive_seconds, default=120.0,
+                   help="wall-clock budget for timing (default 120)")
     p.add_argument(
         "--only", nargs="*", help="groups to run (pooling, contrastive, quant, grad_cache, embedder)"
     )

@@ -24,8 +24,32 @@ def read_texts(path: str, field: str = "text") -> list[str]:
     line with ``field``, or a JSON string) or ``.json`` (an array of such items)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input: no file at {path!r}")
+    try:
+        texts = _read_texts(path, field)
+    except UnicodeDecodeError:
+        raise ValueError(_first_bad_utf8(path)) from None
+    if not texts:
+        raise ValueError(f"--input {path!r} holds no texts")
+    return texts
+
+
+def _first_bad_utf8(path: str) -> str:
+    """Where ``path`` stops being UTF-8 (line and column; the decoder's own position is into a buffer)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"--input {path!r} line {n}, column {exc.start + 1}: not UTF-8 (byte "
+                        f"{raw[exc.start]:#04x}); give UTF-8 text")
+    return f"--input {path!r}: not UTF-8; give UTF-8 text"
+
+
+def _read_texts(path: str, field: str) -> list[str]:
     texts: list[str] = []
-    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is not part of the first text
+    # newline="\n": lines end at \n only (a lone \r inside a line is text, as wc -l counts lines; universal
+    # newlines split there and shifted every later row); a leading byte-order mark is not part of the text
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
         if path.lower().endswith(".json"):  # one JSON array of strings or objects
             try:
                 data = json.load(f)
@@ -46,8 +70,6 @@ def read_texts(path: str, field: str = "text") -> list[str]:
                 texts.append(_item_text(obj, field, f"line {n}"))
         else:
             texts = [line.rstrip("\r\n") for line in f]
-    if not texts:
-        raise ValueError(f"--input {path!r} holds no texts")
     return texts
 
 
@@ -73,10 +95,22 @@ def _encode(args, texts: list[str]) -> int:
     from llmembed_fast.embedder import LLMEmbedder
 
     # the output's folder before any work (loading and encoding can take hours)
+    if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)) or not os.path.basename(args.output):
+        raise IsADirectoryError(f"--output {args.output!r} is a folder: give a file name")
     path = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save writes it
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"--output {path!r} is a folder")
+    if not os.path.isdir(folder):  # made at the end, once there is something to write
+        parent = folder
+        while not os.path.isdir(parent):
+            if os.path.exists(parent):
+                raise FileExistsError(f"--output {args.output!r}: {parent!r} is a file, not a folder")
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"--output {args.output!r}: cannot create folders in {parent!r}")
+    elif not os.access(folder, os.W_OK):
+        raise PermissionError(f"--output {args.output!r}: the folder {folder!r} is not writable")
     if args.device is not None:
         from llmembed_fast.cli import check_device
 
@@ -132,6 +166,7 @@ def _encode(args, texts: list[str]) -> int:
         kw["ranges"] = ranges
     out = fn(texts, **kw)
     t2 = time.perf_counter()
+    os.makedirs(folder, exist_ok=True)
     np.save(path, out)
     print(
         f"encoded {len(texts)} texts -> {path} {tuple(out.shape)} {out.dtype} "

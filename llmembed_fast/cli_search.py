@@ -4,6 +4,7 @@ query it with a .npy of query embeddings."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "queries", nargs="?", help="query embeddings (.npy, float [Q, D]); omit to only build/save"
     )
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--precision", choices=["binary", "int8"], default=None,
                    help="first-stage codes (default binary; not with an index file)")
     p.add_argument(
@@ -38,15 +39,30 @@ def register(subparsers) -> None:
         help="rescore the first-stage candidates with the float query (default: int8 for --precision binary, "
         "none for int8)",
     )
-    p.add_argument("--rescore-multiplier", type=int, default=4, help="candidates kept per result (default 4)")
+    p.add_argument("--rescore-multiplier", type=positive_int, default=4,
+                   help="candidates kept per result (default 4)")
     p.add_argument("--calibration", metavar="CAL.npy", help="embeddings to calibrate the int8 ranges on")
     p.add_argument("--save-index", metavar="PATH", help="write the built index to PATH")
     p.add_argument("--output", metavar="PATH", help="write scores and ids to PATH (.npz or .json)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument(
-        "--show", type=int, default=3, help="queries to print when there is no --output (default 3)"
+        "--show", type=_non_negative_int, default=3,
+        help="queries to print when there is no --output (default 3)"
     )
     p.set_defaults(func=run)
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type of an int >= 0."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def _load_npy(path: str, what: str):
@@ -118,12 +134,21 @@ def _run(args) -> int:
                          "building from a .npy)")
     if args.output and not args.queries:
         raise _Error("--output needs QUERIES (there is nothing to write without a search)")
+    # the output paths before any work (building an index can take minutes)
+    out_path = _output_path(args.output) if args.output else None
+    for flag, target in (("--save-index", args.save_index), ("--output", out_path)):
+        folder = os.path.dirname(os.path.abspath(target)) if target else None
+        if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            raise _Error(f"cannot write {flag} {target!r}: the folder {folder!r} does not exist or is not "
+                         "writable")
     precision = args.precision or "binary"
     rescore = args.rescore or ("int8" if precision == "binary" else "none")
     rescore = None if rescore == "none" else rescore
     t0 = time.perf_counter()
     if not is_index:
         corpus = _load_npy(args.corpus, "corpus")
+        if args.queries and args.k > corpus.shape[0]:  # before building the index
+            raise _Error(f"k must be in [1, {corpus.shape[0]}] (the corpus size), got {args.k}")
         ranges = None
         if args.calibration:
             try:

@@ -97,9 +97,24 @@ def test_cli_encode_errors(tmp_path, capsys):
     good.write_text("a\nb\n", encoding="utf-8")
     (tmp_path / "file.npy").write_bytes(b"x")
     for extra, msg in ((["--output", str(tmp_path / "file.npy" / "o")], "FileExistsError"),
-                       (["--output", str(tmp_path / "o"), "--device", "foo"], "--device")):
+                       (["--output", str(tmp_path / "o"), "--device", "foo"], "--device"),
+                       (["--output", "."], "is a folder"),
+                       (["--output", str(tmp_path) + "/"], "is a folder")):
         assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(good), *extra]) == 2
         assert msg in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(good), "--output",
+                 str(tmp_path / "new" / "sub" / "o")]) == 2
+    assert not (tmp_path / "new").exists()  # a failed run leaves no empty folders behind
+    # lines end at \n only: a lone \r is text (universal newlines split there and shifted later rows)
+    crlf = tmp_path / "cr.txt"
+    crlf.write_bytes(b"first\rstill first\r\nsecond\n")
+    from llmembed_fast.cli_encode import read_texts
+
+    assert read_texts(str(crlf)) == ["first\rstill first", "second"]
+    (tmp_path / "latin.txt").write_bytes(b"ok\nfine\ncaf\xe9\n")
+    assert main(["encode", "--model", "x", "--input", str(tmp_path / "latin.txt"), "--output", "o"]) == 2
+    assert "line 3, column 4: not UTF-8 (byte 0xe9)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["encode", "--model", "x", "--input", "y", "--output", "z", "--precision", "int4"])
 

@@ -102,3 +102,13 @@ def test_import_loads_neither_dynamo_nor_triton():
             "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_bad_simd_cap_is_reported_not_ignored():
+    if _ext.extension() is None:
+        pytest.skip("the C++ extension is not built")
+    code = "import llmembed_fast._ext as e; e.extension()"
+    env = dict(__import__("os").environ, LLMEMBED_FAST_SIMD="AVX2")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                         env=env)
+    assert "LLMEMBED_FAST_SIMD='AVX2' is not one of" in out.stderr

@@ -60,7 +60,9 @@ def test_search_cli_errors(tmp_path, capsys):
     cases = [
         (["search", str(tmp_path / "bad.npy")], "2-D float"),
         (["search", str(tmp_path / "junk.lfidx")], "not a valid"),
-        (["search", str(tmp_path / "nan.npy"), q], "must be finite"),
+        (["search", str(tmp_path / "nan.npy"), q, "-k", "2"], "must be finite"),
+        (["search", str(tmp_path / "nan.npy"), q], "k must be in [1, 5]"),  # before the index is built
+        (["search", docs, q, "--output", str(tmp_path / "no" / "o.npz")], "cannot write --output"),
         (["search", docs, q, "--output", missing + "/o.npz"], "cannot write --output"),
         (["search", docs, "--save-index", missing + "/x.lfidx"], "cannot write --save-index"),
         (["search", docs, q, "--precision", "int8", "--rescore", "int8"], 'needs precision="binary"'),
@@ -87,11 +89,16 @@ def test_search_cli_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", docs, q, "--output", str(tmp_path / "hits")]) == 0
     assert f"wrote {tmp_path / 'hits.npz'}" in capsys.readouterr().out and (tmp_path / "hits.npz").exists()
-    for threads in ("-1", "0", "x"):
+    for flag, value in (("--threads", "-1"), ("--threads", "0"), ("--threads", "x"), ("-k", "0"),
+                        ("--show", "-1"), ("--rescore-multiplier", "0")):
         with pytest.raises(SystemExit) as exc:
-            main(["search", docs, q, "--threads", threads])
+            main(["search", docs, q, flag, value])
         assert exc.value.code == 2
-        assert "--threads" in capsys.readouterr().err
+        assert flag in capsys.readouterr().err
+    for budget in ("0", "-5", "nan", "inf"):  # 0 gave an empty table, nan no budget at all
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--budget-s", budget])
+        assert exc.value.code == 2 and "--budget-s" in capsys.readouterr().err
 
 
 def test_search_cli_int8_default_rescore(tmp_path):

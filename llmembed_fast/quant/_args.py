@@ -103,15 +103,21 @@ def has_kernel(op: str, device: torch.device) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"llmembed_fast::{op}", key)
 
 
+_FALLBACK_WARNED = False
+
+
 def use_extension(op: str, device: torch.device) -> bool:
     """Whether to run ``torch.ops.llmembed_fast.<op>`` for ``device`` (else the plain-torch path). On the
     CPU without the extension: False, with a warning (same codes and rankings, slower, more memory;
     float64 rescoring may differ from the extension's fixed summation order in the last bits)."""
     if has_kernel(op, device):
         return True
-    if device.type == "cpu":
+    if device.type == "cpu" and not _FALLBACK_WARNED:
         from llmembed_fast import _ext
 
+        # once per process, by a flag: the warnings registry's show-once does not hold here (as_tensor's
+        # catch_warnings resets it on every numpy input, so every call warned again)
+        globals()["_FALLBACK_WARNED"] = True
         warnings.warn(
             f"llmembed_fast._C is not loaded ({_ext.load_error()}): llmembed_fast.quant runs its plain-torch "
             f"paths on the CPU (slower). Build the extension: {_ext.BUILD_COMMAND}",
