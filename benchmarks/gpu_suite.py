@@ -104,9 +104,26 @@ def _baseline_versions() -> dict:
         commit = git("rev-parse", "HEAD")
         if git("status", "--porcelain", "--untracked-files=no"):
             commit += " (with uncommitted changes)"
-    except Exception:  # no git, or a copy of the tree without .git
-        commit = "not available (no git checkout)"
+    except Exception:  # no git, or a copy of the tree without .git (the GPU machine gets such a copy)
+        # the caller's commit, passed through run_gpu_suite.sh (LLMEMBED_FAST_COMMIT=$(git rev-parse HEAD))
+        given = os.environ.get("LLMEMBED_FAST_COMMIT")
+        commit = f"{given} (from LLMEMBED_FAST_COMMIT)" if given else "not available (no git checkout)"
     out["llmembed_fast_commit"] = commit
+    return out
+
+
+def _knobs() -> dict:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLMEMBED_FAST_")}
+
+
+def _run_info(torch, cuda: bool, knobs: dict) -> dict:
+    """What reproduces the run: the command line, the LLMEMBED_FAST_* knobs as the caller set them, Python,
+    and the card's size (an H100 and an H200 differ in memory and SM count, not only in name)."""
+    out = {"argv": sys.argv[1:], "knobs": knobs, "python": sys.version.split()[0]}
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        out["gpu_mem_GiB"] = round(props.total_memory / 2**30, 1)
+        out["sm_count"] = props.multi_processor_count
     return out
 
 
@@ -136,10 +153,11 @@ CHECK_WEIGHTS = {"contrastive": 3.0, "pooling": 1.0, "grad_cache": 1.0, "embedde
 # grad_cache embedder. The checks end by 120 s (ceilings included; earlier when grad_cache's and embedder's
 # few-second checks leave their part unused), so the timings get P = 280-300 s. Needs, from the H200 runs of
 # 2026-11-27 (RESULTS.md): contrastive's headline cases ~100 s (its Inf-CL cases start only with >= 40 s
-# left, the 262,144 one with >= 30 s); grad_cache ~100 s (~20 s model + cached vs uncached at B=256; memory:
-# one B=1,024 step 2.6 s + one B=16,384 step ~42 s, needing ~55 s with margin; then B=4,096 against ST, one
-# ~10 s step each, ~34 s with margin); embedder ~75 s (2,000 texts with all baselines ~20 s; 20,000 texts,
-# one pass each of ours and ST, predicted 10 x (1.0 + 2.3 s) x 1.25 + 10 s ~ 51 s, plus preparing them).
+# left, the 262,144 one with >= 30 s); grad_cache ~100 s (~20 s model + cached vs uncached at B=256, 192
+# on a card of 100 GiB or less; memory: one B=1,024 step 2.6 s + one B=16,384 step ~42 s, needing ~55 s with
+# margin; then B=4,096 against ST, one ~10 s step each, ~34 s with margin); embedder ~75 s (2,000 texts,
+# ours and ST, ~15 s; 20,000 texts, one pass each of ours and ST, predicted 10 x (1.0 + 2.3 s) x 1.25 + 10 s
+# ~ 51 s, plus preparing them; then the ablations on the 2,000 texts, ~5 s, when time is left).
 # Shares at P = 280 with these weights: contrastive 280 x 2.0/5.5 = 102 s; if it uses all of it, grad_cache
 # 178 x 2.0/3.5 = 102 s, embedder the remaining 76 s (plus whatever the earlier sections leave). Before:
 # 1.6 and 1.4 gave grad_cache ~90 s, which cannot hold both the 16,384 memory step and the ST comparison.
@@ -205,9 +223,9 @@ def main() -> int:
 
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
+    knobs = _knobs()  # before the suite sets any (LLMEMBED_FAST_POISON below)
     os.environ.setdefault("LLMEMBED_FAST_POISON", "1")  # kernels' outputs start as NaN during checks
     poison = os.environ["LLMEMBED_FAST_POISON"]
-    _make_checkout_importable()
     import torch
 
     cuda = torch.cuda.is_available()
@@ -216,6 +234,10 @@ def main() -> int:
         return 2
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    # after the line above: this imports llmembed_fast.triton_kernels (a smoke run without TRITON_INTERPRET
+    # set by the caller failed every Triton call: "Cannot call @triton.jit'd outside of the scope of a
+    # kernel")
+    _make_checkout_importable()
     import triton
 
     env = {
@@ -226,6 +248,7 @@ def main() -> int:
         **_baseline_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "smoke": args.smoke,
+        **_run_info(torch, cuda, knobs),
     }
     print("gpu_suite:", json.dumps(env))
     if cuda:
@@ -272,9 +295,13 @@ def main() -> int:
 
     def save() -> None:  # rewritten after every record, so a run cut short still leaves its figures
         if args.json:
-            with open(args.json, "w") as f:
+            # a temporary file, then an atomic rename: `timeout` may SIGTERM the run mid-dump, which would
+            # otherwise leave a truncated JSON in place of every figure saved before
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
                 json.dump({"env": env, "checks": checks, "timings": timings, "errors": errors,
                            "skipped": skipped}, f, indent=1)
+            os.replace(tmp, args.json)
 
     def skip(name: str, rec: dict) -> None:  # a check or timing the budget (or the setup) left out
         skipped.append({"section": name, **rec})
@@ -327,7 +354,7 @@ def main() -> int:
                 todo.remove(name)
                 continue
             w = weights.get(name, 1.0)
-            share = left * w / sum(weights.get(n, 1.0) for n in todo)
+            share = left * w / (sum(weights.get(n, 1.0) for n in todo) or 1.0)  # all 0: --weight X=0
             section_end = time.monotonic() + share
             ctx.time_left = lambda end=section_end: min(end, deadline) - time.monotonic()
             t = time.monotonic()

@@ -9,7 +9,8 @@
 # capped by `timeout`, so a run cut short still leaves its log and JSON in $OUT (or ./out).
 # Knobs: BUDGET_S (suite seconds for the first stage, default 400), QUANT_BUDGET_S (default 90),
 # SUITE_ARGS (more gpu_suite.py arguments for the first stage, e.g. "--full" or "--checks contrastive"),
-# MAX_JOBS (default 8: leaves cores for the timings), LLMEMBED_FAST_BUILD_EXT=0 skips the build.
+# MAX_JOBS (default 8: leaves cores for the timings), LLMEMBED_FAST_BUILD_EXT=0 skips the build,
+# LLMEMBED_FAST_COMMIT (the commit under test, recorded in the JSON: the machine's copy has no .git).
 # Budget (one device call is at most 600 s): stage 1 400 s (+ 40 s timeout slack) + quant 90 s (+ 30 s)
 # + start-up ~20 s: ~510 s wall typically; the timeouts cap the two stages at 560 s. Stage 1: checks <= 0.3 x 400 = 120 s, timings
 # the remaining 280-300 s split by gpu_suite.TIME_WEIGHTS (contrastive 2.0, grad_cache 2.0, embedder 1.5:
@@ -19,6 +20,12 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# no network on the GPU machine: nothing should contact the Hub, and a lookup must fail at once, not hang
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the commit under test, for the JSON's env record (the machine's copy of the tree has no .git): call as
+# LLMEMBED_FAST_COMMIT=$(git rev-parse HEAD) bash benchmarks/run_gpu_suite.sh
+if [ -n "${LLMEMBED_FAST_COMMIT:-}" ]; then export LLMEMBED_FAST_COMMIT; fi
+echo "commit: ${LLMEMBED_FAST_COMMIT:-not given (LLMEMBED_FAST_COMMIT unset)}"
 # Inf-CL (pure Python + Triton) travels as a wheel in .whl/ when the caller carries it. So may a setuptools
 # wheel: pyproject.toml's SPDX license needs setuptools >= 77 to build the extension, and the machine's own is
 # used when new enough; a carried one goes on the build's path only.
@@ -46,7 +53,12 @@ first=(); want_quant=0
 for s in "${sections[@]}"; do [ "$s" = quant ] && want_quant=1 || first+=("$s"); done
 build_pid=""
 if [ "${LLMEMBED_FAST_BUILD_EXT:-1}" = "1" ] && [ "$want_quant" = 1 ]; then
-  cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+  # nvidia-smi answers in well under a second; importing torch and starting CUDA for this took ~5 s in the
+  # foreground before stage 1. The python query only when this nvidia-smi lacks the field.
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '[:space:]')
+  if ! [[ "$cap" =~ ^[0-9]+\.[0-9]+$ ]]; then
+    cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+  fi
   ( echo "setuptools: $st_version"
     time PYTHONPATH="$build_path" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" MAX_JOBS="${MAX_JOBS:-8}" \
       timeout "${EXT_BUILD_TIMEOUT_S:-300}" python3 -m pip install -q --no-deps --no-build-isolation -e . ) \

@@ -68,3 +68,58 @@ def test_a_crashing_case_keeps_the_records_before_it():
     recs = list(_case("the case", case))
     assert recs[0] == {"name": "first"}
     assert recs[1]["name"] == "the case" and "RuntimeError: boom" in recs[1]["skipped"]
+
+
+def test_weight_zero_env_record_and_atomic_json(tmp_path):
+    """--weight NAME=0 on the only section left does not divide by zero; the env record says how the run
+    was made; the JSON is written through a temporary file that is renamed over it (none left behind)."""
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMEMBED_FAST_BACKEND": "", "LLMEMBED_FAST_X": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--smoke", "--budget-s", "60"]
+    cmd += ["--json", str(out), "--only", "quant", "--checks", "--weight", "quant=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert not data["errors"] and not data["checks"]
+    rec = data["env"]
+    assert rec["argv"][-2:] == ["--weight", "quant=0"] and rec["knobs"]["LLMEMBED_FAST_X"] == "1"
+    assert rec["python"] == sys.version.split()[0] and rec["llmembed_fast_commit"]
+    assert os.listdir(tmp_path) == ["suite.json"]
+
+
+def test_commit_from_env_without_git(tmp_path, monkeypatch):
+    """A copy of the tree without .git (the GPU machine's) records the commit the caller passes."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "ROOT", str(tmp_path))  # not a git checkout
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above it either
+    monkeypatch.setenv("LLMEMBED_FAST_COMMIT", "abc123")
+    assert gpu_suite._baseline_versions()["llmembed_fast_commit"] == "abc123 (from LLMEMBED_FAST_COMMIT)"
+
+
+def test_quant_coalesced_failure_keeps_the_default_records(monkeypatch):
+    """An exception in the opt-in coalesced Hamming scan (timing or check) is recorded beside the
+    default kernel's figures instead of ending the section."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from types import SimpleNamespace
+
+    from gpu_sections import quant
+
+    real = quant.hamming_topk
+
+    def flaky(*a, **kw):
+        if os.environ.get("LLMEMBED_FAST_HAMMING_COALESCED") == "1":
+            raise RuntimeError("coalesced boom")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(quant, "hamming_topk", flaky)
+    ctx = SimpleNamespace(device=torch.device("cpu"), smoke=True, bandwidth_Bps=1e10, time_left=lambda: 0.0,
+                          bench=lambda fn, **kw: (fn(), 1.0)[1])
+    recs = list(quant.timings(ctx))
+    assert recs[0]["ours_ms"] == 1.0 and "coalesced boom" in recs[0]["extra"]["coalesced"]
+    checks = list(quant.correctness(ctx))
+    assert all(c["ok"] for c in checks[:-1]) and len(checks) > 10
+    assert not checks[-1]["ok"] and "coalesced boom" in checks[-1]["detail"]

@@ -3,11 +3,13 @@
 correctness: loss and gradients (q, d, temperature) against the float64 materialized reference for every
 dtype (fp32 with TF32 and with IEEE dots), shapes no tile divides (and odd ones) with hard negatives, plain
 and every option at once; the variants behind the headline timings (plain and fused symmetric, bf16, one
-dim) among the first, so a short budget cannot drop them; per-query losses and gradients with more than
-2^31 candidate elements (64-bit offsets, positives past 2^31 elements) against the torch backend.
+dim) among the first, so a short budget cannot drop them, and right after them per-query losses and
+gradients with more than 2^31 candidate elements (64-bit offsets, positives past 2^31 elements) against the
+torch backend.
 timings: forward + backward and peak extra memory against naive (matmul + F.cross_entropy), eager and
-torch.compile'd (dynamic=False), at the issue's sizes, then option costs relative to plain InfoNCE and the
-forward alone (with both naive baselines), Inf-CL (when importable), and B = N = 262,144.
+torch.compile'd (dynamic=False), at the issue's first size, then option costs relative to plain InfoNCE
+there, then the second size, the forward alone (with both naive baselines), Inf-CL (when importable), and
+B = N = 262,144.
 Sized to stay within ~100 s on an H100 (each torch.compile of a new shape takes ~20-40 s of it); big cases
 and compiles run only while ctx.time_left() allows, else they are recorded as skipped with the reason.
 """
@@ -133,23 +135,49 @@ def correctness(ctx):
     if not ctx.smoke:  # small B, large-N split forward, odd everything
         cases.append(("plain", 1, 4099, 8, bf16, {}, 9, False, None))
         cases.append(("symmetric", 65, 65, 384, bf16, dict(symmetric=True), 10, False, None))
-    for name, b, n, dd, (dtype, tf32), kw, seed, arange, logits in cases:
+    for i, (name, b, n, dd, (dtype, tf32), kw, seed, arange, logits) in enumerate(cases):
+        if i == 3:  # after the first triangles check and the two headline variants
+            yield from _offsets_or_skip(ctx, dev)
         full = f"contrastive {name} B{b} N{n} D{dd}"
         if ctx.time_left() < 15:  # this section's share of the check time (gpu_suite)
             yield {"name": full, "skipped": "check budget spent"}
             continue
         with env("LLMEMBED_FAST_CONTRASTIVE_LOGITS", logits):
             yield _check(full, b, n, dd, dtype, tf32, kw, dev, seed=seed, default_labels=arange)
-    # 64-bit offsets: N * D > 2^31 elements in the candidates (d is 4 GiB; the gradients' float32
-    # accumulators and the torch backend's float32 copy of d: ~30 GB at the peak, estimated)
-    if ctx.smoke:  # the check's plumbing at a tiny size (no row past 2^31 elements there)
-        yield from _offsets_check(dev, 8, 67, 32, far_start=67 - 9, label="(offsets check, smoke size)")
-    elif ctx.time_left() > 90:
-        D = 1024
-        far = -(-(1 << 31) // D)  # the first row past 2^31 elements
-        yield from _offsets_check(dev, 64, (1 << 21) + 61, D, far_start=far, label="(int64 offsets)")
-    else:
-        yield {"name": "contrastive fwd+bwd (int64 offsets)", "skipped": "needs 90 s of check budget"}
+
+
+# Check seconds the 64-bit-offsets check needs (estimated, not measured): a 4 GiB randn, one forward and
+# backward per backend (~1e12 FLOPs each: milliseconds), the Triton kernels' compiles for this shape (N not
+# a multiple of 16: a few seconds each), copies of a few rows back: tens of seconds at most. It used to run
+# after every other check under a 90 s guard, which the checks' share (~66 s with run_gpu_suite.sh's
+# defaults, 3/5 of 120 s less the ceilings) could never meet: it never ran.
+_OFFSETS_NEED_S = 35.0
+
+
+def _offsets_or_skip(ctx, dev):
+    """64-bit offsets: N * D > 2^31 elements in the candidates (d is 4 GiB; the gradients' float32
+    accumulators and the torch backend's float32 copy of d: ~30 GB at the peak, estimated). An exception
+    is recorded (out of memory: skipped; anything else: a failed check), so the checks after it still run
+    now that it no longer comes last."""
+    name = "contrastive fwd+bwd (int64 offsets)"
+    if not ctx.smoke and ctx.time_left() <= _OFFSETS_NEED_S:
+        yield {"name": name,
+               "skipped": f"needs {_OFFSETS_NEED_S:.0f} s of check budget, {ctx.time_left():.0f} s left"}
+        return
+    try:
+        if ctx.smoke:  # the check's plumbing at a tiny size (no row past 2^31 elements there)
+            yield from _offsets_check(dev, 8, 67, 32, far_start=67 - 9, label="(offsets check, smoke size)")
+        else:
+            D = 1024
+            far = -(-(1 << 31) // D)  # the first row past 2^31 elements
+            yield from _offsets_check(dev, 64, (1 << 21) + 61, D, far_start=far, label="(int64 offsets)")
+    except torch.OutOfMemoryError as exc:
+        yield {"name": name, "skipped": f"out of memory: {exc}"[:200]}
+    except Exception as exc:  # noqa: BLE001 - a failed check; the other checks go on
+        yield {"name": name, "ok": False, "err": float("inf"), "tol": 0.0,
+               "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _offsets_check(dev, B, N, D, far_start, label):
@@ -356,8 +384,9 @@ def timings(ctx):
             yield {"name": f"torch.compile naive fwd+bwd B=N={B} D{D} bf16", "skipped": why}
 
     def options_case(B, N, D):
-        """At the first size: the option costs and the forward alone (after both sizes' baselines, which
-        need the time more: their torch.compile'd naive loss was never measured)."""
+        """At the first size, right after its own case and before the second size: the option costs (the
+        single-loop Matryoshka and same_tower triangles, never timed on a GPU, with their old paths). After
+        both sizes, as before, two cold inductor compiles could leave them under their 20 s guard."""
         q, d = make_batch(B, N, D, torch.bfloat16, dev)
         t_ours = plain_ms.get((B, N, D))
         if t_ours is None:  # the size's own case did not run
@@ -400,10 +429,13 @@ def timings(ctx):
                     **more,
                 },
             }
+
+    def fwd_only_case(B, N, D):
+        """At the first size, after the second size's case: the forward alone, with both naive baselines."""
         if ctx.time_left() < 10:
             yield {"name": f"fwd only B=N={B} D{D} bf16", "skipped": "timing budget spent"}
             return
-        q.grad = d.grad = None
+        q, d = make_batch(B, N, D, torch.bfloat16, dev)
         with torch.no_grad():  # forward alone: the flash-style LSE pass
             fwd = lambda: lf.contrastive_loss(q, d)  # noqa: E731
             nfwd = lambda: naive_loss(q, d)  # noqa: E731
@@ -427,20 +459,27 @@ def timings(ctx):
         if why:
             yield {"name": f"torch.compile naive fwd only B=N={B} D{D} bf16", "skipped": why}
 
-    for B, N, D in sizes:
+    # sizes[0], its option costs, sizes[1] (its compiled baseline only with >= 45 s left after the options),
+    # then the forward alone at sizes[0]
+    for i, (B, N, D) in enumerate(sizes):
         if ctx.time_left() < 25:
             yield {"name": f"fwd+bwd B=N={B} D{D} bf16", "skipped": "timing budget spent"}
-            continue
-        yield from _case(f"fwd+bwd B=N={B} D{D} bf16", lambda B=B, N=N, D=D: size_case(B, N, D))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        else:
+            yield from _case(f"fwd+bwd B=N={B} D{D} bf16", lambda B=B, N=N, D=D: size_case(B, N, D))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if i == 0:
+            name = f"fwd+bwd options B=N={B} D{D} bf16"
+            if ctx.time_left() < 20:
+                yield {"name": name, "skipped": "timing budget spent"}
+            else:
+                yield from _case(name, lambda B=B, N=N, D=D: options_case(B, N, D))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
     B, N, D = sizes[0]
-    if ctx.time_left() < 20:
-        yield {"name": f"fwd+bwd options, fwd only B=N={B} D{D} bf16", "skipped": "timing budget spent"}
-    else:
-        yield from _case(f"fwd+bwd options, fwd only B=N={B} D{D} bf16", lambda: options_case(B, N, D))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    yield from _case(f"fwd only B=N={B} D{D} bf16", lambda: fwd_only_case(B, N, D))
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     # Inf-CL after the figures that were never measured (it was: 13.5x slower at 65,536 on the H200)
     infcl = infcl_loss() if dev.type == "cuda" else "skipped: no CUDA"
 

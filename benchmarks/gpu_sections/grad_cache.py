@@ -2,8 +2,9 @@
 
 correctness: GradCache's parameter gradients vs a graph-kept forward over the same chunks (same RNG), fp32
 with dropout on and bf16 autocast. timings, in this order: cached vs uncached step (time, and peak memory of
-one step each) at a batch that fits uncached; peak memory at B = 1,024 vs the issue's 16,384 (chunk 256, one
-step per size, 16,384 run when the B = 1,024 step's time predicts it fits, else 4,096); then against
+one step each) at a batch that fits uncached (B = 256 on a card over 100 GiB, else 192; chunk 128); peak
+memory at B = 1,024 vs the issue's 16,384 (chunk 256, one step per size, 16,384 run when the B = 1,024
+step's time predicts it fits, else 4,096); then against
 sentence-transformers' CachedMultipleNegativesRankingLoss at B = 4,096 (smaller B, or no warm-up, when the
 budget is short). Peak memory counts the step's parameter gradients on every side (step_peak_bytes).
 ``LLMEMBED_FAST_GC_FULL=1``: three timed runs against ST instead of one.
@@ -99,10 +100,14 @@ def timings(ctx):
     if os.environ.get("LLMEMBED_FAST_SUITE_GC_PROFILE", "0") == "1" and dev.type == "cuda":
         yield from _profile(ctx, enc, batches)
         return
-    # 1) cached vs uncached at a batch that fits uncached (B=512 at L=128 needs ~140 GB of activations
-    #    uncached on this model; halve on out-of-memory)
-    # (64-row chunks of 128 tokens left the 0.5B model host-bound on an H200: 2.2x wall, 1.39x kernel time)
-    B, chunk = (8, 4) if ctx.smoke else (256, 128)
+    # 1) cached vs uncached at a batch that fits uncached, sized to the card: one 256-row chunk of 128 tokens
+    #    peaked at 43.7 GB on the H200 (~1.3 MB per token), so an uncached step keeps ~2 x B x 128 x 1.3 MB:
+    #    B=512 ran out of the H200's 140 GB, B=256 (~85-90 GB) fits only there, B=192 (~65 GB) an 80 GB H100.
+    #    On out-of-memory, B steps down by 64 with chunk 128 kept: 64-row chunks of 128 tokens left the 0.5B
+    #    model host-bound on an H200 (2.2x wall, 1.39x kernel time), a figure about the host, not the code.
+    big = dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 100 * 2**30
+    B, chunk = (8, 4) if ctx.smoke else ((256, 128) if big else (192, 128))
+    tried = []  # the batch sizes that ran out of memory before B, recorded with the figure
     while True:
         q, d = batches(B)
         fns = step_fns(enc, q, d, chunk)
@@ -115,7 +120,9 @@ def timings(ctx):
             torch.cuda.empty_cache()
             if B <= 16:
                 raise
-            B, chunk = B // 2, max(1, chunk // 2)
+            tried.append(B)
+            # keep 128-row chunks while B stays above one chunk; below that (never expected) halve both
+            B, chunk = (B - 64, chunk) if B - 64 > chunk else (B // 2, max(1, chunk // 2))
     t_gc = ctx.bench(fns["gradcache"], **kw)
     t_nr = ctx.bench(fns["gradcache_no_reuse"], **kw)  # every chunk run twice (before reuse_last_chunk)
     mem = {"peak_MB_cached": round(peak(fns["gradcache"]) / 2**20, 1),  # one step each, grads counted
@@ -125,12 +132,13 @@ def timings(ctx):
            "floor_ms": None,
            "extra": {"cached/uncached": round(t_gc / t_un, 3),
                      "no_reuse/uncached": round(t_nr / t_un, 3), "target": "<= 1.35", **mem,
+                     "B_ran": B, "out_of_memory_at_B": tried,
                      "peak_includes": "parameter gradients (set to None before the baseline)"}}
-    # seconds per row of a cached step (at this smaller chunk host-bound: an over-estimate for larger ones)
+    # seconds per row of a cached step (at a smaller chunk more host-bound: an over-estimate for larger ones)
     step_s = t_gc / B / 1e3
     del q, d, fns
     # 2) peak memory does not grow with B, at the issue's B = 16,384 vs 1,024 (same chunk): first, one step
-    #    per size (no warm-up: the peak is what is measured; step 1 ran the same 256-row forward uncached),
+    #    per size (no warm-up: the peak is what is measured; step 1 ran a B-row forward uncached),
     #    the small size's wall time predicting the large one's; 4,096 when 16,384 does not fit
     chunk = 4 if ctx.smoke else 256
     small, larger = (8, (64, 32)) if ctx.smoke else (1024, (16384, 4096))
