@@ -152,37 +152,82 @@ LF_AVX2 void dots_avx2(const IntQuery& q, const uint8_t* rows, int64_t n, int64_
 // AVX-512 VNNI: vpdpbusd accumulates u8 x s8 products in int32 without saturation; masked tail loads.
 #define LF_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
+// A 512-bit accumulator's 16 lanes folded to 8 (the halves by memcpy, compiled to register moves: GCC 12's
+// 512-bit extract and reduce intrinsics warn -Wmaybe-uninitialized).
+LF_VNNI inline __m256i fold512(__m512i c) {
+  __m256i lo, hi;
+  std::memcpy(&lo, &c, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&c) + sizeof lo, sizeof hi);
+  return _mm256_add_epi32(lo, hi);
+}
+
 LF_VNNI void dots_vnni(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, const int32_t*,
                        int32_t* out) {
   const int8_t* a = q.a;
   const __m512i fl = _mm512_set1_epi8(static_cast<char>(flip));
   const int64_t nfull = d / 64, rem = d - nfull * 64;
   const __mmask64 tail = rem ? (~0ULL >> (64 - rem)) : 0;
-  auto step = [&](__m512i c, const uint8_t* u, int64_t j) LF_VNNI {
-    return _mm512_dpbusd_epi32(c, _mm512_xor_si512(_mm512_loadu_si512(u + 64 * j), fl), _mm512_loadu_si512(a + 64 * j));
+  auto ldu = [&](const uint8_t* u, int64_t j) LF_VNNI { return _mm512_xor_si512(_mm512_loadu_si512(u + 64 * j), fl); };
+  // masked-off lanes load 0 for a, so their products vanish whatever u is
+  auto ldt = [&](const uint8_t* u) LF_VNNI {
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, u + 64 * nfull), fl);
   };
-  for (int64_t r = 0; r < n; ++r) {
+  int64_t r = 0;
+  // Four rows share each query load (two 512-bit loads per vpdpbusd were the limit of one row at a time:
+  // Zen 4 loads one 512-bit vector per cycle); eight accumulators, two per row, cover vpdpbusd's latency.
+  for (; r + 4 <= n; r += 4) {
+    const uint8_t* u0 = rows + r * d;
+    const uint8_t* u1 = u0 + d;
+    const uint8_t* u2 = u1 + d;
+    const uint8_t* u3 = u2 + d;
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, e0 = c0, e1 = c0, e2 = c0, e3 = c0;
+    int64_t j = 0;
+    for (; j + 2 <= nfull; j += 2) {
+      const __m512i av = _mm512_loadu_si512(a + 64 * j), bv = _mm512_loadu_si512(a + 64 * j + 64);
+      c0 = _mm512_dpbusd_epi32(c0, ldu(u0, j), av);
+      c1 = _mm512_dpbusd_epi32(c1, ldu(u1, j), av);
+      c2 = _mm512_dpbusd_epi32(c2, ldu(u2, j), av);
+      c3 = _mm512_dpbusd_epi32(c3, ldu(u3, j), av);
+      e0 = _mm512_dpbusd_epi32(e0, ldu(u0, j + 1), bv);
+      e1 = _mm512_dpbusd_epi32(e1, ldu(u1, j + 1), bv);
+      e2 = _mm512_dpbusd_epi32(e2, ldu(u2, j + 1), bv);
+      e3 = _mm512_dpbusd_epi32(e3, ldu(u3, j + 1), bv);
+    }
+    if (j < nfull) {
+      const __m512i av = _mm512_loadu_si512(a + 64 * j);
+      c0 = _mm512_dpbusd_epi32(c0, ldu(u0, j), av);
+      c1 = _mm512_dpbusd_epi32(c1, ldu(u1, j), av);
+      c2 = _mm512_dpbusd_epi32(c2, ldu(u2, j), av);
+      c3 = _mm512_dpbusd_epi32(c3, ldu(u3, j), av);
+    }
+    if (rem) {
+      const __m512i av = _mm512_maskz_loadu_epi8(tail, a + 64 * nfull);
+      e0 = _mm512_dpbusd_epi32(e0, ldt(u0), av);
+      e1 = _mm512_dpbusd_epi32(e1, ldt(u1), av);
+      e2 = _mm512_dpbusd_epi32(e2, ldt(u2), av);
+      e3 = _mm512_dpbusd_epi32(e3, ldt(u3), av);
+    }
+    // the four rows' lane sums at once: three vphaddd
+    const __m256i f0 = fold512(_mm512_add_epi32(c0, e0)), f1 = fold512(_mm512_add_epi32(c1, e1));
+    const __m256i f2 = fold512(_mm512_add_epi32(c2, e2)), f3 = fold512(_mm512_add_epi32(c3, e3));
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(f0, f1), _mm256_hadd_epi32(f2, f3));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r),
+                     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  }
+  for (; r < n; ++r) {
     const uint8_t* u = rows + r * d;
     // four independent accumulators: vpdpbusd's latency (~5 cycles) would otherwise bound a single chain
     __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
     int64_t j = 0;
     for (; j + 4 <= nfull; j += 4) {
-      c0 = step(c0, u, j);
-      c1 = step(c1, u, j + 1);
-      c2 = step(c2, u, j + 2);
-      c3 = step(c3, u, j + 3);
+      c0 = _mm512_dpbusd_epi32(c0, ldu(u, j), _mm512_loadu_si512(a + 64 * j));
+      c1 = _mm512_dpbusd_epi32(c1, ldu(u, j + 1), _mm512_loadu_si512(a + 64 * j + 64));
+      c2 = _mm512_dpbusd_epi32(c2, ldu(u, j + 2), _mm512_loadu_si512(a + 64 * j + 128));
+      c3 = _mm512_dpbusd_epi32(c3, ldu(u, j + 3), _mm512_loadu_si512(a + 64 * j + 192));
     }
-    for (; j < nfull; ++j) c0 = step(c0, u, j);
-    if (rem)  // masked-off lanes load 0 for a, so their products vanish whatever u is
-      c1 = _mm512_dpbusd_epi32(c1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, u + 64 * nfull), fl),
-                               _mm512_maskz_loadu_epi8(tail, a + 64 * nfull));
-    const __m512i c = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
-    // the two 256-bit halves by memcpy (compiled to register moves): GCC 12's 512-bit extract and reduce
-    // intrinsics warn -Wmaybe-uninitialized
-    __m256i lo, hi;
-    std::memcpy(&lo, &c, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&c) + sizeof lo, sizeof hi);
-    const __m256i h = _mm256_add_epi32(lo, hi);
+    for (; j < nfull; ++j) c0 = _mm512_dpbusd_epi32(c0, ldu(u, j), _mm512_loadu_si512(a + 64 * j));
+    if (rem) c1 = _mm512_dpbusd_epi32(c1, ldt(u), _mm512_maskz_loadu_epi8(tail, a + 64 * nfull));
+    const __m256i h = fold512(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)));
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
