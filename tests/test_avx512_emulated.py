@@ -45,6 +45,10 @@ static inline simde__m512i lf_maskz_loadu_epi8(simde__mmask64 k, const void* p) 
   for (int i = 0; i < 64; ++i) b[i] = ((k >> i) & 1) ? static_cast<const uint8_t*>(p)[i] : 0;
   return simde_mm512_load_si512(b);
 }
+#include <algorithm>
+#include <utility>
+#include "csrc/core/topk.h"
+using lf::TopK;
 struct IntQuery { const int8_t* a; const uint8_t* a_off; int32_t head_sum; };
 """
 
@@ -76,9 +80,36 @@ int main() {
 """
 
 HAMMING_MAIN = """
+// the fused top-k scan (codes of 64, 128, 192, 256 bytes) against a sorted brute force, ties by lower index
+long check_scan(std::mt19937& g) {
+  long bad = 0;
+  for (int nb : {64, 128, 192, 256})
+    for (int trial = 0; trial < 4; ++trial) {  // trial 3: many equal distances
+      const int nd = 1 + g() % 300, k = 1 + g() % 12;
+      std::vector<uint8_t> q(nb), d(nd * nb);
+      for (auto& x : q) x = uint8_t(g());
+      for (auto& x : d) x = trial == 3 ? uint8_t(g() & 0x3) : uint8_t(g());
+      std::vector<std::pair<int, int64_t>> want;
+      for (int j = 0; j < nd; ++j) {
+        int s = 0;
+        for (int b = 0; b < nb; ++b) s += __builtin_popcount(q[b] ^ d[j * nb + b]);
+        want.push_back({s, j});
+      }
+      std::sort(want.begin(), want.end());
+      const int kk = std::min(k, nd);
+      lf::TopK<int32_t> h(kk);
+      scan_avx512(q.data(), d.data(), 0, nd, nb, h);
+      std::vector<int32_t> dist(kk);
+      std::vector<int64_t> idx(kk);
+      lf::merge_topk<int32_t, int32_t>({&h}, kk, dist.data(), idx.data());
+      for (int i = 0; i < kk; ++i) bad += dist[i] != want[i].first || idx[i] != want[i].second;
+    }
+  return bad;
+}
+
 int main() {
   std::mt19937 g(3);
-  long bad = 0, rows = 0;
+  long bad = check_scan(g), rows = 0;
   for (int nb : {1, 8, 13, 48, 63, 64, 65, 128, 129, 200, 512})
     for (int trial = 0; trial < 3; ++trial) {  // trial 2: every bit differs
       const int nd = 1 + g() % 20;
@@ -108,7 +139,7 @@ KERNELS = {
         "LF_VNNI",
         VNNI_MAIN,
     ),
-    "hamming row (VPOPCNTDQ)": (
+    "hamming row and fused scan (VPOPCNTDQ)": (
         "csrc/core/hamming.cpp",
         "LF_AVX512 void row_avx512(",
         "#endif  // LF_X86",
@@ -139,7 +170,7 @@ def test_avx512_kernel_matches_scalar(name, tmp_path):
     cpp, exe = tmp_path / "kernel.cpp", tmp_path / "kernel"
     cpp.write_text(PRELUDE + body + main)
     build = subprocess.run(
-        [CXX, "-O1", "-std=c++17", "-mavx2", "-w", f"-I{SIMDE_DIR}", str(cpp), "-o", str(exe)],
+        [CXX, "-O1", "-std=c++17", "-mavx2", "-w", f"-I{SIMDE_DIR}", f"-I{ROOT}", str(cpp), "-o", str(exe)],
         capture_output=True,
         text=True,
         timeout=300,
