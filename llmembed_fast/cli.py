@@ -183,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mod.register(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `llmembed-fast info | head`: the reader left; no traceback (Python's advice)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

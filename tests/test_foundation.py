@@ -112,3 +112,9 @@ def test_a_bad_simd_cap_is_reported_not_ignored():
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
                          env=env)
     assert "LLMEMBED_FAST_SIMD='AVX2' is not one of" in out.stderr
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "llmembed_fast", "info", "--json"], capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout)["llmembed_fast"] == lf.__version__
