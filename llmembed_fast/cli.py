@@ -77,15 +77,22 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
-    """argparse type of an int >= 1 (shared by the subcommands)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_at_least(minimum: int):
+    """argparse type of an int >= ``minimum`` (shared by the subcommands)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def _writable(path: str, flag: str) -> bool:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from llmembed_fast.cli import positive_int
+from llmembed_fast.cli import int_at_least, positive_int
 
 
 class _Error(Exception):
@@ -46,23 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--output", metavar="PATH", help="write scores and ids to PATH (.npz or .json)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument(
-        "--show", type=_non_negative_int, default=3,
+        "--show", type=int_at_least(0), default=3,
         help="queries to print when there is no --output (default 3)"
     )
     p.set_defaults(func=run)
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type of an int >= 0."""
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _load_npy(path: str, what: str):

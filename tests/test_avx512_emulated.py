@@ -130,7 +130,8 @@ int main() {
 }
 """
 
-# (source file, the kernel's first line, the text that ends it, its target-attribute macro, harness main)
+# (source file, the kernel's first line, the text that ends it, its target-attribute macro, harness main,
+#  AVX2 helpers it calls from earlier in the file: (first line, the text that ends it, their macro) each)
 KERNELS = {
     "int8 dot (VNNI)": (
         "csrc/core/int8_search.cpp",
@@ -138,6 +139,7 @@ KERNELS = {
         "#endif  // LF_X86",
         "LF_VNNI",
         VNNI_MAIN,
+        (),
     ),
     "hamming row and fused scan (VPOPCNTDQ)": (
         "csrc/core/hamming.cpp",
@@ -145,6 +147,7 @@ KERNELS = {
         "#endif  // LF_X86",
         "LF_AVX512",
         HAMMING_MAIN,
+        (("LF_AVX2 inline void select8(", "// Fused scan for codes of exactly NC", "LF_AVX2"),),
     ),
 }
 
@@ -164,8 +167,8 @@ def emulated_source(path: str, start: str, end: str, attr: str) -> str:
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_avx512_kernel_matches_scalar(name, tmp_path):
-    path, start, end, attr, main = KERNELS[name]
-    body = emulated_source(path, start, end, attr)
+    path, start, end, attr, main, helpers = KERNELS[name]
+    body = "".join(emulated_source(path, *h) for h in helpers) + emulated_source(path, start, end, attr)
     assert "_mm512_" not in re.sub(r"simde_mm512_", "", body), "an AVX-512 name escaped the renaming"
     cpp, exe = tmp_path / "kernel.cpp", tmp_path / "kernel"
     cpp.write_text(PRELUDE + body + main)

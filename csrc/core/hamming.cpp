@@ -138,6 +138,24 @@ LF_AVX2 inline __m256i pack4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
                          _mm256_or_si256(_mm256_slli_epi64(s2, 32), _mm256_slli_epi64(s3, 48)));
 }
 
+// Offers 8 documents' distances (first id ``base``) to the selection: one compare with the current k-th
+// distance, so only documents that beat it reach the scalar heap. Shared by the AVX2 and AVX-512 scans.
+LF_AVX2 inline void select8(__m256i dist, int64_t base, TopK<int32_t>& h, int32_t& thr, __m256i& thrv) {
+  const unsigned m =
+      static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(thrv, dist))));
+  if (!m) return;
+  alignas(32) int32_t dv[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(dv), dist);
+  for (unsigned mm = m; mm; mm &= mm - 1) {
+    const int i = __builtin_ctz(mm);
+    if (dv[i] < thr) {
+      h.push_scan(dv[i], base + i);
+      thr = h.threshold();
+    }
+  }
+  thrv = _mm256_set1_epi32(thr);
+}
+
 // Fused scan for codes of exactly NC 32-byte chunks, groups of 8 documents: the 8 distances are packed
 // as 16-bit fields, widened to int32 and compared with the current k-th distance in one vpcmpgtd +
 // movemask, so only documents that beat it reach the scalar selection (no distance buffer round trip).
@@ -158,21 +176,7 @@ LF_AVX2 void scan_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t j0, int
                             lane_counts(p + 7 * NB));
     const __m256i ab = _mm256_add_epi64(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
-    const __m256i dist = _mm256_cvtepu16_epi32(t);  // distances of documents j .. j + 7
-    const unsigned m =
-        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(thrv, dist))));
-    if (m) {
-      alignas(32) int32_t dv[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dv), dist);
-      for (unsigned mm = m; mm; mm &= mm - 1) {
-        const int i = __builtin_ctz(mm);
-        if (dv[i] < thr) {
-          h.push_scan(dv[i], j0 + j + i);
-          thr = h.threshold();
-        }
-      }
-      thrv = _mm256_set1_epi32(thr);
-    }
+    select8(_mm256_cvtepu16_epi32(t), j0 + j, h, thr, thrv);  // distances of documents j .. j + 7
   }
   for (; j < nd; ++j) {
     const __m256i s = lane_counts(d + j * NB);
@@ -270,21 +274,7 @@ LF_AVX512 void scan_avx512_fixed(const uint8_t* q, const uint8_t* d, int64_t j0,
                                               lane_counts512<NC>(p + 6 * NB, qv), lane_counts512<NC>(p + 7 * NB, qv)));
     const __m256i ab = _mm256_add_epi64(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
-    const __m256i dist = _mm256_cvtepu16_epi32(t);  // distances of documents j .. j + 7
-    const unsigned m =
-        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(thrv, dist))));
-    if (m) {
-      alignas(32) int32_t dv[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dv), dist);
-      for (unsigned mm = m; mm; mm &= mm - 1) {
-        const int i = __builtin_ctz(mm);
-        if (dv[i] < thr) {
-          h.push_scan(dv[i], j0 + j + i);
-          thr = h.threshold();
-        }
-      }
-      thrv = _mm256_set1_epi32(thr);
-    }
+    select8(_mm256_cvtepu16_epi32(t), j0 + j, h, thr, thrv);  // distances of documents j .. j + 7
   }
   for (; j < nd; ++j) {
     const __m256i f = fold512_epi64(lane_counts512<NC>(d + j * NB, qv));
