@@ -147,7 +147,8 @@ KERNELS = {
         "#endif  // LF_X86",
         "LF_AVX512",
         HAMMING_MAIN,
-        (("LF_AVX2 inline void select8(", "// Fused scan for codes of exactly NC", "LF_AVX2"),),
+        (("LF_AVX2 __attribute__((always_inline)) inline void select8(",
+          "// Fused scan for codes of exactly NC", "LF_AVX2"),),
     ),
 }
 

@@ -140,7 +140,10 @@ LF_AVX2 inline __m256i pack4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
 
 // Offers 8 documents' distances (first id ``base``) to the selection: one compare with the current k-th
 // distance, so only documents that beat it reach the scalar heap. Shared by the AVX2 and AVX-512 scans.
-LF_AVX2 inline void select8(__m256i dist, int64_t base, TopK<int32_t>& h, int32_t& thr, __m256i& thrv) {
+// Always inlined (as select1): GCC kept it out of line in the AVX-512 scan, and a call per 8 documents made
+// that scan ~40% slower (1M x 1024-bit codes, 1000 queries: 0.68 s inlined, 0.94 s not).
+LF_AVX2 __attribute__((always_inline)) inline void select8(__m256i dist, int64_t base, TopK<int32_t>& h,
+                                                           int32_t& thr, __m256i& thrv) {
   const unsigned m =
       static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(thrv, dist))));
   if (!m) return;
@@ -154,6 +157,18 @@ LF_AVX2 inline void select8(__m256i dist, int64_t base, TopK<int32_t>& h, int32_
     }
   }
   thrv = _mm256_set1_epi32(thr);
+}
+
+// Offers one document (its distance as four int64 lane counts) to the selection.
+LF_AVX2 __attribute__((always_inline)) inline void select1(__m256i lanes, int64_t id, TopK<int32_t>& h,
+                                                           int32_t& thr) {
+  __m128i t = _mm_add_epi64(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
+  t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
+  const int32_t dj = static_cast<int32_t>(_mm_cvtsi128_si64(t));
+  if (dj < thr) {
+    h.push_scan(dj, id);
+    thr = h.threshold();
+  }
 }
 
 // Fused scan for codes of exactly NC 32-byte chunks, groups of 8 documents: the 8 distances are packed
@@ -178,16 +193,7 @@ LF_AVX2 void scan_avx2_fixed(const uint8_t* q, const uint8_t* d, int64_t j0, int
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
     select8(_mm256_cvtepu16_epi32(t), j0 + j, h, thr, thrv);  // distances of documents j .. j + 7
   }
-  for (; j < nd; ++j) {
-    const __m256i s = lane_counts(d + j * NB);
-    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
-    const int32_t dj = static_cast<int32_t>(_mm_cvtsi128_si64(t));
-    if (dj < thr) {
-      h.push_scan(dj, j0 + j);
-      thr = h.threshold();
-    }
-  }
+  for (; j < nd; ++j) select1(lane_counts(d + j * NB), j0 + j, h, thr);
 }
 
 // Code sizes with a fused AVX2 scan.
@@ -207,7 +213,7 @@ LF_AVX2 void scan_avx2(const uint8_t* q, const uint8_t* d, int64_t j0, int64_t n
 }
 
 // ---------------------------------------------------------------- AVX-512 VPOPCNTDQ
-#define LF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq")))
+#define LF_AVX512 __attribute__((target("avx2,popcnt,avx512f,avx512bw,avx512vpopcntdq")))
 
 LF_AVX512 void row_avx512(const uint8_t* q, const uint8_t* d, int64_t nd, int64_t nbytes, int32_t* out) {
   const int64_t nfull = nbytes / 64;
@@ -276,16 +282,7 @@ LF_AVX512 void scan_avx512_fixed(const uint8_t* q, const uint8_t* d, int64_t j0,
     const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
     select8(_mm256_cvtepu16_epi32(t), j0 + j, h, thr, thrv);  // distances of documents j .. j + 7
   }
-  for (; j < nd; ++j) {
-    const __m256i f = fold512_epi64(lane_counts512<NC>(d + j * NB, qv));
-    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(f), _mm256_extracti128_si256(f, 1));
-    t = _mm_add_epi64(t, _mm_unpackhi_epi64(t, t));
-    const int32_t dj = static_cast<int32_t>(_mm_cvtsi128_si64(t));
-    if (dj < thr) {
-      h.push_scan(dj, j0 + j);
-      thr = h.threshold();
-    }
-  }
+  for (; j < nd; ++j) select1(fold512_epi64(lane_counts512<NC>(d + j * NB, qv)), j0 + j, h, thr);
 }
 
 // Code sizes with a fused AVX-512 scan.
