@@ -95,16 +95,21 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 
 
-def _writable(path: str, flag: str) -> bool:
-    """False (with the error printed) when ``path``'s folder cannot take the file: checked before the run,
-    not after it."""
-    import os
-
+def unwritable(path: str, flag: str) -> str | None:
+    """Why ``path``'s folder cannot take the file (a message naming ``flag``), or None: checked before the
+    run, not after it (shared by the subcommands)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        print(f"error: {flag} {path!r}: folder {folder!r} does not exist or is not writable", file=sys.stderr)
-        return False
-    return True
+        return f"{flag} {path!r}: folder {folder!r} does not exist or is not writable"
+    return None
+
+
+def _writable(path: str, flag: str) -> bool:
+    """False (with the error printed) when ``path``'s folder cannot take the file."""
+    why = unwritable(path, flag)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+    return why is None
 
 
 def _cmd_bench(args) -> int:

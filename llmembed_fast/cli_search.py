@@ -4,11 +4,10 @@ query it with a .npy of query embeddings."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-from llmembed_fast.cli import int_at_least, positive_int
+from llmembed_fast.cli import int_at_least, positive_int, unwritable
 
 
 class _Error(Exception):
@@ -124,10 +123,9 @@ def _run(args) -> int:
     # the output paths before any work (building an index can take minutes)
     out_path = _output_path(args.output) if args.output else None
     for flag, target in (("--save-index", args.save_index), ("--output", out_path)):
-        folder = os.path.dirname(os.path.abspath(target)) if target else None
-        if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            raise _Error(f"cannot write {flag} {target!r}: the folder {folder!r} does not exist or is not "
-                         "writable")
+        why = unwritable(target, flag) if target else None
+        if why:
+            raise _Error(f"cannot write {why}")
     precision = args.precision or "binary"
     rescore = args.rescore or ("int8" if precision == "binary" else "none")
     rescore = None if rescore == "none" else rescore

@@ -206,6 +206,10 @@ def test_fused_pooling_rows_with_no_tokens(mode):
     ref.__class__ = FusedPooling
     got = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
+    ref.fuse_normalize = True  # the Normalize after it fused: sentence-transformers' normalized values
+    got = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
+    torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=1), atol=1e-5, rtol=0,
+                               equal_nan=True)
 
 
 def test_accelerated_model_saves_as_the_plain_model(tmp_path):

@@ -75,17 +75,28 @@ class FusedPooling(Pooling):
                 mask = torch.ones(h.shape[:-1], dtype=torch.int64, device=h.device)
             if prompt_length is not None:
                 mask = Pooling._exclude_prompt_from_mask(mask, prompt_length)
-            # a row with no token to pool (nothing left after the prompt; or an empty text from a tokenizer
-            # that adds no special tokens, where only cls / max values differ): sentence-transformers' values
-            if (prompt_length is not None or mode in ("first", "max")) and bool((mask.sum(1) == 0).any()):
-                return super().forward(features, **kwargs)
+                # a row with nothing left after the prompt: sentence-transformers' values
+                if bool((mask.sum(1) == 0).any()):
+                    return super().forward(features, **kwargs)
             if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
                 return super().forward(features, **kwargs)  # position weights are absolute there
             emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
+            if mode in ("first", "max"):
+                emb = self._st_empty_rows(emb, h, mask, mode)
         features["sentence_embedding"] = emb
         if self.fuse_normalize:
             features[_FLAG] = True
         return features
+
+    def _st_empty_rows(self, emb: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, mode: str):
+        """Rows with no token at all (an empty text from a tokenizer that adds no special tokens) as
+        sentence-transformers gives them, where they differ from the fused zeros: cls the state at position
+        0, max -inf (NaN once normalized). Selected on the device: no host sync in the encode loop."""
+        empty = (mask == 0).all(1, keepdim=True)
+        st = h[:, 0] if mode == "first" else torch.full_like(emb, float("-inf"))
+        if self.fuse_normalize:
+            st = torch.nn.functional.normalize(st, p=2, dim=1)
+        return torch.where(empty, st.to(emb.dtype), emb)
 
     def extra_repr(self) -> str:
         return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"

@@ -44,14 +44,15 @@ def as_ranges(ranges, d: int) -> torch.Tensor:
     return r.detach()
 
 
-def check_range_values(r: np.ndarray) -> None:
-    """ValueError unless the ranges [2, D] are finite with min <= max in every dimension (others give
-    garbage codes: NaN ones all 0, inverted ones scrambled)."""
-    if not np.isfinite(r).all():
+def check_range_values(r) -> None:
+    """ValueError unless the ranges [2, D] (numpy array or tensor) are finite with min <= max in every
+    dimension (others give garbage codes: NaN ones all 0, inverted ones scrambled)."""
+    r = torch.as_tensor(r)
+    if not bool(torch.isfinite(r).all()):
         raise ValueError("ranges must be finite (calibration data with NaN or inf gives such ranges)")
-    bad = np.flatnonzero(r[0] > r[1])
-    if bad.size:
-        raise ValueError(f"ranges: min > max in {bad.size} dimension(s), the first is {int(bad[0])}")
+    bad = (r[0] > r[1]).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"ranges: min > max in {bad.numel()} dimension(s), the first is {int(bad[0])}")
 
 
 def to_output(t: torch.Tensor, numpy: bool):

@@ -71,7 +71,7 @@ class Index:
         self.ranges: torch.Tensor | None = None
         if ranges is not None:
             r = as_ranges(ranges, self.dim).cpu()
-            check_range_values((r.float() if r.dtype == torch.bfloat16 else r).numpy())
+            check_range_values(r)
             r = r.to(torch.float64 if r.dtype == torch.float64 else torch.float32, copy=True)
             self.ranges = _check_width(r)
         self._parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._stored()}
