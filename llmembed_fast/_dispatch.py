@@ -8,7 +8,6 @@ users may change it at run time.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,15 +25,22 @@ def compile_disabled(fn):
     return lazy(fn, recursive=True) if callable(lazy) else torch.compiler.disable(fn)
 
 
-@functools.cache
+_triton_ok: bool | None = None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works (the kernels themselves compile lazily)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when ``import triton`` works (the kernels themselves compile lazily). Cached in a module
+    global, not ``functools.cache``: dynamo warns on every cache-wrapped call it traces."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:
+            _triton_ok = False
+        else:
+            _triton_ok = True
+    return _triton_ok
 
 
 def interpreter_enabled() -> bool:

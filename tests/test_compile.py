@@ -2,6 +2,8 @@
 recompiled for every padded length or batch size (the ops run eagerly behind a graph break), and values and
 gradients equal eager ones."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -76,4 +78,23 @@ def test_normalize_and_matryoshka_trace_in_one_graph():
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(got, f(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_default_backend_choice_traces_without_dynamo_warnings(monkeypatch):
+    """The default backend choice (no LLMEMBED_FAST_BACKEND) asks whether triton imports; that answer is
+    cached without functools.cache, which dynamo warned about in every compiled model using the ops."""
+    monkeypatch.delenv("LLMEMBED_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the torch path, chosen by default
+    torch._dynamo.reset()
+    warn_once_cache = getattr(torch._dynamo.utils, "warn_once_cache", None)
+    if warn_once_cache is not None:
+        warn_once_cache.clear()  # dynamo warns once per process: an earlier test may have used it up
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(lambda t: lf.l2_normalize(t * 2), backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(x * 2, dim=-1), rtol=1e-6, atol=1e-6)
+    dynamo_warnings = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+    assert not dynamo_warnings, dynamo_warnings
     torch._dynamo.reset()
