@@ -5,11 +5,12 @@ installed torch has CUDA and nvcc is found. Build it the torch-extension way:
     pip install --no-build-isolation -e .
 LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it). A build without
 torch, or in an isolated build environment (which would link the extension against another torch), stops
-with a message saying so.
+with a message saying so; an sdist (or a metadata query) needs no torch.
 """
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -18,6 +19,27 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+# setup.py commands that write only metadata or a source archive: they run without torch, e.g. in the isolated
+# environment of `python -m build --sdist` (the extension's sources travel by MANIFEST.in, not ext_modules)
+METADATA_COMMANDS = {"sdist", "egg_info", "dist_info"}
+BUILD_COMMANDS = {
+    "build",
+    "build_ext",
+    "build_py",
+    "bdist",
+    "bdist_wheel",
+    "bdist_egg",
+    "install",
+    "develop",
+    "editable_wheel",
+}
+
+
+def _metadata_only(argv):
+    words = set(argv)
+    return bool(words & METADATA_COMMANDS) and not words & BUILD_COMMANDS
 
 
 ISOLATED_ENV_MARKERS = ("pip-build-env", "build-env-")  # pip's and `python -m build`'s isolated envs
@@ -30,14 +52,17 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
+        if _metadata_only(sys.argv[1:]):
+            return [], {}  # an sdist or metadata query needs no compiler and no torch (csrc/ is grafted)
         raise SystemExit(
             "llmembed_fast: building the C++ extension needs torch in this environment. Install torch "
             "first, then: pip install --no-build-isolation .  (or set LLMEMBED_FAST_NO_EXT=1 to build "
             "without the extension: the Triton and torch paths do not need it)"
         ) from None
-    if any(m in torch.__file__ for m in ISOLATED_ENV_MARKERS) and os.environ.get(
-        "LLMEMBED_FAST_ALLOW_ISOLATED_BUILD"
-    ) != "1":
+    if (
+        any(m in torch.__file__ for m in ISOLATED_ENV_MARKERS)
+        and os.environ.get("LLMEMBED_FAST_ALLOW_ISOLATED_BUILD") != "1"
+    ):
         # An isolated build resolves its own (unpinned, usually CUDA) torch, and the extension it builds
         # then fails to load beside the user's torch.
         raise SystemExit(

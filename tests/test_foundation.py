@@ -98,8 +98,10 @@ def test_info_reports_a_backend_that_cannot_run(monkeypatch, tmp_path):
 def test_import_loads_neither_dynamo_nor_triton():
     """``import llmembed_fast`` (every CLI call) stays at torch's own import cost: the ops' compile guards
     import torch._dynamo (and through it triton) on first use, not at import (it doubled the import time)."""
-    code = ("import sys, llmembed_fast, llmembed_fast.quant, llmembed_fast.modules; "
-            "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, llmembed_fast, llmembed_fast.quant, llmembed_fast.modules; "
+        "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -109,12 +111,66 @@ def test_a_bad_simd_cap_is_reported_not_ignored():
         pytest.skip("the C++ extension is not built")
     code = "import llmembed_fast._ext as e; e.extension()"
     env = dict(__import__("os").environ, LLMEMBED_FAST_SIMD="AVX2")
-    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env
+    )
     assert "LLMEMBED_FAST_SIMD='AVX2' is not one of" in out.stderr
 
 
 def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "llmembed_fast", "info", "--json"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmembed_fast", "info", "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout)["llmembed_fast"] == lf.__version__
+
+
+def test_sdist_needs_no_torch_and_a_wheel_build_says_why(tmp_path):
+    """`python -m build --sdist` runs setup.py in an isolated environment without torch: the source archive
+    (C++ sources included, by MANIFEST.in) is written anyway; building the extension without torch still stops
+    with the message naming the fix."""
+    import os
+    import pathlib
+    import tarfile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("no torch in this environment (test)")\n')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    env.pop("LLMEMBED_FAST_NO_EXT", None)
+    (tmp_path / "eggs").mkdir()
+    sdist = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "egg_info",
+            "--egg-base",
+            str(tmp_path / "eggs"),
+            "sdist",
+            "-d",
+            str(tmp_path / "dist"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sdist.returncode == 0, sdist.stderr[-2000:]
+    (archive,) = (tmp_path / "dist").glob("llmembed_fast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"setup.py", "csrc/core/hamming.cpp", "csrc/cuda/quant.cu", "CMakeLists.txt"} <= names
+    wheel = subprocess.run(
+        [sys.executable, "setup.py", "-q", "bdist_wheel", "-d", str(tmp_path / "dist")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wheel.returncode != 0
+    assert (
+        "needs torch" in wheel.stdout + wheel.stderr and "--no-build-isolation" in wheel.stdout + wheel.stderr
+    )
