@@ -172,6 +172,11 @@ def test_search_errors():
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):  # the op itself, called directly
         _ext.ops().int8_topk(w, torch.from_numpy(c), 3)
+    # finite weights whose scores overflow float64 (the Python layer rescales queries, a direct call may not):
+    # an inf score made the bounds NaN and the ids came back at random
+    w = torch.full((1, 8), 1e306, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overflow"):
+        _ext.ops().int8_topk(w, torch.from_numpy(c), 3)
 
 
 def test_meta_shapes():
