@@ -173,16 +173,18 @@ def _check_line(c: dict) -> str:
 
 
 def _timing_line(r: dict) -> str:
+    ours = r["ours_ms"]  # None: ours failed (the reason is in extra), the baselines were still timed
     base = " ".join(
-        f"{k} {v:.3f} ({v / r['ours_ms']:.2f}x)"
+        f"{k} {v:.3f}" + (f" ({v / ours:.2f}x)" if ours else "")
         for k, v in r.get("baselines", {}).items()
         if isinstance(v, (int, float))
     )
     floor = r.get("floor_ms")
-    fl = f" floor {floor:.3f} ({100 * floor / r['ours_ms']:.0f}% of it)" if floor else ""
+    fl = f" floor {floor:.3f} ({100 * floor / ours:.0f}% of it)" if floor and ours else ""
     extra = r.get("extra") or {}
     ex = (" " + " ".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
-    return f"{r['section']:<11} {r['name']:<50} ours {r['ours_ms']:.3f}{fl} | {base}{ex}"
+    mine = f"{ours:.3f}" if ours is not None else "not measured"
+    return f"{r['section']:<11} {r['name']:<50} ours {mine}{fl} | {base}{ex}"
 
 
 def main() -> int:
