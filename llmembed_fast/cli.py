@@ -145,8 +145,11 @@ def _cmd_bench(args) -> int:
         f" ({len(cases)} cases, budget {args.budget_s:.0f} s{', full' if args.full else ''})"
     )
     if os.environ.get("TRITON_INTERPRET") == "1" and not args.smoke:
-        notes = [*notes, "TRITON_INTERPRET=1: Triton kernels run in the interpreter, their timings say "
-                 "nothing about speed (unset it, or set LLMEMBED_FAST_BACKEND=torch)"]
+        notes = [
+            *notes,
+            "TRITON_INTERPRET=1: Triton kernels run in the interpreter, their timings say "
+            "nothing about speed (unset it, or set LLMEMBED_FAST_BACKEND=torch)",
+        ]
     for n in notes:
         print("note:", n)
     records = run_cases(ctx, cases)
@@ -175,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="time the fast paths against their baselines")
     p.add_argument("--full", action="store_true", help="run the large configurations too")
     p.add_argument("--smoke", action="store_true", help="tiny shapes only (checks that every case runs)")
-    p.add_argument("--budget-s", type=_positive_seconds, default=120.0,
-                   help="wall-clock budget for timing (default 120)")
+    p.add_argument(
+        "--budget-s", type=_positive_seconds, default=120.0, help="wall-clock budget for timing (default 120)"
+    )
     p.add_argument(
         "--only", nargs="*", help="groups to run (pooling, contrastive, quant, grad_cache, embedder)"
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import time
+
+INPUT_FORMATS = ("txt", "jsonl", "json")
 
 
 def _item_text(obj, field: str, where: str) -> str:
@@ -19,47 +22,90 @@ def _item_text(obj, field: str, where: str) -> str:
     return obj
 
 
-def read_texts(path: str, field: str = "text") -> list[str]:
+def input_format(path: str, fmt: str | None = None) -> str:
+    """``fmt`` when given (checked), else the format of ``path``'s suffix: ``.json`` an array,
+    ``.jsonl`` / ``.ndjson`` one item per line, anything else (``-``, standard input, included) text lines."""
+    if fmt is not None:
+        if fmt not in INPUT_FORMATS:
+            raise ValueError(f"--input-format: expected one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
+        return fmt
+    low = path.lower()
+    if low.endswith(".json"):
+        return "json"
+    if low.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    return "txt"
+
+
+def _stdin_bytes() -> bytes:
+    """All of standard input as bytes (decoded as UTF-8 later, whatever the locale says)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise OSError("--input -: there is no standard input to read")
+    return stream.read()
+
+
+def read_texts(path: str, field: str = "text", fmt: str | None = None) -> list[str]:
     """Texts from ``.txt`` (one per line, empty lines kept as empty texts), ``.jsonl`` (one JSON object per
-    line with ``field``, or a JSON string) or ``.json`` (an array of such items)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input: no file at {path!r}")
+    line with ``field``, or a JSON string) or ``.json`` (an array of such items). ``path`` ``-`` reads
+    standard input (bytes, UTF-8); ``fmt`` (txt, jsonl, json) overrides the format the suffix gives (txt for
+    ``-``). The same rules for a file and for standard input: a leading byte-order mark is dropped, lines
+    end at \\n, bytes that are not UTF-8 are reported by line and column."""
+    fmt = input_format(path, fmt)
+    if path == "-":
+        data = _stdin_bytes()
+        name = "- (standard input)"
+
+        def open_binary():
+            return io.BytesIO(data)
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--input: no file at {path!r}")
+        name = repr(path)
+
+        def open_binary():
+            return open(path, "rb")
+
     try:
-        texts = _read_texts(path, field)
+        texts = _read_texts(open_binary, name, fmt, field)
     except UnicodeDecodeError:
-        raise ValueError(_first_bad_utf8(path)) from None
+        raise ValueError(_first_bad_utf8(open_binary, name)) from None
     if not texts:
-        raise ValueError(f"--input {path!r} holds no texts")
+        raise ValueError(f"--input {name} holds no texts")
     return texts
 
 
-def _first_bad_utf8(path: str) -> str:
-    """Where ``path`` stops being UTF-8 (line and column; the decoder's own position is into a buffer)."""
-    with open(path, "rb") as f:
+def _first_bad_utf8(open_binary, name: str) -> str:
+    """Where the input stops being UTF-8 (line and column; the decoder's own position is into a buffer)."""
+    with open_binary() as f:
         for n, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return (f"--input {path!r} line {n}, column {exc.start + 1}: not UTF-8 (byte "
-                        f"{raw[exc.start]:#04x}); give UTF-8 text")
-    return f"--input {path!r}: not UTF-8; give UTF-8 text"
+                return (
+                    f"--input {name} line {n}, column {exc.start + 1}: not UTF-8 (byte "
+                    f"{raw[exc.start]:#04x}); give UTF-8 text"
+                )
+    return f"--input {name}: not UTF-8; give UTF-8 text"
 
 
-def _read_texts(path: str, field: str) -> list[str]:
+def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
     texts: list[str] = []
     # newline="\n": lines end at \n only (a lone \r inside a line is text, as wc -l counts lines; universal
     # newlines split there and shifted every later row); a leading byte-order mark is not part of the text
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        if path.lower().endswith(".json"):  # one JSON array of strings or objects
+    with io.TextIOWrapper(open_binary(), encoding="utf-8-sig", newline="\n") as f:
+        if fmt == "json":  # one JSON array of strings or objects
             try:
                 data = json.load(f)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"--input: invalid JSON ({exc.msg}, line {exc.lineno}); one text per line: "
-                                 ".jsonl or .txt") from None
+                raise ValueError(
+                    f"--input {name}: invalid JSON ({exc.msg}, line {exc.lineno}); one text per line: "
+                    ".jsonl or .txt (--input-format jsonl or txt)"
+                ) from None
             if not isinstance(data, list):
-                raise ValueError(f"--input {path!r}: a .json input holds an array, got {type(data).__name__}")
+                raise ValueError(f"--input {name}: a json input holds an array, got {type(data).__name__}")
             texts = [_item_text(obj, field, f"item {n}") for n, obj in enumerate(data)]
-        elif path.lower().endswith((".jsonl", ".ndjson")):
+        elif fmt == "jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -75,7 +121,7 @@ def _read_texts(path: str, field: str) -> list[str]:
 
 def _cmd_encode(args) -> int:
     try:
-        texts = read_texts(args.input, args.field)
+        texts = read_texts(args.input, args.field, args.input_format)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,8 +173,10 @@ def _encode(args, texts: list[str]) -> int:
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"--ranges: cannot read {args.ranges!r}: {exc}") from None
         if not isinstance(ranges, np.ndarray) or ranges.ndim != 2 or ranges.shape[0] != 2:
-            raise ValueError(f"--ranges {args.ranges!r} must be a .npy of shape [2, D] (per-dimension min, "
-                             "max), e.g. from llmembed_fast.quant.calibrate")
+            raise ValueError(
+                f"--ranges {args.ranges!r} must be a .npy of shape [2, D] (per-dimension min, "
+                "max), e.g. from llmembed_fast.quant.calibrate"
+            )
         if ranges.dtype.kind != "f":
             raise ValueError(f"--ranges {args.ranges!r} must hold floats, got {ranges.dtype}")
         from llmembed_fast.quant._args import check_range_values
@@ -176,11 +224,26 @@ def _encode(args, texts: list[str]) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("encode", help="embed texts (.txt / .jsonl) with a model into a .npy file")
+    p = subparsers.add_parser(
+        "encode",
+        help="embed texts (.txt / .jsonl / .json, or standard input) with a model into a .npy file",
+        description="Embed texts with a model into a .npy file, e.g. "
+        "cat texts.txt | llmembed-fast encode --model DIR --input - --output emb.npy",
+    )
     p.add_argument("--model", required=True, help="model folder (HF or sentence-transformers) or Hub id")
-    p.add_argument("--input", required=True, help="texts.txt (one per line), .jsonl, or .json (an array)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="texts.txt (one per line), .jsonl, or .json (an array), UTF-8; - reads standard input "
+        "(a file named -: ./-)",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        help="txt, jsonl or json (default: from the --input suffix; txt for -)",
+    )
     p.add_argument("--output", required=True, help="embeddings .npy (the suffix is added when missing)")
-    p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--field", default="text", help="JSON field holding the text (jsonl, json; default: text)")
     p.add_argument(
         "--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"]
     )

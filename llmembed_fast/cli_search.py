@@ -3,6 +3,7 @@ query it with a .npy of query embeddings."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -19,18 +20,25 @@ def register(subparsers) -> None:
         "search",
         help="build/load a quantized index and search it",
         description="Build an index from CORPUS.npy (float [N, D]) or load a saved index file, then search "
-        "it "
-        "with QUERIES.npy (float [Q, D]). Results go to stdout, or to --output (.npz or .json).",
+        "it with QUERIES.npy (float [Q, D]; - reads it from standard input). Results go to stdout, or to "
+        "--output (.npz or .json).",
     )
     p.add_argument(
         "corpus", help="corpus embeddings (.npy, float [N, D]) or an index file written by --save-index"
     )
     p.add_argument(
-        "queries", nargs="?", help="query embeddings (.npy, float [Q, D]); omit to only build/save"
+        "queries",
+        nargs="?",
+        help="query embeddings (.npy, float [Q, D]; - reads the .npy bytes from standard input); omit to "
+        "only build/save",
     )
     p.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
-    p.add_argument("--precision", choices=["binary", "int8"], default=None,
-                   help="first-stage codes (default binary; not with an index file)")
+    p.add_argument(
+        "--precision",
+        choices=["binary", "int8"],
+        default=None,
+        help="first-stage codes (default binary; not with an index file)",
+    )
     p.add_argument(
         "--rescore",
         choices=["none", "int8", "float"],
@@ -38,40 +46,62 @@ def register(subparsers) -> None:
         help="rescore the first-stage candidates with the float query (default: int8 for --precision binary, "
         "none for int8)",
     )
-    p.add_argument("--rescore-multiplier", type=positive_int, default=4,
-                   help="candidates kept per result (default 4)")
+    p.add_argument(
+        "--rescore-multiplier", type=positive_int, default=4, help="candidates kept per result (default 4)"
+    )
     p.add_argument("--calibration", metavar="CAL.npy", help="embeddings to calibrate the int8 ranges on")
     p.add_argument("--save-index", metavar="PATH", help="write the built index to PATH")
     p.add_argument("--output", metavar="PATH", help="write scores and ids to PATH (.npz or .json)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     p.add_argument(
-        "--show", type=int_at_least(0), default=3,
-        help="queries to print when there is no --output (default 3)"
+        "--show",
+        type=int_at_least(0),
+        default=3,
+        help="queries to print when there is no --output (default 3)",
     )
     p.set_defaults(func=run)
 
 
-def _load_npy(path: str, what: str):
+def _load_npy(path: str, what: str, stdin_ok: bool = False):
+    """A 2-D float array from the .npy file ``path`` (memory-mapped); with ``stdin_ok``, ``-`` reads the .npy
+    bytes from standard input (e.g. ``python make_queries.py | llmembed-fast search docs.lfidx -``)."""
     import numpy as np
 
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # an empty file: EOFError
+    data = None
+    name = repr(path)
+    if path == "-" and stdin_ok:  # read whole: a pipe cannot be memory-mapped
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:
+            raise _Error(f"{what} -: there is no standard input to read")
         try:
-            with open(path, "rb") as f:
-                head = f.read(6)
-        except OSError:
-            head = b"\x93NUMPY"
+            data = stream.read()
+        except OSError as exc:
+            raise _Error(f"cannot read {what} from standard input: {exc}") from None
+        name = "- (standard input)"
+    try:
+        if data is not None:
+            a = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # an empty file: EOFError
+        if data is not None:
+            head = data[:6]
+        else:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(6)
+            except OSError:
+                head = b"\x93NUMPY"
         if head and not head.startswith((b"\x93NUMPY", b"PK")):  # numpy's pickle advice would mislead
-            raise _Error(f"{what} {path!r} is not a .npy file (its first bytes are {head!r})") from None
-        raise _Error(f"cannot read {what} {path!r}: {exc}") from None
+            raise _Error(f"{what} {name} is not a .npy file (its first bytes are {head!r})") from None
+        raise _Error(f"cannot read {what} {name}: {exc}") from None
     if not isinstance(a, np.ndarray):  # np.load gives an NpzFile for a .npz archive
         close = getattr(a, "close", None)
         if callable(close):
             close()
-        raise _Error(f"{what} {path!r} must be a .npy file (one array), got a {type(a).__name__}")
+        raise _Error(f"{what} {name} must be a .npy file (one array), got a {type(a).__name__}")
     if a.ndim != 2 or a.dtype.kind != "f":
-        raise _Error(f"{what} {path!r} must be a 2-D float array, got {a.dtype} {a.shape}")
+        raise _Error(f"{what} {name} must be a 2-D float array, got {a.dtype} {a.shape}")
     return a
 
 
@@ -111,13 +141,26 @@ def _run(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.corpus == "-":  # an index file is memory-mapped, a .npy corpus too: a file is needed
+        raise _Error(
+            "corpus -: standard input is for QUERIES only; give the corpus (.npy or index) as a file"
+        )
     is_index = _is_index_file(args.corpus)
     if is_index:
-        given = [o for o, v in (("--precision", args.precision), ("--rescore", args.rescore),
-                                ("--calibration", args.calibration)) if v is not None]
+        given = [
+            o
+            for o, v in (
+                ("--precision", args.precision),
+                ("--rescore", args.rescore),
+                ("--calibration", args.calibration),
+            )
+            if v is not None
+        ]
         if given:
-            raise _Error(f"{', '.join(given)}: the index file {args.corpus!r} fixes these (they apply when "
-                         "building from a .npy)")
+            raise _Error(
+                f"{', '.join(given)}: the index file {args.corpus!r} fixes these (they apply when "
+                "building from a .npy)"
+            )
     if args.output and not args.queries:
         raise _Error("--output needs QUERIES (there is nothing to write without a search)")
     # the output paths before any work (building an index can take minutes)
@@ -164,7 +207,7 @@ def _run(args) -> int:
         print(f"saved {args.save_index}")
     if not args.queries:
         return 0
-    queries = np.ascontiguousarray(_load_npy(args.queries, "queries"))
+    queries = np.ascontiguousarray(_load_npy(args.queries, "queries", stdin_ok=True))
     t0 = time.perf_counter()
     try:
         scores, ids = index.search(queries, args.k, rescore_multiplier=args.rescore_multiplier)

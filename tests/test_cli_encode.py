@@ -1,6 +1,11 @@
 """``llmembed-fast encode`` end to end on a tiny model (txt and jsonl inputs, quantized output, errors)."""
 
+import io
 import json
+import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -96,15 +101,29 @@ def test_cli_encode_errors(tmp_path, capsys):
     good = tmp_path / "t.txt"
     good.write_text("a\nb\n", encoding="utf-8")
     (tmp_path / "file.npy").write_bytes(b"x")
-    for extra, msg in ((["--output", str(tmp_path / "file.npy" / "o")], "FileExistsError"),
-                       (["--output", str(tmp_path / "o"), "--device", "foo"], "--device"),
-                       (["--output", "."], "is a folder"),
-                       (["--output", str(tmp_path) + "/"], "is a folder")):
+    for extra, msg in (
+        (["--output", str(tmp_path / "file.npy" / "o")], "FileExistsError"),
+        (["--output", str(tmp_path / "o"), "--device", "foo"], "--device"),
+        (["--output", "."], "is a folder"),
+        (["--output", str(tmp_path) + "/"], "is a folder"),
+    ):
         assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(good), *extra]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
-    assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(good), "--output",
-                 str(tmp_path / "new" / "sub" / "o")]) == 2
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--input",
+                str(good),
+                "--output",
+                str(tmp_path / "new" / "sub" / "o"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "new").exists()  # a failed run leaves no empty folders behind
     # lines end at \n only: a lone \r is text (universal newlines split there and shifted later rows)
     crlf = tmp_path / "cr.txt"
@@ -160,19 +179,179 @@ def test_cli_encode_bom_and_shared_ranges(tmp_path, capsys):
     np.testing.assert_array_equal(outs["json"], outs["plain"])
     ranges = quant.calibrate(outs["plain"] * 2)
     np.save(tmp_path / "ranges.npy", ranges)
-    assert main([*base, "--input", str(plain), "--output", str(tmp_path / "q8"), "--precision", "int8",
-                 "--ranges", str(tmp_path / "ranges.npy")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--input",
+                str(plain),
+                "--output",
+                str(tmp_path / "q8"),
+                "--precision",
+                "int8",
+                "--ranges",
+                str(tmp_path / "ranges.npy"),
+            ]
+        )
+        == 0
+    )
     want = quant.quantize(outs["plain"], "int8", ranges=ranges)
     np.testing.assert_array_equal(np.load(tmp_path / "q8.npy"), want)
     capsys.readouterr()
     np.save(tmp_path / "nan.npy", np.where(np.arange(ranges.size).reshape(ranges.shape) == 3, np.nan, ranges))
     np.save(tmp_path / "flip.npy", ranges[::-1])
     np.save(tmp_path / "ints.npy", np.ones(ranges.shape, np.int64))
-    for extra, msg in ((["--precision", "binary", "--ranges", str(tmp_path / "ranges.npy")], "int8 / uint8"),
-                       (["--precision", "int8", "--ranges", str(tmp_path / "plain.npy")], "[2, D]"),
-                       (["--precision", "int8", "--ranges", str(tmp_path / "none.npy")], "cannot read"),
-                       (["--precision", "int8", "--ranges", str(tmp_path / "nan.npy")], "must be finite"),
-                       (["--precision", "uint8", "--ranges", str(tmp_path / "flip.npy")], "min > max"),
-                       (["--precision", "int8", "--ranges", str(tmp_path / "ints.npy")], "must hold floats")):
+    for extra, msg in (
+        (["--precision", "binary", "--ranges", str(tmp_path / "ranges.npy")], "int8 / uint8"),
+        (["--precision", "int8", "--ranges", str(tmp_path / "plain.npy")], "[2, D]"),
+        (["--precision", "int8", "--ranges", str(tmp_path / "none.npy")], "cannot read"),
+        (["--precision", "int8", "--ranges", str(tmp_path / "nan.npy")], "must be finite"),
+        (["--precision", "uint8", "--ranges", str(tmp_path / "flip.npy")], "min > max"),
+        (["--precision", "int8", "--ranges", str(tmp_path / "ints.npy")], "must hold floats"),
+    ):
         assert main([*base, "--input", str(plain), "--output", str(tmp_path / "x"), *extra]) == 2
         assert msg in capsys.readouterr().err
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    """Standard input holding ``data`` (read through .buffer, as the CLI reads it)."""
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+
+
+def test_cli_encode_stdin_txt_like_a_file(tmp_path, capsys, monkeypatch):
+    """``--input -`` reads standard input as a .txt file is read: UTF-8 bytes, a byte-order mark dropped,
+    lines ending at \\n (CRLF stripped, a lone \\r kept), the same errors naming --input."""
+    from llmembed_fast.cli_encode import read_texts
+
+    model = cached_tiny_model_dir("qwen2")
+    data = ("\n".join(TEXTS) + "\n").encode("utf-8-sig").replace(b"\n", b"\r\n")
+    src = tmp_path / "bom_crlf.txt"
+    src.write_bytes(data)
+    base = ["encode", "--model", model, "--device", "cpu", "--no-progress"]
+    assert main([*base, "--input", str(src), "--output", str(tmp_path / "file")]) == 0
+    _stdin(monkeypatch, data)
+    assert main([*base, "--input", "-", "--output", str(tmp_path / "pipe")]) == 0
+    assert "encoded 4 texts" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(tmp_path / "pipe.npy"), np.load(tmp_path / "file.npy"))
+    want = lf.LLMEmbedder.from_pretrained(model, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(np.load(tmp_path / "pipe.npy"), want, atol=2e-6, rtol=0)
+    # the reader itself: the same texts from the file and from standard input
+    raw = b"\xef\xbb\xbfcaf\xc3\xa9\rstill first\r\nsecond\n\nlast"
+    (tmp_path / "raw.txt").write_bytes(raw)
+    _stdin(monkeypatch, raw)
+    assert (
+        read_texts("-")
+        == read_texts(str(tmp_path / "raw.txt"))
+        == ["café\rstill first", "second", "", "last"]
+    )
+    # not UTF-8: the file's message, by line and column
+    bad = b"ok\nfine\ncaf\xe9\n"
+    (tmp_path / "latin.txt").write_bytes(bad)
+    capsys.readouterr()
+    assert main(["encode", "--model", "x", "--input", str(tmp_path / "latin.txt"), "--output", "o"]) == 2
+    file_err = capsys.readouterr().err
+    _stdin(monkeypatch, bad)
+    assert main(["encode", "--model", "x", "--input", "-", "--output", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --input - (standard input) line 3, column 4: not UTF-8 (byte 0xe9)" in err
+    assert err.replace("- (standard input)", repr(str(tmp_path / "latin.txt"))) == file_err
+    # empty: an error, as for an empty file (nothing to encode, no model loaded)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert main(["encode", "--model", "x", "--input", str(tmp_path / "empty.txt"), "--output", "o"]) == 2
+    assert "holds no texts" in capsys.readouterr().err
+    _stdin(monkeypatch, b"")
+    assert main(["encode", "--model", "x", "--input", "-", "--output", "o"]) == 2
+    assert "error: --input - (standard input) holds no texts" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed (<&-)
+    assert main(["encode", "--model", "x", "--input", "-", "--output", "o"]) == 2
+    assert "--input -: there is no standard input" in capsys.readouterr().err
+
+
+def test_cli_encode_stdin_jsonl_json_and_input_format(tmp_path, capsys, monkeypatch):
+    """--input-format reads standard input as jsonl / json (with --field) and overrides a file's suffix; a
+    bad value is an argument error naming --input-format."""
+    from llmembed_fast.cli_encode import read_texts
+
+    model = cached_tiny_model_dir("qwen2")
+    base = ["encode", "--model", model, "--device", "cpu", "--no-progress"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    assert main([*base, "--input", str(plain), "--output", str(tmp_path / "plain")]) == 0
+    want = np.load(tmp_path / "plain.npy")
+    jsonl = "\n".join(json.dumps({"body": t}) for t in TEXTS).encode() + b"\n"
+    _stdin(monkeypatch, jsonl)
+    argv = [
+        *base,
+        "--input",
+        "-",
+        "--input-format",
+        "jsonl",
+        "--field",
+        "body",
+        "--output",
+        str(tmp_path / "a"),
+    ]
+    assert main(argv) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), want)
+    _stdin(monkeypatch, json.dumps([{"body": t} for t in TEXTS]).encode("utf-8-sig"))
+    argv[argv.index("jsonl")] = "json"
+    assert main(argv) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), want)
+    # a misleading suffix: jsonl lines in a .txt, text lines in a .json
+    (tmp_path / "lines.txt").write_bytes(jsonl)
+    assert read_texts(str(tmp_path / "lines.txt"), "body", "jsonl") == TEXTS
+    assert read_texts(str(tmp_path / "lines.txt"), "body")[0] == '{"body": "hello world"}'  # by suffix: txt
+    (tmp_path / "plain.json").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    assert read_texts(str(tmp_path / "plain.json"), fmt="txt") == TEXTS
+    argv = [*base, "--input", str(tmp_path / "lines.txt"), "--input-format", "jsonl", "--field", "body"]
+    assert main([*argv, "--output", str(tmp_path / "b")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), want)
+    capsys.readouterr()
+    # errors name the argument; without --field the jsonl objects lack "text"
+    _stdin(monkeypatch, jsonl)
+    assert main(["encode", "--model", "x", "--input", "-", "--input-format", "jsonl", "--output", "o"]) == 2
+    assert "--input line 1: no field 'text' (use --field)" in capsys.readouterr().err
+    _stdin(monkeypatch, b"[1, 2")
+    assert main(["encode", "--model", "x", "--input", "-", "--input-format", "json", "--output", "o"]) == 2
+    assert "--input - (standard input): invalid JSON" in capsys.readouterr().err
+    for fmt in ("xml", "JSONL", ""):
+        with pytest.raises(SystemExit) as exc:
+            main(["encode", "--model", "x", "--input", "-", "--input-format", fmt, "--output", "o"])
+        assert exc.value.code == 2
+        assert "argument --input-format: invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--input-format: expected one of txt, jsonl, json, got 'xml'"):
+        read_texts(str(plain), fmt="xml")
+
+
+def test_cli_encode_stdin_pipe_ignores_the_locale(tmp_path):
+    """A real pipe into ``python -m llmembed_fast`` under a C / latin-1 locale: the bytes are read as UTF-8
+    (café stays café), as from a file."""
+    model = cached_tiny_model_dir("qwen2")
+    texts = ["café au lait", "naïve – ünïcödé", "plain"]
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "latin-1", "PYTHONUTF8": "0"}
+    out = tmp_path / "pipe.npy"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmembed_fast",
+            "encode",
+            "--model",
+            model,
+            "--input",
+            "-",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        input=("\n".join(texts) + "\n").encode("utf-8"),
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert b"encoded 3 texts" in proc.stdout
+    want = lf.LLMEmbedder.from_pretrained(model, device="cpu").encode(texts)
+    np.testing.assert_allclose(np.load(out), want, atol=2e-6, rtol=0)

@@ -1,6 +1,9 @@
 """``llmembed-fast search``: build from .npy, save, reload, query, write results."""
 
+import io
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -89,8 +92,14 @@ def test_search_cli_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", docs, q, "--output", str(tmp_path / "hits")]) == 0
     assert f"wrote {tmp_path / 'hits.npz'}" in capsys.readouterr().out and (tmp_path / "hits.npz").exists()
-    for flag, value in (("--threads", "-1"), ("--threads", "0"), ("--threads", "x"), ("-k", "0"),
-                        ("--show", "-1"), ("--rescore-multiplier", "0")):
+    for flag, value in (
+        ("--threads", "-1"),
+        ("--threads", "0"),
+        ("--threads", "x"),
+        ("-k", "0"),
+        ("--show", "-1"),
+        ("--rescore-multiplier", "0"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["search", docs, q, flag, value])
         assert exc.value.code == 2
@@ -158,3 +167,44 @@ def test_bench_cli_argument_errors(tmp_path, capsys):
     for flag in ("--json", "--plot"):
         assert main(["bench", "--smoke", "--only", "pooling", flag, str(tmp_path / "no" / "x")]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_search_cli_queries_from_stdin(tmp_path, capsys, monkeypatch):
+    """QUERIES ``-`` reads the .npy bytes from standard input (``... | llmembed-fast search docs.lfidx -``):
+    the results of the file; junk, an empty input and a ``-`` corpus are errors naming what was read."""
+    rng = np.random.default_rng(3)
+    docs = rng.standard_normal((30, 16)).astype(np.float32)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    np.save(tmp_path / "docs.npy", docs)
+    np.save(tmp_path / "q.npy", queries)
+    docs_path = str(tmp_path / "docs.npy")
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(data)))
+
+    stdin((tmp_path / "q.npy").read_bytes())
+    assert main(["search", docs_path, "-", "-k", "4", "--output", str(tmp_path / "pipe.npz")]) == 0
+    assert (
+        main(["search", docs_path, str(tmp_path / "q.npy"), "-k", "4", "--output", str(tmp_path / "f.npz")])
+        == 0
+    )
+    pipe, file = np.load(tmp_path / "pipe.npz"), np.load(tmp_path / "f.npz")
+    np.testing.assert_array_equal(pipe["ids"], file["ids"])
+    np.testing.assert_array_equal(pipe["scores"], file["scores"])
+    np.testing.assert_array_equal(
+        pipe["ids"], quant.Index(16, "binary", "int8").add(docs).search(queries, 4)[1]
+    )
+    buf = io.BytesIO()
+    np.savez(buf, q=queries)
+    for data, msg in (
+        (b"0.1,0.2\n", "queries - (standard input) is not a .npy file"),
+        (b"", "cannot read queries - (standard input)"),
+        (buf.getvalue(), "queries - (standard input) must be a .npy file (one array)"),
+    ):
+        stdin(data)
+        capsys.readouterr()
+        assert main(["search", docs_path, "-", "-k", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and "Traceback" not in err, err
+    assert main(["search", "-", str(tmp_path / "q.npy")]) == 2
+    assert "corpus -: standard input is for QUERIES only" in capsys.readouterr().err
