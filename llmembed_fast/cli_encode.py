@@ -135,28 +135,36 @@ def _cmd_encode(args) -> int:
         return 2
 
 
+def _output_path(output: str) -> tuple[str, str]:
+    """The .npy path ``np.save`` will write for ``--output`` and its folder (made at the end, once there is
+    something to write); raises when the path is a folder or the folder cannot be written or created."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)) or not os.path.basename(output):
+        raise IsADirectoryError(f"--output {output!r} is a folder: give a file name")
+    path = output if output.endswith(".npy") else output + ".npy"  # as np.save writes it
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output {path!r} is a folder")
+    if not os.path.isdir(folder):
+        parent = folder
+        while not os.path.isdir(parent):
+            if os.path.exists(parent):
+                raise FileExistsError(f"--output {output!r}: {parent!r} is a file, not a folder")
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"--output {output!r}: cannot create folders in {parent!r}")
+    elif not os.access(folder, os.W_OK):
+        raise PermissionError(f"--output {output!r}: the folder {folder!r} is not writable")
+    return path, folder
+
+
 def _encode(args, texts: list[str]) -> int:
     import numpy as np
 
     from llmembed_fast.embedder import LLMEmbedder
 
-    # the output's folder before any work (loading and encoding can take hours)
-    if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)) or not os.path.basename(args.output):
-        raise IsADirectoryError(f"--output {args.output!r} is a folder: give a file name")
-    path = args.output if args.output.endswith(".npy") else args.output + ".npy"  # as np.save writes it
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"--output {path!r} is a folder")
-    if not os.path.isdir(folder):  # made at the end, once there is something to write
-        parent = folder
-        while not os.path.isdir(parent):
-            if os.path.exists(parent):
-                raise FileExistsError(f"--output {args.output!r}: {parent!r} is a file, not a folder")
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"--output {args.output!r}: cannot create folders in {parent!r}")
-    elif not os.access(folder, os.W_OK):
-        raise PermissionError(f"--output {args.output!r}: the folder {folder!r} is not writable")
+    # the output's folder is checked before any work (loading and encoding can take hours); "-": the .npy
+    # bytes go to standard output and the status line to stderr
+    path, folder = (None, None) if args.output == "-" else _output_path(args.output)
     if args.device is not None:
         from llmembed_fast.cli import check_device
 
@@ -214,11 +222,16 @@ def _encode(args, texts: list[str]) -> int:
         kw["ranges"] = ranges
     out = fn(texts, **kw)
     t2 = time.perf_counter()
-    os.makedirs(folder, exist_ok=True)
-    np.save(path, out)
+    if path is None:
+        np.save(sys.stdout.buffer, out)
+        sys.stdout.buffer.flush()
+    else:
+        os.makedirs(folder, exist_ok=True)
+        np.save(path, out)
     print(
-        f"encoded {len(texts)} texts -> {path} {tuple(out.shape)} {out.dtype} "
-        f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)"
+        f"encoded {len(texts)} texts -> {path or 'standard output'} {tuple(out.shape)} {out.dtype} "
+        f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)",
+        file=sys.stderr if path is None else sys.stdout,
     )
     return 0
 
@@ -242,7 +255,12 @@ def register(subparsers) -> None:
         choices=INPUT_FORMATS,
         help="txt, jsonl or json (default: from the --input suffix; txt for -)",
     )
-    p.add_argument("--output", required=True, help="embeddings .npy (the suffix is added when missing)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="embeddings .npy (the suffix is added when missing); - writes the .npy to standard output "
+        "(e.g. piped into llmembed-fast search INDEX -)",
+    )
     p.add_argument("--field", default="text", help="JSON field holding the text (jsonl, json; default: text)")
     p.add_argument(
         "--precision", default="float32", choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"]

@@ -355,3 +355,22 @@ def test_cli_encode_stdin_pipe_ignores_the_locale(tmp_path):
     assert b"encoded 3 texts" in proc.stdout
     want = lf.LLMEmbedder.from_pretrained(model, device="cpu").encode(texts)
     np.testing.assert_allclose(np.load(out), want, atol=2e-6, rtol=0)
+
+
+def test_cli_encode_output_dash_writes_the_npy_to_stdout(tmp_path, capsys, monkeypatch):
+    """``--output -`` writes the .npy bytes to standard output (so encode pipes into ``search INDEX -``) and
+    the status line to stderr; nothing else reaches stdout."""
+    model = cached_tiny_model_dir("qwen2")
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    base = ["encode", "--model", model, "--device", "cpu", "--no-progress", "--input", str(src)]
+    assert main([*base, "--output", str(tmp_path / "file.npy")]) == 0
+    capsys.readouterr()
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main([*base, "--output", "-", "--precision", "float32"]) == 0
+    out.flush()
+    got = np.load(io.BytesIO(out.buffer.getvalue()), allow_pickle=False)
+    np.testing.assert_array_equal(got, np.load(tmp_path / "file.npy"))
+    assert "encoded 4 texts -> standard output" in capsys.readouterr().err
+    assert not (tmp_path / "-.npy").exists() and not os.path.exists("-.npy")
