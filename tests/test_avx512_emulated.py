@@ -80,15 +80,21 @@ int main() {
 """
 
 HAMMING_MAIN = """
-// the fused top-k scan (codes of 64, 128, 192, 256 bytes) against a sorted brute force, ties by lower index
+// the fused top-k scan against a sorted brute force, ties by lower index: every length class (whole
+// 64-byte chunks, masked tails, under one chunk, the unrolled forms up to 8 chunks and the loop form
+// beyond), document counts around the 8-document groups, duplicates, selections larger than the corpus
 long check_scan(std::mt19937& g) {
   long bad = 0;
-  for (int nb : {64, 128, 192, 256})
-    for (int trial = 0; trial < 4; ++trial) {  // trial 3: many equal distances
-      const int nd = 1 + g() % 300, k = 1 + g() % 12;
+  for (int nb : {1, 7, 16, 31, 33, 48, 63, 64, 65, 96, 112, 128, 160, 192, 256, 320, 448, 512, 520, 575,
+                 576, 1100})
+    for (int trial = 0; trial < 4; ++trial) {  // trial 2: duplicate documents; trial 3: many equal distances
+      const int nd = 1 + g() % 300, k = trial == 2 ? nd + 5 : 1 + g() % 12;
       std::vector<uint8_t> q(nb), d(nd * nb);
       for (auto& x : q) x = uint8_t(g());
       for (auto& x : d) x = trial == 3 ? uint8_t(g() & 0x3) : uint8_t(g());
+      if (trial == 2)
+        for (int j = 1; j < nd; ++j)
+          if (g() % 3 == 0) std::copy_n(&d[(g() % j) * nb], nb, &d[j * nb]);
       std::vector<std::pair<int, int64_t>> want;
       for (int j = 0; j < nd; ++j) {
         int s = 0;
@@ -97,11 +103,12 @@ long check_scan(std::mt19937& g) {
       }
       std::sort(want.begin(), want.end());
       const int kk = std::min(k, nd);
-      lf::TopK<int32_t> h(kk);
+      lf::TopK<int32_t> h(k);
       scan_avx512(q.data(), d.data(), 0, nd, nb, h);
       std::vector<int32_t> dist(kk);
       std::vector<int64_t> idx(kk);
-      lf::merge_topk<int32_t, int32_t>({&h}, kk, dist.data(), idx.data());
+      lf::merge_topk<int32_t, int32_t>({&h}, k, dist.data(), idx.data());
+      bad += h.size() != kk;
       for (int i = 0; i < kk; ++i) bad += dist[i] != want[i].first || idx[i] != want[i].second;
     }
   return bad;
@@ -148,7 +155,7 @@ KERNELS = {
         "LF_AVX512",
         HAMMING_MAIN,
         (("LF_AVX2 __attribute__((always_inline)) inline void select8(",
-          "// Fused scan for codes of exactly NC", "LF_AVX2"),),
+          "// The fused scans pack distances", "LF_AVX2"),),
     ),
 }
 

@@ -25,17 +25,28 @@ def hamming_reference(q, d, k):
     return np.take_along_axis(dist, order, 1), order
 
 
-def codes(rng, n, nb, ties=False):
+def codes(rng, n, nb, ties=False, duplicates=False):
     c = rng.integers(0, 256, (n, nb), dtype=np.uint8)
-    return c & 0x11 if ties else c
+    c = c & 0x11 if ties else c
+    if duplicates:  # about a third of the rows repeat an earlier row: equal distances, ranked by lower index
+        for j in range(1, n):
+            if rng.random() < 0.35:
+                c[j] = c[rng.integers(0, j)]
+    return c
 
 
-@pytest.mark.parametrize("nb", [1, 2, 13, 32, 48, 128, 130])
+# Every length class of the fused scans: under one 32-byte chunk, whole 32/64-byte chunks, masked tails,
+# the lengths of common embedders (384 -> 48, 768 -> 96, 896 -> 112, 2560 -> 320, 3584 -> 448,
+# 4096 dims -> 512 bytes), past the unrolled forms (520, 600), past the 16-bit distance limit (8192).
+SIZES = [1, 2, 7, 13, 16, 31, 32, 33, 48, 63, 65, 96, 112, 128, 130, 160, 320, 448, 512, 520, 600]
+
+
+@pytest.mark.parametrize("nb", SIZES)
 def test_hamming_matches_brute_force(nb, simd):
-    for seed in range(3):
+    for seed in range(4):
         rng = np.random.default_rng(seed)
-        ties = seed == 2
-        q, d = codes(rng, 4, nb, ties), codes(rng, 301, nb, ties)
+        ties, dups = seed == 2, seed == 3
+        q, d = codes(rng, 4, nb, ties), codes(rng, 301, nb, ties, dups)  # 301: not a multiple of 8
         for k in (1, 7, 301):
             dist, idx = quant.hamming_topk(q, d, k)
             want_d, want_i = hamming_reference(q, d, k)
@@ -44,12 +55,25 @@ def test_hamming_matches_brute_force(nb, simd):
             np.testing.assert_array_equal(idx, want_i)
 
 
-def test_hamming_large_corpus_split_over_threads(simd):
+def test_hamming_past_the_fused_length_limit(simd):
+    """Distances over 65535 bits (codes over 8191 bytes) leave the scans' 16-bit fields: the row path."""
+    rng = np.random.default_rng(9)
+    for nb in (8191, 8192):
+        q, d = codes(rng, 2, nb), codes(rng, 21, nb, duplicates=True)
+        q[0], d[3] = 0, 255  # one distance of every bit
+        dist, idx = quant.hamming_topk(q, d, 21)
+        want_d, want_i = hamming_reference(q, d, 21)
+        np.testing.assert_array_equal(dist, want_d)
+        np.testing.assert_array_equal(idx, want_i)
+
+
+@pytest.mark.parametrize("nb", [16, 48, 112, 128, 520])
+def test_hamming_large_corpus_split_over_threads(nb, simd):
     """Enough documents that every thread scans its own slice; per-slice results are merged."""
     rng = np.random.default_rng(5)
     torch.set_num_threads(2)
     for ties in (False, True):
-        q, d = codes(rng, 3, 128, ties), codes(rng, 20000, 128, ties)
+        q, d = codes(rng, 3, nb, ties), codes(rng, 9001, nb, ties, duplicates=ties)
         dist, idx = quant.hamming_topk(torch.from_numpy(q), torch.from_numpy(d), 10)
         want_d, want_i = hamming_reference(q, d, 10)
         np.testing.assert_array_equal(dist.numpy(), want_d)
