@@ -49,6 +49,7 @@ static inline simde__m512i lf_maskz_loadu_epi8(simde__mmask64 k, const void* p) 
 #include <utility>
 #include "csrc/core/topk.h"
 using lf::TopK;
+using ScanFn = void (*)(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, TopK<int32_t>&);
 struct IntQuery { const int8_t* a; const uint8_t* a_off; int32_t head_sum; };
 """
 
@@ -104,7 +105,7 @@ long check_scan(std::mt19937& g) {
       std::sort(want.begin(), want.end());
       const int kk = std::min(k, nd);
       lf::TopK<int32_t> h(k);
-      scan_avx512(q.data(), d.data(), 0, nd, nb, h);
+      avx512_scan_for(nb)(q.data(), d.data(), 0, nd, nb, h);
       std::vector<int32_t> dist(kk);
       std::vector<int64_t> idx(kk);
       lf::merge_topk<int32_t, int32_t>({&h}, k, dist.data(), idx.data());
