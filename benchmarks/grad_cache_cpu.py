@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""One training step (forward + loss + backward) on CPU: lf.GradCache with and without reuse_last_chunk vs
-the uncached step, interleaved in one process, min of the repeats. Random-init Qwen2 (hidden 256, 4 layers,
-sdpa), float32, L = 64, B query/document pairs.
+"""One training step (forward + loss + backward) on CPU: lf.GradCache (default: rows sorted longest first
+into chunks, the last chunk's graph reused), with ``sort_by_length=False`` and with
+``reuse_last_chunk=False``, vs the uncached step, interleaved in one process, min of the repeats.
+Random-init Qwen2 (hidden 256, 4 layers, sdpa), float32, right-padded random tokens of length L
+(``--min-len``: lengths uniform in [min_len, L], so chunks have padding to trim), B query/document pairs.
 
-    python benchmarks/grad_cache_cpu.py B CHUNK [repeats]
+    python benchmarks/grad_cache_cpu.py B CHUNK [repeats] [--L 64] [--min-len M]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -18,23 +20,33 @@ from llmembed_fast.bench.cases_grad_cache import qwen2_encoder, random_batch
 
 
 def main() -> None:
-    B, chunk = int(sys.argv[1]), int(sys.argv[2])
-    reps = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("B", type=int)
+    ap.add_argument("chunk", type=int)
+    ap.add_argument("repeats", type=int, nargs="?", default=5)
+    ap.add_argument("--L", type=int, default=64, help="padded length (default 64)")
+    ap.add_argument("--min-len", type=int, default=None, help="shortest row (default: every row is L long)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     enc = qwen2_encoder(torch.device("cpu"), hidden_size=256, intermediate_size=512, num_hidden_layers=4)
-    q, d = random_batch(B, 64, 1000, "cpu", 1), random_batch(B, 64, 1000, "cpu", 2)
+    q = random_batch(args.B, args.L, 1000, "cpu", 1, min_len=args.min_len)
+    d = random_batch(args.B, args.L, 1000, "cpu", 2, min_len=args.min_len)
+    tokens = int(q["attention_mask"].sum() + d["attention_mask"].sum())
+    print(f"B={args.B} chunk={args.chunk} L={args.L} min_len={args.min_len}: {tokens} tokens, "
+          f"{2 * args.B * args.L} padded")
 
-    def cached(reuse: bool):
-        gc = lf.GradCache(enc, lf.contrastive_loss, chunk, reuse_last_chunk=reuse)
+    def cached(**kw):
+        gc = lf.GradCache(enc, lf.contrastive_loss, args.chunk, **kw)
         return lambda: gc.step(q, d)
 
     def uncached():
         lf.contrastive_loss(enc(q), enc(d)).backward()
 
-    fns = {"uncached": uncached, "GradCache": cached(True),
-           "GradCache, reuse_last_chunk=False": cached(False)}
+    fns = {"uncached": uncached, "GradCache": cached(),
+           "GradCache, sort_by_length=False": cached(sort_by_length=False),
+           "GradCache, reuse_last_chunk=False": cached(reuse_last_chunk=False)}
     best: dict[str, float] = {}
-    for _ in range(reps):
+    for _ in range(args.repeats):
         for name, fn in fns.items():
             enc.zero_grad(set_to_none=True)
             t0 = time.perf_counter()

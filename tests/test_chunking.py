@@ -72,9 +72,9 @@ def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     calls = []
     real = chunking.chunk_widths
 
-    def spy(batch, ranges):
+    def spy(batch, ranges, ends=None):
         calls.append(len(ranges))
-        return real(batch, ranges)
+        return real(batch, ranges, ends)
 
     monkeypatch.setattr(gc_mod, "chunk_widths", spy)
     seen = []
@@ -88,11 +88,35 @@ def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     lengths = torch.tensor([2, 3, 2, 9, 9, 9, 1, 2])
     mask = (torch.arange(10)[None] < lengths[:, None]).long()
     batch = {"input_ids": torch.randint(1, 50, (8, 10)) * mask, "attention_mask": mask}
-    GradCache(encoder, lf.contrastive_loss, 3).step(batch, batch)
+    GradCache(encoder, lf.contrastive_loss, 3, sort_by_length=False).step(batch, batch)
     assert calls == [3, 3]  # one call per tower, covering its three chunks; the replay reuses them
     # pass 1 and pass 2, both towers: trimmed widths 3, 9 (full is 10), 2; the documents' last chunk keeps
     # its graph from pass 1 (reuse_last_chunk) and is not re-run
     assert seen == [3, 9, 2] * 3 + [3, 9]
+    # sorted longest first (the default): rows 3-5 (9 tokens), then 1, 0, 2 (3, 2, 2), then 7, 6 (2, 1)
+    calls.clear()
+    seen.clear()
+    GradCache(encoder, lf.contrastive_loss, 3).step(batch, batch)
+    assert calls == [3, 3] and seen == [9, 3, 2] * 3 + [9, 3]
+
+
+def test_row_ends_longest_first_and_take_rows():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
+    batch = {"input_ids": torch.arange(20).view(5, 4), "attention_mask": mask,
+             "prompt_length": torch.tensor([1]), "nested": {"pool_mask": mask.bool(), "tag": "x"},
+             "labels": torch.arange(5)}
+    ends = chunking.row_ends(batch)
+    assert ends == [2, 4, 0, 3, 4]
+    order = chunking.longest_first(ends)
+    assert order == [1, 4, 3, 0, 2]  # ties keep their order
+    assert chunking.longest_first([4, 4, 4]) is None and chunking.longest_first([3, 2, 2]) is None
+    assert chunking.row_ends(torch.ones(3, 4)) is None  # a tensor batch: no lengths
+    got = chunking.take_rows(batch, torch.tensor(order))
+    torch.testing.assert_close(got["input_ids"], batch["input_ids"][order], rtol=0, atol=0)
+    torch.testing.assert_close(got["nested"]["pool_mask"], mask.bool()[order], rtol=0, atol=0)
+    torch.testing.assert_close(got["labels"], torch.tensor(order), rtol=0, atol=0)
+    assert got["prompt_length"].tolist() == [1] and got["nested"]["tag"] == "x"  # batch metadata unchanged
+    assert chunk_widths(got, [(0, 2), (2, 4), (4, 5)], [ends[i] for i in order]) == [None, 3, None]
 
 
 def test_flattened_batch_is_split_by_sequence():

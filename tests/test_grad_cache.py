@@ -665,3 +665,91 @@ def test_fsdp2_no_sync_restores_each_group(layout):
     else:
         assert m.sync_calls == [False, True]
         assert [g.reduce_grads for g in groups] == [True, True]
+
+
+class _Spy(nn.Module):
+    """Records each chunk's input_ids as the encoder sees them."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc, self.seen = enc, []
+
+    def forward(self, batch):
+        self.seen.append(batch["input_ids"].clone())
+        return self.enc(batch)
+
+
+def _ends(mask):
+    return [int(r.nonzero().max()) + 1 if r.any() else 0 for r in mask]
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_sort_by_length_chunks_longest_first(chunk):
+    """Rows are chunked longest first (each chunk padded to about its own length: fewer tokens run), the
+    loss sees them in the caller's order, and the gradients equal the uncached ones; with it off, chunks are
+    the rows in order."""
+    enc = _Spy(Encoder(make_model("qwen2", 0.0), 0.0)).train()
+    qb, db = make_batch(B, 11), make_batch(N, 12)
+    loss_ref = info_nce(enc(qb), enc(db))
+    loss_ref.backward()
+    want = grads_of(enc)
+    tokens = {}
+    for sort in (True, False):
+        enc.seen.clear()
+        loss = GradCache(enc, info_nce, chunk, sort_by_length=sort).step(qb, db)
+        torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+        assert_grads_close(grads_of(enc), want)
+        first_q = enc.seen[: -(-B // chunk)]  # the first pass's query chunks
+        rows = torch.cat([torch.nn.functional.pad(x, (0, L - x.shape[1])) for x in first_q])
+        if sort:
+            order = sorted(range(B), key=lambda i: -_ends(qb["attention_mask"])[i])
+            assert order != list(range(B))  # the test's batch is not sorted already
+            torch.testing.assert_close(rows, qb["input_ids"][order], rtol=0, atol=0)
+            widths = [x.shape[1] for x in first_q]
+            assert widths == sorted(widths, reverse=True)
+        else:
+            torch.testing.assert_close(rows, qb["input_ids"], rtol=0, atol=0)
+        tokens[sort] = sum(x.numel() for x in enc.seen)
+    assert tokens[True] < tokens[False]
+
+
+def test_sort_by_length_with_dropout_replays_the_sorted_chunks():
+    """With dropout, the reference embeds the same longest-first chunks from the same RNG state: the replay
+    and the mapping of the cached gradient's rows back to the sorted chunks are both exercised."""
+    chunk = 4
+    enc = Encoder(make_model("bert", 0.1), 0.1).train()
+    qb, db = make_batch(B, 13), make_batch(N, 14)
+
+    def sorted_embed(batch, n):
+        order = sorted(range(n), key=lambda i: -_ends(batch["attention_mask"])[i])
+        idx = torch.tensor(order)
+        parts = []
+        for lo in range(0, n, chunk):
+            rows = idx[lo:lo + chunk]
+            part = {k: v[rows] for k, v in batch.items()}
+            w = max(_ends(part["attention_mask"]))
+            parts.append(enc({k: v[:, :w] for k, v in part.items()}))
+        out = torch.cat(parts)
+        return out[torch.argsort(idx)]
+
+    torch.manual_seed(5)
+    loss_ref = info_nce(sorted_embed(qb, B), sorted_embed(db, N))
+    loss_ref.backward()
+    want = grads_of(enc)
+    torch.manual_seed(5)
+    loss = GradCache(enc, info_nce, chunk).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+
+
+def test_left_padded_batches_keep_their_order():
+    """A left-padded batch (every row ends at the last column) is not reordered."""
+    enc = _Spy(Encoder(make_model("llama", 0.0), 0.0)).train()
+    qb, db = make_batch(B, 15), make_batch(N, 16)
+    for b in (qb, db):
+        for k in b:
+            b[k] = torch.stack([torch.roll(r, int((b["attention_mask"][i] == 0).sum())) for i, r in
+                                enumerate(b[k])])
+    assert all(e == L for e in _ends(qb["attention_mask"]))
+    GradCache(enc, info_nce, 3).step(qb, db)
+    torch.testing.assert_close(torch.cat(enc.seen[:4]), qb["input_ids"], rtol=0, atol=0)

@@ -276,3 +276,19 @@ def test_positional_arguments_follow_sentence_transformers(bert_st):
         CachedFusedMNRLoss(bert_st, hardness_mode="hard_negatives", hardness_strength=1.0)
     with pytest.warns(UserWarning, match="no effect with hardness_strength=0"):  # a no-op, as in ST
         CachedFusedMNRLoss(bert_st, hardness_mode="hard_negatives", hardness_strength=0.0)
+
+
+def test_sort_by_length_same_loss_and_gradients_without_dropout(bert_st):
+    """sort_by_length=True forms the mini-batches longest first: without dropout (eval mode) the loss and
+    gradients still equal sentence-transformers' (only dropout masks depend on the mini-batches)."""
+    feats = features(bert_st, [TEXTS[:9], TEXTS[9:18], TEXTS[18:27]])
+    lengths = feats[0]["attention_mask"].sum(1).tolist()
+    assert lengths != sorted(lengths, reverse=True)  # the rows are reordered
+    bert_st.eval()
+    try:
+        want = run(st_cached_mnrl(bert_st, scale=20.0, mini_batch_size=2), bert_st, feats, 11)
+        loss = CachedFusedMNRLoss(bert_st, scale=20.0, mini_batch_size=2, sort_by_length=True)
+        assert loss.get_config_dict()["sort_by_length"] is True
+        assert_same(run(loss, bert_st, feats, 11), want)
+    finally:
+        bert_st.train()

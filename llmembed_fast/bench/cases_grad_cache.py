@@ -85,8 +85,9 @@ def step_peak_bytes(peak_extra_bytes, encoder, fn) -> int:
 
 
 def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtype=None):
-    """{"gradcache": fn, "gradcache_no_reuse": fn, "uncached": fn, "st_cached_mnrl": fn or reason}: one
-    forward/backward each ("gradcache_no_reuse": ``reuse_last_chunk=False``, every chunk run twice). Each
+    """{"gradcache": fn, "gradcache_no_reuse": fn, "gradcache_unsorted": fn, "uncached": fn, "st_cached_mnrl":
+    fn or reason}: one forward/backward each ("gradcache_no_reuse": ``reuse_last_chunk=False``, every chunk
+    run twice; "gradcache_unsorted": ``sort_by_length=False``, chunks of the rows in order). Each
     step starts with ``zero_grad(set_to_none=True)`` (gradients allocated anew, as in training); measure its
     memory with :func:`step_peak_bytes`."""
     dev = next(encoder.parameters()).device
@@ -108,6 +109,8 @@ def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtyp
     out = {"gradcache": cached_fn(lf.GradCache(encoder, lf.contrastive_loss, chunk)),
            "gradcache_no_reuse": cached_fn(lf.GradCache(encoder, lf.contrastive_loss, chunk,
                                                         reuse_last_chunk=False)),
+           "gradcache_unsorted": cached_fn(lf.GradCache(encoder, lf.contrastive_loss, chunk,
+                                                        sort_by_length=False)),
            "uncached": uncached}
     try:
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
@@ -148,5 +151,6 @@ def cases(ctx) -> list:
     H = enc.model.config.hidden_size
     return [Case("grad_cache", f"train step B{B} L{L} chunk{chunk} H{H} {str(dtype)[6:]}", fns["gradcache"],
                  {"uncached": fns["uncached"], "GradCache, reuse_last_chunk=False": fns["gradcache_no_reuse"],
+                  "GradCache, sort_by_length=False": fns["gradcache_unsorted"],
                   "sentence-transformers CachedMNRL": fns["st_cached_mnrl"]},
                  note="speedup < 1 vs uncached is the price of caching (one extra forward); ideal ~0.75x")]

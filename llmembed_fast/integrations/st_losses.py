@@ -91,6 +91,11 @@ class CachedFusedMNRLoss(nn.Module):
         matryoshka_dims / matryoshka_weights: a weighted sum over embedding prefixes, in one pass (what
             ``MatryoshkaLoss`` wrapping the cached loss computes with one loss run per dim).
         trim_padding: embed each mini-batch at its own padded width (sentence-transformers does the same).
+        sort_by_length: form the mini-batches from the rows sorted longest first (``lf.GradCache``'s
+            ``sort_by_length``): with mixed lengths far fewer padded tokens are embedded, twice. The loss
+            and gradients are the same, except that under dropout each mini-batch then draws other masks
+            than in ``CachedMultipleNegativesRankingLoss``, whose mini-batches are the rows in order.
+            Default False: the same mini-batches as that loss, so a run reproduces its numbers.
     """
 
     uses_gradient_cache = True  # sentence-transformers' marker: the backward re-embeds the mini-batches
@@ -101,7 +106,8 @@ class CachedFusedMNRLoss(nn.Module):
                  show_progress_bar: bool = False, hardness_mode: str | None = None,
                  hardness_strength: float = 0.0, *, symmetric: bool = False, same_tower: bool = False,
                  false_negative_margin: float | None = None, matryoshka_dims: Sequence[int] | None = None,
-                 matryoshka_weights: Sequence[float] | None = None, trim_padding: bool = True):
+                 matryoshka_weights: Sequence[float] | None = None, trim_padding: bool = True,
+                 sort_by_length: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
@@ -139,6 +145,7 @@ class CachedFusedMNRLoss(nn.Module):
         self.false_negative_margin = false_negative_margin
         self.matryoshka_dims, self.matryoshka_weights = self._sorted_dims(matryoshka_dims, matryoshka_weights)
         self.trim_padding = bool(trim_padding)
+        self.sort_by_length = bool(sort_by_length)
         self.n_dims_per_step = -1  # MatryoshkaLoss's: a random subset of the dims per step when > 0
 
     # sentence-transformers' gradient-cache protocol: MatryoshkaLoss replaces a cached loss's
@@ -233,14 +240,16 @@ class CachedFusedMNRLoss(nn.Module):
         sync = synced_module(self.model)
         dims = self._step_dims()  # drawn once per step from Python's random, as MatryoshkaLoss draws them
         gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group, dims), self.mini_batch_size,
-                       trim_padding=self.trim_padding, grad_multiplier=float(world), sync_module=sync)
+                       trim_padding=self.trim_padding, sort_by_length=self.sort_by_length,
+                       grad_multiplier=float(world), sync_module=sync)
         return gc.forward(features[0], features[1:])
 
     def get_config_dict(self) -> dict:
         return {"scale": self.scale, "similarity_fct": "cos_sim", "mini_batch_size": self.mini_batch_size,
                 "gather_across_devices": self.gather_across_devices, "symmetric": self.symmetric,
                 "same_tower": self.same_tower, "false_negative_margin": self.false_negative_margin,
-                "matryoshka_dims": self.matryoshka_dims, "matryoshka_weights": self.matryoshka_weights}
+                "matryoshka_dims": self.matryoshka_dims, "matryoshka_weights": self.matryoshka_weights,
+                "sort_by_length": self.sort_by_length}
 
     @property
     def temperature(self) -> float:

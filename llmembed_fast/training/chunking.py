@@ -86,20 +86,56 @@ def _mask_of(batch) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def chunk_widths(batch, ranges: list[tuple[int, int]]) -> list[int | None]:
-    """For each chunk, the sequence width once its all-padding trailing columns are dropped (None: keep all
-    columns). One host transfer for the whole batch, not one per chunk."""
+def row_ends(batch) -> list[int] | None:
+    """Per row, one past its last attended column (0 for an all-padding row): the width the row needs once
+    trailing padding is dropped. None for a batch without a 2-D ``attention_mask`` (a tensor, a flattened
+    batch). One host transfer for the whole batch."""
     mask = None if is_flattened(batch) else _mask_of(batch)
     if mask is None:
-        return [None] * len(ranges)
+        return None
     L = mask.shape[1]
     used = mask.ne(0)
-    last = torch.where(used.any(1), L - 1 - used.flip(1).to(torch.int8).argmax(1), -1).tolist()
+    return torch.where(used.any(1), L - used.flip(1).to(torch.int8).argmax(1), 0).tolist()
+
+
+def chunk_widths(batch, ranges: list[tuple[int, int]], ends: list[int] | None = None) -> list[int | None]:
+    """For each chunk, the sequence width once its all-padding trailing columns are dropped (None: keep all
+    columns). One host transfer for the whole batch, not one per chunk; none with ``ends`` (from
+    :func:`row_ends`) given."""
+    if ends is None:
+        ends = row_ends(batch)
+    if ends is None:
+        return [None] * len(ranges)
+    L = _mask_of(batch).shape[1]
     widths = []
     for lo, hi in ranges:
-        w = max(last[lo:hi], default=-1) + 1
+        w = max(ends[lo:hi], default=0)
         widths.append(w if 0 < w < L else None)
     return widths
+
+
+def longest_first(ends: list[int]) -> list[int] | None:
+    """The row order that sorts ``ends`` (from :func:`row_ends`) longest first, ties in their original order,
+    or None when the rows are in that order already (a left-padded or unpadded batch: all ends equal).
+    Longest first: the widest chunk runs first, so a batch whose chunks do not fit fails at once."""
+    order = sorted(range(len(ends)), key=lambda i: -ends[i])
+    return None if all(i == j for i, j in enumerate(order)) else order
+
+
+def take_rows(batch, index: torch.Tensor):
+    """``batch`` with its rows in the order of ``index`` (int64 [n], a permutation of the rows): every
+    per-example tensor gathered along dim 0 (a copy), nested dicts recursively, other values unchanged.
+    Not for flattened batches."""
+    if isinstance(batch, torch.Tensor):
+        return batch.index_select(0, index.to(batch.device))
+    out = {}
+    for k, v in batch.items():
+        if _per_row(k, v):
+            v = v.index_select(0, index.to(v.device))
+        elif isinstance(v, Mapping):
+            v = take_rows(v, index)
+        out[k] = v
+    return out
 
 
 def _rows(batch: Mapping, lo: int, hi: int) -> dict:

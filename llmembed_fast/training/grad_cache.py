@@ -24,7 +24,15 @@ from typing import NamedTuple
 
 import torch
 
-from llmembed_fast.training.chunking import batch_size, chunk_ranges, chunk_widths, slice_batch
+from llmembed_fast.training.chunking import (
+    batch_size,
+    chunk_ranges,
+    chunk_widths,
+    longest_first,
+    row_ends,
+    slice_batch,
+    take_rows,
+)
 from llmembed_fast.training.rng import RngState, cuda_devices_of, preserved_rng
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
@@ -44,6 +52,14 @@ class _Tower(NamedTuple):
     side: int = 0       # 0: rows of q, 1: rows of d
     offset: int = 0     # first row in q or d
     kept: torch.Tensor | None = None  # the last chunk's embeddings with their graph (reuse_last_chunk)
+    order: torch.Tensor | None = None  # sort_by_length: row i of ``batch`` is row order[i] of the input
+
+
+def _grad_rows(g: torch.Tensor, t: _Tower, lo: int, hi: int) -> torch.Tensor:
+    """The rows of the cached gradient g (all of q or d) that belong to chunk [lo, hi) of tower t."""
+    if t.order is None:
+        return g[t.offset + lo:t.offset + hi]
+    return g.index_select(0, t.order[lo:hi] + t.offset)
 
 
 def _check_chunk_size(value, name: str) -> int:
@@ -167,6 +183,12 @@ class GradCache:
             ``attention_mask``, ``token_type_ids``, ``position_ids``, ``pool_mask``, ...) and
             ``sequence_keys``.
         sequence_keys: more top-level keys whose dim 1 is the token axis (trimmed with ``trim_padding``).
+        sort_by_length: with ``trim_padding``, chunk each tower's rows longest first (by their last attended
+            column), so every chunk is padded to about its own rows' length instead of nearly the batch's
+            longest: with mixed lengths, far fewer padded tokens run through the encoder (twice). The loss
+            still sees the rows in the caller's order, and the gradients are unchanged. Rows are reordered
+            only where that changes something (right-padded batches of mixed lengths, more than one chunk).
+            Default True.
         grad_multiplier: multiplies every gradient of the step (the gradient reaching the loss: the
             embeddings' and the loss's own parameters', e.g. a learnable temperature), not the returned
             loss. With DDP and a loss that is already the global one (``contrastive_loss(group=...)``),
@@ -190,7 +212,7 @@ class GradCache:
 
     def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *,
                  doc_encoder: Callable | None = None, scaler=None, doc_chunk_size: int | None = None,
-                 trim_padding: bool = True, sequence_keys=(),
+                 trim_padding: bool = True, sequence_keys=(), sort_by_length: bool = True,
                  grad_multiplier: float = 1.0, replay_rng: bool = True, reuse_last_chunk: bool = True,
                  sync_module=None):
         if not callable(encoder):
@@ -225,6 +247,7 @@ class GradCache:
                                                                                                "doc_chunk_size")
         self.scaler = scaler
         self.trim_padding = bool(trim_padding)
+        self.sort_by_length = bool(sort_by_length)
         self.grad_multiplier = float(grad_multiplier)
         self.replay_rng = bool(replay_rng)
         self.reuse_last_chunk = bool(reuse_last_chunk)
@@ -251,9 +274,15 @@ class GradCache:
         ranges = chunk_ranges(n, chunk)
         states: list[RngState] | None = [] if capture else None
         devices: list[int] = []
-        out = kept = None
-        # one host sync for every chunk's trimmed width (pass 2 reuses them)
-        widths = chunk_widths(batch, ranges) if self.trim_padding else [None] * len(ranges)
+        out = kept = order = None
+        # one host sync for every row's length: the chunks' trimmed widths (pass 2 reuses them), the order
+        ends = row_ends(batch) if self.trim_padding else None
+        perm = longest_first(ends) if ends is not None and self.sort_by_length and len(ranges) > 1 else None
+        if perm is not None:
+            order = torch.tensor(perm, dtype=torch.int64)
+            batch = take_rows(batch, order)
+            ends = [ends[i] for i in perm]
+        widths = chunk_widths(batch, ranges, ends) if ends is not None else [None] * len(ranges)
         with torch.no_grad():
             for i, (lo, hi) in enumerate(ranges):
                 part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding, width=widths[i],
@@ -269,13 +298,17 @@ class GradCache:
                     kept = emb
                 if out is None:
                     out = torch.empty((n, emb.shape[1]), dtype=emb.dtype, device=emb.device)
+                    order = None if order is None else order.to(out.device)
                 elif emb.shape[1] != out.shape[1] or emb.dtype != out.dtype:
                     raise ValueError(f"the encoder returned [{hi - lo}, {emb.shape[1]}] {emb.dtype} "
                                      f"for a chunk of {name} but [.., {out.shape[1]}] {out.dtype} "
                                      "for the previous ones")
-                out[lo:hi] = emb
+                if order is None:
+                    out[lo:hi] = emb
+                else:  # back in the caller's row order
+                    out.index_copy_(0, order[lo:hi], emb)
         return out, _Tower(name, encoder, batch, ranges, states, devices, widths, self._sync_of(encoder),
-                           side, offset, kept)
+                           side, offset, kept, order)
 
     @staticmethod
     def _check_embeddings(emb, rows: int, name: str) -> torch.Tensor:
@@ -383,7 +416,7 @@ class GradCache:
             g = grads[t.side]
             if t.kept is not None and g is not None:
                 lo, hi = t.ranges[-1]
-                torch.autograd.backward(t.kept, g[t.offset + lo:t.offset + hi].to(t.kept.dtype))
+                torch.autograd.backward(t.kept, _grad_rows(g, t, lo, hi).to(t.kept.dtype))
         jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
                 for i in range(len(t.ranges) - (t.kept is not None))]  # a kept chunk is the tower's last
         last_of = {}  # sync module id -> index of the last job under it (the one synchronized)
@@ -408,7 +441,7 @@ class GradCache:
                         t.states[i].restore()
                     emb = self._check_embeddings(t.encoder(part), hi - lo, t.name)
                     if emb.requires_grad:
-                        torch.autograd.backward(emb, g[t.offset + lo:t.offset + hi].to(emb.dtype))
+                        torch.autograd.backward(emb, _grad_rows(g, t, lo, hi).to(emb.dtype))
                     else:  # a frozen tower has nothing to back-propagate into
                         frozen.add(id(t))
                     del emb
