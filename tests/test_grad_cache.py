@@ -753,3 +753,14 @@ def test_left_padded_batches_keep_their_order():
     assert all(e == L for e in _ends(qb["attention_mask"]))
     GradCache(enc, info_nce, 3).step(qb, db)
     torch.testing.assert_close(torch.cat(enc.seen[:4]), qb["input_ids"], rtol=0, atol=0)
+
+
+def test_embed_returns_rows_in_the_callers_order():
+    """GradCache.embed (evaluation) chunks the rows longest first too, and puts them back in order."""
+    enc = Encoder(make_model("qwen2", 0.0), 0.0).eval()
+    qb = make_batch(B, 17)
+    with torch.no_grad():
+        want = enc(qb)
+    for sort in (True, False):
+        got = GradCache(enc, info_nce, 3, sort_by_length=sort).embed(qb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
