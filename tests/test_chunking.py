@@ -142,3 +142,27 @@ def test_flattened_batch_is_split_by_sequence():
     assert chunk_widths(batch, [(0, 2), (2, 4)]) == [None, None]
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         batch_size({**batch, "cu_seq_lens_q": torch.tensor([[0, 3]])}, "doc_batch")
+
+
+def test_token_ranges_pack_as_sentence_transformers():
+    """chunking.token_ranges packs as sentence-transformers' mini_batch_num_tokens does (compared with its
+    own function where it is importable), plus the row cap."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        counts = torch.randint(0, 30, (n,), generator=g).tolist()
+        budget = int(torch.randint(1, 80, (1,), generator=g))
+        got = chunking.token_ranges(counts, budget, n)
+        assert got[0][0] == 0 and got[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))  # contiguous
+        for lo, hi in got:
+            assert hi - lo == 1 or sum(counts[lo:hi]) <= budget
+            assert hi == n or sum(counts[lo:hi + 1]) > budget  # greedy: the next row would not fit
+        capped = chunking.token_ranges(counts, budget, 3)
+        assert all(hi - lo <= 3 for lo, hi in capped) and capped[-1][1] == n
+        try:
+            from sentence_transformers.base.losses.gradcache import _minibatch_ranges
+        except ImportError:
+            continue
+        mask = (torch.arange(30)[None] < torch.tensor(counts)[:, None]).long()
+        assert got == _minibatch_ranges({"attention_mask": mask}, 1, budget), (counts, budget)

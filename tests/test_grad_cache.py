@@ -764,3 +764,35 @@ def test_embed_returns_rows_in_the_callers_order():
     for sort in (True, False):
         got = GradCache(enc, info_nce, 3, sort_by_length=sort).embed(qb)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_chunk_tokens_packs_rows_by_attended_tokens(sort):
+    """chunk_tokens: each chunk holds consecutive rows (of the sorted order) while their attended tokens
+    fit, at most chunk_size rows, a longer row alone; gradients equal the uncached step's."""
+    enc = _Spy(Encoder(make_model("qwen2", 0.0), 0.0)).train()
+    qb, db = make_batch(B, 18), make_batch(N, 19)
+    loss_ref = info_nce(enc(qb), enc(db))
+    loss_ref.backward()
+    want = grads_of(enc)
+    enc.seen.clear()
+    budget = 20
+    loss = GradCache(enc, info_nce, 4, chunk_tokens=budget, sort_by_length=sort).step(qb, db)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads_of(enc), want)
+    lengths = qb["attention_mask"].sum(1).tolist()
+    order = sorted(range(B), key=lambda i: -_ends(qb["attention_mask"])[i]) if sort else list(range(B))
+    sizes, lo = [], 0
+    while lo < B:  # the packing, written out
+        hi, total = lo + 1, lengths[order[lo]]
+        while hi < B and hi - lo < 4 and total + lengths[order[hi]] <= budget:
+            total += lengths[order[hi]]
+            hi += 1
+        sizes.append(hi - lo)
+        lo = hi
+    assert [x.shape[0] for x in enc.seen[: len(sizes)]] == sizes and len(set(sizes)) > 1
+    with pytest.raises(ValueError, match="chunk_tokens needs"):
+        GradCache(enc, info_nce, 4, chunk_tokens=8).step(torch.randn(4, 6), torch.randn(4, 6))
+    for bad, err in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="chunk_tokens"):
+            GradCache(enc, info_nce, 4, chunk_tokens=bad)

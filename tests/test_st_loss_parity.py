@@ -268,8 +268,10 @@ def test_positional_arguments_follow_sentence_transformers(bert_st):
     assert CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "doc_to_query"),
                               partition_mode="per_direction").symmetric
     assert CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "query_to_query", "doc_to_doc")).same_tower
-    with pytest.raises(ValueError, match="mini_batch_num_tokens"):
-        CachedFusedMNRLoss(bert_st, 20.0, util.cos_sim, 16, 4096)
+    assert CachedFusedMNRLoss(bert_st, 20.0, util.cos_sim, 16, 4096).mini_batch_num_tokens == 4096
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="mini_batch_num_tokens"):
+            CachedFusedMNRLoss(bert_st, 20.0, util.cos_sim, 16, bad)
     with pytest.raises(ValueError, match="directions"):
         CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "doc_to_query"))  # joint: not expressed
     with pytest.raises(ValueError, match="hardness_mode"):
@@ -292,3 +294,17 @@ def test_sort_by_length_same_loss_and_gradients_without_dropout(bert_st):
         assert_same(run(loss, bert_st, feats, 11), want)
     finally:
         bert_st.train()
+
+
+@pytest.mark.parametrize("budget", [7, 40, 100])
+def test_mini_batch_num_tokens_matches_sentence_transformers(bert_st, budget):
+    """Token-budget mini-batches (sentence-transformers 6's mini_batch_num_tokens), dropout on: the same
+    packing (consecutive rows while their attended tokens fit, a longer row alone), hence the same masks,
+    loss and gradients; budget 7 is below most rows' length (each runs alone)."""
+    feats = features(bert_st, [TEXTS[:7], TEXTS[7:14], TEXTS[14:21]])
+    lengths = feats[0]["attention_mask"].sum(1).tolist()
+    assert min(lengths) < 40 < sum(lengths)  # the budgets give mini-batches of several sizes
+    want = run(st_cached_mnrl(bert_st, mini_batch_size=3, mini_batch_num_tokens=budget), bert_st, feats, 15)
+    loss = CachedFusedMNRLoss(bert_st, mini_batch_size=3, mini_batch_num_tokens=budget)
+    got = run(loss, bert_st, feats, 15)
+    assert_same(got, want)

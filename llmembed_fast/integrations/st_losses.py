@@ -71,7 +71,9 @@ class CachedFusedMNRLoss(nn.Module):
         scale: 1 / temperature (20 == temperature 0.05).
         similarity_fct: cosine similarity only (``util.cos_sim`` or None); anything else raises ValueError.
         mini_batch_size: rows embedded at once (the memory knob).
-        mini_batch_num_tokens: token-budget mini-batches are not supported: only None.
+        mini_batch_num_tokens: token-budget mini-batches, packed as sentence-transformers packs them:
+            consecutive rows while their attended tokens fit (a longer row alone), ``mini_batch_size`` then
+            unused. Needs features with an ``attention_mask`` (or flattened ones).
         gather_across_devices: negatives from every rank (``torch.distributed``); the loss is the global one
             and the gradients after DDP's averaging equal the single-process gradients of the global batch.
         directions / partition_mode: sentence-transformers' names for the terms: ``("query_to_doc",)``
@@ -120,9 +122,11 @@ class CachedFusedMNRLoss(nn.Module):
                              f"got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        if mini_batch_num_tokens is not None:
-            raise ValueError("mini_batch_num_tokens: token-budget mini-batches are not supported by "
-                             f"CachedFusedMNRLoss (use mini_batch_size), got {mini_batch_num_tokens!r}")
+        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
+                                                  or not isinstance(mini_batch_num_tokens, int)
+                                                  or mini_batch_num_tokens <= 0):
+            raise ValueError("mini_batch_num_tokens must be a positive int or None, "
+                             f"got {mini_batch_num_tokens!r}")
         if hardness_strength != 0:
             raise ValueError("hardness_mode / hardness_strength: hardness-weighted negatives are not "
                              "supported by CachedFusedMNRLoss, "
@@ -139,6 +143,7 @@ class CachedFusedMNRLoss(nn.Module):
         self.model = model
         self.scale = float(scale)
         self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
         self.gather_across_devices = bool(gather_across_devices)
         self.show_progress_bar = bool(show_progress_bar)
         self.symmetric, self.same_tower = bool(symmetric), bool(same_tower)
@@ -239,13 +244,17 @@ class CachedFusedMNRLoss(nn.Module):
         # self.model may be the DDP module the trainer put in the loss: its no_sync() must govern the chunks
         sync = synced_module(self.model)
         dims = self._step_dims()  # drawn once per step from Python's random, as MatryoshkaLoss draws them
-        gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group, dims), self.mini_batch_size,
+        # with a token budget sentence-transformers ignores mini_batch_size: no row cap
+        rows = self.mini_batch_size if self.mini_batch_num_tokens is None else 2**62
+        gc = GradCache(self._encode, lambda q, d: self._loss(q, d, group, dims), rows,
+                       chunk_tokens=self.mini_batch_num_tokens,
                        trim_padding=self.trim_padding, sort_by_length=self.sort_by_length,
                        grad_multiplier=float(world), sync_module=sync)
         return gc.forward(features[0], features[1:])
 
     def get_config_dict(self) -> dict:
         return {"scale": self.scale, "similarity_fct": "cos_sim", "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens,
                 "gather_across_devices": self.gather_across_devices, "symmetric": self.symmetric,
                 "same_tower": self.same_tower, "false_negative_margin": self.false_negative_margin,
                 "matryoshka_dims": self.matryoshka_dims, "matryoshka_weights": self.matryoshka_weights,

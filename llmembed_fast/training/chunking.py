@@ -86,16 +86,43 @@ def _mask_of(batch) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def row_ends(batch) -> list[int] | None:
-    """Per row, one past its last attended column (0 for an all-padding row): the width the row needs once
-    trailing padding is dropped. None for a batch without a 2-D ``attention_mask`` (a tensor, a flattened
-    batch). One host transfer for the whole batch."""
-    mask = None if is_flattened(batch) else _mask_of(batch)
+def row_stats(batch) -> tuple[list[int] | None, list[int] | None]:
+    """(ends, counts) per row, in one host transfer: ``ends`` one past the row's last attended column (0 for
+    an all-padding row), the width it needs once trailing padding is dropped; ``counts`` its attended
+    tokens. A flattened batch gives (None, its sequence lengths); a batch without a 2-D ``attention_mask``
+    (a tensor, say) (None, None)."""
+    if is_flattened(batch):
+        cu = batch[FLAT_KEY]
+        return None, (cu[1:] - cu[:-1]).tolist()
+    mask = _mask_of(batch)
     if mask is None:
-        return None
+        return None, None
     L = mask.shape[1]
     used = mask.ne(0)
-    return torch.where(used.any(1), L - used.flip(1).to(torch.int8).argmax(1), 0).tolist()
+    ends = torch.where(used.any(1), L - used.flip(1).to(torch.int8).argmax(1), 0)
+    ends, counts = torch.stack([ends, used.sum(1)]).tolist()
+    return ends, counts
+
+
+def row_ends(batch) -> list[int] | None:
+    """Per row, one past its last attended column (see :func:`row_stats`); None without a 2-D
+    ``attention_mask``."""
+    return row_stats(batch)[0]
+
+
+def token_ranges(counts: list[int], max_tokens: int, max_rows: int) -> list[tuple[int, int]]:
+    """Chunks of consecutive rows, each as many as fit ``max_tokens`` tokens (by ``counts``) and
+    ``max_rows`` rows; a row longer than the budget is a chunk of its own. The same greedy packing as
+    sentence-transformers' ``mini_batch_num_tokens``."""
+    ranges, lo, n = [], 0, len(counts)
+    while lo < n:
+        hi, total = lo + 1, counts[lo]
+        while hi < n and hi - lo < max_rows and total + counts[hi] <= max_tokens:
+            total += counts[hi]
+            hi += 1
+        ranges.append((lo, hi))
+        lo = hi
+    return ranges
 
 
 def chunk_widths(batch, ranges: list[tuple[int, int]], ends: list[int] | None = None) -> list[int | None]:

@@ -29,9 +29,10 @@ from llmembed_fast.training.chunking import (
     chunk_ranges,
     chunk_widths,
     longest_first,
-    row_ends,
+    row_stats,
     slice_batch,
     take_rows,
+    token_ranges,
 )
 from llmembed_fast.training.rng import RngState, cuda_devices_of, preserved_rng
 
@@ -55,6 +56,18 @@ class _Tower(NamedTuple):
     order: torch.Tensor | None = None  # sort_by_length: row i of ``batch`` is row order[i] of the input
 
 
+class _Plan(NamedTuple):
+    """How one side's batch is cut into chunks: ``batch`` with its rows in chunk order, ``order`` (row i of
+    ``batch`` is row order[i] of the input; None: the input order), the chunks' row ranges, their trimmed
+    widths."""
+
+    batch: object
+    n: int
+    order: torch.Tensor | None
+    ranges: list[tuple[int, int]]
+    widths: list[int | None]
+
+
 def _grad_rows(g: torch.Tensor, t: _Tower, lo: int, hi: int) -> torch.Tensor:
     """The rows of the cached gradient g (all of q or d) that belong to chunk [lo, hi) of tower t."""
     if t.order is None:
@@ -62,11 +75,11 @@ def _grad_rows(g: torch.Tensor, t: _Tower, lo: int, hi: int) -> torch.Tensor:
     return g.index_select(0, t.order[lo:hi] + t.offset)
 
 
-def _check_chunk_size(value, name: str) -> int:
+def _check_chunk_size(value, name: str, what: str = "rows per chunk") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers too
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name} must be a positive int (rows per chunk), got {value}")
+        raise ValueError(f"{name} must be a positive int ({what}), got {value}")
     return int(value)
 
 
@@ -189,6 +202,12 @@ class GradCache:
             still sees the rows in the caller's order, and the gradients are unchanged. Rows are reordered
             only where that changes something (right-padded batches of mixed lengths, more than one chunk).
             Default True.
+        chunk_tokens: also cap each chunk at this many attended (non-padding) tokens: consecutive rows (of
+            the sorted order with ``sort_by_length``) are packed while they fit, a longer row runs alone; the
+            row cap ``chunk_size`` still holds. With sorting, short rows then share large chunks and long rows
+            small ones, at about the same memory (sentence-transformers' ``mini_batch_num_tokens``). Needs
+            dict batches with an ``attention_mask`` (or flattened ones). Under FSDP / FSDP2 every rank must
+            end up with as many chunks (checked). Default None: rows only.
         grad_multiplier: multiplies every gradient of the step (the gradient reaching the loss: the
             embeddings' and the loss's own parameters', e.g. a learnable temperature), not the returned
             loss. With DDP and a loss that is already the global one (``contrastive_loss(group=...)``),
@@ -213,6 +232,7 @@ class GradCache:
     def __init__(self, encoder: Callable, loss_fn: Callable, chunk_size: int, *,
                  doc_encoder: Callable | None = None, scaler=None, doc_chunk_size: int | None = None,
                  trim_padding: bool = True, sequence_keys=(), sort_by_length: bool = True,
+                 chunk_tokens: int | None = None,
                  grad_multiplier: float = 1.0, replay_rng: bool = True, reuse_last_chunk: bool = True,
                  sync_module=None):
         if not callable(encoder):
@@ -248,6 +268,8 @@ class GradCache:
         self.scaler = scaler
         self.trim_padding = bool(trim_padding)
         self.sort_by_length = bool(sort_by_length)
+        self.chunk_tokens = None if chunk_tokens is None else _check_chunk_size(chunk_tokens, "chunk_tokens",
+                                                                                  "tokens per chunk")
         self.grad_multiplier = float(grad_multiplier)
         self.replay_rng = bool(replay_rng)
         self.reuse_last_chunk = bool(reuse_last_chunk)
@@ -264,25 +286,40 @@ class GradCache:
     # pass 1: embeddings without a graph
     # ------------------------------------------------------------------------------------------------
 
-    def _embed_no_grad(self, encoder, batch, chunk: int, name: str, capture: bool, side: int = 0,
-                       offset: int = 0, keep_last: bool = False) -> tuple[torch.Tensor, _Tower]:
-        """Embeddings [n, D] of ``batch`` chunk by chunk without a graph (``keep_last``: the last chunk with
-        one, kept in the tower for the second pass), and what the second pass needs."""
+    def _plan(self, batch, chunk: int, name: str) -> _Plan:
+        """The chunks of ``batch``: at most ``chunk`` rows (and ``chunk_tokens`` tokens) each, of the rows
+        sorted longest first (``sort_by_length``), with their trimmed widths. One host transfer for every
+        row's length and token count; pass 2 reuses the plan."""
         n = batch_size(batch, name)
         if n == 0:
             raise ValueError(f"{name} is empty (0 rows)")
-        ranges = chunk_ranges(n, chunk)
+        ends, counts = row_stats(batch) if self.trim_padding or self.chunk_tokens else (None, None)
+        if self.chunk_tokens is not None and counts is None:
+            raise ValueError(f"chunk_tokens needs each row's token count: {name} must be a dict batch with a "
+                             "2-D attention_mask (or a flattened one with cu_seq_lens_q); or use chunk_size "
+                             "alone")
+        ends = ends if self.trim_padding else None
+        order = None
+        if ends is not None and self.sort_by_length and (n > chunk or self.chunk_tokens is not None):
+            perm = longest_first(ends)
+            if perm is not None:
+                order = torch.tensor(perm, dtype=torch.int64)
+                batch = take_rows(batch, order)
+                ends = [ends[i] for i in perm]
+                counts = [counts[i] for i in perm]
+        ranges = (chunk_ranges(n, chunk) if self.chunk_tokens is None
+                  else token_ranges(counts, self.chunk_tokens, chunk))
+        widths = chunk_widths(batch, ranges, ends) if ends is not None else [None] * len(ranges)
+        return _Plan(batch, n, order, ranges, widths)
+
+    def _embed_no_grad(self, encoder, plan: _Plan, name: str, capture: bool, side: int = 0,
+                       offset: int = 0, keep_last: bool = False) -> tuple[torch.Tensor, _Tower]:
+        """Embeddings [n, D] of a planned batch chunk by chunk without a graph (``keep_last``: the last chunk
+        with one, kept in the tower for the second pass), and what the second pass needs."""
+        batch, n, order, ranges, widths = plan
         states: list[RngState] | None = [] if capture else None
         devices: list[int] = []
-        out = kept = order = None
-        # one host sync for every row's length: the chunks' trimmed widths (pass 2 reuses them), the order
-        ends = row_ends(batch) if self.trim_padding else None
-        perm = longest_first(ends) if ends is not None and self.sort_by_length and len(ranges) > 1 else None
-        if perm is not None:
-            order = torch.tensor(perm, dtype=torch.int64)
-            batch = take_rows(batch, order)
-            ends = [ends[i] for i in perm]
-        widths = chunk_widths(batch, ranges, ends) if ends is not None else [None] * len(ranges)
+        out = kept = None
         with torch.no_grad():
             for i, (lo, hi) in enumerate(ranges):
                 part = slice_batch(batch, lo, hi, trim_padding=self.trim_padding, width=widths[i],
@@ -345,16 +382,18 @@ class GradCache:
             raise ValueError(f"doc_batch has {sum(sizes)} rows but query_batch has {nq}: "
                              "the documents must hold every query's positive (N >= B)")
         doc_encoder = self.doc_encoder or self.encoder
+        q_plan = self._plan(query_batch, self.chunk_size, "query_batch")
+        d_plans = [self._plan(c, self.doc_chunk_size, n) for c, n in zip(columns, names, strict=True)]
         self._check_chunk_counts(
-            len(chunk_ranges(nq, self.chunk_size)),
-            sum(len(chunk_ranges(n, self.doc_chunk_size)) for n in sizes),
+            len(q_plan.ranges),
+            sum(len(p.ranges) for p in d_plans),
             {id(m): m for m in (self._sync_of(self.encoder), self._sync_of(doc_encoder)) if m is not None},
         )
-        q, tq = self._embed_no_grad(self.encoder, query_batch, self.chunk_size, "query_batch", capture)
+        q, tq = self._embed_no_grad(self.encoder, q_plan, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
         keep = keep and self.reuse_last_chunk and self._sync_of(doc_encoder) is None
-        for c, (col, name) in enumerate(zip(columns, names, strict=True)):
-            d, td = self._embed_no_grad(doc_encoder, col, self.doc_chunk_size, name, capture, side=1,
+        for c, (plan, name) in enumerate(zip(d_plans, names, strict=True)):
+            d, td = self._embed_no_grad(doc_encoder, plan, name, capture, side=1,
                                         offset=offset, keep_last=keep and c == len(columns) - 1)
             offset += d.shape[0]
             parts.append(d)
@@ -506,8 +545,9 @@ class GradCache:
     def embed(self, batch, *, doc: bool = False) -> torch.Tensor:
         """Embeddings [n, D] of ``batch`` in chunks, without a graph (evaluation)."""
         encoder = (self.doc_encoder or self.encoder) if doc else self.encoder
-        emb, _ = self._embed_no_grad(encoder, batch, self.doc_chunk_size if doc else self.chunk_size,
-                                     "doc_batch" if doc else "batch", capture=False)
+        name = "doc_batch" if doc else "batch"
+        plan = self._plan(batch, self.doc_chunk_size if doc else self.chunk_size, name)
+        emb, _ = self._embed_no_grad(encoder, plan, name, capture=False)
         return emb
 
 
