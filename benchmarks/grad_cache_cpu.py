@@ -5,7 +5,9 @@ into chunks, the last chunk's graph reused), with ``sort_by_length=False`` and w
 Random-init Qwen2 (hidden 256, 4 layers, sdpa), float32, right-padded random tokens of length L
 (``--min-len``: lengths uniform in [min_len, L], so chunks have padding to trim), B query/document pairs.
 
-    python benchmarks/grad_cache_cpu.py B CHUNK [repeats] [--L 64] [--min-len M]
+    python benchmarks/grad_cache_cpu.py B CHUNK [repeats] [--L 64] [--min-len M] [--chunk-tokens T]
+
+``--chunk-tokens T`` adds a side with ``chunk_tokens=T`` and no row cap (chunk_size = B).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("repeats", type=int, nargs="?", default=5)
     ap.add_argument("--L", type=int, default=64, help="padded length (default 64)")
     ap.add_argument("--min-len", type=int, default=None, help="shortest row (default: every row is L long)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="also time chunk_tokens=T (rows uncapped)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     enc = qwen2_encoder(torch.device("cpu"), hidden_size=256, intermediate_size=512, num_hidden_layers=4)
@@ -45,6 +48,9 @@ def main() -> None:
     fns = {"uncached": uncached, "GradCache": cached(),
            "GradCache, sort_by_length=False": cached(sort_by_length=False),
            "GradCache, reuse_last_chunk=False": cached(reuse_last_chunk=False)}
+    if args.chunk_tokens:
+        gc_t = lf.GradCache(enc, lf.contrastive_loss, args.B, chunk_tokens=args.chunk_tokens)
+        fns[f"GradCache, chunk_tokens={args.chunk_tokens}"] = lambda: gc_t.step(q, d)
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, fn in fns.items():

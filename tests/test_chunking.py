@@ -93,11 +93,12 @@ def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     # pass 1 and pass 2, both towers: trimmed widths 3, 9 (full is 10), 2; the documents' last chunk keeps
     # its graph from pass 1 (reuse_last_chunk) and is not re-run
     assert seen == [3, 9, 2] * 3 + [3, 9]
-    # sorted longest first (the default): rows 3-5 (9 tokens), then 1, 0, 2 (3, 2, 2), then 7, 6 (2, 1)
+    # sorted longest first (the default): rows 3-5 (9 tokens), then 1, 0, 2 (3, 2, 2), then 7, 6 (2, 1); the
+    # documents' longest chunk runs last in pass 1, so it is the one kept (not re-run)
     calls.clear()
     seen.clear()
     GradCache(encoder, lf.contrastive_loss, 3).step(batch, batch)
-    assert calls == [3, 3] and seen == [9, 3, 2] * 3 + [9, 3]
+    assert calls == [3, 3] and seen == [9, 3, 2] + [3, 2, 9] + [9, 3, 2] + [3, 2]
 
 
 def test_row_ends_longest_first_and_take_rows():

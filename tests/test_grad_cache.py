@@ -714,26 +714,28 @@ def test_sort_by_length_chunks_longest_first(chunk):
 
 
 def test_sort_by_length_with_dropout_replays_the_sorted_chunks():
-    """With dropout, the reference embeds the same longest-first chunks from the same RNG state: the replay
-    and the mapping of the cached gradient's rows back to the sorted chunks are both exercised."""
+    """With dropout, the reference embeds the same longest-first chunks from the same RNG state (the
+    documents' longest chunk last: the kept one): the replay and the mapping of the cached gradient's rows
+    back to the sorted chunks are both exercised."""
     chunk = 4
     enc = Encoder(make_model("bert", 0.1), 0.1).train()
     qb, db = make_batch(B, 13), make_batch(N, 14)
 
-    def sorted_embed(batch, n):
+    def sorted_embed(batch, n, longest_last=False):
         order = sorted(range(n), key=lambda i: -_ends(batch["attention_mask"])[i])
         idx = torch.tensor(order)
-        parts = []
-        for lo in range(0, n, chunk):
+        starts = list(range(0, n, chunk))
+        parts = {}
+        for lo in starts[1:] + starts[:1] if longest_last else starts:
             rows = idx[lo:lo + chunk]
             part = {k: v[rows] for k, v in batch.items()}
             w = max(_ends(part["attention_mask"]))
-            parts.append(enc({k: v[:, :w] for k, v in part.items()}))
-        out = torch.cat(parts)
+            parts[lo] = enc({k: v[:, :w] for k, v in part.items()})
+        out = torch.cat([parts[lo] for lo in starts])
         return out[torch.argsort(idx)]
 
     torch.manual_seed(5)
-    loss_ref = info_nce(sorted_embed(qb, B), sorted_embed(db, N))
+    loss_ref = info_nce(sorted_embed(qb, B), sorted_embed(db, N, longest_last=True))
     loss_ref.backward()
     want = grads_of(enc)
     torch.manual_seed(5)

@@ -223,7 +223,9 @@ class GradCache:
             less per step (with B = N = 2 chunks each: 7 chunk forwards instead of 8). Its activations are
             alive while the loss runs, when no other chunk's are, so the peak stays one chunk's activations
             (plus the loss's buffers). Not applied under a ``sync_module`` (or an encoder with ``no_sync()``:
-            DDP, FSDP, FSDP2), whose gradient synchronization is decided at forward time. Default True.
+            DDP, FSDP, FSDP2), whose gradient synchronization is decided at forward time. With
+            ``sort_by_length`` the kept chunk is the last tower's longest (it runs last in the first pass), so
+            the forward saved is the largest. Default True.
 
     Use :meth:`step` in a plain loop (backward done, returns the detached loss), or :meth:`forward` when a
     framework calls ``loss.backward()`` itself (the chunks are re-run inside that backward).
@@ -392,6 +394,12 @@ class GradCache:
         q, tq = self._embed_no_grad(self.encoder, q_plan, "query_batch", capture)
         towers, parts, offset = [tq], [], 0
         keep = keep and self.reuse_last_chunk and self._sync_of(doc_encoder) is None
+        last = d_plans[-1]
+        if keep and last.order is not None and len(last.ranges) > 1:
+            # the kept chunk is the one not re-run: the longest (sorted first) runs last, so that is the
+            # forward saved (its activations are the largest either way, alive while the loss runs)
+            d_plans[-1] = last._replace(ranges=last.ranges[1:] + last.ranges[:1],
+                                        widths=last.widths[1:] + last.widths[:1])
         for c, (plan, name) in enumerate(zip(d_plans, names, strict=True)):
             d, td = self._embed_no_grad(doc_encoder, plan, name, capture, side=1,
                                         offset=offset, keep_last=keep and c == len(columns) - 1)
