@@ -62,6 +62,20 @@ def test_hf_trainer_compute_loss_matches_uncached(tmp_path):
         got = dict(emb.named_parameters())[k].grad
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, k=k: f"{k}: {m}")
     emb.zero_grad(set_to_none=True)
+    # chunk_tokens: chunks packed by attended tokens (here rows uncapped: chunk_size 9), same gradients
+    sizes = []
+    budget = int(batch["query"]["attention_mask"].sum(1).max()) + 2
+    packed = GradCacheTrainer(model=emb, args=args, data_collator=PairCollator(emb.tokenize), chunk_size=9,
+                              chunk_tokens=budget, loss_kwargs={"temperature": 0.1},
+                              encode=lambda m, c: (sizes.append(c["input_ids"].shape[0]), m(c))[1])
+    packed.compute_loss(emb, batch).backward()
+    assert 1 < len(sizes) and max(sizes) < 9
+    for k, w in want.items():
+        got = dict(emb.named_parameters())[k].grad
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, k=k: f"{k}: {m}")
+    emb.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        GradCacheTrainer(model=emb, args=args, chunk_tokens=0)
     before = {k: p.detach().clone() for k, p in emb.named_parameters()}
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))

@@ -86,6 +86,8 @@ class GradCacheTrainer(Trainer):
     Args (besides ``Trainer``'s):
         loss_fn: ``loss_fn(q, d, **loss_kwargs) -> scalar`` (default ``lf.contrastive_loss``).
         chunk_size: rows embedded at once (``per_device_train_batch_size`` is the contrastive batch).
+        chunk_tokens: also cap each chunk at this many attended tokens (see :class:`GradCache`; rows are
+            chunked longest first, as ``GradCache(sort_by_length=True)`` does by default). Default None.
         loss_kwargs: keyword arguments for ``loss_fn`` (e.g. ``temperature``, ``matryoshka_dims``).
         encode: ``encode(model, chunk) -> [b, D]`` (default ``model(chunk)``, e.g. an ``LLMEmbedder``).
             The model given to ``compute_loss`` (DDP-wrapped under distributed training) governs the
@@ -97,7 +99,7 @@ class GradCacheTrainer(Trainer):
 
     def __init__(self, *args, loss_fn: Callable | None = None, chunk_size: int = 32,
                  loss_kwargs: dict | None = None, encode: Callable | None = None,
-                 grad_multiplier: float | None = None, **kwargs):
+                 grad_multiplier: float | None = None, chunk_tokens: int | None = None, **kwargs):
         if encode is not None and not callable(encode):
             raise TypeError(f"encode must be callable (model, chunk) -> embeddings, got "
                             f"{type(encode).__name__}")
@@ -111,6 +113,7 @@ class GradCacheTrainer(Trainer):
         self.gc_loss_kwargs = dict(loss_kwargs or {})
         self.gc_encode = encode
         self.gc_grad_multiplier = grad_multiplier
+        self.gc_chunk_tokens = chunk_tokens
         learned = [p for p in getattr(loss_fn, "parameters", lambda: [])() if p.requires_grad]
         model_params = {id(p) for p in self.model.parameters()} if self.model is not None else set()
         if any(id(p) not in model_params for p in learned):
@@ -130,7 +133,7 @@ class GradCacheTrainer(Trainer):
                 )
         # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
         GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None
-                  else grad_multiplier)
+                  else grad_multiplier, chunk_tokens=chunk_tokens)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """The Trainer's weight-decay parameters, less the loss's own (a learned temperature registered on
@@ -160,7 +163,7 @@ class GradCacheTrainer(Trainer):
             raise ValueError("GradCacheTrainer expects batches {'query': ..., 'doc': ...} (see PairCollator)")
         encoder = model if self.gc_encode is None else (lambda chunk: self.gc_encode(model, chunk))
         sync = synced_module(model)  # DDP / FSDP: one synchronization per step
-        gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size,
+        gc = GradCache(encoder, self.gc_loss_fn, self.gc_chunk_size, chunk_tokens=self.gc_chunk_tokens,
                        grad_multiplier=self._gc_grad_multiplier(), sync_module=sync)
         loss = gc.forward(inputs["query"], inputs["doc"], **self.gc_loss_kwargs)
         return (loss, {}) if return_outputs else loss
