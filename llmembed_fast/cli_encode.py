@@ -104,7 +104,7 @@ def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
                 ) from None
             if not isinstance(data, list):
                 raise ValueError(f"--input {name}: a json input holds an array, got {type(data).__name__}")
-            texts = [_item_text(obj, field, f"item {n}") for n, obj in enumerate(data)]
+            texts = [_item_text(obj, field, f"{name} item {n}") for n, obj in enumerate(data)]
         elif fmt == "jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -112,8 +112,8 @@ def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"--input line {n}: invalid JSON ({exc.msg})") from None
-                texts.append(_item_text(obj, field, f"line {n}"))
+                    raise ValueError(f"--input {name} line {n}: invalid JSON ({exc.msg})") from None
+                texts.append(_item_text(obj, field, f"{name} line {n}"))
         else:
             texts = [line.rstrip("\r\n") for line in f]
     return texts

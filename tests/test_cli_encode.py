@@ -96,7 +96,7 @@ def test_cli_encode_errors(tmp_path, capsys):
     assert "--field" in capsys.readouterr().err
     bad.write_text('"a"\n"b"\n{"text": "c" "d"}\n', encoding="utf-8")
     assert main(["encode", "--model", "x", "--input", str(bad), "--output", str(tmp_path / "o.npy")]) == 2
-    assert "--input line 3: invalid JSON" in capsys.readouterr().err
+    assert f"--input {str(bad)!r} line 3: invalid JSON" in capsys.readouterr().err
     # the output and the device are checked before the model loads (a missing model would fail later)
     good = tmp_path / "t.txt"
     good.write_text("a\nb\n", encoding="utf-8")
@@ -310,7 +310,7 @@ def test_cli_encode_stdin_jsonl_json_and_input_format(tmp_path, capsys, monkeypa
     # errors name the argument; without --field the jsonl objects lack "text"
     _stdin(monkeypatch, jsonl)
     assert main(["encode", "--model", "x", "--input", "-", "--input-format", "jsonl", "--output", "o"]) == 2
-    assert "--input line 1: no field 'text' (use --field)" in capsys.readouterr().err
+    assert "--input - (standard input) line 1: no field 'text' (use --field)" in capsys.readouterr().err
     _stdin(monkeypatch, b"[1, 2")
     assert main(["encode", "--model", "x", "--input", "-", "--input-format", "json", "--output", "o"]) == 2
     assert "--input - (standard input): invalid JSON" in capsys.readouterr().err
