@@ -256,6 +256,11 @@ def test_flattened_features():
     want = run(st_cached_mnrl(model, mini_batch_size=2), model, feats, 13)
     got = run(CachedFusedMNRLoss(model, mini_batch_size=2), model, feats, 13)
     assert_same(got, want)
+    # token-budget mini-batches of flattened features: packed by sequence lengths from cu_seq_lens_q
+    budget = int((feats[0]["cu_seq_lens_q"][1:] - feats[0]["cu_seq_lens_q"][:-1]).max()) + 3
+    want = run(st_cached_mnrl(model, mini_batch_size=2, mini_batch_num_tokens=budget), model, feats, 14)
+    got = run(CachedFusedMNRLoss(model, mini_batch_size=2, mini_batch_num_tokens=budget), model, feats, 14)
+    assert_same(got, want)
 
 
 def test_positional_arguments_follow_sentence_transformers(bert_st):
