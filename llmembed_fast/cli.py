@@ -95,6 +95,18 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 
 
+def stdin_bytes(flag: str) -> bytes:
+    """All of standard input as bytes, for ``flag`` given as ``-`` (shared by the subcommands); OSError naming
+    ``flag`` when the process has no standard input (started with it closed)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise OSError(f"{flag} -: there is no standard input to read")
+    try:
+        return stream.read()
+    except OSError as exc:
+        raise OSError(f"{flag} -: cannot read standard input: {exc}") from None
+
+
 def unwritable(path: str, flag: str) -> str | None:
     """Why ``path``'s folder cannot take the file (a message naming ``flag``), or None: checked before the
     run, not after it (shared by the subcommands)."""

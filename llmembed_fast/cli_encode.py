@@ -37,14 +37,6 @@ def input_format(path: str, fmt: str | None = None) -> str:
     return "txt"
 
 
-def _stdin_bytes() -> bytes:
-    """All of standard input as bytes (decoded as UTF-8 later, whatever the locale says)."""
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:
-        raise OSError("--input -: there is no standard input to read")
-    return stream.read()
-
-
 def read_texts(path: str, field: str = "text", fmt: str | None = None) -> list[str]:
     """Texts from ``.txt`` (one per line, empty lines kept as empty texts), ``.jsonl`` (one JSON object per
     line with ``field``, or a JSON string) or ``.json`` (an array of such items). ``path`` ``-`` reads
@@ -53,7 +45,9 @@ def read_texts(path: str, field: str = "text", fmt: str | None = None) -> list[s
     end at \\n, bytes that are not UTF-8 are reported by line and column."""
     fmt = input_format(path, fmt)
     if path == "-":
-        data = _stdin_bytes()
+        from llmembed_fast.cli import stdin_bytes
+
+        data = stdin_bytes("--input")  # bytes, decoded as UTF-8 below whatever the locale says
         name = "- (standard input)"
 
         def open_binary():

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from llmembed_fast.cli import int_at_least, positive_int, unwritable
+from llmembed_fast.cli import int_at_least, positive_int, stdin_bytes, unwritable
 
 
 class _Error(Exception):
@@ -70,13 +70,10 @@ def _load_npy(path: str, what: str, stdin_ok: bool = False):
     data = None
     name = repr(path)
     if path == "-" and stdin_ok:  # read whole: a pipe cannot be memory-mapped
-        stream = getattr(sys.stdin, "buffer", None)
-        if stream is None:
-            raise _Error(f"{what} -: there is no standard input to read")
         try:
-            data = stream.read()
+            data = stdin_bytes(what)
         except OSError as exc:
-            raise _Error(f"cannot read {what} from standard input: {exc}") from None
+            raise _Error(str(exc)) from None
         name = "- (standard input)"
     try:
         if data is not None:
