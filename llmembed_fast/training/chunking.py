@@ -155,23 +155,17 @@ def take_rows(batch, index: torch.Tensor):
     Not for flattened batches."""
     if isinstance(batch, torch.Tensor):
         return batch.index_select(0, index.to(batch.device))
+    return _map_rows(batch, lambda v: v.index_select(0, index.to(v.device)))
+
+
+def _map_rows(batch: Mapping, fn) -> dict:
+    """``batch`` with ``fn`` applied to every per-example tensor, nested dicts recursively."""
     out = {}
     for k, v in batch.items():
         if _per_row(k, v):
-            v = v.index_select(0, index.to(v.device))
+            v = fn(v)
         elif isinstance(v, Mapping):
-            v = take_rows(v, index)
-        out[k] = v
-    return out
-
-
-def _rows(batch: Mapping, lo: int, hi: int) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if _per_row(k, v):
-            v = v[lo:hi]
-        elif isinstance(v, Mapping):
-            v = _rows(v, lo, hi)
+            v = _map_rows(v, fn)
         out[k] = v
     return out
 
@@ -217,7 +211,7 @@ def slice_batch(batch, lo: int, hi: int, *, trim_padding: bool = False, width: i
         return _flat_rows(batch, lo, hi)
     if isinstance(batch, torch.Tensor):
         return batch[lo:hi]
-    out = _rows(batch, lo, hi)
+    out = _map_rows(batch, lambda v: v[lo:hi])
     if not trim_padding:
         return out
     if width is None:
