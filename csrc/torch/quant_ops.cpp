@@ -116,13 +116,14 @@ void check_int8_topk(const at::Tensor& weights, const at::Tensor& codes, int64_t
 std::tuple<at::Tensor, at::Tensor> int8_topk_cpu(const at::Tensor& weights, const at::Tensor& codes, int64_t k) {
   check_int8_topk(weights, codes, k, c10::DeviceType::CPU);
   at::Tensor w = weights.contiguous(), c = codes.contiguous();
-  // a NaN weight makes every bound NaN: no row could be ranked (the selection would return garbage ids)
-  TORCH_CHECK_VALUE(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-                    "int8_topk: weights must be finite (no NaN or inf)");
-  // every score must be a finite float64 too: sum |w| * 255 bounds it (an inf score of either sign would
-  // turn into NaN in the bounds and rank rows at random)
-  TORCH_CHECK_VALUE(w.numel() == 0 || std::isfinite(w.abs().sum(1).max().item<double>() * 255.0),
-                    "int8_topk: weights too large: the scores would overflow float64 (scale the queries down)");
+  // Every score must be a finite float64: sum |w| * 255 bounds it. A NaN weight makes every bound NaN, and an
+  // inf score of either sign turns into NaN in the bounds: rows would be ranked at random. One pass and one
+  // sync; the finiteness of the weights themselves is looked at only to word the error.
+  if (w.numel() > 0 && !std::isfinite(w.abs().sum(1).max().item<double>() * 255.0)) {
+    TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>(), "int8_topk: weights must be finite (no NaN or inf)");
+    TORCH_CHECK_VALUE(false, "int8_topk: weights too large: the scores would overflow float64 (scale the queries ",
+                      "down)");
+  }
   at::Tensor scores = at::empty({w.size(0), k}, w.options());
   at::Tensor idx = at::empty({w.size(0), k}, w.options().dtype(at::kLong));
   if (w.size(0) == 0) return {scores, idx};
