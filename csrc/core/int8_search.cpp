@@ -22,16 +22,22 @@ namespace {
 // The AVX2 kernel's bound on |a| and the offset that makes a unsigned for int8 codes (see mul_rows).
 constexpr int kAvx2Qmax = 32;
 
-// The integer query: a [d] (|a| <= the kernel's bound), a + kAvx2Qmax as uint8, and sum of a over the first
-// d & ~31 dimensions.
+// The dimensions the AVX2 kernel covers with vectors: all of them from d = 32 up (the last d % 32 through one
+// more 32-byte window that ends at the row's end, with the query's lanes before them zeroed), none below.
+inline int64_t vector_span(int64_t d) { return d >= 32 ? d : 0; }
+
+// The integer query: a [d] (|a| <= the kernel's bound), a + kAvx2Qmax as uint8, the sum of a over the first
+// vector_span(d) dimensions, and the operands of the last 32-byte window (tail[0, 32): a's bytes, tail[32, 64):
+// a_off's; both zero in the lanes before the last d % 32 dimensions; all zero when d % 32 == 0 or d < 32).
 struct IntQuery {
   const int8_t* a;
   const uint8_t* a_off;
   int32_t head_sum;
+  const uint8_t* tail;
 };
 
 // Integer dots of one query with n rows of u: out[r] = sum_j a[j] * u[r][j], u = byte ^ flip.
-// head_sums[r] = sum over the first d & ~31 bytes of row r read as int8 (used by the signed AVX2 path).
+// head_sums[r] = sum over the first vector_span(d) bytes of row r read as int8 (used by the signed AVX2 path).
 using DotFn = void (*)(const IntQuery& q, const uint8_t* rows, int64_t n, int64_t d, uint8_t flip,
                        const int32_t* head_sums, int32_t* out);
 
@@ -90,13 +96,17 @@ LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int6
   const int64_t d32 = d & ~int64_t(31), d64 = d & ~int64_t(63);
   const int8_t* a = q.a;
   const uint8_t* qop = SIGNED ? q.a_off : reinterpret_cast<const uint8_t*>(q.a);
+  // d % 32 left over: from d = 32 up, one more window over the row's last 32 bytes (the query's lanes before
+  // d32 are zero there, so no product counts twice); below 32, scalar products.
+  const bool window = d32 < d && d >= 32, scalar_tail = d < 32;
+  const __m256i tq = window ? ld(q.tail + (SIGNED ? 32 : 0)) : _mm256_setzero_si256();
   auto tail = [&](const uint8_t* u) {
     int32_t s = 0;
-    for (int64_t j = d32; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
+    for (int64_t j = 0; j < d; ++j) s += static_cast<int32_t>(a[j]) * static_cast<int32_t>(u[j] ^ flip);
     return s;
   };
   auto finish = [&](int64_t r, const uint8_t* u, __m256i acc) LF_AVX2 {
-    int32_t s = hsum_epi32(acc) + tail(u);
+    int32_t s = hsum_epi32(acc) + (scalar_tail ? tail(u) : 0);
     if (SIGNED) s += 128 * q.head_sum - kAvx2Qmax * head_sums[r];
     out[r] = s;
   };
@@ -107,7 +117,7 @@ LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int6
     if (SIGNED)
       s = _mm_add_epi32(s, _mm_sub_epi32(_mm_set1_epi32(128 * q.head_sum),
                                          _mm_slli_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(head_sums + r)), 5)));
-    if (d32 < d) s = _mm_add_epi32(s, _mm_setr_epi32(tail(u0), tail(u0 + d), tail(u0 + 2 * d), tail(u0 + 3 * d)));
+    if (scalar_tail) s = _mm_add_epi32(s, _mm_setr_epi32(tail(u0), tail(u0 + d), tail(u0 + 2 * d), tail(u0 + 3 * d)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r), s);
   };
   static_assert(kAvx2Qmax == 32, "finish4 multiplies the head sums by 32 with a shift");
@@ -132,6 +142,12 @@ LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int6
       c2 = _mm256_add_epi32(c2, dot32<SIGNED>(u2 + d64, qv, ones));
       c3 = _mm256_add_epi32(c3, dot32<SIGNED>(u3 + d64, qv, ones));
     }
+    if (window) {
+      c0 = _mm256_add_epi32(c0, dot32<SIGNED>(u0 + d - 32, tq, ones));
+      c1 = _mm256_add_epi32(c1, dot32<SIGNED>(u1 + d - 32, tq, ones));
+      c2 = _mm256_add_epi32(c2, dot32<SIGNED>(u2 + d - 32, tq, ones));
+      c3 = _mm256_add_epi32(c3, dot32<SIGNED>(u3 + d - 32, tq, ones));
+    }
     finish4(r, u0, c0, c1, c2, c3);
   }
   for (; r < n; ++r) {
@@ -139,6 +155,7 @@ LF_AVX2 void dots_avx2_t(const IntQuery& q, const uint8_t* rows, int64_t n, int6
     __m256i c = _mm256_setzero_si256();
     for (int64_t j = 0; j < d64; j += 64) c = _mm256_add_epi32(c, dot64<SIGNED>(u + j, ld(qop + j), ld(qop + j + 32), ones));
     if (d64 < d32) c = _mm256_add_epi32(c, dot32<SIGNED>(u + d64, ld(qop + d64), ones));
+    if (window) c = _mm256_add_epi32(c, dot32<SIGNED>(u + d - 32, tq, ones));
     finish(r, u, c);
   }
 }
@@ -323,24 +340,26 @@ __attribute__((target("avx2"))) void sqnorms_avx2(const uint8_t* rows, int64_t n
       acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, lo), _mm256_madd_epi16(hi, hi)));
       sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
     }
-    // v = u - 128 = the int8 code: its head sum is what the signed dot kernel needs
-    head_sums[r] = hsum_epi32(sum);
+    // v = u - 128 = the int8 code: its sum over vector_span(d) is what the signed dot kernel needs
+    int32_t hs = hsum_epi32(sum);
     int64_t s = hsum_epi32(acc);  // <= 32 * 16384 per lane per 32 bytes: int32 lanes hold d <= 65536
     for (int64_t j = d32; j < d; ++j) {
       const int32_t v = static_cast<int32_t>(u[j] ^ flip) - 128;
       s += v * v;
+      hs += v;
     }
+    head_sums[r] = d >= 32 ? hs : 0;
     out[r] = s;
   }
 }
 #endif
 
 void sqnorms_scalar(const uint8_t* rows, int64_t n, int64_t d, uint8_t flip, int64_t* out, int32_t* head_sums) {
-  const int64_t d32 = d & ~int64_t(31);
+  const int64_t span = vector_span(d);
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* u = rows + r * d;
     int32_t hs = 0;
-    for (int64_t j = 0; j < d32; ++j) hs += static_cast<int32_t>(u[j] ^ flip) - 128;
+    for (int64_t j = 0; j < span; ++j) hs += static_cast<int32_t>(u[j] ^ flip) - 128;
     head_sums[r] = hs;
     int64_t s = 0;
     for (int64_t j = 0; j < d; ++j) {
@@ -413,9 +432,10 @@ Kernel pick_kernel() {
 struct Digit {
   std::vector<int8_t> a;
   std::vector<uint8_t> a_off;  // a + kAvx2Qmax (read by the AVX2 kernel only)
-  int32_t head_sum = 0;        // sum of a over the first d & ~31 dimensions
+  int32_t head_sum = 0;        // sum of a over the first vector_span(d) dimensions
+  std::vector<uint8_t> tail;   // IntQuery::tail (read by the AVX2 kernel only)
   double scale = 1.0, err_sum = 0.0, err_norm = 0.0;
-  IntQuery view() const { return {a.data(), a_off.data(), head_sum}; }
+  IntQuery view() const { return {a.data(), a_off.data(), head_sum, tail.data()}; }
 };
 
 // The scan uses the first digit; rows that survive it are refined at once with the second digit (the first
@@ -436,19 +456,25 @@ void make_digit(const double* w, int64_t d, int qmax, Digit* g, double* residual
   g->a_off.assign(static_cast<size_t>(d), 0);
   g->head_sum = 0;
   double es = 0.0, emax = 0.0;
-  const int64_t d32 = d & ~int64_t(31);
+  const int64_t span = vector_span(d), d32 = d & ~int64_t(31);
   for (int64_t j = 0; j < d; ++j) {
     double q = std::nearbyint(w[j] / g->scale);
     q = std::min<double>(qmax, std::max<double>(-qmax, q));
     g->a[j] = static_cast<int8_t>(q);
     g->a_off[j] = static_cast<uint8_t>(g->a[j] + kAvx2Qmax);  // unused (wraps) when qmax > 32
-    if (j < d32) g->head_sum += g->a[j];
+    if (j < span) g->head_sum += g->a[j];
     const double e = w[j] - g->scale * q;
     residual[j] = e;
     es += e;
     emax = std::max(emax, std::fabs(e));
   }
   g->err_sum = es;
+  g->tail.assign(64, 0);
+  for (int64_t j = d32; d >= 32 && j < d; ++j) {
+    const size_t lane = static_cast<size_t>(j - (d - 32));
+    g->tail[lane] = static_cast<uint8_t>(g->a[j]);
+    g->tail[32 + lane] = g->a_off[j];
+  }
   // ||e|| with e scaled by a power of two (exact) to at most 1 first: squares of tiny errors (|e| < 1e-154)
   // would underflow and those of huge ones overflow, leaving the bound wrong.
   int ex = 0;

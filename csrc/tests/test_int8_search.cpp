@@ -137,7 +137,7 @@ int main() {
   for (int level = 0; level <= static_cast<int>(top); ++level) {
     lf::set_simd_cap(static_cast<lf::Simd>(level));
     std::printf("int8 kernel: %s\n", lf::int8_kernel_name());
-    for (int64_t d : {1, 7, 31, 32, 63, 64, 65, 100, 128, 383, 1024}) {
+    for (int64_t d : {1, 7, 31, 32, 33, 63, 64, 65, 95, 100, 128, 383, 390, 1024}) {
       check_case(rng, 3, 41, d, 5, true, 256, 1.0);
       check_case(rng, 2, 23, d, 23, false, 3, 1e-3);  // k == nd, many ties
     }
@@ -145,7 +145,7 @@ int main() {
     check_case(rng, 3, 5000, 64, 7, false, 2, 1.0);      // heavy ties: candidate lists flushed many times
     check_case(rng, 2, 300, 1024, 300, true, 256, 1e6);  // k == nd, large weights
     check_near_ties(rng, true);
-    for (int64_t d : {32, 64, 96, 1024, 1030})
+    for (int64_t d : {32, 33, 64, 96, 1024, 1030})
       for (bool sc : {true, false}) check_extremes(rng, d, sc);
     check_near_ties(rng, false);
     for (int64_t d : {1, 15, 16, 100, 1024}) check_score_rows(rng, d);
