@@ -350,6 +350,10 @@ def test_resaving_keeps_an_existing_files_mode(tmp_path):
 
 def _with_header(tmp_path, saved_bytes: bytes, header: bytes):
     """``saved_bytes`` with its header replaced by ``header`` (checksums recomputed, payload appended)."""
+    return _with_header_kw(tmp_path, saved_bytes, header)
+
+
+def _with_header_kw(tmp_path, saved_bytes: bytes, header: bytes, **load_kw):
     import zlib
 
     from llmembed_fast.quant.io import _FOOTER, _PREFIX, FOOTER_MAGIC
@@ -358,7 +362,7 @@ def _with_header(tmp_path, saved_bytes: bytes, header: bytes):
     start = _PREFIX.size + hlen + (-(_PREFIX.size + hlen)) % 64
     body = _PREFIX.pack(magic, version, len(header), zlib.crc32(header)) + header
     body += b"\0" * ((-len(body)) % 64) + saved_bytes[start : len(saved_bytes) - _FOOTER.size]
-    return _load_bytes(tmp_path, body + _FOOTER.pack(FOOTER_MAGIC, zlib.crc32(body), 0))
+    return _load_bytes(tmp_path, body + _FOOTER.pack(FOOTER_MAGIC, zlib.crc32(body), 0), **load_kw)
 
 
 def test_loader_rejects_checksum_consistent_malformed_headers(tmp_path, saved):
@@ -382,6 +386,29 @@ def test_loader_rejects_checksum_consistent_malformed_headers(tmp_path, saved):
     for raw in cases:
         with pytest.raises(IndexFileError):
             _with_header(tmp_path, data, raw)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_loader_rejects_a_section_shape_numpy_cannot_hold(tmp_path, saved, mmap):
+    """A section of 70 dimensions whose sizes, offsets and checksums are all consistent: numpy refuses the
+    array itself (a ValueError escaped the loader, and `llmembed-fast search` printed a traceback)."""
+    import json
+
+    from llmembed_fast.quant.io import _PREFIX
+
+    hlen = _PREFIX.unpack_from(saved, 0)[2]
+    header = json.loads(saved[_PREFIX.size : _PREFIX.size + hlen])
+    start = lambda n: _PREFIX.size + n + (-(_PREFIX.size + n)) % 64  # noqa: E731  (payload's first byte)
+    h = json.loads(json.dumps(header))
+    h["sections"][0]["shape"] = [1] * 69 + [h["sections"][0]["nbytes"]]
+    for _ in range(3):  # the payload moves with the header's length: so do the offsets written in it
+        shift = start(len(json.dumps(h).encode())) - start(hlen)
+        for s_new, s_old in zip(h["sections"], header["sections"], strict=True):
+            s_new["offset"] = s_old["offset"] + shift
+    raw = json.dumps(h).encode()
+    assert start(len(raw)) - start(hlen) == shift
+    with pytest.raises(IndexFileError, match="bad shape"):
+        _with_header_kw(tmp_path, saved, raw, mmap=mmap)
 
 
 def test_save_paths_long_names_symlinks_missing_folders(tmp_path):
@@ -501,6 +528,43 @@ def test_rescore_int8_ranks_before_the_bias():
     assert want[0].tolist() == [49, 48, 47, 46, 45]
     _, got = quant.Index(2, "binary", "int8", ranges=r).add(x).search(q, 5, rescore_multiplier=100)
     assert got[0].tolist() == want[0].tolist()
+
+
+def test_load_rejects_ranges_the_constructor_refuses(tmp_path):
+    from llmembed_fast.quant.io import write_index_file
+
+    docs, _ = make(n=10, dim=8)
+    index = quant.Index(8, "binary", "int8").add(docs)
+    r = index.ranges.numpy().copy()
+    r[:, 2] = (-3e38, 3e38)  # finite, but max - min overflows float32
+    meta = {"dim": 8, "count": 10, "precision": "binary", "rescore": "int8"}
+    sections = {"bits": index._data("bits").numpy(), "int8": index._data("int8").numpy(), "ranges": r}
+    write_index_file(tmp_path / "wide.lfidx", meta, sections)
+    with pytest.raises(IndexFileError, match="too wide"):
+        quant.Index.load(tmp_path / "wide.lfidx")
+
+
+def test_zero_width_dimensions_rank_with_quantizes_step():
+    """Ranges with max == min (calibrated on one row): quantize counts units of 1 above min there (as
+    sentence-transformers does), so dequantize, int8_topk and int8 rescoring must read the codes with that
+    step too; with step 0 every document scored the same and ids came back in storage order."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 6)).astype(np.float32) * 20
+    q = rng.standard_normal((4, 6)).astype(np.float32)
+    r = np.stack([x[0], x[0]])
+    codes = quant.quantize(x, "int8", ranges=r)
+    deq = quant.dequantize(codes, r)
+    u = codes.astype(np.int64) + 128
+    np.testing.assert_allclose(deq, r[0] + u + 0.5, rtol=1e-6)
+    scores, ids = quant.int8_topk(q, codes, r, 5)
+    want = np.argsort(-(q.astype(np.float64) @ deq.astype(np.float64).T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(ids, want)
+    assert len(set(ids[:, 0].tolist())) > 1
+    with pytest.warns(UserWarning, match="max == min"):
+        index = quant.Index(6, "int8").add(x[:1])
+    index.add(x[1:])
+    _, got = index.search(q, 5)
+    np.testing.assert_array_equal(got, ids)
 
 
 def test_ranges_too_wide_for_float32_are_refused():

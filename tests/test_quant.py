@@ -179,10 +179,12 @@ def test_dequantize_reconstructs_bucket_middles():
         )  # max falls in the last bucket
         u = codes.astype(np.int64) + (128 if p == "int8" else 0)
         np.testing.assert_allclose(back, (r[0] + (u + 0.5) * step).astype(np.float32), rtol=1e-6)
+    # max == min: quantize's step there is 1 (as sentence-transformers'), and dequantize reads codes with it
     flat = np.vstack([np.full(3, 2.0), np.full(3, 2.0)])
-    np.testing.assert_array_equal(
-        quant.dequantize(np.zeros((2, 3), np.int8), flat), np.full((2, 3), 2.0, np.float32)
-    )
+    vals = np.array([[2.0, 2.7, 9.2], [1.0, 200.0, 300.0]])
+    for p in ("int8", "uint8"):
+        back = quant.dequantize(quant.quantize(vals, p, ranges=flat), flat)
+        np.testing.assert_array_equal(back, np.array([[2.5, 2.5, 9.5], [2.5, 200.5, 257.5]], np.float32))
 
 
 @pytest.mark.parametrize("d", [1, 8, 13, 100])

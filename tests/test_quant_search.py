@@ -221,6 +221,10 @@ def test_meta_kernels_check_like_the_cpu_ones_and_refuse_mixed_devices():
         (lambda: ops.hamming_topk(q, d.to("meta"), 5), ValueError, "every tensor must be on"),
         (lambda: ops.hamming_topk(q.to("meta"), d.to("meta"), 100), ValueError, "k must be in"),
         (lambda: ops.hamming_topk(q.to("meta"), d[:, :8].to("meta"), 2), ValueError, "columns"),
+        # ubinary queries against binary docs: every byte's top bit flipped on one side (the op accepted it)
+        (lambda: ops.hamming_topk(q, d.view(torch.int8), 2), TypeError, "same code type"),
+        (lambda: ops.hamming_topk(q.to("meta"), d.view(torch.int8).to("meta"), 2), TypeError,
+         "same code type"),
         (lambda: ops.int8_topk(w.float().to("meta"), d.view(torch.int8).to("meta"), 3), TypeError, "float64"),
         (lambda: ops.int8_topk(w, d.view(torch.int8).to("meta"), 3), ValueError, "every tensor must be on"),
         (lambda: ops.pack_bits(torch.zeros(2, 8, dtype=torch.int32, device="meta")), TypeError, "float32"),

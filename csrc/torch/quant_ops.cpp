@@ -81,6 +81,9 @@ void check_hamming(const at::Tensor& queries, const at::Tensor& docs, int64_t k,
   check_device("hamming_topk", type, {&queries, &docs});
   check_codes(queries, "hamming_topk: queries");
   check_codes(docs, "hamming_topk: docs");
+  // binary (int8) codes are ubinary ^ 0x80: a mix would flip every byte's top bit on one side
+  TORCH_CHECK_TYPE(queries.scalar_type() == docs.scalar_type(), "hamming_topk: queries (", queries.scalar_type(),
+                   ") and docs (", docs.scalar_type(), ") must be the same code type (both uint8 or both int8)");
   check_search(queries, docs, k, "hamming_topk");
 }
 

@@ -154,10 +154,14 @@ def _pack_bits_torch(x: torch.Tensor) -> torch.Tensor:
 def dequant_params(ranges) -> tuple[torch.Tensor, torch.Tensor]:
     """(offset, step) in float64 such that value = offset + u * step for uint8 code u (int8: u = code + 128).
 
-    Reconstructs the middle of each quantization bucket; a dimension with max == min returns min."""
+    Reconstructs the middle of each quantization bucket. A dimension with max == min has the step that
+    ``quantize`` gives it, 1 (as sentence-transformers does): its codes count whole units above min, and a
+    value quantized there comes back within 0.5 of itself (not all as min: a ranking over such codes would
+    ignore them)."""
     r = ranges if isinstance(ranges, torch.Tensor) else torch.from_numpy(np.asarray(ranges))
     r = r.detach().to(torch.float64)
     step = (r[1] - r[0]) / 255
+    step = torch.where(step == 0, torch.ones_like(step), step)
     return r[0] + 0.5 * step, step
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -159,6 +160,14 @@ class Index:
             if self._needs_ranges() and self.ranges is None:
                 r = calibrate(x)
                 self.ranges = _check_width(r.float() if r.dtype == torch.float16 else r)  # float32 or float64
+                flat = int((self.ranges[0] == self.ranges[1]).sum())
+                if flat:
+                    warnings.warn(
+                        f"the int8 ranges were calibrated on this first add() of {x.shape[0]} row(s), and "
+                        f"{flat} of {self.dim} dimensions have max == min there: later rows are quantized "
+                        "in steps of 1 along them, which loses most of their precision. Pass ranges= "
+                        "(quant.calibrate on a representative sample) or add a representative batch first",
+                        stacklevel=2)
             parts = {}
             for name in self._stored():
                 if name == "bits":
@@ -271,8 +280,9 @@ class Index:
             if r.dtype.name not in ("float32", "float64") or list(r.shape) != [2, dim]:
                 raise IndexFileError(f"{path}: section 'ranges' is not float32/float64 [2, {dim}]")
             index.ranges = torch.from_numpy(np.array(r))
-            try:
+            try:  # what the constructor would refuse too
                 check_range_values(r)
+                _check_width(index.ranges)
             except ValueError as exc:
                 raise IndexFileError(f"{path}: {exc}") from None
         elif index._needs_ranges() and count > 0:

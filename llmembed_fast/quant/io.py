@@ -207,7 +207,7 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
             _fail(path, f"bad or repeated section name {name!r}")
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             _fail(path, f"section {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
+        if not isinstance(shape, list) or len(shape) > 2 or not all(  # every section is a vector or matrix
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape
         ):
             _fail(path, f"section {name!r}: bad shape {shape!r}")
@@ -225,14 +225,20 @@ def read_index_file(path: str | os.PathLike, mmap: bool = True, verify: bool = T
             except ValueError:  # a zero-size shape numpy cannot hold ([0, 10**30], too many dims)
                 _fail(path, f"section {name!r}: bad shape {shape!r}")
         elif mmap:
-            arrays[name] = np.memmap(path, dtype=dt, mode="c", offset=offset, shape=tuple(shape))
+            try:
+                arrays[name] = np.memmap(path, dtype=dt, mode="c", offset=offset, shape=tuple(shape))
+            except ValueError as exc:  # numpy's own refusal of a shape: still a bad file, not a crash
+                _fail(path, f"section {name!r}: {exc}")
         else:
             with open(path, "rb") as f:
                 f.seek(offset)
                 buf = f.read(nbytes)
             if len(buf) != nbytes:
                 _fail(path, f"section {name!r}: truncated")
-            arrays[name] = np.frombuffer(bytearray(buf), dtype=dt).reshape(shape)
+            try:
+                arrays[name] = np.frombuffer(bytearray(buf), dtype=dt).reshape(shape)
+            except ValueError as exc:
+                _fail(path, f"section {name!r}: {exc}")
     spans.sort()
     for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:], strict=False):
         if b0 < a1:
