@@ -130,7 +130,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         dev = _collective_device(grad.device, group)
         if dist.get_backend(group) == "nccl" and len(set(sizes)) == 1:
             out = torch.empty((sizes[rank], *grad.shape[1:]), dtype=grad.dtype, device=dev)
-            dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+            # on the collective's device (NCCL: CUDA) like out, whatever device the caller's tensors are on
+            dist.reduce_scatter_tensor(out, grad.to(dev).contiguous(), op=dist.ReduceOp.SUM, group=group)
             return out.to(grad.device), None, None
         total = grad.to(dev, copy=True).contiguous()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)

@@ -612,6 +612,7 @@ BAD = [
     (dict(false_negative_margin=torch.tensor(0.1)), TypeError, "false_negative_margin"),
     (dict(matryoshka_dims=(2, 4), matryoshka_weights=("a", 1)), TypeError, "matryoshka_weights"),
     (dict(matryoshka_dims=(2, 4), matryoshka_weights=(1, float("inf"))), ValueError, "matryoshka_weights"),
+    (dict(matryoshka_dims=(2, 4), matryoshka_weights=(-1.0, 1.0)), ValueError, "must be >= 0"),
     (dict(eps="1e-12"), TypeError, "eps"),
     (dict(eps=0.0), ValueError, "eps"),
     (dict(symmetric=1), TypeError, "symmetric"),

@@ -186,6 +186,8 @@ def _check_dims(dims, weights, D: int | None) -> tuple[tuple[int, ...], tuple[fl
             raise TypeError(f"matryoshka_weights must hold numbers, got {w!r}")
         if not math.isfinite(w):
             raise ValueError(f"matryoshka_weights must hold finite numbers, got {w!r}")
+        if w < 0:  # a negative weight maximizes that prefix's loss: retrieval there trained to get worse
+            raise ValueError(f"matryoshka_weights must be >= 0, got {w!r}")
     return dims, tuple(float(w) for w in weights)
 
 
