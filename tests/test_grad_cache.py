@@ -156,24 +156,53 @@ def test_separate_doc_encoder_and_hard_negative_labels():
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-def test_frozen_tower_is_replayed_once(reuse):
-    """A frozen document tower (a teacher) is not run again for every chunk in the second pass: one replayed
-    chunk shows it has no graph. The trainable tower's gradients are unchanged."""
+def test_frozen_tower_is_not_replayed(reuse):
+    """A frozen document tower (a teacher: an nn.Module whose parameters are all frozen) is not run again in
+    the second pass; a function's chunks are, each (only running one shows whether it has a graph). The
+    trainable tower's gradients are the same either way."""
     torch.manual_seed(0)
-    qenc, frozen = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    qenc = nn.Linear(6, 4)
     calls = {"d": 0}
 
-    def denc(x):
-        calls["d"] += 1
-        return frozen(x)
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4).requires_grad_(False)
 
+        def forward(self, x):
+            calls["d"] += 1
+            return self.lin(x)
+
+    teacher = Teacher()
     xq, xd = torch.randn(4, 6), torch.randn(8, 6)
-    lf.contrastive_loss(qenc(xq), frozen(xd)).backward()
+    lf.contrastive_loss(qenc(xq), teacher(xd)).backward()
     want = grads_of(qenc)
-    qenc.zero_grad()
-    GradCache(qenc, lf.contrastive_loss, 2, doc_encoder=denc, reuse_last_chunk=reuse).step(xq, xd)
-    assert_grads_close(grads_of(qenc), want)
-    assert calls["d"] == 4 + 1  # 4 chunks in the first pass, 1 replayed (it used to be all 4)
+    for denc, replays in ((teacher, 0), (lambda x: teacher(x), 4)):
+        qenc.zero_grad()
+        calls["d"] = 0
+        GradCache(qenc, lf.contrastive_loss, 2, doc_encoder=denc, reuse_last_chunk=reuse).step(xq, xd)
+        assert_grads_close(grads_of(qenc), want)
+        assert calls["d"] == 4 + replays  # 4 chunks in the first pass
+
+
+def test_chunks_routed_to_a_frozen_module_skip_only_themselves():
+    """A column whose first chunk goes to a frozen module and the later ones to a trainable one (a Router
+    over mixed modalities): only the graphless chunk is skipped (after it, the whole tower was)."""
+    torch.manual_seed(0)
+    frozen, tower = nn.Linear(8, 4).requires_grad_(False), nn.Linear(8, 4)
+
+    def enc(b):
+        return frozen(b["x"]) if bool(b["frozen"].all()) else tower(b["x"])
+
+    q = {"x": torch.randn(6, 8), "frozen": torch.tensor([1, 1, 0, 0, 0, 0])}
+    d = {"x": torch.randn(6, 8), "frozen": torch.zeros(6, dtype=torch.long)}
+    qe = torch.cat([enc({k: v[i:i + 2] for k, v in q.items()}) for i in range(0, 6, 2)])
+    lf.contrastive_loss(qe, tower(d["x"])).backward()
+    want = grads_of(tower)
+    for reuse in (False, True):
+        tower.zero_grad()
+        GradCache(enc, lf.contrastive_loss, 2, reuse_last_chunk=reuse).step(q, d)
+        assert_grads_close(grads_of(tower), want)
 
 
 def test_one_encoder_routing_a_frozen_and_a_trainable_side():

@@ -156,6 +156,99 @@ def _check_wrapped_encoders(rank: int, tmp: str):
     assert calls[0] == 1, calls[0]
 
 
+class _Routed(torch.nn.Module):
+    """Queries through a trainable MLP, documents (rows flagged "doc") through a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.d = _mlp(), _mlp().requires_grad_(False)
+
+    def forward(self, batch):
+        return self.d(batch["x"]) if bool(batch["doc"].all()) else self.q(batch["x"])
+
+
+class _WithTemperature(torch.nn.Module):
+    """One MLP for both sides and a learnable temperature registered on the model (as GradCacheTrainer asks
+    of a loss's parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        import llmembed_fast as lf
+
+        self.enc = _mlp()
+        self.crit = lf.ContrastiveLoss(temperature=0.1, learn_temperature=True)
+
+    def forward(self, batch):
+        return self.enc(batch["x"])
+
+
+def _check_frozen_routes_and_loss_leaves(rank: int):
+    """Under DDP (find_unused_parameters=False, the default): a module routing the documents to a frozen
+    part, whose last re-run chunk has no graph (no all-reduce happened: each rank kept its own gradients);
+    a frozen teacher doc_encoder beside sync_module=; a learnable temperature registered on the model, its
+    gradient taken outside the synchronized backward (unsynchronized gradients in step(), an internal
+    DDP assert on forward()'s second step). Each against the mean of the ranks' uncached gradients."""
+    import llmembed_fast as lf
+    from llmembed_fast.training import GradCache
+
+    def batches(r, step):
+        g = torch.Generator().manual_seed(100 * r + step)
+        return ({"x": torch.randn(6, 12, generator=g), "doc": torch.zeros(6, dtype=torch.bool)},
+                {"x": torch.randn(6, 12, generator=g), "doc": torch.ones(6, dtype=torch.bool)})
+
+    def want_grads(make, loss_of, step):
+        out = {}
+        for r in range(WORLD):
+            ref = make()
+            q, d = batches(r, step)
+            loss_of(ref, ref(q), ref(d)).backward()
+            for k, p in ref.named_parameters():
+                if p.grad is not None:
+                    out[k] = out.get(k, 0) + p.grad / WORLD
+        return out
+
+    plain = lambda m, q, d: lf.contrastive_loss(q, d)  # noqa: E731
+    for chunk in (2, 6):  # 3 chunks per side, or 1 (the synchronized chunk is then a frozen one's)
+        ddp, calls = _counting_ddp(_Routed())
+        GradCache(ddp, lf.contrastive_loss, chunk).step(*batches(rank, 0))
+        got = {k.removeprefix("module."): p.grad for k, p in ddp.named_parameters() if p.grad is not None}
+        _assert_grads(got, want_grads(_Routed, plain, 0))
+        assert calls[0] >= 1, calls[0]
+
+    teacher = _mlp().requires_grad_(False)
+    ddp, calls = _counting_ddp(_mlp())
+    gc = GradCache(lambda b: ddp(b["x"]), lf.contrastive_loss, 2, doc_encoder=lambda b: teacher(b["x"]),
+                   sync_module=ddp)
+    gc.step(*batches(rank, 0))
+    ref_want = {}
+    for r in range(WORLD):
+        ref = _mlp()
+        q, d = batches(r, 0)
+        lf.contrastive_loss(ref(q["x"]), teacher(d["x"])).backward()
+        for k, p in ref.named_parameters():
+            ref_want[k] = ref_want.get(k, 0) + p.grad / WORLD
+    _assert_grads({k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}, ref_want)
+    assert calls[0] == 1, calls[0]
+
+    for mode in ("step", "forward"):
+        model = _WithTemperature()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        for step in range(2):
+            def make(model=model):
+                ref = _WithTemperature()
+                ref.load_state_dict(model.state_dict())
+                return ref
+
+            want = want_grads(make, lambda m, q, d: m.crit(q, d), step)
+            model.zero_grad(set_to_none=True)
+            gc = GradCache(ddp, model.crit, 2)
+            if mode == "step":
+                gc.step(*batches(rank, step))
+            else:
+                gc(*batches(rank, step)).backward()
+            _assert_grads({k: p.grad for k, p in model.named_parameters() if p.grad is not None}, want)
+
+
 def _check_st_loss(rank: int, model_dir: str):
     from tiny_models import corpus, make_st_model
 
@@ -274,6 +367,7 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
                             timeout=datetime.timedelta(seconds=60))
     try:
         _check_wrapped_encoders(rank, tmp)
+        _check_frozen_routes_and_loss_leaves(rank)
         _check_st_loss(rank, model_dir)
         _check_fsdp_chunk_counts(rank)
         _check_fsdp2(rank)
@@ -286,8 +380,8 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
 def test_ddp_wrapped_encoders_uneven_batches(tmp_path):
     """GradCache(sync_module=), GradCacheTrainer(encode=) and CachedFusedMNRLoss with a DDP model in the
     loss, local batches of different sizes (different chunk counts): one all-reduce per step, the
-    single-process gradients of the global batch. Then FSDP's and FSDP2's chunk-count checks, and FSDP2's
-    gradients and synchronization count."""
+    single-process gradients of the global batch. Frozen routes and loss parameters under DDP. Then FSDP's
+    and FSDP2's chunk-count checks, and FSDP2's gradients and synchronization count."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     pytest.importorskip("sentence_transformers")

@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,11 @@ def test_bad_arguments(bert_st):
 
     config = CachedFusedMNRLoss(bert_st, similarity_fct=util.cos_sim).get_config_dict()
     assert config["similarity_fct"] == "cos_sim"
+    # numpy scalars, as CachedMultipleNegativesRankingLoss takes them (they were refused)
+    loss = CachedFusedMNRLoss(bert_st, scale=np.float32(20.0), mini_batch_size=np.int64(16),
+                              mini_batch_num_tokens=np.int64(512))
+    assert (loss.scale, loss.mini_batch_size, loss.mini_batch_num_tokens) == (20.0, 16, 512)
+    assert type(loss.mini_batch_size) is int
 
 
 def test_same_tower_hard_negatives_definition(bert_st):

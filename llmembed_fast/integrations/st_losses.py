@@ -113,17 +113,18 @@ class CachedFusedMNRLoss(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
-        if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+        if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)  # numpy scalars too
                 or not (math.isfinite(scale) and scale > 0)):
             raise ValueError(f"scale must be a positive finite number (1 / temperature), got {scale!r}")
         if not _is_cos_sim(similarity_fct):
             raise ValueError("similarity_fct: only cosine similarity (sentence_transformers.util.cos_sim) is "
                              "supported by the fused loss, "
                              f"got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
+        if (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, numbers.Integral)
+                or mini_batch_size <= 0):
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
         if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
-                                                  or not isinstance(mini_batch_num_tokens, int)
+                                                  or not isinstance(mini_batch_num_tokens, numbers.Integral)
                                                   or mini_batch_num_tokens <= 0):
             raise ValueError("mini_batch_num_tokens must be a positive int or None, "
                              f"got {mini_batch_num_tokens!r}")
@@ -142,8 +143,8 @@ class CachedFusedMNRLoss(nn.Module):
         symmetric, same_tower = symmetric or sym, same_tower or tower
         self.model = model
         self.scale = float(scale)
-        self.mini_batch_size = mini_batch_size
-        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.mini_batch_size = int(mini_batch_size)
+        self.mini_batch_num_tokens = None if mini_batch_num_tokens is None else int(mini_batch_num_tokens)
         self.gather_across_devices = bool(gather_across_devices)
         self.show_progress_bar = bool(show_progress_bar)
         self.symmetric, self.same_tower = bool(symmetric), bool(same_tower)

@@ -158,6 +158,63 @@ def _grad_tensor(batch, prefix: str = "") -> str | None:
     return None
 
 
+def _frozen_module(encoder) -> bool:
+    """True for an ``nn.Module`` with parameters, none of them trainable: nothing of its chunks to
+    back-propagate, so they are not re-run. (Any other callable is re-run chunk by chunk: which of its chunks
+    carry a graph is known only by running them.)"""
+    if not isinstance(encoder, torch.nn.Module):
+        return False
+    has_params = False
+    for p in encoder.parameters():
+        if p.requires_grad:
+            return False
+        has_params = True
+    return has_params
+
+
+def _graph_leaves(t: torch.Tensor, skip: tuple = ()) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that ``t`` was computed from (e.g. a loss's learnable temperature),
+    other than those in ``skip``."""
+    skip_ids = {id(x) for x in skip}
+    out, seen, stack = [], set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if var is not None:
+            if id(var) not in skip_ids:
+                out.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return out
+
+
+def _ddp_owned_leaves(loss: torch.Tensor, skip: tuple, towers) -> dict[int, list[torch.Tensor]]:
+    """{id(sync module): the loss's leaves that are its parameters}, for each tower's module that is a
+    ``DistributedDataParallel`` with ``find_unused_parameters=False``. Such a module expects every parameter's
+    gradient hook in its synchronized backward; a leaf of the loss (a learnable temperature registered on the
+    model) gets its gradient from the loss's backward instead, outside it, so the replay adds it to the
+    synchronized backward with a zero gradient (its accumulated one is then all-reduced with the rest)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    syncs = {id(t.sync): t.sync for t in towers
+             if isinstance(t.sync, DistributedDataParallel) and not t.sync.find_unused_parameters}
+    if not syncs or loss.grad_fn is None:
+        return {}
+    leaves = _graph_leaves(loss, skip)
+    if not leaves:
+        return {}
+    out = {}
+    for key, sync in syncs.items():
+        params = {id(p) for p in sync.parameters()}
+        owned = [x for x in leaves if id(x) in params]
+        if owned:
+            out[key] = owned
+    return out
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity whose backward multiplies the incoming gradient by ``factor``."""
 
@@ -457,41 +514,70 @@ class GradCache:
     # pass 2: re-run each chunk with a graph and back-propagate its cached gradient
     # ------------------------------------------------------------------------------------------------
 
-    def _replay(self, towers, grads) -> None:
+    def _replay(self, towers, grads, sync_leaves: dict | None = None) -> None:
+        """Pass 2: re-run every chunk with a graph and back-propagate its rows of ``grads`` (q's, d's).
+
+        Under a sync module (DDP, FSDP) every chunk's backward runs under ``no_sync`` but one, the module's
+        last, which must carry a graph (a chunk without one runs no backward, and the ranks' gradients would
+        never be reduced). So each tower's chunks but its last run first; then the towers' last chunks,
+        those of towers whose chunks came back without a graph first. If the synchronized chunk still has no
+        graph (all of that module's re-run chunks were graphless but an earlier one), the latest chunk that
+        had one runs again, synchronized, with a zero gradient. ``sync_leaves``: see ``_ddp_owned_leaves``.
+        """
         # a chunk that kept its graph from the first pass goes first (its activations are freed at once)
         for t in towers:
             g = grads[t.side]
             if t.kept is not None and g is not None:
                 lo, hi = t.ranges[-1]
                 torch.autograd.backward(t.kept, _grad_rows(g, t, lo, hi).to(t.kept.dtype))
-        jobs = [(t, i, grads[t.side]) for t in towers if grads[t.side] is not None
-                for i in range(len(t.ranges) - (t.kept is not None))]  # a kept chunk is the tower's last
-        last_of = {}  # sync module id -> index of the last job under it (the one synchronized)
-        for j, (t, _, _) in enumerate(jobs):
-            last_of[id(t.sync)] = j
+        live = [t for t in towers if grads[t.side] is not None and not _frozen_module(t.encoder)]
+        todo = {id(t): list(range(len(t.ranges) - (t.kept is not None))) for t in live}  # kept: the last
+        sync_leaves = sync_leaves or {}
+        seen: dict[int, set] = {}  # id(tower) -> {whether its re-run chunks had a graph}
+        with_graph: dict[int, tuple] = {}  # id(sync module) -> (tower, chunk): its latest chunk with a graph
         devices = sorted({d for t in towers for d in t.devices})
-        # towers (one side's column, not an encoder: one encoder may route a frozen side and a trainable
-        # one) whose replayed chunk came back without a graph: the rest of their chunks are skipped, except
-        # the job that synchronizes its module's gradients
-        frozen: set[int] = set()
+
+        def run(t, i, synced: bool, zero: bool = False) -> bool:
+            lo, hi = t.ranges[i]
+            part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i],
+                               sequence_keys=self.sequence_keys)
+            ctx = no_sync(t.sync) if t.sync is not None and not synced else contextlib.nullcontext()
+            with ctx:
+                if t.states is not None:
+                    t.states[i].restore()
+                emb = self._check_embeddings(t.encoder(part), hi - lo, t.name)
+                if not emb.requires_grad:  # a frozen route: nothing to back-propagate into
+                    return False
+                g = _grad_rows(grads[t.side], t, lo, hi).to(emb.dtype)
+                roots, grad_roots = [emb], [torch.zeros_like(g) if zero else g]
+                if synced:
+                    leaves = sync_leaves.get(id(t.sync), [])
+                    roots += leaves
+                    grad_roots += [torch.zeros_like(x) for x in leaves]
+                torch.autograd.backward(roots, grad_roots)
+            seen.setdefault(id(t), set()).add(True)
+            if t.sync is not None:
+                with_graph[id(t.sync)] = (t, i)
+            return True
+
         with preserved_rng(devices), torch.enable_grad():
-            for j, (t, i, g) in enumerate(jobs):
-                if id(t) in frozen and (t.sync is None or last_of[id(t.sync)] != j):
+            for t in live:
+                for i in todo[id(t)][:-1]:
+                    if not run(t, i, synced=False):
+                        seen.setdefault(id(t), set()).add(False)
+            # the towers' last chunks: towers seen only without a graph first, unknown ones next, then those
+            # seen with one; a module's last job there is the synchronized one
+            order = {frozenset({False}): 0, frozenset(): 1}
+            finals = sorted(((t, todo[id(t)][-1]) for t in live if todo[id(t)]),
+                            key=lambda ti: order.get(frozenset(seen.get(id(ti[0]), ())), 2))
+            last_of = {id(t.sync): j for j, (t, _) in enumerate(finals) if t.sync is not None}
+            for j, (t, i) in enumerate(finals):
+                synced = t.sync is not None and last_of[id(t.sync)] == j
+                if run(t, i, synced) or not synced:
                     continue
-                lo, hi = t.ranges[i]
-                part = slice_batch(t.batch, lo, hi, trim_padding=self.trim_padding, width=t.widths[i],
-                                   sequence_keys=self.sequence_keys)
-                ctx = (no_sync(t.sync) if (t.sync is not None and last_of[id(t.sync)] != j)
-                       else contextlib.nullcontext())
-                with ctx:
-                    if t.states is not None:
-                        t.states[i].restore()
-                    emb = self._check_embeddings(t.encoder(part), hi - lo, t.name)
-                    if emb.requires_grad:
-                        torch.autograd.backward(emb, _grad_rows(g, t, lo, hi).to(emb.dtype))
-                    else:  # a frozen tower has nothing to back-propagate into
-                        frozen.add(id(t))
-                    del emb
+                earlier = with_graph.get(id(t.sync))
+                if earlier is not None:  # reduce what the module's earlier chunks accumulated
+                    run(*earlier, synced=True, zero=True)
 
     # ------------------------------------------------------------------------------------------------
     # public API
@@ -520,13 +606,14 @@ class GradCache:
             target = loss * self.grad_multiplier if self.grad_multiplier != 1.0 else loss
             if self.scaler is not None:
                 target = self.scaler.scale(target)
+            sync_leaves = _ddp_owned_leaves(target, (q, d), towers)
             # a full backward: the loss's own leaves (a learnable temperature) get their .grad too; outside
             # autocast, as forward()'s loss.backward() runs in a training loop
             with _autocast(_autocast_state(), enabled=False):
                 target.backward()
             gq, gd = q.grad, d.grad
             del q, d, target
-            self._replay(towers, (gq, gd))
+            self._replay(towers, (gq, gd), sync_leaves)
         return loss.detach()
 
     def forward(self, query_batch, doc_batch, **loss_kwargs) -> torch.Tensor:
@@ -543,8 +630,10 @@ class GradCache:
         if not capture:
             return self.loss_fn(q, d, **loss_kwargs)
         anchor = torch.empty(0, device=q.device, requires_grad=True)
-        qg, dg = _ReplayBridge.apply(anchor, q, d, (self, towers, _autocast_state()))
+        sync_leaves: dict = {}  # filled once the loss exists, read by the replay inside its backward
+        qg, dg = _ReplayBridge.apply(anchor, q, d, (self, towers, _autocast_state(), sync_leaves))
         loss = self._call_loss(qg, dg, loss_kwargs)
+        sync_leaves.update(_ddp_owned_leaves(loss, (anchor,), towers))
         # every gradient reaching the loss (the embeddings', the loss's own parameters') gets the multiplier
         return _ScaleGrad.apply(loss, self.grad_multiplier) if self.grad_multiplier != 1.0 else loss
 
@@ -575,8 +664,8 @@ class _ReplayBridge(torch.autograd.Function):
         if ctx.payload is None:
             raise RuntimeError("GradCache.forward's loss was back-propagated twice; "
                                "its chunks are re-run only once")
-        gc, towers, autocast_state = ctx.payload
+        gc, towers, autocast_state, sync_leaves = ctx.payload
         ctx.payload = None
         with _autocast(autocast_state):
-            gc._replay(towers, (gq, gd))
+            gc._replay(towers, (gq, gd), sync_leaves)
         return None, None, None, None
