@@ -414,3 +414,45 @@ def test_pandas_series_and_home_relative_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     again = lf.LLMEmbedder.from_pretrained("~/saved", device="cpu")
     np.testing.assert_allclose(again.encode(texts), emb.encode(texts), atol=1e-6, rtol=0)
+
+
+def test_boolean_settings_and_prompts_are_checked():
+    """add_eos / include_prompt / lowercase take True, False or None as normalize does (a truthy string used
+    to turn them on: add_eos="no" appended EOS); prompts must map names to prompt strings."""
+    model, tok = build_tiny_model("qwen2")
+    for name in ("add_eos", "include_prompt", "lowercase"):
+        for bad in ("no", "false", 1, [True]):
+            with pytest.raises(TypeError, match=f"{name} must be True, False or None"):
+                lf.LLMEmbedder(model, tok, **{name: bad})
+    folder = cached_tiny_model_dir("qwen2")
+    for name in ("add_eos", "include_prompt"):
+        with pytest.raises(TypeError, match=name):
+            lf.LLMEmbedder.from_pretrained(folder, device="cpu", **{name: "no"})
+    # None keeps its meaning (the style's / model's default); numpy booleans are booleans
+    default = lf.LLMEmbedder(model, tok, add_eos=None, include_prompt=None, lowercase=None)
+    assert (default.add_eos, default.include_prompt, default.lowercase) == (True, False, False)
+    off = lf.LLMEmbedder(model, tok, add_eos=np.bool_(False), include_prompt=np.bool_(True))
+    assert (off.add_eos, off.include_prompt) == (False, True)
+    assert off._tokenize(["hi"]).ids[0] == tok("hi")["input_ids"]
+    for bad in (["query: "], "query: ", {"query": 3}, {1: "q: "}):
+        with pytest.raises(TypeError, match="prompts"):
+            lf.LLMEmbedder(model, tok, prompts=bad)
+    assert lf.LLMEmbedder(model, tok, prompts=None).prompts == {}
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "binary", "ubinary"])
+def test_ranges_and_calibration_refused_unless_int8(precision):
+    """ranges / calibration_embeddings only calibrate int8 / uint8: with any other precision they were
+    ignored silently (even ones of the wrong shape); the CLI refuses --ranges the same way."""
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    ranges = np.zeros((2, 64), np.float32)
+    sample = np.ones((4, 64), np.float32)
+    calls = (lambda **kw: emb.encode(["hello", "world"], precision=precision, **kw),
+             lambda **kw: emb.encode_late_chunks("hello world", ["hello"], precision=precision, **kw))
+    for call in calls:
+        with pytest.raises(ValueError, match="ranges applies to precision 'int8' / 'uint8' only"):
+            call(ranges=ranges)
+        with pytest.raises(ValueError, match="calibration_embeddings applies to precision"):
+            call(calibration_embeddings=sample)
+        assert np.isfinite(call().astype(np.float32)).all()

@@ -115,3 +115,46 @@ def test_torch_outputs_are_normal_tensors():
         assert not out.is_inference()
         torch.nn.functional.mse_loss(out * w, out.detach() + 1).backward()
         out /= 2
+
+
+def test_late_chunks_check_arguments_as_encode_does():
+    """max_tokens_per_batch and dims are checked as encode checks them (a negative or fractional token
+    budget ran; dims=(8, 16) crashed with an AttributeError)."""
+    model, tok = build_tiny_model("qwen2")
+    emb = lf.LLMEmbedder(model, tok)
+    for kw, name in ((dict(max_tokens_per_batch=-5), "max_tokens_per_batch"),
+                     (dict(max_tokens_per_batch=0.5), "max_tokens_per_batch"),
+                     (dict(max_tokens_per_batch=0), "max_tokens_per_batch"),
+                     (dict(dims=(8, 16)), "dims"), (dict(dims=True), "dims"), (dict(dims=0), "dims")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            emb.encode("hello world", **kw)
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            emb.encode_late_chunks("hello world", ["hello"], **kw)
+    out = emb.encode_late_chunks("hello world", ["hello"], dims=np.int64(8), max_tokens_per_batch=64)
+    assert out.shape == (1, 8)
+
+
+def test_late_chunks_apply_the_default_prompt():
+    """A model with a default prompt (a sentence-transformers folder's default_prompt_name) gets it in
+    late chunking as in encode: no prompt given = the default one passed (it used to get no prompt)."""
+    model, tok = build_tiny_model("llama")
+    kw = dict(pooling="mean", include_prompt=False, normalize=False)
+    prompts = {"query": "query:\n", "doc": "doc:\n"}
+    emb = lf.LLMEmbedder(model, tok, prompts=prompts, default_prompt_name="query", **kw)
+    plain = lf.LLMEmbedder(model, tok, **kw)
+    got = emb.encode_late_chunks(TEXT, LINES, output="torch")
+    want = plain.encode_late_chunks(TEXT, LINES, output="torch", prompt="query:\n")
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.allclose(got, plain.encode_late_chunks(TEXT, LINES, output="torch"), atol=1e-3)
+    # the same resolution as encode: prompt_name, an explicit prompt, and an instruction (no default prompt)
+    torch.testing.assert_close(
+        emb.encode_late_chunks(TEXT, LINES, output="torch", prompt_name="doc"),
+        plain.encode_late_chunks(TEXT, LINES, output="torch", prompt="doc:\n"), atol=0, rtol=0)
+    torch.testing.assert_close(
+        emb.encode_late_chunks(TEXT, LINES, output="torch", instruction="find it"),
+        plain.encode_late_chunks(TEXT, LINES, output="torch", instruction="find it"), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="prompt_name"):
+        emb.encode_late_chunks(TEXT, LINES, prompt_name="nope")
+    # one chunk over the whole text pools the tokens encode pools (llama: BOS excluded, no EOS with mean)
+    whole = emb.encode_late_chunks(TEXT, [(0, len(TEXT))], output="torch")[0]
+    torch.testing.assert_close(whole, emb.encode(TEXT, output="torch"), atol=2e-6, rtol=0)

@@ -311,3 +311,26 @@ def test_position_ids_buffer_offset_models():
         assert position_offset(model) == 2
         got = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False).encode(texts, output="torch")
         torch.testing.assert_close(got, _own_mean(model, tok, texts), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("cfg_cls", [tf.GPTJConfig, tf.CodeGenConfig])
+def test_gptj_codegen_rotary_tables_keep_max_length_within_n_positions(cfg_cls):
+    """GPT-J and CodeGen declare rotary through ``rotary_dim``, but transformers precomputes n_positions
+    rows of sin/cos and indexes them: a longer sequence fails in the model, so max_length > n_positions is
+    refused as for a learned table (GPT-2), not let through as for rope_theta models."""
+    from llmembed_fast.embedder.model import rotary_positions
+
+    tok = make_tokenizer("gpt2")
+    cfg = cfg_cls(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=16,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = _random_init(tf.AutoModel.from_config(cfg), 5)
+    assert not rotary_positions(cfg)
+    with pytest.raises(IndexError):  # the model itself cannot run past its table
+        model(input_ids=torch.zeros(1, 17, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_length=17 is longer"):
+        lf.LLMEmbedder(model, tok, max_length=17)
+    emb = lf.LLMEmbedder(model, tok, pooling="mean", normalize=False)
+    assert emb.max_length == 16
+    got = emb.encode(TEXTS + ["word " * 40], output="torch")
+    assert got.isfinite().all()
+    torch.testing.assert_close(got[:3], _own_mean(model, tok, TEXTS[:3]), rtol=0, atol=2e-5)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llmembed_fast.embedder import batching
-from llmembed_fast.embedder.model import OUTPUTS, PRECISIONS, _check_text, resolve_pooling
+from llmembed_fast.embedder.model import _check_output_args, _check_positive, _check_text, resolve_pooling
 from llmembed_fast.embedder.prompts import render
 from llmembed_fast.embedder.tokenize import _text_token_ranges
 from llmembed_fast.ops.pooling import pool_segments
@@ -64,6 +64,7 @@ def encode_late_chunks(
     *,
     instruction: str | None = None,
     prompt: str | None = None,
+    prompt_name: str | None = None,
     pooling: str = "mean",
     normalize: bool | None = None,
     dims: int | None = None,
@@ -75,16 +76,20 @@ def encode_late_chunks(
 ):
     """Embeddings [S, D] of the S chunks of ``text`` after one forward over all of it (see module doc).
 
-    ``pooling`` defaults to "mean" over each chunk's tokens; ``normalize``/``dims`` default to the embedder's.
-    ``ranges``/``calibration_embeddings``: for int8/uint8, as in ``encode`` (pass them: ranges calibrated on
-    one document's few chunks make codes that cannot be compared with other documents').
+    ``instruction`` / ``prompt`` / ``prompt_name`` select the prompt as in ``encode`` (none of them: the
+    embedder's ``default_prompt_name`` prompt, if any). ``pooling`` defaults to "mean" over each chunk's
+    tokens; ``normalize``/``dims`` default to the embedder's. ``precision``, ``output``, ``dims`` and
+    ``max_tokens_per_batch`` are checked as ``encode`` checks them.
+    ``ranges``/``calibration_embeddings``: for int8/uint8 only, as in ``encode`` (pass them: ranges calibrated
+    on one document's few chunks make codes that cannot be compared with other documents').
     """
     _check_text(text, "text")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    _check_output_args(precision, output, ranges, calibration_embeddings)
+    max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+    dims = embedder.dims if dims is None else _check_positive(dims, "dims")
+    normalize = embedder.resolve_normalize(normalize)
     mode = resolve_pooling(pooling)
+    prompt = embedder.resolve_prompt(instruction, prompt, prompt_name)
     if not embedder.info.fast:
         raise ValueError("late chunking needs a fast tokenizer (offset mappings)")
     spans = chunk_spans(text, chunks)
@@ -144,8 +149,8 @@ def encode_late_chunks(
                 starts.to(dev),
                 ends.to(dev),
                 mode,
-                dims=embedder.dims if dims is None else dims,
-                normalize=embedder.resolve_normalize(normalize),
+                dims=dims,
+                normalize=normalize,
             )
     finally:
         embedder.model.train(was_training)

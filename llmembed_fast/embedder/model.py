@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -116,6 +116,40 @@ def _check_bool(value, name: str):
     raise TypeError(f"{name} must be True, False or None, got {value!r}")
 
 
+def _check_prompts(prompts) -> dict[str, str]:
+    """A copy of ``prompts``: a mapping of prompt names to prompt strings (None: no prompts)."""
+    if prompts is None:
+        return {}
+    if not isinstance(prompts, Mapping):
+        raise TypeError(
+            "prompts must be a mapping of prompt names to prompt strings (e.g. {'query': 'query: '}), "
+            f"got {type(prompts).__name__}"
+        )
+    for name, text in prompts.items():
+        if not isinstance(name, str):
+            raise TypeError(f"prompts: names must be strings, got {name!r} ({type(name).__name__})")
+        if not isinstance(text, str):
+            raise TypeError(f"prompts[{name!r}] must be a string, got {type(text).__name__}")
+    return dict(prompts)
+
+
+def _check_output_args(precision, output, ranges, calibration_embeddings) -> None:
+    """The checks ``encode`` and ``encode_late_chunks`` make of ``precision``, ``output`` and the int8/uint8
+    calibration arguments (``ranges`` / ``calibration_embeddings`` with another precision are refused: they
+    would be ignored)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if precision not in ("int8", "uint8"):
+        for name, value in (("ranges", ranges), ("calibration_embeddings", calibration_embeddings)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} applies to precision 'int8' / 'uint8' only (it sets their per-dimension "
+                    f"ranges), got precision={precision!r}"
+                )
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model's position table holds (max_position_embeddings / n_positions)."""
     for key in ("max_position_embeddings", "n_positions"):
@@ -127,7 +161,11 @@ def max_positions(config) -> int | None:
 
 def rotary_positions(config) -> bool:
     """True for rotary position encodings (no table to index past: a longer max_length runs, with
-    whatever quality the model has beyond its training length)."""
+    whatever quality the model has beyond its training length).
+
+    GPT-J and CodeGen (``rotary_dim``) are rotary but count as not: their transformers implementation
+    precomputes ``n_positions`` rows of sin/cos and indexes them, so a longer sequence fails there
+    (IndexError; a device assert on CUDA) as a learned table would."""
     keys = ("rope_theta", "rope_scaling", "rope_parameters")
     return any(getattr(config, k, None) is not None for k in keys)
 
@@ -270,9 +308,17 @@ class LLMEmbedder(nn.Module):
             text. sentence-transformers drops ``len(tokenize(prompt))`` tokens instead, which drops that
             token too, so mean/cls/max embeddings of such folders differ from its own; prompts ending in a
             newline (or tokenizers that do not merge across the space) agree.
-        prompts: named prompt prefixes (sentence-transformers' ``prompts``), e.g. {"query": "query: "}.
+        prompts: named prompt prefixes (sentence-transformers' ``prompts``): a mapping of str to str, e.g.
+            {"query": "query: "}.
+        default_prompt_name: the name in ``prompts`` of the prompt that :meth:`encode` and
+            :meth:`encode_late_chunks` apply when given no prompt, prompt_name or instruction.
         packed: True, False or "auto" (packed only where the attention reads packed sequences natively);
             True needs a model whose forward takes ``position_ids``.
+        lowercase: lower-case the prompt and text before tokenizing (a sentence-transformers folder's
+            ``do_lower_case``; None: False).
+
+    ``normalize``, ``add_eos``, ``include_prompt`` and ``lowercase`` take True, False or None (a TypeError
+    names any other value).
     """
 
     def __init__(
@@ -294,7 +340,7 @@ class LLMEmbedder(nn.Module):
         packed="auto",
         device=None,
         dtype=None,
-        lowercase: bool = False,
+        lowercase: bool | None = False,
         _st_folder: bool = False,
     ):
         super().__init__()
@@ -336,6 +382,7 @@ class LLMEmbedder(nn.Module):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
         self.info = probe_tokenizer(tokenizer)
+        add_eos = _check_bool(add_eos, "add_eos")
         if add_eos is None:
             add_eos = self.style.add_eos
         if add_eos is None:  # a tokenizer without EOS: the last text token is pooled
@@ -347,6 +394,7 @@ class LLMEmbedder(nn.Module):
         # a prompting style that reads the state after its prompt (PromptEOL, ...) drops the terminator a
         # decoder's tokenizer appends itself (e5-mistral style), as it appends none
         self.strip_eos = not self.add_eos and self.style.add_eos is False and self.is_decoder
+        include_prompt = _check_bool(include_prompt, "include_prompt")
         if include_prompt is None:
             include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
         self.include_prompt = bool(include_prompt)
@@ -360,9 +408,9 @@ class LLMEmbedder(nn.Module):
                 "pass max_length <= that"
             )
         self.max_length = self.max_length or self._default_max_length()
-        self.prompts = dict(prompts or {})
+        self.prompts = _check_prompts(prompts)
         self.default_prompt_name = default_prompt_name
-        self.lowercase = bool(lowercase)
+        self.lowercase = bool(_check_bool(lowercase, "lowercase"))
         dtype = _resolve_dtype(dtype)
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
@@ -408,6 +456,10 @@ class LLMEmbedder(nn.Module):
         """
         from transformers import AutoModel, AutoTokenizer
 
+        # before any loading (the constructor checks them again)
+        _check_bool(normalize, "normalize")
+        _check_bool(add_eos, "add_eos")
+        _check_bool(include_prompt, "include_prompt")
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
         path_or_id = os.fspath(path_or_id)
@@ -505,7 +557,7 @@ class LLMEmbedder(nn.Module):
                     kw["prompt_style"] = PromptStyle(**saved["prompt_style"])
                 except TypeError as exc:
                     raise ValueError(f"path_or_id: bad prompt_style in {SETTINGS_FILE}: {exc}") from None
-            kw.update(prompts=saved.get("prompts") or {}, lowercase=bool(saved.get("lowercase", False)),
+            kw.update(prompts=saved.get("prompts") or {}, lowercase=saved.get("lowercase", False),
                       default_prompt_name=saved.get("default_prompt_name"))
         return cls(model, tokenizer, **kw)
 
@@ -896,11 +948,13 @@ class LLMEmbedder(nn.Module):
         Args:
             instruction: task instruction, applied with the instruction template and excluded from pooling
                 unless ``include_prompt``.
-            prompt / prompt_name: a prompt prefix, or the name of one in ``self.prompts``.
+            prompt / prompt_name: a prompt prefix, or the name of one in ``self.prompts`` (neither, and no
+                instruction: the ``default_prompt_name`` prompt, if any; see :meth:`resolve_prompt`).
             batch_size: most sequences per batch (None: no cap). max_tokens_per_batch: padded tokens per batch
                 (default 16384 on CUDA, 8192 on CPU). Batches are sorted by length; input order is restored.
             precision: "float32", "float16", or quantized "int8", "uint8", "binary", "ubinary"
-                (via :func:`llmembed_fast.quant.quantize`; ``ranges``/``calibration_embeddings`` go to it).
+                (via :func:`llmembed_fast.quant.quantize`; ``ranges``/``calibration_embeddings`` go to it for
+                int8/uint8 and are refused with any other precision).
             output: "numpy" or "torch" (a tensor on the model's device).
             distributed: under ``torch.distributed``, each rank encodes a shard and rank 0 gets all
                 embeddings in input order (other ranks get None).
@@ -909,20 +963,10 @@ class LLMEmbedder(nn.Module):
             [N, D] (or [D] for a single string) float32 / float16 / int8 / uint8 array or tensor.
         """
         texts, single = _check_texts(texts)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        _check_output_args(precision, output, ranges, calibration_embeddings)
         batch_size = _check_positive(batch_size, "batch_size")
         max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
-        if prompt is None and prompt_name is None and instruction is None:
-            prompt_name = self.default_prompt_name
-        if prompt is None and prompt_name is not None:
-            if prompt_name not in self.prompts:
-                raise ValueError(
-                    f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}"
-                )
-            prompt = self.prompts[prompt_name]
+        prompt = self.resolve_prompt(instruction, prompt, prompt_name)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         kw = dict(
@@ -944,6 +988,19 @@ class LLMEmbedder(nn.Module):
         else:
             emb = self.encode_float(texts, **kw)
         return self._finish(emb, precision, output, single, ranges, calibration_embeddings)
+
+    def resolve_prompt(self, instruction=None, prompt=None, prompt_name=None) -> str | None:
+        """The prompt prefix a call applies: ``prompt``, else ``self.prompts[prompt_name]``, else (no
+        instruction either) the default prompt, ``self.prompts[self.default_prompt_name]``, if any."""
+        if prompt is None and prompt_name is None and instruction is None:
+            prompt_name = self.default_prompt_name
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(
+                    f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}"
+                )
+            prompt = self.prompts[prompt_name]
+        return prompt
 
     @staticmethod
     def _finish(emb: torch.Tensor, precision: str, output: str, single: bool, ranges, calibration_embeddings):
