@@ -299,6 +299,13 @@ def test_hf_trainer_group_held_by_the_loss_sets_the_multiplier(monkeypatch, tmp_
     held = GradCacheTrainer(model=model, args=args, loss_fn=lf.ContrastiveLoss(group=group))
     assert held._gc_grad_multiplier() == 3.0
     assert GradCacheTrainer(model=model, args=args, loss_fn=lf.ContrastiveLoss())._gc_grad_multiplier() == 1.0
+    import functools  # a partial holding the group (its .keywords): the multiplier stayed 1
+
+    partial = functools.partial(lf.contrastive_loss, group=group)
+    assert GradCacheTrainer(model=model, args=args, loss_fn=partial)._gc_grad_multiplier() == 3.0
+    # compute_loss_func would be ignored, and the Trainer would skip dividing by the accumulation steps
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        GradCacheTrainer(model=model, args=args, compute_loss_func=lambda *a, **k: None)
     with pytest.warns(UserWarning, match="requires grad but is not a parameter"):
         t = torch.tensor(0.1, requires_grad=True)
         GradCacheTrainer(model=model, args=args, loss_kwargs={"temperature": t})

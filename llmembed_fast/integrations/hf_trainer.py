@@ -106,6 +106,11 @@ class GradCacheTrainer(Trainer):
         if loss_kwargs is not None and not isinstance(loss_kwargs, Mapping):
             raise TypeError(f"loss_kwargs must be a dict of keyword arguments for loss_fn, got "
                             f"{type(loss_kwargs).__name__}")
+        if kwargs.get("compute_loss_func") is not None:
+            # compute_loss ignores it, and the Trainer would then take the loss as already scaled for
+            # gradient accumulation (not divided by the accumulation steps)
+            raise ValueError("GradCacheTrainer computes its loss with loss_fn (on the embeddings): pass "
+                             "loss_fn= instead of compute_loss_func=")
         super().__init__(*args, **kwargs)
         if loss_fn is None:
             from llmembed_fast.ops.contrastive import contrastive_loss as loss_fn
@@ -149,9 +154,14 @@ class GradCacheTrainer(Trainer):
         if self.gc_grad_multiplier is not None:
             return float(self.gc_grad_multiplier)
         group = self.gc_loss_kwargs.get("group")
-        if group is None:  # a loss module holding its group, e.g. ContrastiveLoss(group=...)
-            held = getattr(self.gc_loss_fn, "kwargs", None)
-            group = held.get("group") if isinstance(held, dict) else getattr(self.gc_loss_fn, "group", None)
+        if group is None:  # a loss module holding its group, e.g. ContrastiveLoss(group=...), or a partial
+            for attr in ("kwargs", "keywords"):  # functools.partial(lf.contrastive_loss, group=...)
+                held = getattr(self.gc_loss_fn, attr, None)
+                if isinstance(held, dict) and held.get("group") is not None:
+                    group = held["group"]
+                    break
+            else:
+                group = getattr(self.gc_loss_fn, "group", None)
         if group is None:
             return 1.0
         import torch.distributed as dist
