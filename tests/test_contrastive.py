@@ -745,9 +745,9 @@ def test_gemm_logits_mode(monkeypatch, dtype):
     blocks = []
     real = tk._logits_block
 
-    def spy(x, y, x_index, r0, r1, bounds, allow_tf32):
+    def spy(x, y, x_index, r0, r1, bounds, allow_tf32, out=None):
         blocks.append((r0, r1))
-        return real(x, y, x_index, r0, r1, bounds, allow_tf32)
+        return real(x, y, x_index, r0, r1, bounds, allow_tf32, out=out)
 
     monkeypatch.setattr(tk, "_logits_block", spy)
     monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)  # 32-row forward blocks at N=90, K=3
@@ -760,6 +760,53 @@ def test_gemm_logits_mode(monkeypatch, dtype):
     q, d, _ = _inputs(70, 90, 24, dtype, seed=12, labels="arange")
     _check(q, d, None, TOL[dtype], symmetric=True, matryoshka_dims=(8, 24))
     assert len(set(blocks)) >= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_logits_mode(monkeypatch, dtype):
+    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=keep: the plain term's forward logits (every Matryoshka dim) are kept
+    and its backward blocks read them instead of recomputing (no GEMM for that term's rows in backward);
+    the other terms (same-tower, the separate symmetric one) recompute as in "gemm" mode. Over the budget,
+    or without gradients, nothing is kept."""
+    from llmembed_fast import _dispatch
+
+    if not _dispatch.triton_available():
+        pytest.skip("triton not installed")
+    from llmembed_fast.triton_kernels import contrastive as tk
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
+    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "keep")
+    calls = []
+    real = tk._logits_block
+
+    def spy(x, y, x_index, r0, r1, bounds, allow_tf32, out=None):
+        plain = x_index is None and y.shape[0] == 90  # q x d, not d[labels] x d or d[labels] x q
+        calls.append((plain, r0, r1, out is not None))
+        return real(x, y, x_index, r0, r1, bounds, allow_tf32, out=out)
+
+    monkeypatch.setattr(tk, "_logits_block", spy)
+    monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)  # several blocks in forward and backward
+    q, d, lab = _inputs(70, 90, 24, dtype, seed=21)
+    for kw, labels, only_kept in ((dict(matryoshka_dims=(6, 12, 24)), lab, True),
+                                  (dict(false_negative_margin=0.1, symmetric=True), None, True),  # fused
+                                  (dict(symmetric=True), lab, False),  # a separate d -> q term
+                                  (dict(same_tower=True, matryoshka_dims=(8, 24)), lab, False)):
+        calls.clear()
+        _check(q, d, labels, TOL[dtype], **kw)
+        kept = [c for c in calls if c[3]]
+        assert kept and all(c[0] for c in kept)  # only the plain term's logits are kept
+        assert sorted((r0, r1) for _, r0, r1, _ in kept)[-1][1] == 70  # the forward wrote every row
+        assert not any(p and not o for p, _, _, o in calls)  # the plain term's backward recomputed none
+        assert only_kept == all(c[3] for c in calls)  # the other terms recompute theirs
+    calls.clear()
+    monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 70 * 90 * 4 - 1)  # one float32 [70, 90] over the budget
+    _check(q, d, lab, TOL[dtype])
+    assert calls and not any(c[3] for c in calls)
+    calls.clear()
+    monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 1 << 30)
+    with torch.no_grad():
+        lf.contrastive_loss(q, d, labels=lab)
+    assert calls and not any(c[3] for c in calls)
 
 
 def test_logits_mode_rejects_unknown(monkeypatch):

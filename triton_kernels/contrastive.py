@@ -60,6 +60,9 @@ COL_PART_BUDGET_BYTES = 256 << 20
 # H200, 4x fewer blocks than 256 MiB took the backward from 66 to 54 ms (fewer accumulation passes over the
 # fp32 column gradients) for 1.38 GB peak extra memory instead of 0.65 GB.
 H_BUDGET_BYTES = 1 << 30
+# "keep" logits mode: a term's forward logits (float32 [K, M, NC]) are kept for its backward when they fit
+# this (LLMEMBED_FAST_CONTRASTIVE_KEEP_BYTES, default 8 GiB), saving the backward's recomputation (a GEMM).
+KEEP_BUDGET_BYTES = int(os.environ.get("LLMEMBED_FAST_CONTRASTIVE_KEEP_BYTES", str(8 << 30)))
 LSE_SPLITS: int | None = None  # force the forward's column split count (tests); None = fill the GPU
 
 
@@ -122,9 +125,9 @@ def _logit_dots(
 ):
     """The tile's prefix dot products up to dim k: read from the precomputed S[k] (cuBLAS logits mode) or
     accumulated here over the range [lo, hi) onto ``acc`` (the prefix up to dim k - 1)."""
-    if PRE_S:
+    if PRE_S:  # 64-bit offsets: logits kept for the backward span K * M * NC elements
         acc = tl.load(
-            s_ptr + k * stride_sk + local[:, None] * stride_sm + cols[None, :],
+            s_ptr + k * stride_sk.to(tl.int64) + local[:, None].to(tl.int64) * stride_sm + cols[None, :],
             mask=rmask[:, None] & cmask[None, :],
             other=0.0,
         )
@@ -684,19 +687,25 @@ def grad_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 
 def logits_mode() -> str:
-    """Where the tiles' dot products come from: "triton" (tl.dot inside the kernels, the default) or "gemm"
-    (cuBLAS computes a block of rows' float32 logits, the kernels read them; opt-in while it is being
-    measured). Read from ``LLMEMBED_FAST_CONTRASTIVE_LOGITS`` on every call."""
+    """Where the tiles' dot products come from: "triton" (tl.dot inside the kernels, the default), "gemm"
+    (cuBLAS computes a block of rows' float32 logits, the kernels read them) or "keep" (as "gemm", and the
+    plain term's forward logits are kept for its backward when they fit KEEP_BUDGET_BYTES: three GEMMs per
+    step instead of four, for 4 bytes per logit held between forward and backward). "gemm" and "keep" are
+    opt-in while they are being measured. Read from ``LLMEMBED_FAST_CONTRASTIVE_LOGITS`` on every call."""
     mode = os.environ.get("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "triton").strip().lower() or "triton"
-    if mode not in ("triton", "gemm"):
-        raise ValueError(f"LLMEMBED_FAST_CONTRASTIVE_LOGITS must be 'triton' or 'gemm', got {mode!r}")
+    if mode not in ("triton", "gemm", "keep"):
+        raise ValueError(f"LLMEMBED_FAST_CONTRASTIVE_LOGITS must be 'triton', 'gemm' or 'keep', got {mode!r}")
     return mode
 
 
-def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
-    """Rows per backward block: all K gradient tiles (and, in "gemm" mode, their float32 logits) within
-    H_BUDGET_BYTES, a multiple of 128 rows."""
-    per_elem = h_itemsize + (4 if logits_mode() == "gemm" else 0)
+def _gemm_logits() -> bool:
+    return logits_mode() in ("gemm", "keep")
+
+
+def chunk_rows(M: int, NC: int, K: int, h_itemsize: int, kept: bool = False) -> int:
+    """Rows per backward block: all K gradient tiles (and, in "gemm"/"keep" mode unless the forward's logits
+    were ``kept``, their float32 logits) within H_BUDGET_BYTES, a multiple of 128 rows."""
+    per_elem = h_itemsize + (4 if _gemm_logits() and not kept else 0)
     rows = H_BUDGET_BYTES // max(1, NC * K * per_elem)
     rows = rows // 128 * 128 if rows >= 128 else max(1, rows)
     return min(M, rows)
@@ -711,11 +720,12 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
     return m_use + torch.log2(torch.exp2(part - m_use).sum(0))
 
 
-def _logits_block(x, y, x_index, r0: int, r1: int, bounds, allow_tf32: bool) -> torch.Tensor:
-    """Prefix dot products of rows [r0, r1) with every column, per dim: float32 [K, r1 - r0, NC]."""
+def _logits_block(x, y, x_index, r0: int, r1: int, bounds, allow_tf32: bool, out=None) -> torch.Tensor:
+    """Prefix dot products of rows [r0, r1) with every column, per dim: float32 [K, r1 - r0, NC] (written into
+    ``out`` when given, e.g. a view of the kept logits)."""
     rows = x[x_index[r0:r1]] if x_index is not None else x[r0:r1]
     K = len(bounds) - 1
-    S = torch.empty(K, r1 - r0, y.shape[0], dtype=torch.float32, device=x.device)
+    S = torch.empty(K, r1 - r0, y.shape[0], dtype=torch.float32, device=x.device) if out is None else out
     if not x.is_cuda:  # the interpreter: exact float32 products of bf16/fp16 operands
         rows, y = rows.float(), y.float()
     for k in range(K):
@@ -742,16 +752,22 @@ def row_lse(
     allow_tf32: bool = True,
     col_terms: int = 0,
     tri: bool = False,
+    keep: dict | None = None,
 ):
     """Base-2 log-sum-exp per (dim, row) of a term: (float32 [K, M] (-inf where no entry is kept), column
     LSE [K, col_terms] or None). ``col_terms`` = n > 0 also reduces the first n columns down the rows (the
     symmetric term when column i is query i's positive and ``special`` is the diagonal). ``tri``: a
-    symmetric self-term (see ``reference.contrastive_chunked.row_lse``), upper triangle only."""
+    symmetric self-term (see ``reference.contrastive_chunked.row_lse``), upper triangle only. ``keep``: a
+    dict that receives "S", the term's float32 logits [K, M, NC], in "keep" mode when they fit
+    KEEP_BUDGET_BYTES (pass them to ``grad_tiles`` as ``kept``)."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     if tri:
         col_terms = M
-    gemm = logits_mode() == "gemm"
+    gemm = _gemm_logits()
+    kept = None
+    if keep is not None and not tri and logits_mode() == "keep" and K * M * NC * 4 <= KEEP_BUDGET_BYTES:
+        kept = keep["S"] = torch.empty(K, M, NC, dtype=torch.float32, device=x.device)
     cfg, single = launch_config(x.dtype, x.shape[1], bounds, "lse", col_terms > 0, tri, gemm)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_cb = triton.cdiv(NC, BN)
@@ -779,7 +795,8 @@ def row_lse(
     thr = _thresholds(thr2, K, M, x.device)
     meta = _meta(cfg, K, x, allow_tf32, col_terms > 0, tri, exclude, thr2, single, gemm)
     for r0, r1 in blocks:
-        S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
+        S = (_logits_block(x, y, x_index, r0, r1, bounds, allow_tf32,
+                           out=None if kept is None else kept[:, r0:r1]) if gemm else None)
         n_rb = triton.cdiv(r1 - r0, BM)
         if tri:  # tiles left of a block's diagonal are never visited: their column partials stay empty
             colpart = torch.full((n_rb, K, M), float("-inf"), dtype=torch.float32, device=x.device)
@@ -839,19 +856,24 @@ def grad_tiles(
     allow_tf32: bool = True,
     col_lse2=None,
     tri: bool = False,
+    kept=None,
 ):
     """Gradient tiles of rows [r0, r1): (H [K, r1-r0, NC - c0] of ``h_dtype``, row sums [K, r1-r0], column
     sums [K, NC - c0], float32), c0 = r0 with ``tri`` (else 0). Same contract as
-    ``reference.contrastive_chunked.grad_tiles``."""
+    ``reference.contrastive_chunked.grad_tiles``. ``kept``: the term's logits kept by ``row_lse`` (read
+    instead of recomputed)."""
     K = len(bounds) - 1
     M, NC = a2.shape[1], y.shape[0]
     Mc = r1 - r0
     c0 = r0 if tri else 0
-    gemm = logits_mode() == "gemm"
+    gemm = kept is not None or _gemm_logits()
     cfg, single = launch_config(x.dtype, x.shape[1], bounds, "grad", col_lse2 is not None, tri, gemm)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_rb, n_cb = triton.cdiv(Mc, BM), triton.cdiv(NC - c0, BN)
-    S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
+    if kept is not None:
+        S = kept[:, r0:r1]
+    else:
+        S = _logits_block(x, y, x_index, r0, r1, bounds, allow_tf32) if gemm else None
     H = empty(K, Mc, NC - c0, dtype=h_dtype, device=x.device)
     rs_part = empty(n_cb, K, Mc, dtype=torch.float32, device=x.device)
     cs_part = empty(n_rb, K, NC - c0, dtype=torch.float32, device=x.device)

@@ -355,6 +355,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         src = {"q": q, "d": d, "qc": qc, "dc": dc}
 
         group_lse: list[torch.Tensor | None] = [None, None]
+        keep: dict = {}  # the plain term's logits, when the backend keeps them for the backward
         for i, t in enumerate(_terms(cfg)):
             fused = cfg.fused_symmetric and i == 0  # column i of q x d is the positive of query i
             lse2, col_lse2 = be.row_lse(
@@ -370,6 +371,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                 allow_tf32=cfg.allow_tf32,
                 col_terms=b if fused else 0,
                 tri=t.tri,
+                keep=keep if i == 0 and any(ctx.needs_input_grad[:5]) else None,
             )
             if fused:
                 group_lse[1] = col_lse2
@@ -393,6 +395,7 @@ class _ContrastiveFunction(torch.autograd.Function):
             group_lse=group_lse,
             inv_t=inv_t,
             q_off=q_off,
+            kept=keep.get("S"),
         )
         ctx.cfg, ctx.be = cfg, be
         ctx.aliased = {"qc": qc is q, "dc": dc is d}  # one process: columns are the inputs themselves
@@ -447,7 +450,8 @@ class _ContrastiveFunction(torch.autograd.Function):
                 Y = gemm_operand(t.y, hdt)
                 M, NC = b, y.shape[0]
                 alpha, act = st["alpha"][t.x], st["act"][t.x]
-                step = be.chunk_rows(M, NC, K, torch.finfo(hdt).bits // 8)
+                kept = st["kept"] if i == 0 else None
+                step = be.chunk_rows(M, NC, K, torch.finfo(hdt).bits // 8, kept=kept is not None)
                 if t.tri:  # each block computes columns [r0, NC): small blocks follow the triangle
                     step = tri_block_rows(M, step)
                 for r0 in range(0, M, step):
@@ -470,6 +474,7 @@ class _ContrastiveFunction(torch.autograd.Function):
                         allow_tf32=cfg.allow_tf32,
                         col_lse2=col_lse2,
                         tri=t.tri,
+                        kept=kept,
                     )
                     c0 = r0 if t.tri else 0  # a triangle term's tiles start at the block's diagonal
                     rows = labels[r0:r1] if t.gather else slice(r0, r1)
@@ -503,6 +508,8 @@ class _ContrastiveFunction(torch.autograd.Function):
                         colsum[t.y][:, c0:] += cs
                     tau_acc = tau_acc + rs.sum()
                     del H
+                if i == 0:
+                    st["kept"] = kept = None  # freed now, not when the graph goes
         if cfg.normalize:
             for name in ("qc", "dc"):
                 if grads[name] is None or colsum[name] is None:

@@ -34,8 +34,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(M: int, NC: int, K: int, h_itemsize: int) -> int:
-    """Rows per backward block: the K gradient tiles of [rows, NC] stay within GRAD_CHUNK_ELEMENTS."""
+def chunk_rows(M: int, NC: int, K: int, h_itemsize: int, kept: bool = False) -> int:
+    """Rows per backward block: the K gradient tiles of [rows, NC] stay within GRAD_CHUNK_ELEMENTS.
+    (``kept``, like ``row_lse``'s ``keep`` and ``grad_tiles``' ``kept``: the Triton backend's kept logits;
+    this backend keeps none.)"""
     return max(1, min(M, GRAD_CHUNK_ELEMENTS // max(1, NC * K)))
 
 
@@ -154,6 +156,7 @@ def row_lse(
     allow_tf32: bool = True,
     col_terms: int = 0,
     tri: bool = False,
+    keep: dict | None = None,
 ):
     """(Base-2 log-sum-exp of each row's kept logits per dim [K, M] (-inf for a row with none kept), the
     column term's log-sum-exp down the first ``col_terms`` columns [K, col_terms] or None).
@@ -215,6 +218,7 @@ def grad_tiles(
     allow_tf32: bool = True,
     col_lse2=None,
     tri: bool = False,
+    kept=None,
 ):
     """Gradient tiles of rows [r0, r1) against every column (``tri``: the columns from c0 = r0 on, see the
     module docstring; every column index below is then relative to c0).
