@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmembed_fast.ops.pooling import _check_mode, pool
+from llmembed_fast.ops.pooling import _check_flag, _check_mode, _check_out_dtype, normalize_dims, pool
 
 
 class EmbeddingHead(nn.Module):
@@ -20,9 +20,12 @@ class EmbeddingHead(nn.Module):
     ):
         super().__init__()
         self.mode = _check_mode(mode)
-        self.dims = tuple(dims) if isinstance(dims, (list, tuple)) else dims
-        self.normalize = bool(normalize)
-        self.out_dtype = out_dtype
+        if dims is not None:  # types and signs now (the bound against H when the hidden states come)
+            dims_t, as_seq = normalize_dims(dims, 2**62)
+            dims = dims_t if as_seq else dims_t[0]
+        self.dims = dims
+        self.normalize = _check_flag(normalize, "normalize")
+        self.out_dtype = _check_out_dtype(out_dtype)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None):
         return pool(

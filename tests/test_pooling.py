@@ -268,6 +268,28 @@ def test_max_propagates_nan(backend):
     seg = lf.pool_segments(h[0], torch.tensor([0, 1]), torch.tensor([2, 3]), "max")
     assert torch.isnan(seg[0, :2]).all() and seg[0, 2].item() == 5.0
     assert torch.isnan(seg[1]).tolist() == [False, True, True]
+    # a +inf before the NaN: the gradient still goes to the NaN (the kernel's search gave it to the +inf)
+    inf, nan = float("inf"), float("nan")
+    h = torch.tensor([[[inf, 1.0], [nan, 2.0], [0.0, inf]]])
+    for pooled in (lambda x: lf.pool(x, torch.ones(1, 3), "max"),
+                   lambda x: lf.pool_segments(x[0], torch.tensor([0]), torch.tensor([3]), "max")):
+        hg = h.clone().requires_grad_(True)
+        out = pooled(hg)
+        assert torch.isnan(out[0, 0]) and out[0, 1].item() == inf
+        out.backward(torch.ones_like(out))
+        assert hg.grad[0].tolist() == [[0, 0], [1, 0], [0, 1]]
+
+
+def test_reference_first_and_last_ignore_other_tokens():
+    """The reference's first/last read one token: a NaN/inf among the other pooled tokens stays out (its
+    0 weight times inf made NaN), in pool and pool_segments."""
+    inf, nan = float("inf"), float("nan")
+    h = torch.tensor([[[1.0, 2.0], [inf, nan], [3.0, 4.0]]], dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    assert R.pool(h, mask, "first")[0].tolist() == [[1.0, 2.0]]
+    assert R.pool(h, mask, "last")[0].tolist() == [[3.0, 4.0]]
+    seg = R.pool_segments(h[0], torch.tensor([0]), torch.tensor([3]), "last")
+    assert seg[0].tolist() == [[3.0, 4.0]]
 
 
 def test_max_of_all_minus_inf_goes_to_the_first_pooled_token(backend):
@@ -531,6 +553,11 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: lf.matryoshka(torch.randn(3, 8), [16]), ValueError, "dims"),
         (lambda: lf.matryoshka(torch.randn(3, 8), None), TypeError, "dims"),
         (lambda: lf.EmbeddingHead("sum"), ValueError, "mode"),
+        # checked at construction as lf.pool checks them ("no" turned normalization on)
+        (lambda: lf.EmbeddingHead("mean", normalize="no"), TypeError, "normalize"),
+        (lambda: lf.EmbeddingHead("mean", dims=[0]), ValueError, "dims"),
+        (lambda: lf.EmbeddingHead("mean", dims="64"), TypeError, "dims"),
+        (lambda: lf.EmbeddingHead("mean", out_dtype=torch.int8), TypeError, "out_dtype"),
     ]
     for fn, exc, word in cases:
         with pytest.raises(exc, match=word):

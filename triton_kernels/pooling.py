@@ -101,14 +101,16 @@ def _pool_fwd_kernel(
             x = tl.load(base + offs[:, None] * stride_hl + col_off[None, :], mask=ld, other=0.0).to(
                 tl.float32
             )
-            # a NaN is the maximum (as in torch.amax): searched as +inf, its first position wins, and a NaN
-            # maximum stays; positions within the tile as int32 (an int64 tile costs registers)
-            isn = x != x
+            # a NaN is the maximum (as in torch.amax): searched as +inf, its first position wins (not a real
+            # +inf before it), and a NaN maximum stays; positions within the tile as int32 (an int64 tile
+            # costs registers)
+            isn = (x != x) & ld
             x = tl.where(ld, tl.where(isn, float("inf"), x), float("-inf"))
             tmax = tl.max(x, axis=0)
             loc = tl.arange(0, BLOCK_L)
-            targ = l0 + tl.min(tl.where(x == tmax[None, :], loc[:, None], BLOCK_L), axis=0).to(tl.int64)
-            has_nan = tl.max((isn & ld).to(tl.int32), axis=0) > 0
+            has_nan = tl.max(isn.to(tl.int32), axis=0) > 0
+            hit = tl.where(has_nan[None, :], isn, x == tmax[None, :])
+            targ = l0 + tl.min(tl.where(hit, loc[:, None], BLOCK_L), axis=0).to(tl.int64)
             tmax = tl.where(has_nan, float("nan"), tmax)
             better = (tmax > acc) | (has_nan & (acc == acc))
             arg = tl.where(better, targ, arg)

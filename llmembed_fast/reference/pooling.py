@@ -66,8 +66,9 @@ def _pool_rows(h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         pooled = h.gather(1, idx[:, None, :]).squeeze(1)
         return torch.where(m.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
     w = pooling_weights(mask, mode, h.dtype)
-    # tokens outside the mask are not read: zeroed, so a NaN/inf there cannot reach the sum through 0 * x
-    return (w[..., None] * h.masked_fill((mask == 0)[..., None], 0)).sum(1)
+    # tokens of weight 0 are not read: zeroed, so a NaN/inf there cannot reach the sum through 0 * x (padding,
+    # and for first/last every pooled token but the one they take)
+    return (w[..., None] * h.masked_fill((w == 0)[..., None], 0)).sum(1)
 
 
 def _finish(pooled: torch.Tensor, dims, normalize: bool, eps: float) -> list[torch.Tensor]:
