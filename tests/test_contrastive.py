@@ -730,10 +730,9 @@ def test_gpu_tile_configs_in_interpreter(monkeypatch):
         _check(qb, db, None, TOL[torch.bfloat16], matryoshka_dims=(32, 64, 70), **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemm_logits_mode(monkeypatch, dtype):
-    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm: the float32 logits of each block of rows come from a GEMM and
-    the kernels read them; several blocks in forward and backward, every option, the fused symmetric term."""
+def _spy_logits_blocks(monkeypatch, mode: str) -> list:
+    """The Triton backend in logits ``mode`` with 32-row forward blocks at N = 90, K = 3; returns the list
+    that receives (x_index is None, NC, r0, r1, out given) for every ``_logits_block`` call."""
     from llmembed_fast import _dispatch
 
     if not _dispatch.triton_available():
@@ -741,25 +740,34 @@ def test_gemm_logits_mode(monkeypatch, dtype):
     from llmembed_fast.triton_kernels import contrastive as tk
 
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
-    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "gemm")
-    blocks = []
+    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", mode)
+    calls = []
     real = tk._logits_block
 
     def spy(x, y, x_index, r0, r1, bounds, allow_tf32, out=None):
-        blocks.append((r0, r1))
+        calls.append((x_index is None, y.shape[0], r0, r1, out is not None))
         return real(x, y, x_index, r0, r1, bounds, allow_tf32, out=out)
 
     monkeypatch.setattr(tk, "_logits_block", spy)
-    monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)  # 32-row forward blocks at N=90, K=3
+    monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_logits_mode(monkeypatch, dtype):
+    """LLMEMBED_FAST_CONTRASTIVE_LOGITS=gemm: the float32 logits of each block of rows come from a GEMM and
+    the kernels read them; several blocks in forward and backward, every option, the fused symmetric term."""
+    calls = _spy_logits_blocks(monkeypatch, "gemm")
     q, d, lab = _inputs(70, 90, 24, dtype, seed=11)
     kw = dict(symmetric=True, same_tower=True, false_negative_margin=0.1, matryoshka_dims=(6, 12, 24))
     _check(q, d, lab, TOL[dtype], **kw)
-    assert {(0, 32), (32, 64), (64, 70)} <= set(blocks)  # forward blocks of 32 rows
+    blocks = {(r0, r1) for _, _, r0, r1, _ in calls}
+    assert {(0, 32), (32, 64), (64, 70)} <= blocks  # forward blocks of 32 rows
     assert any(r1 - r0 < 32 for r0, r1 in blocks)  # backward blocks are smaller (gradient tiles too)
-    blocks.clear()
+    calls.clear()
     q, d, _ = _inputs(70, 90, 24, dtype, seed=12, labels="arange")
     _check(q, d, None, TOL[dtype], symmetric=True, matryoshka_dims=(8, 24))
-    assert len(set(blocks)) >= 3
+    assert len({(r0, r1) for _, _, r0, r1, _ in calls}) >= 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -768,24 +776,13 @@ def test_keep_logits_mode(monkeypatch, dtype):
     and its backward blocks read them instead of recomputing (no GEMM for that term's rows in backward);
     the other terms (same-tower, the separate symmetric one) recompute as in "gemm" mode. Over the budget,
     or without gradients, nothing is kept."""
-    from llmembed_fast import _dispatch
-
-    if not _dispatch.triton_available():
-        pytest.skip("triton not installed")
     from llmembed_fast.triton_kernels import contrastive as tk
 
-    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")
-    monkeypatch.setenv("LLMEMBED_FAST_CONTRASTIVE_LOGITS", "keep")
-    calls = []
-    real = tk._logits_block
+    calls = _spy_logits_blocks(monkeypatch, "keep")
 
-    def spy(x, y, x_index, r0, r1, bounds, allow_tf32, out=None):
-        plain = x_index is None and y.shape[0] == 90  # q x d, not d[labels] x d or d[labels] x q
-        calls.append((plain, r0, r1, out is not None))
-        return real(x, y, x_index, r0, r1, bounds, allow_tf32, out=out)
+    def plain(c):  # the q x d term (not d[labels] x d, d[labels] x q)
+        return c[0] and c[1] == 90
 
-    monkeypatch.setattr(tk, "_logits_block", spy)
-    monkeypatch.setattr(tk, "H_BUDGET_BYTES", 3 * 32 * 90 * 4)  # several blocks in forward and backward
     q, d, lab = _inputs(70, 90, 24, dtype, seed=21)
     for kw, labels, only_kept in ((dict(matryoshka_dims=(6, 12, 24)), lab, True),
                                   (dict(false_negative_margin=0.1, symmetric=True), None, True),  # fused
@@ -793,20 +790,20 @@ def test_keep_logits_mode(monkeypatch, dtype):
                                   (dict(same_tower=True, matryoshka_dims=(8, 24)), lab, False)):
         calls.clear()
         _check(q, d, labels, TOL[dtype], **kw)
-        kept = [c for c in calls if c[3]]
-        assert kept and all(c[0] for c in kept)  # only the plain term's logits are kept
-        assert sorted((r0, r1) for _, r0, r1, _ in kept)[-1][1] == 70  # the forward wrote every row
-        assert not any(p and not o for p, _, _, o in calls)  # the plain term's backward recomputed none
-        assert only_kept == all(c[3] for c in calls)  # the other terms recompute theirs
+        kept = [c for c in calls if c[4]]
+        assert kept and all(plain(c) for c in kept)  # only the plain term's logits are kept
+        assert max(c[3] for c in kept) == 70  # the forward wrote every row
+        assert not any(plain(c) and not c[4] for c in calls)  # the plain term's backward recomputed none
+        assert only_kept == all(c[4] for c in calls)  # the other terms recompute theirs
     calls.clear()
     monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 70 * 90 * 4 - 1)  # one float32 [70, 90] over the budget
     _check(q, d, lab, TOL[dtype])
-    assert calls and not any(c[3] for c in calls)
+    assert calls and not any(c[4] for c in calls)
     calls.clear()
     monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 1 << 30)
     with torch.no_grad():
         lf.contrastive_loss(q, d, labels=lab)
-    assert calls and not any(c[3] for c in calls)
+    assert calls and not any(c[4] for c in calls)
 
 
 def test_logits_mode_rejects_unknown(monkeypatch):
