@@ -91,7 +91,8 @@ def test_grad_cache_computes_widths_once_per_tower(monkeypatch):
     GradCache(encoder, lf.contrastive_loss, 3, sort_by_length=False).step(batch, batch)
     assert calls == [3, 3]  # one call per tower, covering its three chunks; the replay reuses them
     # pass 1, both towers: trimmed widths 3, 9 (full is 10), 2; the documents' last chunk keeps its graph
-    # (reuse_last_chunk) and is not re-run; pass 2 re-runs each tower's chunks but its last, then the last ones
+    # (reuse_last_chunk) and is not re-run; pass 2 re-runs each tower's chunks but its last, then the last
+    # ones
     assert seen == [3, 9, 2] * 2 + [3, 9] + [3] + [2, 9]
     # sorted longest first (the default): rows 3-5 (9 tokens), then 1, 0, 2 (3, 2, 2), then 7, 6 (2, 1); the
     # documents' longest chunk runs last in pass 1, so it is the one kept (not re-run)
