@@ -95,6 +95,10 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 
 
+class CliError(Exception):
+    """A user error: printed as ``error: ...`` with exit code 2, no traceback (shared by the subcommands)."""
+
+
 def stdin_bytes(flag: str) -> bytes:
     """All of standard input as bytes, for ``flag`` given as ``-`` (shared by the subcommands); OSError naming
     ``flag`` when the process has no standard input (started with it closed)."""
@@ -108,12 +112,59 @@ def stdin_bytes(flag: str) -> bytes:
 
 
 def unwritable(path: str, flag: str) -> str | None:
-    """Why ``path``'s folder cannot take the file (a message naming ``flag``), or None: checked before the
-    run, not after it (shared by the subcommands)."""
+    """Why ``path`` cannot be written (a folder, or a folder that cannot take the file: a message naming
+    ``flag``), or None: checked before the run, not after it (shared by the subcommands)."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return f"{flag} {path!r} is a folder: give a file name"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         return f"{flag} {path!r}: folder {folder!r} does not exist or is not writable"
     return None
+
+
+class RaisingFile:
+    """``f`` as numpy must see it to write through ``f.write``, which raises on a full disk or a file size
+    limit: given a real file, np.save calls ndarray.tofile, which reported success on a truncated file."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def write_atomic(path: str, data) -> None:
+    """Write the file ``path`` all or nothing (shared by the subcommands): ``data`` (bytes, or a function that
+    writes to the binary file it is given, a :class:`RaisingFile`) fills a temporary file in the same folder,
+    which is then fsynced and renamed over ``path``; an existing file stays whole until then. On any failure
+    (Ctrl-C too) the temporary file is removed."""
+    import stat
+    import tempfile
+
+    from llmembed_fast.quant.io import _umask
+
+    target = os.path.realpath(path)  # through a symlink to the file it names; a short temporary name
+    fd, tmp = tempfile.mkstemp(prefix=".llmembed-", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(RaisingFile(f))
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # mkstemp creates 0600: the mode open() would give (an existing file keeps its own)
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _writable(path: str, flag: str) -> bool:
@@ -169,9 +220,12 @@ def _cmd_bench(args) -> int:
     if args.json:
         from llmembed_fast import info
 
-        payload = {"info": info(), "records": records, "notes": notes}  # before the file is truncated
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
+        text = json.dumps({"info": info(), "records": records, "notes": notes}, indent=2, default=str)
+        try:
+            write_atomic(args.json, text.encode())
+        except OSError as exc:
+            print(f"error: cannot write --json {args.json!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     if args.plot:
         from llmembed_fast.bench.plot import plot_records
@@ -217,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (a file being written is left as it was)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

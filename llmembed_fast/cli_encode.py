@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from llmembed_fast.cli import CliError, RaisingFile, check_device, stdin_bytes, write_atomic
+
 INPUT_FORMATS = ("txt", "jsonl", "json")
 
 
@@ -44,21 +46,22 @@ def read_texts(path: str, field: str = "text", fmt: str | None = None) -> list[s
     ``-``). The same rules for a file and for standard input: a leading byte-order mark is dropped, lines
     end at \\n, bytes that are not UTF-8 are reported by line and column."""
     fmt = input_format(path, fmt)
+    data = None  # bytes, decoded as UTF-8 below whatever the locale says
     if path == "-":
-        from llmembed_fast.cli import stdin_bytes
-
-        data = stdin_bytes("--input")  # bytes, decoded as UTF-8 below whatever the locale says
+        data = stdin_bytes("--input")
         name = "- (standard input)"
-
-        def open_binary():
-            return io.BytesIO(data)
     else:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"--input: no file at {path!r}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"--input {path!r} is a folder: give a file")
         name = repr(path)
+        if not os.path.isfile(path):  # a pipe (/dev/stdin, <(zcat f)): read once, as standard input is
+            with open(path, "rb") as f:
+                data = f.read()
 
-        def open_binary():
-            return open(path, "rb")
+    def open_binary():
+        return open(path, "rb") if data is None else io.BytesIO(data)
 
     try:
         texts = _read_texts(open_binary, name, fmt, field)
@@ -83,6 +86,13 @@ def _first_bad_utf8(open_binary, name: str) -> str:
     return f"--input {name}: not UTF-8; give UTF-8 text"
 
 
+def _json_why(exc: Exception, line: bool = False) -> str:
+    """What a JSON parse error says (json raises RecursionError, not JSONDecodeError, past its depth)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"{exc.msg}, line {exc.lineno}" if line else exc.msg
+
+
 def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
     texts: list[str] = []
     # newline="\n": lines end at \n only (a lone \r inside a line is text, as wc -l counts lines; universal
@@ -91,9 +101,9 @@ def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
         if fmt == "json":  # one JSON array of strings or objects
             try:
                 data = json.load(f)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise ValueError(
-                    f"--input {name}: invalid JSON ({exc.msg}, line {exc.lineno}); one text per line: "
+                    f"--input {name}: invalid JSON ({_json_why(exc, line=True)}); one text per line: "
                     ".jsonl or .txt (--input-format jsonl or txt)"
                 ) from None
             if not isinstance(data, list):
@@ -105,8 +115,8 @@ def _read_texts(open_binary, name: str, fmt: str, field: str) -> list[str]:
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"--input {name} line {n}: invalid JSON ({exc.msg})") from None
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ValueError(f"--input {name} line {n}: invalid JSON ({_json_why(exc)})") from None
                 texts.append(_item_text(obj, field, f"{name} line {n}"))
         else:
             texts = [line.rstrip("\r\n") for line in f]
@@ -121,12 +131,56 @@ def _cmd_encode(args) -> int:
         return 2
     try:
         return _encode(args, texts)
-    except (OSError, ValueError, TypeError, ImportError) as exc:  # a bad --model or input: no traceback
-        hint = ""
-        if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in ("transformers", "tokenizers"):
-            hint = " (encode needs the [hf] extra: pip install 'llmembed-fast[hf]')"
-        print(f"error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+    except BrokenPipeError:  # `--output - | head`: cli.main leaves quietly
+        raise
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # a bad argument or input: no traceback
+        print(f"error: {type(exc).__name__}: {exc}{_hint(exc)}", file=sys.stderr)
+        return 2
+
+
+def _hint(exc: Exception) -> str:
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in ("transformers", "tokenizers"):
+        return " (encode needs the [hf] extra: pip install 'llmembed-fast[hf]')"
+    return ""
+
+
+def _load_model(args):
+    """LLMEmbedder.from_pretrained with the CLI's arguments; any error is a CliError naming --model. With
+    --no-progress, transformers' weight-loading bar is off too (its previous state is restored)."""
+    from llmembed_fast.embedder import LLMEmbedder
+
+    bars = None
+    if args.no_progress:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:  # reported by from_pretrained below
+            hf_logging = None
+        if hf_logging is not None:
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+    try:
+        return LLMEmbedder.from_pretrained(
+            args.model,
+            pooling=args.pooling,
+            normalize=False if args.no_normalize else None,
+            dims=args.dims,
+            dtype=args.dtype,
+            device=args.device,
+            max_length=args.max_length,
+            prompt_style=args.prompt_style,
+            attn_implementation=args.attn_implementation,
+            packed={"auto": "auto", "on": True, "off": False}[args.packed],
+            **({"gguf_file": args.gguf_file} if args.gguf_file else {}),
+        )
+    except Exception as exc:  # missing, corrupt or invalid: safetensors, config validation ... errors
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}{_hint(exc)}"  # on one line
+        raise CliError(f"cannot load --model {args.model}: {why}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _output_path(output: str) -> tuple[str, str]:
@@ -154,14 +208,12 @@ def _output_path(output: str) -> tuple[str, str]:
 def _encode(args, texts: list[str]) -> int:
     import numpy as np
 
-    from llmembed_fast.embedder import LLMEmbedder
-
-    # the output's folder is checked before any work (loading and encoding can take hours); "-": the .npy
-    # bytes go to standard output and the status line to stderr
+    # the output is checked before any work (loading and encoding can take hours); "-": the .npy bytes go
+    # to standard output and the status line to stderr
     path, folder = (None, None) if args.output == "-" else _output_path(args.output)
+    if path is None and getattr(sys.stdout, "buffer", None) is None:
+        raise CliError("--output -: there is no standard output to write (started with it closed)")
     if args.device is not None:
-        from llmembed_fast.cli import check_device
-
         try:
             check_device(args.device)
         except ValueError as exc:
@@ -188,20 +240,7 @@ def _encode(args, texts: list[str]) -> int:
         except ValueError as exc:
             raise ValueError(f"--ranges {args.ranges!r}: {exc}") from None
     t0 = time.perf_counter()
-    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    emb = LLMEmbedder.from_pretrained(
-        args.model,
-        pooling=args.pooling,
-        normalize=False if args.no_normalize else None,
-        dims=args.dims,
-        dtype=args.dtype,
-        device=args.device,
-        max_length=args.max_length,
-        prompt_style=args.prompt_style,
-        attn_implementation=args.attn_implementation,
-        packed={"auto": "auto", "on": True, "off": False}[args.packed],
-        **extra,
-    )
+    emb = _load_model(args)
     t1 = time.perf_counter()
     fn = {"query": emb.encode_queries, "document": emb.encode_documents}.get(args.role, emb.encode)
     kw = dict(
@@ -216,12 +255,16 @@ def _encode(args, texts: list[str]) -> int:
         kw["ranges"] = ranges
     out = fn(texts, **kw)
     t2 = time.perf_counter()
+    # through write(), which raises on a full disk, a file size limit or a closed pipe (tofile did not)
     if path is None:
-        np.save(sys.stdout.buffer, out)
+        np.save(RaisingFile(sys.stdout.buffer), out, allow_pickle=False)
         sys.stdout.buffer.flush()
     else:
         os.makedirs(folder, exist_ok=True)
-        np.save(path, out)
+        try:
+            write_atomic(path, lambda f: np.save(f, out, allow_pickle=False))
+        except OSError as exc:
+            raise CliError(f"cannot write --output {path!r}: {exc.strerror or exc}") from None
     print(
         f"encoded {len(texts)} texts -> {path or 'standard output'} {tuple(out.shape)} {out.dtype} "
         f"(load {t1 - t0:.1f} s, encode {t2 - t1:.1f} s, {len(texts) / max(t2 - t1, 1e-9):.1f} texts/s)",

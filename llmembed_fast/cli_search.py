@@ -3,16 +3,15 @@ query it with a .npy of query embeddings."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 import sys
 import time
 
-from llmembed_fast.cli import int_at_least, positive_int, stdin_bytes, unwritable
-
-
-class _Error(Exception):
-    """A user error: printed as ``error: ...`` with exit code 2 (no traceback)."""
+from llmembed_fast.cli import CliError as _Error
+from llmembed_fast.cli import int_at_least, positive_int, stdin_bytes, unwritable, write_atomic
 
 
 def register(subparsers) -> None:
@@ -75,6 +74,12 @@ def _load_npy(path: str, what: str, stdin_ok: bool = False):
         except OSError as exc:
             raise _Error(str(exc)) from None
         name = "- (standard input)"
+    elif os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        try:  # a pipe (/dev/stdin, <(zcat q.npy)): read whole too
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _Error(f"cannot read {what} {name}: {exc.strerror or exc}") from None
     try:
         if data is not None:
             a = np.load(io.BytesIO(data), allow_pickle=False)
@@ -142,6 +147,8 @@ def _run(args) -> int:
         raise _Error(
             "corpus -: standard input is for QUERIES only; give the corpus (.npy or index) as a file"
         )
+    if os.path.exists(args.corpus) and not os.path.isfile(args.corpus) and not os.path.isdir(args.corpus):
+        raise _Error(f"corpus {args.corpus!r} is not a file (a pipe cannot be memory-mapped): give a file")
     is_index = _is_index_file(args.corpus)
     if is_index:
         given = [
@@ -166,14 +173,23 @@ def _run(args) -> int:
         why = unwritable(target, flag) if target else None
         if why:
             raise _Error(f"cannot write {why}")
+    queries = None  # read and checked before the index is built, so that a bad file fails fast
+    if args.queries:
+        queries = np.ascontiguousarray(_load_npy(args.queries, "queries", stdin_ok=True))
     precision = args.precision or "binary"
     rescore = args.rescore or ("int8" if precision == "binary" else "none")
     rescore = None if rescore == "none" else rescore
     t0 = time.perf_counter()
     if not is_index:
         corpus = _load_npy(args.corpus, "corpus")
-        if args.queries and args.k > corpus.shape[0]:  # before building the index
+        if queries is not None and args.k > corpus.shape[0]:  # before building the index
             raise _Error(f"k must be in [1, {corpus.shape[0]}] (the corpus size), got {args.k}")
+        if queries is not None and queries.shape[1] != corpus.shape[1]:
+            where = "- (standard input)" if args.queries == "-" else repr(args.queries)
+            raise _Error(
+                f"queries {where} have {queries.shape[1]} dimensions, the corpus {corpus.shape[1]}: "
+                "dimension mismatch"
+            )
         ranges = None
         if args.calibration:
             try:
@@ -202,9 +218,8 @@ def _run(args) -> int:
         except OSError as exc:
             raise _Error(f"cannot write --save-index {args.save_index!r}: {exc.strerror or exc}") from None
         print(f"saved {args.save_index}")
-    if not args.queries:
+    if queries is None:
         return 0
-    queries = np.ascontiguousarray(_load_npy(args.queries, "queries", stdin_ok=True))
     t0 = time.perf_counter()
     try:
         scores, ids = index.search(queries, args.k, rescore_multiplier=args.rescore_multiplier)
@@ -217,12 +232,12 @@ def _run(args) -> int:
     )
     if args.output:
         out = _output_path(args.output)
+        if out.endswith(".json"):
+            data = json.dumps({"scores": scores.tolist(), "ids": ids.tolist()}).encode()
+        else:
+            data = functools.partial(np.savez, scores=scores, ids=ids)
         try:
-            if out.endswith(".json"):
-                with open(out, "w") as f:
-                    json.dump({"scores": scores.tolist(), "ids": ids.tolist()}, f)
-            else:
-                np.savez(out, scores=scores, ids=ids)
+            write_atomic(out, data)
         except OSError as exc:
             raise _Error(f"cannot write --output {out!r}: {exc.strerror or exc}") from None
         print(f"wrote {out}")

@@ -374,3 +374,132 @@ def test_cli_encode_output_dash_writes_the_npy_to_stdout(tmp_path, capsys, monke
     np.testing.assert_array_equal(got, np.load(tmp_path / "file.npy"))
     assert "encoded 4 texts -> standard output" in capsys.readouterr().err
     assert not (tmp_path / "-.npy").exists() and not os.path.exists("-.npy")
+
+
+def test_cli_encode_write_error_keeps_the_old_file(tmp_path):
+    """A write error (here a 1 KiB file size limit, a full disk alike) is an error, not a truncated file
+    reported as written; the output is replaced atomically: an old file stays whole, no temporary is left."""
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    keep = tmp_path / "keep.npy"
+    np.save(keep, np.arange(3.0))
+    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 1 && exec "$@"', "bash"]  # 1 KiB; EFBIG, not SIGXFSZ
+    argv = [sys.executable, "-m", "llmembed_fast", "encode", "--model", cached_tiny_model_dir("qwen2")]
+    argv += ["--input", str(src), "--output", str(keep), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run([*limited, *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: cannot write --output {str(keep)!r}: File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    np.testing.assert_array_equal(np.load(keep), np.arange(3.0))
+    assert sorted(os.listdir(tmp_path)) == ["keep.npy", "t.txt"]
+
+
+def test_cli_encode_output_dash_broken_pipe_exits_quietly(tmp_path, capsys, monkeypatch):
+    """``--output - | head -c 10``: the reader left; encode exits quietly as ``info | head`` does (exit code
+    1, no error line)."""
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+
+    class Gone(io.RawIOBase):
+        def write(self, b):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    fd = os.open(os.devnull, os.O_WRONLY)  # main points the dead stdout's descriptor at devnull
+    try:
+        monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=Gone(), fileno=lambda: fd))
+        base = ["encode", "--model", cached_tiny_model_dir("qwen2"), "--device", "cpu", "--no-progress"]
+        assert main([*base, "--input", str(src), "--output", "-"]) == 1
+        assert capsys.readouterr().err == ""
+    finally:
+        os.close(fd)
+
+
+def test_cli_encode_output_dash_with_stdout_closed(tmp_path, capsys, monkeypatch):
+    """``--output -`` with standard output closed (``>&-``): an error before the model loads."""
+    src = tmp_path / "t.txt"
+    src.write_text("a\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["encode", "--model", "no-model", "--input", str(src), "--output", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --output -: there is no standard output to write (started with it closed)\n"
+    )
+
+
+def test_cli_encode_deep_json_is_invalid_json(tmp_path, capsys):
+    """JSON nested past the parser's depth (RecursionError) is reported as invalid JSON naming the source."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "d.json").write_text(deep)
+    (tmp_path / "d.jsonl").write_text('"ok"\n' + deep + "\n")
+    for name, where in (("d.json", ":"), ("d.jsonl", " line 2:")):
+        path = str(tmp_path / name)
+        assert main(["encode", "--model", "x", "--input", path, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --input {path!r}{where} invalid JSON (nested too deeply)"), err
+
+
+def test_cli_encode_bad_model_folder(tmp_path, capsys):
+    """A corrupt or invalid --model folder (truncated weights, a bad config value) is one error line naming
+    --model, whatever the loader raises."""
+    import shutil
+
+    model = cached_tiny_model_dir("qwen2")
+    torn, bad = tmp_path / "torn", tmp_path / "bad"
+    shutil.copytree(model, torn)
+    shutil.copytree(model, bad)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
+    src = tmp_path / "t.txt"
+    src.write_text("a\n", encoding="utf-8")
+    for m in (torn, bad):
+        assert main(["encode", "--model", str(m), "--input", str(src), "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot load --model {m}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_cli_encode_input_from_a_pipe_path(tmp_path, capsys):
+    """--input /dev/stdin or <(zcat f) (a pipe named by a path) is read like a file; a folder is an error."""
+    from llmembed_fast.cli_encode import read_texts
+
+    for data, fmt, want in ((b"a\nb\n", None, ["a", "b"]), (b'["x", "y"]', "json", ["x", "y"])):
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        try:
+            assert read_texts(f"/dev/fd/{r}", fmt=fmt) == want
+        finally:
+            os.close(r)
+    assert main(["encode", "--model", "x", "--input", str(tmp_path), "--output", "o"]) == 2
+    assert f"--input {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+
+
+def test_cli_encode_no_progress_hides_the_loading_bar(tmp_path, capsys):
+    """--no-progress turns transformers' weight-loading bar off too, and back on after."""
+    from transformers.utils import logging as hf_logging
+
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    argv = ["encode", "--model", cached_tiny_model_dir("qwen2"), "--device", "cpu", "--input", str(src)]
+    assert hf_logging.is_progress_bar_enabled()
+    assert main([*argv, "--output", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def test_cli_ctrl_c_says_interrupted(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: ``interrupted`` on stderr, exit code 130, no traceback."""
+    import llmembed_fast.cli_encode as cli_encode
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    src = tmp_path / "t.txt"
+    src.write_text("a\n", encoding="utf-8")
+    monkeypatch.setattr(cli_encode, "_encode", interrupt)
+    try:
+        rc = main(["encode", "--model", "x", "--input", str(src), "--output", str(tmp_path / "o")])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped cli.main")
+    assert rc == 130 and capsys.readouterr().err == "interrupted\n"

@@ -174,3 +174,32 @@ def test_sdist_needs_no_torch_and_a_wheel_build_says_why(tmp_path):
     assert (
         "needs torch" in wheel.stdout + wheel.stderr and "--no-build-isolation" in wheel.stdout + wheel.stderr
     )
+
+
+def test_write_atomic_keeps_the_old_file_on_any_failure(tmp_path):
+    """cli.write_atomic (encode, search and bench outputs): an interrupted or failed write leaves the old file
+    whole and no temporary; a new file gets open()'s mode, a replaced one keeps its own."""
+    import os
+    import stat
+
+    import numpy as np
+
+    path = tmp_path / "f.npy"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o640)
+
+    def half_then_ctrl_c(f):
+        f.write(b"new, half written")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_atomic(str(path), half_then_ctrl_c)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.npy"]
+    cli.write_atomic(str(path), lambda f: np.save(f, np.arange(4)))  # numpy writes through f.write
+    np.testing.assert_array_equal(np.load(path), np.arange(4))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    cli.write_atomic(str(tmp_path / "new.json"), b"{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "new.json").read_bytes() == b"{}"
+    assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o666 & ~mask

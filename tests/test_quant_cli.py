@@ -2,14 +2,18 @@
 
 import io
 import json
+import os
+import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
 from llmembed_fast import quant  # noqa: E402
+from llmembed_fast.bench.core import BenchContext, collect_cases  # noqa: E402
 from llmembed_fast.cli import main  # noqa: E402
 
 
@@ -167,6 +171,12 @@ def test_bench_cli_argument_errors(tmp_path, capsys):
     for flag in ("--json", "--plot"):
         assert main(["bench", "--smoke", "--only", "pooling", flag, str(tmp_path / "no" / "x")]) == 2
         assert flag in capsys.readouterr().err
+    (tmp_path / "d.png").mkdir()
+    for flag, path in (("--json", tmp_path), ("--json", tmp_path / "new"), ("--plot", tmp_path / "d.png")):
+        path = str(path) + ("/" if path.name == "new" else "")  # an existing folder, or a name ending in /
+        assert main(["bench", "--smoke", "--only", "pooling", flag, path]) == 2
+        out, err = capsys.readouterr()
+        assert err == f"error: {flag} {path!r} is a folder: give a file name\n" and "cases" not in out
 
 
 def test_search_cli_queries_from_stdin(tmp_path, capsys, monkeypatch):
@@ -208,3 +218,100 @@ def test_search_cli_queries_from_stdin(tmp_path, capsys, monkeypatch):
         assert err.startswith("error: ") and msg in err and "Traceback" not in err, err
     assert main(["search", "-", str(tmp_path / "q.npy")]) == 2
     assert "corpus -: standard input is for QUERIES only" in capsys.readouterr().err
+
+
+# a child whose files cannot grow past 1 KiB: a write past it fails with EFBIG (SIGXFSZ ignored, not fatal)
+LIMITED = ["bash", "-c", 'trap "" XFSZ; ulimit -f 1 && exec "$@"', "bash", sys.executable]
+
+
+def test_search_cli_output_write_error_keeps_the_old_file(tmp_path):
+    """search --output: a write error (a file size limit here, a full disk alike) is an error line, and the
+    file is replaced atomically (an old one stays whole, no temporary is left)."""
+    rng = np.random.default_rng(4)
+    np.save(tmp_path / "docs.npy", rng.standard_normal((100, 8)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((50, 8)).astype(np.float32))
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    argv = [*LIMITED, "-m", "llmembed_fast", "search", str(tmp_path / "docs.npy"), str(tmp_path / "q.npy")]
+    proc = subprocess.run([*argv, "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: cannot write --output {str(out)!r}: File too large\n" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["docs.npy", "q.npy", "r.json"]
+
+
+def test_bench_cli_json_write_error(tmp_path):
+    """bench --json: a write error is an error line (no traceback), the file is replaced atomically."""
+    out = tmp_path / "b.json"
+    out.write_text("old")
+    code = (
+        "import sys; from llmembed_fast.bench import core; from llmembed_fast.cli import main;"
+        "core.collect_cases = lambda ctx: ([], []);"  # no cases: the run is not what is tested
+        f"sys.exit(main(['bench', '--device', 'cpu', '--json', {str(out)!r}]))"
+    )
+    proc = subprocess.run([*LIMITED, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: cannot write --json {str(out)!r}: File too large\n" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_text() == "old" and os.listdir(tmp_path) == ["b.json"]
+
+
+def test_bench_quant_on_cuda_says_why_it_runs_nothing(monkeypatch):
+    """bench --only quant on a CUDA device (the default where there is one): no cases, and a note that says
+    to give --device cpu and where the GPU figures come from."""
+    ctx = BenchContext(device=torch.device("cuda"), smoke=True, only=("quant",))
+    cases, notes = collect_cases(ctx)
+    assert cases == [] and len(notes) == 1
+    assert notes[0].startswith("quant: skipped (") and "--device cpu" in notes[0]
+    assert "benchmarks/gpu_sections/quant.py" in notes[0]
+
+
+def test_search_cli_checks_queries_and_outputs_before_building(tmp_path, capsys):
+    """Bad QUERIES (not a .npy, wrong width) and a --save-index folder fail before the index is built."""
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "docs.npy", rng.standard_normal((20, 8)).astype(np.float32))
+    np.save(tmp_path / "q6.npy", rng.standard_normal((2, 6)).astype(np.float32))
+    (tmp_path / "q.csv").write_text("0.1,0.2\n")
+    docs = str(tmp_path / "docs.npy")
+    for argv, msg in (
+        ([docs, str(tmp_path / "q.csv")], "is not a .npy file"),
+        ([docs, str(tmp_path / "q6.npy")], "have 6 dimensions, the corpus 8: dimension mismatch"),
+        ([docs, "--save-index", str(tmp_path)], f"--save-index {str(tmp_path)!r} is a folder"),
+        ([docs, "--save-index", str(tmp_path / "sub") + "/"], "is a folder"),
+    ):
+        assert main(["search", *argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and msg in err, (argv, out, err)
+
+
+def test_search_cli_queries_from_a_pipe_path(tmp_path, capsys):
+    """QUERIES given as a pipe's path (/dev/stdin, <(zcat q.npy)) cannot be memory-mapped: read whole, the
+    results of the file; a pipe as the corpus is an error saying to give a file."""
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "docs.npy", rng.standard_normal((30, 16)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((3, 16)).astype(np.float32))
+    docs = str(tmp_path / "docs.npy")
+
+    def pipe_path(data: bytes) -> tuple[str, int]:
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        return f"/dev/fd/{r}", r
+
+    path, fd = pipe_path((tmp_path / "q.npy").read_bytes())
+    try:
+        assert main(["search", docs, path, "-k", "4", "--output", str(tmp_path / "pipe.npz")]) == 0
+    finally:
+        os.close(fd)
+    assert main(["search", docs, str(tmp_path / "q.npy"), "-k", "4", "--output", str(tmp_path / "f")]) == 0
+    pipe, file = np.load(tmp_path / "pipe.npz"), np.load(tmp_path / "f.npz")
+    np.testing.assert_array_equal(pipe["ids"], file["ids"])
+    np.testing.assert_array_equal(pipe["scores"], file["scores"])
+    capsys.readouterr()
+    path, fd = pipe_path((tmp_path / "docs.npy").read_bytes()[:1000])
+    try:
+        assert main(["search", path, str(tmp_path / "q.npy")]) == 2
+    finally:
+        os.close(fd)
+    assert capsys.readouterr().err.startswith(f"error: corpus {path!r} is not a file")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmembed_fast.bench.core import BenchContext, Case
+from llmembed_fast.bench.core import BenchContext, Case, Skip
 
 
 def _faiss():
@@ -46,7 +46,10 @@ def cases(ctx: BenchContext) -> list[Case]:
     from llmembed_fast import _ext, quant
 
     if ctx.device.type != "cpu":
-        return []  # the GPU figures come from benchmarks/gpu_sections/quant.py
+        raise Skip(
+            "its cases run on the CPU (--device cpu); the GPU ones are in benchmarks/gpu_sections/quant.py "
+            "(bash benchmarks/run_gpu_suite.sh quant)"
+        )
     _ext.require("quant bench")
     rng = np.random.default_rng(0)
     out: list[Case] = []

@@ -39,6 +39,10 @@ class Case:
     note: str = ""
 
 
+class Skip(Exception):
+    """Raised by a provider's ``cases`` that has nothing to run here: its message becomes the note."""
+
+
 def discover_providers() -> list[str]:
     import llmembed_fast.bench as pkg
 
@@ -54,6 +58,8 @@ def collect_cases(ctx: BenchContext) -> tuple[list[Case], list[str]]:
         try:
             mod = importlib.import_module(f"llmembed_fast.bench.{name}")
             cases.extend(mod.cases(ctx))
+        except Skip as exc:
+            notes.append(f"{group}: skipped ({exc})")
         except Exception as exc:  # a provider that cannot run here is reported, not fatal
             notes.append(f"{group}: skipped ({type(exc).__name__}: {exc})")
     return cases, notes
