@@ -325,7 +325,8 @@ def test_gptj_codegen_rotary_tables_keep_max_length_within_n_positions(cfg_cls):
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = _random_init(tf.AutoModel.from_config(cfg), 5)
     assert not rotary_positions(cfg)
-    with pytest.raises(IndexError):  # the model itself cannot run past its table
+    # the model itself cannot run past its table (IndexError in transformers 5.24, RuntimeError in 5.17)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
         model(input_ids=torch.zeros(1, 17, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_length=17 is longer"):
         lf.LLMEmbedder(model, tok, max_length=17)
