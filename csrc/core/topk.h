@@ -20,7 +20,9 @@ class TopK {
   void reset(int64_t k) {
     k_ = k;
     heap_.clear();
-    heap_.reserve(static_cast<size_t>(k));
+    // a bounded reservation: int8 search keeps three selections per (query, part), and with k near N
+    // (k = 10^6, 256 queries) reserving k each took gigabytes up front; the heap grows as it fills
+    heap_.reserve(static_cast<size_t>(std::min<int64_t>(k, 1024)));
   }
 
   int64_t k() const { return k_; }

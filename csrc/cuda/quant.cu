@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -254,7 +255,9 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
   TORCH_CHECK_VALUE(queries.device() == docs.device(), "hamming_topk: queries are on ", queries.device(),
                     ", docs on ", docs.device());
   TORCH_CHECK_VALUE(k >= 1 && k <= docs.size(0), "hamming_topk: k must be in [1, ", docs.size(0), "], got ", k);
-  TORCH_CHECK_VALUE(docs.size(0) < (int64_t(1) << 40), "hamming_topk: at most 2^40 documents");
+  // the per-query distance histograms count in int32: one bin can hold every document
+  TORCH_CHECK_VALUE(docs.size(0) <= INT32_MAX, "hamming_topk: at most 2^31 - 1 documents on CUDA, got ",
+                    docs.size(0));
   TORCH_CHECK_VALUE(docs.size(1) <= 4096, "hamming_topk: codes of at most 4096 bytes on CUDA");
   c10::cuda::CUDAGuard guard(docs.device());
   at::Tensor q = queries.contiguous(), d = docs.contiguous();
@@ -285,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk_cuda(const at::Tensor& queries, 
     const dim3 grid(gx, static_cast<unsigned>(qn));
     const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr()) + q0 * nb;
     const int lanes = nb / 16;
-    if (vec16 && coalesced && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+    if (vec16 && coalesced && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0) {  // not 0-byte codes
       const int64_t words = nd * lanes;
       const unsigned cx = static_cast<unsigned>(
           std::max<int64_t>(1, std::min<int64_t>((words + 4 * kThreads - 1) / (4 * kThreads), 8LL * sms)));
