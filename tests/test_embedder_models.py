@@ -282,6 +282,22 @@ def test_index_pickles_and_copies():
         np.testing.assert_array_equal(got[1][:, :2], want[1][:, :2])
 
 
+def test_saved_add_eos_yields_to_another_pooling(tmp_path):
+    """A save of the defaults (last-token pooling: EOS appended) reloaded with pooling="mean" resolves EOS
+    as the original folder does with pooling="mean" (the saved True was kept: EOS pooled into the mean);
+    reloaded as saved, or with an explicit add_eos, the save / the call decide."""
+    folder = cached_tiny_model_dir("qwen2")
+    first = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
+    assert first.add_eos
+    first.save_pretrained(tmp_path / "s")
+    want = lf.LLMEmbedder.from_pretrained(folder, device="cpu", pooling="mean")
+    back = lf.LLMEmbedder.from_pretrained(tmp_path / "s", device="cpu", pooling="mean")
+    assert back.add_eos == want.add_eos is False
+    np.testing.assert_array_equal(back.encode(TEXTS), want.encode(TEXTS))
+    assert lf.LLMEmbedder.from_pretrained(tmp_path / "s", device="cpu").add_eos
+    assert lf.LLMEmbedder.from_pretrained(tmp_path / "s", device="cpu", pooling="mean", add_eos=True).add_eos
+
+
 def test_saved_settings_yield_to_an_explicit_prompt_style(tmp_path):
     folder = cached_tiny_model_dir("bert")
     lf.LLMEmbedder.from_pretrained(folder, device="cpu").save_pretrained(tmp_path / "s")

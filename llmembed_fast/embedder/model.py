@@ -448,7 +448,9 @@ class LLMEmbedder(nn.Module):
         **model_kwargs,
     ) -> LLMEmbedder:
         """Load ``AutoModel`` + tokenizer from a folder or Hub id; a sentence-transformers folder's Pooling,
-        Normalize, max length and prompts are read so that known models need no flags.
+        Normalize, max length and prompts are read so that known models need no flags. A folder written by
+        :meth:`save_pretrained` fills the settings the call leaves None (a ``pooling`` other than the saved
+        one resolves its own ``add_eos`` default; a ``prompt_style`` its own pooling, prompt and EOS).
 
         ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU; ``device`` to CUDA when available.
         Extra keyword arguments go to the model's ``from_pretrained``; ``gguf_file``, ``revision``, ``token``
@@ -547,8 +549,11 @@ class LLMEmbedder(nn.Module):
                 _st_folder=True,
             )
         if saved is not None:  # a folder from save_pretrained: its settings fill what the call leaves None
-            # a prompt style given here decides its own pooling / prompt / EOS / instruction settings
+            # a prompt style given here decides its own pooling / prompt / EOS / instruction settings; a
+            # pooling given here (another than the saved one) its own EOS default, as on the original folder
             keys = _SETTINGS if prompt_style is None else ("normalize", "dims", "max_length", "padding_side")
+            if pooling is not None and pooling != saved.get("pooling"):
+                keys = tuple(k for k in keys if k != "add_eos")
             for key in keys:
                 if kw[key] is None:
                     kw[key] = saved.get(key)
