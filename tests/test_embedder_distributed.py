@@ -55,6 +55,19 @@ def _worker(rank, world, port, model_dir, out_dir):
         except ValueError as exc:
             mismatch = str(exc)
         assert "same texts on every rank" in mismatch, mismatch
+        # texts that differ only across a NUL (a separator would hash them alike), and different options: the
+        # same ValueError, not a silent mix of rows
+        for texts, kw in (((["a\x00", "b"], ["a", "\x00b"])[rank], {}),
+                          (TEXTS[:4], {"prompt": "query: " if rank else "passage: "}),
+                          (TEXTS[:4], {"dims": 8 + 8 * rank})):
+            with pytest.raises(ValueError, match="same texts on every rank, with the same options"):
+                emb.encode(texts, distributed=True, **kw)
+        # an argument refused on one rank only: that rank's own error, the other's names it (both waited
+        # in the first collective for good before)
+        bad = ["a", None] if rank == 1 else ["a", "b"]
+        with pytest.raises((TypeError, ValueError),
+                           match=r"texts\[1\] must be a string" if rank == 1 else r"rank\(s\) \[1\] refused"):
+            emb.encode(bad, distributed=True)
         # one text for two ranks, and a call that fails on the rank holding it: the other rank (no texts)
         # gets an error too instead of waiting in the gather
         try:

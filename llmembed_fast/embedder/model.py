@@ -967,11 +967,18 @@ class LLMEmbedder(nn.Module):
         Returns:
             [N, D] (or [D] for a single string) float32 / float16 / int8 / uint8 array or tensor.
         """
-        texts, single = _check_texts(texts)
-        _check_output_args(precision, output, ranges, calibration_embeddings)
-        batch_size = _check_positive(batch_size, "batch_size")
-        max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
-        prompt = self.resolve_prompt(instruction, prompt, prompt_name)
+        try:
+            texts, single = _check_texts(texts)
+            _check_output_args(precision, output, ranges, calibration_embeddings)
+            batch_size = _check_positive(batch_size, "batch_size")
+            max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+            prompt = self.resolve_prompt(instruction, prompt, prompt_name)
+        except (TypeError, ValueError) as exc:
+            if distributed:  # the other ranks wait in the first collective: they must hear of it
+                from llmembed_fast.embedder.distributed import fail_everywhere
+
+                fail_everywhere(self, exc)
+            raise
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         kw = dict(
