@@ -1,7 +1,6 @@
 """Distributed encode: 2 gloo processes on CPU give rank 0 the 1-process embeddings, in input order."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -25,13 +24,7 @@ class _NoConfig(torch.nn.Module):
         return self.inner(**kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, model_dir, out_dir):
+def _worker(rank, world, init_file, model_dir, out_dir):
     os.environ["LLMEMBED_FAST_BACKEND"] = "torch"
     torch.set_num_threads(1)
     import datetime
@@ -39,7 +32,8 @@ def _worker(rank, world, port, model_dir, out_dir):
     import torch.distributed as dist
 
     # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # a file rendezvous (a free TCP port picked in advance can be taken by a concurrent test meanwhile)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         emb = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean")
@@ -89,7 +83,7 @@ def _worker(rank, world, port, model_dir, out_dir):
 def test_two_process_gloo_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
     model_dir = cached_tiny_model_dir("qwen2")
-    mp.spawn(_worker, args=(2, _free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), model_dir, str(tmp_path)), nprocs=2, join=True)
     got = np.load(tmp_path / "rank0.npy")
     want = lf.LLMEmbedder.from_pretrained(model_dir, device="cpu", pooling="mean").encode(
         TEXTS, instruction="find"
