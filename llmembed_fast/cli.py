@@ -134,37 +134,12 @@ class RaisingFile:
 
 
 def write_atomic(path: str, data) -> None:
-    """Write the file ``path`` all or nothing (shared by the subcommands): ``data`` (bytes, or a function that
-    writes to the binary file it is given, a :class:`RaisingFile`) fills a temporary file in the same folder,
-    which is then fsynced and renamed over ``path``; an existing file stays whole until then. On any failure
-    (Ctrl-C too) the temporary file is removed."""
-    import stat
-    import tempfile
+    """Write the file ``path`` all or nothing (shared by the subcommands; see ``_files.write_atomic``):
+    ``data`` is bytes, or a function that writes to the binary file it is given, a :class:`RaisingFile`."""
+    from llmembed_fast import _files
 
-    from llmembed_fast.quant.io import _umask
-
-    target = os.path.realpath(path)  # through a symlink to the file it names; a short temporary name
-    fd, tmp = tempfile.mkstemp(prefix=".llmembed-", suffix=".tmp", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(RaisingFile(f))
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:  # mkstemp creates 0600: the mode open() would give (an existing file keeps its own)
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    fill = (lambda f: data(RaisingFile(f))) if callable(data) else (lambda f: f.write(data))
+    _files.write_atomic(path, fill)
 
 
 def _writable(path: str, flag: str) -> bool:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from llmembed_fast._files import write_atomic
 
 MAGIC = b"\x89LFIDX\r\n"
 FOOTER_MAGIC = b"LFIDXEND"
@@ -78,67 +78,29 @@ def write_index_file(path: str | os.PathLike, meta: dict, sections: dict[str, np
         if new == offsets:
             break
         offsets = new
-    # through a symlink to the file it names; the temporary name is short, so any valid file name works
-    target = os.path.realpath(path)
-    directory = os.path.dirname(target)
+    directory = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "the index file's folder does not exist", os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lfidx-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            crc = 0
 
-            def put(b) -> None:
-                nonlocal crc
-                f.write(b)
-                crc = zlib.crc32(b, crc)
+    def fill(f) -> None:
+        crc = 0
 
-            put(_PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
-            put(header)
-            put(b"\0" * _pad(_PREFIX.size + len(header)))
-            for n, a in arrays.items():
-                assert f.tell() == offsets[n]
-                if a.nbytes:
-                    put(memoryview(a.reshape(-1)).cast("B"))
-                put(b"\0" * _pad(a.nbytes))
-            f.write(_FOOTER.pack(FOOTER_MAGIC, crc, 0))
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600: give the file the mode open() would (an existing file keeps its own)
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort: not every platform can open a directory)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        def put(b) -> None:
+            nonlocal crc
+            f.write(b)
+            crc = zlib.crc32(b, crc)
 
+        put(_PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
+        put(header)
+        put(b"\0" * _pad(_PREFIX.size + len(header)))
+        for n, a in arrays.items():
+            assert f.tell() == offsets[n]
+            if a.nbytes:
+                put(memoryview(a.reshape(-1)).cast("B"))
+            put(b"\0" * _pad(a.nbytes))
+        f.write(_FOOTER.pack(FOOTER_MAGIC, crc, 0))
 
-def _umask() -> int:
-    """The process umask: from /proc where it is shown (no window in which other threads see umask 0)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)  # reading the umask means setting it: restore at once
-    os.umask(mask)
-    return mask
+    write_atomic(path, fill, prefix=".lfidx-")
 
 
 def _fail(path: str, why: str):
