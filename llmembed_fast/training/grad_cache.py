@@ -533,7 +533,7 @@ class GradCache:
         live = [t for t in towers if grads[t.side] is not None and not _frozen_module(t.encoder)]
         todo = {id(t): list(range(len(t.ranges) - (t.kept is not None))) for t in live}  # kept: the last
         sync_leaves = sync_leaves or {}
-        seen: dict[int, set] = {}  # id(tower) -> {whether its re-run chunks had a graph}
+        had_graph, graphless = set(), set()  # id(tower) of towers with a re-run chunk with / without a graph
         with_graph: dict[int, tuple] = {}  # id(sync module) -> (tower, chunk): its latest chunk with a graph
         devices = sorted({d for t in towers for d in t.devices})
 
@@ -555,7 +555,7 @@ class GradCache:
                     roots += leaves
                     grad_roots += [torch.zeros_like(x) for x in leaves]
                 torch.autograd.backward(roots, grad_roots)
-            seen.setdefault(id(t), set()).add(True)
+            had_graph.add(id(t))
             if t.sync is not None:
                 with_graph[id(t.sync)] = (t, i)
             return True
@@ -564,12 +564,14 @@ class GradCache:
             for t in live:
                 for i in todo[id(t)][:-1]:
                     if not run(t, i, synced=False):
-                        seen.setdefault(id(t), set()).add(False)
+                        graphless.add(id(t))
             # the towers' last chunks: towers seen only without a graph first, unknown ones next, then those
             # seen with one; a module's last job there is the synchronized one
-            order = {frozenset({False}): 0, frozenset(): 1}
-            finals = sorted(((t, todo[id(t)][-1]) for t in live if todo[id(t)]),
-                            key=lambda ti: order.get(frozenset(seen.get(id(ti[0]), ())), 2))
+            def rank(ti):
+                key = id(ti[0])
+                return 2 if key in had_graph else (0 if key in graphless else 1)
+
+            finals = sorted(((t, todo[id(t)][-1]) for t in live if todo[id(t)]), key=rank)
             last_of = {id(t.sync): j for j, (t, _) in enumerate(finals) if t.sync is not None}
             for j, (t, i) in enumerate(finals):
                 synced = t.sync is not None and last_of[id(t.sync)] == j
