@@ -312,7 +312,7 @@ def test_position_ids_buffer_offset_models():
     """Nystromformer / MRA count positions from 2 (their embeddings' position_ids buffer), with no padding
     row in the table. (Nystromformer's landmark attention also depends on padding, so it is compared on
     one text.)"""
-    from llmembed_fast.embedder.model import position_offset
+    from llmembed_fast.embedder.hf_model import position_offset
 
     tok = make_tokenizer("bert")
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -334,7 +334,7 @@ def test_gptj_codegen_rotary_tables_keep_max_length_within_n_positions(cfg_cls):
     """GPT-J and CodeGen declare rotary through ``rotary_dim``, but transformers precomputes n_positions
     rows of sin/cos and indexes them: a longer sequence fails in the model, so max_length > n_positions is
     refused as for a learned table (GPT-2), not let through as for rope_theta models."""
-    from llmembed_fast.embedder.model import rotary_positions
+    from llmembed_fast.embedder.hf_model import rotary_positions
 
     tok = make_tokenizer("gpt2")
     cfg = cfg_cls(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=16,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llmembed_fast.embedder import batching
-from llmembed_fast.embedder.model import _check_output_args, _check_positive, _check_text, resolve_pooling
+from llmembed_fast.embedder.args import check_output_args, check_positive, check_text, resolve_pooling
 from llmembed_fast.embedder.prompts import render
 from llmembed_fast.embedder.tokenize import _text_token_ranges
 from llmembed_fast.ops.pooling import pool_segments
@@ -83,10 +83,10 @@ def encode_late_chunks(
     ``ranges``/``calibration_embeddings``: for int8/uint8 only, as in ``encode`` (pass them: ranges calibrated
     on one document's few chunks make codes that cannot be compared with other documents').
     """
-    _check_text(text, "text")
-    _check_output_args(precision, output, ranges, calibration_embeddings)
-    max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
-    dims = embedder.dims if dims is None else _check_positive(dims, "dims")
+    check_text(text, "text")
+    check_output_args(precision, output, ranges, calibration_embeddings)
+    max_tokens_per_batch = check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+    dims = embedder.dims if dims is None else check_positive(dims, "dims")
     normalize = embedder.resolve_normalize(normalize)
     mode = resolve_pooling(pooling)
     prompt = embedder.resolve_prompt(instruction, prompt, prompt_name)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,210 +17,37 @@ from torch import nn
 from llmembed_fast import _poison
 from llmembed_fast.embedder import batching
 from llmembed_fast.embedder import packed as packed_mod
+from llmembed_fast.embedder.args import (
+    QUANTIZED,
+    check_bool,
+    check_output_args,
+    check_positive,
+    check_prompts,
+    check_text,
+    check_texts,
+    resolve_dtype,
+    resolve_pooling,
+)
+from llmembed_fast.embedder.hf_model import (
+    causal_attention,
+    encoder_module,
+    is_decoder_model,
+    last_hidden,
+    max_positions,
+    output_width,
+    position_offset,
+    rotary_positions,
+)
 from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
-from llmembed_fast.embedder.st_folder import ST_POOLING, read_st_folder
+from llmembed_fast.embedder.st_folder import read_st_folder
 from llmembed_fast.embedder.tokenize import Tokenized, probe_tokenizer, tokenize_texts
-from llmembed_fast.ops.pooling import POOLING_MODES, l2_normalize, matryoshka, pool, pool_segments
+from llmembed_fast.ops.pooling import l2_normalize, matryoshka, pool, pool_segments
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
-QUANTIZED = ("int8", "uint8", "binary", "ubinary")
-OUTPUTS = ("numpy", "torch")
 # int8/uint8 calibrated on fewer encoded rows than this warn (as sentence-transformers' quantize_embeddings)
 MIN_CALIBRATION_ROWS = 100
-_POOLING_ALIASES = {
-    **ST_POOLING,
-    "cls_token": "first",
-    "last_token": "last",
-    "eos": "last",
-    "mean_tokens": "mean",
-    "max_tokens": "max",
-    "mean_sqrt_len_tokens": "mean_sqrt_len",
-    "weightedmean_tokens": "weighted_mean",
-}
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 _DOC_PROMPT_NAMES = ("document", "passage", "corpus")
-
-
-def resolve_pooling(pooling) -> str:
-    """Our pooling name from ours or a sentence-transformers alias (ValueError naming ``pooling``)."""
-    if not isinstance(pooling, str):
-        raise TypeError(f"pooling must be a string, got {type(pooling).__name__}")
-    name = _POOLING_ALIASES.get(pooling, pooling)
-    if name not in POOLING_MODES:
-        raise ValueError(
-            f"pooling must be one of {POOLING_MODES} (or a sentence-transformers name such as "
-            f"'lasttoken', 'cls', 'weightedmean'), got {pooling!r}"
-        )
-    return name
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-
-
-def _check_text(t, name: str) -> None:
-    if not isinstance(t, str):
-        hint = " (decode it first, e.g. .decode('utf-8'))" if isinstance(t, (bytes, bytearray)) else ""
-        raise TypeError(f"{name} must be a string, got {type(t).__name__}{hint}")
-    if not t.isascii():
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"{name} cannot be tokenized: {exc.reason} at character {exc.start} "
-                f"({t[exc.start : exc.end]!r}); it is not valid Unicode text"
-            ) from None
-
-
-def _check_texts(texts) -> tuple[list[str], bool]:
-    if isinstance(texts, str):
-        _check_text(texts, "texts")
-        return [texts], True
-    if isinstance(texts, (bytes, bytearray)):
-        raise TypeError(
-            f"texts must be a string or a list of strings, got {type(texts).__name__} "
-            "(decode it first, e.g. texts.decode('utf-8'))"
-        )
-    pandas = type(texts).__module__.startswith("pandas") and hasattr(texts, "tolist")  # a Series, an Index
-    if isinstance(texts, np.ndarray) or pandas:
-        texts = texts.tolist()  # a 0-d array gives its one string: one text, not one per character
-        if isinstance(texts, str):
-            return [texts], True
-    if not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts must not be empty")
-    for i, t in enumerate(texts):
-        _check_text(t, f"texts[{i}]")
-    return texts, False
-
-
-def _check_bool(value, name: str):
-    if value is None or isinstance(value, (bool, np.bool_)):
-        return value if value is None else bool(value)
-    raise TypeError(f"{name} must be True, False or None, got {value!r}")
-
-
-def _check_prompts(prompts) -> dict[str, str]:
-    """A copy of ``prompts``: a mapping of prompt names to prompt strings (None: no prompts)."""
-    if prompts is None:
-        return {}
-    if not isinstance(prompts, Mapping):
-        raise TypeError(
-            "prompts must be a mapping of prompt names to prompt strings (e.g. {'query': 'query: '}), "
-            f"got {type(prompts).__name__}"
-        )
-    for name, text in prompts.items():
-        if not isinstance(name, str):
-            raise TypeError(f"prompts: names must be strings, got {name!r} ({type(name).__name__})")
-        if not isinstance(text, str):
-            raise TypeError(f"prompts[{name!r}] must be a string, got {type(text).__name__}")
-    return dict(prompts)
-
-
-def _check_output_args(precision, output, ranges, calibration_embeddings) -> None:
-    """The checks ``encode`` and ``encode_late_chunks`` make of ``precision``, ``output`` and the int8/uint8
-    calibration arguments (``ranges`` / ``calibration_embeddings`` with another precision are refused: they
-    would be ignored)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if precision not in ("int8", "uint8"):
-        for name, value in (("ranges", ranges), ("calibration_embeddings", calibration_embeddings)):
-            if value is not None:
-                raise ValueError(
-                    f"{name} applies to precision 'int8' / 'uint8' only (it sets their per-dimension "
-                    f"ranges), got precision={precision!r}"
-                )
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's position table holds (max_position_embeddings / n_positions)."""
-    for key in ("max_position_embeddings", "n_positions"):
-        n = getattr(config, key, None)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return n
-    return None
-
-
-def rotary_positions(config) -> bool:
-    """True for rotary position encodings (no table to index past: a longer max_length runs, with
-    whatever quality the model has beyond its training length).
-
-    GPT-J and CodeGen (``rotary_dim``) are rotary but count as not: their transformers implementation
-    precomputes ``n_positions`` rows of sin/cos and indexes them, so a longer sequence fails there
-    (IndexError; a device assert on CUDA) as a learned table would."""
-    keys = ("rope_theta", "rope_scaling", "rope_parameters")
-    return any(getattr(config, k, None) is not None for k in keys)
-
-
-def _check_positive(value, name: str):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return int(value)
-
-
-def is_decoder_model(config) -> bool:
-    """True for causal LMs (Llama, Mistral, Qwen2, GPT-2, ...), False for encoders (BERT, ...)."""
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    from transformers.models.auto import modeling_auto as ma
-
-    mt = getattr(config, "model_type", None)
-    return mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def causal_attention(config) -> bool:
-    """True when the model attends causally: a decoder (``is_decoder_model``) not switched to bidirectional
-    attention (EmbeddingGemma's ``use_bidirectional_attention``, ``is_causal=False``)."""
-    if not is_decoder_model(config):
-        return False
-    # True / "all": every token attends both ways (EmbeddingGemma); Gemma 4's "vision" keeps text causal
-    if getattr(config, "use_bidirectional_attention", False) in (True, "all"):
-        return False
-    return getattr(config, "is_causal", True) is not False
-
-
-def position_offset(model: nn.Module) -> int:
-    """The position id of a sequence's first token: ``padding_idx + 1`` for models whose position table has a
-    padding row (RoBERTa, XLM-R, MPNet, CamemBERT, ...: they count positions from there), the first entry of
-    the embeddings' ``position_ids`` buffer where it starts above 0 (Nystromformer, YOSO, MRA: from 2),
-    else 0."""
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
-            if m.padding_idx is not None:
-                return int(m.padding_idx) + 1
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            ids = getattr(parent, "position_ids", None)
-            if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
-                return max(0, int(ids.flatten()[0]))
-            return 0
-    return 0
-
-
-def output_width(config) -> int | None:
-    """Columns of the model's last hidden state: ``config.hidden_size``, or OPT's ``word_embed_proj_dim``
-    (OPT-350m projects its output down)."""
-    width = getattr(config, "word_embed_proj_dim", None) or getattr(config, "hidden_size", None)
-    return width if isinstance(width, int) and not isinstance(width, bool) else None
 
 
 SETTINGS_FILE = "llmembed_fast.json"  # what save_pretrained writes beside the model and tokenizer
@@ -244,37 +71,11 @@ def _read_settings(folder: str) -> dict | None:
     return saved
 
 
-def _encoder_module(model: nn.Module) -> nn.Module:
-    """The module to run: the base model without an LM head; a torch.compile'd AutoModel as it is."""
-    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule wraps the model
-    compiled = isinstance(orig, nn.Module) and orig is not model
-    inner = orig if compiled else model
-    base = getattr(inner, "base_model", inner)
-    base = base if isinstance(base, nn.Module) else inner
-    if not compiled:
-        return base
-    if base is not inner:
-        warnings.warn(
-            f"LLMEmbedder runs the base model of the torch.compile'd {type(inner).__name__} (its LM head is "
-            "not needed) uncompiled; compile the base model (AutoModel) to run compiled",
-            stacklevel=3,
-        )
-        return base
-    return model
-
-
 def _finish(emb: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
     """Matryoshka slice and L2 normalization of float32 embeddings [B, H] (what ``pool`` fuses)."""
     if dims is not None:
         return matryoshka(emb, dims, normalize=normalize)
     return l2_normalize(emb) if normalize else emb
-
-
-def _last_hidden(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    h = getattr(out, "last_hidden_state", None)
-    return h if h is not None else out[0]
 
 
 class LLMEmbedder(nn.Module):
@@ -350,7 +151,7 @@ class LLMEmbedder(nn.Module):
             )
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer must be a transformers tokenizer")
-        self.model = _encoder_module(model)
+        self.model = encoder_module(model)
         self.tokenizer = tokenizer
         self.config = getattr(self.model, "config", None)
         self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
@@ -369,9 +170,9 @@ class LLMEmbedder(nn.Module):
                 raise type(exc)(f"prompt_style.pooling: {exc}") from None
         else:
             self.pooling = "last" if self.is_decoder else "mean"
-        normalize = _check_bool(normalize, "normalize")
+        normalize = check_bool(normalize, "normalize")
         self.normalize = True if normalize is None else normalize
-        self.dims = _check_positive(dims, "dims")
+        self.dims = check_positive(dims, "dims")
         hidden = output_width(self.config) if self.config is not None else None
         if self.dims is not None and hidden is not None and self.dims > hidden:
             raise ValueError(f"dims must be at most the model's output width {hidden}, got {dims}")
@@ -382,7 +183,7 @@ class LLMEmbedder(nn.Module):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
         self.info = probe_tokenizer(tokenizer)
-        add_eos = _check_bool(add_eos, "add_eos")
+        add_eos = check_bool(add_eos, "add_eos")
         if add_eos is None:
             add_eos = self.style.add_eos
         if add_eos is None:  # a tokenizer without EOS: the last text token is pooled
@@ -394,12 +195,12 @@ class LLMEmbedder(nn.Module):
         # a prompting style that reads the state after its prompt (PromptEOL, ...) drops the terminator a
         # decoder's tokenizer appends itself (e5-mistral style), as it appends none
         self.strip_eos = not self.add_eos and self.style.add_eos is False and self.is_decoder
-        include_prompt = _check_bool(include_prompt, "include_prompt")
+        include_prompt = check_bool(include_prompt, "include_prompt")
         if include_prompt is None:
             include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
         self.include_prompt = bool(include_prompt)
         n_pos = self._n_positions()
-        self.max_length = _check_positive(max_length, "max_length")
+        self.max_length = check_positive(max_length, "max_length")
         too_long = self.max_length is not None and n_pos is not None and self.max_length > n_pos
         if too_long and not rotary_positions(self.config):  # a learned position table would be indexed past
             raise ValueError(
@@ -408,10 +209,10 @@ class LLMEmbedder(nn.Module):
                 "pass max_length <= that"
             )
         self.max_length = self.max_length or self._default_max_length()
-        self.prompts = _check_prompts(prompts)
+        self.prompts = check_prompts(prompts)
         self.default_prompt_name = default_prompt_name
-        self.lowercase = bool(_check_bool(lowercase, "lowercase"))
-        dtype = _resolve_dtype(dtype)
+        self.lowercase = bool(check_bool(lowercase, "lowercase"))
+        dtype = resolve_dtype(dtype)
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
         self.model.eval()
@@ -459,9 +260,9 @@ class LLMEmbedder(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         # before any loading (the constructor checks them again)
-        _check_bool(normalize, "normalize")
-        _check_bool(add_eos, "add_eos")
-        _check_bool(include_prompt, "include_prompt")
+        check_bool(normalize, "normalize")
+        check_bool(add_eos, "add_eos")
+        check_bool(include_prompt, "include_prompt")
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
         path_or_id = os.fspath(path_or_id)
@@ -499,7 +300,7 @@ class LLMEmbedder(nn.Module):
             if device is not None
             else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
-        dtype = _resolve_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         tok_kwargs = {
             k: v for k, v in model_kwargs.items() if k in ("gguf_file", "revision", "token", "cache_dir")
         }
@@ -695,10 +496,10 @@ class LLMEmbedder(nn.Module):
                 raise ValueError(
                     "prompt is a prefix and must not contain '{text}' (use prompt_style for templates)"
                 )
-            _check_text(prompt, "prompt")
+            check_text(prompt, "prompt")
             template = prompt + template
         if instruction is not None and isinstance(instruction, str):
-            _check_text(instruction, "instruction")
+            check_text(instruction, "instruction")
         template = compose(template, instruction, self.instruction_template)
         # lower-casing models (a sentence-transformers folder's do_lower_case) lower the prompt with the text
         return template.lower() if self.lowercase else template
@@ -726,7 +527,7 @@ class LLMEmbedder(nn.Module):
         self, texts, *, instruction: str | None = None, prompt: str | None = None, device=None
     ) -> dict[str, torch.Tensor]:
         """One padded batch for :meth:`forward`: input_ids, attention_mask, position_ids, pool_mask [B, L]."""
-        texts, _ = _check_texts(texts)
+        texts, _ = check_texts(texts)
         tok = self._tokenize(texts, instruction, prompt)
         return batching.pad_batch(
             tok.ids,
@@ -748,7 +549,7 @@ class LLMEmbedder(nn.Module):
             kw["position_ids"] = position_ids + off if off else position_ids
         if self._takes_use_cache:
             kw["use_cache"] = False
-        return _last_hidden(self.model(**kw))
+        return last_hidden(self.model(**kw))
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last hidden states [B, L, H] of a padded batch."""
@@ -816,7 +617,7 @@ class LLMEmbedder(nn.Module):
 
     def resolve_normalize(self, normalize) -> bool:
         """A call's ``normalize`` (True, False, or None for the embedder's own)."""
-        normalize = _check_bool(normalize, "normalize")
+        normalize = check_bool(normalize, "normalize")
         return self.normalize if normalize is None else normalize
 
     def _use_packed(self, packed) -> bool:
@@ -882,7 +683,7 @@ class LLMEmbedder(nn.Module):
     ) -> torch.Tensor:
         """Embeddings [N, D] float32 on the model's device, in input order (no argument checks on texts)."""
         normalize = self.resolve_normalize(normalize)
-        dims = self.dims if dims is None else _check_positive(dims, "dims")
+        dims = self.dims if dims is None else check_positive(dims, "dims")
         use_packed = self._use_packed(packed)
         if not len(texts):
             return torch.empty(0, dims or self.embedding_dim or 0, dtype=torch.float32, device=self.device)
@@ -968,10 +769,10 @@ class LLMEmbedder(nn.Module):
             [N, D] (or [D] for a single string) float32 / float16 / int8 / uint8 array or tensor.
         """
         try:
-            texts, single = _check_texts(texts)
-            _check_output_args(precision, output, ranges, calibration_embeddings)
-            batch_size = _check_positive(batch_size, "batch_size")
-            max_tokens_per_batch = _check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+            texts, single = check_texts(texts)
+            check_output_args(precision, output, ranges, calibration_embeddings)
+            batch_size = check_positive(batch_size, "batch_size")
+            max_tokens_per_batch = check_positive(max_tokens_per_batch, "max_tokens_per_batch")
             prompt = self.resolve_prompt(instruction, prompt, prompt_name)
         except (TypeError, ValueError) as exc:
             if distributed:  # the other ranks wait in the first collective: they must hear of it
