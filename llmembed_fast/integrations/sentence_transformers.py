@@ -6,9 +6,9 @@ Normalize follows directly, L2 normalization in one pass over the token states).
 weights are untouched, outputs are the same (float32 accumulation, output in the token states' dtype).
 Cases the fused head does not express exactly fall back to the original code: concatenated pooling
 modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
-position 0 (sentence-transformers weights by absolute position there, flattened batches included), and a
+position 0 (sentence-transformers weights by absolute position there, flattened batches included), a
 ``prompt_length`` or an empty text that leaves a sequence with no token to pool (sentence-transformers'
-empty-row values).
+empty-row values), and cls under a prompt in a flattened batch (its answer depends on the version).
 ``restore(model)`` switches back. An accelerated model saves (``save``, ``save_pretrained``, the trainer's
 checkpoints) as the plain model: the folder records sentence-transformers' own Pooling / Normalize and
 loads anywhere, without llmembed_fast or ``trust_remote_code``.
@@ -53,6 +53,10 @@ class FusedPooling(Pooling):
         if "cu_seq_lens_q" in features:  # flattened (flash-attention varlen) batch [1, T, H]
             cu = features["cu_seq_lens_q"].to(torch.int64)
             starts, ends = cu[:-1], cu[1:]
+            if prompt_length and mode == "first":
+                # which token a flat batch's cls is under a prompt changed in sentence-transformers 6.2
+                # (position 0 before, the first token after the prompt since): its own code decides
+                return super().forward(features, **kwargs)
             if prompt_length is not None and mode not in ("first", "last"):
                 # sentence-transformers' flat path drops min(prompt_length, shortest length) tokens of each
                 # sequence; weighted_mean keeps absolute weights and empty sequences get its own values
