@@ -322,15 +322,17 @@ def test_packed_batch_of_empty_texts_gives_zero_rows():
     assert packed.encode(["", ""], dims=16).shape == (2, 16)
 
 
-def test_int8_calibrated_on_one_row_warns():
+def test_int8_calibrated_on_one_row_raises_and_on_a_few_warns():
+    """One row calibrating its own int8/uint8 ranges gives every code the same: a ValueError, as in
+    sentence-transformers 6.2; below 100 rows a warning, as sentence-transformers logs one."""
     model, tok = build_tiny_model("qwen2")
     emb = lf.LLMEmbedder(model, tok)
     for p in ("int8", "uint8"):
-        with pytest.warns(UserWarning, match="calibration_embeddings"):
+        with pytest.raises(ValueError, match="single row.*calibration_embeddings="):
             emb.encode("hello world", precision=p)
-    with pytest.warns(UserWarning, match="ranges"):
+    with pytest.raises(ValueError, match="single row"):
         emb.encode_late_chunks("hello world", ["hello"], precision="int8")
-    with pytest.warns(UserWarning, match="a few"):  # below 100 rows, as sentence-transformers warns
+    with pytest.warns(UserWarning, match="here 2 rows"):
         emb.encode(["hello", "world"], precision="int8")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -8,11 +8,28 @@ import torch
 from llmembed_fast import _ext
 
 pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
+import sentence_transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from sentence_transformers.util.quantization import quantize_embeddings  # noqa: E402
 
 from llmembed_fast import quant  # noqa: E402
 
+# 6.2 rounds the int8/uint8 ranges to float32 before taking the steps; older versions took them in the
+# ranges' dtype (float16 / float64 ranges gave other codes). quant.quantize follows 6.2.
+_ST_F32_RANGES = Version(sentence_transformers.__version__).release >= (6, 2)
+
 PRECISIONS = ["int8", "uint8", "binary", "ubinary"]
+
+
+def st_quantize(x, precision, ranges=None, calibration_embeddings=None):
+    """sentence-transformers' quantize_embeddings as 6.2+ computes it: with an older version, the int8/uint8
+    ranges (given, or its own min/max calibration) reach it rounded to float32, the one difference."""
+    if _ST_F32_RANGES or not precision.endswith("int8"):
+        return quantize_embeddings(x, precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
+    if ranges is None:
+        src = x if calibration_embeddings is None else calibration_embeddings
+        ranges = np.vstack([src.min(0), src.max(0)])
+    return quantize_embeddings(x, precision, ranges=np.asarray(ranges).astype(np.float32))
 
 
 def simd_levels():
@@ -45,11 +62,11 @@ def test_parity_with_sentence_transformers(d, precision, simd):
     for seed in range(2):
         x = _data(37, d, np.float32, seed)
         calib = _data(200, d, np.float32, seed + 10)
-        want = quantize_embeddings(x, precision)
+        want = st_quantize(x, precision)
         got = quant.quantize(x, precision)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
-        want = quantize_embeddings(x, precision, calibration_embeddings=calib)
+        want = st_quantize(x, precision, calibration_embeddings=calib)
         np.testing.assert_array_equal(quant.quantize(x, precision, calibration_embeddings=calib), want)
         ranges = np.vstack([calib.min(0), calib.max(0)])
         np.testing.assert_array_equal(quant.quantize(x, precision, ranges=ranges), want)
@@ -62,19 +79,20 @@ def test_parity_with_sentence_transformers(d, precision, simd):
 @pytest.mark.parametrize("dtype", [np.float64, np.float16])
 @pytest.mark.parametrize("precision", ["int8", "uint8"])
 def test_parity_other_float_dtypes(dtype, precision):
-    """numpy's arithmetic precision is followed: float64 throughout, or float16 rounding at every step."""
+    """numpy's arithmetic precision is followed: float64 embeddings in float64 (float32 steps), float16
+    ones in float32."""
     for seed in range(3):
         x = _data(61, 45, dtype, seed)
         calib = _data(150, 45, dtype, seed + 5)
-        np.testing.assert_array_equal(quant.quantize(x, precision), quantize_embeddings(x, precision))
+        np.testing.assert_array_equal(quant.quantize(x, precision), st_quantize(x, precision))
         np.testing.assert_array_equal(
             quant.quantize(x, precision, calibration_embeddings=calib),
-            quantize_embeddings(x, precision, calibration_embeddings=calib),
+            st_quantize(x, precision, calibration_embeddings=calib),
         )
         # mixed: float32 ranges with this dtype's embeddings -> numpy's promotion
         r32 = np.vstack([calib.min(0), calib.max(0)]).astype(np.float32)
         np.testing.assert_array_equal(
-            quant.quantize(x, precision, ranges=r32), quantize_embeddings(x, precision, ranges=r32)
+            quant.quantize(x, precision, ranges=r32), st_quantize(x, precision, ranges=r32)
         )
 
 
@@ -132,16 +150,16 @@ def test_zero_width_ranges_and_out_of_range_values():
     y[1] = -100.0  # below every min -> 0
     for p in ("int8", "uint8"):
         np.testing.assert_array_equal(
-            quant.quantize(y, p, ranges=ranges), quantize_embeddings(y, p, ranges=ranges)
+            quant.quantize(y, p, ranges=ranges), st_quantize(y, p, ranges=ranges)
         )
 
 
 def test_bfloat16_quantizes_as_float32():
     x = torch.from_numpy(_data(30, 24, np.float32, 2)).bfloat16()
-    want = quantize_embeddings(x.float().numpy(), "int8")
+    want = st_quantize(x.float().numpy(), "int8")
     np.testing.assert_array_equal(quant.quantize(x, "int8").numpy(), want)
     np.testing.assert_array_equal(
-        quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.float().numpy(), "ubinary")
+        quant.quantize(x, "ubinary").numpy(), st_quantize(x.float().numpy(), "ubinary")
     )
 
 
@@ -149,10 +167,10 @@ def test_strided_rows_and_float32_passthrough():
     base = torch.from_numpy(_data(40, 50, np.float32, 3))
     x = base[::2, 5:37]  # strided rows, offset columns
     np.testing.assert_array_equal(
-        quant.quantize(x, "ubinary").numpy(), quantize_embeddings(x.contiguous().numpy(), "ubinary")
+        quant.quantize(x, "ubinary").numpy(), st_quantize(x.contiguous().numpy(), "ubinary")
     )
     np.testing.assert_array_equal(
-        quant.quantize(x, "int8").numpy(), quantize_embeddings(x.contiguous().numpy(), "int8")
+        quant.quantize(x, "int8").numpy(), st_quantize(x.contiguous().numpy(), "int8")
     )
     assert quant.quantize(x.double(), "float32").dtype == torch.float32
 
@@ -163,7 +181,7 @@ def test_calibrate():
     assert r.dtype == np.float32 and r.shape == (2, 9)
     np.testing.assert_array_equal(r, np.vstack([x.min(0), x.max(0)]))
     assert quant.calibrate(torch.from_numpy(x).double()).dtype == torch.float64
-    np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=r), quantize_embeddings(x, "int8"))
+    np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=r), st_quantize(x, "int8"))
 
 
 def test_dequantize_reconstructs_bucket_middles():
@@ -194,7 +212,7 @@ def test_unpack_bits_inverts_packing(d):
         bits = quant.unpack_bits(quant.quantize(x, p), d)
         np.testing.assert_array_equal(bits, (x > 0).astype(np.uint8))
         np.testing.assert_array_equal(
-            bits, np.unpackbits(quantize_embeddings(x, "ubinary"), axis=-1, count=d)
+            bits, np.unpackbits(st_quantize(x, "ubinary"), axis=-1, count=d)
         )
 
 
@@ -307,7 +325,7 @@ def test_ranges_forms_are_the_same_everywhere():
                 call(bad)
     flat = r.copy()
     flat[1, 4] = flat[0, 4]  # min == max: a zero step counts as 1, as in sentence-transformers
-    want = quantize_embeddings(x, "int8", ranges=flat)
+    want = st_quantize(x, "int8", ranges=flat)
     np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=flat), want)
     for call in calls:
         with pytest.raises(ValueError, match=r"ranges must have shape \(2, 8\) = \[min, max\] per dimension"):
@@ -332,18 +350,53 @@ def test_float32_output_is_a_copy(tmp_path):
     assert not quant.calibrate(t).requires_grad
 
 
-def test_calibrate_keeps_float16_so_ranges_reproduce_the_implicit_ones():
-    """calibrate(x) then quantize(x, ranges=...) gives quantize(x)'s codes and sentence-transformers',
-    for float16 too (its steps are computed in the ranges' dtype: float32 ranges changed ~5% of codes)."""
-    for seed in range(3):
-        x = _data(300, 128, np.float16, seed)
-        r = quant.calibrate(x)
-        assert r.dtype == np.float16
-        for p in ("int8", "uint8"):
-            want = quantize_embeddings(x, p)
-            np.testing.assert_array_equal(quant.quantize(x, p), want)
-            np.testing.assert_array_equal(quant.quantize(x, p, ranges=r), want)
+def test_calibrate_gives_float32_ranges_that_reproduce_the_implicit_ones():
+    """calibrate(x) then quantize(x, ranges=...) gives quantize(x)'s codes and sentence-transformers', for
+    float16 and float64 too: the steps come from float32 ranges whatever their dtype. The old rule (steps
+    in the ranges' dtype) changes codes here, so this test fails under it."""
+    for dtype in (np.float16, np.float64):
+        for seed in range(3):
+            x = _data(300, 128, dtype, seed)
+            r = quant.calibrate(x)
+            assert r.dtype == (np.float64 if dtype == np.float64 else np.float32)
+            for p in ("int8", "uint8"):
+                want = st_quantize(x, p)
+                np.testing.assert_array_equal(quant.quantize(x, p), want)
+                np.testing.assert_array_equal(quant.quantize(x, p, ranges=r), want)
+                for rd in (np.float16, np.float64):  # the ranges' dtype no longer changes the codes
+                    rr = r.astype(rd)
+                    if np.array_equal(rr.astype(np.float32), r.astype(np.float32)):
+                        np.testing.assert_array_equal(quant.quantize(x, p, ranges=rr), want)
+            if dtype == np.float16:  # pre-6.2 arithmetic (float16 steps of float16 ranges) differs here
+                r16 = r.astype(np.float16)
+                step = (r16[1] - r16[0]) / np.float16(255)
+                old = np.clip(np.floor((x - r16[0]) / np.where(step == 0, np.float16(1), step)), 0, 255)
+                assert (old != quant.quantize(x, "uint8")).any()
     assert quant.calibrate(torch.from_numpy(x).bfloat16()).dtype == torch.float32  # numpy has no bfloat16
+
+
+def test_scalar_quantization_refuses_what_would_give_constant_codes():
+    """One row calibrating its own ranges (max == min everywhere), ranges beyond float32's range, and
+    ranges whose max - min overflows float32 are ValueErrors, not codes that are all the same."""
+    x = _data(5, 16, np.float32, 0)
+    for p in ("int8", "uint8"):
+        with pytest.raises(ValueError, match="single row"):
+            quant.quantize(x[:1], p)
+        r = quant.calibrate(x)
+        np.testing.assert_array_equal(quant.quantize(x[:1], p, ranges=r), quant.quantize(x, p)[:1])
+        got = quant.quantize(x[:1], p, calibration_embeddings=x)
+        np.testing.assert_array_equal(got, quant.quantize(x, p)[:1])
+        wide = r.copy()
+        wide[:, 2] = (-3e38, 3e38)
+        with pytest.raises(ValueError, match="too wide: max - min overflows float32"):
+            quant.quantize(x, p, ranges=wide)
+        huge = r.astype(np.float64)
+        huge[1, 4] = 1e39
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            quant.quantize(x, p, ranges=huge)
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            quant.Index(16, "int8", ranges=huge)
+    np.testing.assert_array_equal(quant.quantize(x[:1], "ubinary"), st_quantize(x[:1], "ubinary"))
 
 
 @pytest.mark.parametrize("d", [3, 19])  # the scalar tail only, and AVX2 lanes + tail
@@ -355,12 +408,12 @@ def test_nan_codes_match_sentence_transformers(d, simd):
     r = np.vstack([np.full(d, -2, np.float32), np.full(d, 2, np.float32)])
     for p in ("int8", "uint8"):
         with np.errstate(invalid="ignore"):
-            want = quantize_embeddings(x, p, ranges=r)
+            want = st_quantize(x, p, ranges=r)
         assert (want[0] == 0).all()
         np.testing.assert_array_equal(quant.quantize(x, p, ranges=r), want)
         for ct in (np.float64, np.float16):  # the float64 and float16 arithmetic paths
             with np.errstate(invalid="ignore"):
-                want = quantize_embeddings(x.astype(ct), p, ranges=r.astype(ct))
+                want = st_quantize(x.astype(ct), p, ranges=r.astype(ct))
             np.testing.assert_array_equal(quant.quantize(x.astype(ct), p, ranges=r.astype(ct)), want)
 
 

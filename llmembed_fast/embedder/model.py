@@ -823,11 +823,11 @@ class LLMEmbedder(nn.Module):
             from llmembed_fast.quant import quantize
 
             if precision in ("int8", "uint8") and ranges is None and calibration_embeddings is None:
-                if emb.shape[0] < MIN_CALIBRATION_ROWS:
+                if 1 < emb.shape[0] < MIN_CALIBRATION_ROWS:  # one row: quantize refuses it
                     warnings.warn(
                         f"precision={precision!r} calibrates its ranges on the embeddings being encoded, "
-                        f"here {emb.shape[0]} row(s) (one row: every code is the same; a few: coarse codes "
-                        "on a scale no other call shares): pass ranges= or calibration_embeddings= (e.g. "
+                        f"here {emb.shape[0]} rows (coarse codes on a scale no other call shares): "
+                        "pass ranges= or calibration_embeddings= (e.g. "
                         "embeddings of a sample corpus)",
                         UserWarning,
                         stacklevel=3,

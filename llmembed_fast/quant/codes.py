@@ -25,12 +25,11 @@ PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 def calibrate(embeddings):
-    """Per-dimension ``[min, max]`` of ``embeddings [N, D]`` -> ranges ``[2, D]``.
+    """Per-dimension ``[min, max]`` of ``embeddings [N, D]`` -> ranges ``[2, D]``, float32 (float64 for
+    float64 input, which ``quantize`` rounds to float32 as sentence-transformers does: the same codes).
 
-    In the input's dtype (float32 for bfloat16, which numpy lacks), as numpy's min/max: then
-    ``quantize(x, p, ranges=calibrate(x))`` equals ``quantize(x, p)`` and sentence-transformers' codes (its
-    steps are computed in the ranges' dtype; float32 ranges of float16 data would change them). NaN
-    propagates, as in numpy (and ``quantize`` refuses such ranges). Not differentiable.
+    ``quantize(x, p, ranges=calibrate(x))`` equals ``quantize(x, p)``. NaN propagates, as in numpy (and
+    ``quantize`` refuses such ranges). Not differentiable.
     """
     x, was_np = as_tensor(embeddings, "embeddings")
     check_2d(x, "embeddings")
@@ -38,7 +37,7 @@ def calibrate(embeddings):
     if x.shape[0] == 0:
         raise ValueError("embeddings is empty: calibration needs at least one row")
     lo, hi = torch.aminmax(x.detach(), dim=0)
-    dt = x.dtype if x.dtype in (torch.float16, torch.float64) else torch.float32
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return to_output(torch.stack([lo, hi]).to(dt), was_np)
 
 
@@ -58,13 +57,20 @@ def _ranges_numpy(ranges, d: int) -> np.ndarray:
 
 
 def scalar_params(ranges: np.ndarray, x_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, steps) in the precision numpy would compute in, exactly as sentence-transformers does:
-    steps = (max - min) / 255 in the ranges' dtype, a zero step counts as 1, then promotion with x."""
-    starts = ranges[0, :]
-    steps = (ranges[1, :] - ranges[0, :]) / 255
-    steps = np.where(steps == 0, 1, steps)
-    ct = np.result_type(x_dtype, ranges.dtype)
-    return starts.astype(ct), steps.astype(ct)
+    """(starts, steps) exactly as sentence-transformers (>= 6.2) computes them: the ranges in float32,
+    steps = (max - min) / 255 in float32, a zero step counts as 1; both in the dtype numpy promotes the
+    embeddings and float32 to (float64 for float64 embeddings, else float32). ValueError when the ranges
+    leave float32's range or max - min overflows it (every code would be the same, silently)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = ranges.astype(np.float32)
+        steps = (r[1, :] - r[0, :]) / np.float32(255)
+    if not np.isfinite(r).all():
+        raise ValueError("ranges hold values beyond float32's range: the steps are computed in float32")
+    if not np.isfinite(steps).all():
+        raise ValueError("ranges are too wide: max - min overflows float32")
+    steps = np.where(steps == 0, np.float32(1), steps)
+    ct = np.result_type(x_dtype, np.float32)
+    return r[0, :].astype(ct), steps.astype(ct)
 
 
 def _quantize_scalar_torch(x: torch.Tensor, starts: torch.Tensor, steps: torch.Tensor, signed: bool):
@@ -84,8 +90,11 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
     "ubinary" (uint8) [N, ceil(D / 8)], or "float32".
 
     int8/uint8 use per-dimension ranges: ``ranges [2, D]`` if given, else min/max of
-    ``calibration_embeddings``, else of ``embeddings`` itself. Bit-exact with
-    ``sentence_transformers.util.quantization.quantize_embeddings`` (bfloat16 input is computed as float32).
+    ``calibration_embeddings``, else of ``embeddings`` itself (at least two rows: one row's ranges are
+    empty, a ValueError as in sentence-transformers). Bit-exact with
+    ``sentence_transformers.util.quantization.quantize_embeddings`` 6.2+ (bfloat16 input is computed as
+    float32); before 6.2 it computed the steps in the ranges' dtype, which differs for float16 and float64
+    ranges.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -122,6 +131,12 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
                         0, d, dtype=torch.int8 if precision == "int8" else torch.uint8, device=x.device
                     ),
                     was_np,
+                )
+            if x.shape[0] == 1:
+                raise ValueError(
+                    f"embeddings: {precision} ranges cannot be calibrated on a single row (max == min in "
+                    "every dimension); pass ranges= or calibration_embeddings= (e.g. quant.calibrate of a "
+                    "representative sample)"
                 )
             src = x
         lo, hi = torch.aminmax(src, dim=0)

@@ -20,7 +20,7 @@ from llmembed_fast.quant._args import (
     check_range_values,
     to_output,
 )
-from llmembed_fast.quant.codes import calibrate, quantize
+from llmembed_fast.quant.codes import calibrate, quantize, scalar_params
 from llmembed_fast.quant.io import IndexFileError, read_index_file, write_index_file
 from llmembed_fast.quant.search import fold_query, hamming_topk, int8_topk, score_rows, unfold_scores
 
@@ -31,11 +31,9 @@ __all__ = ["Index", "IndexFileError"]
 
 
 def _check_width(ranges: torch.Tensor) -> torch.Tensor:
-    """``ranges`` when every max - min is finite in their dtype (else the steps overflow, and every code
-    would be the same, silently)."""
-    width = ranges[1] - ranges[0]
-    if not bool(torch.isfinite(width).all()):
-        raise ValueError(f"ranges are too wide: max - min overflows {ranges.dtype} (values near its limit)")
+    """``ranges`` when ``quantize`` can use them: within float32's range, every max - min finite there
+    (else ValueError: the steps would overflow and every code be the same, silently)."""
+    scalar_params(ranges.numpy(), np.dtype(np.float32))
     return ranges
 
 
@@ -159,7 +157,7 @@ class Index:
         with self._lock:
             if self._needs_ranges() and self.ranges is None:
                 r = calibrate(x)
-                self.ranges = _check_width(r.float() if r.dtype == torch.float16 else r)  # float32 or float64
+                self.ranges = _check_width(r)  # float32 or float64
                 flat = int((self.ranges[0] == self.ranges[1]).sum())
                 if flat:
                     warnings.warn(
