@@ -77,23 +77,25 @@ test-compat: build
 	  PYTHONPATH="$(COMPAT_PATH)" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(COMPAT_TESTS) -k "$(COMPAT_K)"; \
 	fi
 
-# The GPU machine runs transformers 5.17 (.venv: the newest): the tests of the code built on transformers run
-# again against it, installed alone into a folder put first on PYTHONPATH.
+# The GPU machine runs transformers 5.17 and sentence-transformers 6.0.1 (.venv: the newest): the tests of the
+# code built on them run again against that pair, installed alone into a folder put first on PYTHONPATH.
 HF_COMPAT_DIR ?= .hf-compat
 HF_COMPAT ?= transformers==5.17.0
+HF_COMPAT_ST ?= sentence-transformers==6.0.1
 HF_COMPAT_TESTS ?= tests/test_embedder.py tests/test_embedder_models.py tests/test_embedder_tokenize.py \
 	tests/test_embedder_late_chunking.py tests/test_embedder_smollm2.py tests/test_embedder_distributed.py \
 	tests/test_st_integration.py tests/test_st_loss_parity.py tests/test_training_integrations.py \
-	tests/test_grad_cache.py tests/test_grad_cache_distributed.py tests/test_chunking.py tests/test_cli_encode.py
-HF_COMPAT_STAMP := $(HF_COMPAT_DIR)/.stamp-$(subst =,,$(HF_COMPAT))
+	tests/test_grad_cache.py tests/test_grad_cache_distributed.py tests/test_chunking.py tests/test_cli_encode.py \
+	tests/test_quant.py tests/test_contrastive_st_parity.py
+HF_COMPAT_STAMP := $(HF_COMPAT_DIR)/.stamp-$(subst =,,$(HF_COMPAT))-$(subst =,,$(HF_COMPAT_ST))
 
 $(HF_COMPAT_STAMP):
 	rm -rf $(HF_COMPAT_DIR)
-	$(PY) -m pip install -q --no-deps --target $(HF_COMPAT_DIR) "$(HF_COMPAT)"
+	$(PY) -m pip install -q --no-deps --target $(HF_COMPAT_DIR) "$(HF_COMPAT)" "$(HF_COMPAT_ST)"
 	touch $@
 
 test-compat-hf: build $(HF_COMPAT_STAMP)
-	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t; print('test-compat-hf: transformers', t.__version__, t.__file__)"
+	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__)"
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(HF_COMPAT_TESTS)
 
 test: lint test-cpp test-py test-compat test-compat-hf
