@@ -219,6 +219,11 @@ def _encode(args, texts: list[str]) -> int:
         except ValueError as exc:
             raise ValueError(f"--device: {exc}") from None
     ranges = None
+    if args.precision in ("int8", "uint8") and args.ranges is None and len(texts) == 1:
+        raise ValueError(
+            f"--precision {args.precision}: one text cannot calibrate its own ranges (max == min in every "
+            "dimension); pass --ranges RANGES.npy (llmembed_fast.quant.calibrate of a sample's embeddings)"
+        )
     if args.ranges is not None:
         if args.precision not in ("int8", "uint8"):
             raise ValueError("--ranges applies to --precision int8 / uint8 only")

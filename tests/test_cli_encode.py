@@ -211,6 +211,14 @@ def test_cli_encode_bom_and_shared_ranges(tmp_path, capsys):
     ):
         assert main([*base, "--input", str(plain), "--output", str(tmp_path / "x"), *extra]) == 2
         assert msg in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("a single text\n", encoding="utf-8")
+    # one text cannot calibrate its own int8 ranges (every code would be the same): refused before loading
+    assert main([*base, "--input", str(one), "--output", str(tmp_path / "x1"), "--precision", "uint8"]) == 2
+    assert "one text cannot calibrate its own ranges" in capsys.readouterr().err
+    assert not (tmp_path / "x1.npy").exists()
+    ok = [*base, "--input", str(one), "--output", str(tmp_path / "x1"), "--precision", "int8"]
+    assert main([*ok, "--ranges", str(tmp_path / "ranges.npy")]) == 0
 
 
 def _stdin(monkeypatch, data: bytes) -> None:
