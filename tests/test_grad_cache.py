@@ -124,6 +124,13 @@ def test_dropout_rng_replay(arch, chunk):
     bad = grads_of(enc)
     worst = max(((bad[k] - want[k]).norm() / want[k].norm()).item() for k in want)
     assert worst > 1e-2
+    # the module form (forward + backward) replays the same way, and honours replay_rng=False too
+    for replay, close in ((True, True), (False, False)):
+        torch.manual_seed(7)
+        GradCache(enc, info_nce, chunk, trim_padding=False, replay_rng=replay)(qb, db).backward()
+        got = grads_of(enc)
+        worst = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+        assert (worst < 1e-4) if close else (worst > 1e-2), (replay, worst)
 
 
 def test_gradient_checkpointing_with_dropout():
@@ -140,6 +147,16 @@ def test_gradient_checkpointing_with_dropout():
     loss = GradCache(enc, info_nce, 4, trim_padding=False).step(qb, db)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
     assert_grads_close(grads_of(enc), want)
+
+
+def test_embed_documents_runs_the_doc_encoder():
+    torch.manual_seed(0)
+    qenc, denc = nn.Linear(6, 4), nn.Linear(6, 4)
+    x = torch.randn(7, 6)
+    gc = GradCache(qenc, info_nce, 3, doc_encoder=denc, doc_chunk_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(gc.embed(x, doc=True), denc(x))
+        torch.testing.assert_close(gc.embed(x), qenc(x))
 
 
 def test_separate_doc_encoder_and_hard_negative_labels():
@@ -356,8 +373,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="loss_fn"):
         GradCache(enc, None, 2)
     gc = GradCache(enc, info_nce, 2)
-    with pytest.raises(ValueError, match="doc_batch has 3 rows but query_batch has 5"):
-        gc.step(x, torch.randn(3, 6))
+    for n_doc in (3, 4):  # N < B, also by one row
+        with pytest.raises(ValueError, match=f"doc_batch has {n_doc} rows but query_batch has 5"):
+            gc.step(x, torch.randn(n_doc, 6))
     with pytest.raises(ValueError, match="disagree on the batch size"):
         gc.step({"a": x, "b": torch.randn(4, 6)}, x)
     with pytest.raises(TypeError, match="query_batch"):
@@ -375,13 +393,15 @@ def test_bad_input():
 
 
 def test_doc_batch_as_list_of_columns():
-    """Positives and hard negatives as separately padded batches, concatenated in order."""
+    """Positives and hard negatives as separately padded batches, concatenated in order (each column's
+    rows sorted by length or not)."""
     enc = Encoder(make_model("llama", 0.0), 0.0)
     qb, pos, neg = make_batch(B, 30), make_batch(B, 31), make_batch(4, 32)
     info_nce(enc(qb), torch.cat([enc(pos), enc(neg)])).backward()
     want = grads_of(enc)
-    GradCache(enc, info_nce, 3).step(qb, [pos, neg])
-    assert_grads_close(grads_of(enc), want)
+    for sort in (True, False):
+        GradCache(enc, info_nce, 3, sort_by_length=sort).step(qb, [pos, neg])
+        assert_grads_close(grads_of(enc), want)
     with pytest.raises(ValueError, match="empty"):
         GradCache(enc, info_nce, 3).step(qb, [])
 
@@ -459,6 +479,29 @@ class _SyncAware(nn.Module):
     def forward(self, x):
         self.grad_modes.append(torch.is_grad_enabled())
         return self.enc(x)
+
+
+def test_synchronized_chunk_is_the_trainable_towers_last():
+    """Queries through a frozen module, documents through a DDP-like one: the synchronized backward is the
+    documents' last chunk, run once with its gradient; a graphless query chunk last would need one more
+    document chunk re-run with a zero gradient to synchronize."""
+    torch.manual_seed(0)
+    frozen, tower = nn.Linear(8, 4).requires_grad_(False), nn.Linear(8, 4)
+    ddp = _SyncAware(tower)
+
+    def enc(b):
+        return frozen(b["x"]) if b["task"] == "query" else ddp(b["x"])
+
+    q, d = torch.randn(6, 8), torch.randn(6, 8)
+    lf.contrastive_loss(frozen(q), tower(d)).backward()
+    want = grads_of(tower)
+    tower.zero_grad()
+    ddp.grad_modes.clear()
+    GradCache(enc, lf.contrastive_loss, 2, sync_module=ddp).step({"x": q, "task": "query"},
+                                                                 {"x": d, "task": "document"})
+    assert_grads_close(grads_of(tower), want)
+    assert ddp.grad_modes == [False] * 3 + [True] * 3  # 3 document chunks, each re-run once
+    assert ddp.entered == 5  # every backward but the synchronized one under no_sync
 
 
 def _mlp(seed: int = 0, din: int = 12, dout: int = 16):
@@ -798,7 +841,8 @@ def test_embed_returns_rows_in_the_callers_order():
 
 
 @pytest.mark.parametrize("sort", [True, False])
-def test_chunk_tokens_packs_rows_by_attended_tokens(sort):
+@pytest.mark.parametrize("rows", [4, 64])  # 64 >= B: only the token budget cuts, the rows are still sorted
+def test_chunk_tokens_packs_rows_by_attended_tokens(sort, rows):
     """chunk_tokens: each chunk holds consecutive rows (of the sorted order) while their attended tokens
     fit, at most chunk_size rows, a longer row alone; gradients equal the uncached step's."""
     enc = _Spy(Encoder(make_model("qwen2", 0.0), 0.0)).train()
@@ -808,7 +852,7 @@ def test_chunk_tokens_packs_rows_by_attended_tokens(sort):
     want = grads_of(enc)
     enc.seen.clear()
     budget = 20
-    loss = GradCache(enc, info_nce, 4, chunk_tokens=budget, sort_by_length=sort).step(qb, db)
+    loss = GradCache(enc, info_nce, rows, chunk_tokens=budget, sort_by_length=sort).step(qb, db)
     torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=0)
     assert_grads_close(grads_of(enc), want)
     lengths = qb["attention_mask"].sum(1).tolist()
@@ -816,12 +860,14 @@ def test_chunk_tokens_packs_rows_by_attended_tokens(sort):
     sizes, lo = [], 0
     while lo < B:  # the packing, written out
         hi, total = lo + 1, lengths[order[lo]]
-        while hi < B and hi - lo < 4 and total + lengths[order[hi]] <= budget:
+        while hi < B and hi - lo < rows and total + lengths[order[hi]] <= budget:
             total += lengths[order[hi]]
             hi += 1
         sizes.append(hi - lo)
         lo = hi
     assert [x.shape[0] for x in enc.seen[: len(sizes)]] == sizes and len(set(sizes)) > 1
+    first_q = torch.cat([torch.nn.functional.pad(x, (0, L - x.shape[1])) for x in enc.seen[: len(sizes)]])
+    torch.testing.assert_close(first_q, qb["input_ids"][order], rtol=0, atol=0)
     with pytest.raises(ValueError, match="chunk_tokens needs"):
         GradCache(enc, info_nce, 4, chunk_tokens=8).step(torch.randn(4, 6), torch.randn(4, 6))
     for bad, err in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):

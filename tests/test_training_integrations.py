@@ -103,8 +103,12 @@ def test_hf_trainer_evaluate_and_collator_columns(tmp_path):
                              remove_unused_columns=False, save_strategy="no", use_cpu=True)
     trainer = GradCacheTrainer(model=emb, args=args, eval_dataset=rows, chunk_size=3,
                                data_collator=PairCollator(emb.tokenize), loss_kwargs={"temperature": 0.1})
+    grad_modes = []  # evaluation runs without a graph (no chunk keeps one, no RNG state is captured)
+    hook = emb.register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
     out = trainer.evaluate()
+    hook.remove()
     assert out["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert grad_modes and not any(grad_modes)
     rows_neg = [{**r, "neg": r["doc"][::-1]} for r in rows]
     collated = PairCollator(emb.tokenize, negative_keys="neg")(rows_neg)
     assert isinstance(collated["doc"], list) and len(collated["doc"]) == 2
