@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llmembed_fast as lf
 from llmembed_fast.reference import contrastive_chunked
@@ -115,6 +116,11 @@ def test_matryoshka_dims_below_d(backend, mdims, kw):
     assert (qa.grad[:, mdims[-1]:] == 0).all() and (da.grad[:, mdims[-1]:] == 0).all()
 
 
+def test_nine_matryoshka_dims(backend):
+    """More Matryoshka dims than the kernels take (8): the Triton backend falls back to torch for 9."""
+    _check(*_inputs(5, 8, 36, torch.float32, 2), TOL[torch.float32], matryoshka_dims=tuple(range(4, 37, 4)))
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("kw", [{}, {"symmetric": True, "same_tower": True}, {"matryoshka_dims": (1, 16)}])
 def test_margin_keeps_ties_with_the_positive(backend, normalize, kw):
@@ -140,6 +146,23 @@ def test_margin_keeps_ties_in_one_dimension(backend):
         q, d = torch.rand(3, 1, generator=g) + 0.1, torch.rand(9, 1, generator=g) + 0.1
         got = lf.contrastive_loss(q, d, temperature=0.05, false_negative_margin=0.0, reduction="none")
         torch.testing.assert_close(got, torch.full((3,), math.log(9.0)), atol=1e-5, rtol=0)
+
+
+def test_margin_keeps_ties_unnormalized_large_norms(backend):
+    """normalize=False, margin 0: the tie slack's summation-order term is in units of ||q_i|| ||d_p|| (raw
+    dots of norm-~128 vectors); unscaled it is far below their rounding and an exact duplicate of the
+    positive (a dot near 0, all else orthogonal) is dropped for some seeds."""
+    kw = dict(temperature=50.0, normalize=False, false_negative_margin=0.0, reduction="none")
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        q, d = 8 * torch.randn(1, 256, generator=g), 8 * torch.randn(6, 256, generator=g)
+        u = q[0] / q[0].norm()
+        d -= (d @ u)[:, None] * u  # every candidate orthogonal to the query,
+        d[0] += 1e-3 * u  # the positive barely above 0,
+        d[1:5] -= 50.0 * u  # clear negatives far below it,
+        d[5] = d[0]  # and an exact duplicate of the positive: a tie, kept
+        want = ref_loss(q.double(), d.double(), **kw)
+        torch.testing.assert_close(lf.contrastive_loss(q, d, **kw).double(), want, atol=1e-5, rtol=0)
 
 
 def test_double_backward_raises(backend):
@@ -178,6 +201,16 @@ def test_shapes_dtypes(backend, B, N, D, tau, dtype, seed, options):
 def test_labels_default_and_duplicates(backend, labels):
     q, d, lab = _inputs(6, 9, 16, torch.float32, seed=11, labels=labels)
     _check(q, d, lab, TOL[torch.float32], symmetric=True, same_tower=True, false_negative_margin=0.05)
+
+
+@pytest.mark.parametrize("labels,kw", [("perm", {}), ("arange", dict(symmetric=True))])
+def test_negative_margin_keeps_the_positive(backend, labels, kw):
+    """A negative false_negative_margin puts the positive itself above the threshold; it always stays
+    (rows, and the fused column term). With a margin below -2 every negative goes: the loss is 0."""
+    q, d, lab = _inputs(7, 11, 24, torch.float32, 3, labels)
+    _check(q, d, lab, TOL[torch.float32], false_negative_margin=-0.05, **kw)
+    got = lf.contrastive_loss(q, d, labels=lab, false_negative_margin=-3.0, reduction="none", **kw)
+    torch.testing.assert_close(got, torch.zeros(7), atol=1e-6, rtol=0)
 
 
 FUSED_GRID = [  # symmetric with default labels: the document->query term rides on the query->document tiles
@@ -342,6 +375,30 @@ def test_zero_row_and_partial_grads(backend):
     torch.testing.assert_close(v.double(), ref_loss(q.double(), d.double(), labels=lab), atol=1e-5, rtol=0)
 
 
+def test_nonzero_rows_below_eps(backend):
+    """Nonzero rows (a query, a positive) with norm below eps: x / eps, so their normalization's radial
+    gradient term is off (the norm <= eps mask), in the row and the column chains."""
+    q, d, lab = _inputs(4, 6, 16, torch.float32, seed=5)
+    q[1] = q[1] / q[1].norm() * 5e-13
+    d[lab[2]] = d[lab[2]] / d[lab[2]].norm() * 5e-13
+    _check(q, d, lab, TOL[torch.float32], same_tower=True, symmetric=True)
+
+
+def test_eps_is_the_normalization_clamp(backend):
+    """The caller's eps is used: eps = 4 clamps most rows' norms (about 4 here): x / max(||x||, eps)."""
+    q, d, lab = _inputs(5, 8, 16, torch.float32, seed=2)
+    qa, da = q.clone().requires_grad_(), d.clone().requires_grad_()
+    loss = lf.contrastive_loss(qa, da, labels=lab, eps=4.0, same_tower=True)
+    grads = torch.autograd.grad(loss, [qa, da])
+    q64, d64 = q.double().requires_grad_(), d.double().requires_grad_()
+    ref = ref_loss(F.normalize(q64, dim=1, eps=4.0), F.normalize(d64, dim=1, eps=4.0), labels=lab,
+                   normalize=False, same_tower=True)
+    refs = torch.autograd.grad(ref, [q64, d64])
+    torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=0)
+    for g, r in zip(grads, refs, strict=True):
+        assert (g.double() - r).abs().max() <= 2e-4 * r.abs().max()
+
+
 def test_chunked_blocks(backend, monkeypatch):
     """Several row blocks in forward and backward, and (Triton) a split column range in the forward."""
     from llmembed_fast.ops import contrastive as ops
@@ -470,6 +527,26 @@ def test_module_learnable_temperature(backend):
     assert "learn_temperature=False" in repr(fixed)
 
 
+MODULE_KW = [dict(reduction="none"), dict(reduction="sum"), dict(false_negative_margin=0.0),
+             dict(symmetric=True, same_tower=True, normalize=False, temperature=4.0)]
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("kw", MODULE_KW, ids=["none", "sum", "margin", "sym-tower-raw"])
+def test_module_forwards_its_options(kw):
+    """ContrastiveLoss(**kw)(q, d, labels) equals contrastive_loss(q, d, labels=labels, **kw) (the inputs
+    hold a false negative, so the margin changes the loss)."""
+    q, d, lab = _inputs(6, 10, 16, torch.float32, seed=4)
+    neg = next(j for j in range(10) if j not in lab)
+    d[neg] = q[0]  # a false negative of query 0: the margin drops it
+    got = lf.ContrastiveLoss(**kw)(q, d, lab)
+    want = lf.contrastive_loss(q, d, labels=lab, **kw)
+    assert got.shape == want.shape == ((6,) if kw.get("reduction") == "none" else ())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    if "false_negative_margin" in kw:
+        assert (want - lf.contrastive_loss(q, d, labels=lab)).abs() > 0.1
+
+
 def test_module_learned_temperature_never_sticks_at_max_scale():
     """The learned log-scale is clamped in place (CLIP), not at its use: a step past log(max_scale) must not
     leave it with a zero gradient forever; a start past max_scale is refused."""
@@ -477,6 +554,7 @@ def test_module_learned_temperature_never_sticks_at_max_scale():
     mod = lf.ContrastiveLoss(temperature=0.011, learn_temperature=True, max_scale=100.0)
     with torch.no_grad():
         mod.log_scale.fill_(math.log(1000.0))  # an optimizer step overshot the bound
+    assert mod.temperature.item() == pytest.approx(0.01)  # the property reads the clamped scale
     loss = mod(q, d, lab)
     loss.backward()
     assert mod.log_scale.item() == pytest.approx(math.log(100.0))
@@ -519,6 +597,14 @@ def test_strided_labels(backend):
     assert not strided.is_contiguous()
     for kw in ({}, {"same_tower": True, "false_negative_margin": 0.1}):
         _check(q, d, strided, TOL[torch.float32], **kw)
+
+
+def test_column_strided_embeddings(backend):
+    """q and d with a column stride != 1 (transposed storage): made contiguous before the kernels."""
+    q, d, lab = _inputs(6, 10, 16, torch.float32, seed=4)
+    qt, dt = q.T.contiguous().T, d.T.contiguous().T
+    assert qt.stride(-1) != 1 and dt.stride(-1) != 1
+    _check(qt, dt, lab, TOL[torch.float32], symmetric=True, same_tower=True)
 
 
 def test_frozen_tower_from_inference_mode(backend):
@@ -798,6 +884,10 @@ def test_keep_logits_mode(monkeypatch, dtype):
     calls.clear()
     monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 70 * 90 * 4 - 1)  # one float32 [70, 90] over the budget
     _check(q, d, lab, TOL[dtype])
+    assert calls and not any(c[4] for c in calls)
+    calls.clear()
+    monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 3 * 70 * 90 * 4 - 1)  # K = 3 dims: [3, 70, 90] over it
+    lf.contrastive_loss(q.clone().requires_grad_(), d, labels=lab, matryoshka_dims=(6, 12, 24))
     assert calls and not any(c[4] for c in calls)
     calls.clear()
     monkeypatch.setattr(tk, "KEEP_BUDGET_BYTES", 1 << 30)
