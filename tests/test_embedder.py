@@ -458,3 +458,13 @@ def test_ranges_and_calibration_refused_unless_int8(precision):
         with pytest.raises(ValueError, match="calibration_embeddings applies to precision"):
             call(calibration_embeddings=sample)
         assert np.isfinite(call().astype(np.float32)).all()
+
+
+def test_padding_side_defaults_to_the_tokenizers():
+    """padding_side=None takes the tokenizer's side, and tokenize() batches are laid out that way."""
+    model, tok = build_tiny_model("qwen2")
+    tok.padding_side = "left"
+    emb = lf.LLMEmbedder(model, tok)
+    assert emb.padding_side == "left"
+    b = emb.tokenize(["a", "a b c d"])
+    assert b["attention_mask"][0, 0] == 0 and b["attention_mask"][0, -1] == 1

@@ -197,3 +197,20 @@ def test_pad_and_pack_masks():
     assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
     assert p["starts"].tolist() == [1, 3, 6] and p["ends"].tolist() == [3, 4, 6]
+
+
+def test_pad_batch_sides():
+    """padding_side="left" puts the pads first (the layout tokenize() hands to a caller's own model)."""
+    b = pad_batch([[1, 2, 3], [4]], [0, 0], pad_id=9, padding_side="left")
+    assert b["input_ids"].tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    b = pad_batch([[1, 2, 3], [4]], [0, 0], pad_id=9, padding_side="right")
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+
+
+def test_plan_batches_token_budget_alone():
+    """With max_waste=None the token budget alone bounds each batch: rows x width <= max_tokens."""
+    plan = plan_batches([10] * 10, max_tokens=35, max_waste=None)
+    assert sorted(i for b in plan for i in b) == list(range(10))
+    assert [len(b) for b in plan] == [3, 3, 3, 1]

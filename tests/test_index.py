@@ -585,3 +585,75 @@ def test_save_path_errors_name_the_path(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing left behind
     index.save(os.fsencode(tmp_path / "x.lfidx"))
     assert len(quant.Index.load(tmp_path / "x.lfidx")) == 5
+
+
+@pytest.mark.parametrize("rescore", ["float", "int8"])
+def test_rescored_ties_come_back_by_id(rescore):
+    """Two different vectors with exactly equal rescored scores come back by id, even when the first stage
+    (Hamming) ranked the higher id first."""
+    docs = np.array([[0.5, 1.0], [0.5, -1.0]], np.float32)  # bits 11 / 10; the query's bits 10
+    ranges = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    index = quant.Index(2, "binary", rescore, ranges=ranges).add(docs)
+    s, ids = index.search(np.array([[1.0, 0.0]], np.float32), 2)
+    assert s[0, 0] == s[0, 1]
+    assert ids.tolist() == [[0, 1]]
+
+
+def test_empty_index_with_a_partial_byte_round_trips(tmp_path):
+    """An empty binary index with dim % 8 != 0 saves [0, ceil(dim / 8)] bits and loads back."""
+    p = tmp_path / "e.lfidx"
+    quant.Index(12, "binary").save(p)
+    back = quant.Index.load(p)
+    assert len(back) == 0 and back._data("bits").shape == (0, 2)
+
+
+def _rewrite_header(p, edit):
+    """The index file at ``p`` with its JSON header passed through ``edit`` (same length), checksums fixed:
+    only the loader's own bounds checks can refuse it."""
+    import zlib
+
+    from llmembed_fast.quant.io import _FOOTER, _PREFIX, FOOTER_MAGIC
+
+    data = p.read_bytes()
+    hlen = _PREFIX.unpack_from(data, 0)[2]
+    header = data[_PREFIX.size : _PREFIX.size + hlen]
+    new = edit(header)
+    assert new != header and len(new) == len(header)
+    body = _PREFIX.pack(*_PREFIX.unpack_from(data, 0)[:3], zlib.crc32(new)) + new
+    body += data[len(body) : len(data) - _FOOTER.size]
+    p.write_bytes(body + _FOOTER.pack(FOOTER_MAGIC, zlib.crc32(body), 0))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_sections_outside_the_payload_or_overlapping_are_refused(tmp_path, mmap):
+    """A section running past the payload into the footer, and two sections at one offset, are refused
+    though every checksum holds."""
+    from llmembed_fast.quant.io import read_index_file, write_index_file
+
+    p = tmp_path / "s.lfidx"
+    write_index_file(p, {"x": 1}, {"a": np.arange(64, dtype=np.uint8)})
+    _rewrite_header(p, lambda h: h.replace(b'"nbytes": 64', b'"nbytes": 72').replace(b'"shape": [64]',
+                                                                                     b'"shape": [72]'))
+    with pytest.raises(IndexFileError, match="outside the payload"):
+        read_index_file(p, mmap=mmap)
+    write_index_file(p, {"x": 1}, {"a": np.arange(64, dtype=np.uint8), "b": np.arange(64, dtype=np.uint8)})
+    meta, _ = read_index_file(p)
+    off_a, off_b = (s["offset"] for s in meta["sections"])
+    assert len(str(off_a)) == len(str(off_b))
+    _rewrite_header(p, lambda h: h.replace(f'"offset": {off_b}'.encode(), f'"offset": {off_a}'.encode()))
+    with pytest.raises(IndexFileError, match="overlap"):
+        read_index_file(p, mmap=mmap)
+
+
+def test_header_length_past_the_file_is_named(tmp_path):
+    """A header length larger than the file is reported as such (not as a checksum mismatch)."""
+    from llmembed_fast.quant.io import _PREFIX
+
+    p = tmp_path / "h.lfidx"
+    quant.Index(8).add(np.ones((2, 8), np.float32)).save(p)
+    data = bytearray(p.read_bytes())
+    magic, version, _, hcrc = _PREFIX.unpack_from(data, 0)
+    _PREFIX.pack_into(data, 0, magic, version, len(data), hcrc)
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="does not fit"):
+        quant.Index.load(p)

@@ -432,3 +432,23 @@ def test_long_double_input_is_a_clear_type_error():
         pytest.skip("long double is double on this platform")
     with pytest.raises(TypeError, match="embeddings must be float16/32/64"):
         quant.quantize(x, "int8")
+
+
+def test_torch_bit_packing_sets_a_bit_only_above_zero():
+    """The plain-torch packing (devices without the op) follows sentence-transformers: +0.0 and -0.0 are
+    bit 0, as in the op."""
+    from llmembed_fast.quant.codes import _pack_bits_torch
+
+    x = np.array([[0.0, -0.0, 1.0, -1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0]], np.float32)
+    want = np.packbits(x > 0, axis=-1)
+    np.testing.assert_array_equal(quant.quantize(x, "ubinary"), want)
+    np.testing.assert_array_equal(_pack_bits_torch(torch.from_numpy(x)).numpy(), want)
+
+
+def test_unpack_bits_dim_must_fit_the_code_width():
+    """dim must be in [8 * nbytes - 7, 8 * nbytes]: 2-byte codes take 9..16."""
+    c = np.zeros((2, 2), np.uint8)
+    for bad in (8, 17):
+        with pytest.raises(ValueError, match="dim"):
+            quant.unpack_bits(c, bad)
+    assert quant.unpack_bits(c, 9).shape == (2, 9) and quant.unpack_bits(c, 16).shape == (2, 16)

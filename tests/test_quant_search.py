@@ -406,3 +406,25 @@ def test_cpu_without_the_extension_uses_the_torch_paths(monkeypatch):
             np.testing.assert_allclose(got[key][0], value[0], rtol=1e-6, atol=0, err_msg=key)
         else:
             np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_int8_topk_names_the_dimension_limit():
+    """D = 65,537 is refused by the Python layer, naming doc_codes (the op's own message is another)."""
+    q = np.zeros((1, 65537), np.float32)
+    c = np.zeros((2, 65537), np.int8)
+    r = np.stack([np.zeros(65537, np.float32), np.ones(65537, np.float32)])
+    with pytest.raises(ValueError, match="doc_codes: at most 65536 dimensions"):
+        quant.int8_topk(q, c, r, 1)
+
+
+def test_k_zero_is_refused_without_the_extension(monkeypatch):
+    """k = 0 is refused by the argument check itself: the plain-torch path has no op to refuse it."""
+    from llmembed_fast.quant import _args
+
+    monkeypatch.setattr(_ext, "extension", lambda: None)
+    monkeypatch.setattr(_ext, "load_error", lambda: "simulated: not built")
+    monkeypatch.setattr(_args, "_FALLBACK_WARNED", True)
+    rng = np.random.default_rng(0)
+    q, d = rng.integers(0, 256, (2, 4), dtype=np.uint8), rng.integers(0, 256, (5, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="k must be in"):
+        quant.hamming_topk(q, d, 0)
