@@ -656,3 +656,38 @@ def test_numpy_dims_and_bad_backend_for_float64(monkeypatch):
         lf.pool(h.double(), None)
     with pytest.raises(ValueError, match="LLMEMBED_FAST_BACKEND"):
         lf.contrastive_loss(h[0].double(), h[1].double())
+
+
+def test_backward_through_one_of_several_outputs(backend):
+    """Only one Matryoshka output in the loss: the other's missing gradient counts as zero."""
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    a, _ = lf.pool(h, None, "mean", dims=(8, 16))
+    a.sum().backward()
+    want = torch.zeros(2, 5, 16)
+    want[..., :8] = 1 / 5
+    torch.testing.assert_close(h.grad, want)
+
+
+def test_l2_normalize_and_matryoshka_of_a_transposed_input(backend):
+    """A last dimension that is not contiguous (stride 7 here) is read as its values, not its memory."""
+    x = torch.randn(12, 7).t()
+    torch.testing.assert_close(lf.l2_normalize(x), F.normalize(x, dim=-1))
+    torch.testing.assert_close(lf.matryoshka(x, (5, 12))[0], F.normalize(x[:, :5], dim=-1))
+
+
+def test_torch_path_half_precision_in_token_chunks(monkeypatch):
+    """The CPU path upcasts half-precision states in bounded token chunks: with 3 tokens per chunk every
+    chunk must count (the default chunk covers the tests' shapes whole)."""
+    from llmembed_fast.reference import pooling_chunked
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    monkeypatch.setattr(pooling_chunked, "CHUNK_ELEMENTS", 2 * 3 * 8)
+    h = torch.randn(2, 10, 8).half()
+    for mode in ("mean", "max", "weighted_mean", "mean_sqrt_len"):
+        torch.testing.assert_close(lf.pool(h, None, mode), R.pool(h, None, mode)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_embedding_head_int_dims_and_out_dtype(backend):
+    """EmbeddingHead(dims=int) returns one tensor (not a tuple), in its out_dtype."""
+    y = lf.EmbeddingHead("mean", dims=8, out_dtype=torch.float16)(torch.randn(2, 5, 16))
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 8) and y.dtype == torch.float16

@@ -279,3 +279,31 @@ def test_save_pretrained_into_a_sentence_transformers_folder_reloads_what_was_sa
     again = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
     assert (again.dims, again.pooling) == (None, "mean")
     np.testing.assert_allclose(again.encode(TEXTS), st.encode(TEXTS), atol=3e-6, rtol=0)
+
+
+def test_normalize_of_another_key_is_not_fused():
+    """A Normalize reading another key than the pooled embedding is left as it is (no fused normalize)."""
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Normalize, Pooling, accelerate
+
+    norm = Normalize(module_input_name="token_embeddings", module_output_name="sentence_embedding")
+    model = SentenceTransformer(modules=[Pooling(8, pooling_mode="mean"), norm], device="cpu")
+    accelerate(model)
+    assert type(model[0]) is FusedPooling and model[0].fuse_normalize is False
+    assert type(model[1]) is Normalize
+
+
+@pytest.mark.parametrize("mode", ["mean", "max", "mean_sqrt_len_tokens"])
+def test_flat_prompt_length_equal_to_the_shortest_sequence(mode):
+    """A flattened batch whose prompt takes all of its shortest sequence: sentence-transformers' values."""
+    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 7, 12, 21], dtype=torch.int32)  # shortest sequence: 5 tokens
+    f = {"token_embeddings": torch.randn(1, 21, 8), "cu_seq_lens_q": cu, "prompt_length": 5}
+    ref = Pooling(8, pooling_mode=mode, include_prompt=False)
+    want = ref(dict(f))["sentence_embedding"]
+    ref.__class__ = FusedPooling
+    got = ref(dict(f))["sentence_embedding"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
