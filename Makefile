@@ -82,20 +82,22 @@ test-compat: build
 HF_COMPAT_DIR ?= .hf-compat
 HF_COMPAT ?= transformers==5.17.0
 HF_COMPAT_ST ?= sentence-transformers==6.0.1
+# their huggingface_hub 1.x (over HTTP through httpx; .venv's 2.x uses httpx2, which transformers 5.17 cannot import)
+HF_COMPAT_HUB ?= huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
 HF_COMPAT_TESTS ?= tests/test_embedder.py tests/test_embedder_models.py tests/test_embedder_tokenize.py \
 	tests/test_embedder_late_chunking.py tests/test_embedder_smollm2.py tests/test_embedder_distributed.py \
 	tests/test_st_integration.py tests/test_st_loss_parity.py tests/test_training_integrations.py \
 	tests/test_grad_cache.py tests/test_grad_cache_distributed.py tests/test_chunking.py tests/test_cli_encode.py \
 	tests/test_quant.py tests/test_contrastive_st_parity.py
-HF_COMPAT_STAMP := $(HF_COMPAT_DIR)/.stamp-$(subst =,,$(HF_COMPAT))-$(subst =,,$(HF_COMPAT_ST))
+HF_COMPAT_STAMP := $(HF_COMPAT_DIR)/.stamp-$(subst =,,$(HF_COMPAT))-$(subst =,,$(HF_COMPAT_ST))-$(words $(HF_COMPAT_HUB))$(subst =,,$(firstword $(HF_COMPAT_HUB)))
 
 $(HF_COMPAT_STAMP):
 	rm -rf $(HF_COMPAT_DIR)
-	$(PY) -m pip install -q --no-deps --target $(HF_COMPAT_DIR) "$(HF_COMPAT)" "$(HF_COMPAT_ST)"
+	$(PY) -m pip install -q --no-deps --target $(HF_COMPAT_DIR) "$(HF_COMPAT)" "$(HF_COMPAT_ST)" $(HF_COMPAT_HUB)
 	touch $@
 
 test-compat-hf: build $(HF_COMPAT_STAMP)
-	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__)"
+	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; import huggingface_hub as h; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__, '/ huggingface_hub', h.__version__)"
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(HF_COMPAT_TESTS)
 
 test: lint test-cpp test-py test-compat test-compat-hf
