@@ -1,7 +1,8 @@
 """Build of llmembed_fast: the Python packages plus the C++ extension llmembed_fast._C.
 
 The extension is a CppExtension (portable core + torch bindings) and becomes a CUDAExtension when the
-installed torch has CUDA and nvcc is found. Build it the torch-extension way:
+installed torch has CUDA and nvcc is found (for TORCH_CUDA_ARCH_LIST, else the visible GPU, else
+every architecture the installed torch was built for). Build it the torch-extension way:
     pip install --no-build-isolation -e .
 LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it). A build without
 torch, or in an isolated build environment (which would link the extension against another torch), stops
@@ -10,6 +11,7 @@ with a message saying so; an sdist (or a metadata query) needs no torch.
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -43,6 +45,33 @@ def _metadata_only(argv):
 
 
 ISOLATED_ENV_MARKERS = ("pip-build-env", "build-env-")  # pip's and `python -m build`'s isolated envs
+
+
+def _nvcc_found(cuda_home):
+    return cuda_home is not None and os.path.isfile(os.path.join(cuda_home, "bin", "nvcc"))
+
+
+def _default_arch_list(torch):
+    """Without a visible GPU and without TORCH_CUDA_ARCH_LIST, torch's extension build has no architecture to
+    target (it fails with an IndexError): build for the architectures the installed torch was built for."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return
+    archs = []
+    for name in torch.cuda.get_arch_list():  # e.g. ['sm_75', 'sm_80', ..., 'sm_120']
+        m = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)", name)
+        if m:
+            archs.append(f"{m.group(1)}.{m.group(2)}{m.group(3)}")
+    if not archs:
+        raise SystemExit(
+            "llmembed_fast: no GPU is visible and torch names no CUDA architecture: set TORCH_CUDA_ARCH_LIST "
+            "(e.g. TORCH_CUDA_ARCH_LIST=9.0), or LLMEMBED_FAST_NO_CUDA=1 to build without the CUDA kernels"
+        )
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    print(
+        f"llmembed_fast: no GPU visible; building the CUDA kernels for torch's architectures {archs} (set "
+        "TORCH_CUDA_ARCH_LIST to build fewer, LLMEMBED_FAST_NO_CUDA=1 for none)",
+        file=sys.stderr,
+    )
 
 
 def _extensions():
@@ -79,10 +108,18 @@ def _extensions():
     link_args = ["-fopenmp"]
     use_cuda = (
         torch.version.cuda is not None
-        and cpp_extension.CUDA_HOME is not None
+        and _nvcc_found(cpp_extension.CUDA_HOME)
         and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1"
     )
+    if torch.version.cuda is not None and not use_cuda and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1":
+        print(
+            f"llmembed_fast: torch has CUDA {torch.version.cuda} but nvcc was not found (CUDA_HOME="
+            f"{cpp_extension.CUDA_HOME}): building the extension without its CUDA kernels (the quant ops on "
+            "CUDA tensors then use torch code). Set CUDA_HOME to a CUDA toolkit to build them.",
+            file=sys.stderr,
+        )
     if use_cuda:
+        _default_arch_list(torch)
         sources += _rel("csrc/cuda/*.cu")
         define_macros.append(("LF_WITH_CUDA", None))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
