@@ -87,7 +87,10 @@ class ContrastiveLoss(nn.Module):
         """The temperature: 1 / min(exp(log_scale), max_scale) when learned (a tensor), else a float."""
         if not self.learn_temperature:
             return self.fixed_temperature
-        return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
+        # min(log_scale, log(max_scale)) with a gradient of 1 everywhere: torch >= 2.14 gives clamp a zero
+        # gradient at its bound, where forward's in-place clamp leaves the parameter (it would stay stuck)
+        s = self.log_scale
+        return 1.0 / (s - (s.detach() - math.log(self.max_scale)).clamp_min(0.0)).exp()
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.learn_temperature:

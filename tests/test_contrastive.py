@@ -559,6 +559,11 @@ def test_module_learned_temperature_never_sticks_at_max_scale():
     loss.backward()
     assert mod.log_scale.item() == pytest.approx(math.log(100.0))
     assert mod.log_scale.grad is not None and mod.log_scale.grad.abs().item() > 0
+    # the gradient is that of the loss in the log-scale at the bound, as if nothing were clamped (torch >=
+    # 2.14 gives clamp a zero gradient at its bound: a clamp in the temperature's use left it at 0 there)
+    s = torch.tensor(math.log(100.0), dtype=torch.float64, requires_grad=True)
+    lf.contrastive_loss(q.double(), d.double(), labels=lab, temperature=1.0 / s.exp()).backward()
+    torch.testing.assert_close(mod.log_scale.grad.double(), s.grad, rtol=1e-4, atol=1e-6)
     assert mod.temperature.item() == pytest.approx(0.01)
     with pytest.raises(ValueError, match="max_scale"):
         lf.ContrastiveLoss(temperature=0.005, learn_temperature=True, max_scale=100.0)
