@@ -3,9 +3,10 @@ with the flags a torch CUDA extension build uses: a compile-only check for a mac
 broken .cu is found before a GPU session builds the extension (nothing is linked or run here; the GPU suite
 checks the kernels' results). Skipped where nvcc is not found.
 
-The standard is C++17, as torch 2.11 (the GPU machine's) builds extensions; torch >= 2.13 passes C++20 and
-its headers still compile as C++17 (with warnings). The torch bindings (csrc/torch/*.cpp, built here with the
-installed torch's C++20) get a C++17 syntax check beside them."""
+The standard is C++17, as torch 2.11 (the GPU machine's) builds extensions; torch 2.13 passes C++20 and its
+headers still compile as C++17 (with warnings); torch >= 2.14's headers require C++20, which is then used. The
+torch bindings (csrc/torch/*.cpp, built here with the installed torch's C++20) get a syntax check in that
+standard beside them."""
 from __future__ import annotations
 
 import glob
@@ -41,12 +42,24 @@ def _include_dirs(tmp_path) -> list[str]:
     return dirs
 
 
+def _std() -> str:
+    """C++17, as torch 2.11 (the GPU machine's) builds extensions, unless the installed torch's headers refuse
+    it: torch >= 2.14's ATen.h requires C++20."""
+    for d in cpp_extension.include_paths():
+        header = os.path.join(d, "ATen", "ATen.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                return "c++20" if "202002L" in f.read(4096) else "c++17"
+    return "c++17"
+
+
 def test_cuda_sources_compile(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA sources are compiled only where it is")
     assert SOURCES, "no csrc/cuda/*.cu found"
-    flags = ["-c", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-DLF_WITH_CUDA",
+    std = _std()
+    flags = ["-c", f"-std={std}", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-DLF_WITH_CUDA",
              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
              *cpp_extension.COMMON_NVCC_FLAGS, "-I" + os.path.join(ROOT, "csrc")]
     dirs = _include_dirs(tmp_path)
@@ -67,9 +80,9 @@ def test_cuda_sources_compile(tmp_path):
         inc = ["-I" + d for d in dirs]
         inc += ["-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"],
                 "-I" + pybind11.get_include()]
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DLF_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        cmd = [cxx, f"-std={std}", "-fsyntax-only", "-DLF_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H",
                "-DTORCH_EXTENSION_NAME=_C", *inc, *bindings]
-        procs.append(("csrc/torch/*.cpp as C++17",
+        procs.append((f"csrc/torch/*.cpp as {std}",
                       subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = []
     for name, proc in procs:
