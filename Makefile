@@ -14,7 +14,7 @@ export PIP_NO_CACHE_DIR := 1
 
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf bench bench-pytest clean
+.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf test-compat-torch bench bench-pytest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,32 @@ test-compat-hf: build $(HF_COMPAT_STAMP)
 
 test: lint test-cpp test-py test-compat test-compat-hf
 
+# Opt-in, not part of `make test`: the whole suite under the newest supported torch (2.14, whose PyPI wheel is a
+# CUDA build: ~5.5 GB of disk with its CUDA libraries), in its own venv and its own copy of the tracked files
+# (an editable build here would replace .venv's extension with one built against the other torch). The
+# extension is built with its CUDA kernels where nvcc is found (TORCH_CUDA_ARCH_LIST, default 9.0; set
+# CUDA_HOME to the toolkit, e.g. /usr/local/cuda, when nvcc is a wrapper outside it).
+TORCH_COMPAT_DIR ?= .torch-compat
+TORCH_COMPAT ?= torch==2.14.1
+TORCH_COMPAT_STAMP := $(TORCH_COMPAT_DIR)/.stamp-$(subst =,,$(TORCH_COMPAT))
+
+$(TORCH_COMPAT_STAMP): requirements/test.txt requirements/test-nodeps.txt
+	rm -rf $(TORCH_COMPAT_DIR)
+	$(PYTHON) -m venv $(TORCH_COMPAT_DIR)/venv
+	$(TORCH_COMPAT_DIR)/venv/bin/python -m pip install -q "$(TORCH_COMPAT)"
+	grep -v '^triton' requirements/test.txt > $(TORCH_COMPAT_DIR)/requirements.txt  # keep the torch's own triton
+	$(TORCH_COMPAT_DIR)/venv/bin/python -m pip install -q -r $(TORCH_COMPAT_DIR)/requirements.txt
+	$(TORCH_COMPAT_DIR)/venv/bin/python -m pip install -q --no-deps -r requirements/test-nodeps.txt
+	touch $@
+
+test-compat-torch: $(TORCH_COMPAT_STAMP)
+	rm -rf $(TORCH_COMPAT_DIR)/src && mkdir -p $(TORCH_COMPAT_DIR)/src
+	git ls-files -z | xargs -0 cp --parents -t $(TORCH_COMPAT_DIR)/src
+	cd $(TORCH_COMPAT_DIR)/src && TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+	  ../venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(TORCH_COMPAT_DIR)/src && ../venv/bin/python -c "import llmembed_fast as lf; i = lf.info(); print('test-compat-torch:', i['versions'], i['extension'])"
+	cd $(TORCH_COMPAT_DIR)/src && TRITON_INTERPRET=1 ../venv/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+
 bench: build
 	$(VENV)/bin/llmembed-fast bench $(BENCH_ARGS)
 
@@ -109,4 +135,4 @@ bench-pytest: build
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR)
+	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR) $(TORCH_COMPAT_DIR)
