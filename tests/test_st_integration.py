@@ -192,6 +192,43 @@ def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_pooling_left_padded_weightedmean(monkeypatch, dtype):
+    """Left-padded weightedmean: sentence-transformers >= 6.2 counts positions from each row's first token, as
+    the fused head does, so the head runs there (before 6.2 it weighs absolute positions: its own code runs);
+    a row with a hole, or a prompt cut off, keeps sentence-transformers' code. Outputs always equal ST's."""
+    import sentence_transformers
+    from packaging.version import Version
+
+    import llmembed_fast.integrations.sentence_transformers as integ
+
+    from_first = Version(sentence_transformers.__version__).release >= (6, 2)
+    assert integ._st_weights_from_first_token() == from_first
+    calls = []
+    real_pool = integ.pool
+    monkeypatch.setattr(integ, "pool", lambda *a, **k: calls.append(1) or real_pool(*a, **k))
+    torch.manual_seed(2)
+    h = torch.randn(5, 9, 12).to(dtype)
+    left = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [0] * 8 + [1], [1] * 9, [0] * 9,
+                         [0, 0, 1, 1, 1, 1, 1, 0, 0]])
+    holed = left.clone()
+    holed[2, 4] = 0
+    keep = [0, 2, 4]  # rows a 2-token prompt does not empty (an emptied row falls back on its own)
+    for x, mask, pl, fused in ((h, left, None, from_first), (h, holed, None, False),
+                               (h[keep], left[keep], 2, False)):
+        feats = {"token_embeddings": x, "attention_mask": mask}
+        if pl is not None:
+            feats["prompt_length"] = pl
+        ref = integ.Pooling(12, pooling_mode="weightedmean", include_prompt=pl is None)
+        want = ref(dict(feats))["sentence_embedding"]
+        ref.__class__ = integ.FusedPooling
+        calls.clear()
+        got = ref(dict(feats))["sentence_embedding"]
+        assert bool(calls) == fused, (mask, pl)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
 def test_fused_pooling_rows_with_no_tokens(mode):
     """A row with no token at all (an empty text from a tokenizer that adds no special tokens) pools to

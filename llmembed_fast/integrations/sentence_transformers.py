@@ -6,7 +6,8 @@ Normalize follows directly, L2 normalization in one pass over the token states).
 weights are untouched, outputs are the same (float32 accumulation, output in the token states' dtype).
 Cases the fused head does not express exactly fall back to the original code: concatenated pooling
 modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
-position 0 (sentence-transformers weights by absolute position there, flattened batches included), a
+position 0 where sentence-transformers weights by absolute position (before 6.2; from 6.2 it counts from each
+row's first token, as the fused head does, unless a prompt is cut off or a row has holes), a
 ``prompt_length`` or an empty text that leaves a sequence with no token to pool (sentence-transformers'
 empty-row values), and cls under a prompt in a flattened batch (its answer depends on the version).
 ``restore(model)`` switches back. An accelerated model saves (``save``, ``save_pretrained``, the trainer's
@@ -83,7 +84,11 @@ class FusedPooling(Pooling):
                 if bool((mask.sum(1) == 0).any()):
                     return super().forward(features, **kwargs)
             if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
-                return super().forward(features, **kwargs)  # position weights are absolute there
+                # a row that does not start at position 0: the fused weights (1, 2, ... over the pooled
+                # tokens) are sentence-transformers' only where it counts from each row's first token (6.2+)
+                # and the pooled tokens are that row's one contiguous block (no prompt cut off, no holes)
+                if prompt_length or not _contiguous_rows(mask) or not _st_weights_from_first_token():
+                    return super().forward(features, **kwargs)
             emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
             if mode in ("first", "max"):
                 emb = self._st_empty_rows(emb, h, mask, mode)
@@ -104,6 +109,28 @@ class FusedPooling(Pooling):
 
     def extra_repr(self) -> str:
         return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"
+
+
+_WEIGHTS_FROM_FIRST_TOKEN: bool | None = None
+
+
+def _st_weights_from_first_token() -> bool:
+    """Whether this sentence-transformers' weightedmean counts positions from each row's first token (6.2+)
+    rather than from position 0: asked of its own Pooling once, on a left-padded row of three tokens."""
+    global _WEIGHTS_FROM_FIRST_TOKEN
+    if _WEIGHTS_FROM_FIRST_TOKEN is None:
+        feats = {"token_embeddings": torch.tensor([[[5.0], [1.0], [2.0]]]),
+                 "attention_mask": torch.tensor([[0, 1, 1]])}
+        got = Pooling(1, pooling_mode="weightedmean")(feats)["sentence_embedding"].item()
+        _WEIGHTS_FROM_FIRST_TOKEN = abs(got - 5.0 / 3.0) < 1e-6  # (1 * 1 + 2 * 2) / 3; from position 0: 8 / 5
+    return _WEIGHTS_FROM_FIRST_TOKEN
+
+
+def _contiguous_rows(mask: torch.Tensor) -> bool:
+    """mask [B, L]: every row's nonzero entries form one block (or none)."""
+    m = (mask != 0).to(torch.int8)
+    starts = (m[:, 1:] > m[:, :-1]).sum(1) + m[:, 0]
+    return bool((starts <= 1).all())
 
 
 class FusedNormalize(Normalize):
