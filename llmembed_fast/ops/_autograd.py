@@ -26,6 +26,13 @@ def saveable(*xs):
     return tuple(x.clone() if isinstance(x, torch.Tensor) and torch.is_inference(x) else x for x in xs)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, a constant to torch.compile: torch 2.11's dynamo cannot trace the
+    builtin behind it (fullgraph=True failed on lf.l2_normalize / lf.matryoshka)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def op_context(fn):
     """Run a Function's forward / backward with autocast off on its first input's device type, and on CUDA
     with that input's device current. The op computes in its inputs' dtype whatever the caller's autocast
@@ -40,7 +47,7 @@ def op_context(fn):
         dev = ctx.op_device
         with contextlib.ExitStack() as stack:
             # only when on: entering an autocast context is a graph break under torch.compile
-            if torch.amp.is_autocast_available(dev.type) and torch.is_autocast_enabled(dev.type):
+            if _autocast_available(dev.type) and torch.is_autocast_enabled(dev.type):
                 stack.enter_context(torch.autocast(device_type=dev.type, enabled=False))
             if dev.type == "cuda":
                 stack.enter_context(torch.cuda.device(dev))

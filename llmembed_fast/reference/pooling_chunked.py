@@ -213,8 +213,10 @@ def l2_prefix_forward(x: torch.Tensor, d: int, out_dtype: torch.dtype, eps: floa
     acc = _acc_dtype(x.dtype)
     xs = x[:, :d].to(acc)
     norms = torch.linalg.vector_norm(xs, dim=1)
-    y = (xs / norms.clamp_min(eps)[:, None]).to(out_dtype)
-    return y, norms.to(torch.float32) if acc == torch.float32 else norms
+    y = xs / norms.clamp_min(eps)[:, None]
+    # no same-dtype .to(): under torch.compile, torch 2.11 lost the gradient of an autograd.Function output
+    # that a no-op .to() returned (lf.l2_normalize / lf.matryoshka, traced on this path, got zero gradients)
+    return (y if y.dtype == out_dtype else y.to(out_dtype)), norms
 
 
 def l2_prefix_backward(
