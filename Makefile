@@ -1,8 +1,9 @@
 # Quickstart targets; each creates .venv idempotently and installs what it needs.
 #   make bench   set up, build, run `llmembed-fast bench`
 #   make test    set up, lint (ruff), build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter),
-#                then the Triton kernels' tests again under the newest supported Triton (test-compat), and the
-#                transformers-based tests under the GPU machine's transformers 5.17 (test-compat-hf)
+#                then the Triton kernels' tests again under the newest supported Triton (test-compat), the
+#                transformers-based tests under the GPU machine's transformers 5.17 (test-compat-hf), and the
+#                torch-path tests under the oldest supported torch, 2.11, the GPU machine's (test-compat-torch-min)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ export PIP_NO_CACHE_DIR := 1
 
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf test-compat-torch bench bench-pytest clean
+.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf test-compat-torch test-compat-torch-min bench bench-pytest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -100,16 +101,27 @@ test-compat-hf: build $(HF_COMPAT_STAMP)
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; import huggingface_hub as h; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__, '/ huggingface_hub', h.__version__)"
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(HF_COMPAT_TESTS)
 
-test: lint test-cpp test-py test-compat test-compat-hf
+test: lint test-cpp test-py test-compat test-compat-hf test-compat-torch-min
 
-# Opt-in, not part of `make test`: the whole suite under the newest supported torch (2.14, whose PyPI wheel is a
-# CUDA build: ~5.5 GB of disk with its CUDA libraries), in its own venv and its own copy of the tracked files
-# (an editable build here would replace .venv's extension with one built against the other torch). The
-# extension is built with its CUDA kernels where nvcc is found (TORCH_CUDA_ARCH_LIST, default 9.0; set
-# CUDA_HOME to the toolkit, e.g. /usr/local/cuda, when nvcc is a wrapper outside it).
-TORCH_COMPAT_DIR ?= .torch-compat
+# Other torch versions, each in its own venv and its own copy of the tracked files (an editable build here
+# would replace .venv's extension with one built against the other torch). Their PyPI wheels are CUDA builds:
+# ~5.5 GB of disk each, with their CUDA libraries and their own Triton.
+# - test-compat-torch-min (part of `make test`): the torch-path tests under torch 2.11, the oldest supported
+#   and the GPU machine's (with Triton 3.6), the extension built without CUDA kernels (test_cuda_compile compiles
+#   them). Skipped, saying so, with less than TORCH_COMPAT_MIN_FREE_MB free.
+# - test-compat-torch (opt-in): the whole suite under TORCH_COMPAT (default torch 2.14.1, the newest supported,
+#   with Triton 3.8), the extension with its CUDA kernels where nvcc is found (TORCH_CUDA_ARCH_LIST, default
+#   9.0; set CUDA_HOME to the toolkit, e.g. /usr/local/cuda, when nvcc is a wrapper outside it).
 TORCH_COMPAT ?= torch==2.14.1
-TORCH_COMPAT_STAMP := $(TORCH_COMPAT_DIR)/.stamp-$(subst =,,$(TORCH_COMPAT))
+TORCH_COMPAT_DIR ?= .torch-compat-$(subst torch==,,$(TORCH_COMPAT))
+TORCH_COMPAT_TESTS ?= tests
+TORCH_COMPAT_K ?=
+TORCH_COMPAT_NO_CUDA ?=
+TORCH_COMPAT_MIN_FREE_MB ?= 9000
+TORCH_COMPAT_MIN_TESTS ?= tests/test_compile.py tests/test_foundation.py tests/test_grad_cache.py \
+	tests/test_contrastive.py tests/test_pooling.py tests/test_quant.py tests/test_training_integrations.py \
+	tests/test_st_loss_parity.py
+TORCH_COMPAT_STAMP := $(TORCH_COMPAT_DIR)/.stamp
 
 $(TORCH_COMPAT_STAMP): requirements/test.txt requirements/test-nodeps.txt
 	rm -rf $(TORCH_COMPAT_DIR)
@@ -124,9 +136,19 @@ test-compat-torch: $(TORCH_COMPAT_STAMP)
 	rm -rf $(TORCH_COMPAT_DIR)/src && mkdir -p $(TORCH_COMPAT_DIR)/src
 	git ls-files -z | xargs -0 cp --parents -t $(TORCH_COMPAT_DIR)/src
 	cd $(TORCH_COMPAT_DIR)/src && TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
-	  ../venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	  LLMEMBED_FAST_NO_CUDA="$(TORCH_COMPAT_NO_CUDA)" ../venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(TORCH_COMPAT_DIR)/src && ../venv/bin/python -c "import llmembed_fast as lf; i = lf.info(); print('test-compat-torch:', i['versions'], i['extension'])"
-	cd $(TORCH_COMPAT_DIR)/src && TRITON_INTERPRET=1 ../venv/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+	cd $(TORCH_COMPAT_DIR)/src && TRITON_INTERPRET=1 ../venv/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
+	  $(TORCH_COMPAT_TESTS) $(if $(TORCH_COMPAT_K),-k "$(TORCH_COMPAT_K)")
+
+test-compat-torch-min:
+	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); \
+	if [ ! -e .torch-compat-2.11.0/.stamp ] && [ "$$free_mb" -lt $(TORCH_COMPAT_MIN_FREE_MB) ]; then \
+	  echo "test-compat-torch-min: SKIPPED, $$free_mb MB free on this disk (torch 2.11 with its CUDA libraries needs about $(TORCH_COMPAT_MIN_FREE_MB) MB)"; \
+	else \
+	  $(MAKE) --no-print-directory test-compat-torch TORCH_COMPAT=torch==2.11.0 TORCH_COMPAT_NO_CUDA=1 \
+	    TORCH_COMPAT_TESTS="$(TORCH_COMPAT_MIN_TESTS)" TORCH_COMPAT_K="not triton"; \
+	fi
 
 bench: build
 	$(VENV)/bin/llmembed-fast bench $(BENCH_ARGS)
@@ -135,4 +157,4 @@ bench-pytest: build
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR) $(TORCH_COMPAT_DIR)
+	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR) .torch-compat-*

@@ -26,11 +26,15 @@ def saveable(*xs):
     return tuple(x.clone() if isinstance(x, torch.Tensor) and torch.is_inference(x) else x for x in xs)
 
 
-@torch.compiler.assume_constant_result
 def _autocast_available(device_type: str) -> bool:
     """torch.amp.is_autocast_available, a constant to torch.compile: torch 2.11's dynamo cannot trace the
     builtin behind it (fullgraph=True failed on lf.l2_normalize / lf.matryoshka)."""
     return torch.amp.is_autocast_available(device_type)
+
+
+# What torch.compiler.assume_constant_result does (torch 2.11 - 2.14), without importing torch._dynamo when
+# llmembed_fast is imported (the decorator does under torch 2.11, and dynamo doubles the import time).
+_autocast_available._dynamo_marked_constant = True
 
 
 def op_context(fn):
