@@ -1,7 +1,7 @@
 """Build of llmembed_fast: the Python packages plus the C++ extension llmembed_fast._C.
 
 The extension is a CppExtension (portable core + torch bindings) and becomes a CUDAExtension when the
-installed torch has CUDA and nvcc is found (for TORCH_CUDA_ARCH_LIST, else the visible GPU, else
+installed torch has CUDA and the CUDA toolkit is found (for TORCH_CUDA_ARCH_LIST, else the visible GPU, else
 every architecture the installed torch was built for). Build it the torch-extension way:
     pip install --no-build-isolation -e .
 LLMEMBED_FAST_NO_EXT=1 skips the extension (the Triton and torch paths do not need it). A build without
@@ -47,8 +47,16 @@ def _metadata_only(argv):
 ISOLATED_ENV_MARKERS = ("pip-build-env", "build-env-")  # pip's and `python -m build`'s isolated envs
 
 
-def _nvcc_found(cuda_home):
-    return cuda_home is not None and os.path.isfile(os.path.join(cuda_home, "bin", "nvcc"))
+def _cuda_toolkit_found(cuda_home):
+    """nvcc and the CUDA runtime to link (-lcudart) where torch's extension build looks for them:
+    CUDA_HOME/bin, and CUDA_HOME/lib64 (lib when there is no lib64). A CUDA_HOME guessed from an nvcc wrapper
+    elsewhere (e.g. /usr/local/bin/nvcc -> /usr/local) has no runtime there, and the link failed."""
+    if cuda_home is None or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+        return False
+    lib = os.path.join(cuda_home, "lib64")
+    if not os.path.isdir(lib):
+        lib = os.path.join(cuda_home, "lib")
+    return any(os.path.exists(os.path.join(lib, f)) for f in ("libcudart.so", "libcudart.a"))
 
 
 def _default_arch_list(torch):
@@ -108,14 +116,15 @@ def _extensions():
     link_args = ["-fopenmp"]
     use_cuda = (
         torch.version.cuda is not None
-        and _nvcc_found(cpp_extension.CUDA_HOME)
+        and _cuda_toolkit_found(cpp_extension.CUDA_HOME)
         and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1"
     )
     if torch.version.cuda is not None and not use_cuda and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1":
         print(
-            f"llmembed_fast: torch has CUDA {torch.version.cuda} but nvcc was not found (CUDA_HOME="
-            f"{cpp_extension.CUDA_HOME}): building the extension without its CUDA kernels (the quant ops on "
-            "CUDA tensors then use torch code). Set CUDA_HOME to a CUDA toolkit to build them.",
+            f"llmembed_fast: torch has CUDA {torch.version.cuda} but no CUDA toolkit was found (CUDA_HOME="
+            f"{cpp_extension.CUDA_HOME}: bin/nvcc and lib64/libcudart.so): building the extension without "
+            "its CUDA kernels (the quant ops on CUDA tensors then use torch code). Set CUDA_HOME to the "
+            "toolkit (e.g. /usr/local/cuda) to build them.",
             file=sys.stderr,
         )
     if use_cuda:
