@@ -12,7 +12,9 @@ with a message saying so; an sdist (or a metadata query) needs no torch.
 import glob
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -48,15 +50,22 @@ ISOLATED_ENV_MARKERS = ("pip-build-env", "build-env-")  # pip's and `python -m b
 
 
 def _cuda_toolkit_found(cuda_home):
-    """nvcc and the CUDA runtime to link (-lcudart) where torch's extension build looks for them:
-    CUDA_HOME/bin, and CUDA_HOME/lib64 (lib when there is no lib64). A CUDA_HOME guessed from an nvcc wrapper
-    elsewhere (e.g. /usr/local/bin/nvcc -> /usr/local) has no runtime there, and the link failed."""
+    """nvcc in CUDA_HOME/bin, and a CUDA runtime that links (-lcudart) as torch's extension build links it:
+    from CUDA_HOME/lib64 (lib when there is no lib64) or the linker's own paths. A CUDA_HOME guessed from an
+    nvcc wrapper outside the toolkit (e.g. /usr/local/bin/nvcc -> /usr/local) failed only at the link."""
     if cuda_home is None or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
         return False
     lib = os.path.join(cuda_home, "lib64")
     if not os.path.isdir(lib):
         lib = os.path.join(cuda_home, "lib")
-    return any(os.path.exists(os.path.join(lib, f)) for f in ("libcudart.so", "libcudart.a"))
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "probe.so")
+        cmd = [cxx, "-shared", "-x", "c++", os.devnull, "-o", out, "-L" + lib, "-lcudart"]
+        try:
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:  # no compiler to ask: let the build itself say
+            return True
 
 
 def _default_arch_list(torch):
@@ -116,15 +125,15 @@ def _extensions():
     link_args = ["-fopenmp"]
     use_cuda = (
         torch.version.cuda is not None
-        and _cuda_toolkit_found(cpp_extension.CUDA_HOME)
         and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1"
+        and _cuda_toolkit_found(cpp_extension.CUDA_HOME)
     )
     if torch.version.cuda is not None and not use_cuda and os.environ.get("LLMEMBED_FAST_NO_CUDA") != "1":
         print(
             f"llmembed_fast: torch has CUDA {torch.version.cuda} but no CUDA toolkit was found (CUDA_HOME="
-            f"{cpp_extension.CUDA_HOME}: bin/nvcc and lib64/libcudart.so): building the extension without "
-            "its CUDA kernels (the quant ops on CUDA tensors then use torch code). Set CUDA_HOME to the "
-            "toolkit (e.g. /usr/local/cuda) to build them.",
+            f"{cpp_extension.CUDA_HOME}: bin/nvcc, and a libcudart that links): building the extension "
+            "without its CUDA kernels (the quant ops on CUDA tensors then use torch code). Set CUDA_HOME to "
+            "the toolkit (e.g. /usr/local/cuda) to build them.",
             file=sys.stderr,
         )
     if use_cuda:
