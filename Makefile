@@ -122,6 +122,7 @@ TORCH_COMPAT_MIN_TESTS ?= tests/test_compile.py tests/test_foundation.py tests/t
 	tests/test_contrastive.py tests/test_pooling.py tests/test_quant.py tests/test_training_integrations.py \
 	tests/test_st_loss_parity.py
 TORCH_COMPAT_STAMP := $(TORCH_COMPAT_DIR)/.stamp
+TORCH_COMPAT_MIN ?= torch==2.11.0
 
 $(TORCH_COMPAT_STAMP): requirements/test.txt requirements/test-nodeps.txt
 	rm -rf $(TORCH_COMPAT_DIR)
@@ -143,10 +144,10 @@ test-compat-torch: $(TORCH_COMPAT_STAMP)
 
 test-compat-torch-min:
 	@free_mb=$$(df -Pm . | awk 'NR==2 {print $$4}'); \
-	if [ ! -e .torch-compat-2.11.0/.stamp ] && [ "$$free_mb" -lt $(TORCH_COMPAT_MIN_FREE_MB) ]; then \
-	  echo "test-compat-torch-min: SKIPPED, $$free_mb MB free on this disk (torch 2.11 with its CUDA libraries needs about $(TORCH_COMPAT_MIN_FREE_MB) MB)"; \
+	if [ ! -e .torch-compat-$(subst torch==,,$(TORCH_COMPAT_MIN))/.stamp ] && [ "$$free_mb" -lt $(TORCH_COMPAT_MIN_FREE_MB) ]; then \
+	  echo "test-compat-torch-min: SKIPPED, $$free_mb MB free on this disk ($(TORCH_COMPAT_MIN) with its CUDA libraries needs about $(TORCH_COMPAT_MIN_FREE_MB) MB)"; \
 	else \
-	  $(MAKE) --no-print-directory test-compat-torch TORCH_COMPAT=torch==2.11.0 TORCH_COMPAT_NO_CUDA=1 \
+	  $(MAKE) --no-print-directory test-compat-torch TORCH_COMPAT=$(TORCH_COMPAT_MIN) TORCH_COMPAT_NO_CUDA=1 \
 	    TORCH_COMPAT_TESTS="$(TORCH_COMPAT_MIN_TESTS)" TORCH_COMPAT_K="not triton"; \
 	fi
 

@@ -83,11 +83,12 @@ class FusedPooling(Pooling):
                 # a row with nothing left after the prompt: sentence-transformers' values
                 if bool((mask.sum(1) == 0).any()):
                     return super().forward(features, **kwargs)
-            if mode == "weighted_mean" and mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            if mode == "weighted_mean" and mask.shape[1] > 1:
                 # a row that does not start at position 0: the fused weights (1, 2, ... over the pooled
                 # tokens) are sentence-transformers' only where it counts from each row's first token (6.2+)
                 # and the pooled tokens are that row's one contiguous block (no prompt cut off, no holes)
-                if prompt_length or not _contiguous_rows(mask) or not _st_weights_from_first_token():
+                late_start, one_block = _mask_layout(mask)
+                if late_start and (prompt_length or not one_block or not _st_weights_from_first_token()):
                     return super().forward(features, **kwargs)
             emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
             if mode in ("first", "max"):
@@ -126,11 +127,13 @@ def _st_weights_from_first_token() -> bool:
     return _WEIGHTS_FROM_FIRST_TOKEN
 
 
-def _contiguous_rows(mask: torch.Tensor) -> bool:
-    """mask [B, L]: every row's nonzero entries form one block (or none)."""
+def _mask_layout(mask: torch.Tensor) -> tuple[bool, bool]:
+    """mask [B, L] -> (some row's tokens start after position 0, every row's tokens form one block or none),
+    read back in one host sync."""
     m = (mask != 0).to(torch.int8)
-    starts = (m[:, 1:] > m[:, :-1]).sum(1) + m[:, 0]
-    return bool((starts <= 1).all())
+    rises = (m[:, 1:] > m[:, :-1]).sum(1)
+    late_start, one_block = torch.stack([(rises > 0).any(), (rises + m[:, 0] <= 1).all()]).tolist()
+    return bool(late_start), bool(one_block)
 
 
 class FusedNormalize(Normalize):
