@@ -1,8 +1,10 @@
 // Unit tests of the exact int8 top-k core (no torch): the two-stage search must return exactly the
 // brute-force float64 ranking at every SIMD level, for odd dims, both code kinds, heavy ties, k == nd.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../core/int8_search.h"
@@ -91,6 +93,47 @@ void check_near_ties(std::mt19937& rng, bool signed_codes) {
   }
 }
 
+// Scores that differ by less than their own float64 rounding, where the error bounds are (computed as) zero,
+// so only the bounds' rounding slack keeps the right rows:
+// - "split": w = 2^40 a on some dimensions (one exact digit), small integers b elsewhere (an exact second
+//   digit); rows agree where a != 0 and differ where b != 0, so their scores tie up to the float64 rounding
+//   of 2^40 a . u.
+// - "rounded": w = fl(s a) with s a full 53-bit significand: the digit's computed error w - fl(s a) is 0 while
+//   the real one is not; rows with equal integer dots score apart by rounding only.
+// Setting the slack to 0 fails most of these cases (checked when they were written).
+void check_rounding_ties(std::mt19937& rng) {
+  const bool avx2 = std::string(lf::int8_kernel_name()).find("avx2") != std::string::npos;
+  const int qmax = avx2 ? 32 : 127;  // the kernel's digit range: a = +-qmax makes the digit's scale exact
+  std::uniform_int_distribution<int> a_of(-qmax, qmax), b_of(-1, 1), byte(0, 255), small(-2, 2);
+  const int64_t nq = 4;
+  for (int64_t d : {16, 33, 64}) {
+    const int64_t nd = 300;
+    std::vector<double> w(nq * d);
+    std::vector<uint8_t> base(d), codes(nd * d);
+    for (int64_t q = 0; q < nq; ++q)
+      for (int64_t j = 0; j < d; ++j)
+        w[q * d + j] = j % 3 == 0 ? std::ldexp(j == 0 ? qmax : a_of(rng), 40) : b_of(rng);
+    for (auto& v : base) v = static_cast<uint8_t>(60 + byte(rng) % 130);
+    for (int64_t r = 0; r < nd; ++r)
+      for (int64_t j = 0; j < d; ++j)
+        codes[r * d + j] = static_cast<uint8_t>(j % 3 == 0 ? base[j] : base[j] + small(rng));
+    compare(w, codes, nq, nd, d, 10, d % 2 == 0);
+  }
+  for (int64_t d : {3, 8, 33})
+    for (int spread : {2, 4, 16}) {
+      const int64_t nd = 400;
+      std::vector<double> w(nq * d);
+      for (int64_t q = 0; q < nq; ++q) {
+        const uint64_t bits = ((uint64_t(rng()) << 21) ^ rng()) & ((uint64_t(1) << 52) - 1);
+        const double s = std::ldexp(static_cast<double>(bits | (uint64_t(1) << 52)), -52);  // in [1, 2)
+        for (int64_t j = 0; j < d; ++j) w[q * d + j] = s * (j == 0 ? qmax : a_of(rng));
+      }
+      std::vector<uint8_t> codes(nd * d);
+      for (auto& v : codes) v = static_cast<uint8_t>(128 + byte(rng) % spread);
+      compare(w, codes, nq, nd, d, 10, spread == 4);
+    }
+}
+
 void check_exact_score() {
   const double w[3] = {0.5, -2.0, 1.0};
   const uint8_t row[3] = {0, 128, 255};
@@ -148,6 +191,7 @@ int main() {
     for (int64_t d : {32, 33, 64, 96, 1024, 1030})
       for (bool sc : {true, false}) check_extremes(rng, d, sc);
     check_near_ties(rng, false);
+    check_rounding_ties(rng);
     for (int64_t d : {1, 15, 16, 100, 1024}) check_score_rows(rng, d);
     // Tiny and huge weights: the error bounds must neither underflow (||w - s a||^2 below the smallest
     // double) nor overflow; every output must be filled with the brute-force ranking.
