@@ -241,8 +241,8 @@ def test_ranges_accept_lists_and_check_shape():
             np.testing.assert_array_equal(got[1], want[1])
     with pytest.raises(ValueError, match=r"ranges must have shape \(2, 12\)"):
         quant.Index(12, "int8", ranges=r[:, :5].tolist())
-    with pytest.raises(TypeError, match="ranges must be floating point"):
-        quant.Index(12, "int8", ranges=np.zeros((2, 12), np.int32))
+    with pytest.raises(TypeError, match="ranges must be floating point or integer"):
+        quant.Index(12, "int8", ranges=np.zeros((2, 12), bool))
 
 
 def test_load_rejects_nonfinite_ranges(tmp_path):

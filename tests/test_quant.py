@@ -227,7 +227,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="ranges"):
         quant.quantize(x, "int8", ranges=np.ones((2, 5), np.float32))
     with pytest.raises(TypeError, match="ranges"):
-        quant.quantize(x, "int8", ranges=np.ones((2, 4), np.int64))
+        quant.quantize(x, "int8", ranges=np.ones((2, 4), bool))
     with pytest.raises(ValueError, match="calibration_embeddings"):
         quant.quantize(x, "int8", calibration_embeddings=np.ones((3, 5), np.float32))
     with pytest.raises(TypeError, match="embeddings"):
@@ -330,8 +330,32 @@ def test_ranges_forms_are_the_same_everywhere():
     for call in calls:
         with pytest.raises(ValueError, match=r"ranges must have shape \(2, 8\) = \[min, max\] per dimension"):
             call(r[:, :5].tolist())
-        with pytest.raises(TypeError, match="ranges must be floating point"):
-            call(np.ones((2, 8), np.int64))
+        with pytest.raises(TypeError, match="ranges must be floating point or integer"):
+            call(np.ones((2, 8), bool))
+    # integer ranges are read as numbers, as sentence-transformers casts them to float32
+    ri = np.vstack([np.full(8, -2, np.int64), np.full(8, 3, np.int64)])
+    ci = quant.quantize(x, "int8", ranges=ri)
+    np.testing.assert_array_equal(ci, st_quantize(x, "int8", ranges=ri))
+    for form in (ri.astype(np.int32), torch.from_numpy(ri), ri.tolist()):
+        np.testing.assert_array_equal(quant.quantize(x, "int8", ranges=form), ci)
+        np.testing.assert_array_equal(quant.dequantize(ci, form), quant.dequantize(ci, ri.astype(np.float64)))
+    np.testing.assert_array_equal(quant.Index(8, "int8", ranges=ri).add(x).search(x, 2)[1],
+                                  quant.Index(8, "int8", ranges=ri.astype(np.float32)).add(x).search(x, 2)[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_calibration_on_nonfinite_data_names_it(bad):
+    """int8 ranges calibrated on data holding NaN or inf are refused, naming the data (not "the ranges")."""
+    x = _data(6, 8, np.float32, 2)
+    y = x.copy()
+    y[3, 2] = bad
+    for p in ("int8", "uint8"):
+        with pytest.raises(ValueError, match=r"^embeddings hold NaN or inf in 1 dimension\(s\)"):
+            quant.quantize(y, p)
+        with pytest.raises(ValueError, match=r"^calibration_embeddings hold NaN or inf in 1 dimension\(s\)"):
+            quant.quantize(x, p, calibration_embeddings=y)
+    np.testing.assert_array_equal(quant.quantize(y, "int8", calibration_embeddings=x),  # data itself: fine
+                                  quant.quantize(y, "int8", ranges=quant.calibrate(x)))
 
 
 def test_float32_output_is_a_copy(tmp_path):

@@ -35,12 +35,15 @@ def as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
 
 
 def as_ranges(ranges, d: int) -> torch.Tensor:
-    """int8 ``ranges`` (list, numpy array or tensor of shape [2, d], floating point) as a detached tensor."""
+    """int8 ``ranges`` (list, numpy array or tensor of shape [2, d], floating point or integer) as a detached
+    floating-point tensor (integers as float64, exact below 2**53; sentence-transformers casts them too)."""
     r, _ = as_tensor(ranges, "ranges")
     if tuple(r.shape) != (2, d):
         raise ValueError(f"ranges must have shape (2, {d}) = [min, max] per dimension, got {tuple(r.shape)}")
+    if r.dtype == torch.bool or r.dtype.is_complex:
+        raise TypeError(f"ranges must be floating point or integer, got {r.dtype}")
     if not r.dtype.is_floating_point:
-        raise TypeError(f"ranges must be floating point, got {r.dtype}")
+        r = r.to(torch.float64)
     return r.detach()
 
 

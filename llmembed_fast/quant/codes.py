@@ -142,6 +142,13 @@ def quantize(embeddings, precision: str, ranges=None, calibration_embeddings=Non
         lo, hi = torch.aminmax(src, dim=0)
         r = torch.stack([lo, hi])
         r = (r.float() if r.dtype == torch.bfloat16 else r).cpu().numpy()
+        if not np.isfinite(r).all():  # NaN or inf in the data: the steps would be NaN, every code garbage
+            name = "embeddings" if calibration_embeddings is None else "calibration_embeddings"
+            bad = int((~np.isfinite(r)).any(axis=0).sum())
+            raise ValueError(
+                f"{name} hold NaN or inf in {bad} dimension(s): the {precision} ranges calibrated on them "
+                "are not finite; pass finite calibration_embeddings= or ranges="
+            )
     else:
         r = _ranges_numpy(ranges, d)
     starts, steps = scalar_params(r, _numpy_dtype(x))
