@@ -442,6 +442,32 @@ def test_boolean_settings_and_prompts_are_checked():
     assert lf.LLMEmbedder(model, tok, prompts=None).prompts == {}
 
 
+def test_default_prompt_name_device_and_dtype_are_checked_when_built():
+    """A default_prompt_name outside the prompts was accepted, and every later encode failed naming
+    prompt_name, an argument the caller never gave (sentence-transformers refuses it when built); a bad
+    device or dtype raised torch's own errors, naming no argument."""
+    model, tok = build_tiny_model("qwen2")
+    prompts = {"query": "query: "}
+    for kw, err, msg in (
+        ({"default_prompt_name": "query"}, ValueError, r"'query' is not one of the prompts \[\]"),
+        ({"prompts": prompts, "default_prompt_name": "qury"}, ValueError, r"one of the prompts \['query'\]"),
+        ({"prompts": prompts, "default_prompt_name": 3}, TypeError, "default_prompt_name must be a string"),
+        ({"device": "gpu"}, ValueError, "device: 'gpu' is not a torch device"),
+        ({"device": 3.5}, TypeError, "device must be a torch.device"),
+        ({"device": True}, TypeError, "device must be a torch.device"),
+        ({"dtype": torch.int8}, ValueError, "dtype must be a floating-point dtype"),
+    ):
+        with pytest.raises(err, match=msg):
+            lf.LLMEmbedder(model, tok, **kw)
+    folder = cached_tiny_model_dir("qwen2")
+    with pytest.raises(ValueError, match="device: 'gpu'"):
+        lf.LLMEmbedder.from_pretrained(folder, device="gpu")
+    ok = lf.LLMEmbedder(model, tok, prompts=prompts, default_prompt_name="query", device="cpu")
+    assert ok.default_prompt_name == "query"
+    np.testing.assert_array_equal(ok.encode(["hi"]), ok.encode(["hi"], prompt="query: "))
+    assert lf.LLMEmbedder(model, tok, device=torch.device("cpu"), dtype="float32").default_prompt_name is None
+
+
 @pytest.mark.parametrize("precision", ["float32", "float16", "binary", "ubinary"])
 def test_ranges_and_calibration_refused_unless_int8(precision):
     """ranges / calibration_embeddings only calibrate int8 / uint8: with any other precision they were

@@ -145,6 +145,15 @@ def test_st_folder_prompts_and_include_prompt(tmp_path):
     np.testing.assert_allclose(emb.encode_queries(texts), st.encode_query(texts), atol=3e-6, rtol=0)
     np.testing.assert_allclose(emb.encode_documents(texts), st.encode_document(texts), atol=3e-6, rtol=0)
     np.testing.assert_allclose(emb.encode(texts), st.encode(texts), atol=3e-6, rtol=0)
+    # None means "not given" in ST's encode_query / encode_document: the folder's prompt still applies
+    pairs = ((emb.encode_queries, st.encode_query), (emb.encode_documents, st.encode_document))
+    for kw in ({"prompt": None}, {"prompt_name": None}, {"prompt": None, "prompt_name": None}):
+        for ours, theirs in pairs:
+            np.testing.assert_allclose(ours(texts, **kw), theirs(texts, **kw), atol=3e-6, rtol=0)
+    # an explicit prompt or prompt_name still wins, as in ST
+    np.testing.assert_allclose(emb.encode_queries(texts, prompt_name="document"),
+                               st.encode_query(texts, prompt_name="document"), atol=3e-6, rtol=0)
+    np.testing.assert_allclose(emb.encode_documents(texts, prompt=""), st.encode(texts), atol=3e-6, rtol=0)
 
 
 def test_accelerate_bad_inputs():

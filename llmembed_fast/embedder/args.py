@@ -49,7 +49,12 @@ def resolve_pooling(pooling) -> str:
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """None, or the floating-point torch dtype ``dtype`` names (a torch.dtype or one of DTYPES' names)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype for the model's weights, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
@@ -98,6 +103,31 @@ def check_bool(value, name: str):
     if value is None or isinstance(value, (bool, np.bool_)):
         return value if value is None else bool(value)
     raise TypeError(f"{name} must be True, False or None, got {value!r}")
+
+
+def check_device(device, name: str = "device") -> torch.device | None:
+    """``device`` (None, a torch.device, a string such as "cuda:1", or a CUDA index) as a torch.device;
+    TypeError / ValueError naming ``name`` instead of torch's own errors."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a string ('cuda:0') or an index, got {device!r}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name}: {device!r} is not a torch device ({exc})") from None
+
+
+def check_default_prompt_name(name, prompts: dict[str, str]) -> str | None:
+    """``default_prompt_name``: None or the name of one of ``prompts`` (sentence-transformers refuses others
+    when the model is built too; later, every encode would fail naming an argument it was not given)."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"default_prompt_name must be a string or None, got {type(name).__name__}")
+    if name not in prompts:
+        raise ValueError(f"default_prompt_name {name!r} is not one of the prompts {sorted(prompts)}")
+    return name
 
 
 def check_prompts(prompts) -> dict[str, str]:

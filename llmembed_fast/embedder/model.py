@@ -20,6 +20,8 @@ from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.args import (
     QUANTIZED,
     check_bool,
+    check_default_prompt_name,
+    check_device,
     check_output_args,
     check_positive,
     check_prompts,
@@ -210,9 +212,10 @@ class LLMEmbedder(nn.Module):
             )
         self.max_length = self.max_length or self._default_max_length()
         self.prompts = check_prompts(prompts)
-        self.default_prompt_name = default_prompt_name
+        self.default_prompt_name = check_default_prompt_name(default_prompt_name, self.prompts)
         self.lowercase = bool(check_bool(lowercase, "lowercase"))
         dtype = resolve_dtype(dtype)
+        device = check_device(device)
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
         self.model.eval()
@@ -296,7 +299,7 @@ class LLMEmbedder(nn.Module):
                 "a GGUF model needs gguf_file=)"
             )
         device = (
-            torch.device(device)
+            check_device(device)
             if device is not None
             else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -845,20 +848,24 @@ class LLMEmbedder(nn.Module):
                 return self.prompts[n]
         return None
 
+    def _use_named_prompt(self, kwargs: dict, names) -> None:
+        """Sets ``kwargs["prompt"]`` to the first of ``names`` in the model's prompts unless the call gives a
+        prompt or prompt_name (None counts as not given, as in sentence-transformers' encode_query)."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            kwargs.pop("prompt", None), kwargs.pop("prompt_name", None)
+            prompt = self._named_prompt(names)
+            if prompt is not None:
+                kwargs["prompt"] = prompt
+
     def encode_queries(self, texts, *, instruction: str | None = None, **kwargs):
         """:meth:`encode` for queries: the instruction if given, else the model's "query" prompt."""
-        if instruction is None and "prompt" not in kwargs and "prompt_name" not in kwargs:
-            kwargs["prompt"] = self._named_prompt(("query",))
-            if kwargs["prompt"] is None:
-                kwargs.pop("prompt")
+        if instruction is None:
+            self._use_named_prompt(kwargs, ("query",))
         return self.encode(texts, instruction=instruction, **kwargs)
 
     def encode_documents(self, texts, **kwargs):
         """:meth:`encode` for documents: no instruction; the model's "document"/"passage" prompt if any."""
-        if "prompt" not in kwargs and "prompt_name" not in kwargs:
-            kwargs["prompt"] = self._named_prompt(_DOC_PROMPT_NAMES)
-            if kwargs["prompt"] is None:
-                kwargs.pop("prompt")
+        self._use_named_prompt(kwargs, _DOC_PROMPT_NAMES)
         return self.encode(texts, **kwargs)
 
     def encode_late_chunks(self, text: str, chunks, **kwargs):
