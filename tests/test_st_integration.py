@@ -86,6 +86,32 @@ def test_minilm_accelerate_same_outputs(minilm_dir):
     assert type(st[1]).__name__ == "Pooling" and type(st[2]).__name__ == "Normalize"
 
 
+def test_accelerated_pooling_reused_without_its_normalize():
+    """The fused Pooling's own output is sentence-transformers' unnormalized one: a sub-model built from an
+    accelerated model's modules, or the model with its Normalize removed, gave normalized vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed_fast.integrations.sentence_transformers import accelerate, restore
+
+    texts = ["hello world", "the cat sat on the river bank", "money"]
+    for dtype in (torch.float32, torch.bfloat16):
+        st = make_st_model(cached_tiny_model_dir("bert"), "mean", normalize=True).to(dtype)
+        sub = SentenceTransformer(modules=[st[0], st[1]], device="cpu")
+        want = sub.encode(texts, convert_to_tensor=True).float()
+        want_n = st.encode(texts, convert_to_tensor=True).float()
+        assert not torch.allclose(want.norm(dim=1), torch.ones(3), atol=1e-2)  # the case can fail
+        accelerate(st)
+        tol = 2e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(sub.encode(texts, convert_to_tensor=True).float(), want, atol=tol, rtol=0)
+        torch.testing.assert_close(st.encode(texts, convert_to_tensor=True).float(), want_n, atol=tol, rtol=0)
+        del st[2]
+        torch.testing.assert_close(st.encode(texts, convert_to_tensor=True).float(), want, atol=tol, rtol=0)
+        feats = st.encode(texts[:1], output_value=None)
+        assert not any(k.startswith("llmembed_fast") for f in feats for k in f)
+    with pytest.raises(TypeError, match="model must be a sentence_transformers.SentenceTransformer"):
+        restore(None)
+
+
 @pytest.mark.parametrize(
     "arch,mode,include_prompt,side",
     [
@@ -238,24 +264,48 @@ def test_fused_pooling_left_padded_weightedmean(monkeypatch, dtype):
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
-def test_fused_pooling_rows_with_no_tokens(mode):
-    """A row with no token at all (an empty text from a tokenizer that adds no special tokens) pools to
-    sentence-transformers' own values (cls: the state at position 0; max: its fill value)."""
-    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling
+def _st_then_fused(mode, feats, dtype):
+    """(sentence-transformers' Pooling + Normalize outputs, the fused modules' outputs) on copies of feats;
+    each pair: (pooled, normalized)."""
+    from llmembed_fast.integrations.sentence_transformers import (
+        FusedNormalize,
+        FusedPooling,
+        Normalize,
+        Pooling,
+    )
 
+    pool, norm = Pooling(feats["token_embeddings"].shape[-1], pooling_mode=mode), Normalize()
+    runs = []
+    for fused in (False, True):
+        if fused:
+            pool.__class__, norm.__class__ = FusedPooling, FusedNormalize
+            pool.fuse_normalize = True
+        f = {k: v.to(dtype) if k == "token_embeddings" else v for k, v in feats.items()}
+        pooled = pool(f)["sentence_embedding"]
+        runs.append((pooled, norm(f)["sentence_embedding"]))
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
+def test_fused_pooling_rows_with_no_tokens(mode, dtype):
+    """A row with no token at all (an empty text from a tokenizer that adds no special tokens) pools to
+    sentence-transformers' own values (cls: the state at position 0; max: its fill value), padded or
+    flattened (there: cls the token at the empty sequence's start, lasttoken the one before it), and
+    normalizes as its Normalize does."""
     torch.manual_seed(1)
-    h = torch.randn(3, 6, 8)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0] * 6, [1] * 6])
-    ref = Pooling(8, pooling_mode=mode)
-    want = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
-    ref.__class__ = FusedPooling
-    got = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
-    ref.fuse_normalize = True  # the Normalize after it fused: sentence-transformers' normalized values
-    got = ref({"token_embeddings": h, "attention_mask": mask})["sentence_embedding"]
-    torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=1), atol=1e-5, rtol=0,
-                               equal_nan=True)
+    h = torch.randn(4, 6, 8)
+    mask = torch.tensor([[0] * 6, [1, 1, 1, 0, 0, 0], [0] * 6, [1] * 6])
+    lens = mask.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    flat = torch.cat([h[i, : int(n)] for i, n in enumerate(lens)]).unsqueeze(0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for feats in ({"token_embeddings": h, "attention_mask": mask},
+                  {"token_embeddings": flat, "cu_seq_lens_q": cu}):
+        (want, want_n), (got, got_n) = _st_then_fused(mode, feats, dtype)
+        torch.testing.assert_close(got, want, atol=tol, rtol=0, equal_nan=True)
+        torch.testing.assert_close(got_n, want_n, atol=tol, rtol=0, equal_nan=True)
+        assert got.dtype == got_n.dtype == dtype
 
 
 def test_accelerated_model_saves_as_the_plain_model(tmp_path):

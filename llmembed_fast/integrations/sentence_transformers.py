@@ -1,9 +1,12 @@
 """sentence-transformers drop-in: ``accelerate(model)`` puts the fused head in its Pooling (and Normalize).
 
 The modules are changed in place by switching their class to a subclass whose ``forward`` calls
-:func:`llmembed_fast.pool` / :func:`llmembed_fast.pool_segments` (pooling, prompt exclusion and, when a
-Normalize follows directly, L2 normalization in one pass over the token states). Configuration and
-weights are untouched, outputs are the same (float32 accumulation, output in the token states' dtype).
+:func:`llmembed_fast.pool` / :func:`llmembed_fast.pool_segments` (pooling and prompt exclusion in one pass
+over the token states); a Normalize right after it normalizes the pooled float32 vectors before they are
+rounded to the output dtype. Configuration and weights are untouched, outputs are the same (float32
+accumulation, output in the token states' dtype; a float16 row with no token at all normalizes to zeros,
+where sentence-transformers' float16 normalize gives NaN). The Pooling's own output stays unnormalized, so
+the module also works where no Normalize follows it (a sub-model built from the accelerated modules).
 Cases the fused head does not express exactly fall back to the original code: concatenated pooling
 modes, ``token_weights_sum`` / ``seq_idx`` features, ``weightedmean`` over masks that do not start at
 position 0 where sentence-transformers weights by absolute position (before 6.2; from 6.2 it counts from each
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from llmembed_fast.embedder.st_folder import ST_POOLING
-from llmembed_fast.ops.pooling import pool, pool_segments
+from llmembed_fast.ops.pooling import l2_normalize, pool, pool_segments
 
 try:
     from sentence_transformers.base.modules.normalize import Normalize
@@ -28,13 +31,15 @@ try:
 except ImportError:  # older layout (sentence-transformers < 6)
     from sentence_transformers.models import Normalize, Pooling
 
-_FLAG = "llmembed_fast_normalized"
+# the float32 pooled vectors behind a FusedPooling output in a lower dtype, kept on that output tensor (not in
+# the features, which encode(output_value=None) returns) for a FusedNormalize that reads that same tensor next
+_POOLED32 = "_llmembed_fast_pooled32"
 
 
 class FusedPooling(Pooling):
     """sentence-transformers ``Pooling`` computed by the fused head (same config, same outputs)."""
 
-    fuse_normalize: bool = False
+    fuse_normalize: bool = False  # a Normalize follows it (set by accelerate): informational
 
     def forward(self, features: dict, **kwargs) -> dict:
         modes = (self.pooling_mode,) if isinstance(self.pooling_mode, str) else tuple(self.pooling_mode)
@@ -65,14 +70,10 @@ class FusedPooling(Pooling):
                 if mode == "weighted_mean" or prompt_length >= shortest:
                     return super().forward(features, **kwargs)
                 starts = starts + prompt_length
-            emb = pool_segments(
-                h.reshape(-1, h.shape[-1]),
-                starts,
-                ends,
-                mode,
-                normalize=self.fuse_normalize,
-                out_dtype=h.dtype,
-            )
+            flat = h.reshape(-1, h.shape[-1])
+            emb = pool_segments(flat, starts, ends, mode, out_dtype=torch.float32)
+            if mode in ("first", "last", "max") and flat.shape[0]:
+                emb = _st_empty_segments(emb, flat, starts, ends, mode)
         else:
             if "attention_mask" in features and features["attention_mask"].size(-1) == h.size(1):
                 mask = features["attention_mask"]
@@ -90,26 +91,38 @@ class FusedPooling(Pooling):
                 late_start, one_block = _mask_layout(mask)
                 if late_start and (prompt_length or not one_block or not _st_weights_from_first_token()):
                     return super().forward(features, **kwargs)
-            emb = pool(h, mask, mode, normalize=self.fuse_normalize, out_dtype=h.dtype)
+            emb = pool(h, mask, mode, out_dtype=torch.float32)
             if mode in ("first", "max"):
-                emb = self._st_empty_rows(emb, h, mask, mode)
-        features["sentence_embedding"] = emb
-        if self.fuse_normalize:
-            features[_FLAG] = True
+                emb = _st_empty_rows(emb, h, mask, mode)
+        out = emb.to(h.dtype)
+        if out is not emb:
+            setattr(out, _POOLED32, emb)
+        features["sentence_embedding"] = out
         return features
-
-    def _st_empty_rows(self, emb: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, mode: str):
-        """Rows with no token at all (an empty text from a tokenizer that adds no special tokens) as
-        sentence-transformers gives them, where they differ from the fused zeros: cls the state at position
-        0, max -inf (NaN once normalized). Selected on the device: no host sync in the encode loop."""
-        empty = (mask == 0).all(1, keepdim=True)
-        st = h[:, 0] if mode == "first" else torch.full_like(emb, float("-inf"))
-        if self.fuse_normalize:
-            st = torch.nn.functional.normalize(st, p=2, dim=1)
-        return torch.where(empty, st.to(emb.dtype), emb)
 
     def extra_repr(self) -> str:
         return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"
+
+
+def _st_empty_rows(emb: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rows with no token at all (an empty text from a tokenizer that adds no special tokens) as
+    sentence-transformers gives them, where they differ from the fused zeros: cls the state at position 0, max
+    -inf (NaN once normalized). Selected on the device: no host sync in the encode loop."""
+    empty = (mask == 0).all(1, keepdim=True)
+    st = h[:, 0] if mode == "first" else torch.full_like(emb, float("-inf"))
+    return torch.where(empty, st.to(emb.dtype), emb)
+
+
+def _st_empty_segments(emb, flat, starts, ends, mode: str) -> torch.Tensor:
+    """Empty sequences of a flattened batch as sentence-transformers' flat path gives them: cls the token at
+    the sequence's start and lasttoken the one before it (a neighbour's), max -inf. On the device, no sync."""
+    empty = (ends == starts).unsqueeze(1)
+    if mode == "max":
+        st = torch.full_like(emb, float("-inf"))
+    else:  # its index: start (clamped: an empty last sequence indexes past the end there) or end - 1 (wraps)
+        t = flat.shape[0]
+        st = flat[starts.clamp(max=t - 1) if mode == "first" else (ends - 1) % t]
+    return torch.where(empty, st.to(emb.dtype), emb)
 
 
 _WEIGHTS_FROM_FIRST_TOKEN: bool | None = None
@@ -137,11 +150,14 @@ def _mask_layout(mask: torch.Tensor) -> tuple[bool, bool]:
 
 
 class FusedNormalize(Normalize):
-    """``Normalize`` that passes through embeddings the preceding :class:`FusedPooling` already normalized."""
+    """``Normalize`` that normalizes a :class:`FusedPooling` output from its float32 pooled vectors (one
+    rounding to the output dtype instead of two); any other input as sentence-transformers does."""
 
     def forward(self, features: dict) -> dict:
-        done = features.pop(_FLAG, False)
-        if done and self.module_input_name == "sentence_embedding" == self.module_output_name:
+        x = features.get("sentence_embedding")
+        names = (self.module_input_name, self.module_output_name)
+        if names == ("sentence_embedding", "sentence_embedding") and hasattr(x, _POOLED32):
+            features["sentence_embedding"] = l2_normalize(getattr(x, _POOLED32)).to(x.dtype)
             return features
         return super().forward(features)
 
@@ -225,6 +241,7 @@ def accelerate(model):
 
 def restore(model):
     """Undo :func:`accelerate` (the original Pooling / Normalize classes). Returns the model."""
+    _modules_of(model)  # TypeError naming model for anything else
     if isinstance(model.__dict__.get("save"), _PlainSave):
         del model.__dict__["save"]
     _swap_to_plain(model)
