@@ -8,6 +8,7 @@ users may change it at run time.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,11 +19,20 @@ ENV_BACKEND = "LLMEMBED_FAST_BACKEND"
 
 def compile_disabled(fn):
     """``fn`` run eagerly under ``torch.compile`` (a graph break), as ``torch.compiler.disable(fn)``, but
-    without importing ``torch._dynamo`` (and through it triton) when the package is imported: that doubled
-    ``import llmembed_fast`` (3.4 s vs torch's 1.6 s here). torch's own lazy form is used where it exists
-    (torch 2.1+, private), else the public one."""
+    without importing ``torch._dynamo`` (and through it triton) unless a compile is tracing the call: the
+    import doubled ``import llmembed_fast`` (3.4 s vs torch's 1.6 s here) and, done lazily on the first call
+    instead, added ~1 s to a script's first pool / quantize / search. torch's own lazy form is used where it
+    exists (torch 2.1+, private), else the public one."""
     lazy = getattr(torch, "_disable_dynamo", None)
-    return lazy(fn, recursive=True) if callable(lazy) else torch.compiler.disable(fn)
+    disabled = lazy(fn, recursive=True) if callable(lazy) else torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # a flag read; dynamo traces it as a constant
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 _triton_ok: bool | None = None
@@ -77,6 +87,6 @@ def select_backend(*tensors: torch.Tensor) -> str:
                 f"{ENV_BACKEND}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"
             )
         return "triton"
-    if triton_available() and (on_cuda or interpreter_enabled()):
+    if (on_cuda or interpreter_enabled()) and triton_available():  # CPU tensors: triton is not even imported
         return "triton"
     return "torch"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from types import ModuleType
+
+from llmembed_fast import _warn
 
 SIMD_LEVELS = ("scalar", "avx2", "avx512")
 
@@ -27,8 +28,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
     simd = os.environ.get("LLMEMBED_FAST_SIMD")
     if simd is not None and simd not in SIMD_LEVELS:  # the core ignores it: say so instead of silently
-        warnings.warn(f"LLMEMBED_FAST_SIMD={simd!r} is not one of {SIMD_LEVELS} and is ignored (the kernels "
-                      f"use {_C.build_info().get('simd')})", RuntimeWarning, stacklevel=3)
+        _warn.warn(f"LLMEMBED_FAST_SIMD={simd!r} is not one of {SIMD_LEVELS} and is ignored (the kernels "
+                   f"use {_C.build_info().get('simd')})", RuntimeWarning)
     return _C, None
 
 

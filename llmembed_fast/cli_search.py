@@ -131,8 +131,9 @@ def run(args) -> int:
 
 
 def _output_path(path: str) -> str:
-    """The file --output writes: .json as given, anything else as .npz (numpy adds the suffix)."""
-    return path if path.endswith((".json", ".npz")) else path + ".npz"
+    """The file --output writes: .json as given, anything else as .npz (numpy adds the suffix); a path
+    ending in a separator as given (a folder: refused by the check, not written as its hidden ".npz")."""
+    return path if path.endswith((".json", ".npz", "/", os.sep)) else path + ".npz"
 
 
 def _run(args) -> int:

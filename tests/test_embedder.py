@@ -332,8 +332,9 @@ def test_int8_calibrated_on_one_row_raises_and_on_a_few_warns():
             emb.encode("hello world", precision=p)
     with pytest.raises(ValueError, match="single row"):
         emb.encode_late_chunks("hello world", ["hello"], precision="int8")
-    with pytest.warns(UserWarning, match="here 2 rows"):
+    with pytest.warns(UserWarning, match="here 2 rows") as rec:
         emb.encode(["hello", "world"], precision="int8")
+    assert rec[0].filename == __file__  # attributed to the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         emb.encode([f"text {i}" for i in range(100)], precision="int8")

@@ -215,8 +215,9 @@ def test_compiled_model_stays_compiled():
     torch.testing.assert_close(emb.encode(TEXTS, output="torch"), want, rtol=0, atol=1e-5)
     assert graphs, "the compiled model was not run"
     lm = tf.AutoModelForCausalLM.from_config(make_config("qwen2", len(tok)))
-    with pytest.warns(UserWarning, match="base model of the torch.compile'd"):
+    with pytest.warns(UserWarning, match="base model of the torch.compile'd") as rec:
         emb = lf.LLMEmbedder(torch.compile(lm, backend="eager"), tok)
+    assert rec[0].filename == __file__
     assert emb.model is lm.base_model
 
 

@@ -1,6 +1,7 @@
 """Backend dispatch, lf.info(), the extension door and the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,15 +96,22 @@ def test_info_reports_a_backend_that_cannot_run(monkeypatch, tmp_path):
     assert cli.main(["info"]) == 0
 
 
-def test_import_loads_neither_dynamo_nor_triton():
-    """``import llmembed_fast`` (every CLI call) stays at torch's own import cost: the ops' compile guards
-    import torch._dynamo (and through it triton) on first use, not at import (it doubled the import time)."""
+def test_import_and_eager_calls_load_neither_dynamo_nor_triton():
+    """``import llmembed_fast`` (every CLI call) stays at torch's own import cost, and so do eager calls of
+    the ops: their compile guards import torch._dynamo (and through it triton, ~1 s) only when a compile
+    traces them (at import it doubled the import time; on the first call it went into the CLI's timed
+    search)."""
     code = (
-        "import sys, llmembed_fast, llmembed_fast.quant, llmembed_fast.modules; "
-        "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules))"
+        "import sys, torch, llmembed_fast as lf, llmembed_fast.quant as q, llmembed_fast.modules; "
+        "print(sorted(m for m in ('torch._dynamo', 'triton', 'transformers') if m in sys.modules)); "
+        "x = torch.randn(6, 16); c = q.quantize(x, 'ubinary'); q.hamming_topk(c, c, 2); "
+        "q.int8_topk(x, q.quantize(x, 'int8'), q.calibrate(x), 2); "
+        "lf.pool(x[None], torch.ones(1, 6), 'mean'); lf.contrastive_loss(x, x, temperature=0.1); "
+        "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch paths, as users run
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["[]", "[]"], out.stdout + out.stderr
 
 
 def test_a_bad_simd_cap_is_reported_not_ignored():
@@ -203,3 +211,47 @@ def test_write_atomic_keeps_the_old_file_on_any_failure(tmp_path):
     os.umask(mask)
     assert (tmp_path / "new.json").read_bytes() == b"{}"
     assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o666 & ~mask
+
+
+def test_missing_optional_dependencies_name_the_extra():
+    """Without transformers / sentence-transformers, the entry points that need them raise an ImportError
+    naming the extra to install (it was a bare ModuleNotFoundError from deep inside); the rest imports."""
+    code = "\n".join([
+        "import builtins",
+        "real = builtins.__import__",
+        "def fake(name, *a, **k):",
+        "    top = name.split('.')[0]",
+        "    if top in ('transformers', 'sentence_transformers'):",
+        "        raise ModuleNotFoundError(f'No module named {top!r}', name=top)",
+        "    return real(name, *a, **k)",
+        "builtins.__import__ = fake",
+        "import importlib, llmembed_fast as lf",
+        "for f in (lambda: lf.LLMEmbedder.from_pretrained('x'),",
+        "          lambda: importlib.import_module('llmembed_fast.integrations.hf_trainer'),",
+        "          lambda: importlib.import_module('llmembed_fast.integrations.sentence_transformers')):",
+        "    try:",
+        "        f()",
+        "    except ImportError as e:",
+        "        print(type(e).__name__, '|', e)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr
+    for line, extra in zip(lines, ("hf", "hf", "st"), strict=True):
+        assert line.startswith("ImportError | ") and f"pip install 'llmembed-fast[{extra}]'" in line, line
+    from llmembed_fast._deps import raise_missing
+
+    def raised(exc):
+        try:
+            raise_missing(exc, "transformers", "hf", "x")
+        except ImportError as e:
+            return e
+
+    absent = ModuleNotFoundError("No module named 'transformers'", name="transformers")
+    assert "llmembed-fast[hf]" in str(raised(absent)) and raised(absent).__cause__ is absent
+    sub = ModuleNotFoundError("No module named 'transformers.foo'", name="transformers.foo")
+    assert raised(sub) is sub  # installed, another version: not "install it"
+    broken = ImportError("cannot import name 'X' from 'transformers'")  # installed but broken: unchanged
+    assert raised(broken) is broken
+    unrelated = ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+    assert raised(unrelated) is unrelated

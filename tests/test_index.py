@@ -560,8 +560,9 @@ def test_zero_width_dimensions_rank_with_quantizes_step():
     want = np.argsort(-(q.astype(np.float64) @ deq.astype(np.float64).T), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(ids, want)
     assert len(set(ids[:, 0].tolist())) > 1
-    with pytest.warns(UserWarning, match="max == min"):
+    with pytest.warns(UserWarning, match="max == min") as rec:
         index = quant.Index(6, "int8").add(x[:1])
+    assert rec[0].filename == __file__  # attributed to the caller's line
     index.add(x[1:])
     _, got = index.search(q, 5)
     np.testing.assert_array_equal(got, ids)

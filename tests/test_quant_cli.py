@@ -172,8 +172,10 @@ def test_bench_cli_argument_errors(tmp_path, capsys):
         assert main(["bench", "--smoke", "--only", "pooling", flag, str(tmp_path / "no" / "x")]) == 2
         assert flag in capsys.readouterr().err
     (tmp_path / "d.png").mkdir()
-    for flag, path in (("--json", tmp_path), ("--json", tmp_path / "new"), ("--plot", tmp_path / "d.png")):
-        path = str(path) + ("/" if path.name == "new" else "")  # an existing folder, or a name ending in /
+    t = str(tmp_path)
+    # an existing folder, or a name ending in / (--plot wrote the hidden file "DIR/.png" for those)
+    for flag, path in (("--json", t), ("--json", t + "/new/"), ("--plot", t + "/d.png"), ("--plot", t + "/"),
+                       ("--plot", t + "/new/")):
         assert main(["bench", "--smoke", "--only", "pooling", flag, path]) == 2
         out, err = capsys.readouterr()
         assert err == f"error: {flag} {path!r} is a folder: give a file name\n" and "cases" not in out
@@ -279,6 +281,9 @@ def test_search_cli_checks_queries_and_outputs_before_building(tmp_path, capsys)
         ([docs, str(tmp_path / "q6.npy")], "have 6 dimensions, the corpus 8: dimension mismatch"),
         ([docs, "--save-index", str(tmp_path)], f"--save-index {str(tmp_path)!r} is a folder"),
         ([docs, "--save-index", str(tmp_path / "sub") + "/"], "is a folder"),
+        # a trailing separator is a folder for --output too (it wrote the hidden file "DIR/.npz")
+        ([docs, str(tmp_path / "q.csv"), "--output", str(tmp_path) + "/"], "is a folder"),
+        ([docs, str(tmp_path / "q.csv"), "--output", str(tmp_path / "new") + "/"], "is a folder"),
     ):
         assert main(["search", *argv]) == 2, argv
         out, err = capsys.readouterr()

@@ -400,6 +400,7 @@ def test_cpu_without_the_extension_uses_the_torch_paths(monkeypatch):
         got = everything()
     fallback = [w for w in caught if "plain-torch" in str(w.message)]
     assert len(fallback) == 1 and fallback[0].category is RuntimeWarning  # once per process, not per call
+    assert fallback[0].filename == __file__  # the caller's line, not torch's or the package's wrappers
     for key, value in want.items():
         if isinstance(value, tuple):  # (scores or distances, ids)
             np.testing.assert_array_equal(got[key][1], value[1], err_msg=key)

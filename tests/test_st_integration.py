@@ -364,8 +364,9 @@ def test_save_pretrained_into_a_sentence_transformers_folder_reloads_what_was_sa
     emb.dims, emb.pooling = 16, "max"
     want = emb.encode(TEXTS)
     time.sleep(0.01)
-    with pytest.warns(UserWarning, match="sentence-transformers folder"):
+    with pytest.warns(UserWarning, match="sentence-transformers folder") as rec:
         emb.save_pretrained(folder)
+    assert rec[0].filename == __file__
     back = lf.LLMEmbedder.from_pretrained(folder, device="cpu")
     assert (back.dims, back.pooling) == (16, "max")
     np.testing.assert_array_equal(back.encode(TEXTS), want)

@@ -287,8 +287,9 @@ def test_positional_arguments_follow_sentence_transformers(bert_st):
         CachedFusedMNRLoss(bert_st, directions=("query_to_doc", "doc_to_query"))  # joint: not expressed
     with pytest.raises(ValueError, match="hardness_mode"):
         CachedFusedMNRLoss(bert_st, hardness_mode="hard_negatives", hardness_strength=1.0)
-    with pytest.warns(UserWarning, match="no effect with hardness_strength=0"):  # a no-op, as in ST
+    with pytest.warns(UserWarning, match="no effect with hardness_strength=0") as rec:  # a no-op, as in ST
         CachedFusedMNRLoss(bert_st, hardness_mode="hard_negatives", hardness_strength=0.0)
+    assert rec[0].filename == __file__
 
 
 def test_sort_by_length_same_loss_and_gradients_without_dropout(bert_st):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 
 def plot_path(path: str) -> str:
-    """The file the chart goes to (matplotlib adds .png to a name without a known suffix)."""
-    return path if path.lower().endswith((".png", ".svg", ".pdf", ".jpg", ".jpeg")) else path + ".png"
+    """The file the chart goes to (matplotlib adds .png to a name without a known suffix); a path ending
+    in a separator as given (a folder: refused by the check, not written as its hidden ".png")."""
+    known = (".png", ".svg", ".pdf", ".jpg", ".jpeg", "/", os.sep)
+    return path if path.lower().endswith(known) else path + ".png"
 
 
 def plot_records(records: list[dict], path: str) -> str:

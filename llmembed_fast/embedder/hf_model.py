@@ -3,10 +3,10 @@ position table, and whether it attends causally."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
+
+from llmembed_fast import _warn
 
 
 def max_positions(config) -> int | None:
@@ -84,10 +84,9 @@ def encoder_module(model: nn.Module) -> nn.Module:
     if not compiled:
         return base
     if base is not inner:
-        warnings.warn(
+        _warn.warn(
             f"LLMEmbedder runs the base model of the torch.compile'd {type(inner).__name__} (its LM head is "
             "not needed) uncompiled; compile the base model (AutoModel) to run compiled",
-            stacklevel=3,
         )
         return base
     return model

@@ -7,14 +7,13 @@ import inspect
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from llmembed_fast import _poison
+from llmembed_fast import _deps, _poison, _warn
 from llmembed_fast.embedder import batching
 from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.args import (
@@ -260,7 +259,10 @@ class LLMEmbedder(nn.Module):
         Extra keyword arguments go to the model's ``from_pretrained``; ``gguf_file``, ``revision``, ``token``
         and ``cache_dir`` go to the tokenizer's as well.
         """
-        from transformers import AutoModel, AutoTokenizer
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            _deps.raise_missing(exc, "transformers", "hf", "LLMEmbedder.from_pretrained")
 
         # before any loading (the constructor checks them again)
         check_bool(normalize, "normalize")
@@ -390,12 +392,11 @@ class LLMEmbedder(nn.Module):
         if not callable(getattr(inner, "save_pretrained", None)):
             raise TypeError(f"{type(inner).__name__} has no save_pretrained(): save its weights yourself")
         if os.path.isfile(os.path.join(path, "modules.json")):
-            warnings.warn(
+            _warn.warn(
                 f"path: {path!r} is a sentence-transformers folder; LLMEmbedder.from_pretrained will read "
                 "this save (its settings file is newer than modules.json), but sentence-transformers itself "
                 "still loads the modules that modules.json names. Save to a new folder to keep them apart.",
                 UserWarning,
-                stacklevel=2,
             )
         kwargs = {}
         if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
@@ -827,13 +828,12 @@ class LLMEmbedder(nn.Module):
 
             if precision in ("int8", "uint8") and ranges is None and calibration_embeddings is None:
                 if 1 < emb.shape[0] < MIN_CALIBRATION_ROWS:  # one row: quantize refuses it
-                    warnings.warn(
+                    _warn.warn(
                         f"precision={precision!r} calibrates its ranges on the embeddings being encoded, "
                         f"here {emb.shape[0]} rows (coarse codes on a scale no other call shares): "
                         "pass ranges= or calibration_embeddings= (e.g. "
                         "embeddings of a sample corpus)",
                         UserWarning,
-                        stacklevel=3,
                     )
             emb = quantize(emb, precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
         if output == "numpy":

@@ -12,13 +12,19 @@ Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping
 
 import torch
-from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 
+from llmembed_fast._deps import raise_missing
+
+try:
+    from transformers import Trainer
+    from transformers.trainer import TRAINING_ARGS_NAME
+except ImportError as exc:
+    raise_missing(exc, "transformers", "hf", "llmembed_fast.integrations.hf_trainer")
+
+from llmembed_fast import _warn
 from llmembed_fast.training.grad_cache import GradCache, synced_module
 
 
@@ -128,13 +134,12 @@ class GradCacheTrainer(Trainer):
                 "Register the loss as a submodule of the model, or use a fixed temperature")
         for name, value in self.gc_loss_kwargs.items():
             if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in model_params:
-                warnings.warn(
+                _warn.warn(
                     f"loss_kwargs[{name!r}] requires grad but is not a parameter of the model: only an "
                     "optimizer you pass (optimizers=) updates it, and checkpoints do not hold it. To train "
                     "it with the model, register it on the model (e.g. a ContrastiveLoss("
                     "learn_temperature=True) submodule, passed as loss_fn); else detach it",
                     UserWarning,
-                    stacklevel=2,
                 )
         # validates chunk_size, loss_fn and grad_multiplier now, not mid-training
         GradCache(lambda x: x, loss_fn, chunk_size, grad_multiplier=1.0 if grad_multiplier is None

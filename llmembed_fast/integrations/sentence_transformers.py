@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from llmembed_fast._deps import raise_missing
 from llmembed_fast.embedder.st_folder import ST_POOLING
 from llmembed_fast.ops.pooling import l2_normalize, pool, pool_segments
 
@@ -29,7 +30,10 @@ try:
     from sentence_transformers.base.modules.normalize import Normalize
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 except ImportError:  # older layout (sentence-transformers < 6)
-    from sentence_transformers.models import Normalize, Pooling
+    try:
+        from sentence_transformers.models import Normalize, Pooling
+    except ImportError as exc:
+        raise_missing(exc, "sentence_transformers", "st", f"{__name__} (accelerate)")
 
 # the float32 pooled vectors behind a FusedPooling output in a lower dtype, kept on that output tensor (not in
 # the features, which encode(output_value=None) returns) for a FusedNormalize that reads that same tensor next

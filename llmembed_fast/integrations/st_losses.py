@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import numbers
 import random
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from llmembed_fast import _warn
 from llmembed_fast.ops.contrastive import _check_dims, check_options
 from llmembed_fast.training.grad_cache import GradCache, synced_module
 
@@ -133,8 +133,7 @@ class CachedFusedMNRLoss(nn.Module):
                              "supported by CachedFusedMNRLoss, "
                              f"got {hardness_mode!r} / {hardness_strength!r}")
         if hardness_mode is not None:  # sentence-transformers' loss takes this as a no-op too
-            warnings.warn(f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0",
-                          stacklevel=2)
+            _warn.warn(f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0")
         sym, tower = _terms_of(directions, partition_mode)
         # the fused loss's own checks, now rather than at the first step (a string was truthy here)
         opts = check_options(normalize=True, symmetric=symmetric, same_tower=same_tower, allow_tf32=True,

@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import torch
 
+from llmembed_fast import _warn
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CODE_DTYPES = (torch.uint8, torch.int8)
 
@@ -122,11 +124,10 @@ def use_extension(op: str, device: torch.device) -> bool:
         # once per process, by a flag: the warnings registry's show-once does not hold here (as_tensor's
         # catch_warnings resets it on every numpy input, so every call warned again)
         globals()["_FALLBACK_WARNED"] = True
-        warnings.warn(
+        _warn.warn(
             f"llmembed_fast._C is not loaded ({_ext.load_error()}): llmembed_fast.quant runs its plain-torch "
             f"paths on the CPU (slower). Build the extension: {_ext.BUILD_COMMAND}",
             RuntimeWarning,
-            stacklevel=3,
         )
     return False
 

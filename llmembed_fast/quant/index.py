@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 
 import numpy as np
 import torch
 
+from llmembed_fast import _warn
 from llmembed_fast.quant._args import (
     as_ranges,
     as_tensor,
@@ -160,12 +160,11 @@ class Index:
                 self.ranges = _check_width(r)  # float32 or float64
                 flat = int((self.ranges[0] == self.ranges[1]).sum())
                 if flat:
-                    warnings.warn(
+                    _warn.warn(
                         f"the int8 ranges were calibrated on this first add() of {x.shape[0]} row(s), and "
                         f"{flat} of {self.dim} dimensions have max == min there: later rows are quantized "
                         "in steps of 1 along them, which loses most of their precision. Pass ranges= "
-                        "(quant.calibrate on a representative sample) or add a representative batch first",
-                        stacklevel=2)
+                        "(quant.calibrate on a representative sample) or add a representative batch first")
             parts = {}
             for name in self._stored():
                 if name == "bits":
