@@ -134,6 +134,7 @@ def test_sentence_transformers_example_trains(tmp_path):
     assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0, proc.stdout[-2000:]
 
 
+@pytest.mark.filterwarnings("ignore:loss_kwargs.*requires grad but is not a parameter:UserWarning")
 def test_hf_trainer_grad_multiplier(tmp_path):
     """GradCacheTrainer(grad_multiplier=) scales every gradient (a learnable temperature's too), not the
     loss; without it and without a group in loss_kwargs, the gradients are the plain ones."""
