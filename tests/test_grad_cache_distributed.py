@@ -156,6 +156,38 @@ def _check_wrapped_encoders(rank: int, tmp: str):
     assert calls[0] == 1, calls[0]
 
 
+def _check_two_ddp_towers(rank: int):
+    """A query model and a document model, each in its own DDP, with chunk counts that differ between the
+    ranks (rank 0: 1 query chunk, 2 document chunks; rank 1: 3 and 1): their reductions ran in a
+    rank-dependent order, so each rank's query-model all-reduce met the other's document-model one (same
+    sizes here: silently mixed gradients)."""
+    import llmembed_fast as lf
+    from llmembed_fast.training import GradCache
+
+    def models():
+        mq, md = _mlp(), _mlp()
+        with torch.no_grad():
+            for p in md.parameters():
+                p.mul_(-0.5)
+        return mq, md
+
+    shapes = [(1, 6), (3, 3)]  # (queries, documents) per rank
+    g = torch.Generator().manual_seed(3)
+    qs = [torch.randn(b, 12, generator=g) for b, _ in shapes]
+    ds = [torch.randn(n, 12, generator=g) for _, n in shapes]
+    rq, rd = models()
+    labels = torch.cat([torch.arange(b) + sum(n for _, n in shapes[:r]) for r, (b, _) in enumerate(shapes)])
+    lf.contrastive_loss(rq(torch.cat(qs)), rd(torch.cat(ds)), labels=labels, temperature=0.1).backward()
+    mq, md = models()
+    (dq, calls_q), (dd, calls_d) = _counting_ddp(mq), _counting_ddp(md)
+    gcache = GradCache(dq, lf.contrastive_loss, 1, doc_encoder=dd, doc_chunk_size=3, grad_multiplier=WORLD)
+    gcache.step(qs[rank], ds[rank], group=dist.group.WORLD, temperature=0.1)
+    grads = lambda m: {k: p.grad for k, p in m.named_parameters()}  # noqa: E731
+    _assert_grads(grads(mq), grads(rq))
+    _assert_grads(grads(md), grads(rd))
+    assert calls_q[0] == calls_d[0] == 1, (calls_q, calls_d)
+
+
 class _Routed(torch.nn.Module):
     """Queries through a trainable MLP, documents (rows flagged "doc") through a frozen one."""
 
@@ -367,6 +399,7 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
                             timeout=datetime.timedelta(seconds=60))
     try:
         _check_wrapped_encoders(rank, tmp)
+        _check_two_ddp_towers(rank)
         _check_frozen_routes_and_loss_leaves(rank)
         _check_st_loss(rank, model_dir)
         _check_fsdp_chunk_counts(rank)
@@ -380,8 +413,9 @@ def _uneven_worker(rank: int, init_file: str, tmp: str, model_dir: str):
 def test_ddp_wrapped_encoders_uneven_batches(tmp_path):
     """GradCache(sync_module=), GradCacheTrainer(encode=) and CachedFusedMNRLoss with a DDP model in the
     loss, local batches of different sizes (different chunk counts): one all-reduce per step, the
-    single-process gradients of the global batch. Frozen routes and loss parameters under DDP. Then FSDP's
-    and FSDP2's chunk-count checks, and FSDP2's gradients and synchronization count."""
+    single-process gradients of the global batch; the same with a DDP query model and a DDP document
+    model. Frozen routes and loss parameters under DDP. Then FSDP's and FSDP2's chunk-count checks, and
+    FSDP2's gradients and synchronization count."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     pytest.importorskip("sentence_transformers")

@@ -520,7 +520,8 @@ class GradCache:
         Under a sync module (DDP, FSDP) every chunk's backward runs under ``no_sync`` but one, the module's
         last, which must carry a graph (a chunk without one runs no backward, and the ranks' gradients would
         never be reduced). So each tower's chunks but its last run first; then the towers' last chunks,
-        those of towers whose chunks came back without a graph first. If the synchronized chunk still has no
+        grouped by sync module in an order every rank shares, within a module those of towers whose chunks
+        came back without a graph first. If the synchronized chunk still has no
         graph (all of that module's re-run chunks were graphless but an earlier one), the latest chunk that
         had one runs again, synchronized, with a zero gradient. ``sync_leaves``: see ``_ddp_owned_leaves``.
         """
@@ -565,11 +566,20 @@ class GradCache:
                 for i in todo[id(t)][:-1]:
                     if not run(t, i, synced=False):
                         graphless.add(id(t))
-            # the towers' last chunks: towers seen only without a graph first, unknown ones next, then those
-            # seen with one; a module's last job there is the synchronized one
+            # the towers' last chunks: those of no sync module first (no collective), then each sync
+            # module's together, the modules in the order of their first tower, the same on every rank
+            # (collectives pair up across ranks by the order they are issued in: two DDP towers reduced in a
+            # rank-dependent order mixed their gradients); within a module, towers seen only without a graph
+            # first, unknown ones next, then those seen with one; a module's last job is the synced one
+            module_order: dict[int, int] = {}
+            for t in towers:
+                if t.sync is not None:
+                    module_order.setdefault(id(t.sync), len(module_order))
+
             def rank(ti):
                 key = id(ti[0])
-                return 2 if key in had_graph else (0 if key in graphless else 1)
+                graph = 2 if key in had_graph else (0 if key in graphless else 1)
+                return (-1 if ti[0].sync is None else module_order[id(ti[0].sync)], graph)
 
             finals = sorted(((t, todo[id(t)][-1]) for t in live if todo[id(t)]), key=rank)
             last_of = {id(t.sync): j for j, (t, _) in enumerate(finals) if t.sync is not None}
