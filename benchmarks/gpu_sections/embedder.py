@@ -77,21 +77,19 @@ def correctness(ctx) -> list[dict]:
         ("mean", True, "right", "find the passage"),
         ("last", True, "left", None),
     ):
+        name = f"embedder/{mode} {'packed' if packed else 'padded'} {side} fp32 vs fp64"
         if ctx.time_left() < need:
-            break
+            out.append({"name": name, "skipped": "check budget spent"})
+            continue
         emb = LLMEmbedder(model, tok, pooling=mode, padding_side=side, packed=packed)
         got = emb.encode(texts, instruction=instr, output="torch", max_tokens_per_batch=512)
         want = _ref_embeddings(model, emb, texts, instruction=instr, mode=mode).to(got.device)
         err = float((got.double() - want).abs().max())
-        out.append(
-            _row(
-                f"embedder/{mode} {'packed' if packed else 'padded'} {side} fp32 vs fp64",
-                err,
-                2e-5,
-                f"{len(texts)} texts, pooled head on {dev}",
-            )
-        )
-    if ctx.time_left() > need:
+        out.append(_row(name, err, 2e-5, f"{len(texts)} texts, pooled head on {dev}"))
+    bf16_name = "embedder/bf16 left vs right padding vs batch 1 (1 - min cos)"
+    if ctx.time_left() <= need:
+        out.append({"name": bf16_name, "skipped": "check budget spent"})
+    else:
         bf_model, _ = _tiny_model(dev, torch.bfloat16)
         r = LLMEmbedder(bf_model, tok, padding_side="right").encode(texts, output="torch")
         left = LLMEmbedder(bf_model, tok, padding_side="left").encode(texts, output="torch")
@@ -100,11 +98,11 @@ def correctness(ctx) -> list[dict]:
             torch.nn.functional.cosine_similarity(r, left, dim=-1),
             torch.nn.functional.cosine_similarity(r, one, dim=-1),
         )
-        out.append(
-            _row("embedder/bf16 left vs right padding vs batch 1 (1 - min cos)", float(1 - cos.min()), 2e-3)
-        )
+        out.append(_row(bf16_name, float(1 - cos.min()), 2e-3))
     if ctx.time_left() > need:
         out.extend(_accelerate_check(model, tok, texts))
+    else:
+        out.append({"name": "embedder/accelerate(ST) checks", "skipped": "check budget spent"})
     return out
 
 
