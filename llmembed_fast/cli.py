@@ -207,6 +207,13 @@ def _cmd_bench(args) -> int:
 
         msg = plot_records(records, args.plot)
         print(msg)
+    failed = [r["case"] for r in records if "error" in r] + [
+        f"{r['case']} / {name}" for r in records for name, b in r.get("baselines", {}).items() if "error" in b
+    ]
+    if failed:  # the table shows each error; the exit status says that some case or baseline did not run
+        listed = ", ".join(failed)[:300]
+        print(f"error: {len(failed)} case(s) or baseline(s) raised: {listed}", file=sys.stderr)
+        return 1
     return 0
 
 

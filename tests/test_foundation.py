@@ -82,6 +82,19 @@ def test_cli_bench_runs_a_tiny_budget(tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     assert data["records"], "no bench records"
     assert all(r["group"] == "pooling" for r in data["records"])
+    assert not any("error" in r for r in data["records"])
+
+
+def test_cli_bench_fails_when_a_case_raises(tmp_path, monkeypatch, capsys):
+    """--smoke "checks that every case runs": a case that raises is in the table and the JSON, and the exit
+    status is 1 (it was 0, so a smoke run could not fail)."""
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "triton")  # cannot run on CPU tensors without the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--only", "contrastive", "--budget-s", "1", "--smoke", "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "raised" in err, err
+    assert any("error" in r for r in json.loads(out.read_text())["records"])
 
 
 def test_info_reports_a_backend_that_cannot_run(monkeypatch, tmp_path):

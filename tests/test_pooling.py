@@ -687,6 +687,32 @@ def test_torch_path_half_precision_in_token_chunks(monkeypatch):
         torch.testing.assert_close(lf.pool(h, None, mode), R.pool(h, None, mode)[0], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_non_finite_padding_in_token_chunks(monkeypatch, dtype):
+    """The rows whose padding holds NaN/inf are summed again over their pooled tokens in token chunks (a copy
+    of their whole states took two [rows, L, H] temporaries): with 3 tokens per chunk, every chunk counts and
+    the result equals the clean states'."""
+    from llmembed_fast.reference import pooling_chunked
+
+    monkeypatch.setenv("LLMEMBED_FAST_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(7)
+    B, L, H = 4, 11, 8
+    mask = make_mask(B, L, "left", gen)
+    mask[2] = True  # a row with no padding: summed once
+    clean = torch.randn(B, L, H, generator=gen).to(dtype)
+    dirty = clean.clone()
+    n_pad = int((~mask).sum())
+    assert n_pad > 0
+    bad = torch.tensor([float("nan"), float("inf")]).to(dtype).repeat(n_pad)[:n_pad]
+    dirty[~mask] = bad[:, None].expand(-1, H)
+    monkeypatch.setattr(pooling_chunked, "CHUNK_ELEMENTS", 2 * 3 * H)  # 3 tokens of the 2 bad rows' states
+    for mode in ("mean", "weighted_mean", "mean_sqrt_len"):
+        want = lf.pool(clean, mask, mode)
+        got = lf.pool(dirty, mask, mode)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_embedding_head_int_dims_and_out_dtype(backend):
     """EmbeddingHead(dims=int) returns one tensor (not a tuple), in its out_dtype."""
     y = lf.EmbeddingHead("mean", dims=8, out_dtype=torch.float16)(torch.randn(2, 5, 16))

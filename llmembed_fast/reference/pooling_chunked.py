@@ -73,9 +73,22 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         bad = ~pooled.isfinite().all(1)
         if bool(bad.any()):
             rows = bad.nonzero().squeeze(1)
-            keep = (mask[rows] != 0)[..., None]
-            pooled[rows] = _weighted_sum(w[rows], h[rows].masked_fill(~keep, 0), acc)
+            pooled[rows] = _pooled_tokens_sum(w[rows], h, rows, mask[rows] != 0, acc)
     return pooled.contiguous(), info, argmax
+
+
+def _pooled_tokens_sum(w: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, acc):
+    """sum over the pooled tokens (keep [R, L]) of w[r, l] h[rows[r], l, :], in ``acc``: the other tokens are
+    zeroed in token chunks (a copy of the rows' whole states was two [R, L, D] temporaries)."""
+    R, L = keep.shape
+    D = h.shape[2]
+    pooled = torch.zeros(R, D, dtype=acc, device=h.device)
+    step = _chunk_rows(R * D)
+    for l0 in range(0, L, step):
+        x = h[rows, l0 : l0 + step].to(acc)  # a copy of this chunk of the rows only
+        x.masked_fill_(~keep[:, l0 : l0 + step, None], 0)
+        pooled += torch.bmm(w[:, None, l0 : l0 + step], x).squeeze(1)
+    return pooled
 
 
 def _weighted_sum(w: torch.Tensor, h: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
