@@ -852,7 +852,8 @@ class LLMEmbedder(nn.Module):
         """Sets ``kwargs["prompt"]`` to the first of ``names`` in the model's prompts unless the call gives a
         prompt or prompt_name (None counts as not given, as in sentence-transformers' encode_query)."""
         if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
-            kwargs.pop("prompt", None), kwargs.pop("prompt_name", None)
+            kwargs.pop("prompt", None)
+            kwargs.pop("prompt_name", None)
             prompt = self._named_prompt(names)
             if prompt is not None:
                 kwargs["prompt"] = prompt

@@ -77,7 +77,11 @@ class FusedPooling(Pooling):
             flat = h.reshape(-1, h.shape[-1])
             emb = pool_segments(flat, starts, ends, mode, out_dtype=torch.float32)
             if mode in ("first", "last", "max") and flat.shape[0]:
-                emb = _st_empty_segments(emb, flat, starts, ends, mode)
+                # its flat indexing: cls the token at the start (clamped: an empty last sequence indexes past
+                # the end there), lasttoken the one before it (a neighbour's; wraps)
+                t = flat.shape[0]
+                at = starts.clamp(max=t - 1) if mode == "first" else (ends - 1) % t
+                emb = _st_empty_values(emb, (ends == starts).unsqueeze(1), lambda: flat[at], mode)
         else:
             if "attention_mask" in features and features["attention_mask"].size(-1) == h.size(1):
                 mask = features["attention_mask"]
@@ -96,8 +100,8 @@ class FusedPooling(Pooling):
                 if late_start and (prompt_length or not one_block or not _st_weights_from_first_token()):
                     return super().forward(features, **kwargs)
             emb = pool(h, mask, mode, out_dtype=torch.float32)
-            if mode in ("first", "max"):
-                emb = _st_empty_rows(emb, h, mask, mode)
+            if mode in ("first", "max"):  # cls: the state at position 0
+                emb = _st_empty_values(emb, (mask == 0).all(1, keepdim=True), lambda: h[:, 0], mode)
         out = emb.to(h.dtype)
         if out is not emb:
             setattr(out, _POOLED32, emb)
@@ -108,25 +112,13 @@ class FusedPooling(Pooling):
         return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"
 
 
-def _st_empty_rows(emb: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Rows with no token at all (an empty text from a tokenizer that adds no special tokens) as
-    sentence-transformers gives them, where they differ from the fused zeros: cls the state at position 0, max
-    -inf (NaN once normalized). Selected on the device: no host sync in the encode loop."""
-    empty = (mask == 0).all(1, keepdim=True)
-    st = h[:, 0] if mode == "first" else torch.full_like(emb, float("-inf"))
-    return torch.where(empty, st.to(emb.dtype), emb)
-
-
-def _st_empty_segments(emb, flat, starts, ends, mode: str) -> torch.Tensor:
-    """Empty sequences of a flattened batch as sentence-transformers' flat path gives them: cls the token at
-    the sequence's start and lasttoken the one before it (a neighbour's), max -inf. On the device, no sync."""
-    empty = (ends == starts).unsqueeze(1)
-    if mode == "max":
-        st = torch.full_like(emb, float("-inf"))
-    else:  # its index: start (clamped: an empty last sequence indexes past the end there) or end - 1 (wraps)
-        t = flat.shape[0]
-        st = flat[starts.clamp(max=t - 1) if mode == "first" else (ends - 1) % t]
-    return torch.where(empty, st.to(emb.dtype), emb)
+def _st_empty_values(emb: torch.Tensor, empty: torch.Tensor, token, mode: str) -> torch.Tensor:
+    """``emb`` [B, D] float32 with its rows where ``empty`` [B, 1] (no token to pool: an empty text from a
+    tokenizer that adds no special tokens) set as sentence-transformers sets them, where they differ from the
+    fused zeros: max -inf (NaN once normalized), cls / lasttoken ``token()`` [B, D], the state its indexing
+    reads there. Selected on the device: no host sync in the encode loop."""
+    st = torch.full_like(emb, float("-inf")) if mode == "max" else token().to(emb.dtype)
+    return torch.where(empty, st, emb)
 
 
 _WEIGHTS_FROM_FIRST_TOKEN: bool | None = None

@@ -73,33 +73,27 @@ def pool_forward(hidden: torch.Tensor, mask: torch.Tensor, mode: str, D: int):
         bad = ~pooled.isfinite().all(1)
         if bool(bad.any()):
             rows = bad.nonzero().squeeze(1)
-            pooled[rows] = _pooled_tokens_sum(w[rows], h, rows, mask[rows] != 0, acc)
+            pooled[rows] = _weighted_sum(w[rows], h, acc, rows=rows, keep=mask[rows] != 0)
     return pooled.contiguous(), info, argmax
 
 
-def _pooled_tokens_sum(w: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, acc):
-    """sum over the pooled tokens (keep [R, L]) of w[r, l] h[rows[r], l, :], in ``acc``: the other tokens are
-    zeroed in token chunks (a copy of the rows' whole states was two [R, L, D] temporaries)."""
-    R, L = keep.shape
+def _weighted_sum(w: torch.Tensor, h: torch.Tensor, acc: torch.dtype, rows=None, keep=None) -> torch.Tensor:
+    """sum_l w[r, l] h[rows[r], l, :] in ``acc`` (``rows`` None: every row in order); with ``keep``
+    [R, L] bool, over those tokens only (the others zeroed, so a NaN there adds nothing). One batched matmul
+    when nothing needs converting, selecting or masking; else token chunks of bounded size (no [R, L, D]
+    temporary)."""
+    if rows is None and keep is None and h.dtype == acc:
+        return torch.bmm(w.unsqueeze(1), h).squeeze(1)
+    R, L = w.shape
     D = h.shape[2]
     pooled = torch.zeros(R, D, dtype=acc, device=h.device)
     step = _chunk_rows(R * D)
     for l0 in range(0, L, step):
-        x = h[rows, l0 : l0 + step].to(acc)  # a copy of this chunk of the rows only
-        x.masked_fill_(~keep[:, l0 : l0 + step, None], 0)
+        x = (h[:, l0 : l0 + step] if rows is None else h[rows, l0 : l0 + step]).to(acc)
+        if keep is not None:
+            x = x.masked_fill(~keep[:, l0 : l0 + step, None], 0)
         pooled += torch.bmm(w[:, None, l0 : l0 + step], x).squeeze(1)
-    return pooled
-
-
-def _weighted_sum(w: torch.Tensor, h: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """sum_l w[b, l] h[b, l, :] in ``acc``: one batched matmul, or float32 token chunks for half precision."""
-    if h.dtype == acc:
-        return torch.bmm(w.unsqueeze(1), h).squeeze(1)
-    B, L, D = h.shape
-    pooled = torch.zeros(B, D, dtype=acc, device=h.device)
-    step = _chunk_rows(B * D)
-    for l0 in range(0, L, step):
-        pooled += torch.bmm(w[:, None, l0 : l0 + step], h[:, l0 : l0 + step].to(acc)).squeeze(1)
+        del x  # before the next chunk is made: one chunk alive at a time
     return pooled
 
 
