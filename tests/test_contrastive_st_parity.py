@@ -1,6 +1,7 @@
 """sentence-transformers parity: MultipleNegativesRankingLoss (with hard negatives) and
 MultipleNegativesSymmetricRankingLoss give the same loss and embedding gradients as lf.contrastive_loss."""
 
+import importlib
 import warnings
 
 import pytest
@@ -8,7 +9,11 @@ import torch
 
 import llmembed_fast as lf
 
-st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+pytest.importorskip("sentence_transformers")
+try:
+    st_losses = importlib.import_module("sentence_transformers.sentence_transformer.losses")
+except ImportError:  # sentence-transformers < 6
+    st_losses = importlib.import_module("sentence_transformers.losses")
 
 
 def _embeddings(B, D, n_neg, dtype, seed):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from st_compat import transformers_major
 from tiny_models import build_tiny_model, cached_tiny_model_dir, make_qwen3_embedding_tokenizer, make_st_model
 
 import llmembed_fast as lf
@@ -69,10 +70,11 @@ def test_padding_side_batch_size_and_packing_agree(arch, pooling):
         dict(padding_side="right", packed=True),
     ):
         bs, packed = kw.pop("batch_size", None), kw.pop("packed", False)
-        out = lf.LLMEmbedder(model, tok, packed=packed, **kw, **common).encode(
-            TEXTS, output="torch", batch_size=bs
-        )
+        e = lf.LLMEmbedder(model, tok, packed=packed, **kw, **common)
+        out = e.encode(TEXTS, output="torch", batch_size=bs)
         torch.testing.assert_close(out, base, atol=3e-6, rtol=0)
+        if packed:  # the packed rows really ran packed (not padded after a failed mask probe)
+            assert e._packed_mask_kind() == ("4d" if transformers_major() >= 5 or arch != "bert" else "3d")
 
 
 def test_input_order_restored_and_single_string():
@@ -249,6 +251,43 @@ def test_packed_block_diagonal_mask_under_eager_attention():
     ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(TEXTS, output="torch", batch_size=1)
     got = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(TEXTS, output="torch")
     torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)
+
+
+class _MaskDropping(torch.nn.Module):
+    """A model that ignores any attention mask but a [B, L] padding mask (as a remote-code model may): it
+    attends over the whole row (a mask of ones; with no mask, transformers >= 4.53 would find the packed
+    sequences from the restarting position_ids itself)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        if attention_mask is not None and attention_mask.dim() > 2:
+            attention_mask = torch.ones_like(input_ids)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+
+
+def test_packed_falls_back_to_padded_where_the_mask_is_ignored():
+    """A model that drops the packed row's mask would let the sequences attend to each other: the probe
+    finds no mask form it honours, warns once, and the batches run padded (the padded embeddings)."""
+    model, tok = build_tiny_model("qwen2")
+    ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(TEXTS, output="torch", batch_size=1)
+    e = lf.LLMEmbedder(_MaskDropping(model), tok, pooling="mean", packed=True)
+    with pytest.warns(UserWarning, match="does not isolate the sequences of a packed row"):
+        got = e.encode(TEXTS, output="torch")
+    assert e._packed_mask_kind() is None
+    torch.testing.assert_close(got, ref, atol=3e-6, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # probed once: no second warning
+        torch.testing.assert_close(e.encode(TEXTS, output="torch"), ref, atol=3e-6, rtol=0)
+    from llmembed_fast.embedder import packed as packed_mod
+
+    # the same probe accepts the model itself (so the fallback above is the wrapper's doing)
+    assert packed_mod.probe_mask_kind(
+        lf.LLMEmbedder(model, tok)._run, vocab_size=model.config.vocab_size, causal=True,
+        dtype=torch.float32, device=torch.device("cpu"),
+    ) == "4d"
 
 
 @pytest.mark.parametrize("layout", ["all", "layer_types", "off"])

@@ -10,12 +10,13 @@ from llmembed_fast import _ext
 pytest.importorskip("llmembed_fast._C", reason="C++ extension not built")
 import sentence_transformers  # noqa: E402
 from packaging.version import Version  # noqa: E402
-from sentence_transformers.util.quantization import quantize_embeddings  # noqa: E402
+from st_compat import st_quantize_embeddings  # noqa: E402
 
 from llmembed_fast import quant  # noqa: E402
 
 # 6.2 rounds the int8/uint8 ranges to float32 before taking the steps; older versions took them in the
 # ranges' dtype (float16 / float64 ranges gave other codes). quant.quantize follows 6.2.
+quantize_embeddings = st_quantize_embeddings()
 _ST_F32_RANGES = Version(sentence_transformers.__version__).release >= (6, 2)
 
 PRECISIONS = ["int8", "uint8", "binary", "ubinary"]

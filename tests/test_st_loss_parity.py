@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("sentence_transformers")
 sys.path.insert(0, os.path.dirname(__file__))
+from st_compat import st_loss as st_loss_class  # noqa: E402
 from tiny_models import cached_tiny_model_dir, corpus, make_st_model  # noqa: E402
 
 from llmembed_fast.integrations.st_losses import CachedFusedMNRLoss  # noqa: E402
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("torch_backend")  # the ops' CPU path
 
 
 def st_cached_mnrl(model, **kw):
-    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+    CachedMultipleNegativesRankingLoss = st_loss_class("CachedMultipleNegativesRankingLoss")
 
     return CachedMultipleNegativesRankingLoss(model, **kw)
 
@@ -92,7 +93,7 @@ def test_same_tower_pairs(bert_st):
 
 def test_matryoshka_one_pass(bert_st):
     """MatryoshkaLoss(CachedMNRL) reruns the loss per dim; ours sums the dims in one pass."""
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+    MatryoshkaLoss = st_loss_class("MatryoshkaLoss")
 
     feats = features(bert_st, [TEXTS[:5], TEXTS[5:10], TEXTS[10:15]])
     dims, weights = [64, 32, 8], [1.0, 0.5, 0.25]
@@ -205,7 +206,7 @@ def test_same_tower_hard_negatives_definition(bert_st):
 def test_matryoshka_loss_wrapping_the_fused_loss(bert_st):
     """MatryoshkaLoss(model, CachedFusedMNRLoss(model), dims), the usual way to add Matryoshka to a cached
     loss, equals MatryoshkaLoss over sentence-transformers' cached loss (the dims join the one pass)."""
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+    MatryoshkaLoss = st_loss_class("MatryoshkaLoss")
 
     feats = features(bert_st, [TEXTS[:5], TEXTS[5:10], TEXTS[10:15]])
     dims, weights = [64, 32, 8], [1.0, 0.5, 0.25]
@@ -227,7 +228,7 @@ def test_matryoshka_n_dims_per_step_draws_the_same_dims(bert_st):
     Python random seed, the fused loss trains the dim sentence-transformers' cached loss trains."""
     import random
 
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+    MatryoshkaLoss = st_loss_class("MatryoshkaLoss")
 
     feats = features(bert_st, [TEXTS[:5], TEXTS[5:10]])
     dims = [64, 32, 8]

@@ -225,16 +225,15 @@ def make_st_model(
 
     Saved to ``save_to`` when given (a folder ``LLMEmbedder.from_pretrained`` reads). Returns the model."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.normalize import Normalize
-    from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+    from st_compat import embedding_dimension, st_normalize, st_pooling, st_transformer
 
+    Normalize, Pooling, Transformer = st_normalize(), st_pooling(), st_transformer()
     tr = Transformer(model_dir, max_seq_length=max_seq_length)
     if tr.tokenizer.pad_token is None:  # Llama-style tokenizers have none; users set pad = eos
         tr.tokenizer.pad_token = tr.tokenizer.eos_token
     mods = [
         tr,
-        Pooling(tr.get_embedding_dimension(), pooling_mode=pooling_mode, include_prompt=include_prompt),
+        Pooling(embedding_dimension(tr), pooling_mode=pooling_mode, include_prompt=include_prompt),
     ]
     if normalize:
         mods.append(Normalize())

@@ -637,6 +637,28 @@ class LLMEmbedder(nn.Module):
             )
         return bool(packed)
 
+    def _packed_mask_kind(self) -> str | None:
+        """The form of custom mask this model honours for a packed row (probed once, see
+        :func:`packed.probe_mask_kind`); None, with a warning, when it honours none: packed batches then
+        run padded."""
+        kind = self.__dict__.get("_mask_kind", "unprobed")
+        if kind == "unprobed":
+            kind = packed_mod.probe_mask_kind(
+                self._run,
+                vocab_size=getattr(self.config, "vocab_size", None),
+                causal=self.causal,
+                dtype=self._compute_dtype(),
+                device=self.device,
+            )
+            if kind is None:
+                _warn.warn(
+                    f"packed=True: {type(self.model).__name__} under this transformers does not isolate "
+                    "the sequences of a packed row with a custom attention mask; its batches run padded "
+                    "(same embeddings)"
+                )
+            self.__dict__["_mask_kind"] = kind
+        return kind
+
     def _embed_batch(self, seqs, starts, *, packed: bool, normalize: bool, dims) -> torch.Tensor:
         dev = self.device
         if packed and not packed_mod.uses_varlen_flash(self.model):
@@ -644,6 +666,7 @@ class LLMEmbedder(nn.Module):
             # than a window runs padded, where the model applies it (shorter ones see the same either way)
             window = packed_mod.sliding_window(self.model)
             packed = window is None or max(map(len, seqs), default=0) <= window
+            packed = packed and self._packed_mask_kind() is not None
         if not packed:
             b = batching.pad_batch(
                 seqs,
@@ -661,8 +684,9 @@ class LLMEmbedder(nn.Module):
         if packed_mod.uses_varlen_flash(self.model):
             mask = None  # flash-attention varlen reads sequence boundaries from position_ids
         else:
-            mask = packed_mod.block_diagonal_mask(
-                p["cu_seqlens"], causal=self.causal, dtype=self._compute_dtype(), device=dev
+            mask = packed_mod.packed_mask(
+                p["cu_seqlens"], self._packed_mask_kind(), causal=self.causal, dtype=self._compute_dtype(),
+                device=dev,
             )
         p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
         hidden = self._run(p["input_ids"], mask, p["position_ids"])[0]

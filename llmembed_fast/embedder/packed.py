@@ -9,6 +9,11 @@ flash-attention varlen the padded path with length-sorted batches is usually as 
 ``packed="auto"`` chooses packing only for flash-attention. A custom mask replaces the model's own mask
 logic, including its sliding windows: a batch holding a sequence longer than the model's smallest window
 therefore runs padded (see ``sliding_window``), where the model applies its windows itself.
+
+Not every model honours a custom mask in the same form: transformers 5 takes the additive [1, 1, T, T]
+mask everywhere, transformers 4's BERT-style encoders refuse it and take a 0/1 [1, T, T] one instead, and a
+remote-code model may drop either silently. ``probe_mask_kind`` runs two tiny sequences once per model, packed
+and apart, and keeps the first form whose packed states equal the separate ones.
 """
 
 from __future__ import annotations
@@ -32,6 +37,51 @@ def block_diagonal_mask(
     mask = torch.zeros(T, T, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+MASK_KINDS = ("4d", "3d")
+
+
+def packed_mask(
+    cu_seqlens: torch.Tensor, kind: str, *, causal: bool, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The packed row's mask in the form ``kind`` names: "4d" the additive [1, 1, T, T] mask of
+    :func:`block_diagonal_mask`, "3d" a [1, T, T] mask of ones where attention is allowed (what
+    transformers 4's ``get_extended_attention_mask`` turns into the additive one)."""
+    mask = block_diagonal_mask(cu_seqlens, causal=causal, dtype=dtype, device=device)
+    if kind == "4d":
+        return mask
+    if kind == "3d":
+        return (mask[0] == 0).to(dtype)
+    raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+
+
+def probe_mask_kind(run, *, vocab_size: int | None, causal: bool, dtype: torch.dtype, device) -> str | None:
+    """The first mask form in :data:`MASK_KINDS` under which ``run(input_ids [1, T], attention_mask,
+    position_ids [1, T]) -> hidden [1, T, H]`` gives a packed row of two short sequences the states each
+    sequence gets alone (within the dtype's rounding), or None when no form does (the model refused the
+    mask or did not isolate the sequences). Call it with the model in eval mode and without grad."""
+    n = max(2, min(int(vocab_size or 100), 100))
+    seqs = [[(7 * i + 3) % n for i in range(4)], [(5 * i + 1) % n for i in range(3)]]
+    apart = []
+    for s in seqs:
+        ids = torch.tensor([s], device=device)
+        pos = torch.arange(len(s), device=device)[None]
+        apart.append(run(ids, torch.ones_like(ids), pos)[0].float())
+    ref = torch.cat(apart, dim=0)
+    ids = torch.tensor([seqs[0] + seqs[1]], device=device)
+    pos = torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))], device=device)
+    cu = torch.tensor([0, len(seqs[0]), len(seqs[0]) + len(seqs[1])])
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    for kind in MASK_KINDS:
+        try:
+            got = run(ids, packed_mask(cu, kind, causal=causal, dtype=dtype, device=device), pos)[0].float()
+        except (ValueError, RuntimeError, TypeError, IndexError):  # the model refused this form
+            continue
+        scale = max(1.0, float(ref.abs().max()))
+        if got.shape == ref.shape and float((got - ref).abs().max()) <= tol * scale:
+            return kind
+    return None
 
 
 def sliding_window(model) -> int | None:

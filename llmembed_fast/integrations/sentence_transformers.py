@@ -29,11 +29,15 @@ from llmembed_fast.ops.pooling import l2_normalize, pool, pool_segments
 try:
     from sentence_transformers.base.modules.normalize import Normalize
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    _LEGACY = False
 except ImportError:  # older layout (sentence-transformers < 6)
     try:
         from sentence_transformers.models import Normalize, Pooling
     except ImportError as exc:
         raise_missing(exc, "sentence_transformers", "st", f"{__name__} (accelerate)")
+    # its cls is the state at position 0 whatever the mask (padding or prompt): left to its own code
+    _LEGACY = True
 
 # the float32 pooled vectors behind a FusedPooling output in a lower dtype, kept on that output tensor (not in
 # the features, which encode(output_value=None) returns) for a FusedNormalize that reads that same tensor next
@@ -46,12 +50,12 @@ class FusedPooling(Pooling):
     fuse_normalize: bool = False  # a Normalize follows it (set by accelerate): informational
 
     def forward(self, features: dict, **kwargs) -> dict:
-        modes = (self.pooling_mode,) if isinstance(self.pooling_mode, str) else tuple(self.pooling_mode)
+        modes = _pooling_modes(self)
         if (
             len(modes) != 1
             or "token_weights_sum" in features
             or "seq_idx" in features
-            or (modes[0] == "cls" and "cls_token_embeddings" in features)
+            or (modes[0] == "cls" and ("cls_token_embeddings" in features or _LEGACY))
         ):
             return super().forward(features, **kwargs)
         mode = ST_POOLING[modes[0]]
@@ -81,14 +85,14 @@ class FusedPooling(Pooling):
                 # the end there), lasttoken the one before it (a neighbour's; wraps)
                 t = flat.shape[0]
                 at = starts.clamp(max=t - 1) if mode == "first" else (ends - 1) % t
-                emb = _st_empty_values(emb, (ends == starts).unsqueeze(1), lambda: flat[at], mode)
+                emb = _st_empty_values(emb, (ends == starts).unsqueeze(1), lambda: flat[at], mode, h.dtype)
         else:
             if "attention_mask" in features and features["attention_mask"].size(-1) == h.size(1):
                 mask = features["attention_mask"]
             else:
                 mask = torch.ones(h.shape[:-1], dtype=torch.int64, device=h.device)
             if prompt_length is not None:
-                mask = Pooling._exclude_prompt_from_mask(mask, prompt_length)
+                mask = _exclude_prompt(mask, prompt_length)
                 # a row with nothing left after the prompt: sentence-transformers' values
                 if bool((mask.sum(1) == 0).any()):
                     return super().forward(features, **kwargs)
@@ -101,7 +105,7 @@ class FusedPooling(Pooling):
                     return super().forward(features, **kwargs)
             emb = pool(h, mask, mode, out_dtype=torch.float32)
             if mode in ("first", "max"):  # cls: the state at position 0
-                emb = _st_empty_values(emb, (mask == 0).all(1, keepdim=True), lambda: h[:, 0], mode)
+                emb = _st_empty_values(emb, (mask == 0).all(1, keepdim=True), lambda: h[:, 0], mode, h.dtype)
         out = emb.to(h.dtype)
         if out is not emb:
             setattr(out, _POOLED32, emb)
@@ -112,13 +116,48 @@ class FusedPooling(Pooling):
         return f"fused head (llmembed_fast), normalize fused: {self.fuse_normalize}"
 
 
-def _st_empty_values(emb: torch.Tensor, empty: torch.Tensor, token, mode: str) -> torch.Tensor:
+def _st_empty_values(
+    emb: torch.Tensor, empty: torch.Tensor, token, mode: str, dtype: torch.dtype
+) -> torch.Tensor:
     """``emb`` [B, D] float32 with its rows where ``empty`` [B, 1] (no token to pool: an empty text from a
     tokenizer that adds no special tokens) set as sentence-transformers sets them, where they differ from the
-    fused zeros: max -inf (NaN once normalized), cls / lasttoken ``token()`` [B, D], the state its indexing
-    reads there. Selected on the device: no host sync in the encode loop."""
-    st = torch.full_like(emb, float("-inf")) if mode == "max" else token().to(emb.dtype)
+    fused zeros: max its fill value for ``dtype`` states (-inf, NaN once normalized; -1e9 before 6), cls /
+    lasttoken ``token()`` [B, D], the state its indexing reads there. Selected on the device: no host sync in
+    the encode loop."""
+    st = torch.full_like(emb, _st_max_of_nothing(dtype)) if mode == "max" else token().to(emb.dtype)
     return torch.where(empty, st, emb)
+
+
+_MAX_OF_NOTHING: dict[torch.dtype, float] = {}
+
+
+def _st_max_of_nothing(dtype: torch.dtype) -> float:
+    """What this sentence-transformers' max pooling gives a row with no token, for ``dtype`` states (-inf
+    from 6 on; before, its -1e9 fill rounded to ``dtype``): asked of its own Pooling once per dtype."""
+    if dtype not in _MAX_OF_NOTHING:
+        feats = {"token_embeddings": torch.full((1, 2, 1), 5.0, dtype=dtype),
+                 "attention_mask": torch.zeros(1, 2, dtype=torch.int64)}
+        _MAX_OF_NOTHING[dtype] = float(Pooling(1, pooling_mode="max")(feats)["sentence_embedding"].item())
+    return _MAX_OF_NOTHING[dtype]
+
+
+def _pooling_modes(m) -> tuple[str, ...]:
+    """A Pooling's modes by their config names ("mean", "lasttoken", ...; several when concatenated)."""
+    mode = getattr(m, "pooling_mode", None)  # sentence-transformers >= 6: a name or a tuple of names
+    if mode is None:  # before: one flag per mode
+        return tuple(m.get_pooling_mode_str().split("+"))
+    return (mode,) if isinstance(mode, str) else tuple(mode)
+
+
+def _exclude_prompt(mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """``mask`` [B, L] without the prompt's tokens, as this sentence-transformers' Pooling drops them
+    (a copy)."""
+    own = getattr(Pooling, "_exclude_prompt_from_mask", None)
+    if own is not None:  # 6 on: the first prompt_length tokens of each row, after any left padding
+        return own(mask, prompt_length)
+    mask = mask.clone()  # before: positions 0 .. prompt_length - 1, whatever the padding
+    mask[:, :prompt_length] = 0
+    return mask
 
 
 _WEIGHTS_FROM_FIRST_TOKEN: bool | None = None
@@ -145,13 +184,16 @@ def _mask_layout(mask: torch.Tensor) -> tuple[bool, bool]:
     return bool(late_start), bool(one_block)
 
 
+_NORMALIZE_KEYS = ("module_input_name", "module_output_name")  # a Normalize's keys (6 on; before: fixed)
+
+
 class FusedNormalize(Normalize):
     """``Normalize`` that normalizes a :class:`FusedPooling` output from its float32 pooled vectors (one
     rounding to the output dtype instead of two); any other input as sentence-transformers does."""
 
     def forward(self, features: dict) -> dict:
         x = features.get("sentence_embedding")
-        names = (self.module_input_name, self.module_output_name)
+        names = tuple(getattr(self, n, "sentence_embedding") for n in _NORMALIZE_KEYS)
         if names == ("sentence_embedding", "sentence_embedding") and hasattr(x, _POOLED32):
             features["sentence_embedding"] = l2_normalize(getattr(x, _POOLED32)).to(x.dtype)
             return features
