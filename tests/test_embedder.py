@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from st_compat import transformers_major
+from st_compat import st_texts, transformers_major, transformers_version
 from tiny_models import build_tiny_model, cached_tiny_model_dir, make_qwen3_embedding_tokenizer, make_st_model
 
 import llmembed_fast as lf
@@ -47,7 +47,8 @@ def test_last_token_matches_sentence_transformers(tmp_path, arch, add_eos):
     ref = st.encode(TEXTS, convert_to_tensor=True, batch_size=3)
     emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"))
     assert emb.pooling == "last" and emb.normalize and not emb.add_eos  # read from the ST folder
-    out = emb.encode(TEXTS, output="torch", max_tokens_per_batch=64)
+    # the texts as this ST tokenizes them ("search " * 40 ends in a space that 5.x strips)
+    out = emb.encode(st_texts(TEXTS), output="torch", max_tokens_per_batch=64)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
@@ -74,7 +75,11 @@ def test_padding_side_batch_size_and_packing_agree(arch, pooling):
         out = e.encode(TEXTS, output="torch", batch_size=bs)
         torch.testing.assert_close(out, base, atol=3e-6, rtol=0)
         if packed:  # the packed rows really ran packed (not padded after a failed mask probe)
-            assert e._packed_mask_kind() == ("4d" if transformers_major() >= 5 or arch != "bert" else "3d")
+            # transformers 4's BERT takes a 0/1 [1, T, T] mask; 4.51's GPT-2 neither form (it runs padded)
+            want = {"3d"} if arch == "bert" and transformers_major() < 5 else {"4d"}
+            if arch == "gpt2" and transformers_version() < (4, 57):
+                want = {"4d", None}
+            assert e._packed_mask_kind() in want
 
 
 def test_input_order_restored_and_single_string():
@@ -304,7 +309,10 @@ def test_packed_respects_sliding_windows(layout):
         model, tok = build_tiny_model("qwen2", use_sliding_window=False, sliding_window=4)
     from llmembed_fast.embedder import packed as packed_mod
 
-    assert packed_mod.sliding_window(model) == (None if layout == "off" else 4)
+    # a config without layer_types (transformers 4.51) keeps the window even with use_sliding_window=False:
+    # the model's own masks slide there too
+    old_config = getattr(model.config, "layer_types", None) is None
+    assert packed_mod.sliding_window(model) == (None if layout == "off" and not old_config else 4)
     texts = ["the cat sat on the river bank with a dog and a tree", "hello", "a b"]
     ref = lf.LLMEmbedder(model, tok, pooling="mean").encode(texts, output="torch", batch_size=1)
     got = lf.LLMEmbedder(model, tok, pooling="mean", packed=True).encode(texts, output="torch")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from st_compat import st_prompt, st_texts
 from tiny_models import cached_tiny_model_dir, make_st_model, make_tokenizer
 
 import llmembed_fast as lf
@@ -127,13 +128,14 @@ def test_lowercasing_folder_lowers_the_prompt_too(tmp_path):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_weighted_mean_without_prompt_matches_sentence_transformers(tmp_path, packed, side):
     """sentence-transformers weighs by position in the whole sequence, the excluded prompt's tokens
-    counted; the empty text pools nothing (zeros) in both."""
+    counted; the empty text pools nothing (zeros) in both. (Texts and prompt as sentence-transformers 5
+    tokenizes them there: stripped.)"""
     folder = _st_folder(tmp_path, "llama", "weightedmean", include_prompt=False,
-                        prompts={"query": "query:\n"})
+                        prompts={"query": st_prompt("query:\n")})
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(folder, device="cpu")
-    texts = TEXTS + [""]
+    texts = st_texts(TEXTS + [""])
     want = st.encode(texts, prompt_name="query")
     emb = lf.LLMEmbedder.from_pretrained(folder, device="cpu", packed=packed, padding_side=side)
     assert emb.pooling == "weighted_mean" and not emb.include_prompt
@@ -352,3 +354,18 @@ def test_gptj_codegen_rotary_tables_keep_max_length_within_n_positions(cfg_cls):
     got = emb.encode(TEXTS + ["word " * 40], output="torch")
     assert got.isfinite().all()
     torch.testing.assert_close(got[:3], _own_mean(model, tok, TEXTS[:3]), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16"])
+def test_from_pretrained_loads_the_weights_in_the_asked_dtype(tmp_path, dtype):
+    """dtype= reaches transformers under the name it takes (``dtype`` from 4.56, ``torch_dtype`` before:
+    ``dtype`` went to the model's __init__ there and failed), for from_pretrained and load_weights."""
+    want = torch.bfloat16 if dtype is torch.bfloat16 else torch.float16
+    emb = lf.LLMEmbedder.from_pretrained(cached_tiny_model_dir("qwen2"), device="cpu", dtype=dtype)
+    assert {p.dtype for p in emb.model.parameters()} == {want}
+    out = emb.encode(TEXTS[:3], output="torch")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    emb.save_pretrained(tmp_path / "saved")
+    emb.load_weights(tmp_path / "saved")
+    assert {p.dtype for p in emb.model.parameters()} == {want}
+    torch.testing.assert_close(emb.encode(TEXTS[:3], output="torch"), out, atol=0, rtol=0)

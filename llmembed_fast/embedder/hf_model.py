@@ -9,6 +9,16 @@ from torch import nn
 from llmembed_fast import _warn
 
 
+def dtype_kwarg() -> str:
+    """The name ``from_pretrained`` takes the weights' dtype by: ``dtype`` from transformers 4.56 on
+    (``torch_dtype`` is deprecated there), ``torch_dtype`` before (where ``dtype`` reaches the model's
+    ``__init__`` and fails)."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model's position table holds (max_position_embeddings / n_positions)."""
     for key in ("max_position_embeddings", "n_positions"):

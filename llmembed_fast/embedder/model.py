@@ -31,6 +31,7 @@ from llmembed_fast.embedder.args import (
 )
 from llmembed_fast.embedder.hf_model import (
     causal_attention,
+    dtype_kwarg,
     encoder_module,
     is_decoder_model,
     last_hidden,
@@ -319,7 +320,8 @@ class LLMEmbedder(nn.Module):
             raise FileNotFoundError(
                 f"path_or_id: {path_or_id!r} is not a folder, and loading it as a Hub id failed: {exc}"
             ) from exc
-        load_kwargs = dict(model_kwargs, dtype=dtype, trust_remote_code=trust_remote_code)
+        load_kwargs = dict(model_kwargs, trust_remote_code=trust_remote_code)
+        load_kwargs[dtype_kwarg()] = dtype
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
         model = AutoModel.from_pretrained(model_path, **load_kwargs)
@@ -440,7 +442,7 @@ class LLMEmbedder(nn.Module):
             raise TypeError(f"{type(inner).__name__} has no from_pretrained(): load its weights yourself")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"path: {path!r} holds no saved model (no config.json)")
-        loaded = type(inner).from_pretrained(path, dtype=self._compute_dtype())
+        loaded = type(inner).from_pretrained(path, **{dtype_kwarg(): self._compute_dtype()})
         inner.load_state_dict(loaded.state_dict())
         extra_path = os.path.join(path, EXTRA_FILE)
         if os.path.isfile(extra_path):  # the embedder's other tensors (see save_pretrained)

@@ -60,36 +60,37 @@ def probe_mask_kind(run, *, vocab_size: int | None, causal: bool, dtype: torch.d
     """The first mask form in :data:`MASK_KINDS` under which ``run(input_ids [1, T], attention_mask,
     position_ids [1, T]) -> hidden [1, T, H]`` gives a packed row of two short sequences the states each
     sequence gets alone (within the dtype's rounding), or None when no form does (the model refused the
-    mask or did not isolate the sequences). Call it with the model in eval mode and without grad."""
+    mask or did not isolate the sequences). Runs without grad; call it with the model in eval mode."""
     n = max(2, min(int(vocab_size or 100), 100))
     seqs = [[(7 * i + 3) % n for i in range(4)], [(5 * i + 1) % n for i in range(3)]]
-    apart = []
-    for s in seqs:
-        ids = torch.tensor([s], device=device)
-        pos = torch.arange(len(s), device=device)[None]
-        apart.append(run(ids, torch.ones_like(ids), pos)[0].float())
-    ref = torch.cat(apart, dim=0)
     ids = torch.tensor([seqs[0] + seqs[1]], device=device)
     pos = torch.tensor([list(range(len(seqs[0]))) + list(range(len(seqs[1])))], device=device)
     cu = torch.tensor([0, len(seqs[0]), len(seqs[0]) + len(seqs[1])])
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
-    for kind in MASK_KINDS:
-        try:
-            got = run(ids, packed_mask(cu, kind, causal=causal, dtype=dtype, device=device), pos)[0].float()
-        except (ValueError, RuntimeError, TypeError, IndexError):  # the model refused this form
-            continue
+    with torch.no_grad():
+        apart = []
+        for s in seqs:
+            one = torch.tensor([s], device=device)
+            apart.append(run(one, torch.ones_like(one), torch.arange(len(s), device=device)[None])[0].float())
+        ref = torch.cat(apart, dim=0)
         scale = max(1.0, float(ref.abs().max()))
-        if got.shape == ref.shape and float((got - ref).abs().max()) <= tol * scale:
-            return kind
+        for kind in MASK_KINDS:
+            try:
+                got = run(ids, packed_mask(cu, kind, causal=causal, dtype=dtype, device=device), pos)[0]
+            except (ValueError, RuntimeError, TypeError, IndexError):  # the model refused this form
+                continue
+            if got.shape == ref.shape and float((got.float() - ref).abs().max()) <= tol * scale:
+                return kind
     return None
 
 
 def sliding_window(model) -> int | None:
     """The smallest attention window any layer of ``model`` applies, or None when no layer slides.
 
-    transformers' configs say it three ways: ``layer_types`` naming "sliding_attention" layers (Gemma 2/3,
-    Qwen2 and others in recent versions), ``use_sliding_window`` switching it for every layer (older Qwen2),
-    or ``sliding_window`` alone (Mistral: every layer)."""
+    transformers' configs say it two ways: ``layer_types`` naming "sliding_attention" layers (Gemma 2/3,
+    Qwen2 and others in recent versions), or ``sliding_window`` alone (Mistral, and older Qwen2 whatever its
+    ``use_sliding_window`` says: see below). A window counted where the model has none only makes batches
+    with longer sequences run padded (the same embeddings)."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
@@ -105,8 +106,8 @@ def sliding_window(model) -> int | None:
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
         return window if any("sliding" in str(t) for t in layer_types) else None
-    if getattr(cfg, "use_sliding_window", True) is False:
-        return None
+    # a config without layer_types: transformers before them (4.51's Qwen2) slid its sdpa / eager masks by
+    # ``sliding_window`` even where ``use_sliding_window`` is False, so the window counts either way
     return window
 
 

@@ -26,18 +26,28 @@ from llmembed_fast._deps import raise_missing
 from llmembed_fast.embedder.st_folder import ST_POOLING
 from llmembed_fast.ops.pooling import l2_normalize, pool, pool_segments
 
-try:
-    from sentence_transformers.base.modules.normalize import Normalize
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
-    _LEGACY = False
-except ImportError:  # older layout (sentence-transformers < 6)
-    try:
-        from sentence_transformers.models import Normalize, Pooling
-    except ImportError as exc:
-        raise_missing(exc, "sentence_transformers", "st", f"{__name__} (accelerate)")
-    # its cls is the state at position 0 whatever the mask (padding or prompt): left to its own code
-    _LEGACY = True
+def _st_modules():
+    """sentence-transformers' (Pooling, Normalize) classes where this version keeps them: 6 (Normalize in
+    ``base``), 5.4 - 5.7 (both in ``sentence_transformer.modules``), older (``models``)."""
+    import importlib
+
+    pooling = "sentence_transformers.sentence_transformer.modules.pooling"
+    for p, n in ((pooling, "sentence_transformers.base.modules.normalize"),
+                 (pooling, "sentence_transformers.sentence_transformer.modules.normalize"),
+                 ("sentence_transformers.models", "sentence_transformers.models")):
+        try:
+            return importlib.import_module(p).Pooling, importlib.import_module(n).Normalize
+        except (ImportError, AttributeError) as exc:
+            err = exc
+    raise_missing(err, "sentence_transformers", "st", f"{__name__} (accelerate)")
+
+
+Pooling, Normalize = _st_modules()
+# a Pooling before 5.4 has no flattened (varlen) batches: a [1, T, H] batch with cu_seq_lens_q is one sequence
+# to it and to the fused head; its cls is the state at position 0 whatever the mask (padding or prompt), left
+# to its own code
+_LEGACY = not hasattr(Pooling, "_forward_flattened")
 
 # the float32 pooled vectors behind a FusedPooling output in a lower dtype, kept on that output tensor (not in
 # the features, which encode(output_value=None) returns) for a FusedNormalize that reads that same tensor next
@@ -64,7 +74,7 @@ class FusedPooling(Pooling):
         if not self.include_prompt and "prompt_length" in features:
             pl = features["prompt_length"]
             prompt_length = int(pl[0].item()) if isinstance(pl, torch.Tensor) else int(pl)
-        if "cu_seq_lens_q" in features:  # flattened (flash-attention varlen) batch [1, T, H]
+        if "cu_seq_lens_q" in features and not _LEGACY:  # a flattened (varlen) batch [1, T, H]
             cu = features["cu_seq_lens_q"].to(torch.int64)
             starts, ends = cu[:-1], cu[1:]
             if prompt_length and mode == "first":

@@ -1,10 +1,11 @@
 """A sentence-transformers loss: CachedMultipleNegativesRankingLoss computed with GradCache + the fused loss.
 
 ``CachedFusedMNRLoss`` takes ``CachedMultipleNegativesRankingLoss``'s arguments and gives the same loss and
-gradients (same model, batch and RNG; ``same_tower`` with hard negatives excepted, see its docstring), with
-the loss stage done once by ``lf.contrastive_loss`` in O((B+N)*D) memory (every Matryoshka dim in the same
-pass, no per-dim rerun) and the chunks re-run inside ``loss.backward()`` as the trainer calls it. Use it
-with ``SentenceTransformerTrainer`` like any loss.
+gradients (same model, batch and RNG; ``same_tower`` with hard negatives excepted, see its docstring; with
+sentence-transformers 5.1 under dropout, given ``trim_padding=False``), with the loss stage done once by
+``lf.contrastive_loss`` in O((B+N)*D) memory (every Matryoshka dim in the same pass, no per-dim rerun) and
+the chunks re-run inside ``loss.backward()`` as the trainer calls it. Use it with
+``SentenceTransformerTrainer`` like any loss.
 """
 from __future__ import annotations
 
@@ -54,7 +55,24 @@ def _terms_of(directions, partition_mode) -> tuple[bool, bool]:
         "(symmetric=True); ('query_to_doc', 'query_to_query', 'doc_to_doc') with 'joint' (same_tower=True)")
 
 
-class CachedFusedMNRLoss(nn.Module):
+def _st_cached_base() -> type:
+    """The base class. sentence-transformers before its ``base`` layout (before 5.4; tested: 5.1) tells its
+    cached losses apart by class (MatryoshkaLoss's and AdaptiveLayerLoss's ``isinstance(loss,
+    CachedMultipleNegativesRankingLoss)``), so there the fused loss subclasses that class (it uses none of its
+    methods) and MatryoshkaLoss hands it its dims instead of truncating the first pass's embeddings only. With
+    the ``base`` layout (tested: 5.7, 6.x) it reads the ``uses_gradient_cache`` marker: a plain Module."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("sentence_transformers.base") is not None:  # 5.4 on: the marker
+            return nn.Module
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+    except Exception:  # not installed (the loss then needs it only at use), or an unexpected layout
+        return nn.Module
+    return CachedMultipleNegativesRankingLoss
+
+
+class CachedFusedMNRLoss(_st_cached_base()):
     """Gradient-cached multiple-negatives ranking (InfoNCE) loss for sentence-transformers, fused.
 
     Inputs (as ``CachedMultipleNegativesRankingLoss``): (anchor, positive) pairs or (anchor, positive,
@@ -63,8 +81,10 @@ class CachedFusedMNRLoss(nn.Module):
     (padding-free, ``cu_seq_lens_q``: sentence-transformers' flash-attention path) features both work.
 
     The positional arguments are ``CachedMultipleNegativesRankingLoss``'s, in its order (sentence-transformers
-    6). ``MatryoshkaLoss(model, CachedFusedMNRLoss(model), dims)`` works as with the cached loss it replaces,
-    and computes every dim in the loss's one pass (as ``matryoshka_dims=`` does).
+    6; in 5.1 ``gather_across_devices`` is the 5th: pass it by name). ``MatryoshkaLoss(model,
+    CachedFusedMNRLoss(model), dims)`` works as with the cached loss it replaces, and computes every dim in
+    the loss's one pass (as ``matryoshka_dims=`` does); its ``n_dims_per_step`` is followed where the
+    sentence-transformers version hands it to cached losses (5.7, 6; 5.1 trains every dim each step).
 
     Args:
         model: a ``SentenceTransformer``.
@@ -92,7 +112,9 @@ class CachedFusedMNRLoss(nn.Module):
         false_negative_margin: drop negatives scoring more than this above the positive.
         matryoshka_dims / matryoshka_weights: a weighted sum over embedding prefixes, in one pass (what
             ``MatryoshkaLoss`` wrapping the cached loss computes with one loss run per dim).
-        trim_padding: embed each mini-batch at its own padded width (sentence-transformers does the same).
+        trim_padding: embed each mini-batch at its own padded width (sentence-transformers 5.7 and 6 do the
+            same; 5.1 embeds every mini-batch at the batch's width: ``trim_padding=False`` reproduces its
+            numbers under dropout, whose masks depend on the width).
         sort_by_length: form the mini-batches from the rows sorted longest first (``lf.GradCache``'s
             ``sort_by_length``): with mixed lengths far fewer padded tokens are embedded, twice. The loss
             and gradients are the same, except that under dropout each mini-batch then draws other masks
@@ -110,7 +132,7 @@ class CachedFusedMNRLoss(nn.Module):
                  false_negative_margin: float | None = None, matryoshka_dims: Sequence[int] | None = None,
                  matryoshka_weights: Sequence[float] | None = None, trim_padding: bool = True,
                  sort_by_length: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)  # not the sentence-transformers 5.1 base's (see _st_cached_base)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a SentenceTransformer, got {type(model).__name__}")
         if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)  # numpy scalars too
@@ -204,6 +226,11 @@ class CachedFusedMNRLoss(nn.Module):
         return _check_dims([int(dims[i]) for i in order], [weights[i] for i in order], None)
 
     def _encode(self, features: dict) -> torch.Tensor:
+        mask = features.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            # sentence-transformers 5.1's Pooling(include_prompt=False) zeroes the prompt in the mask in
+            # place: on the caller's tensor (a chunk is a view), the re-run would no longer attend to it
+            features = dict(features, attention_mask=mask.clone())
         return self.model(features)["sentence_embedding"]
 
     def _group(self):
