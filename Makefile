@@ -2,7 +2,8 @@
 #   make bench   set up, build, run `llmembed-fast bench`
 #   make test    set up, lint (ruff), build, run the C++ unit tests (ctest) and pytest (Triton through its interpreter),
 #                then the Triton kernels' tests again under the newest supported Triton (test-compat), the
-#                transformers-based tests under the GPU machine's transformers 5.17 (test-compat-hf), and the
+#                transformers-based tests under the GPU machine's transformers 5.17 (test-compat-hf) and under
+#                transformers 4.57 / 4.51 with sentence-transformers 5.1 / 5.7 (test-compat-hf4), and the
 #                torch-path tests under the oldest supported torch, 2.11, the GPU machine's (test-compat-torch-min)
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ export PIP_NO_CACHE_DIR := 1
 
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf test-compat-torch test-compat-torch-min bench bench-pytest clean
+.PHONY: venv deps build lint test test-cpp test-py test-compat test-compat-hf test-compat-hf4 test-compat-torch test-compat-torch-min bench bench-pytest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -101,7 +102,20 @@ test-compat-hf: build $(HF_COMPAT_STAMP)
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; import huggingface_hub as h; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__, '/ huggingface_hub', h.__version__)"
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(HF_COMPAT_TESTS)
 
-test: lint test-cpp test-py test-compat test-compat-hf test-compat-torch-min
+# transformers 4 (with huggingface_hub < 1 and a datasets that imports it), the same tests in two more folders:
+# - 4.57 (the last 4.x) with sentence-transformers 5.1, the last release before its 5.4 module layout;
+# - 4.51, the oldest transformers supported, with sentence-transformers 5.7 (the new layout on transformers 4).
+HF4_HUB := huggingface_hub==0.36.2 datasets==4.1.1 pillow==13.0.0
+HF4_COMPAT_ARGS := HF_COMPAT_DIR=.hf-compat-4 HF_COMPAT=transformers==4.57.6 \
+	HF_COMPAT_ST=sentence-transformers==5.1.2 HF_COMPAT_HUB="$(HF4_HUB) tokenizers==0.22.2"
+HF4_MIN_COMPAT_ARGS := HF_COMPAT_DIR=.hf-compat-4-min HF_COMPAT=transformers==4.51.3 \
+	HF_COMPAT_ST=sentence-transformers==5.7.0 HF_COMPAT_HUB="$(HF4_HUB) tokenizers==0.21.4"
+
+test-compat-hf4:
+	$(MAKE) --no-print-directory test-compat-hf $(HF4_COMPAT_ARGS)
+	$(MAKE) --no-print-directory test-compat-hf $(HF4_MIN_COMPAT_ARGS)
+
+test: lint test-cpp test-py test-compat test-compat-hf test-compat-hf4 test-compat-torch-min
 
 # Other torch versions, each in its own venv and its own copy of the tracked files (an editable build here
 # would replace .venv's extension with one built against the other torch). Their PyPI wheels are CUDA builds:
@@ -158,4 +172,4 @@ bench-pytest: build
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR) .torch-compat-*
+	rm -rf build build-cmake.log *.egg-info llmembed_fast/_C*.so $(VENV)/.build-stamp $(COMPAT_DIR) $(HF_COMPAT_DIR) .hf-compat-4 .hf-compat-4-min .torch-compat-*
