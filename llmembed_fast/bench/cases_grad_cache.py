@@ -113,8 +113,11 @@ def step_fns(encoder, q, d, chunk: int, temperature: float = 0.05, autocast_dtyp
                                                         sort_by_length=False)),
            "uncached": uncached}
     try:
-        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    except Exception:
+        try:  # sentence-transformers 5.4 on
+            from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+        except ImportError:
+            from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+    except ImportError:
         out["st_cached_mnrl"] = "skipped: sentence-transformers not installed"
         return out
     st_loss = CachedMultipleNegativesRankingLoss(STLike(encoder), scale=1.0 / temperature,
