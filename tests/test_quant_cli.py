@@ -320,3 +320,30 @@ def test_search_cli_queries_from_a_pipe_path(tmp_path, capsys):
     finally:
         os.close(fd)
     assert capsys.readouterr().err.startswith(f"error: corpus {path!r} is not a file")
+
+
+@pytest.mark.parametrize("exc", [TypeError("bad argument"), ImportError("no module named foo")])
+def test_bench_provider_that_raises(monkeypatch, capsys, exc):
+    """A case provider that raises while building its cases: a missing optional dependency (ImportError) is a
+    note, anything else a case that raised, so that bench exits 1 (a transformers API change once showed as
+    'skipped' with exit 0)."""
+    import sys
+    import types
+
+    from llmembed_fast.bench import core
+    from llmembed_fast.cli import main
+
+    def cases(ctx):
+        raise exc
+
+    monkeypatch.setitem(sys.modules, "llmembed_fast.bench.cases_zzbad", types.SimpleNamespace(cases=cases))
+    monkeypatch.setattr(core, "discover_providers", lambda: ["cases_zzbad"])
+    got, notes = collect_cases(BenchContext(device=torch.device("cpu"), smoke=True))
+    if isinstance(exc, ImportError):
+        assert got == [] and notes == ["zzbad: skipped (ImportError: no module named foo)"]
+        assert main(["bench", "--device", "cpu", "--smoke"]) == 0
+        return
+    assert notes == [] and [(c.group, c.name) for c in got] == [("zzbad", "building the cases")]
+    assert main(["bench", "--device", "cpu", "--smoke"]) == 1
+    err = capsys.readouterr().err
+    assert "error: 1 case(s) or baseline(s) raised: building the cases" in err

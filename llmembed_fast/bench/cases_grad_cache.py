@@ -23,6 +23,8 @@ def qwen2_encoder(device, dtype=torch.float32, *, hidden_size=64, intermediate_s
     """Random-init Qwen2 (``attn_implementation="sdpa"``) + mean pooling, as an nn.Module chunk -> [b, H]."""
     from transformers import AutoModel, Qwen2Config
 
+    from llmembed_fast.embedder.hf_model import dtype_kwarg
+
     cfg = Qwen2Config(hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                       num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
@@ -31,7 +33,7 @@ def qwen2_encoder(device, dtype=torch.float32, *, hidden_size=64, intermediate_s
     # built where it runs (as the embedder section does): the 0.5B model's random init on the host CPU, then a
     # copy, took ~12 s on 2 cores, out of the grad_cache section's timing share
     with torch.device(device):
-        model = AutoModel.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        model = AutoModel.from_config(cfg, attn_implementation="sdpa", **{dtype_kwarg(): dtype})
     return MeanPooled(model).train()
 
 

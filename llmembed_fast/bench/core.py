@@ -60,9 +60,18 @@ def collect_cases(ctx: BenchContext) -> tuple[list[Case], list[str]]:
             cases.extend(mod.cases(ctx))
         except Skip as exc:
             notes.append(f"{group}: skipped ({exc})")
-        except Exception as exc:  # a provider that cannot run here is reported, not fatal
+        except ImportError as exc:  # an optional dependency this machine lacks
             notes.append(f"{group}: skipped ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # a provider that failed building its cases: a case that raised (exit 1)
+            cases.append(Case(group, "building the cases", ours=_raiser(exc)))
     return cases, notes
+
+
+def _raiser(exc: Exception) -> Callable[[], object]:
+    def ours():
+        raise exc
+
+    return ours
 
 
 def _fmt_ms(s: float | None) -> str:
