@@ -91,7 +91,8 @@ HF_COMPAT_TESTS ?= tests/test_embedder.py tests/test_embedder_models.py tests/te
 	tests/test_st_integration.py tests/test_st_loss_parity.py tests/test_training_integrations.py \
 	tests/test_grad_cache.py tests/test_grad_cache_distributed.py tests/test_chunking.py tests/test_cli_encode.py \
 	tests/test_quant.py tests/test_contrastive_st_parity.py
-HF_COMPAT_STAMP := $(HF_COMPAT_DIR)/.stamp-$(subst =,,$(HF_COMPAT))-$(subst =,,$(HF_COMPAT_ST))-$(words $(HF_COMPAT_HUB))$(subst =,,$(firstword $(HF_COMPAT_HUB)))
+# named by a hash of every pin: changing any of them reinstalls the folder
+HF_COMPAT_STAMP = $(HF_COMPAT_DIR)/.stamp-$(shell echo '$(HF_COMPAT) $(HF_COMPAT_ST) $(HF_COMPAT_HUB)' | md5sum | cut -c1-12)
 
 $(HF_COMPAT_STAMP):
 	rm -rf $(HF_COMPAT_DIR)
@@ -99,17 +100,18 @@ $(HF_COMPAT_STAMP):
 	touch $@
 
 test-compat-hf: build $(HF_COMPAT_STAMP)
-	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; import huggingface_hub as h; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__, '/ huggingface_hub', h.__version__)"
+	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -c "import transformers as t, sentence_transformers as s; import huggingface_hub as h, accelerate as a; print('test-compat-hf: transformers', t.__version__, t.__file__, '/ sentence-transformers', s.__version__, '/ huggingface_hub', h.__version__, '/ accelerate', a.__version__)"
 	PYTHONPATH="$(CURDIR)/$(HF_COMPAT_DIR)$${PYTHONPATH:+:$$PYTHONPATH}" TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(HF_COMPAT_TESTS)
 
 # transformers 4 (with huggingface_hub < 1 and a datasets that imports it), the same tests in two more folders:
 # - 4.57 (the last 4.x) with sentence-transformers 5.1, the last release before its 5.4 module layout;
-# - 4.51, the oldest transformers supported, with sentence-transformers 5.7 (the new layout on transformers 4).
+# - 4.51, the oldest transformers supported, with sentence-transformers 5.7 (the new layout on transformers 4)
+#   and accelerate 1.1, the oldest supported (4.57's Trainer itself needs 1.3).
 HF4_HUB := huggingface_hub==0.36.2 datasets==4.1.1 pillow==13.0.0
 HF4_COMPAT_ARGS := HF_COMPAT_DIR=.hf-compat-4 HF_COMPAT=transformers==4.57.6 \
 	HF_COMPAT_ST=sentence-transformers==5.1.2 HF_COMPAT_HUB="$(HF4_HUB) tokenizers==0.22.2"
 HF4_MIN_COMPAT_ARGS := HF_COMPAT_DIR=.hf-compat-4-min HF_COMPAT=transformers==4.51.3 \
-	HF_COMPAT_ST=sentence-transformers==5.7.0 HF_COMPAT_HUB="$(HF4_HUB) tokenizers==0.21.4"
+	HF_COMPAT_ST=sentence-transformers==5.7.0 HF_COMPAT_HUB="$(HF4_HUB) tokenizers==0.21.4 accelerate==1.1.0"
 
 test-compat-hf4:
 	$(MAKE) --no-print-directory test-compat-hf $(HF4_COMPAT_ARGS)

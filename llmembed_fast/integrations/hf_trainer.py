@@ -11,6 +11,7 @@ Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 
@@ -188,7 +189,12 @@ class GradCacheTrainer(Trainer):
         from llmembed_fast.embedder.model import LLMEmbedder
 
         m = model if model is not None else self.model
-        m = self.accelerator.unwrap_model(m, keep_torch_compile=False)
+        unwrap = self.accelerator.unwrap_model
+        if "keep_torch_compile" in inspect.signature(unwrap).parameters:
+            m = unwrap(m, keep_torch_compile=False)
+        else:  # accelerate before 1.3 (the declared floor is 1.1) keeps the torch.compile wrapper
+            m = unwrap(m)
+            m = getattr(m, "_orig_mod", m)
         return m if isinstance(m, LLMEmbedder) else None
 
     def _saved_embedder(self, folder: str | None, model=None):
