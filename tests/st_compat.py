@@ -33,6 +33,17 @@ def st_old_layout() -> bool:
     return importlib.util.find_spec("sentence_transformers.base") is None
 
 
+def st_5_4_to_5_6() -> bool:
+    """sentence-transformers 5.4 - 5.6: the new layout without ``base.losses.gradcache`` (5.7 has it). Their
+    Pooling follows other rules for prompts, flattened batches and left-padded weightedmean than the fused
+    head does, so ``accelerate()`` keeps it (its self-check finds the difference); not run in CI."""
+    import importlib.util
+
+    if st_old_layout() or importlib.util.find_spec("sentence_transformers.base.losses") is None:
+        return not st_old_layout()
+    return importlib.util.find_spec("sentence_transformers.base.losses.gradcache") is None
+
+
 def st_version() -> tuple[int, int]:
     import sentence_transformers
 

@@ -3,11 +3,12 @@ drop-in: LLMEmbedder and ``accelerate(model)`` give sentence-transformers' own e
 
 import importlib.util
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from st_compat import st_has_flat_batches, st_normalize_has_keys, st_prompt
+from st_compat import st_5_4_to_5_6, st_has_flat_batches, st_normalize_has_keys, st_prompt
 from tiny_models import cached_tiny_model_dir, make_st_model
 
 import llmembed_fast as lf
@@ -148,6 +149,40 @@ def test_accelerate_tiny_models(arch, mode, include_prompt, side):
         np.testing.assert_allclose(o, r, atol=3e-6, rtol=0)
 
 
+def test_accelerate_checks_itself_against_the_pooling_it_replaces():
+    """accelerate() compares the fused forward with the Pooling's own on small batches (padding, prompts,
+    empty rows, flattened): no difference under the sentence-transformers installed (a warning would fail
+    here); a Pooling whose rules differ (a subclass here; an untested sentence-transformers version alike)
+    is left as it is, with a warning naming the case."""
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed_fast.integrations.sentence_transformers import FusedPooling, Pooling, accelerate
+
+    class Doubled(Pooling):
+        def forward(self, features, **kwargs):
+            out = super().forward(features, **kwargs)
+            out["sentence_embedding"] = out["sentence_embedding"] * 2
+            return out
+
+    for mode in ("mean", "max", "cls", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"):
+        st = make_st_model(cached_tiny_model_dir("qwen2"), mode, normalize=False, include_prompt=False)
+        if st_5_4_to_5_6():  # their rules differ for some modes: the check keeps their Pooling there
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            accelerate(st)
+        assert type(st[1]) is FusedPooling, mode
+    st = make_st_model(cached_tiny_model_dir("qwen2"), "mean", normalize=False)
+    odd = Doubled(st[1].get_sentence_embedding_dimension(), pooling_mode="mean")
+    st = SentenceTransformer(modules=[st[0], odd], device="cpu")
+    texts = ["hello world", "money"]
+    want = st.encode(texts)
+    with pytest.warns(UserWarning, match=r"Pooling outputs \(right padding\); that Pooling is left"):
+        accelerate(st)
+    assert type(st[1]) is Doubled
+    np.testing.assert_array_equal(st.encode(texts), want)
+
+
 def test_accelerate_triton_head(monkeypatch):
     from llmembed_fast.integrations.sentence_transformers import accelerate
 
@@ -208,6 +243,8 @@ def test_integrations_submodule_is_reachable_from_the_package():
         llmembed_fast.integrations.no_such_thing  # noqa: B018
 
 
+@pytest.mark.skipif(st_5_4_to_5_6(), reason="sentence-transformers 5.4 - 5.6 pool by other rules; "
+                    "accelerate() keeps their Pooling (see test_accelerate_checks_itself_...)")
 @pytest.mark.parametrize("mode", ["weightedmean", "mean", "max", "mean_sqrt_len_tokens", "cls", "lasttoken"])
 def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
     """Flattened (flash-attention varlen) features with prompt_length, and a prompt_length that leaves a
@@ -239,6 +276,8 @@ def test_fused_pooling_prompt_length_flat_and_longer_than_a_sequence(mode):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.skipif(st_5_4_to_5_6(), reason="sentence-transformers 5.4 - 5.6 pool by other rules; "
+                    "accelerate() keeps their Pooling (see test_accelerate_checks_itself_...)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_pooling_left_padded_weightedmean(monkeypatch, dtype):
     """Left-padded weightedmean: sentence-transformers >= 6.2 counts positions from each row's first token, as

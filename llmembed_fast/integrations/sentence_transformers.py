@@ -13,6 +13,9 @@ position 0 where sentence-transformers weights by absolute position (before 6.2;
 row's first token, as the fused head does, unless a prompt is cut off or a row has holes), a
 ``prompt_length`` or an empty text that leaves a sequence with no token to pool (sentence-transformers'
 empty-row values), and cls under a prompt in a flattened batch (its answer depends on the version).
+``accelerate`` first checks each Pooling: the fused forward must give that Pooling's own outputs on
+small batches covering padding, prompts, empty rows and flattened batches; a Pooling that differs (a
+sentence-transformers version with other rules, 5.4 - 5.6, or a subclass) is left as it is, with a warning.
 ``restore(model)`` switches back. An accelerated model saves (``save``, ``save_pretrained``, the trainer's
 checkpoints) as the plain model: the folder records sentence-transformers' own Pooling / Normalize and
 loads anywhere, without llmembed_fast or ``trust_remote_code``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from llmembed_fast import _warn
 from llmembed_fast._deps import raise_missing
 from llmembed_fast.embedder.st_folder import ST_POOLING
 from llmembed_fast.ops.pooling import l2_normalize, pool, pool_segments
@@ -163,11 +167,32 @@ def _exclude_prompt(mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
     """``mask`` [B, L] without the prompt's tokens, as this sentence-transformers' Pooling drops them
     (a copy)."""
     own = getattr(Pooling, "_exclude_prompt_from_mask", None)
-    if own is not None:  # 6 on: the first prompt_length tokens of each row, after any left padding
+    if own is not None:  # 5.4 on: its own function
         return own(mask, prompt_length)
-    mask = mask.clone()  # before: positions 0 .. prompt_length - 1, whatever the padding
-    mask[:, :prompt_length] = 0
+    mask = mask.clone()
+    if _st_prompt_after_padding():  # 5.2 - 5.3: the same rule, written inside its forward
+        pad = mask.to(torch.int32).argmax(dim=1)
+        if bool((pad > 0).any()):
+            mask[torch.arange(mask.size(1), device=mask.device)[None] < (pad + prompt_length)[:, None]] = 0
+            return mask
+    mask[:, :prompt_length] = 0  # 5.1: positions 0 .. prompt_length - 1, whatever the padding
     return mask
+
+
+_PROMPT_AFTER_PADDING: bool | None = None
+
+
+def _st_prompt_after_padding() -> bool:
+    """Whether this sentence-transformers' Pooling (one without ``_exclude_prompt_from_mask``) drops the
+    prompt after a row's left padding (5.2 - 5.3) or at positions 0 .. prompt_length - 1 (5.1): asked of its
+    own Pooling once, on a left-padded row of three tokens with a one-token prompt."""
+    global _PROMPT_AFTER_PADDING
+    if _PROMPT_AFTER_PADDING is None:
+        feats = {"token_embeddings": torch.tensor([[[100.0], [1.0], [2.0], [4.0]]]),
+                 "attention_mask": torch.tensor([[0, 1, 1, 1]]), "prompt_length": 1}
+        got = Pooling(1, pooling_mode="mean", include_prompt=False)(feats)["sentence_embedding"].item()
+        _PROMPT_AFTER_PADDING = abs(got - 3.0) < 1e-6  # (2 + 4) / 2; from position 0: (1 + 2 + 4) / 3
+    return _PROMPT_AFTER_PADDING
 
 
 _WEIGHTS_FROM_FIRST_TOKEN: bool | None = None
@@ -257,6 +282,46 @@ class _PlainSave:
         return save(self.model, *args, **kwargs)
 
 
+def _self_check_cases() -> list[tuple[str, dict]]:
+    """Small float32 batches on the layouts where sentence-transformers versions pool differently: right and
+    left padding, a prompt to exclude (after left padding too), a row with no token, a flattened batch."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 5, generator=g)
+    right = (torch.arange(7)[None] < torch.tensor([[7], [4], [2]])).long()
+    left = right.flip(1)
+    empty = right.clone()
+    empty[2] = 0
+    cu = torch.tensor([0, 7, 11, 13], dtype=torch.int32)
+    flat = torch.randn(1, 13, 5, generator=g)
+    cases = [("right padding", {"token_embeddings": h, "attention_mask": right}),
+             ("left padding", {"token_embeddings": h, "attention_mask": left}),
+             ("a row with no token", {"token_embeddings": h, "attention_mask": empty}),
+             ("a flattened batch", {"token_embeddings": flat, "cu_seq_lens_q": cu})]
+    return cases + [(f"{name}, a 1-token prompt", dict(f, prompt_length=1)) for name, f in cases]
+
+
+def _differs_from_st(m) -> str | None:
+    """The first self-check case on which the fused forward of Pooling ``m`` differs from its own forward
+    (its config: modes, include_prompt), or None. Run once per module by :func:`accelerate`, so that a
+    sentence-transformers version whose pooling rules the head does not follow keeps its own Pooling."""
+    cls = m.__class__
+    try:
+        for name, feats in _self_check_cases():
+            def copy(f=feats):  # its forward may write into the features (5.1: the mask, max's states)
+                return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in f.items()}
+
+            with torch.no_grad():
+                m.__class__ = cls
+                want = m(copy())["sentence_embedding"].float()
+                m.__class__ = FusedPooling
+                got = m(copy())["sentence_embedding"].float()
+            if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5, rtol=0, equal_nan=True):
+                return name
+        return None
+    finally:
+        m.__class__ = cls
+
+
 def accelerate(model):
     """Swap ``model``'s Pooling (and a Normalize right after it) for the fused head, in place.
 
@@ -275,6 +340,14 @@ def accelerate(model):
             and getattr(nxt, "module_input_name", "sentence_embedding") == "sentence_embedding"
             and getattr(nxt, "module_output_name", "sentence_embedding") == "sentence_embedding"
         )
+        if not isinstance(m, FusedPooling):
+            differs = _differs_from_st(m)
+            if differs is not None:
+                _warn.warn(
+                    f"accelerate: the fused head does not give this sentence-transformers' Pooling outputs "
+                    f"({differs}); that Pooling is left as it is"
+                )
+                continue
         m.__class__ = FusedPooling
         m.fuse_normalize = bool(fuse)
         if fuse:

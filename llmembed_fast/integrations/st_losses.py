@@ -56,20 +56,25 @@ def _terms_of(directions, partition_mode) -> tuple[bool, bool]:
 
 
 def _st_cached_base() -> type:
-    """The base class. sentence-transformers before its ``base`` layout (before 5.4; tested: 5.1) tells its
-    cached losses apart by class (MatryoshkaLoss's and AdaptiveLayerLoss's ``isinstance(loss,
-    CachedMultipleNegativesRankingLoss)``), so there the fused loss subclasses that class (it uses none of its
-    methods) and MatryoshkaLoss hands it its dims instead of truncating the first pass's embeddings only. With
-    the ``base`` layout (tested: 5.7, 6.x) it reads the ``uses_gradient_cache`` marker: a plain Module."""
-    try:
-        import importlib.util
+    """The base class. A sentence-transformers with the ``uses_gradient_cache`` marker
+    (``sentence_transformers.base.losses.gradcache``; tested: 5.7, 6.x) asks each loss whether it caches
+    gradients: a plain Module. Older ones (tested: 5.1 - 5.5) tell their cached losses apart by class
+    (MatryoshkaLoss's and AdaptiveLayerLoss's ``isinstance(loss, CachedMultipleNegativesRankingLoss)``), so
+    there the fused loss subclasses that class (it uses none of its methods), and MatryoshkaLoss hands it its
+    dims instead of truncating the first pass's embeddings only."""
+    import importlib
 
-        if importlib.util.find_spec("sentence_transformers.base") is not None:  # 5.4 on: the marker
-            return nn.Module
-        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
-    except Exception:  # not installed (the loss then needs it only at use), or an unexpected layout
+    try:
+        importlib.import_module("sentence_transformers.base.losses.gradcache")
         return nn.Module
-    return CachedMultipleNegativesRankingLoss
+    except ImportError:
+        pass
+    for name in ("sentence_transformers.sentence_transformer.losses", "sentence_transformers.losses"):
+        try:
+            return importlib.import_module(name).CachedMultipleNegativesRankingLoss
+        except (ImportError, AttributeError):
+            continue
+    return nn.Module  # not installed: the loss needs it only at use (and says so there)
 
 
 class CachedFusedMNRLoss(_st_cached_base()):
