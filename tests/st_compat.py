@@ -33,15 +33,23 @@ def st_old_layout() -> bool:
     return importlib.util.find_spec("sentence_transformers.base") is None
 
 
-def st_5_4_to_5_6() -> bool:
-    """sentence-transformers 5.4 - 5.6: the new layout without ``base.losses.gradcache`` (5.7 has it). Their
-    Pooling follows other rules for prompts, flattened batches and left-padded weightedmean than the fused
-    head does, so ``accelerate()`` keeps it (its self-check finds the difference); not run in CI."""
-    import importlib.util
+def st_has_gradcache() -> bool:
+    """Whether this sentence-transformers has ``base.losses.gradcache`` (5.7, 6): the ``uses_gradient_cache``
+    marker, and mini-batches trimmed of their trailing padding."""
+    import importlib
 
-    if st_old_layout() or importlib.util.find_spec("sentence_transformers.base.losses") is None:
-        return not st_old_layout()
-    return importlib.util.find_spec("sentence_transformers.base.losses.gradcache") is None
+    try:
+        importlib.import_module("sentence_transformers.base.losses.gradcache")
+    except ImportError:
+        return False
+    return True
+
+
+def st_5_4_to_5_6() -> bool:
+    """sentence-transformers 5.4 - 5.6: the new layout without ``base.losses.gradcache``. Their Pooling
+    follows other rules for prompts, flattened batches and left-padded weightedmean than the fused head does,
+    so ``accelerate()`` keeps it (its self-check finds the difference); not run in CI."""
+    return not st_old_layout() and not st_has_gradcache()
 
 
 def st_version() -> tuple[int, int]:

@@ -164,10 +164,10 @@ def test_accelerate_checks_itself_against_the_pooling_it_replaces():
             out["sentence_embedding"] = out["sentence_embedding"] * 2
             return out
 
-    for mode in ("mean", "max", "cls", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"):
+    # (5.4 - 5.6's rules differ for some modes: the check keeps their Pooling there)
+    for mode in () if st_5_4_to_5_6() else ("mean", "max", "cls", "lasttoken", "weightedmean",
+                                             "mean_sqrt_len_tokens"):
         st = make_st_model(cached_tiny_model_dir("qwen2"), mode, normalize=False, include_prompt=False)
-        if st_5_4_to_5_6():  # their rules differ for some modes: the check keeps their Pooling there
-            continue
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             accelerate(st)

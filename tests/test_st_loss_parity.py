@@ -2,7 +2,6 @@
 random BERT / Qwen2 with dropout on, train mode), same batch and seed -> same loss and parameter gradients."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import sys
@@ -14,7 +13,7 @@ import torch
 
 pytest.importorskip("sentence_transformers")
 sys.path.insert(0, os.path.dirname(__file__))
-from st_compat import st_5_4_to_5_6, st_old_layout, st_pooling  # noqa: E402
+from st_compat import st_5_4_to_5_6, st_has_gradcache, st_old_layout, st_pooling  # noqa: E402
 from st_compat import st_loss as st_loss_class  # noqa: E402
 from tiny_models import cached_tiny_model_dir, corpus, make_st_model  # noqa: E402
 
@@ -27,12 +26,9 @@ _ST_CACHED_ARGS = inspect.signature(st_loss_class("CachedMultipleNegativesRankin
 ST_DIRECTIONS = "directions" in _ST_CACHED_ARGS  # query_to_query / doc_to_doc terms
 ST_TOKEN_BUDGET = "mini_batch_num_tokens" in _ST_CACHED_ARGS
 # its gradcache module (5.7, 6) trims each mini-batch's trailing padding (_create_minibatch), as the fused
-# loss does by default, and MatryoshkaLoss hands cached losses their n_dims_per_step; before it, mini-batches
-# keep the batch's width, and dropout masks depend on the width: the fused loss is compared untrimmed there
-ST_GRADCACHE = importlib.util.find_spec("sentence_transformers.base") is not None and (
-    importlib.util.find_spec("sentence_transformers.base.losses") is not None
-    and importlib.util.find_spec("sentence_transformers.base.losses.gradcache") is not None
-)
+# loss does by default; before it, mini-batches keep the batch's width, and dropout masks depend on the
+# width: the fused loss is compared untrimmed there
+ST_GRADCACHE = st_has_gradcache()
 # a Pooling without _exclude_prompt_from_mask (5.1 - 5.3) zeroes the prompt in the caller's attention mask
 ST_MASK_IN_PLACE = not hasattr(st_pooling(), "_exclude_prompt_from_mask")
 ST_5_4_TO_5_6 = st_5_4_to_5_6()  # not compared where noted (not run in CI)

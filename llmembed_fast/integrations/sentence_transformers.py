@@ -23,6 +23,8 @@ loads anywhere, without llmembed_fast or ``trust_remote_code``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmembed_fast import _warn
@@ -142,19 +144,6 @@ def _st_empty_values(
     return torch.where(empty, st, emb)
 
 
-_MAX_OF_NOTHING: dict[torch.dtype, float] = {}
-
-
-def _st_max_of_nothing(dtype: torch.dtype) -> float:
-    """What this sentence-transformers' max pooling gives a row with no token, for ``dtype`` states (-inf
-    from 6 on; before, its -1e9 fill rounded to ``dtype``): asked of its own Pooling once per dtype."""
-    if dtype not in _MAX_OF_NOTHING:
-        feats = {"token_embeddings": torch.full((1, 2, 1), 5.0, dtype=dtype),
-                 "attention_mask": torch.zeros(1, 2, dtype=torch.int64)}
-        _MAX_OF_NOTHING[dtype] = float(Pooling(1, pooling_mode="max")(feats)["sentence_embedding"].item())
-    return _MAX_OF_NOTHING[dtype]
-
-
 def _pooling_modes(m) -> tuple[str, ...]:
     """A Pooling's modes by their config names ("mean", "lasttoken", ...; several when concatenated)."""
     mode = getattr(m, "pooling_mode", None)  # sentence-transformers >= 6: a name or a tuple of names
@@ -179,35 +168,38 @@ def _exclude_prompt(mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
     return mask
 
 
-_PROMPT_AFTER_PADDING: bool | None = None
+@functools.cache
+def _st_pools(mode: str, values: tuple, mask: tuple, dtype: torch.dtype = torch.float32,
+              prompt_length: int | None = None) -> float:
+    """What this sentence-transformers' own Pooling gives one row of one-feature states ``values`` under
+    ``mask`` (and a prompt to exclude): how the fused head learns a rule that changed between versions,
+    asked once per question."""
+    feats = {"token_embeddings": torch.tensor(values, dtype=dtype).reshape(1, -1, 1),
+             "attention_mask": torch.tensor([mask])}
+    if prompt_length is not None:
+        feats["prompt_length"] = prompt_length
+    pooling = Pooling(1, pooling_mode=mode, include_prompt=prompt_length is None)
+    return float(pooling(feats)["sentence_embedding"].item())
+
+
+def _st_max_of_nothing(dtype: torch.dtype) -> float:
+    """Its max pooling of a row with no token, for ``dtype`` states (-inf in 5.7 and 6; 5.1's -1e9 fill
+    rounded to ``dtype``)."""
+    return _st_pools("max", (5.0, 5.0), (0, 0), dtype)
 
 
 def _st_prompt_after_padding() -> bool:
-    """Whether this sentence-transformers' Pooling (one without ``_exclude_prompt_from_mask``) drops the
-    prompt after a row's left padding (5.2 - 5.3) or at positions 0 .. prompt_length - 1 (5.1): asked of its
-    own Pooling once, on a left-padded row of three tokens with a one-token prompt."""
-    global _PROMPT_AFTER_PADDING
-    if _PROMPT_AFTER_PADDING is None:
-        feats = {"token_embeddings": torch.tensor([[[100.0], [1.0], [2.0], [4.0]]]),
-                 "attention_mask": torch.tensor([[0, 1, 1, 1]]), "prompt_length": 1}
-        got = Pooling(1, pooling_mode="mean", include_prompt=False)(feats)["sentence_embedding"].item()
-        _PROMPT_AFTER_PADDING = abs(got - 3.0) < 1e-6  # (2 + 4) / 2; from position 0: (1 + 2 + 4) / 3
-    return _PROMPT_AFTER_PADDING
-
-
-_WEIGHTS_FROM_FIRST_TOKEN: bool | None = None
+    """Whether its Pooling (one without ``_exclude_prompt_from_mask``) drops the prompt after a row's left
+    padding (5.2 - 5.3) or at positions 0 .. prompt_length - 1 (5.1)."""
+    # (2 + 4) / 2 after the padding; from position 0: (1 + 2 + 4) / 3
+    return abs(_st_pools("mean", (100.0, 1.0, 2.0, 4.0), (0, 1, 1, 1), prompt_length=1) - 3.0) < 1e-6
 
 
 def _st_weights_from_first_token() -> bool:
-    """Whether this sentence-transformers' weightedmean counts positions from each row's first token (6.2+)
-    rather than from position 0: asked of its own Pooling once, on a left-padded row of three tokens."""
-    global _WEIGHTS_FROM_FIRST_TOKEN
-    if _WEIGHTS_FROM_FIRST_TOKEN is None:
-        feats = {"token_embeddings": torch.tensor([[[5.0], [1.0], [2.0]]]),
-                 "attention_mask": torch.tensor([[0, 1, 1]])}
-        got = Pooling(1, pooling_mode="weightedmean")(feats)["sentence_embedding"].item()
-        _WEIGHTS_FROM_FIRST_TOKEN = abs(got - 5.0 / 3.0) < 1e-6  # (1 * 1 + 2 * 2) / 3; from position 0: 8 / 5
-    return _WEIGHTS_FROM_FIRST_TOKEN
+    """Whether its weightedmean counts positions from each row's first token (6.2+) rather than from
+    position 0."""
+    # (1 * 1 + 2 * 2) / 3 from the first token; from position 0: (2 * 1 + 3 * 2) / 5
+    return abs(_st_pools("weightedmean", (5.0, 1.0, 2.0), (0, 1, 1)) - 5.0 / 3.0) < 1e-6
 
 
 def _mask_layout(mask: torch.Tensor) -> tuple[bool, bool]:
@@ -335,10 +327,8 @@ def accelerate(model):
             continue
         found = True
         nxt = mods[i + 1][1] if i + 1 < len(mods) else None
-        fuse = (
-            isinstance(nxt, Normalize)
-            and getattr(nxt, "module_input_name", "sentence_embedding") == "sentence_embedding"
-            and getattr(nxt, "module_output_name", "sentence_embedding") == "sentence_embedding"
+        fuse = isinstance(nxt, Normalize) and all(
+            getattr(nxt, n, "sentence_embedding") == "sentence_embedding" for n in _NORMALIZE_KEYS
         )
         if not isinstance(m, FusedPooling):
             differs = _differs_from_st(m)
