@@ -90,7 +90,7 @@ HF_COMPAT_TESTS ?= tests/test_embedder.py tests/test_embedder_models.py tests/te
 	tests/test_embedder_late_chunking.py tests/test_embedder_smollm2.py tests/test_embedder_distributed.py \
 	tests/test_st_integration.py tests/test_st_loss_parity.py tests/test_training_integrations.py \
 	tests/test_grad_cache.py tests/test_grad_cache_distributed.py tests/test_chunking.py tests/test_cli_encode.py \
-	tests/test_quant.py tests/test_contrastive_st_parity.py
+	tests/test_quant.py tests/test_contrastive_st_parity.py tests/test_embedder_peft.py
 # named by a hash of every pin: changing any of them reinstalls the folder
 HF_COMPAT_STAMP = $(HF_COMPAT_DIR)/.stamp-$(shell echo '$(HF_COMPAT) $(HF_COMPAT_ST) $(HF_COMPAT_HUB)' | md5sum | cut -c1-12)
 

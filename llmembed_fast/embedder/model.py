@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmembed_fast import _deps, _poison, _warn
-from llmembed_fast.embedder import batching
+from llmembed_fast.embedder import adapters, batching
 from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.args import (
     QUANTIZED,
@@ -73,6 +73,18 @@ def _read_settings(folder: str) -> dict | None:
     return saved
 
 
+def _holds_adapter(folder: str, what: str) -> bool:
+    """Whether the folder's model is a PEFT adapter: as its settings file says (``save_pretrained`` over an
+    earlier save leaves the other kind's files), else when it has an adapter config and no config.json."""
+    try:
+        saved = _read_settings(folder)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("path_or_id:", f"{what}:", 1)) from None
+    if saved is not None and "adapter" in saved:
+        return bool(saved["adapter"])
+    return adapters.is_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json"))
+
+
 def _finish(emb: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
     """Matryoshka slice and L2 normalization of float32 embeddings [B, H] (what ``pool`` fuses)."""
     if dims is not None:
@@ -90,7 +102,9 @@ class LLMEmbedder(nn.Module):
     Args:
         model: a ``transformers`` model (``AutoModel``; a ``*ForCausalLM`` is reduced to its base model), or
             one wrapped by ``torch.compile`` (an AutoModel stays compiled; a compiled ``*ForCausalLM``'s base
-            model runs uncompiled, with a warning: compile the AutoModel instead).
+            model runs uncompiled, with a warning: compile the AutoModel instead), or a ``peft.PeftModel``
+            with layer adapters (LoRA, DoRA, IA3, ...; over either class): the model under it runs, adapters
+            in place; :meth:`save_pretrained` writes the adapter only (PEFT's format), see :attr:`peft_model`.
         tokenizer: its tokenizer (a fast one gives offset mappings; a slow one is checked token by token).
         pooling: "last", "mean", "weighted_mean", "max", "first", "mean_sqrt_len" or a sentence-transformers
             name; None picks the prompt style's, else "last" for decoders and "mean" for encoders.
@@ -153,7 +167,12 @@ class LLMEmbedder(nn.Module):
             )
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer must be a transformers tokenizer")
+        peft_model = None
+        if adapters.is_peft_model(model):  # run the model under it, adapters in place (see adapters.py)
+            peft_model, model = model, adapters.backbone(model)
         self.model = encoder_module(model)
+        # not a registered submodule: its parameters are the model's, and would be state_dict keys twice
+        object.__setattr__(self, "_peft_model", peft_model)
         self.tokenizer = tokenizer
         self.config = getattr(self.model, "config", None)
         self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
@@ -249,6 +268,7 @@ class LLMEmbedder(nn.Module):
         trust_remote_code: bool = False,
         include_prompt: bool | None = None,
         packed="auto",
+        is_trainable: bool = False,
         **model_kwargs,
     ) -> LLMEmbedder:
         """Load ``AutoModel`` + tokenizer from a folder or Hub id; a sentence-transformers folder's Pooling,
@@ -259,6 +279,11 @@ class LLMEmbedder(nn.Module):
         ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU; ``device`` to CUDA when available.
         Extra keyword arguments go to the model's ``from_pretrained``; ``gguf_file``, ``revision``, ``token``
         and ``cache_dir`` go to the tokenizer's as well.
+
+        A PEFT adapter folder (``adapter_config.json``, e.g. from :meth:`save_pretrained` of an embedder
+        with an adapter) loads its base model (``base_model_name_or_path``; ``AutoModelForCausalLM`` for a
+        CAUSAL_LM adapter, whose keys are written under it) and the adapter over it, frozen unless
+        ``is_trainable`` (needs ``peft``).
         """
         try:
             from transformers import AutoModel, AutoTokenizer
@@ -269,6 +294,8 @@ class LLMEmbedder(nn.Module):
         check_bool(normalize, "normalize")
         check_bool(add_eos, "add_eos")
         check_bool(include_prompt, "include_prompt")
+        if not isinstance(is_trainable, bool):
+            raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise TypeError(f"path_or_id must be a string or path, got {type(path_or_id).__name__}")
         path_or_id = os.fspath(path_or_id)
@@ -291,7 +318,14 @@ class LLMEmbedder(nn.Module):
             )
             st, saved = (st, None) if newer_st else (None, saved)
         model_path = st.transformer_path if st else path_or_id
-        if (
+        adapter = None  # a PEFT adapter folder: (its adapter config, the base model's path)
+        if is_dir and st is None and _holds_adapter(path_or_id, "path_or_id"):
+            cfg = adapters.read_config(path_or_id)
+            adapter = (cfg, adapters.base_model_path(path_or_id, cfg))
+            has_tokenizer = any(os.path.isfile(os.path.join(path_or_id, f))
+                                for f in ("tokenizer.json", "tokenizer_config.json"))
+            model_path = path_or_id if has_tokenizer else adapter[1]
+        elif (
             is_dir
             and not model_kwargs.get("gguf_file")
             and not os.path.isfile(os.path.join(model_path, "config.json"))
@@ -324,7 +358,15 @@ class LLMEmbedder(nn.Module):
         load_kwargs[dtype_kwarg()] = dtype
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
-        model = AutoModel.from_pretrained(model_path, **load_kwargs)
+        if adapter is None:
+            model = AutoModel.from_pretrained(model_path, **load_kwargs)
+        else:  # the base model (the class the adapter's keys were written under), then the adapter
+            if adapters.wants_lm_head(adapter[0]):
+                from transformers import AutoModelForCausalLM as auto_class
+            else:
+                auto_class = AutoModel
+            base = auto_class.from_pretrained(adapter[1], **load_kwargs)
+            model = adapters.load_into(base, path_or_id, is_trainable=is_trainable)
         kw = dict(
             pooling=pooling,
             normalize=normalize,
@@ -378,6 +420,27 @@ class LLMEmbedder(nn.Module):
         """The wrapped model itself (a torch.compile'd one's original module)."""
         return getattr(self.model, "_orig_mod", self.model)
 
+    @property
+    def peft_model(self) -> nn.Module | None:
+        """The ``peft.PeftModel`` the embedder was built from (None without one): its parameters are the
+        model's, so ``peft_model.print_trainable_parameters()`` etc. describe what trains."""
+        return self._peft_model
+
+    def _has_adapter(self) -> bool:
+        """Whether the model's files are an adapter: a PeftModel's, or the model's own (``add_adapter``)."""
+        return self._peft_model is not None or adapters.has_native_adapter(self._inner_model())
+
+    def merge_adapter(self) -> LLMEmbedder:
+        """Merge the PEFT adapter into the model's weights (``merge_and_unload``): the same embeddings, no
+        adapter layers, and :meth:`save_pretrained` then writes the whole model. Returns ``self``."""
+        if self._peft_model is None:
+            raise ValueError("merge_adapter: this embedder's model is not under a PEFT PeftModel (an adapter "
+                             "added by transformers' add_adapter is merged with peft itself)")
+        adapters.check_attached(self._peft_model, self._inner_model())
+        self._peft_model.merge_and_unload()  # replaces the adapter layers inside self.model in place
+        object.__setattr__(self, "_peft_model", None)
+        return self
+
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write the model (``save_pretrained``), its tokenizer and this embedder's settings (pooling,
         normalization, dims, prompt style and prompts, truncation, EOS, padding side) to the folder ``path``:
@@ -388,7 +451,10 @@ class LLMEmbedder(nn.Module):
         state dict to write instead of the model's own tensors (e.g. one gathered from FSDP shards).
         Tensors of modules registered on the embedder itself, beside the model (a loss with a learned
         temperature, say), go to ``llmembed_fast_extra.safetensors``; :meth:`load_weights` restores them
-        (``from_pretrained`` builds a bare embedder and leaves them out)."""
+        (``from_pretrained`` builds a bare embedder and leaves them out). With a PEFT adapter
+        (:attr:`peft_model`) the model's files are the adapter's alone (``adapter_config.json``,
+        ``adapter_model.safetensors``), over the base model its config names (call :meth:`merge_adapter`
+        first to save the whole merged model instead)."""
         path = os.fspath(path)
         inner = self._inner_model()
         if not callable(getattr(inner, "save_pretrained", None)):
@@ -400,6 +466,9 @@ class LLMEmbedder(nn.Module):
                 "still loads the modules that modules.json names. Save to a new folder to keep them apart.",
                 UserWarning,
             )
+        peft_model = self._peft_model
+        if peft_model is not None:
+            adapters.check_attached(peft_model, inner)
         kwargs = {}
         if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
             inner_sd, extra, own = {}, {}, None
@@ -416,7 +485,14 @@ class LLMEmbedder(nn.Module):
         else:
             extra = {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
         os.makedirs(path, exist_ok=True)
-        inner.save_pretrained(path, **kwargs)
+        if peft_model is not None:  # the adapter alone; from_pretrained loads it over its base model
+            adapters.save(peft_model, inner, path, kwargs.get("state_dict"))
+        else:
+            # an earlier adapter save's files: transformers would load that adapter over its base instead
+            for name in (adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS, "adapter_model.bin"):
+                if os.path.isfile(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
+            inner.save_pretrained(path, **kwargs)
         extra_path = os.path.join(path, EXTRA_FILE)
         if extra:  # e.g. a learned temperature trained with the model: a checkpoint must keep it
             from safetensors.torch import save_file
@@ -427,7 +503,8 @@ class LLMEmbedder(nn.Module):
         self.tokenizer.save_pretrained(path)
         settings = {"format": 1, **{key: getattr(self, key) for key in _SETTINGS},
                     "prompt_style": dataclasses.asdict(self.style), "prompts": self.prompts,
-                    "default_prompt_name": self.default_prompt_name, "lowercase": self.lowercase}
+                    "default_prompt_name": self.default_prompt_name, "lowercase": self.lowercase,
+                    "adapter": self._has_adapter()}
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2)
 
@@ -438,12 +515,24 @@ class LLMEmbedder(nn.Module):
         is loaded once on the CPU first, so this briefly needs a second copy of the weights in host memory."""
         path = os.fspath(path)
         inner = self._inner_model()
-        if not callable(getattr(type(inner), "from_pretrained", None)):
-            raise TypeError(f"{type(inner).__name__} has no from_pretrained(): load its weights yourself")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"path: {path!r} holds no saved model (no config.json)")
-        loaded = type(inner).from_pretrained(path, **{dtype_kwarg(): self._compute_dtype()})
-        inner.load_state_dict(loaded.state_dict())
+        holds_adapter = os.path.isdir(path) and _holds_adapter(path, "path")
+        if self._has_adapter():  # the adapter's tensors, in place
+            if self._peft_model is not None:
+                adapters.check_attached(self._peft_model, inner)
+            if not holds_adapter:
+                raise ValueError(f"path: {path!r} holds no PEFT adapter ({adapters.ADAPTER_CONFIG}), and "
+                                 "this embedder's model carries one")
+            adapters.load(self._peft_model if self._peft_model is not None else inner, path)
+        elif holds_adapter:
+            raise ValueError(f"path: {path!r} holds a PEFT adapter and this embedder's model has none: "
+                             "load it with LLMEmbedder.from_pretrained(path)")
+        else:
+            if not callable(getattr(type(inner), "from_pretrained", None)):
+                raise TypeError(f"{type(inner).__name__} has no from_pretrained(): load its weights yourself")
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"path: {path!r} holds no saved model (no config.json)")
+            loaded = type(inner).from_pretrained(path, **{dtype_kwarg(): self._compute_dtype()})
+            inner.load_state_dict(loaded.state_dict())
         extra_path = os.path.join(path, EXTRA_FILE)
         if os.path.isfile(extra_path):  # the embedder's other tensors (see save_pretrained)
             from safetensors.torch import load_file
@@ -611,11 +700,16 @@ class LLMEmbedder(nn.Module):
         fn = getattr(inner, "activation_checkpointing_enable", None)
         if callable(fn):
             fn(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
-            return
-        fn = getattr(inner, "gradient_checkpointing_enable", None)
-        if not callable(fn):
-            raise ValueError(f"{type(inner).__name__} has no activation/gradient checkpointing to enable")
-        fn(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        else:
+            fn = getattr(inner, "gradient_checkpointing_enable", None)
+            if not callable(fn):
+                raise ValueError(f"{type(inner).__name__} has no activation/gradient checkpointing to enable")
+            fn(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        if self._peft_model is not None and callable(getattr(inner, "enable_input_require_grads", None)):
+            # frozen embeddings under an adapter: a reentrant checkpoint (transformers 4's default) whose
+            # inputs need no gradient runs no backward, and the adapters inside it would get none (PEFT does
+            # this when checkpointing is on before it wraps the model; transformers 5 does it itself)
+            inner.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         """Alias of :meth:`activation_checkpointing_enable` (its older transformers name)."""

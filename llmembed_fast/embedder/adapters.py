@@ -1,0 +1,161 @@
+"""PEFT adapters (LoRA, DoRA, IA3, ...) on the embedder's model: what it runs, saves and loads.
+
+A ``peft.PeftModel`` is not run through its own ``forward``: over an ``AutoModelForCausalLM`` that returns
+logits, and its ``forward(*args, **kwargs)`` hides ``position_ids`` (so packed batches and RoBERTa-style
+offsets would be lost). Adapters that inject layers (every kind but prompt learning) live inside the
+transformers model itself, so the embedder runs that model's backbone, adapters included, and keeps the
+``PeftModel`` only to save and load the adapter (PEFT's own format: ``adapter_config.json`` +
+``adapter_model.safetensors``, which ``PeftModel.from_pretrained`` also reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from llmembed_fast import _deps
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_peft_model(model) -> bool:
+    """True for a ``peft.PeftModel`` (duck-typed: peft is imported only when one is given)."""
+    return isinstance(model, nn.Module) and callable(getattr(model, "get_base_model", None)) and isinstance(
+        getattr(model, "peft_config", None), dict
+    )
+
+
+def backbone(peft_model: nn.Module) -> nn.Module:
+    """The transformers model under ``peft_model`` (its adapter layers in place), without an LM head.
+
+    Raises ValueError for prompt-learning adapters (prefix / prompt tuning, P-tuning): they change the
+    inputs inside ``PeftModel.forward``, which the embedder does not call."""
+    for name, cfg in peft_model.peft_config.items():
+        if getattr(cfg, "is_prompt_learning", False):
+            raise ValueError(
+                f"model: the PEFT adapter {name!r} ({type(cfg).__name__}) is prompt learning, which edits "
+                "the inputs inside PeftModel.forward; LLMEmbedder runs the model under it and supports "
+                "adapters that inject layers (LoRA, DoRA, IA3, LoHa, LoKr, ...)"
+            )
+    inner = peft_model.get_base_model()
+    base = getattr(inner, "base_model", inner)  # transformers' backbone of a *ForCausalLM (else itself)
+    return base if isinstance(base, nn.Module) else inner
+
+
+def has_native_adapter(model: nn.Module) -> bool:
+    """True for a transformers model given an adapter by its own ``add_adapter`` / ``load_adapter``."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def check_attached(peft_model: nn.Module, module: nn.Module) -> None:
+    """ValueError unless ``module`` is still the model under ``peft_model`` with its adapter layers (a
+    ``merge_and_unload()`` called on the PeftModel directly leaves plain layers behind)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if backbone(peft_model) is not module or not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        raise ValueError(
+            "the embedder's model is no longer under its PeftModel with adapter layers (merged or replaced "
+            "outside the embedder): use LLMEmbedder.merge_adapter() to merge, or build a new LLMEmbedder"
+        )
+
+
+def _prefix(peft_model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name inside ``peft_model`` plus a dot (the prefix of its keys in the PeftModel)."""
+    for name, m in peft_model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("the embedder's model is no longer inside its PeftModel (was it merged or replaced?)")
+
+
+def save(peft_model: nn.Module, module: nn.Module, path: str, state_dict: dict | None) -> None:
+    """Write the adapter of ``peft_model`` to ``path`` in PEFT's format. ``state_dict``: ``module``'s tensors
+    (keys relative to it, e.g. gathered from FSDP shards) to take the adapter's values from."""
+    kwargs = {}
+    if state_dict is not None:
+        prefix = _prefix(peft_model, module)
+        kwargs["state_dict"] = {prefix + k: v for k, v in state_dict.items()}
+    peft_model.save_pretrained(path, **kwargs)
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def read_config(path: str) -> dict:
+    """The folder's ``adapter_config.json`` as a dict (ValueError naming the folder when unreadable)."""
+    try:
+        with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path_or_id: unreadable {ADAPTER_CONFIG} in {path!r}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"path_or_id: {ADAPTER_CONFIG} in {path!r} is not a PEFT adapter config")
+    return cfg
+
+
+def base_model_path(path: str, cfg: dict) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``); FileNotFoundError when none."""
+    base = cfg.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise FileNotFoundError(
+            f"path_or_id: the adapter in {path!r} names no base model (base_model_name_or_path in "
+            f"{ADAPTER_CONFIG}); load the base with transformers, wrap it with "
+            "peft.PeftModel.from_pretrained and pass it to LLMEmbedder(...)"
+        )
+    return base
+
+
+def wants_lm_head(cfg: dict) -> bool:
+    """Whether the adapter's keys were written under an ``AutoModelForCausalLM`` (task_type CAUSAL_LM)."""
+    return cfg.get("task_type") == "CAUSAL_LM"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        _deps.raise_missing(exc, "peft", "peft", "an adapter (PEFT) folder")
+    return peft
+
+
+def load_into(base_model: nn.Module, path: str, *, is_trainable: bool = False) -> nn.Module:
+    """``peft.PeftModel.from_pretrained(base_model, path)``, checked: every tensor of the folder's adapter
+    must have reached the model (PEFT only warns when keys do not fit, e.g. an adapter written over another
+    model class)."""
+    peft = _peft()
+    pm = peft.PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
+    load(pm, path, what="path_or_id")
+    return pm
+
+
+def load(model: nn.Module, path: str, *, what: str = "path") -> None:
+    """Load the adapter weights of the folder ``path`` into ``model`` in place (a ``PeftModel``, or a
+    transformers model with its own adapter; the active adapter); ValueError naming ``what`` when a tensor
+    has no place there or a place is left unfilled."""
+    peft = _peft()
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{what}: {path!r} holds no {ADAPTER_WEIGHTS}")
+    saved = load_file(file)
+    if is_peft_model(model):
+        name = model.active_adapter
+    else:  # transformers writes its own adapters' keys as a PeftModel over it would ("base_model.model.")
+        name = model.active_adapters()[0]
+        saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}
+    want = peft.get_peft_model_state_dict(model, adapter_name=name)
+    if set(saved) != set(want):
+        missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+        raise ValueError(
+            f"{what}: the adapter in {path!r} does not fit this model: {len(missing)} of its tensors missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]}); was it written over another "
+            "model class (AutoModel vs AutoModelForCausalLM) or another adapter config?"
+        )
+    result = peft.set_peft_model_state_dict(model, saved, adapter_name=name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"{what}: adapter tensors with no place in this model: {unexpected[:3]}")
