@@ -212,3 +212,32 @@ def test_hf_trainer_trains_the_adapter_and_checkpoints_it(tmp_path):
         fresh = lf.LLMEmbedder(_lora(False, seed=5)[0], tok)
         trainer_for(fresh, tmp_path / "run", 2).train(resume_from_checkpoint=str(ckpt))
     np.testing.assert_allclose(fresh.encode(TEXTS), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_transformers_own_adapter_saves_and_reloads(tmp_path):
+    """A model given its adapter by transformers' own ``add_adapter`` (no PeftModel): transformers saves the
+    adapter alone (no config.json), so the settings file must say so for from_pretrained and load_weights
+    to read it (they looked for config.json and failed)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = cached_tiny_model_dir("qwen2")
+    model, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(6)
+    try:
+        model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    except ValueError as exc:  # e.g. transformers 5.2x wants a newer peft than this registry has
+        pytest.skip(f"transformers' add_adapter refuses this peft: {exc}")
+    emb = lf.LLMEmbedder(model, tok)
+    want = emb.encode(TEXTS)
+    emb.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "config.json").exists()
+    with _quiet():
+        np.testing.assert_allclose(lf.LLMEmbedder.from_pretrained(str(tmp_path / "a")).encode(TEXTS), want,
+                                   rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for n, p in emb.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    assert np.abs(emb.encode(TEXTS) - want).max() > 1e-2
+    emb.load_weights(tmp_path / "a")
+    np.testing.assert_allclose(emb.encode(TEXTS), want, rtol=1e-5, atol=1e-6)
