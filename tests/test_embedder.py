@@ -205,7 +205,8 @@ def test_bad_inputs(tmp_path):
     model, tok = build_tiny_model("qwen2")
     emb = lf.LLMEmbedder(model, tok)
     with pytest.raises(ValueError, match="texts"):
-        emb.encode([])
+        emb.tokenize([])  # a batch of nothing (encode([]) gives [0, D], as encode_float does)
+    assert emb.encode([]).shape == (0, emb.embedding_dim)
     with pytest.raises(TypeError, match=r"texts\[1\]"):
         emb.encode(["ok", 3])
     with pytest.raises(TypeError, match="texts"):
@@ -219,7 +220,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="pooling"):
         lf.LLMEmbedder(model, tok, pooling="median")
     with pytest.raises(ValueError, match="prompt_name"):
-        emb.encode(["x"], prompt_name="query")
+        emb.encode(["x"], prompt_name="classification")  # "query" / "document": implicit empty prompts
     with pytest.raises(ValueError, match="padding_side"):
         lf.LLMEmbedder(model, tok, padding_side="middle")
     with pytest.raises(ValueError, match="dims"):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmembed_fast import _deps, _poison, _warn
-from llmembed_fast.embedder import adapters, batching
+from llmembed_fast.embedder import adapters, batching, st_names
 from llmembed_fast.embedder import packed as packed_mod
 from llmembed_fast.embedder.args import (
     QUANTIZED,
@@ -56,7 +56,7 @@ SETTINGS_FILE = "llmembed_fast.json"  # what save_pretrained writes beside the m
 # tensors of modules registered on the embedder beside its model (e.g. a loss with a learned temperature)
 EXTRA_FILE = "llmembed_fast_extra.safetensors"
 _SETTINGS = ("pooling", "normalize", "dims", "max_length", "padding_side", "add_eos", "include_prompt",
-             "instruction_template")
+             "instruction_template", "truncate_dim", "similarity_fn_name")
 
 
 def _read_settings(folder: str) -> dict | None:
@@ -131,6 +131,10 @@ class LLMEmbedder(nn.Module):
             :meth:`encode_late_chunks` apply when given no prompt, prompt_name or instruction.
         packed: True, False or "auto" (packed only where the attention reads packed sequences natively);
             True needs a model whose forward takes ``position_ids``.
+        truncate_dim: sentence-transformers' ``truncate_dim``: :meth:`encode` keeps the first
+            ``truncate_dim`` columns of the finished (normalized) embeddings, not re-normalized (``dims``
+            re-normalizes its prefix). similarity_fn_name: what :meth:`similarity` computes ("cosine", "dot",
+            "euclidean", "manhattan"; None: cosine).
         lowercase: lower-case the prompt and text before tokenizing (a sentence-transformers folder's
             ``do_lower_case``; None: False).
 
@@ -158,6 +162,8 @@ class LLMEmbedder(nn.Module):
         device=None,
         dtype=None,
         lowercase: bool | None = False,
+        truncate_dim: int | None = None,
+        similarity_fn_name: str | None = None,
         _st_folder: bool = False,
     ):
         super().__init__()
@@ -203,6 +209,8 @@ class LLMEmbedder(nn.Module):
         if self.dims is not None and hidden is not None and self.dims > hidden:
             raise ValueError(f"dims must be at most the model's output width {hidden}, got {dims}")
         self.embedding_dim = self.dims or hidden
+        self.truncate_dim = truncate_dim
+        self.similarity_fn_name = similarity_fn_name
         if padding_side is None:
             padding_side = getattr(tokenizer, "padding_side", None) or "right"
         if padding_side not in ("left", "right"):
@@ -225,16 +233,7 @@ class LLMEmbedder(nn.Module):
         if include_prompt is None:
             include_prompt = self.style.include_prompt if self.style.include_prompt is not None else False
         self.include_prompt = bool(include_prompt)
-        n_pos = self._n_positions()
-        self.max_length = check_positive(max_length, "max_length")
-        too_long = self.max_length is not None and n_pos is not None and self.max_length > n_pos
-        if too_long and not rotary_positions(self.config):  # a learned position table would be indexed past
-            raise ValueError(
-                f"max_length={self.max_length} is longer than the model's {n_pos} positions "
-                "(max_position_embeddings / n_positions, less the padding offset of RoBERTa-style tables); "
-                "pass max_length <= that"
-            )
-        self.max_length = self.max_length or self._default_max_length()
+        self.max_length = self._check_max_length(max_length) or self._default_max_length()
         self.prompts = check_prompts(prompts)
         self.default_prompt_name = check_default_prompt_name(default_prompt_name, self.prompts)
         self.lowercase = bool(check_bool(lowercase, "lowercase"))
@@ -274,6 +273,8 @@ class LLMEmbedder(nn.Module):
         include_prompt: bool | None = None,
         packed="auto",
         is_trainable: bool = False,
+        truncate_dim: int | None = None,
+        similarity_fn_name: str | None = None,
         **model_kwargs,
     ) -> LLMEmbedder:
         """Load ``AutoModel`` + tokenizer from a folder or Hub id; a sentence-transformers folder's Pooling,
@@ -388,6 +389,8 @@ class LLMEmbedder(nn.Module):
             include_prompt=include_prompt,
             packed=packed,
             device=device,
+            truncate_dim=truncate_dim,
+            similarity_fn_name=similarity_fn_name,
         )
         if st is not None:
             style = get_style(prompt_style)
@@ -401,6 +404,8 @@ class LLMEmbedder(nn.Module):
                 kw["max_length"] = min(st.max_seq_length, n_pos) if n_pos else st.max_seq_length
             if include_prompt is None and style.include_prompt is None:
                 kw["include_prompt"] = st.include_prompt
+            if similarity_fn_name is None:
+                kw["similarity_fn_name"] = st.similarity_fn_name
             kw.update(
                 prompts=st.prompts,
                 default_prompt_name=st.default_prompt_name,
@@ -410,7 +415,8 @@ class LLMEmbedder(nn.Module):
         if saved is not None:  # a folder from save_pretrained: its settings fill what the call leaves None
             # a prompt style given here decides its own pooling / prompt / EOS / instruction settings; a
             # pooling given here (another than the saved one) its own EOS default, as on the original folder
-            keys = _SETTINGS if prompt_style is None else ("normalize", "dims", "max_length", "padding_side")
+            keys = _SETTINGS if prompt_style is None else ("normalize", "dims", "max_length", "padding_side",
+                                                           "truncate_dim", "similarity_fn_name")
             if pooling is not None and pooling != saved.get("pooling"):
                 keys = tuple(k for k in keys if k != "add_eos")
             for key in keys:
@@ -568,6 +574,65 @@ class LLMEmbedder(nn.Module):
         if isinstance(n, int) and 0 < n < 1_000_000:
             return min(n, n_pos) if n_pos else n
         return n_pos
+
+    def _check_max_length(self, value, name: str = "max_length") -> int | None:
+        value = check_positive(value, name)
+        n_pos = self._n_positions()
+        too_long = value is not None and n_pos is not None and value > n_pos
+        if too_long and not rotary_positions(self.config):  # a learned position table would be indexed past
+            raise ValueError(
+                f"{name}={value} is longer than the model's {n_pos} positions "
+                "(max_position_embeddings / n_positions, less the padding offset of RoBERTa-style tables); "
+                f"pass {name} <= that"
+            )
+        return value
+
+    # ------------------------------------------------------------------------------------------------
+    # sentence-transformers' names (see st_names.py)
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def max_seq_length(self) -> int | None:
+        """sentence-transformers' name of :attr:`max_length` (settable, checked as in the constructor)."""
+        return self.max_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value) -> None:
+        self.max_length = self._check_max_length(value, "max_seq_length")
+
+    @property
+    def truncate_dim(self) -> int | None:
+        """Columns :meth:`encode` keeps of the finished embeddings (None: all), not re-normalized."""
+        return self._truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value) -> None:
+        self._truncate_dim = st_names.check_truncate_dim(value, self.embedding_dim)
+
+    @property
+    def similarity_fn_name(self) -> str:
+        """What :meth:`similarity` computes: "cosine" (the default), "dot", "euclidean" or "manhattan"."""
+        return self._similarity_fn_name or "cosine"
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value) -> None:
+        self._similarity_fn_name = st_names.check_similarity_fn_name(value)
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """[N, M] float32 tensor: :attr:`similarity_fn_name` of each row of ``embeddings1`` [N, D] with each
+        of ``embeddings2`` [M, D] (arrays or tensors; a 1-D input is one row); distances come negated."""
+        return st_names.similarity(embeddings1, embeddings2, self.similarity_fn_name)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """[N] float32 tensor: :attr:`similarity_fn_name` of row i of ``embeddings1`` with row i of
+        ``embeddings2`` (both [N, D])."""
+        return st_names.similarity_pairwise(embeddings1, embeddings2, self.similarity_fn_name)
+
+    def get_embedding_dimension(self) -> int | None:
+        """Width of :meth:`encode`'s embeddings (``truncate_dim`` if set, else ``dims`` or the model's)."""
+        return self.truncate_dim or self.embedding_dim
+
+    get_sentence_embedding_dimension = get_embedding_dimension
 
     @property
     def device(self) -> torch.device:
@@ -876,8 +941,8 @@ class LLMEmbedder(nn.Module):
         prompt_name: str | None = None,
         batch_size: int | None = None,
         max_tokens_per_batch: int | None = None,
-        precision: str = "float32",
-        output: str = "numpy",
+        precision: str | None = "float32",
+        output: str | None = None,
         show_progress_bar: bool | None = None,
         normalize: bool | None = None,
         dims: int | None = None,
@@ -885,8 +950,13 @@ class LLMEmbedder(nn.Module):
         distributed: bool = False,
         ranges=None,
         calibration_embeddings=None,
+        convert_to_tensor: bool | None = None,
+        convert_to_numpy: bool | None = None,
+        normalize_embeddings: bool | None = None,
+        truncate_dim: int | None = None,
+        **unsupported,
     ):
-        """Embed ``texts`` (a string or a list of strings).
+        """Embed ``texts`` (a string or a list of strings; an empty list gives [0, D]).
 
         Args:
             instruction: task instruction, applied with the instruction template and excluded from pooling
@@ -898,18 +968,34 @@ class LLMEmbedder(nn.Module):
             precision: "float32", "float16", or quantized "int8", "uint8", "binary", "ubinary"
                 (via :func:`llmembed_fast.quant.quantize`; ``ranges``/``calibration_embeddings`` go to it for
                 int8/uint8 and are refused with any other precision).
-            output: "numpy" or "torch" (a tensor on the model's device).
+            output: "numpy" (default) or "torch" (a tensor on the model's device).
             distributed: under ``torch.distributed``, each rank encodes a shard and rank 0 gets all
                 embeddings in input order (other ranks get None).
+            convert_to_tensor, convert_to_numpy, normalize_embeddings, truncate_dim: sentence-transformers'
+                keywords, with its meaning: ``convert_to_tensor=True`` (or ``convert_to_numpy=False``) is
+                ``output="torch"``; ``truncate_dim`` keeps the first columns of the finished embeddings, not
+                re-normalized (None: :attr:`truncate_dim`; ``dims`` re-normalizes its prefix);
+                ``normalize_embeddings=True`` L2-normalizes them after that (False adds no normalization:
+                the embedder's own applies).
+                Its ``output_value``, ``device``, ``pool``, ``chunk_size`` and ``task`` raise a TypeError
+                saying what to use instead. ``precision=None`` is "float32".
 
         Returns:
             [N, D] (or [D] for a single string) float32 / float16 / int8 / uint8 array or tensor.
         """
         try:
-            texts, single = check_texts(texts)
+            st_names.refuse_unknown(unsupported, "encode")
+            texts, single = check_texts(texts, allow_empty=True)
+            precision = "float32" if precision is None else precision
+            output = st_names.resolve_output(output, convert_to_tensor, convert_to_numpy)
+            normalize, normalize_after = st_names.resolve_normalize(normalize, normalize_embeddings)
             check_output_args(precision, output, ranges, calibration_embeddings)
             batch_size = check_positive(batch_size, "batch_size")
             max_tokens_per_batch = check_positive(max_tokens_per_batch, "max_tokens_per_batch")
+            width = check_positive(dims, "dims") or self.embedding_dim
+            truncate_dim = st_names.check_truncate_dim(truncate_dim, width)
+            if truncate_dim is None and self.truncate_dim is not None:
+                truncate_dim = st_names.check_truncate_dim(self.truncate_dim, width, "self.truncate_dim")
             prompt = self.resolve_prompt(instruction, prompt, prompt_name)
         except (TypeError, ValueError) as exc:
             if distributed:  # the other ranks wait in the first collective: they must hear of it
@@ -937,14 +1023,21 @@ class LLMEmbedder(nn.Module):
                 return None
         else:
             emb = self.encode_float(texts, **kw)
+        if truncate_dim is not None:
+            emb = emb[:, :truncate_dim]
+        if normalize_after:
+            emb = l2_normalize(emb)
         return self._finish(emb, precision, output, single, ranges, calibration_embeddings)
 
     def resolve_prompt(self, instruction=None, prompt=None, prompt_name=None) -> str | None:
-        """The prompt prefix a call applies: ``prompt``, else ``self.prompts[prompt_name]``, else (no
-        instruction either) the default prompt, ``self.prompts[self.default_prompt_name]``, if any."""
+        """The prompt prefix a call applies: ``prompt``, else ``self.prompts[prompt_name]`` ("query" and
+        "document" are "" when not defined, as sentence-transformers' implicit prompts), else (no instruction
+        either) the default prompt, ``self.prompts[self.default_prompt_name]``, if any."""
         if prompt is None and prompt_name is None and instruction is None:
             prompt_name = self.default_prompt_name
         if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts and prompt_name in ("query", "document"):
+                return ""  # sentence-transformers' implicit empty "query" / "document" prompts
             if prompt_name not in self.prompts:
                 raise ValueError(
                     f"prompt_name {prompt_name!r} not in the model's prompts {sorted(self.prompts)}"
@@ -982,25 +1075,31 @@ class LLMEmbedder(nn.Module):
         return None
 
     def _use_named_prompt(self, kwargs: dict, names) -> None:
-        """Sets ``kwargs["prompt"]`` to the first of ``names`` in the model's prompts unless the call gives a
-        prompt or prompt_name (None counts as not given, as in sentence-transformers' encode_query)."""
+        """Sets ``kwargs["prompt"]`` to the first of ``names`` in the model's prompts, else to no prompt,
+        unless the call gives a prompt or prompt_name (None counts as not given). As in sentence-transformers'
+        encode_query / encode_document, the default prompt does not apply: it is for plain :meth:`encode`
+        (a folder whose default prompt is its query prompt would put it on documents)."""
         if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
-            kwargs.pop("prompt", None)
             kwargs.pop("prompt_name", None)
             prompt = self._named_prompt(names)
-            if prompt is not None:
-                kwargs["prompt"] = prompt
+            kwargs["prompt"] = "" if prompt is None else prompt
 
     def encode_queries(self, texts, *, instruction: str | None = None, **kwargs):
-        """:meth:`encode` for queries: the instruction if given, else the model's "query" prompt."""
+        """:meth:`encode` for queries: the instruction if given, else the model's "query" prompt (else none).
+        Alias: ``encode_query`` (sentence-transformers' name)."""
         if instruction is None:
             self._use_named_prompt(kwargs, ("query",))
         return self.encode(texts, instruction=instruction, **kwargs)
 
     def encode_documents(self, texts, **kwargs):
-        """:meth:`encode` for documents: no instruction; the model's "document"/"passage" prompt if any."""
+        """:meth:`encode` for documents: no instruction; the model's "document", "passage" or "corpus" prompt,
+        the first it has (else none). Alias: ``encode_document`` (sentence-transformers' name; its 6.x
+        picks an implicit empty "document" prompt before "passage", we follow its documented order)."""
         self._use_named_prompt(kwargs, _DOC_PROMPT_NAMES)
         return self.encode(texts, **kwargs)
+
+    encode_query = encode_queries
+    encode_document = encode_documents
 
     def encode_late_chunks(self, text: str, chunks, **kwargs):
         """One forward over ``text``, one embedding per chunk (:func:`.late_chunking.encode_late_chunks`)."""

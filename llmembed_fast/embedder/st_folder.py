@@ -38,6 +38,7 @@ class STFolder:
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
 
 
 def _load(path: str):
@@ -95,4 +96,5 @@ def read_st_folder(path: str) -> STFolder | None:
         cfg = _load(cfg_file)
         out.prompts = dict(cfg.get("prompts") or {})
         out.default_prompt_name = cfg.get("default_prompt_name")
+        out.similarity_fn_name = cfg.get("similarity_fn_name")
     return out
