@@ -80,6 +80,15 @@ def test_truncate_dim_attribute_and_dimension(pair, tmp_path):
         emb.truncate_dim = 1000
     with pytest.raises(ValueError, match="truncate_dim"):
         emb.encode(TEXTS, truncate_dim=0)
+    doc = "Berlin is the capital of Germany. Its population is 3.8 million."
+    parts = ["Berlin is the capital of Germany.", "Its population is 3.8 million."]
+    chunks = emb.encode_late_chunks(doc, parts)  # late chunks are truncated as encode's rows are
+    emb.truncate_dim = None
+    full = emb.encode_late_chunks(doc, parts)
+    _close(chunks, full[:, :48])
+    with pytest.raises(ValueError, match="truncate_dim"):
+        emb.truncate_dim = 48
+        emb.encode_late_chunks(doc, [doc], dims=32)
     emb.similarity_fn_name = "dot"
     emb.save_pretrained(tmp_path / "e")
     again = lf.LLMEmbedder.from_pretrained(str(tmp_path / "e"), device="cpu")

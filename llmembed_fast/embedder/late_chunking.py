@@ -78,7 +78,8 @@ def encode_late_chunks(
 
     ``instruction`` / ``prompt`` / ``prompt_name`` select the prompt as in ``encode`` (none of them: the
     embedder's ``default_prompt_name`` prompt, if any). ``pooling`` defaults to "mean" over each chunk's
-    tokens; ``normalize``/``dims`` default to the embedder's. ``precision``, ``output``, ``dims`` and
+    tokens; ``normalize``/``dims`` default to the embedder's (its ``truncate_dim`` applies last, as in
+    ``encode``). ``precision``, ``output``, ``dims`` and
     ``max_tokens_per_batch`` are checked as ``encode`` checks them.
     ``ranges``/``calibration_embeddings``: for int8/uint8 only, as in ``encode`` (pass them: ranges calibrated
     on one document's few chunks make codes that cannot be compared with other documents').
@@ -155,6 +156,11 @@ def encode_late_chunks(
     finally:
         embedder.model.train(was_training)
     emb = emb.clone()  # a normal tensor, as encode gives (inference tensors refuse autograd, in-place use)
+    truncate = getattr(embedder, "truncate_dim", None)
+    if truncate is not None:  # the embedder's sentence-transformers-style truncation, as encode applies it
+        from llmembed_fast.embedder.st_names import check_truncate_dim
+
+        emb = emb[:, : check_truncate_dim(truncate, emb.shape[1], "the embedder's truncate_dim")]
     return embedder._finish(emb, precision, output, False, ranges, calibration_embeddings)
 
 
