@@ -75,8 +75,8 @@ def check_text(t, name: str) -> None:
             ) from None
 
 
-def check_texts(texts, *, allow_empty: bool = False) -> tuple[list[str], bool]:
-    """(the texts as a list, whether ``texts`` was one string); an empty list only with ``allow_empty``."""
+def check_texts(texts) -> tuple[list[str], bool]:
+    """(the texts as a non-empty list, whether ``texts`` was one string)."""
     if isinstance(texts, str):
         check_text(texts, "texts")
         return [texts], True
@@ -93,7 +93,7 @@ def check_texts(texts, *, allow_empty: bool = False) -> tuple[list[str], bool]:
     if not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
-    if not texts and not allow_empty:
+    if not texts:
         raise ValueError("texts must not be empty")
     for i, t in enumerate(texts):
         check_text(t, f"texts[{i}]")

@@ -95,7 +95,7 @@ def encode_sharded(embedder, texts: list[str], *, show_progress_bar: bool = Fals
     if len(widths) > 1:  # the options agree: a model or embedder that differs between the ranks
         raise ValueError(f"distributed encode: the ranks' embeddings differ in width ({sorted(widths)}): "
                          "load the same model and settings on every rank")
-    width = max(widths, default=kwargs.get("dims") or embedder.embedding_dim or 0)  # default: no texts at all
+    width = max(widths, default=0)
     n_max = -(-len(texts) // world)
     buf = torch.zeros(n_max, width, dtype=torch.float32, device=dev)
     if local is not None:

@@ -956,7 +956,7 @@ class LLMEmbedder(nn.Module):
         truncate_dim: int | None = None,
         **unsupported,
     ):
-        """Embed ``texts`` (a string or a list of strings; an empty list gives [0, D]).
+        """Embed ``texts`` (a string or a non-empty list of strings).
 
         Args:
             instruction: task instruction, applied with the instruction template and excluded from pooling
@@ -985,7 +985,7 @@ class LLMEmbedder(nn.Module):
         """
         try:
             st_names.refuse_unknown(unsupported, "encode")
-            texts, single = check_texts(texts, allow_empty=True)
+            texts, single = check_texts(texts)
             precision = "float32" if precision is None else precision
             output = st_names.resolve_output(output, convert_to_tensor, convert_to_numpy)
             normalize, normalize_after = st_names.resolve_normalize(normalize, normalize_embeddings)
