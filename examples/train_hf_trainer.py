@@ -48,7 +48,7 @@ def main() -> None:
     embedder = lf.LLMEmbedder.from_pretrained(str(path), device="cpu", dtype=torch.float32)
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                               max_steps=args.steps, learning_rate=5e-5, logging_steps=5, report_to=[],
-                              remove_unused_columns=False, save_strategy="no", use_cpu=True)
+                              save_strategy="no", use_cpu=True)
     trainer = GradCacheTrainer(model=embedder, args=targs, train_dataset=pairs(args.batch * args.steps),
                                data_collator=PairCollator(embedder.tokenize), chunk_size=args.chunk,
                                loss_kwargs={"temperature": 0.05})

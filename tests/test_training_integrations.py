@@ -364,3 +364,41 @@ def test_grad_cache_trainer_checks_and_no_decay_on_the_learned_temperature(tmp_p
     trainer.create_optimizer()
     no_decay = [g for g in trainer.optimizer.param_groups if g["weight_decay"] == 0]
     assert any(p is emb.crit.log_scale for g in no_decay for p in g["params"])
+
+
+def test_hf_trainer_defaults_tokens_seen_and_neftune(tmp_path):
+    """The Trainer's defaults and options around a pair batch: remove_unused_columns=True (the default) used
+    to strip every text column (a ValueError at the first batch); include_num_input_tokens_seen counted 0
+    (the Trainer looks for a top-level input_ids) with a warning each step; neftune_noise_alpha raised
+    AttributeError (no get_input_embeddings on the embedder)."""
+    import datasets
+    from train_hf_trainer import pairs
+    from transformers import TrainingArguments
+
+    from llmembed_fast.integrations.hf_trainer import GradCacheTrainer, PairCollator, _token_mode
+
+    emb = _embedder()
+    collate = PairCollator(emb.tokenize)
+    rows = pairs(8, seed=5)
+    want = {"all": 0, "non_padding": 0}
+    for b in (collate(rows[:4]), collate(rows[4:])):  # two steps of 4 rows: every row once
+        for side in ("query", "doc"):
+            want["all"] += b[side]["input_ids"].numel()
+            want["non_padding"] += int(b[side]["attention_mask"].sum())
+    assert want["non_padding"] < want["all"]
+    modes = ["all", "non_padding"] if "non_padding" in str(TrainingArguments.__doc__) else [True]
+    for mode in modes:
+        args = TrainingArguments(output_dir=str(tmp_path / str(mode)), per_device_train_batch_size=4,
+                                 max_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                                 include_num_input_tokens_seen=mode, neftune_noise_alpha=5.0)
+        assert args.remove_unused_columns  # the default
+        for data in (rows, datasets.Dataset.from_list(rows)):
+            trainer = GradCacheTrainer(model=emb, args=args, train_dataset=data, data_collator=collate,
+                                       chunk_size=3)
+            trainer.train()
+            # the dataloader's order varies, the total does not (padding is per batch, so "all" can)
+            if _token_mode(mode) == "non_padding":
+                assert trainer.state.num_input_tokens_seen == want["non_padding"]
+            else:
+                assert want["non_padding"] < trainer.state.num_input_tokens_seen <= 2 * want["all"]
+    assert emb.get_input_embeddings() is emb.model.get_input_embeddings()

@@ -628,6 +628,10 @@ class LLMEmbedder(nn.Module):
         ``embeddings2`` (both [N, D])."""
         return st_names.similarity_pairwise(embeddings1, embeddings2, self.similarity_fn_name)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The wrapped model's input embedding layer (what HF Trainer's NEFTune hooks into)."""
+        return self._inner_model().get_input_embeddings()
+
     def get_embedding_dimension(self) -> int | None:
         """Width of :meth:`encode`'s embeddings (``truncate_dim`` if set, else ``dims`` or the model's)."""
         return self.truncate_dim or self.embedding_dim

@@ -7,11 +7,15 @@ inside the ``backward`` the Trainer calls, so mixed precision, gradient accumula
 work as usual. ``PairCollator`` turns ``{"query": str, "doc": str}`` rows into that batch with the
 encoder's tokenizer (e.g. :meth:`llmembed_fast.LLMEmbedder.tokenize`).
 
-Set ``TrainingArguments(remove_unused_columns=False)`` so the text columns reach the collator.
+The text columns reach the collator whatever ``remove_unused_columns`` says (the Trainer's column removal
+follows the model's forward signature, which names none of them), and ``include_num_input_tokens_seen``
+counts the tokens of every column of the pair batches.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 
@@ -79,12 +83,43 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict:
         for key in (self.query_key, self.doc_key, *self.negative_keys):
             if any(key not in r for r in rows):
-                raise ValueError(f"every row needs a {key!r} text (set remove_unused_columns=False)")
+                raise ValueError(f"every row needs a {key!r} text")
         q = dict(self.tokenize([r[self.query_key] for r in rows], **self._kwargs("query")))
         doc_kw = self._kwargs("doc")
         docs = [dict(self.tokenize([r[k] for r in rows], **doc_kw))
                 for k in (self.doc_key, *self.negative_keys)]
         return {"query": q, "doc": docs[0] if len(docs) == 1 else docs}
+
+
+def _token_mode(flag) -> str | None:
+    """``include_num_input_tokens_seen`` as "all" / "non_padding" / None (off), across transformers versions
+    (a bool before 4.55; "all" / "non_padding" / "no" after)."""
+    if flag in (None, False, "no"):
+        return None
+    return "non_padding" if flag == "non_padding" else "all"
+
+
+def _pair_tokens(inputs, mode: str) -> int | None:
+    """Tokens of every column of a ``{"query": ..., "doc": ...}`` batch (``input_ids`` elements, or the
+    ``attention_mask`` sum for "non_padding"); None when the batch is not of that form."""
+    if not isinstance(inputs, Mapping) or "query" not in inputs or "doc" not in inputs:
+        return None
+    docs = inputs["doc"] if isinstance(inputs["doc"], (list, tuple)) else [inputs["doc"]]
+    total = 0
+    for col in (inputs["query"], *docs):
+        if not isinstance(col, Mapping) or "input_ids" not in col:
+            return None
+        mask = col.get("attention_mask")
+        total += int(mask.sum()) if mode == "non_padding" and mask is not None else col["input_ids"].numel()
+    return total
+
+
+class _DropTokenWarning(logging.Filter):
+    """transformers 4's training loop looks for ``input_ids`` at the top of each batch to count tokens and
+    warns every step when it is not there; GradCacheTrainer counts them itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Tried to track the number of tokens seen")
 
 
 class GradCacheTrainer(Trainer):
@@ -155,6 +190,47 @@ class GradCacheTrainer(Trainer):
             return names
         skip = {n for n, p in model.named_parameters() if id(p) in own}
         return [n for n in names if n not in skip]
+
+    def _remove_unused_columns(self, dataset, description=None):
+        """Every column reaches the collator: the Trainer's removal keeps only the names of the model's
+        forward arguments, none of which is a text column (a KeyError / empty batch otherwise)."""
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def _add_tokens_seen(self, inputs) -> bool:
+        """Adds the pair batch's tokens (all ranks) to ``state.num_input_tokens_seen``; False when the
+        batch is not a pair batch of token columns or counting is off."""
+        mode = _token_mode(self.args.include_num_input_tokens_seen)
+        n = None if mode is None else _pair_tokens(inputs, mode)
+        if n is None:
+            return False
+        n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+        return True
+
+    def _track_num_input_tokens(self, inputs):
+        """transformers 5: the Trainer's per-batch token count, for pair batches."""
+        if not self._add_tokens_seen(inputs):
+            return super()._track_num_input_tokens(inputs)
+        return None
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if not hasattr(Trainer, "_track_num_input_tokens"):  # transformers 4 counts inline, before this
+            self._add_tokens_seen(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        counting = _token_mode(self.args.include_num_input_tokens_seen) is not None
+        quiet = counting and not hasattr(Trainer, "_track_num_input_tokens")
+        log = logging.getLogger("transformers.trainer")
+        drop = _DropTokenWarning()
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                log.addFilter(drop)
+                stack.callback(log.removeFilter, drop)
+            return super().train(*args, **kwargs)
 
     def _gc_grad_multiplier(self) -> float:
         if self.gc_grad_multiplier is not None:
