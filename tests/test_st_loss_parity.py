@@ -383,3 +383,33 @@ def test_mini_batch_num_tokens_matches_sentence_transformers(bert_st, budget):
     loss = CachedFusedMNRLoss(bert_st, mini_batch_size=3, mini_batch_num_tokens=budget)
     got = run(loss, bert_st, feats, 15)
     assert_same(got, want)
+
+
+@pytest.mark.skipif(not ST_DIRECTIONS or not ST_GRADCACHE,
+                    reason="directions= as sentence-transformers 5.7 / 6 define them")
+def test_settings_assigned_after_construction_take_effect(bert_st):
+    """sentence-transformers reads directions / partition_mode / similarity_fct / hardness_* at every step,
+    and its 6.x loss forwards assignments to them: here an assignment was stored and never read (the
+    symmetric loss stayed the one-direction loss), and reading them raised AttributeError."""
+    feats = features(bert_st, [TEXTS[:6], TEXTS[6:12]])
+    for directions, mode in ((("query_to_doc", "doc_to_query"), "per_direction"),
+                             (("query_to_doc", "query_to_query", "doc_to_doc"), "joint")):
+        st, ours = st_cached_mnrl(bert_st, mini_batch_size=4), fused(bert_st, mini_batch_size=4)
+        for loss in (st, ours):
+            loss.directions, loss.partition_mode = directions, mode
+        assert (ours.directions, ours.partition_mode) == (directions, mode)
+        assert_same(run(ours, bert_st, feats, 9), run(st, bert_st, feats, 9))
+    from sentence_transformers import util
+
+    ours = fused(bert_st, mini_batch_size=4)
+    assert ours.similarity_fct is util.cos_sim and ours.hardness_strength == 0 and ours.hardness_mode is None
+    ours.similarity_fct = util.cos_sim
+    with pytest.raises(ValueError, match="similarity_fct"):
+        ours.similarity_fct = util.dot_score
+    with pytest.raises(ValueError, match="hardness"):
+        ours.hardness_strength = 0.5
+    with pytest.raises(ValueError, match="not expressed"):
+        ours.directions = ("query_to_doc", "doc_to_query", "query_to_query")
+    ours.directions = ("query_to_doc", "doc_to_query")  # joint: no fused form; refused when a step reads it
+    with pytest.raises(ValueError, match="not expressed"):
+        run(ours, bert_st, feats, 9)

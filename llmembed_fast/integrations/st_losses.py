@@ -55,6 +55,20 @@ def _terms_of(directions, partition_mode) -> tuple[bool, bool]:
         "(symmetric=True); ('query_to_doc', 'query_to_query', 'doc_to_doc') with 'joint' (same_tower=True)")
 
 
+def _check_similarity(fn) -> None:
+    if not _is_cos_sim(fn):
+        raise ValueError("similarity_fct: only cosine similarity (sentence_transformers.util.cos_sim) is "
+                         f"supported by the fused loss, got {getattr(fn, '__name__', fn)!r}")
+
+
+def _check_hardness(mode, strength) -> None:
+    if strength != 0:
+        raise ValueError("hardness_mode / hardness_strength: hardness-weighted negatives are not supported "
+                         f"by CachedFusedMNRLoss, got {mode!r} / {strength!r}")
+    if mode is not None:  # sentence-transformers' loss takes this as a no-op too
+        _warn.warn(f"hardness_mode={mode!r} has no effect with hardness_strength=0")
+
+
 def _st_cached_base() -> type:
     """The base class. A sentence-transformers with the ``uses_gradient_cache`` marker
     (``sentence_transformers.base.losses.gradcache``; tested: 5.7, 6.x) asks each loss whether it caches
@@ -143,10 +157,7 @@ class CachedFusedMNRLoss(_st_cached_base()):
         if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)  # numpy scalars too
                 or not (math.isfinite(scale) and scale > 0)):
             raise ValueError(f"scale must be a positive finite number (1 / temperature), got {scale!r}")
-        if not _is_cos_sim(similarity_fct):
-            raise ValueError("similarity_fct: only cosine similarity (sentence_transformers.util.cos_sim) is "
-                             "supported by the fused loss, "
-                             f"got {getattr(similarity_fct, '__name__', similarity_fct)!r}")
+        _check_similarity(similarity_fct)
         if (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, numbers.Integral)
                 or mini_batch_size <= 0):
             raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
@@ -155,30 +166,101 @@ class CachedFusedMNRLoss(_st_cached_base()):
                                                   or mini_batch_num_tokens <= 0):
             raise ValueError("mini_batch_num_tokens must be a positive int or None, "
                              f"got {mini_batch_num_tokens!r}")
-        if hardness_strength != 0:
-            raise ValueError("hardness_mode / hardness_strength: hardness-weighted negatives are not "
-                             "supported by CachedFusedMNRLoss, "
-                             f"got {hardness_mode!r} / {hardness_strength!r}")
-        if hardness_mode is not None:  # sentence-transformers' loss takes this as a no-op too
-            _warn.warn(f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0")
-        sym, tower = _terms_of(directions, partition_mode)
+        _check_hardness(hardness_mode, hardness_strength)
+        _terms_of(directions, partition_mode)
         # the fused loss's own checks, now rather than at the first step (a string was truthy here)
         opts = check_options(normalize=True, symmetric=symmetric, same_tower=same_tower, allow_tf32=True,
                              false_negative_margin=false_negative_margin, reduction="mean")
         false_negative_margin = opts["false_negative_margin"]
-        symmetric, same_tower = symmetric or sym, same_tower or tower
         self.model = model
         self.scale = float(scale)
         self.mini_batch_size = int(mini_batch_size)
         self.mini_batch_num_tokens = None if mini_batch_num_tokens is None else int(mini_batch_num_tokens)
         self.gather_across_devices = bool(gather_across_devices)
         self.show_progress_bar = bool(show_progress_bar)
-        self.symmetric, self.same_tower = bool(symmetric), bool(same_tower)
+        # sentence-transformers' settings, read at every step as its loss reads them (assignments after
+        # construction take effect); symmetric / same_tower add to what directions / partition_mode say
+        self._directions, self._partition_mode = tuple(directions), partition_mode
+        self._hardness = (hardness_mode, hardness_strength)
+        self._symmetric, self._same_tower = bool(symmetric), bool(same_tower)
         self.false_negative_margin = false_negative_margin
         self.matryoshka_dims, self.matryoshka_weights = self._sorted_dims(matryoshka_dims, matryoshka_weights)
         self.trim_padding = bool(trim_padding)
         self.sort_by_length = bool(sort_by_length)
         self.n_dims_per_step = -1  # MatryoshkaLoss's: a random subset of the dims per step when > 0
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return self._directions
+
+    @directions.setter
+    def directions(self, value) -> None:  # checked with partition_mode when a step reads them
+        error = None
+        for mode in ("joint", "per_direction"):  # valid with one of the modes (set next, perhaps)
+            try:
+                _terms_of(value, mode)
+                break
+            except ValueError as exc:
+                error = exc
+        else:
+            raise error
+        self._directions = tuple(value)
+
+    @property
+    def partition_mode(self) -> str:
+        return self._partition_mode
+
+    @partition_mode.setter
+    def partition_mode(self, value) -> None:
+        if value not in ("joint", "per_direction"):
+            raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {value!r}")
+        self._partition_mode = value
+
+    @property
+    def symmetric(self) -> bool:
+        """The document->query term: given as ``symmetric=True`` or by ``directions`` / ``partition_mode``."""
+        return self._symmetric or _terms_of(self._directions, self._partition_mode)[0]
+
+    @symmetric.setter
+    def symmetric(self, value) -> None:
+        self._symmetric = bool(value)
+
+    @property
+    def same_tower(self) -> bool:
+        """The query-query / document-document terms: ``same_tower=True`` or ``directions``."""
+        return self._same_tower or _terms_of(self._directions, self._partition_mode)[1]
+
+    @same_tower.setter
+    def same_tower(self, value) -> None:
+        self._same_tower = bool(value)
+
+    @property
+    def similarity_fct(self):
+        from sentence_transformers import util
+
+        return util.cos_sim
+
+    @similarity_fct.setter
+    def similarity_fct(self, value) -> None:
+        _check_similarity(value)
+
+    @property
+    def hardness_mode(self):
+        return self._hardness[0]
+
+    @hardness_mode.setter
+    def hardness_mode(self, value) -> None:
+        _check_hardness(value, self._hardness[1])
+        self._hardness = (value, self._hardness[1])
+
+    @property
+    def hardness_strength(self) -> float:
+        return self._hardness[1]
+
+    @hardness_strength.setter
+    def hardness_strength(self, value) -> None:
+        _check_hardness(None, value)
+        self._hardness = (self._hardness[0], value)
 
     # sentence-transformers' gradient-cache protocol: MatryoshkaLoss replaces a cached loss's
     # ``calculate_loss`` with a decorator that reruns it per dim; here its dims join the one pass instead.
