@@ -369,3 +369,33 @@ def test_from_pretrained_loads_the_weights_in_the_asked_dtype(tmp_path, dtype):
     emb.load_weights(tmp_path / "saved")
     assert {p.dtype for p in emb.model.parameters()} == {want}
     torch.testing.assert_close(emb.encode(TEXTS[:3], output="torch"), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_batch_wide_rope_scaling_keeps_each_text_its_own(kind, packed):
+    """Dynamic-NTK and longrope rotary pick one set of frequencies for the whole batch once its longest
+    sequence passes the original length: a short text batched with a long one was embedded with the long
+    set (6e-3 off its own forward). Texts past that length now run in batches of their own."""
+    tok = make_tokenizer("llama")
+    head = 64 // 4
+    half = head // 2
+    scaling = ({"rope_type": "dynamic", "factor": 2.0} if kind == "dynamic" else
+               {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [3.0] * half,
+                "original_max_position_embeddings": 16, "factor": 4.0})
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16 if
+                         kind == "dynamic" else 64, rope_scaling=scaling, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    emb = lf.LLMEmbedder(model, tok, max_length=60, packed=packed, normalize=False)
+    assert emb._rope_switch == 16
+    texts = ["the cat", "a long text about many things " * 5, "short one here", "x"]
+    together = emb.encode(texts)
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(together[i], emb.encode([t])[0], rtol=0, atol=1e-5, err_msg=t)

@@ -53,6 +53,19 @@ def plan_batches(
     return batches
 
 
+def isolate_longer(plan: list[np.ndarray], lengths, limit: int) -> list[np.ndarray]:
+    """``plan`` with every sequence longer than ``limit`` in a batch of its own (models whose rotary
+    frequencies follow the batch's longest sequence past ``limit``: the others then keep their own)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = []
+    for idx in plan:
+        long = lengths[idx] > limit
+        out.extend(idx[i : i + 1] for i in np.flatnonzero(long))
+        if not long.all():
+            out.append(idx[~long])
+    return out
+
+
 def pad_batch(
     seqs: list[list[int]],
     pool_starts: list[int],

@@ -39,6 +39,23 @@ def rotary_positions(config) -> bool:
     return any(getattr(config, k, None) is not None for k in keys)
 
 
+def rope_switch_positions(config) -> int | None:
+    """For rotary encodings whose frequencies follow the longest sequence of a batch (transformers'
+    "dynamic" NTK and "longrope": one set for the whole batch once its longest sequence passes the original
+    length), that length; None otherwise. A shorter sequence batched with a longer one would be embedded
+    with the long set."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = getattr(config, key, None)
+        if not isinstance(params, dict):
+            continue
+        for p in [params, *(v for v in params.values() if isinstance(v, dict))]:  # per layer type too
+            if p.get("rope_type", p.get("type")) in ("dynamic", "longrope"):
+                n = p.get("original_max_position_embeddings") or getattr(
+                    config, "original_max_position_embeddings", None) or max_positions(config)
+                return int(n) if n else None
+    return None
+
+
 def is_decoder_model(config) -> bool:
     """True for causal LMs (Llama, Mistral, Qwen2, GPT-2, ...), False for encoders (BERT, ...)."""
     if getattr(config, "is_encoder_decoder", False):

@@ -125,6 +125,9 @@ def encode_late_chunks(
     plan = batching.plan_batches(
         [len(w) for w in windows], max_tokens=max_tokens_per_batch or embedder._default_max_tokens()
     )
+    switch = getattr(embedder, "_rope_switch", None)
+    if switch is not None:  # see LLMEmbedder.encode_float
+        plan = batching.isolate_longer(plan, [len(w) for w in windows], switch)
     dev = embedder.device
     parts: list[torch.Tensor | None] = [None] * len(windows)
     was_training = embedder.model.training

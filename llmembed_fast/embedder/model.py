@@ -38,6 +38,7 @@ from llmembed_fast.embedder.hf_model import (
     max_positions,
     output_width,
     position_offset,
+    rope_switch_positions,
     rotary_positions,
 )
 from llmembed_fast.embedder.prompts import TEXT, PromptStyle, check_template, compose, get_style
@@ -189,6 +190,8 @@ class LLMEmbedder(nn.Module):
         self.is_decoder = is_decoder_model(self.config) if self.config is not None else False
         self.causal = causal_attention(self.config) if self.config is not None else False
         self._position_offset = position_offset(self.model)
+        # dynamic-NTK / longrope rotary: sequences past this length run in batches of their own
+        self._rope_switch = rope_switch_positions(self.config) if self.config is not None else None
         self.style: PromptStyle = get_style(prompt_style)
         if instruction_template is not None:
             check_template(instruction_template, "instruction_template", instruction=True)
@@ -904,6 +907,8 @@ class LLMEmbedder(nn.Module):
             min_tokens=self._min_batch_tokens(budget),
             max_waste=None if use_packed else 0.15,
         )
+        if self._rope_switch is not None:  # the batch's longest sequence would set everyone's frequencies
+            plan = batching.isolate_longer(plan, lengths, self._rope_switch)
         dev = self.device
         # without dims the width is the first batch's (a config's hidden_size is not always the output's)
         out = _poison.empty(len(texts), dims, dtype=torch.float32, device=dev) if dims else None
