@@ -60,7 +60,7 @@ _SETTINGS = ("pooling", "normalize", "dims", "max_length", "padding_side", "add_
              "instruction_template", "truncate_dim", "similarity_fn_name")
 
 
-def _read_settings(folder: str) -> dict | None:
+def _read_settings(folder: str, what: str = "path_or_id") -> dict | None:
     path = os.path.join(folder, SETTINGS_FILE)
     if not os.path.isfile(path):
         return None
@@ -68,19 +68,16 @@ def _read_settings(folder: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"path_or_id: unreadable {SETTINGS_FILE} in {folder!r}: {exc}") from None
+        raise ValueError(f"{what}: unreadable {SETTINGS_FILE} in {folder!r}: {exc}") from None
     if not isinstance(saved, dict) or saved.get("format") != 1:
-        raise ValueError(f"path_or_id: {SETTINGS_FILE} in {folder!r} is not an llmembed_fast settings file")
+        raise ValueError(f"{what}: {SETTINGS_FILE} in {folder!r} is not an llmembed_fast settings file")
     return saved
 
 
-def _holds_adapter(folder: str, what: str) -> bool:
-    """Whether the folder's model is a PEFT adapter: as its settings file says (``save_pretrained`` over an
-    earlier save leaves the other kind's files), else when it has an adapter config and no config.json."""
-    try:
-        saved = _read_settings(folder)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("path_or_id:", f"{what}:", 1)) from None
+def _holds_adapter(folder: str, saved: dict | None) -> bool:
+    """Whether the folder's model is a PEFT adapter: as its settings (``saved``, from ``_read_settings``) say
+    (``save_pretrained`` over an earlier save leaves the other kind's files), else when it has an adapter
+    config and no config.json."""
     if saved is not None and "adapter" in saved:
         return bool(saved["adapter"])
     return adapters.is_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json"))
@@ -328,11 +325,8 @@ class LLMEmbedder(nn.Module):
             st, saved = (st, None) if newer_st else (None, saved)
         model_path = st.transformer_path if st else path_or_id
         adapter = None  # a PEFT adapter folder: (its folder, its adapter config, the base model's path)
-        if is_dir and (
-            _holds_adapter(path_or_id, "path_or_id") if st is None
-            else adapters.is_adapter_folder(model_path) and not os.path.isfile(os.path.join(model_path,
-                                                                                             "config.json"))
-        ):  # ours, PEFT's, or a sentence-transformers folder whose Transformer holds an adapter
+        # ours, PEFT's, or a sentence-transformers folder whose Transformer holds one (``saved`` is None then)
+        if is_dir and _holds_adapter(model_path, saved):
             cfg = adapters.read_config(model_path)
             adapter = (model_path, cfg, adapters.base_model_path(model_path, cfg))
             has_tokenizer = any(os.path.isfile(os.path.join(model_path, f))
@@ -537,7 +531,7 @@ class LLMEmbedder(nn.Module):
         is loaded once on the CPU first, so this briefly needs a second copy of the weights in host memory."""
         path = os.fspath(path)
         inner = self._inner_model()
-        holds_adapter = os.path.isdir(path) and _holds_adapter(path, "path")
+        holds_adapter = os.path.isdir(path) and _holds_adapter(path, _read_settings(path, "path"))
         if self._has_adapter():  # the adapter's tensors, in place
             if self._peft_model is not None:
                 adapters.check_attached(self._peft_model, inner)
