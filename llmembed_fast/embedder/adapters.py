@@ -200,36 +200,47 @@ def load_into(base_model: nn.Module, path: str, *, is_trainable: bool = False) -
     must have reached the model (PEFT only warns when keys do not fit, e.g. an adapter written over another
     model class)."""
     peft = _peft()
+    from safetensors import safe_open
+
     pm = peft.PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
-    load(pm, path, what="path_or_id")
+    with safe_open(_weights_file(path, "path_or_id"), framework="pt") as f:  # the names only
+        _check_fits(pm, set(f.keys()), active_name(pm), path, "path_or_id")
     return pm
+
+
+def _weights_file(path: str, what: str) -> str:
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{what}: {path!r} holds no {ADAPTER_WEIGHTS}")
+    return file
+
+
+def _check_fits(model: nn.Module, keys: set, name: str, path: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``keys`` are exactly the adapter ``name``'s tensors in ``model``."""
+    want = set(_peft().get_peft_model_state_dict(model, adapter_name=name))
+    if keys != want:
+        missing, extra = sorted(want - keys), sorted(keys - want)
+        raise ValueError(
+            f"{what}: the adapter in {path!r} does not fit this model: {len(missing)} of its tensors missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]}); was it written over another "
+            "model class (AutoModel vs AutoModelForCausalLM) or another adapter config?"
+        )
 
 
 def load(model: nn.Module, path: str, *, what: str = "path") -> None:
     """Load the adapter weights of the folder ``path`` into ``model`` in place (a ``PeftModel``, or a
     transformers model with its own adapter; the active adapter); ValueError naming ``what`` when a tensor
     has no place there or a place is left unfilled."""
-    peft = _peft()
     from safetensors.torch import load_file
 
-    file = os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{what}: {path!r} holds no {ADAPTER_WEIGHTS}")
-    saved = load_file(file)
+    saved = load_file(_weights_file(path, what))
     if is_peft_model(model):
-        name = model.active_adapter
+        name = active_name(model)
     else:  # transformers writes its own adapters' keys as a PeftModel over it would ("base_model.model.")
         name = model.active_adapters()[0]
         saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}
-    want = peft.get_peft_model_state_dict(model, adapter_name=name)
-    if set(saved) != set(want):
-        missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
-        raise ValueError(
-            f"{what}: the adapter in {path!r} does not fit this model: {len(missing)} of its tensors missing "
-            f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]}); was it written over another "
-            "model class (AutoModel vs AutoModelForCausalLM) or another adapter config?"
-        )
-    result = peft.set_peft_model_state_dict(model, saved, adapter_name=name)
+    _check_fits(model, set(saved), name, path, what)
+    result = _peft().set_peft_model_state_dict(model, saved, adapter_name=name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise ValueError(f"{what}: adapter tensors with no place in this model: {unexpected[:3]}")
