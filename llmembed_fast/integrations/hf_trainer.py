@@ -99,7 +99,7 @@ def _token_mode(flag) -> str | None:
     return "non_padding" if flag == "non_padding" else "all"
 
 
-def _pair_tokens(inputs, mode: str) -> int | None:
+def _pair_tokens(inputs, mode: str):
     """Tokens of every column of a ``{"query": ..., "doc": ...}`` batch (``input_ids`` elements, or the
     ``attention_mask`` sum for "non_padding"); None when the batch is not of that form."""
     if not isinstance(inputs, Mapping) or "query" not in inputs or "doc" not in inputs:
@@ -109,9 +109,9 @@ def _pair_tokens(inputs, mode: str) -> int | None:
     for col in (inputs["query"], *docs):
         if not isinstance(col, Mapping) or "input_ids" not in col:
             return None
-        mask = col.get("attention_mask")
-        total += int(mask.sum()) if mode == "non_padding" and mask is not None else col["input_ids"].numel()
-    return total
+        mask = col.get("attention_mask") if mode == "non_padding" else None
+        total = total + (col["input_ids"].numel() if mask is None else mask.sum())
+    return total  # an int, or a tensor (no host sync here: the gather below reads it once)
 
 
 class _DropTokenWarning(logging.Filter):
@@ -206,7 +206,7 @@ class GradCacheTrainer(Trainer):
         n = None if mode is None else _pair_tokens(inputs, mode)
         if n is None:
             return False
-        n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+        n = torch.as_tensor(n, dtype=torch.int64).to(self.args.device)
         self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
         return True
 
